@@ -1,0 +1,33 @@
+# Two entry points: `make demo` (the main job end to end) and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# torch/torchvision pinned to the builds that pip finds on this machine's disk (no multi-GB download).
+TORCH := torch==2.14.1 torchvision==0.29.1
+DEMO_DIR := data/demo
+OUT := runs/demo
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python data/make_demo.py $(DEMO_DIR)
+	$(BIN)/embedfit extract $(DEMO_DIR)/train -o $(OUT)/train.h5
+	$(BIN)/embedfit info $(OUT)/train.h5
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check embedfit tests benchmarks data
+
+clean:
+	rm -rf runs $(DEMO_DIR)

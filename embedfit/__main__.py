@@ -1,0 +1,5 @@
+"""`python -m embedfit`."""
+
+from embedfit.cli import run
+
+run()

@@ -1,0 +1,461 @@
+"""Batched extraction: image files -> embeddings, streamed into a resumable feature store.
+
+Three stages, each usable alone:
+- reader: `ImageDataset` decodes and preprocesses in DataLoader workers, returning uint8 tensors plus a
+  status per file (a broken file becomes an error string, never an exception that stops the run);
+- encoder: `Encoder` moves uint8 batches to the device, normalises there, runs the headless model in
+  eval mode under `inference_mode` (optionally AMP, channels_last, flip TTA);
+- writer: `extract()` streams results in part files through `StoreWriter` on a background thread, so
+  memory stays bounded and a killed run loses at most one part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from embedfit.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from embedfit.errors import DecodeError, EmbedfitError, ExtractionInterrupted, UsageError
+from embedfit.images import DEFAULT_MAX_PIXELS, ImageRecord, decode_image, scan_images
+from embedfit.store import FAILED, OK, FeatureStore, StoreSettings, StoreWriter
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+TTAS = ("none", "flip")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of an extraction run (the CLI's options, one field each).
+
+    Attributes:
+        backbone: Registered backbone name or `timm:<name>`.
+        weights: A state-dict file to use instead of the default pretrained weights.
+        layer: Intermediate layer to embed from (default: pre-logits).
+        pool: Global pooling for `layer`: "avg" or "max".
+        device: "auto", "cpu", "cuda", "cuda:1", "mps".
+        batch_size: Images per forward pass.
+        workers: Decoding processes; None picks from the device and core count, 0 decodes in-process.
+        precision: "fp32", "fp16" (GPU) or "bf16" autocast.
+        dtype: Stored feature dtype, "float32" or "float16".
+        tta: "none" or "flip" (average of the image and its mirror).
+        channels_last: NHWC memory format, faster for convnets on CPU and on GPUs with AMP.
+        jpeg_draft: Let JPEG decoding downscale in the DCT when the image is much larger than needed.
+        max_pixels: Decompression-bomb limit per image.
+        overwrite: Start the store afresh instead of resuming.
+        retry_failed: Re-try images recorded as failed.
+        max_failures: Abort when more images fail than this count (>= 1) or fraction (< 1) of those seen.
+        flush_every: Images per part file (the most work a killed run loses).
+        progress: Show a progress bar.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    layer: str | None = None
+    pool: str = "avg"
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None
+    precision: str = "fp32"
+    dtype: str = "float32"
+    tta: str = "none"
+    channels_last: bool = True
+    jpeg_draft: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    overwrite: bool = False
+    retry_failed: bool = False
+    max_failures: float | None = None
+    flush_every: int = 512
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"workers must be 0 or more, got {self.workers}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision '{self.precision}'; choose one of {', '.join(PRECISIONS)}")
+        if self.dtype not in ("float32", "float16"):
+            raise UsageError(f"unknown dtype '{self.dtype}'; choose float32 or float16")
+        if self.tta not in TTAS:
+            raise UsageError(f"unknown TTA '{self.tta}'; choose one of {', '.join(TTAS)}")
+        if self.max_failures is not None and self.max_failures < 0:
+            raise UsageError(f"max failures must be a count or a fraction >= 0, got {self.max_failures}")
+        if self.flush_every < 1:
+            raise UsageError(f"flush_every must be at least 1, got {self.flush_every}")
+
+
+@dataclass
+class ExtractSummary:
+    """What a run did; `embedfit extract` prints it."""
+
+    store: Path
+    total: int = 0  # images in the input
+    embedded: int = 0  # embedded in this run
+    failed: int = 0  # failed in this run
+    reused: int = 0  # already in the store
+    skipped: int = 0  # input entries deliberately not used (e.g. loose files beside class folders)
+    missing: int = 0  # rows of files no longer present
+    seconds: float = 0.0
+    complete: bool = False
+    device: str = ""
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), first ones
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.embedded + self.failed
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Turn "auto" into the best available device and check an explicit one exists."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device} requested but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("device mps requested but MPS is not available here; use --device cpu")
+    return dev
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding processes: enough to feed a GPU; on CPU decoding competes with compute for the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        return 1 if cores >= 2 else 0
+    return max(1, min(16, cores - 1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reader
+
+
+class ImageDataset(Dataset):
+    """Records -> (index, uint8 tensor or None, error message); decoding errors are data, not exceptions."""
+
+    def __init__(self, records: Sequence[ImageRecord], backbone_spec: Any, *, jpeg_draft: bool = True,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+        self.records = list(records)
+        self.preprocess = backbone_spec.preprocess()
+        self.draft = self.preprocess.draft_size if jpeg_draft else None
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            image = decode_image(self.records[i].path, max_pixels=self.max_pixels, draft_size=self.draft)
+            return i, self.preprocess(image), ""
+        except DecodeError as exc:
+            return i, None, str(exc)
+        except Exception as exc:  # a preprocessing failure must not stop the run either
+            return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None,
+                                                                          list[bool], list[str]]:
+    index = [b[0] for b in batch]
+    ok = [b[1] is not None for b in batch]
+    images = [b[1] for b in batch if b[1] is not None]
+    return index, (torch.stack(images) if images else None), ok, [b[2] for b in batch]
+
+
+def _worker_init(_: int) -> None:
+    # Ctrl-C is handled once, by the main process, which then stops the workers cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoder
+
+
+class Encoder:
+    """Runs a `Backbone` on uint8 batches on a device: normalisation on the device, eval, inference_mode.
+
+    Args:
+        backbone: The headless model.
+        device: Where to run.
+        precision: "fp32", "fp16" or "bf16" (autocast).
+        tta: "none" or "flip".
+        channels_last: Use NHWC memory format.
+    """
+
+    def __init__(self, backbone: Backbone, device: torch.device, *, precision: str = "fp32",
+                 tta: str = "none", channels_last: bool = True) -> None:
+        if precision == "fp16" and device.type == "cpu":
+            raise UsageError("fp16 needs a GPU; use --precision bf16 or fp32 on the CPU")
+        self.device = device
+        self.precision = precision
+        self.tta = tta
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = backbone.eval().to(device, memory_format=self.memory_format)
+        self.spec = backbone.spec
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        """uint8 (N, 3, H, W) -> float32 embeddings (N, D) on the host."""
+        x = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        with self._autocast():
+            out = self.model(x)
+            if self.tta == "flip":
+                out = (out + self.model(x.flip(-1))) / 2
+        return out.float().cpu().numpy()
+
+
+@dataclass
+class BatchResult:
+    """One batch of results, aligned with `records`; failed rows are NaN with a reason in `errors`."""
+
+    records: list[ImageRecord]
+    features: np.ndarray
+    errors: list[str]
+
+    @property
+    def n_failed(self) -> int:
+        return sum(1 for e in self.errors if e)
+
+
+def iter_embeddings(records: Sequence[ImageRecord], encoder: Encoder, *, batch_size: int = 32,
+                    workers: int | None = None, jpeg_draft: bool = True,
+                    max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[BatchResult]:
+    """Embed records in order, batch by batch; the core loop shared by extraction and prediction."""
+    if not records:
+        return
+    workers = default_workers(encoder.device) if workers is None else workers
+    dataset = ImageDataset(records, encoder.spec, jpeg_draft=jpeg_draft, max_pixels=max_pixels)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+        pin_memory=encoder.device.type == "cuda", worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+    dim = encoder.spec.embedding_dim
+    for index, images, ok, errors in loader:
+        feats = np.full((len(index), dim), np.nan, dtype=np.float32)
+        if images is not None:
+            feats[np.flatnonzero(ok)] = encoder(images)
+        yield BatchResult([dataset.records[i] for i in index], feats, errors)
+
+
+def embed_images(paths: Sequence[str | os.PathLike], backbone: Backbone | str = DEFAULT_BACKBONE, *,
+                 device: str = "auto", batch_size: int = 32, workers: int | None = 0,
+                 precision: str = "fp32", tta: str = "none") -> tuple[np.ndarray, list[str]]:
+    """Embed image files in memory: (features (N, D) with NaN rows for failures, error per image)."""
+    model = create_backbone(backbone) if isinstance(backbone, str) else backbone
+    encoder = Encoder(model, resolve_device(device), precision=precision, tta=tta)
+    records = [ImageRecord(Path(p), str(p), -1, 0, 0) for p in paths]
+    results = list(iter_embeddings(records, encoder, batch_size=batch_size, workers=workers))
+    if not results:
+        return np.empty((0, encoder.spec.embedding_dim), dtype=np.float32), []
+    return (np.concatenate([r.features for r in results]),
+            [e for r in results for e in r.errors])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Store extraction with resume
+
+
+class _Progress:
+    """A rich progress bar with images/s and ETA, or nothing."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.bar = None
+        if enabled and total:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(TextColumn("[bold]embedding"), BarColumn(), MofNCompleteColumn(),
+                                TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
+                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=True,
+                                console=Console(stderr=True))
+            self.task = self.bar.add_task("embedding", total=total, rate="")
+            self.start = time.perf_counter()
+            self.bar.start()
+
+    def advance(self, n: int, done: int) -> None:
+        if self.bar is not None:
+            rate = done / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.update(self.task, advance=n, rate=f"{rate:.1f} img/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class _StopOnSigint:
+    """First Ctrl-C asks the loop to stop after the current batch; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _too_many_failures(limit: float | None, failed: int, seen: int) -> bool:
+    if limit is None or failed == 0:
+        return False
+    if limit >= 1:
+        return failed > limit
+    return seen >= 20 and failed / seen > limit  # a fraction needs a few images before it means anything
+
+
+def extract(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig | None = None,
+            *, class_names: Sequence[str] | None = None, **options: Any) -> ExtractSummary:
+    """Embed every image under `source` into the store `output`, resuming whatever is already there.
+
+    Args:
+        source: A class-per-subfolder tree, a flat folder, or a CSV with `path` (and `label`) columns.
+        output: The HDF5 store to create or complete.
+        config: Extraction settings; keyword `options` override its fields (e.g. `batch_size=64`).
+        class_names: Use this class list (e.g. the training store's) instead of the folder names.
+
+    Returns:
+        An `ExtractSummary`; the store is readable with `FeatureStore.open(output)`.
+
+    Raises:
+        InputError, UsageError, WeightsUnavailableError, StoreError: with a message for the user.
+        ExtractionInterrupted: Ctrl-C or `max_failures`; finished work is saved and the run can resume.
+    """
+    config = dataclasses.replace(config or ExtractConfig(), **options)
+    start = time.perf_counter()
+    images = scan_images(source, class_names=class_names)
+    device = resolve_device(config.device)
+    backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool)
+    encoder = Encoder(backbone, device, precision=config.precision, tta=config.tta,
+                      channels_last=config.channels_last)
+    settings = StoreSettings(backbone.spec, config.dtype, config.tta, config.precision)
+    summary = ExtractSummary(Path(output), total=len(images.records), skipped=len(images.skipped),
+                             device=str(device))
+    with StoreWriter(output, settings, overwrite=config.overwrite) as writer:
+        plan = writer.plan(images.records, retry_failed=config.retry_failed)
+        summary.reused = plan.reused
+        labels = images.class_names
+
+        pending: list[BatchResult] = []
+        futures: list[Future] = []
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedfit-writer")
+
+        def flush() -> None:
+            if not pending:
+                return
+            recs = [r for b in pending for r in b.records]
+            errs = [e for b in pending for e in b.errors]
+            feats = np.concatenate([b.features for b in pending])
+            pending.clear()
+            while len(futures) >= 2:  # bound memory: at most two parts in flight
+                futures.pop(0).result()
+            futures.append(pool.submit(
+                writer.write_part, [r.key for r in recs],
+                [labels[r.label] if r.label >= 0 else "" for r in recs], [r.size for r in recs],
+                [r.mtime_ns for r in recs], [FAILED if e else OK for e in errs], errs, feats))
+
+        def commit(complete: bool) -> FeatureStore:
+            flush()
+            for fut in futures:
+                fut.result()
+            pool.shutdown()
+            summary.seconds = time.perf_counter() - start
+            prior = writer._previous.attrs.get("extract_seconds", 0.0) if writer._previous else 0.0
+            return writer.commit(images.records, labels, complete=complete, attrs={
+                "device": str(device), "root": str(images.root), "source_kind": images.kind,
+                "extract_seconds": float(prior) + summary.seconds})
+
+        progress = _Progress(config.progress, len(plan.todo))
+        stop_reason = ""
+        try:
+            with _StopOnSigint() as sigint:
+                buffered = 0
+                for batch in iter_embeddings(plan.todo, encoder, batch_size=config.batch_size,
+                                             workers=config.workers, jpeg_draft=config.jpeg_draft,
+                                             max_pixels=config.max_pixels):
+                    pending.append(batch)
+                    buffered += len(batch.records)
+                    summary.failed += batch.n_failed
+                    summary.embedded += len(batch.records) - batch.n_failed
+                    summary.failures += [(r.key, e) for r, e in zip(batch.records, batch.errors, strict=True)
+                                         if e][: max(0, 20 - len(summary.failures))]
+                    progress.advance(len(batch.records), summary.embedded + summary.failed)
+                    if buffered >= config.flush_every:
+                        flush()
+                        buffered = 0
+                    seen = summary.embedded + summary.failed
+                    if _too_many_failures(config.max_failures, summary.failed, seen):
+                        stop_reason = (f"aborted: {summary.failed} of {seen} images failed (limit "
+                                       f"{config.max_failures:g}); is {source} an image folder?")
+                        break
+                    if sigint.requested:
+                        stop_reason = "interrupted"
+                        break
+        except KeyboardInterrupt:
+            stop_reason = "interrupted"
+        except EmbedfitError:
+            commit(complete=False)  # keep what was done, then report the error
+            raise
+        finally:
+            progress.close()
+        store = commit(complete=not stop_reason)
+        summary.complete = store.complete
+        summary.missing = int((store.status == 2).sum())
+        if stop_reason:
+            raise ExtractionInterrupted(
+                f"{stop_reason}; {store.n_ok} images are saved in {output} (incomplete); re-run the same "
+                "command to resume"
+            )
+    return summary

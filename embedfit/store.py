@@ -1,0 +1,542 @@
+"""The HDF5 feature store: schema, a crash-safe writer with resume, and a reader.
+
+Schema (one HDF5 file, readable with plain h5py; row i of every dataset is one image, sorted by path):
+
+    features     (N, D) float32 | float16   embeddings; NaN rows for images that failed
+    paths        (N,)   utf-8 str           path relative to the input root (POSIX separators)
+    labels       (N,)   int64               index into class_names, -1 when unlabeled
+    class_names  (C,)   utf-8 str
+    status       (N,)   uint8               0 ok, 1 failed (could not be decoded), 2 missing (file gone)
+    errors       (N,)   utf-8 str           why an image failed, "" when ok
+    file_size    (N,)   int64               resume key, with paths and file_mtime_ns
+    file_mtime_ns(N,)   int64
+    attrs: schema_version, embedfit_version, spec (BackboneSpec JSON), dtype, tta, precision, device,
+           versions (JSON), created, updated, root, source_kind, complete, n_ok, n_failed, n_missing,
+           extract_seconds, fingerprint, merged_parts (JSON)
+
+Crash safety: HDF5 has no journal, so a writer killed mid-write can leave a file that no longer opens.
+The store file itself is therefore only ever replaced whole (`os.replace` of a finished temporary file).
+While extraction runs, results go to small part files in `<store>.parts/`, each also written to a temporary
+name and renamed. `commit()` merges the previous store and the parts into a new store. A run killed at any
+moment leaves the old store intact plus finished parts, which the next run reuses. A lock file keeps a
+second writer out; readers never need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from embedfit import __version__
+from embedfit.backbones import BackboneSpec
+from embedfit.errors import StoreError, StoreLockedError, StoreMismatchError
+
+SCHEMA_VERSION = 1
+OK, FAILED, MISSING = 0, 1, 2
+STATUS_NAMES = {OK: "ok", FAILED: "failed", MISSING: "missing"}
+DTYPES = ("float32", "float16")
+_STR = h5py.string_dtype("utf-8")
+_CHUNK_ROWS = 256  # ~1.3 MB chunks at D=1280 float32: fast sequential reads, small partial reads
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that influence features, recorded in every store and model file."""
+    import sklearn
+    import timm
+    import torch
+    import torchvision
+
+    return {"embedfit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "numpy": np.__version__, "h5py": h5py.__version__,
+            "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Everything that must match for rows to be mixed in one store."""
+
+    spec: BackboneSpec
+    dtype: str = "float32"
+    tta: str = "none"
+    precision: str = "fp32"
+
+    def differences(self, other: StoreSettings) -> list[str]:
+        diffs = self.spec.differences(other.spec)
+        diffs += [f"{k}: {getattr(self, k)} != {getattr(other, k)}" for k in ("dtype", "tta", "precision")
+                  if getattr(self, k) != getattr(other, k)]
+        return diffs
+
+    def attrs(self) -> dict[str, str]:
+        return {"spec": self.spec.to_json(), "dtype": self.dtype, "tta": self.tta, "precision": self.precision}
+
+    @classmethod
+    def from_attrs(cls, attrs: Any) -> StoreSettings:
+        return cls(BackboneSpec.from_json(_attr(attrs, "spec")), _attr(attrs, "dtype"), _attr(attrs, "tta"),
+                   _attr(attrs, "precision"))
+
+
+def _attr(attrs: Any, key: str, default: Any = None) -> Any:
+    value = attrs.get(key, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _read_str(ds: h5py.Dataset) -> np.ndarray:
+    return ds.asstr()[:] if len(ds) else np.array([], dtype=object)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reader
+
+
+class FeatureStore:
+    """Read access to a finished store: metadata in memory, features read in chunks on demand.
+
+    Example:
+        >>> store = FeatureStore.open("feats.h5")            # doctest: +SKIP
+        >>> X, y = store.features(store.ok_rows()), store.labels[store.ok_rows()]  # doctest: +SKIP
+    """
+
+    def __init__(self, path: Path, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.path = path
+        self.attrs = attrs
+        self.settings = StoreSettings.from_attrs(attrs)
+        self.spec: BackboneSpec = self.settings.spec
+        self.paths: np.ndarray = arrays["paths"]
+        self.labels: np.ndarray = arrays["labels"]
+        self.class_names: list[str] = list(arrays["class_names"])
+        self.status: np.ndarray = arrays["status"]
+        self.errors: np.ndarray = arrays["errors"]
+        self.file_size: np.ndarray = arrays["file_size"]
+        self.file_mtime_ns: np.ndarray = arrays["file_mtime_ns"]
+        self.dim = int(arrays["dim"])
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> FeatureStore:
+        """Open a store for reading.
+
+        Raises:
+            StoreError: The file is missing, not an embedfit store, or an interrupted extraction that never
+                committed (with how to resume).
+        """
+        path = Path(path)
+        if not path.exists():
+            parts = _parts_dir(path)
+            if parts.is_dir() and any(parts.glob("part-*.h5")):
+                raise StoreError(f"{path} is not finished: an extraction was interrupted before its first save; "
+                                 "re-run the same `embedfit extract` command to resume")
+            raise StoreError(f"feature store {path} does not exist")
+        if path.is_dir():
+            raise StoreError(f"{path} is a directory, not a feature store")
+        try:
+            with h5py.File(path, "r") as f:
+                if "schema_version" not in f.attrs or "features" not in f:
+                    raise StoreError(f"{path} is an HDF5 file but not an embedfit feature store")
+                attrs = {k: _attr(f.attrs, k) for k in f.attrs}
+                arrays = {
+                    "paths": _read_str(f["paths"]), "labels": f["labels"][:],
+                    "class_names": _read_str(f["class_names"]), "status": f["status"][:],
+                    "errors": _read_str(f["errors"]), "file_size": f["file_size"][:],
+                    "file_mtime_ns": f["file_mtime_ns"][:], "dim": f["features"].shape[1],
+                }
+        except StoreError:
+            raise
+        except Exception as exc:  # h5py raises OSError, KeyError, ValueError... on foreign or damaged files
+            raise StoreError(f"cannot read feature store {path}: {exc}") from None
+        if int(attrs["schema_version"]) > SCHEMA_VERSION:
+            raise StoreError(f"{path} uses store schema {attrs['schema_version']}; this embedfit reads up to "
+                             f"{SCHEMA_VERSION}: upgrade embedfit")
+        return cls(path, attrs, arrays)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return (f"FeatureStore('{self.path}', {self.spec.short()}, {self.n_ok} ok / {len(self)} images, "
+                f"{len(self.class_names)} classes{'' if self.complete else ', INCOMPLETE'})")
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete", False))
+
+    @property
+    def n_ok(self) -> int:
+        return int((self.status == OK).sum())
+
+    @property
+    def root(self) -> Path:
+        return Path(self.attrs.get("root", "."))
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.attrs.get("fingerprint", ""))
+
+    def ok_rows(self) -> np.ndarray:
+        """Indices of rows whose image was embedded."""
+        return np.flatnonzero(self.status == OK)
+
+    def image_path(self, row: int) -> Path:
+        """Absolute path of the image behind a row (as it was at extraction time)."""
+        key = Path(str(self.paths[row]))
+        return key if key.is_absolute() else self.root / key
+
+    def features(self, rows: Sequence[int] | np.ndarray | slice | None = None, *,
+                 dtype: Any = np.float32, chunk_rows: int = 16384) -> np.ndarray:
+        """Read features (all rows, a slice or an index array) as one array, in chunks.
+
+        Index arrays are read as contiguous spans, which is much faster in HDF5 than point selection.
+        """
+        with h5py.File(self.path, "r") as f:
+            ds = f["features"]
+            if rows is None or isinstance(rows, slice):
+                sel = range(len(ds))[rows or slice(None)]
+                out = np.empty((len(sel), ds.shape[1]), dtype=dtype)
+                for i in range(0, len(sel), chunk_rows):
+                    part = sel[i:i + chunk_rows]
+                    out[i:i + len(part)] = ds[part.start:part.stop:part.step] if len(part) else 0
+                return out
+            rows = np.asarray(rows, dtype=np.int64)
+            out = np.empty((len(rows), ds.shape[1]), dtype=dtype)
+            order = np.argsort(rows, kind="stable")
+            sorted_rows = rows[order]
+            for i in range(0, len(rows), chunk_rows):
+                idx = sorted_rows[i:i + chunk_rows]
+                block = ds[idx[0]:idx[-1] + 1]
+                out[order[i:i + chunk_rows]] = block[idx - idx[0]]
+            return out
+
+    def iter_batches(self, batch_rows: int = 8192, rows: np.ndarray | None = None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (row indices, features) batches, for out-of-core fitting (`partial_fit`)."""
+        rows = self.ok_rows() if rows is None else np.asarray(rows)
+        for i in range(0, len(rows), batch_rows):
+            idx = rows[i:i + batch_rows]
+            yield idx, self.features(idx)
+
+    def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(X, y, paths) of the embedded images: the usual entry point for scikit-learn."""
+        rows = self.ok_rows()
+        return self.features(rows), self.labels[rows], self.paths[rows]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and provenance, for `embedfit info` and reports."""
+        counts = {name: int((self.status == code).sum()) for code, name in STATUS_NAMES.items()}
+        ok = self.status == OK
+        per_class = {c: int(((self.labels == i) & ok).sum()) for i, c in enumerate(self.class_names)}
+        return {
+            "path": str(self.path), "backbone": self.spec.short(), "images": len(self), **counts,
+            "classes": per_class, "dtype": self.settings.dtype, "tta": self.settings.tta,
+            "precision": self.settings.precision, "device": self.attrs.get("device"),
+            "complete": self.complete, "created": self.attrs.get("created"), "updated": self.attrs.get("updated"),
+            "root": self.attrs.get("root"), "extract_seconds": float(self.attrs.get("extract_seconds", 0.0)),
+            "versions": json.loads(self.attrs.get("versions", "{}")),
+        }
+
+    def check_compatible(self, spec: BackboneSpec, what: str = "the model") -> None:
+        """Refuse to combine this store with a model/store made by a different backbone or preprocessing."""
+        diffs = self.spec.differences(spec)
+        if diffs:
+            raise StoreMismatchError(
+                f"store {self.path} has {self.spec.short()} features but {what} expects {spec.short()} "
+                f"({'; '.join(diffs[:3])})"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writer
+
+
+def _parts_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".parts")
+
+
+@dataclass
+class _Row:
+    source: int  # index into the merge's source list
+    row: int
+    label: str  # class name ("" unlabeled): class lists can change between runs, names do not
+    size: int
+    mtime_ns: int
+    status: int
+    error: str
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What an extraction run has to do, given what the store already holds."""
+
+    todo: list[Any]  # ImageRecords to embed
+    reused: int  # images already embedded (or already failed) with the same size and mtime
+    retried: int  # failed images queued again (--retry-failed)
+    changed: int  # images whose size or mtime changed since they were embedded
+
+
+class StoreWriter:
+    """Crash-safe, resumable writer for one store; use as a context manager.
+
+    Args:
+        path: The store file.
+        settings: Backbone spec, dtype, TTA and precision; rows made differently are refused.
+        overwrite: Ignore (and at commit replace) whatever the store held.
+
+    Raises:
+        StoreLockedError: Another process is writing this store.
+        StoreMismatchError: The existing store or its pending parts were made with other settings.
+    """
+
+    def __init__(self, path: str | os.PathLike, settings: StoreSettings, *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.settings = settings
+        self.parts = _parts_dir(self.path)
+        self._lock_file: Any = None
+        self._seq = 0
+        self._run_id = f"{time.time_ns():020d}-{os.getpid()}"
+        self._acquire_lock()
+        try:
+            if self.path.is_dir():
+                raise StoreError(f"output {self.path} is a directory; give a file name such as feats.h5")
+            if overwrite:
+                self._remove_parts()
+            self._previous = None if overwrite or not self.path.exists() else FeatureStore.open(self.path)
+            if self._previous is not None:
+                self._check(self._previous.settings, str(self.path))
+            merged = set(json.loads(self._previous.attrs.get("merged_parts", "[]"))) if self._previous else set()
+            self._stale_parts = [p for p in self._part_files() if p.name in merged]
+            self._part_paths = [p for p in self._part_files() if p.name not in merged]
+            for part in self._part_paths:
+                with h5py.File(part, "r") as f:
+                    self._check(StoreSettings.from_attrs(f.attrs), f"unfinished run's part {part.name}")
+        except BaseException:
+            self.close()
+            raise
+
+    # -- locking ------------------------------------------------------------------------------------
+    def _acquire_lock(self) -> None:
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+")  # noqa: SIM115
+        except OSError as exc:
+            raise StoreError(f"cannot write to {self.path.parent}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise StoreLockedError(f"{self.path} is being written by another embedfit process; wait for it "
+                                   "to finish (readers may open the finished store at any time)") from None
+        # The flock dies with the process (SIGKILL included), so a stale lock file never blocks a re-run.
+
+    def close(self) -> None:
+        if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._lock_file.name)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- planning -----------------------------------------------------------------------------------
+    def _check(self, other: StoreSettings, where: str) -> None:
+        diffs = other.differences(self.settings)
+        if diffs:
+            raise StoreMismatchError(
+                f"{where} was made with {other.spec.short()} ({'; '.join(diffs[:3])}), not "
+                f"{self.settings.spec.short()}; write to another file or pass --overwrite to start afresh"
+            )
+
+    def _part_files(self) -> list[Path]:
+        return sorted(self.parts.glob("part-*.h5")) if self.parts.is_dir() else []
+
+    def _remove_parts(self) -> None:
+        for p in self._part_files():
+            p.unlink()
+
+    def _sources(self) -> list[Path]:
+        return ([self.path] if self._previous is not None else []) + self._part_paths
+
+    def _known_rows(self) -> dict[str, _Row]:
+        """Latest row per key over the previous store and the parts (later sources win)."""
+        rows: dict[str, _Row] = {}
+        for s, source in enumerate(self._sources()):
+            with h5py.File(source, "r") as f:
+                names = list(_read_str(f["class_names"])) if "class_names" in f else []
+                keys, labels = _read_str(f["paths"]), f["labels"][:]
+                sizes, mtimes, status = f["file_size"][:], f["file_mtime_ns"][:], f["status"][:]
+                errors = _read_str(f["errors"])
+            for i, key in enumerate(keys):
+                label = names[labels[i]] if labels[i] >= 0 else ""
+                rows[key] = _Row(s, i, label, int(sizes[i]), int(mtimes[i]), int(status[i]), errors[i])
+        return rows
+
+    def plan(self, records: Sequence[Any], *, retry_failed: bool = False) -> ResumePlan:
+        """Split the scanned records into those to embed and those the store already answers."""
+        known = self._known_rows()
+        todo, reused, retried, changed = [], 0, 0, 0
+        for rec in records:
+            row = known.get(rec.key)
+            if row is None:
+                todo.append(rec)
+            elif (row.size, row.mtime_ns) != (rec.size, rec.mtime_ns):
+                changed += 1
+                todo.append(rec)
+            elif row.status == FAILED and retry_failed:
+                retried += 1
+                todo.append(rec)
+            else:
+                reused += 1
+        return ResumePlan(todo, reused, retried, changed)
+
+    # -- writing ------------------------------------------------------------------------------------
+    def write_part(self, keys: Sequence[str], labels: Sequence[str], sizes: Sequence[int],
+                   mtimes: Sequence[int], status: Sequence[int], errors: Sequence[str],
+                   features: np.ndarray) -> Path:
+        """Write one batch of results as an atomic part file (a few hundred images each)."""
+        self.parts.mkdir(parents=True, exist_ok=True)
+        name = f"part-{self._run_id}-{self._seq:06d}.h5"
+        self._seq += 1
+        final, tmp = self.parts / name, self.parts / f".{name}.tmp"
+        classes = sorted({lb for lb in labels if lb})
+        index = {c: i for i, c in enumerate(classes)}
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs.update(self.settings.attrs())
+                f["paths"] = np.array(list(keys), dtype=_STR)
+                f["class_names"] = np.array(classes, dtype=_STR)
+                f["labels"] = np.array([index.get(lb, -1) for lb in labels], dtype=np.int64)
+                f["file_size"] = np.asarray(sizes, dtype=np.int64)
+                f["file_mtime_ns"] = np.asarray(mtimes, dtype=np.int64)
+                f["status"] = np.asarray(status, dtype=np.uint8)
+                f["errors"] = np.array(list(errors), dtype=_STR)
+                f["features"] = np.asarray(features, dtype=self.settings.dtype)
+            os.replace(tmp, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StoreError(f"cannot write to {self.parts}: {exc.strerror or exc}") from None
+        self._part_paths.append(final)
+        return final
+
+    def commit(self, records: Sequence[Any], class_names: Sequence[str], *, complete: bool,
+               attrs: dict[str, Any] | None = None) -> FeatureStore:
+        """Merge the previous store and all parts into a new store file, replacing the old one atomically.
+
+        Rows for scanned records come from the latest source with a matching size and mtime; rows of
+        files no longer scanned are kept with status "missing". `complete` is only honoured when every
+        scanned record has a row.
+        """
+        known = self._known_rows()
+        current = {rec.key: rec for rec in records}
+        rows: dict[str, _Row] = {}
+        for key, row in known.items():
+            rec = current.get(key)
+            if rec is None:
+                if row.status != MISSING:
+                    row.status, row.error = MISSING, "file no longer present in the input"
+                rows[key] = row
+            elif (row.size, row.mtime_ns) == (rec.size, rec.mtime_ns):
+                rows[key] = row
+        complete = complete and all(key in rows for key in current)
+        names = list(class_names) + sorted({r.label for r in rows.values() if r.label} - set(class_names))
+        keys = sorted(rows)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self._write_store(tmp, keys, rows, names, complete, attrs or {})
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}; the previous store is "
+                             "unchanged") from None
+        for part in self._part_paths + self._stale_parts:  # merged: a crash before this is harmless
+            with contextlib.suppress(OSError):
+                part.unlink()
+        with contextlib.suppress(OSError):
+            self.parts.rmdir()
+        self._part_paths, self._stale_parts = [], []
+        self._previous = FeatureStore.open(self.path)
+        return self._previous
+
+    def _write_store(self, tmp: Path, keys: list[str], rows: dict[str, _Row], names: list[str],
+                     complete: bool, extra: dict[str, Any]) -> None:
+        n, dim = len(keys), self.settings.spec.embedding_dim
+        index = {c: i for i, c in enumerate(names)}
+        ordered = [rows[k] for k in keys]
+        status = np.array([r.status for r in ordered], dtype=np.uint8)
+        labels = np.array([index[r.label] if r.label else -1 for r in ordered], dtype=np.int64)
+        sizes = np.array([r.size for r in ordered], dtype=np.int64)
+        mtimes = np.array([r.mtime_ns for r in ordered], dtype=np.int64)
+        prev = self._previous.attrs if self._previous is not None else {}
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        fingerprint = hashlib.sha256()
+        for part in (self.settings.spec.to_json(), "\n".join(keys), labels.tobytes(), status.tobytes(),
+                     sizes.tobytes(), mtimes.tobytes()):
+            fingerprint.update(part.encode() if isinstance(part, str) else part)
+        sources = self._sources()
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(self.settings.attrs())
+            f.attrs.update({
+                "schema_version": SCHEMA_VERSION, "embedfit_version": __version__,
+                "versions": json.dumps(library_versions()), "created": prev.get("created", now), "updated": now,
+                "complete": complete, "n_ok": int((status == OK).sum()), "n_failed": int((status == FAILED).sum()),
+                "n_missing": int((status == MISSING).sum()), "fingerprint": fingerprint.hexdigest(),
+                "merged_parts": json.dumps([p.name for p in self._part_paths]),
+                "extract_seconds": float(prev.get("extract_seconds", 0.0)),
+            })
+            f.attrs.update({k: v for k, v in extra.items() if v is not None})
+            f.create_dataset("paths", data=np.array(keys, dtype=_STR))
+            f.create_dataset("labels", data=labels)
+            f.create_dataset("class_names", data=np.array(names, dtype=_STR))
+            f.create_dataset("status", data=status)
+            f.create_dataset("errors", data=np.array([r.error for r in ordered], dtype=_STR))
+            f.create_dataset("file_size", data=sizes)
+            f.create_dataset("file_mtime_ns", data=mtimes)
+            feats = f.create_dataset("features", shape=(n, dim), dtype=self.settings.dtype,
+                                     chunks=(max(1, min(_CHUNK_ROWS, n)), dim) if n else None,
+                                     maxshape=(None, dim))
+            self._copy_features(feats, ordered, sources)
+            f.flush()
+            os.fsync(f.id.get_vfd_handle())
+
+    @staticmethod
+    def _copy_features(out: h5py.Dataset, ordered: list[_Row], sources: list[Path], block: int = 8192) -> None:
+        """Copy each row's features from its source, one output block at a time (memory stays bounded)."""
+        open_files: dict[int, h5py.File] = {}
+        try:
+            for start in range(0, len(ordered), block):
+                chunk = ordered[start:start + block]
+                buf = np.full((len(chunk), out.shape[1]), np.nan, dtype=out.dtype)
+                by_source: dict[int, list[tuple[int, int]]] = {}
+                for pos, r in enumerate(chunk):
+                    by_source.setdefault(r.source, []).append((pos, r.row))
+                for s, pairs in by_source.items():
+                    if s not in open_files:
+                        if len(open_files) >= 64:  # parts are key-ordered, so few are needed at once
+                            for f in open_files.values():
+                                f.close()
+                            open_files.clear()
+                        open_files[s] = h5py.File(sources[s], "r")
+                    pos = np.array([p for p, _ in pairs])
+                    src = np.array([r for _, r in pairs])
+                    lo, hi = src.min(), src.max()
+                    buf[pos] = open_files[s]["features"][lo:hi + 1][src - lo]
+                out[start:start + len(chunk)] = buf
+        finally:
+            for f in open_files.values():
+                f.close()

