@@ -231,11 +231,12 @@ def backbone_info(name: str) -> BackboneInfo:
     """Embedding dim, input size and weights availability of a backbone, without loading weights."""
     if name.startswith("timm:"):
         return _timm_info(name)
-    _check_name(name)
+    check_backbone_name(name)
     return _INFO[name]()
 
 
-def _check_name(name: str) -> None:
+def check_backbone_name(name: str) -> None:
+    """Raise a UsageError with suggestions unless `name` is registered or `timm:<name>`."""
     if name in _REGISTRY or name.startswith("timm:"):
         return
     close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
@@ -269,7 +270,7 @@ def create_backbone(
         UsageError: Unknown name, layer or pooling (with suggestions).
         WeightsUnavailableError: Pretrained weights are not on disk and cannot be fetched.
     """
-    _check_name(name)
+    check_backbone_name(name)
     if pool not in POOLS:
         raise UsageError(f"unknown pooling '{pool}'; choose one of {', '.join(POOLS)}")
     weights_path = Path(weights) if weights is not None else None

@@ -147,13 +147,16 @@ def backbones(
     """List backbones: embedding size, input size, and whether weights are on disk (usable offline)."""
     from embedfit.backbones import backbone_info, list_backbones
 
+    import torch
+
     table = Table("name", "family", "dim", "input", "offline")
     for name in list_backbones(pattern):
         i = backbone_info(name)
         table.add_row(name, i.family, str(i.embedding_dim), f"{i.input_size[0]}x{i.input_size[1]}",
-                      "yes" if i.offline else f"no ({i.weights_file})" if i.weights_file else "no")
+                      "yes" if i.offline else "no")
     out.print(table)
-    out.print("Any timm model also works as timm:NAME (weights from the Hugging Face cache).")
+    out.print(f"offline = weights on disk now; torchvision weights are expected in {torch.hub.get_dir()}/checkpoints "
+              "(or pass --weights FILE). Any timm model also works as timm:NAME.", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from embedfit.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from embedfit.backbones import DEFAULT_BACKBONE, Backbone, check_backbone_name, create_backbone
 from embedfit.errors import DecodeError, EmbedfitError, ExtractionInterrupted, UsageError
 from embedfit.images import DEFAULT_MAX_PIXELS, ImageRecord, decode_image, scan_images
 from embedfit.store import FAILED, OK, FeatureStore, StoreSettings, StoreWriter
@@ -375,6 +375,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
     """
     config = dataclasses.replace(config or ExtractConfig(), **options)
     start = time.perf_counter()
+    check_backbone_name(config.backbone)  # cheap checks first: a typo should not wait for a big folder scan
     images = scan_images(source, class_names=class_names)
     device = resolve_device(config.device)
     backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool)

@@ -16,10 +16,11 @@ def print_extract_summary(console: Console, s: ExtractSummary) -> None:
         f"{s.store}: {state} — {s.embedded} embedded, {s.failed} failed, {s.reused} already stored"
         + (f", {s.skipped} skipped" if s.skipped else "")
         + (f", {s.missing} no longer present" if s.missing else "")
-        + f" of {s.total} images in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s on {s.device})"
+        + f" of {s.total} images in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s on {s.device})",
+        soft_wrap=True, markup=False,
     )
     for path, reason in s.failures[:10]:
-        console.print(f"  failed: {path}: {reason}", markup=False)
+        console.print(f"  failed: {path}: {reason}", markup=False, soft_wrap=True)
     if s.failed > 10:
         console.print(f"  … {s.failed - 10} more (embedfit info {s.store} --failed)", markup=False)
 
@@ -42,6 +43,6 @@ def print_store_info(console: Console, store: FeatureStore, *, list_failed: bool
     failed = [(str(p), str(e)) for p, e, st in zip(store.paths, store.errors, store.status, strict=True)
               if st == FAILED]
     for path, reason in failed if list_failed else failed[:5]:
-        console.print(f"  failed: {path}: {reason}", markup=False)
+        console.print(f"  failed: {path}: {reason}", markup=False, soft_wrap=True)
     if failed and not list_failed and len(failed) > 5:
         console.print(f"  … {len(failed) - 5} more (--failed lists them all)")

@@ -1,0 +1,666 @@
+"""Find images on disk and decode them safely into RGB.
+
+Two jobs, kept apart so each can be tested alone:
+
+* `scan_images` turns a folder (class-per-subfolder or flat) or a CSV list into a sorted list of
+  `ImageRecord`s. It only stats files; it never opens them, so a million-image folder scans quickly.
+* `decode_image` turns one file (or bytes) into a fully loaded RGB `PIL.Image.Image` or raises
+  `DecodeError`. Extraction records that error against the file's key and moves on.
+
+Decoding follows the reliability rules in the house style: decode fully inside the `try` (Pillow only
+notices a truncated JPEG at `load()`), never set `ImageFile.LOAD_TRUNCATED_IMAGES`, check the pixel
+count from the header before allocating, apply the EXIF orientation first, and convert every mode to
+RGB without clipping 16-bit data or dropping alpha onto its hidden colour.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import os
+import re
+import stat
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from embedfit.errors import DecodeError, InputError, UsageError
+
+__all__ = [
+    "DECODE_FORMATS",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "ImageRecord",
+    "ImageSource",
+    "decode_image",
+    "scan_images",
+]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+"""File extensions `scan_images` picks up, compared lower-cased (so ``.JPG`` counts)."""
+
+DEFAULT_MAX_PIXELS: int = 100_000_000
+"""Images whose header claims more pixels than this are refused before any pixel is allocated."""
+
+DECODE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+"""Pillow formats `decode_image` tries, sniffed from the bytes (never the extension).
+
+An allowlist rather than every Pillow plugin: a renamed EPS would otherwise run Ghostscript, and
+exotic plugins are where most Pillow CVEs live. (Camera JPEGs that Pillow reports as "MPO" come
+through the JPEG opener.)
+"""
+
+# Composite background for transparent pixels: white is what viewers and browsers show.
+_BACKGROUND = (255, 255, 255)
+_ORIENTATION_TAG = 0x0112
+# The table ImageOps.exif_transpose uses, for EXIF orientations 2..8.
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_PILLOW_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+_MAX_REASON_CHARS = 200
+
+
+# --------------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_image(
+    source: str | os.PathLike[str] | bytes,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Decode one image file (or its bytes) into a fully loaded RGB image.
+
+    The format is sniffed from the bytes, so a PNG named ``x.jpg`` decodes. Multi-frame files
+    (animated GIF, multi-page TIFF) give their first frame. The EXIF orientation is applied first;
+    then the mode is converted to RGB: 16-bit and 32-bit data are rescaled rather than clipped,
+    transparency is composited on white, CMYK/YCbCr/LAB/HSV go through Pillow's conversions.
+
+    Args:
+        source: A path to a file, or the file's bytes (``bytes``, ``bytearray`` or ``memoryview``).
+        max_pixels: Refuse images whose header claims more than this many pixels (width * height),
+            checked before any pixel memory is allocated. ``None`` disables this check; Pillow's own
+            hard limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies, as this function never
+            changes Pillow's global settings.
+        draft_size: For JPEG only, let libjpeg decode at a reduced scale (1/2, 1/4 or 1/8) that
+            still gives at least this ``(width, height)`` in the displayed orientation. Much faster
+            when the image is going to be resized down anyway. Other formats ignore it.
+
+    Returns:
+        A new ``PIL.Image.Image`` in mode ``"RGB"``, already loaded, holding no open file.
+
+    Raises:
+        DecodeError: The image cannot be decoded. The message is a short reason (e.g.
+            ``"truncated image"``); callers add the file name. Nothing else is raised for bad
+            data, whatever Pillow throws.
+        UsageError: The arguments themselves are invalid (wrong type, non-positive sizes).
+
+    Example:
+        >>> import io
+        >>> from PIL import Image
+        >>> buf = io.BytesIO()
+        >>> Image.new("RGBA", (4, 3), (255, 0, 0, 0)).save(buf, format="PNG")
+        >>> img = decode_image(buf.getvalue())
+        >>> img.mode, img.size, img.getpixel((0, 0))
+        ('RGB', (4, 3), (255, 255, 255))
+    """
+    _check_decode_args(max_pixels, draft_size)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise DecodeError("empty data (0 bytes)")
+        fp: str | io.BytesIO = io.BytesIO(bytes(source))
+    elif isinstance(source, (str, os.PathLike)):
+        fp = os.fsdecode(source)
+        _check_regular_file(fp)
+    else:
+        raise UsageError(f"decode_image expects a path or bytes, got {type(source).__name__}")
+
+    try:
+        # Pillow warns from MAX_IMAGE_PIXELS up; our own explicit limit replaces that warning.
+        # catch_warnings is process-global state, but every thread here only ever adds the same
+        # "ignore" filter, so an unlucky interleaving can at worst leave that one filter in place.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fp, formats=_open_formats()) as img:
+                return _decode_opened(img, max_pixels, draft_size)
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        # Pillow's own hard limit, hit while parsing (before our check could see the size).
+        raise DecodeError(_pillow_bomb_reason(exc, max_pixels)) from exc
+    except UnidentifiedImageError as exc:
+        raise DecodeError("not an image (cannot identify format)") from exc
+    except MemoryError as exc:
+        raise DecodeError("out of memory while decoding") from exc
+    except Exception as exc:
+        # Corrupt data makes Pillow, zlib and libjpeg raise almost anything (ValueError, SyntaxError,
+        # struct.error, IndexError, ...); all of it means "this file cannot be used".
+        raise DecodeError(_reason(exc)) from exc
+
+
+@functools.cache
+def _open_formats() -> tuple[str, ...]:
+    """`DECODE_FORMATS` that this Pillow build can open (Pillow raises KeyError for unknown names)."""
+    Image.init()
+    return tuple(f for f in DECODE_FORMATS if f in Image.OPEN)
+
+
+def _check_decode_args(max_pixels: int | None, draft_size: tuple[int, int] | None) -> None:
+    """Raise `UsageError` for invalid `decode_image` options (a caller bug, not a bad file)."""
+    if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1):
+        raise UsageError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+    if draft_size is not None and not (
+        isinstance(draft_size, (tuple, list))
+        and len(draft_size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in draft_size)
+    ):
+        raise UsageError(f"draft_size must be a (width, height) pair of positive integers, got {draft_size!r}")
+
+
+def _check_regular_file(path: str) -> None:
+    """Turn the common non-image paths into clear reasons before Pillow sees them.
+
+    Also stops a FIFO or device named ``x.jpg`` from blocking the reader forever.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DecodeError("broken symlink" if os.path.islink(path) else "file not found") from None
+    except OSError as exc:
+        raise DecodeError(f"cannot access file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DecodeError("is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise DecodeError("not a regular file")
+    if st.st_size == 0:
+        raise DecodeError("empty file (0 bytes)")
+
+
+def _decode_opened(img: Image.Image, max_pixels: int | None, draft_size: tuple[int, int] | None) -> Image.Image:
+    """Check size, decode fully, orient and convert an image Pillow has just opened (header only)."""
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise DecodeError(f"decompression bomb: {width}x{height} pixels exceeds limit {max_pixels}")
+    if width < 1 or height < 1:
+        raise DecodeError(f"image has no pixels ({width}x{height})")
+
+    if draft_size is not None and img.format in ("JPEG", "MPO"):
+        request = tuple(draft_size)
+        # The request is for the displayed image; a 90-degree EXIF rotation swaps the stored axes.
+        if _exif_orientation(img) in (5, 6, 7, 8):
+            request = request[::-1]
+        img.draft("RGB", request)
+
+    img.load()  # the actual decode: truncated or corrupt data fails here, inside the caller's try
+
+    out = img
+    method = _EXIF_TRANSPOSE.get(_exif_orientation(img))
+    if method is not None:
+        # Same table as ImageOps.exif_transpose, minus its re-serialising of the EXIF block,
+        # which can fail on malformed metadata of an otherwise fine image.
+        out = out.transpose(method)
+    out = _to_rgb(out)
+    if out is img:
+        out = img.copy()  # detach from the file object that the `with` block closes
+    return out
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    """EXIF orientation 1..8, or 1 when absent or unreadable (the pixels may still be fine)."""
+    try:
+        value = img.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB the way a viewer would show it.
+
+    Args:
+        img: A loaded image in any mode.
+
+    Returns:
+        An RGB image; ``img`` itself when it is already RGB without transparency.
+
+    Raises:
+        DecodeError: Pillow has no conversion from this mode to RGB.
+    """
+    mode = img.mode
+    has_key_transparency = "transparency" in img.info
+    if mode == "RGB" and not has_key_transparency:
+        return img
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        return _high_depth_to_rgb(img)
+    if mode in _ALPHA_MODES or has_key_transparency:
+        return _composite_on_white(img)
+    try:
+        # "1", "L", "P", "CMYK" (Pillow already undoes Adobe's inverted CMYK JPEGs at load),
+        # "YCbCr", "LAB", "HSV", "RGBX"...
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise DecodeError(f"unsupported image mode {mode!r}") from exc
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    """Composite an image with an alpha band or a transparency key over white.
+
+    Everything goes through RGBA first: that is the one conversion that honours palette
+    transparency (``P`` + ``transparency``), grey/RGB colour keys, and premultiplied modes alike,
+    so a palette PNG and its RGBA twin come out identical.
+    """
+    if img.mode == "La":
+        img = img.convert("LA")  # Pillow has no direct La -> RGBA
+    rgba = img.convert("RGBA")
+    out = Image.new("RGB", rgba.size, _BACKGROUND)
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
+
+
+def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """Rescale a 16-bit, 32-bit integer or float grey image to 8-bit RGB.
+
+    ``convert("RGB")`` clips these to 255 (a 16-bit photo turns white). Instead:
+
+    * ``I;16*``: divide by 65535, the range of the type.
+    * ``I`` (32-bit int): by 65535 when the data fits 0..65535 (how 16-bit files usually arrive),
+      otherwise stretched from its own min..max.
+    * ``F`` (float): by 1 when the data fits 0..1, used as is when it fits 0..255, otherwise
+      stretched from its own min..max; NaN becomes black.
+
+    A grey transparency key (e.g. a 16-bit PNG ``tRNS``) becomes white, as for 8-bit images.
+    """
+    raw = np.asarray(img)
+    if img.mode in _SIXTEEN_BIT_MODES:
+        gray = (raw.astype(np.uint32) * 255 + 32767) // 65535  # exact integer rounding
+    else:
+        data = raw.astype(np.float32)
+        finite = data[np.isfinite(data)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if img.mode == "F" and lo >= 0 and hi <= 1:
+            lo, hi = 0.0, 1.0
+        elif img.mode == "F" and lo >= 0 and hi <= 255:
+            lo, hi = 0.0, 255.0
+        elif lo >= 0 and hi <= 65535:
+            lo, hi = 0.0, 65535.0
+        scaled = (data - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(data)
+        scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+        gray = np.clip(np.rint(scaled), 0, 255)
+    gray = gray.astype(np.uint8)
+    key = img.info.get("transparency")
+    if isinstance(key, (int, float)) and not isinstance(key, bool):
+        gray[raw == key] = 255
+    return Image.fromarray(gray).convert("RGB")
+
+
+def _pillow_bomb_reason(exc: Exception, max_pixels: int | None) -> str:
+    """Reason for Pillow's own DecompressionBombError, in the same words as our check."""
+    match = _PILLOW_BOMB_PIXELS.search(str(exc))
+    if match is None:
+        return "decompression bomb: image exceeds Pillow's pixel limit"
+    pixels = int(match.group(1))
+    if max_pixels is not None and pixels > max_pixels:
+        return f"decompression bomb: {pixels} pixels exceeds limit {max_pixels}"
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return (
+        f"decompression bomb: {pixels} pixels exceeds Pillow's limit {limit} "
+        "(raise PIL.Image.MAX_IMAGE_PIXELS to allow it)"
+    )
+
+
+def _reason(exc: Exception) -> str:
+    """A short, one-line reason for an exception raised while decoding."""
+    text = " ".join(str(exc).split())
+    lowered = text.lower()
+    if "truncat" in lowered or "broken data stream" in lowered:
+        return "truncated image"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        # A real I/O error (permission denied, EIO on a network drive), not bad image data.
+        return f"cannot read file: {exc.strerror or text}"
+    reason = (
+        f"corrupt image data ({type(exc).__name__}: {text})" if text else f"corrupt image data ({type(exc).__name__})"
+    )
+    return reason if len(reason) <= _MAX_REASON_CHARS else reason[: _MAX_REASON_CHARS - 4] + "...)"
+
+
+# --------------------------------------------------------------------------------------------------
+# scanning
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image to extract, as found by `scan_images` (the file is not opened).
+
+    Attributes:
+        path: Absolute path to open; always ``source.root / key``.
+        key: Identity in the store: the path relative to the source root with ``/`` separators,
+            or the absolute POSIX path for CSV rows outside the CSV's folder.
+        label: Index into ``ImageSource.class_names``; -1 when unlabeled.
+        size: File size in bytes (``os.stat``, following symlinks); -1 if stat fails, e.g. for a
+            broken symlink, which is kept so that extraction reports it as failed.
+        mtime_ns: ``st_mtime_ns``; 0 if stat fails. With ``size``, lets a resumed run notice edits.
+    """
+
+    path: Path
+    key: str
+    label: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class ImageSource:
+    """The images found in a folder or CSV list.
+
+    Attributes:
+        root: Absolute folder the keys are relative to: the scanned folder, or the CSV's folder.
+        kind: ``"folder"`` (class per first-level subfolder), ``"flat"`` (unlabeled) or ``"csv"``.
+        records: The images, sorted by key (plain string order, the same on every machine).
+        class_names: Label names; ``label`` indexes this list. Sorted when found on disk, in the
+            given order when passed to `scan_images`; ``[]`` when unlabeled.
+        skipped: ``(key, reason)`` for things deliberately not used, e.g. loose files beside class
+            folders, hidden or AppleDouble image files, unreadable folders, symlink loops.
+    """
+
+    root: Path
+    kind: str
+    records: list[ImageRecord]
+    class_names: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def scan_images(source: str | os.PathLike[str], *, class_names: Sequence[str] | None = None) -> ImageSource:
+    """List the images in a folder or a CSV file, with labels, without opening them.
+
+    A folder whose first-level subfolders contain images (at any depth) is a class tree: each
+    first-level subfolder is a class, and image files lying directly in the root are skipped.
+    Any other folder is flat and unlabeled. Folders are walked recursively following symlinks
+    (loops are detected); names starting with ``.`` (hidden, AppleDouble ``._*``) and
+    ``__MACOSX`` are ignored; extensions match case-insensitively; a folder named ``x.jpg`` is
+    walked, not taken for an image; broken symlinks with an image extension are kept.
+
+    A ``.csv`` file needs a header with a ``path`` column and may have a ``label`` column of class
+    names (an empty cell means unlabeled). Relative paths are resolved against the CSV's folder.
+    Rows naming files that do not exist are kept, so that extraction reports them.
+
+    Args:
+        source: A folder of images or a ``.csv`` file.
+        class_names: The label space to use, e.g. the training set's classes when scanning a test
+            set; labels index this list in the given order. A class found on disk or in the CSV
+            that is not in it is an error. Ignored for unlabeled sources.
+
+    Returns:
+        The records sorted by key, with class names and the skipped entries.
+
+    Raises:
+        InputError: The source does not exist, is not a folder or ``.csv`` file, has no images,
+            the CSV is unreadable or has no ``path`` column, or a class is not in ``class_names``.
+        UsageError: ``class_names`` is empty or has duplicates or non-string entries.
+
+    Example:
+        >>> src = scan_images("photos")  # doctest: +SKIP
+        >>> src.kind, src.class_names, src.records[0].key  # doctest: +SKIP
+        ('folder', ['cat', 'dog'], 'cat/001.jpg')
+    """
+    given = _check_class_names(class_names)
+    shown = os.fsdecode(source)
+    path = Path(os.path.abspath(shown))
+    if not path.exists():
+        if path.is_symlink():
+            raise InputError(f"{shown} does not exist (broken symlink)")
+        raise InputError(f"{shown} does not exist")
+    if path.is_dir():
+        return _scan_folder(path, given)
+    if path.suffix.lower() == ".csv":
+        return _scan_csv(path, given)
+    raise InputError(f"{shown} is not a folder or a .csv file; expected a folder of images or a CSV list")
+
+
+def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
+    """Validate the `class_names` argument; return it as a list."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, str):
+        raise UsageError("class_names must be a sequence of names, not a single string")
+    names = list(class_names)
+    if not names:
+        raise UsageError("class_names must not be empty (pass None to take the classes from the data)")
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise UsageError(f"class_names must be non-empty strings, got {bad[0]!r}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UsageError(f"class_names has duplicates: {', '.join(map(repr, dupes))}")
+    return names
+
+
+def _has_image_extension(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    """``entry.is_dir()`` following symlinks, False when even that fails (e.g. a symlink loop)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _stat_or_missing(path: os.DirEntry[str] | str) -> tuple[int, int]:
+    """(size, mtime_ns) following symlinks, or (-1, 0) when the target cannot be stat'ed."""
+    try:
+        st = path.stat() if isinstance(path, os.DirEntry) else os.stat(path)
+    except OSError:
+        return -1, 0
+    return st.st_size, st.st_mtime_ns
+
+
+def _printable(key: str) -> str:
+    """A key that encodes as UTF-8: undecodable name bytes shown as backslash escapes."""
+    return os.fsencode(key).decode("utf-8", "backslashreplace")
+
+
+def _utf8_ok(key: str) -> bool:
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[tuple[str, os.DirEntry[str]]], list[str]]:
+    """Find image files under `root`.
+
+    Returns:
+        ``(key, entry)`` for each image file, and the names of all first-level subfolders walked.
+        Appends to `skipped` what it deliberately leaves out.
+    """
+    found: list[tuple[str, os.DirEntry[str]]] = []
+    first_level: list[str] = []
+    root_stat = root.stat()
+    # Iterative walk (no recursion limit on deep trees). Each folder carries the identities of its
+    # ancestors: a symlink back to one of them is a loop; two links to the same folder are not.
+    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
+        (str(root), "", frozenset({(root_stat.st_dev, root_stat.st_ino)}))
+    ]
+    while stack:
+        folder, prefix, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            if not prefix:
+                raise InputError(f"cannot read folder {root}: {exc.strerror or exc}") from exc
+            skipped.append((_printable(prefix), f"cannot read folder: {exc.strerror or exc}"))
+            continue
+        for entry in entries:
+            name = entry.name
+            key = prefix + name
+            if name.startswith("."):
+                if _has_image_extension(name) and not _is_dir(entry):
+                    why = "AppleDouble metadata file (._*)" if name.startswith("._") else "hidden file"
+                    skipped.append((_printable(key), why))
+                continue
+            if _is_dir(entry):
+                if name == "__MACOSX":
+                    skipped.append((_printable(key + "/"), "macOS archive metadata folder"))
+                    continue
+                try:
+                    st = entry.stat()
+                except OSError as exc:
+                    skipped.append((_printable(key + "/"), f"cannot read folder: {exc.strerror or exc}"))
+                    continue
+                ident = (st.st_dev, st.st_ino)
+                if ident in ancestors:
+                    skipped.append((_printable(key + "/"), "symlink loop (links to a folder that contains it)"))
+                    continue
+                if not prefix:
+                    first_level.append(name)
+                stack.append((entry.path, key + "/", ancestors | {ident}))
+            elif _has_image_extension(name):
+                if _utf8_ok(key):
+                    found.append((key, entry))
+                else:
+                    # The store keeps keys as UTF-8 text; a lossy key could name the wrong file.
+                    skipped.append((_printable(key), "file name is not valid UTF-8"))
+    return found, first_level
+
+
+def _record(root: Path, key: str, entry: os.DirEntry[str], label: int) -> ImageRecord:
+    size, mtime_ns = _stat_or_missing(entry)
+    return ImageRecord(path=root / key, key=key, label=label, size=size, mtime_ns=mtime_ns)
+
+
+def _scan_folder(root: Path, given: list[str] | None) -> ImageSource:
+    """Scan a folder as a class tree or, when no subfolder holds images, as a flat folder."""
+    skipped: list[tuple[str, str]] = []
+    found, first_level = _walk(root, skipped)
+    classes_present = sorted({key.split("/", 1)[0] for key, _ in found if "/" in key})
+
+    if classes_present:
+        kind = "folder"
+        if given is not None:
+            unknown = [c for c in classes_present if c not in given]
+            if unknown:
+                raise InputError(
+                    f"class folder(s) {', '.join(map(repr, unknown))} in {root} not in the given class names "
+                    f"({', '.join(map(repr, given))})"
+                )
+            names = given
+        else:
+            names = classes_present
+        index = {name: i for i, name in enumerate(names)}
+        records = []
+        for key, entry in found:
+            if "/" in key:
+                records.append(_record(root, key, entry, index[key.split("/", 1)[0]]))
+            else:
+                skipped.append((key, "loose file in the root of a class-folder tree (not in any class folder)"))
+        for name in first_level:
+            if name not in index:
+                skipped.append((_printable(name + "/"), "folder has no images, so it is not a class"))
+    else:
+        kind, names = "flat", []
+        records = [_record(root, key, entry, -1) for key, entry in found]
+
+    if not records:
+        looked_for = ", ".join(sorted(IMAGE_EXTENSIONS))
+        note = f"; skipped {len(skipped)}, e.g. {skipped[0][0]!r}: {skipped[0][1]}" if skipped else ""
+        raise InputError(f"no images found in {root} (looked for {looked_for}{note})")
+    records.sort(key=lambda r: r.key)
+    skipped.sort()
+    return ImageSource(root=root, kind=kind, records=records, class_names=list(names), skipped=skipped)
+
+
+def _scan_csv(csv_path: Path, given: list[str] | None) -> ImageSource:
+    """Read a CSV list of images (``path`` column, optional ``label`` column)."""
+    base = csv_path.parent
+    try:
+        # utf-8-sig: spreadsheet programs put a byte-order mark before the header.
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as exc:
+        raise InputError(f"cannot read {csv_path}: not UTF-8 text (byte {exc.start})") from exc
+    except csv.Error as exc:
+        raise InputError(f"cannot read {csv_path}: {exc}") from exc
+    except OSError as exc:
+        raise InputError(f"cannot read {csv_path}: {exc.strerror or exc}") from exc
+
+    if not header:
+        raise InputError(f"{csv_path} is empty; expected a header row with a 'path' column")
+    columns = [c.strip().lower() for c in header]
+    if "path" not in columns:
+        raise InputError(
+            f"{csv_path} has no 'path' column (columns: {', '.join(map(repr, header))}); "
+            "expected a header like 'path,label'"
+        )
+    path_col = columns.index("path")
+    label_col = columns.index("label") if "label" in columns else None
+
+    def cell(row: list[str], col: int | None) -> str:
+        return row[col].strip() if col is not None and col < len(row) else ""
+
+    skipped: list[tuple[str, str]] = []
+    entries: dict[str, tuple[Path, str, int]] = {}  # key -> (path, label name, line)
+    for line, row in rows:
+        if not any(c.strip() for c in row):
+            continue  # blank line
+        raw_path = cell(row, path_col)
+        if not raw_path:
+            skipped.append((f"{csv_path.name}:{line}", "empty path cell"))
+            continue
+        path = Path(os.path.normpath(base / raw_path))  # an absolute raw_path replaces base
+        try:
+            key = path.relative_to(base).as_posix()
+        except ValueError:
+            key = path.as_posix()
+        label = cell(row, label_col)
+        if key in entries:
+            _, first_label, first_line = entries[key]
+            if first_label != label:
+                raise InputError(
+                    f"{csv_path}: {key!r} is listed with label {first_label!r} on line {first_line} "
+                    f"and {label!r} on line {line}"
+                )
+            skipped.append((key, f"listed again on line {line} (first on line {first_line})"))
+            continue
+        entries[key] = (path, label, line)
+
+    if not entries:
+        raise InputError(f"no images listed in {csv_path}")
+    present = sorted({label for _, label, _ in entries.values() if label})
+    if given is not None and present:
+        unknown = [c for c in present if c not in given]
+        if unknown:
+            raise InputError(
+                f"{csv_path}: label(s) {', '.join(map(repr, unknown))} not in the given class names "
+                f"({', '.join(map(repr, given))})"
+            )
+        names = given
+    else:
+        names = present
+    index = {name: i for i, name in enumerate(names)}
+    records = []
+    for key, (path, label, _) in entries.items():
+        size, mtime_ns = _stat_or_missing(str(path))
+        records.append(ImageRecord(path=path, key=key, label=index.get(label, -1), size=size, mtime_ns=mtime_ns))
+    records.sort(key=lambda r: r.key)
+    skipped.sort()
+    return ImageSource(root=base, kind="csv", records=records, class_names=list(names), skipped=skipped)
