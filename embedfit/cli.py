@@ -160,6 +160,88 @@ def backbones(
 
 
 # ---------------------------------------------------------------------------------------------------
+# fit / predict
+
+
+class Scale(str, Enum):
+    standard = "standard"
+    l2 = "l2"
+    none = "none"
+
+
+class Backend(str, Enum):
+    loky = "loky"
+    threading = "threading"
+    ray = "ray"
+    dask = "dask"
+
+
+@app.command()
+def fit(
+    store: Path = typer.Argument(..., help="Training feature store (.h5)."),
+    model: list[str] = typer.Option(["logreg"], "-m", "--model", help="svm, linear-svm, logreg, knn, ridge, lda, "
+                                    "rf, mlp; repeat for several."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Run directory (default runs/STORE-MODEL)."),
+    scale: Scale = typer.Option(Scale.standard, help="Feature scaling inside the pipeline."),
+    pca: str = typer.Option("auto", help="PCA components, 'auto' (256 for svm/knn) or 'none'."),
+    cv: int = typer.Option(5, min=2, help="Stratified k-fold folds."),
+    repeats: int = typer.Option(1, min=1, help="Repetitions of the k-fold."),
+    groups: str | None = typer.Option(None, help="CSV (path,group) or regex on paths: keep groups within folds."),
+    test_store: Path | None = typer.Option(None, help="Evaluate on this store instead of CV."),
+    test_size: float | None = typer.Option(None, min=0.0, max=1.0, help="Evaluate on a hold-out share instead."),
+    search: bool = typer.Option(False, help="Grid-search hyper-parameters (nested CV)."),
+    class_weight: str = typer.Option("balanced", help="balanced or none."),
+    jobs: int = typer.Option(1, help="Parallel folds (-1: all cores)."),
+    backend: Backend = typer.Option(Backend.loky, help="joblib backend for the folds."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Cross-validate classifiers on stored embeddings and save each as a run directory."""
+    from embedfit.fit import check_model_name
+    from embedfit.fit import fit as run_fit
+    from embedfit.presentation import print_fit_results
+
+    for name in model:
+        check_model_name(name)
+    if len(model) > 1 and output is not None:
+        raise typer.BadParameter("-o names one run directory; leave it out to fit several models")
+    results = [run_fit(store, name, output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,
+                       groups=groups, test_store=test_store, test_size=test_size, search=search,
+                       class_weight=None if class_weight == "none" else class_weight, jobs=jobs,
+                       backend=backend.value, seed=seed) for name in model]
+    print_fit_results(out, results)
+
+
+def _pca(value: str) -> int | str | None:
+    if value in ("auto", "none"):
+        return None if value == "none" else "auto"
+    if not value.isdigit() or int(value) < 1:
+        raise typer.BadParameter(f"--pca must be a positive integer, 'auto' or 'none', got '{value}'")
+    return int(value)
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="Run directory from `embedfit fit` or `embedfit finetune`."),
+    inputs: list[Path] = typer.Argument(..., help="Images, folders, or one feature store (.h5)."),
+    output: Path = typer.Option(Path("predictions.csv"), "-o", "--output", help="CSV, or JSON by suffix."),
+    weights: Path | None = typer.Option(None, help="Backbone weights file, if the model was built with one."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
+) -> None:
+    """Predict classes for new images with a saved run (re-embedding them exactly as in training)."""
+    from embedfit.predict import predict as run_predict
+
+    preds = run_predict(run, inputs, weights=str(weights) if weights else None, device=device,
+                        batch_size=batch_size)
+    path = preds.write(output)
+    out.print(f"{len(preds.paths) - preds.n_failed} images predicted, {preds.n_failed} failed -> {path}",
+              soft_wrap=True)
+    for p, e in zip(preds.paths, preds.errors, strict=True):
+        if e:
+            out.print(f"  failed: {p}: {e}", markup=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Entry point
 
 

@@ -46,3 +46,30 @@ def print_store_info(console: Console, store: FeatureStore, *, list_failed: bool
         console.print(f"  failed: {path}: {reason}", markup=False, soft_wrap=True)
     if failed and not list_failed and len(failed) > 5:
         console.print(f"  … {len(failed) - 5} more (--failed lists them all)")
+
+
+def print_fit_results(console: Console, results: list) -> None:
+    """Scores (mean ± std over folds) and timings of each fitted model, then where its run directory is."""
+    metrics = {"accuracy": "accuracy", "balanced_accuracy": "balanced", "f1_macro": "macro F1",
+               "log_loss": "log loss", "roc_auc": "ROC AUC"}
+    table = Table("model", *metrics.values())
+    for r in results:
+        scores = r.metrics["scores"]
+        cells = [_mean_std(scores[m]) if m in scores else "—" for m in metrics]
+        table.add_row(r.model, *cells)
+    ev = results[0].metrics["evaluation"]
+    how = (f"{ev['n_splits']}-fold stratified{' grouped' if ev['groups'] else ''} CV"
+           + (f" × {ev['repeats']}" if ev["repeats"] > 1 else "") if ev["strategy"] == "cv" else "hold-out")
+    console.print(f"{results[0].metrics['backbone']} features, {results[0].metrics['n_samples']} images "
+                  f"({results[0].metrics['n_excluded']} failed/unlabeled left out), {how}"
+                  + (", nested grid search" if ev["search"] else ""), soft_wrap=True)
+    console.print(table)
+    for r in results:
+        t = r.metrics["timing"]
+        console.print(f"{r.model}: {r.run_dir} (evaluation {t['cv_seconds']:.1f} s, final fit {t['fit_seconds']:.1f} s)",
+                      soft_wrap=True)
+
+
+def _mean_std(score: dict) -> str:
+    """0.993±0.008 -> '.993±.008' so that a row of five scores fits an 80-column terminal."""
+    return f"{score['mean']:.3f}±{score['std']:.3f}".replace("0.", ".")

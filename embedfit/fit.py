@@ -1,0 +1,575 @@
+"""Fit, cross-validate and save scikit-learn classifiers on stored embeddings.
+
+The fitted unit is always a scikit-learn `Pipeline` (scaling and optional PCA inside it), so preprocessing is
+learned inside each cross-validation fold. `fit()` evaluates a model honestly (stratified, optionally grouped
+and repeated k-fold, or a hold-out store), refits it on all data and writes a run directory:
+
+    RUN/model.skops      the Pipeline (skops format, loaded only with a fixed allow-list of types)
+    RUN/model.json       sidecar: BackboneSpec, store settings, class names, store fingerprint, versions
+    RUN/metrics.json     scores (mean, std, per fold), per-class metrics, confusion matrix, timings
+    RUN/predictions.csv  out-of-fold (or hold-out) predictions, one row per image
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import difflib
+import json
+import re
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, clone
+from sklearn.pipeline import Pipeline
+
+from embedfit import __version__
+from embedfit.backbones import BackboneSpec
+from embedfit.errors import InputError, ModelFileError, StoreMismatchError, UsageError
+from embedfit.store import FeatureStore, library_versions
+
+MODELS = ("logreg", "svm", "linear-svm", "knn", "ridge", "lda", "rf", "mlp")
+SCALES = ("standard", "l2", "none")
+DEFAULT_MODEL = "logreg"
+AUTO_PCA_DIM = 256  # kernel/neighbour models: RBF-SVC and kNN on 1-4k-d features are slow and gain little
+
+# Types outside skops' default trusted set that embedfit's own pipelines contain. Loading refuses anything else.
+TRUSTED_TYPES = (
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",
+    "sklearn.metrics._scorer._PassthroughScorer",
+    "sklearn.model_selection._split.StratifiedKFold",
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.tree._tree.Tree",
+)
+
+# Search grids: the hyper-parameters that matter for each model (keys relative to the "clf" step).
+GRIDS: dict[str, dict[str, list[Any]]] = {
+    "logreg": {"C": [0.001, 0.01, 0.1, 1.0, 10.0]},
+    "svm": {"estimator__C": [0.3, 1.0, 3.0, 10.0, 30.0], "estimator__gamma": ["scale", 0.3, 3.0]},
+    "linear-svm": {"C": [0.0001, 0.001, 0.01, 0.1, 1.0]},
+    "knn": {"n_neighbors": [3, 5, 10, 20], "weights": ["uniform", "distance"]},
+    "ridge": {"alpha": [0.1, 1.0, 10.0, 100.0, 1000.0]},
+    "lda": {"shrinkage": ["auto", 0.01, 0.1, 0.5]},
+    "rf": {"max_features": ["sqrt", 0.1], "min_samples_leaf": [1, 3]},
+    "mlp": {"alpha": [1e-4, 1e-3, 1e-2], "hidden_layer_sizes": [(256,), (512,)]},
+}
+
+
+def check_model_name(model: str) -> None:
+    """Raise a UsageError with suggestions for an unknown model name."""
+    if model not in MODELS:
+        close = difflib.get_close_matches(model, MODELS, n=2, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UsageError(f"unknown model '{model}'{hint} (choose from {', '.join(MODELS)})")
+
+
+def _classifier(model: str, class_weight: str | None, seed: int, n_samples: int) -> BaseEstimator:
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegressionCV, RidgeClassifierCV
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.svm import SVC, LinearSVC
+
+    if model == "logreg":  # the linear probe: C chosen by an inner 3-fold CV on log loss
+        return LogisticRegressionCV(Cs=np.logspace(-4, 1, 6), cv=3, scoring="neg_log_loss", max_iter=1000,
+                                    tol=1e-3, class_weight=class_weight, l1_ratios=(0.0,),
+                                    use_legacy_attributes=False)
+    if model == "svm":  # calibrated on held-out folds instead of the deprecated SVC(probability=True)
+        return CalibratedClassifierCV(SVC(C=3.0, gamma="scale", class_weight=class_weight, cache_size=1000,
+                                          tol=1e-3, random_state=seed), cv=3, method="sigmoid")
+    if model == "linear-svm":
+        return LinearSVC(C=0.01, dual="auto", tol=1e-3, max_iter=5000, class_weight=class_weight,
+                         random_state=seed)
+    if model == "knn":
+        return KNeighborsClassifier(n_neighbors=max(1, min(10, n_samples // 10)), weights="distance")
+    if model == "ridge":
+        return RidgeClassifierCV(alphas=np.logspace(-1, 4, 6), class_weight=class_weight)
+    if model == "lda":
+        return LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")
+    if model == "rf":
+        return RandomForestClassifier(n_estimators=300, n_jobs=-1, class_weight=class_weight, random_state=seed)
+    return MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, early_stopping=n_samples >= 100, max_iter=300,
+                         random_state=seed)
+
+
+def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: int | str | None = "auto",
+                  class_weight: str | None = "balanced", seed: int = 0, n_samples: int = 1000,
+                  n_features: int = 1280, search: bool = False) -> Pipeline:
+    """A classifier Pipeline: scaler -> optional PCA -> model (-> grid search when `search`).
+
+    Args:
+        model: One of `MODELS`.
+        scale: "standard" (z-score), "l2" (unit-norm rows) or "none".
+        pca: Number of components, None for no PCA, or "auto" (PCA to 256 dims for svm and knn only).
+        class_weight: "balanced" or None (models without class weights ignore it).
+        seed: Random state of every randomised step.
+        n_samples: Training-set size, to keep PCA and kNN sizes valid on small data.
+        n_features: Embedding dimension.
+        search: Wrap the model in a GridSearchCV over `GRIDS[model]` (nested CV when cross-validated).
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    check_model_name(model)
+    if scale not in SCALES:
+        raise UsageError(f"unknown scaling '{scale}'; choose one of {', '.join(SCALES)}")
+    if pca == "auto":
+        pca = AUTO_PCA_DIM if model in ("svm", "knn") and n_features > AUTO_PCA_DIM else None
+    if pca is not None:
+        if isinstance(pca, str) or int(pca) < 1:
+            raise UsageError(f"--pca must be a positive number of components or 'auto', got {pca}")
+        pca = min(int(pca), n_features, max(1, int(n_samples * 0.6)))  # valid inside every CV fold
+    scaler = {"standard": StandardScaler(), "l2": Normalizer(), "none": "passthrough"}[scale]
+    steps: list[tuple[str, Any]] = [("scale", scaler)]
+    if pca:
+        steps.append(("pca", PCA(n_components=pca, random_state=seed)))
+    clf = _classifier(model, class_weight, seed, n_samples)
+    if search:
+        from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+        # The *CV variants tune themselves; under an explicit search use their plain counterparts.
+        if model == "logreg":
+            from sklearn.linear_model import LogisticRegression
+
+            clf = LogisticRegression(max_iter=1000, tol=1e-3, class_weight=class_weight)
+        elif model == "ridge":
+            from sklearn.linear_model import RidgeClassifier
+
+            clf = RidgeClassifier(class_weight=class_weight)
+        clf = GridSearchCV(clf, GRIDS[model], cv=StratifiedKFold(3, shuffle=True, random_state=seed),
+                           scoring="balanced_accuracy")
+    steps.append(("clf", clf))
+    return Pipeline(steps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data and checks
+
+
+@dataclass
+class Dataset:
+    """Embeddings of the usable images of a store."""
+
+    X: np.ndarray
+    y: np.ndarray
+    paths: np.ndarray
+    rows: np.ndarray  # row indices in the store
+    class_names: list[str]
+    store: FeatureStore
+    excluded: int  # failed, missing or unlabeled images left out
+
+
+def load_dataset(store: FeatureStore | str | Path) -> Dataset:
+    """Load the labeled, embedded images of a store and check they can be fitted."""
+    store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    if not store.class_names or (store.labels < 0).all():
+        raise InputError(f"store {store.path} has no labels: extract from a class-per-subfolder tree or a CSV "
+                         "with a label column to fit a classifier")
+    rows = np.flatnonzero((store.status == 0) & (store.labels >= 0))
+    X = store.features(rows)
+    if not np.isfinite(X).all():
+        bad = rows[~np.isfinite(X).all(axis=1)]
+        raise InputError(f"store {store.path} has non-finite features for {len(bad)} image(s), e.g. "
+                         f"{store.paths[bad[0]]}; re-extract with --precision fp32 or --overwrite")
+    y = store.labels[rows]
+    return Dataset(X, y, store.paths[rows], rows, store.class_names, store, len(store) - len(rows))
+
+
+def check_trainable(y: np.ndarray, class_names: Sequence[str], n_splits: int | None) -> None:
+    """Refuse data that cannot be cross-validated, naming the class that is short."""
+    present = np.unique(y)
+    if len(present) < 2:
+        only = class_names[present[0]] if len(present) else "none"
+        raise InputError(f"need at least two classes to fit a classifier, found one ({only})")
+    if n_splits is not None:
+        counts = np.bincount(y, minlength=len(class_names))
+        short = [(class_names[c], int(counts[c])) for c in present if counts[c] < n_splits]
+        if short:
+            name, count = min(short, key=lambda s: s[1])
+            raise InputError(f"class '{name}' has {count} image(s), fewer than the {n_splits} CV folds; use "
+                             f"--cv {max(2, count)} or add images")
+
+
+def groups_from(spec: str | None, paths: np.ndarray) -> np.ndarray | None:
+    """Group labels for grouped CV: a CSV (path,group) file, or a regex whose first group is the group key."""
+    if spec is None:
+        return None
+    if spec.endswith(".csv") and Path(spec).is_file():
+        with open(spec, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"path", "group"} <= set(reader.fieldnames):
+                raise InputError(f"groups file {spec} needs 'path' and 'group' columns")
+            table = {row["path"]: row["group"] for row in reader}
+        missing = [p for p in paths if p not in table]
+        if missing:
+            raise InputError(f"groups file {spec} has no group for {len(missing)} image(s), e.g. {missing[0]}")
+        return np.array([table[p] for p in paths])
+    try:
+        pattern = re.compile(spec)
+    except re.error as exc:
+        raise UsageError(f"--groups is neither a CSV file nor a valid regex: {exc}") from None
+    keys = []
+    for p in paths:
+        m = pattern.search(str(p))
+        if m is None:
+            raise InputError(f"--groups regex {spec!r} does not match {p}")
+        keys.append(m.group(1) if m.groups() else m.group(0))
+    return np.array(keys)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class FitResult:
+    """What `fit()` produced; `run_dir` holds the artifacts."""
+
+    run_dir: Path
+    model: str
+    pipeline: Pipeline
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]] = field(repr=False, default_factory=list)
+
+    def score(self, metric: str = "accuracy") -> float:
+        return float(self.metrics["scores"][metric]["mean"])
+
+
+def _proba(est: Any, X: np.ndarray) -> np.ndarray | None:
+    return est.predict_proba(X) if hasattr(est, "predict_proba") else None
+
+
+def _fold(pipe: Pipeline, X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        est = clone(pipe).fit(X[train], y[train])
+    pred = est.predict(X[test])
+    return pred, _proba(est, X[test]), est[-1].classes_ if hasattr(est[-1], "classes_") else np.unique(y[train])
+
+
+def fold_metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray | None, classes: np.ndarray,
+                 n_classes: int) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro F1, and log loss / ROC AUC when probabilities exist."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss, roc_auc_score
+
+    out = {"accuracy": accuracy_score(y, pred), "balanced_accuracy": balanced_accuracy_score(y, pred),
+           "f1_macro": f1_score(y, pred, average="macro", zero_division=0)}
+    if proba is not None:
+        full = np.zeros((len(y), n_classes))
+        full[:, classes] = proba
+        full /= np.maximum(full.sum(axis=1, keepdims=True), 1e-12)  # float32 models drift off 1 slightly
+        out["log_loss"] = log_loss(y, full, labels=np.arange(n_classes))
+        present = np.unique(y)
+        if len(present) == n_classes:  # AUC needs every class among the test images
+            out["roc_auc"] = (roc_auc_score(y, full[:, 1]) if n_classes == 2 else
+                              roc_auc_score(y, full, multi_class="ovr", average="macro"))
+    return {k: float(v) for k, v in out.items()}
+
+
+def make_splits(y: np.ndarray, *, cv: int, repeats: int, groups: np.ndarray | None, seed: int
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified (grouped when groups are given, repeated when repeats > 1) k-fold splits."""
+    from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedGroupKFold
+
+    if cv < 2:
+        raise UsageError(f"--cv must be at least 2, got {cv}")
+    if repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {repeats}")
+    dummy = np.zeros(len(y))
+    if groups is not None:
+        if len(np.unique(groups)) < cv:
+            raise InputError(f"only {len(np.unique(groups))} groups for {cv} folds; use fewer folds")
+        return [s for r in range(repeats) for s in
+                StratifiedGroupKFold(cv, shuffle=True, random_state=seed + r).split(dummy, y, groups)]
+    return list(RepeatedStratifiedKFold(n_splits=cv, n_repeats=repeats, random_state=seed).split(dummy, y))
+
+
+def fit(
+    store: str | Path | FeatureStore,
+    model: str = DEFAULT_MODEL,
+    *,
+    output: str | Path | None = None,
+    scale: str = "standard",
+    pca: int | str | None = "auto",
+    cv: int = 5,
+    repeats: int = 1,
+    groups: str | np.ndarray | None = None,
+    test_store: str | Path | FeatureStore | None = None,
+    test_size: float | None = None,
+    search: bool = False,
+    class_weight: str | None = "balanced",
+    jobs: int = 1,
+    backend: str = "loky",
+    seed: int = 0,
+) -> FitResult:
+    """Evaluate a classifier on a store's embeddings, refit it on all of them, and write a run directory.
+
+    Args:
+        store: The training feature store.
+        model: One of `MODELS` (default: a logistic-regression linear probe with C chosen by inner CV).
+        output: Run directory (default: runs/<store stem>-<model>).
+        scale: "standard", "l2" or "none".
+        pca: Components, None, or "auto" (256 for svm/knn).
+        cv: Folds of stratified k-fold cross-validation.
+        repeats: Repetitions of the k-fold with different shuffles.
+        groups: Group key per image (array), a CSV of path,group, or a regex on paths; keeps groups within folds.
+        test_store: Evaluate on this store instead of CV (same backbone required).
+        test_size: Evaluate on a stratified hold-out share instead of CV.
+        search: Grid-search the model's hyper-parameters (nested inside the outer CV).
+        class_weight: "balanced" or None.
+        jobs: Parallel folds (joblib).
+        backend: joblib backend: "loky", "threading", "ray" or "dask".
+        seed: Random state for splits and models.
+
+    Returns:
+        A `FitResult` with metrics and the fitted pipeline.
+    """
+    from joblib import Parallel, delayed, parallel_config
+
+    check_model_name(model)
+    if test_store is not None and test_size is not None:
+        raise UsageError("give either --test-store or --test-size, not both")
+    if test_size is not None and not 0 < test_size < 1:
+        raise UsageError(f"--test-size must be a fraction between 0 and 1, got {test_size}")
+    if jobs == 0:
+        raise UsageError("--jobs must be a positive number or -1 (all cores)")
+    data = load_dataset(store)
+    spec = data.store.spec
+    holdout = test_store is not None or test_size is not None
+    check_trainable(data.y, data.class_names, None if holdout else cv)
+    pipe = make_pipeline(model, scale=scale, pca=pca, class_weight=class_weight, seed=seed,
+                         n_samples=len(data.y), n_features=data.X.shape[1], search=search)
+    _register_backend(backend)
+    n_classes = len(data.class_names)
+
+    t0 = time.perf_counter()
+    if test_store is not None:
+        test = _aligned_test_set(test_store, data)
+        X_all, y_all = np.concatenate([data.X, test.X]), np.concatenate([data.y, test.y])
+        splits = [(np.arange(len(data.y)), np.arange(len(data.y), len(y_all)))]
+        pred_paths, pred_rows = test.paths, test.rows
+        evaluation = {"strategy": "holdout", "n_splits": 1, "repeats": 1, "groups": False, "search": search,
+                      "test_store": str(test.store.path)}
+    else:
+        X_all, y_all, pred_paths, pred_rows = data.X, data.y, data.paths, data.rows
+        group_keys = groups if isinstance(groups, np.ndarray) else groups_from(groups, data.paths)
+        if test_size is not None:
+            from sklearn.model_selection import train_test_split
+
+            idx = np.arange(len(data.y))
+            tr, te = train_test_split(idx, test_size=test_size, stratify=data.y, random_state=seed)
+            splits = [(tr, te)]
+            evaluation = {"strategy": "holdout", "n_splits": 1, "repeats": 1, "groups": False, "search": search}
+        else:
+            splits = make_splits(data.y, cv=cv, repeats=repeats, groups=group_keys, seed=seed)
+            evaluation = {"strategy": "cv", "n_splits": cv, "repeats": repeats,
+                          "groups": group_keys is not None, "search": search}
+    with parallel_config(backend=backend, n_jobs=jobs):
+        folds = Parallel()(delayed(_fold)(pipe, X_all, y_all, tr, te) for tr, te in splits)
+    cv_seconds = time.perf_counter() - t0
+
+    per_fold = [fold_metrics(y_all[te], pred, proba, classes, n_classes)
+                for (_, te), (pred, proba, classes) in zip(splits, folds, strict=True)]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        final = clone(pipe).fit(data.X, data.y)
+    fit_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    final.predict(data.X[: min(len(data.X), 256)])
+    predict_per_image = (time.perf_counter() - t0) / min(len(data.X), 256)
+
+    # Out-of-fold predictions of the first repetition (every image exactly once).
+    n_first = len(splits) // max(1, evaluation["repeats"])
+    predictions, y_true, y_pred = [], [], []
+    for f, ((_, te), (pred, proba, classes)) in enumerate(zip(splits[:n_first], folds[:n_first], strict=True)):
+        for j, i in enumerate(te):
+            local = i if test_store is None else i - len(data.y)
+            row = {"path": str(pred_paths[local]), "row": int(pred_rows[local]),
+                   "label": data.class_names[y_all[i]], "predicted": data.class_names[pred[j]],
+                   "correct": bool(y_all[i] == pred[j]), "fold": f}
+            if proba is not None:
+                full = np.zeros(n_classes)
+                full[classes] = proba[j]
+                row.update({f"p_{c}": round(float(p), 6) for c, p in zip(data.class_names, full, strict=True)})
+            predictions.append(row)
+            y_true.append(y_all[i])
+            y_pred.append(pred[j])
+    metrics = _metrics(model, spec, data, evaluation, per_fold, np.array(y_true), np.array(y_pred), {
+        "extract_seconds": float(data.store.attrs.get("extract_seconds", 0.0)), "cv_seconds": cv_seconds,
+        "fit_seconds": fit_seconds, "predict_seconds_per_image": predict_per_image})
+    if search:
+        best = final[-1].best_params_
+        metrics["best_params"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in best.items()}
+        final.steps[-1] = ("clf", final[-1].best_estimator_)  # ship the model, not the search machinery
+    run_dir = Path(output) if output else Path("runs") / f"{data.store.path.stem}-{model}"
+    params = {"scale": scale, "pca": pca, "class_weight": class_weight, "search": search, "seed": seed}
+    save_run(run_dir, final, model=model, params=params, store=data.store, metrics=metrics,
+             predictions=predictions)
+    return FitResult(run_dir, model, final, metrics, predictions)
+
+
+def _register_backend(backend: str) -> None:
+    if backend == "ray":
+        try:
+            from ray.util.joblib import register_ray
+        except ImportError:
+            raise UsageError("--backend ray needs Ray: pip install 'embedfit[ray]'") from None
+        register_ray()
+    elif backend == "dask":
+        try:
+            import distributed  # noqa: F401  (registers joblib's dask backend)
+        except ImportError:
+            raise UsageError("--backend dask needs dask.distributed: pip install distributed") from None
+    elif backend not in ("loky", "threading", "multiprocessing"):
+        raise UsageError(f"unknown backend '{backend}'; choose loky, threading, ray or dask")
+
+
+def _aligned_test_set(test_store: str | Path | FeatureStore, train: Dataset) -> Dataset:
+    """Load a hold-out store and map its labels onto the training classes by name."""
+    test = load_dataset(test_store)
+    diffs = test.store.spec.differences(train.store.spec)
+    if diffs:
+        raise StoreMismatchError(f"test store {test.store.path} has {test.store.spec.short()} features but the "
+                                 f"training store has {train.store.spec.short()} ({'; '.join(diffs[:3])})")
+    unknown = sorted(set(test.class_names[i] for i in np.unique(test.y)) - set(train.class_names))
+    if unknown:
+        raise StoreMismatchError(f"test store {test.store.path} has classes the training store lacks: "
+                                 f"{', '.join(unknown)}")
+    mapping = np.array([train.class_names.index(c) if c in train.class_names else -1 for c in test.class_names])
+    test.y = mapping[test.y]
+    return test
+
+
+def _metrics(model: str, spec: BackboneSpec, data: Dataset, evaluation: dict[str, Any],
+             per_fold: list[dict[str, float]], y_true: np.ndarray, y_pred: np.ndarray,
+             timing: dict[str, float]) -> dict[str, Any]:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    n_classes = len(data.class_names)
+    names = [k for k in per_fold[0] if all(k in f for f in per_fold)]
+    scores = {k: {"mean": float(np.mean([f[k] for f in per_fold])), "std": float(np.std([f[k] for f in per_fold])),
+                  "folds": [f[k] for f in per_fold]} for k in names}
+    p, r, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=np.arange(n_classes),
+                                                        zero_division=0)
+    return {
+        "model": model, "backbone": spec.short(), "store": str(data.store.path), "n_samples": int(len(data.y)),
+        "n_excluded": int(data.excluded), "n_classes": n_classes, "class_names": data.class_names,
+        "evaluation": evaluation, "scores": scores,
+        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),
+                          "support": int(support[i])} for i, c in enumerate(data.class_names)},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=np.arange(n_classes)).tolist(),
+        "timing": timing,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run directories and model files
+
+
+def save_run(run_dir: str | Path, pipeline: Pipeline, *, model: str, params: dict[str, Any], store: FeatureStore,
+             metrics: dict[str, Any], predictions: list[dict[str, Any]]) -> Path:
+    """Write model.skops, model.json, metrics.json and predictions.csv (the run-directory contract)."""
+    import skops.io as sio
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_path = run_dir / "model.skops"
+    tmp = run_dir / ".model.skops.tmp"
+    sio.dump(pipeline, tmp)
+    untrusted = set(sio.get_untrusted_types(file=tmp)) - set(TRUSTED_TYPES)
+    if untrusted:  # our own pipelines must only contain allow-listed types
+        tmp.unlink()
+        raise ModelFileError(f"refusing to save a model containing unvetted types: {sorted(untrusted)}")
+    tmp.replace(model_path)
+    sidecar = {
+        "kind": "sklearn", "model": model, "params": params, "spec": store.spec.to_dict(),
+        "settings": {"dtype": store.settings.dtype, "tta": store.settings.tta,
+                     "precision": store.settings.precision},
+        "class_names": list(metrics["class_names"]), "store": str(store.path), "store_fingerprint": store.fingerprint,
+        "versions": library_versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "embedfit_version": __version__, "trusted_types": list(TRUSTED_TYPES),
+    }
+    (run_dir / "model.json").write_text(json.dumps(sidecar, indent=2, default=_json_default))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    write_predictions_csv(run_dir / "predictions.csv", predictions)
+    return run_dir
+
+
+def write_predictions_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = list(rows[0]) if rows else ["path", "row", "label", "predicted", "correct", "fold"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def read_sidecar(run_dir: str | Path) -> dict[str, Any]:
+    """model.json of a run, with checks that it is one embedfit can use."""
+    run_dir = Path(run_dir)
+    path = run_dir / "model.json"
+    if not run_dir.is_dir():
+        raise ModelFileError(f"run directory {run_dir} does not exist")
+    if not path.is_file():
+        raise ModelFileError(f"{run_dir} is not an embedfit run directory (no model.json)")
+    try:
+        meta = json.loads(path.read_text())
+        BackboneSpec.from_dict(meta["spec"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{path} is damaged or not an embedfit model sidecar ({exc})") from None
+    major = str(meta.get("embedfit_version", "0")).split(".")[0]
+    if major != __version__.split(".")[0]:
+        raise ModelFileError(f"{run_dir} was made by embedfit {meta.get('embedfit_version')}; this is "
+                             f"{__version__} (different major version): refit the model")
+    return meta
+
+
+def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
+    """Load a run's pipeline without running untrusted code: only skops, only allow-listed types.
+
+    Raises:
+        ModelFileError: Missing files, a file that is not a skops archive (e.g. a pickle), or a skops file
+            containing types outside `TRUSTED_TYPES`.
+    """
+    import skops.io as sio
+
+    meta = read_sidecar(run_dir)
+    if meta.get("kind") != "sklearn":
+        raise ModelFileError(f"{run_dir} holds a {meta.get('kind')} model, not a scikit-learn pipeline")
+    path = Path(run_dir) / "model.skops"
+    if not path.is_file():
+        raise ModelFileError(f"{path} is missing")
+    try:
+        untrusted = set(sio.get_untrusted_types(file=path))
+    except Exception as exc:  # a pickle, a joblib file or garbage: never unpickle it
+        raise ModelFileError(f"{path} is not a skops model file ({type(exc).__name__}); refusing to load it") \
+            from None
+    unexpected = untrusted - set(TRUSTED_TYPES)
+    if unexpected:
+        raise ModelFileError(f"{path} contains types outside embedfit's allow-list: {sorted(unexpected)[:3]}; "
+                             "refusing to load it")
+    try:
+        pipeline = sio.load(path, trusted=sorted(untrusted))
+    except Exception as exc:
+        raise ModelFileError(f"cannot load {path}: {exc}") from None
+    return pipeline, meta
