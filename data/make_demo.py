@@ -41,16 +41,24 @@ def load_source(name: str) -> np.ndarray:
 
 
 def random_crop(img: np.ndarray, rows: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """A crop from the given row band, randomly sized, rotated, flipped and brightness-jittered."""
+    """A small crop from the given row band: randomly sized, rotated, flipped, jittered, blurred and noisy.
+
+    Small, degraded crops keep the task from being trivial, so the demo's confusion matrix has something in it.
+    """
+    from PIL import ImageFilter
+
     band = img[rows[0]:rows[1]]
-    size = int(rng.integers(96, min(192, band.shape[0], band.shape[1]) + 1))
+    size = int(rng.integers(32, min(96, band.shape[0], band.shape[1]) + 1))
     y = int(rng.integers(0, band.shape[0] - size + 1))
     x = int(rng.integers(0, band.shape[1] - size + 1))
     crop = np.rot90(band[y:y + size, x:x + size], k=int(rng.integers(0, 4)))
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
-    gain = rng.uniform(0.75, 1.25) * rng.uniform(0.92, 1.08, size=3)
-    return np.clip(crop.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    gain = rng.uniform(0.6, 1.4) * rng.uniform(0.85, 1.15, size=3)
+    crop = crop.astype(np.float32) * gain + rng.normal(0, rng.uniform(0, 25), size=crop.shape)
+    blurred = Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8)).filter(
+        ImageFilter.GaussianBlur(rng.uniform(0, 2.0)))
+    return np.asarray(blurred)
 
 
 def save(crop: np.ndarray, path_stem: Path, rng: np.random.Generator) -> Path:
@@ -61,7 +69,7 @@ def save(crop: np.ndarray, path_stem: Path, rng: np.random.Generator) -> Path:
         image.save(path, optimize=False)
     else:
         path = path_stem.with_suffix(".jpg")
-        image.save(path, quality=int(rng.integers(80, 96)))
+        image.save(path, quality=int(rng.integers(50, 95)))
     return path
 
 

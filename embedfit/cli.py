@@ -241,6 +241,19 @@ def predict(
             out.print(f"  failed: {p}: {e}", markup=False, soft_wrap=True)
 
 
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories to report on and compare."),
+    output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file to write."),
+) -> None:
+    """Write a self-contained HTML report (metrics, confusion, embedding map, mistakes) and print a leaderboard."""
+    from embedfit.presentation import print_leaderboard
+    from embedfit.report import build_report, summarize_runs
+
+    print_leaderboard(out, summarize_runs(runs))
+    out.print(f"report: {build_report(runs, output)}", soft_wrap=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Entry point
 

@@ -73,3 +73,14 @@ def print_fit_results(console: Console, results: list) -> None:
 def _mean_std(score: dict) -> str:
     """0.993±0.008 -> '.993±.008' so that a row of five scores fits an 80-column terminal."""
     return f"{score['mean']:.3f}±{score['std']:.3f}".replace("0.", ".")
+
+
+def print_leaderboard(console: Console, rows: list[dict]) -> None:
+    """`embedfit report`: one row per run, best balanced accuracy first."""
+    table = Table("backbone", "model", "accuracy", "balanced", "macro F1", "extract s", "train s")
+    for r in rows:
+        cells = [_mean_std({"mean": r[f"{m}_mean"], "std": r[f"{m}_std"]}) if f"{m}_mean" in r else "—"
+                 for m in ("accuracy", "balanced_accuracy", "f1_macro")]
+        table.add_row(r["backbone"].split(" ")[0], r["model"], *cells, f"{r['extract_seconds']:.1f}",
+                      f"{r['train_seconds']:.1f}")
+    console.print(table)
