@@ -18,10 +18,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+# The main job end to end: images -> feature stores -> classifiers (5-fold CV) -> predictions -> HTML report.
 demo: $(VENV)/.installed
 	$(BIN)/python data/make_demo.py $(DEMO_DIR)
 	$(BIN)/embedfit extract $(DEMO_DIR)/train -o $(OUT)/train.h5
-	$(BIN)/embedfit info $(OUT)/train.h5
+	$(BIN)/embedfit extract $(DEMO_DIR)/test -o $(OUT)/test.h5
+	$(BIN)/embedfit fit $(OUT)/train.h5 --model logreg --model svm --model ridge --model knn
+	$(BIN)/embedfit fit $(OUT)/train.h5 --model logreg --test-store $(OUT)/test.h5 -o runs/demo/logreg-holdout
+	$(BIN)/embedfit predict runs/train-logreg $(DEMO_DIR)/new -o $(OUT)/new-predictions.csv
+	$(BIN)/embedfit report runs/train-logreg runs/train-svm runs/train-ridge runs/train-knn -o $(OUT)/report.html
+	@echo "demo done: open $(OUT)/report.html"
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

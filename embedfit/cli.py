@@ -145,9 +145,9 @@ def backbones(
     pattern: str = typer.Argument("*", help="Glob over names, e.g. 'resnet*'."),
 ) -> None:
     """List backbones: embedding size, input size, and whether weights are on disk (usable offline)."""
-    from embedfit.backbones import backbone_info, list_backbones
-
     import torch
+
+    from embedfit.backbones import backbone_info, list_backbones
 
     table = Table("name", "family", "dim", "input", "offline")
     for name in list_backbones(pattern):

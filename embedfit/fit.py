@@ -465,7 +465,7 @@ def _metrics(model: str, spec: BackboneSpec, data: Dataset, evaluation: dict[str
     p, r, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=np.arange(n_classes),
                                                         zero_division=0)
     return {
-        "model": model, "backbone": spec.short(), "store": str(data.store.path), "n_samples": int(len(data.y)),
+        "model": model, "backbone": spec.short(), "store": str(data.store.path), "n_samples": len(data.y),
         "n_excluded": int(data.excluded), "n_classes": n_classes, "class_names": data.class_names,
         "evaluation": evaluation, "scores": scores,
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),

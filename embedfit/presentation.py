@@ -66,8 +66,8 @@ def print_fit_results(console: Console, results: list) -> None:
     console.print(table)
     for r in results:
         t = r.metrics["timing"]
-        console.print(f"{r.model}: {r.run_dir} (evaluation {t['cv_seconds']:.1f} s, final fit {t['fit_seconds']:.1f} s)",
-                      soft_wrap=True)
+        console.print(f"{r.model}: {r.run_dir} (evaluation {t['cv_seconds']:.1f} s, "
+                      f"final fit {t['fit_seconds']:.1f} s)", soft_wrap=True)
 
 
 def _mean_std(score: dict) -> str:

@@ -68,7 +68,7 @@ def test_errors(tmp_path: Path, shared_tree: Path) -> None:
     bad.write_bytes(b"not a jpeg")
     good = str(next(shared_tree.rglob("*.jpg")))
     est = EmbeddingTransformer().fit([good])
-    with pytest.raises(DecodeError, match="bad.jpg"):
+    with pytest.raises(DecodeError, match=r"bad\.jpg"):
         est.transform([good, str(bad)])
     feats = EmbeddingTransformer(on_error="nan").fit([good]).transform([good, str(bad)])
     assert np.isfinite(feats[0]).all() and np.isnan(feats[1]).all()

@@ -1,0 +1,226 @@
+"""fit / predict / report on real stores: CV equals scikit-learn's, model files are safe, checks fire."""
+
+from __future__ import annotations
+
+import html.parser
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.model_selection import cross_val_score
+
+from embedfit.backbones import BackboneSpec
+from embedfit.cli import main
+from embedfit.errors import InputError, ModelFileError, StoreMismatchError, UsageError
+from embedfit.fit import MODELS, TRUSTED_TYPES, fit, load_model, make_pipeline, make_splits
+from embedfit.images import ImageRecord
+from embedfit.predict import predict
+from embedfit.report import SECTIONS, build_report
+from embedfit.store import FAILED, OK, FeatureStore, StoreSettings, StoreWriter
+
+
+def synthetic_store(path: Path, X: np.ndarray, y: np.ndarray, class_names: list[str], *, name: str = "synthetic",
+                    status: np.ndarray | None = None) -> FeatureStore:
+    """A real store file holding given features (for checks that need no images)."""
+    spec = BackboneSpec(name=name, architecture=f"test/{name}", weights="random", weights_sha256="",
+                        input_size=(8, 8), resize_size=8, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3,
+                        embedding_dim=X.shape[1])
+    status = np.zeros(len(y), dtype=int) if status is None else status
+    keys = [f"{class_names[c] if c >= 0 else 'x'}/img_{i:04d}.jpg" for i, c in enumerate(y)]
+    records = [ImageRecord(path.parent / k, k, int(c), 100, 1) for k, c in zip(keys, y, strict=True)]
+    with StoreWriter(path, StoreSettings(spec)) as w:
+        w.write_part(keys, [class_names[c] if c >= 0 else "" for c in y], [100] * len(y), [1] * len(y), status,
+                     ["broken" if s else "" for s in status], X)
+        return w.commit(records, class_names, complete=True)
+
+
+def blobs(n: int = 120, d: int = 16, k: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    return (rng.normal(size=(n, d)) + 1.5 * np.eye(k, d)[y]).astype(np.float32), y
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FeatureStore:
+    X, y = blobs()
+    return synthetic_store(tmp_path / "s.h5", X, y, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("model", ["logreg", "svm", "ridge", "knn"])
+def test_cv_scores_equal_sklearns_cross_val_score(store: FeatureStore, tmp_path: Path, model: str) -> None:
+    result = fit(store.path, model, output=tmp_path / "run", cv=4, seed=3)
+    X, y, _ = store.load()
+    pipe = make_pipeline(model, n_samples=len(y), n_features=X.shape[1], seed=3)
+    expected = cross_val_score(pipe, X, y, cv=make_splits(y, cv=4, repeats=1, groups=None, seed=3), scoring="accuracy")
+    np.testing.assert_allclose(result.metrics["scores"]["accuracy"]["folds"], expected)
+    assert result.metrics["scores"]["accuracy"]["mean"] > 0.6
+
+
+def test_run_directory_and_reload(store: FeatureStore, tmp_path: Path) -> None:
+    result = fit(store.path, "logreg", output=tmp_path / "run")
+    for name in ("model.skops", "model.json", "metrics.json", "predictions.csv"):
+        assert (tmp_path / "run" / name).is_file()
+    pipeline, meta = load_model(tmp_path / "run")
+    X, _, _ = store.load()
+    np.testing.assert_array_equal(pipeline.predict(X), result.pipeline.predict(X))
+    np.testing.assert_allclose(pipeline.predict_proba(X), result.pipeline.predict_proba(X))
+    assert meta["spec"]["name"] == "synthetic" and meta["class_names"] == ["a", "b", "c"]
+    assert meta["store_fingerprint"] == store.fingerprint
+    m = result.metrics
+    assert sum(map(sum, m["confusion_matrix"])) == 120 and set(m["per_class"]) == {"a", "b", "c"}
+    assert {"accuracy", "balanced_accuracy", "f1_macro", "log_loss", "roc_auc"} <= set(m["scores"])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_saves_only_allow_listed_types(store: FeatureStore, tmp_path: Path, model: str) -> None:
+    import skops.io as sio
+
+    fit(store.path, model, output=tmp_path / model, cv=3)
+    untrusted = sio.get_untrusted_types(file=tmp_path / model / "model.skops")
+    assert set(untrusted) <= set(TRUSTED_TYPES)
+    load_model(tmp_path / model)
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # runs on unpickling
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_crafted_pickle_is_refused_and_never_executed(store: FeatureStore, tmp_path: Path) -> None:
+    fit(store.path, "logreg", output=tmp_path / "run")
+    marker = tmp_path / "marker"
+    (tmp_path / "run" / "model.skops").write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises(ModelFileError, match="not a skops model file"):
+        load_model(tmp_path / "run")
+    assert not marker.exists()
+
+
+def test_skops_file_with_unexpected_type_is_refused(store: FeatureStore, tmp_path: Path) -> None:
+    import skops.io as sio
+    from sklearn.feature_selection import SelectKBest
+    from sklearn.pipeline import Pipeline
+
+    fit(store.path, "logreg", output=tmp_path / "run")
+    sio.dump(Pipeline([("k", SelectKBest(k=2))]), tmp_path / "run" / "model.skops")  # holds a function reference
+    with pytest.raises(ModelFileError, match="allow-list"):
+        load_model(tmp_path / "run")
+
+
+def test_prefit_checks(tmp_path: Path) -> None:
+    X, y = blobs(30)
+    bad = X.copy()
+    bad[3, 0] = np.inf
+    with pytest.raises(InputError, match="non-finite"):
+        fit(synthetic_store(tmp_path / "inf.h5", bad, y, ["a", "b", "c"]).path, output=tmp_path / "r")
+    with pytest.raises(InputError, match="at least two classes"):
+        fit(synthetic_store(tmp_path / "one.h5", X, np.zeros(30, int), ["a"]).path, output=tmp_path / "r")
+    few = np.array([0] * 27 + [1] * 3)
+    with pytest.raises(InputError, match=r"class 'b' has 3 image\(s\), fewer than the 5 CV folds"):
+        fit(synthetic_store(tmp_path / "few.h5", X, few, ["a", "b"]).path, output=tmp_path / "r")
+    with pytest.raises(InputError, match="no labels"):
+        fit(synthetic_store(tmp_path / "unl.h5", X, np.full(30, -1), []).path, output=tmp_path / "r")
+    status = np.array([FAILED] * 3 + [OK] * 27)
+    result = fit(synthetic_store(tmp_path / "failed.h5", X, y, ["a", "b", "c"], status=status).path, cv=3,
+                 output=tmp_path / "r")
+    assert result.metrics["n_samples"] == 27 and result.metrics["n_excluded"] == 3
+    with pytest.raises(UsageError, match="unknown model 'logrg'; did you mean logreg"):
+        fit(tmp_path / "failed.h5", "logrg")
+    with pytest.raises(UsageError, match="--cv must be at least 2"):
+        fit(tmp_path / "failed.h5", cv=1, output=tmp_path / "r")
+
+
+def test_holdout_store_must_match(store: FeatureStore, tmp_path: Path) -> None:
+    X, y = blobs(60, seed=1)
+    same = synthetic_store(tmp_path / "test.h5", X, y, ["a", "b", "c"])
+    result = fit(store.path, "logreg", test_store=same.path, output=tmp_path / "run")
+    assert result.metrics["evaluation"]["strategy"] == "holdout" and result.metrics["n_samples"] == 120
+    other = synthetic_store(tmp_path / "other.h5", X, y, ["a", "b", "c"], name="resnet18")
+    with pytest.raises(StoreMismatchError, match="resnet18"):
+        fit(store.path, "logreg", test_store=other.path, output=tmp_path / "run2")
+
+
+def test_grouped_cv_keeps_groups_together(store: FeatureStore, tmp_path: Path) -> None:
+    result = fit(store.path, "ridge", groups=r"img_(\d\d\d)\d", cv=3, output=tmp_path / "run")
+    assert result.metrics["evaluation"]["groups"]
+    folds = {}
+    for row in result.predictions:
+        folds.setdefault(row["path"].split("img_")[1][:3], set()).add(row["fold"])
+    assert all(len(f) == 1 for f in folds.values())
+
+
+def test_nested_search_reports_best_params(store: FeatureStore, tmp_path: Path) -> None:
+    result = fit(store.path, "ridge", search=True, cv=3, output=tmp_path / "run")
+    assert "alpha" in result.metrics["best_params"] and result.metrics["evaluation"]["search"]
+    load_model(tmp_path / "run")
+
+
+def test_predict_on_images_equals_predict_on_their_store(shared_tree: Path, shared_store: Path,
+                                                         tmp_path: Path) -> None:
+    fit(shared_store, "logreg", cv=3, output=tmp_path / "run")
+    on_store = predict(tmp_path / "run", [shared_store])
+    on_images = predict(tmp_path / "run", [shared_tree])
+    by_path = {Path(p).relative_to(shared_tree).as_posix(): i for i, p in enumerate(on_images.paths)}
+    order = [by_path[p] for p in on_store.paths]
+    assert [on_images.predicted[i] for i in order] == on_store.predicted
+    np.testing.assert_allclose(on_images.proba[order], on_store.proba, atol=1e-4)
+    assert sum(p == label for p, label in zip(on_store.predicted, [p.split("/")[0] for p in on_store.paths],
+                                             strict=True)) >= 20
+
+
+def test_predict_refuses_a_store_from_another_backbone(store: FeatureStore, tmp_path: Path,
+                                                       shared_store: Path) -> None:
+    fit(store.path, "logreg", output=tmp_path / "run")
+    with pytest.raises(StoreMismatchError, match=r"efficientnet_lite0 .* synthetic"):
+        predict(tmp_path / "run", [shared_store])
+
+
+class _Sections(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.images = 0
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attrs = dict(attrs)
+        if tag == "section":
+            self.ids.append(attrs["id"])
+        if tag == "img" and attrs["src"].startswith("data:image/"):
+            self.images += 1
+
+
+def test_report_has_every_section(shared_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fit(shared_store, "logreg", cv=3, output=tmp_path / "logreg")
+    fit(shared_store, "ridge", cv=3, output=tmp_path / "ridge")
+    out = build_report([tmp_path / "logreg", tmp_path / "ridge"], tmp_path / "report.html")
+    parser = _Sections()
+    parser.feed(out.read_text())
+    assert parser.ids == list(SECTIONS) and parser.images >= 6
+    assert main(["report", str(tmp_path / "logreg"), "-o", str(tmp_path / "r2.html")]) == 0
+    assert "report:" in capsys.readouterr().out
+    with pytest.raises(ModelFileError, match="does not exist"):
+        build_report([tmp_path / "nope"], tmp_path / "x.html")
+
+
+def test_report_escapes_names(tmp_path: Path) -> None:
+    X, y = blobs(30)
+    s = synthetic_store(tmp_path / "s.h5", X, y, ["<b>a</b>", "b", "c"])
+    fit(s.path, "ridge", cv=3, output=tmp_path / "run")
+    text = build_report([tmp_path / "run"], tmp_path / "r.html").read_text()
+    assert "&lt;b&gt;a&lt;/b&gt;" in text and "<b>a</b>" not in text
+
+
+def test_cli_fit_predict(shared_store: Path, shared_tree: Path, tmp_path: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["fit", str(shared_store), "-m", "ridge", "--cv", "3", "-o", str(run)]) == 0
+    assert "ridge" in capsys.readouterr().out
+    preds = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(shared_tree / "brick"), "-o", str(preds)]) == 0
+    assert "8 images predicted, 0 failed" in capsys.readouterr().out
+    assert preds.read_text().count("\n") == 9
+    assert main(["fit", str(shared_store), "-m", "svn"]) == 2
+    assert "did you mean svm" in capsys.readouterr().err
