@@ -30,6 +30,7 @@ demo: $(VENV)/.installed
 	@echo "demo done: open $(OUT)/report.html"
 
 test: $(VENV)/.installed
+	$(BIN)/ruff check embedfit tests benchmarks data
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed

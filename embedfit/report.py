@@ -227,7 +227,7 @@ def _embedding_map(run: Run) -> str:
     from embedfit.store import FeatureStore
 
     rows = [p for p in run.predictions if int(p.get("row", -1)) >= 0]
-    store_path = Path(run.meta.get("store", ""))
+    store_path = _predictions_store(run)
     if run.meta.get("kind") != "sklearn" or not rows or not store_path.is_file():
         return _section("embedding-map", "Embedding map",
                         '<p class="note">Not available: this run has no feature store to map.</p>')
@@ -285,8 +285,13 @@ def _mistakes(run: Run, top: int = 12) -> str:
                     f'shown.</p><div class="thumbs">{"".join(figures)}</div>')
 
 
+def _predictions_store(run: Run) -> Path:
+    """The store whose rows predictions.csv refers to: the hold-out store when there was one."""
+    return Path(run.metrics.get("evaluation", {}).get("test_store") or run.meta.get("store", ""))
+
+
 def _image_root(run: Run) -> Path:
-    store_path = Path(run.meta.get("store", ""))
+    store_path = _predictions_store(run)
     if store_path.is_file():
         from embedfit.store import FeatureStore
 
