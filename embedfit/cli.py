@@ -79,9 +79,11 @@ def _fraction_or_count(value: str | None) -> float | None:
     try:
         number = float(value[:-1]) / 100 if value.endswith("%") else float(value)
     except ValueError:
-        raise typer.BadParameter(f"expected a count (10) or a fraction (0.2, 20%), got '{value}'") from None
+        raise typer.BadParameter(f"expected a count (10) or a fraction (0.2, 20%), got '{value}'",
+                                 param_hint="--max-failures") from None
     if number < 0 or (value.endswith("%") and number > 1):
-        raise typer.BadParameter(f"must be a count >= 1 or a fraction in [0, 1), got '{value}'")
+        raise typer.BadParameter(f"must be a count >= 1 or a fraction in [0, 1), got '{value}'",
+                                 param_hint="--max-failures")
     return number
 
 
@@ -111,6 +113,7 @@ def extract(
     overwrite: bool = typer.Option(False, help="Start the store afresh instead of resuming."),
     retry_failed: bool = typer.Option(False, help="Retry images that failed in an earlier run."),
     max_failures: str | None = typer.Option(None, help="Abort above this many (10) or this share (0.2) of failures."),
+    flush_every: int = typer.Option(512, min=1, hidden=True, help="Images per part file (work lost if killed)."),
 ) -> None:
     """Embed every image under SOURCE into a feature store; re-running resumes."""
     from embedfit.extract import ExtractConfig
@@ -120,7 +123,7 @@ def extract(
         backbone=backbone, weights=str(weights) if weights else None, layer=layer, pool=pool.value,
         device=device, batch_size=batch_size, workers=workers, precision=precision.value, dtype=dtype.value,
         tta=tta.value, overwrite=overwrite, retry_failed=retry_failed,
-        max_failures=_fraction_or_count(max_failures), progress=err.is_terminal,
+        max_failures=_fraction_or_count(max_failures), progress=err.is_terminal, flush_every=flush_every,
     )
     summary = run_extract(source, output, config)
     from embedfit.presentation import print_extract_summary
@@ -203,7 +206,8 @@ def fit(
     for name in model:
         check_model_name(name)
     if len(model) > 1 and output is not None:
-        raise typer.BadParameter("-o names one run directory; leave it out to fit several models")
+        raise typer.BadParameter("-o names one run directory; leave it out to fit several models",
+                                 param_hint="--output")
     results = [run_fit(store, name, output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,
                        groups=groups, test_store=test_store, test_size=test_size, search=search,
                        class_weight=None if class_weight == "none" else class_weight, jobs=jobs,
@@ -215,7 +219,7 @@ def _pca(value: str) -> int | str | None:
     if value in ("auto", "none"):
         return None if value == "none" else "auto"
     if not value.isdigit() or int(value) < 1:
-        raise typer.BadParameter(f"--pca must be a positive integer, 'auto' or 'none', got '{value}'")
+        raise typer.BadParameter(f"must be a positive integer, 'auto' or 'none', got '{value}'", param_hint="--pca")
     return int(value)
 
 

@@ -261,6 +261,17 @@ def _parts_dir(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
 
 
+def _ensure_space(directory: Path, n_rows: int, dim: int, itemsize: int, key_bytes: int) -> None:
+    """Refuse a write that cannot fit: HDF5 can crash the process when the disk fills mid-write."""
+    import shutil
+
+    need = n_rows * (dim * itemsize + 64) + key_bytes + (1 << 20)  # features, per-row metadata, HDF5 overhead
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise StoreError(f"cannot write to {directory}: No space left on device (need ~{need / 1e6:.1f} MB, "
+                         f"{free / 1e6:.1f} MB free); the previous store is unchanged")
+
+
 @dataclass
 class _Row:
     source: int  # index into the merge's source list
@@ -412,6 +423,8 @@ class StoreWriter:
         name = f"part-{self._run_id}-{self._seq:06d}.h5"
         self._seq += 1
         final, tmp = self.parts / name, self.parts / f".{name}.tmp"
+        _ensure_space(self.parts, len(keys), self.settings.spec.embedding_dim, np.dtype(self.settings.dtype).itemsize,
+                      sum(len(k) for k in keys) * 2)
         classes = sorted({lb for lb in labels if lb})
         index = {c: i for i, c in enumerate(classes)}
         try:
@@ -426,7 +439,7 @@ class StoreWriter:
                 f["errors"] = np.array(list(errors), dtype=_STR)
                 f["features"] = np.asarray(features, dtype=self.settings.dtype)
             os.replace(tmp, final)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise StoreError(f"cannot write to {self.parts}: {exc.strerror or exc}") from None
@@ -456,10 +469,12 @@ class StoreWriter:
         names = list(class_names) + sorted({r.label for r in rows.values() if r.label} - set(class_names))
         keys = sorted(rows)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        _ensure_space(self.path.parent, len(keys), self.settings.spec.embedding_dim,
+                      np.dtype(self.settings.dtype).itemsize, sum(len(k) + len(rows[k].error) for k in keys) * 2)
         try:
             self._write_store(tmp, keys, rows, names, complete, attrs or {})
             os.replace(tmp, self.path)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}; the previous store is "

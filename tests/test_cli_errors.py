@@ -1,0 +1,107 @@
+"""Bad command-line input on every command: one line on stderr, exit 2 (usage) or 1 (runtime), no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from embedfit.cli import app, main
+
+# command -> [(arguments, exit code, text the one-line message must contain)]; {store}, {run}, {tmp} are filled in.
+CASES: dict[str, list[tuple[list[str], int, str]]] = {
+    "extract": [
+        ([], 2, "Missing argument"),
+        (["{tmp}/nope", "-o", "{tmp}/x.h5"], 1, "does not exist"),
+        (["{tmp}/empty", "-o", "{tmp}/x.h5"], 1, "no images found"),
+        (["{tmp}", "-o", "{tmp}/x.h5", "--batch-size", "0"], 2, "--batch-size"),
+        (["{tmp}", "-o", "{tmp}/x.h5", "--batch-size", "many"], 2, "--batch-size"),
+        (["{tmp}", "-o", "{tmp}/x.h5", "--backbone", "resnet5"], 2, "did you mean resnet50"),
+        (["{tmp}", "-o", "{tmp}/x.h5", "--precision", "fp8"], 2, "--precision"),
+        (["{tmp}", "-o", "{tmp}/x.h5", "--max-failures", "lots"], 2, "--max-failures"),
+        (["{tmp}", "-o", "{tmp}/x.h5", "--device", "tpu"], 2, "unknown device"),
+        (["{tmp}", "-o", "{tmp}/x.h5", "--precision", "fp16", "--device", "cpu"], 2, "fp16 needs a GPU"),
+        (["{tmp}", "-o", "{tmp}/x.h5", "--backbone", "resnet18"], 1, "--weights FILE"),
+        (["{tmp}", "-o", "{tmp}/x.h5", "--weights", "{tmp}/missing.pth"], 2, "does not exist"),
+        (["{tmp}", "-o", "{tmp}/x.h5", "--pool", "max"], 2, "intermediate"),
+        (["{tmp}", "-o", "{store}", "--layer", "blocks.5"], 1, "pass --overwrite"),
+    ],
+    "info": [
+        ([], 2, "Missing argument"),
+        (["{tmp}/nope.h5"], 1, "does not exist"),
+        (["{tmp}/not_a_store.h5"], 1, "cannot read feature store"),
+    ],
+    "backbones": [
+        (["a", "b"], 2, "unexpected extra argument"),
+    ],
+    "fit": [
+        ([], 2, "Missing argument"),
+        (["{tmp}/nope.h5"], 1, "does not exist"),
+        (["{store}", "--model", "svn"], 2, "did you mean svm"),
+        (["{store}", "--cv", "1"], 2, "--cv"),
+        (["{store}", "--cv", "20", "-o", "{tmp}/r"], 1, "fewer than the 20 CV folds"),
+        (["{store}", "--test-size", "2"], 2, "--test-size"),
+        (["{store}", "--test-size", "0.3", "--test-store", "{store}", "-o", "{tmp}/r"], 2, "not both"),
+        (["{store}", "--pca", "-3"], 2, "--pca"),
+        (["{store}", "--jobs", "0", "-o", "{tmp}/r"], 2, "--jobs"),
+        (["{store}", "--groups", "(unclosed", "-o", "{tmp}/r"], 2, "regex"),
+        (["{store}", "--backend", "spark"], 2, "--backend"),
+        (["{store}", "-m", "svm", "-m", "knn", "-o", "{tmp}/r"], 2, "one run directory"),
+    ],
+    "predict": [
+        ([], 2, "Missing argument"),
+        (["{tmp}/norun", "{tmp}"], 1, "does not exist"),
+        (["{tmp}", "{tmp}"], 1, "not an embedfit run directory"),
+        (["{run}", "{tmp}/nothing.jpg"], 1, "does not exist"),
+        (["{run}", "{tmp}/empty"], 1, "no images found"),
+        (["{run}", "{tmp}", "--batch-size", "0"], 2, "--batch-size"),
+    ],
+    "report": [
+        ([], 2, "Missing argument"),
+        (["{tmp}/norun"], 1, "does not exist"),
+        (["{tmp}"], 1, "not an embedfit run directory"),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory: pytest.TempPathFactory, shared_store: Path) -> dict[str, str]:
+    from embedfit.fit import fit
+
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "empty").mkdir()
+    (tmp / "not_a_store.h5").write_bytes(b"garbage" * 100)
+    (tmp / "a.jpg").write_bytes(b"")
+    run = fit(shared_store, "ridge", cv=3, output=tmp / "run").run_dir
+    return {"tmp": str(tmp), "store": str(shared_store), "run": str(run)}
+
+
+def test_every_command_has_error_cases() -> None:
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert names <= set(CASES), f"commands without bad-input tests: {sorted(names - set(CASES))}"
+
+
+@pytest.mark.parametrize(("command", "args", "code", "text"),
+                         [(c, a, code, t) for c, cases in CASES.items() for a, code, t in cases])
+def test_bad_input_is_one_clear_line(command: str, args: list[str], code: int, text: str, places: dict[str, str],
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    if command not in {c.name or c.callback.__name__ for c in app.registered_commands}:
+        pytest.skip(f"{command} is not a command in this build")
+    argv = [command, *(a.format(**places) for a in args)]
+    assert main(argv) == code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert text in captured.err, captured.err
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_debug_shows_the_traceback(places: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--debug", "info", places["tmp"] + "/nope.h5"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__
+        assert main([name, "--help"]) == 0
+        assert "Usage" in capsys.readouterr().out
