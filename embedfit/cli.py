@@ -105,7 +105,7 @@ def extract(
     layer: str | None = typer.Option(None, help="Intermediate layer (default: pre-logits)."),
     pool: Pool = typer.Option(Pool.avg, help="Global pooling for --layer."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
-    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
+    batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass (default: 8 on CPU, 64 on GPU)."),
     workers: int | None = typer.Option(None, min=0, help="Decoding processes (default: by device/cores)."),
     precision: Precision = typer.Option(Precision.fp32, help="Compute precision (fp16 needs a GPU)."),
     dtype: FeatureDtype = typer.Option(FeatureDtype.float32, help="Stored feature dtype."),
@@ -230,7 +230,7 @@ def predict(
     output: Path = typer.Option(Path("predictions.csv"), "-o", "--output", help="CSV, or JSON by suffix."),
     weights: Path | None = typer.Option(None, help="Backbone weights file, if the model was built with one."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
-    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
+    batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass (default: by device)."),
 ) -> None:
     """Predict classes for new images with a saved run (re-embedding them exactly as in training)."""
     from embedfit.predict import predict as run_predict
@@ -256,6 +256,113 @@ def report(
 
     print_leaderboard(out, summarize_runs(runs))
     out.print(f"report: {build_report(runs, output)}", soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The transfer-learning comparison: as-is, fine-tune, scratch, compare
+
+
+@app.command()
+def classify(
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone", help="Backbone with an ImageNet head."),
+    top: int = typer.Option(5, min=1, help="Classes to show per image."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Also write the rows to this CSV."),
+) -> None:
+    """Classify images with the pretrained ImageNet model as-is (top classes and probabilities)."""
+    from embedfit.finetune import classify as run_classify
+
+    rows = run_classify(images, args_backbone(backbone), top=top)
+    table = Table("image", "rank", "class", "probability")
+    for r in rows:
+        table.add_row(Path(r["path"]).name, str(r["rank"]), r["class"] or r["error"],
+                      f"{r['probability']:.3f}" if r["probability"] != "" else "")
+    out.print(table)
+    if output:
+        from embedfit.fit import write_predictions_csv
+
+        write_predictions_csv(output, rows)
+
+
+def args_backbone(name: str) -> str:
+    from embedfit.backbones import check_backbone_name
+
+    check_backbone_name(name)
+    return name
+
+
+def _train_command(data: Path, output: Path, pretrained: bool, **options: object) -> None:
+    from embedfit.finetune import TrainConfig, train
+
+    augment = tuple(a for a in str(options.pop("augment")).split(",") if a and a != "none")
+    config = TrainConfig(pretrained=pretrained, augment=augment, progress=err.is_terminal, **options)
+    result = train(data, config, output=output)
+    table = Table("epoch", "train loss", "val accuracy", "seconds")
+    for e in result.epochs:
+        table.add_row(str(e["epoch"]), f"{e['train_loss']:.4f}", f"{e['val_accuracy']:.3f}", f"{e['seconds']:.1f}")
+    out.print(table)
+    out.print(f"best validation accuracy {result.val_accuracy:.3f} in {result.train_seconds:.1f} s -> "
+              f"{result.run_dir}", soft_wrap=True)
+
+
+@app.command()
+def finetune(
+    data: Path = typer.Argument(..., help="Labeled image folder (class per sub-folder) or CSV."),
+    output: Path = typer.Option(Path("runs/finetune"), "-o", "--output", help="Run directory."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone", help="Pretrained backbone."),
+    freeze: str = typer.Option("last:2", help="head, last:N (last N blocks trainable) or all."),
+    unfreeze_every: int = typer.Option(0, min=0, help="Gradual unfreezing: one more block every N epochs."),
+    epochs: int = typer.Option(5, min=1), batch_size: int = typer.Option(16, min=1),
+    lr_head: float = typer.Option(1e-3, min=0.0), lr_backbone: float = typer.Option(1e-4, min=0.0),
+    weight_decay: float = typer.Option(1e-4, min=0.0), dropout: float = typer.Option(0.2, min=0.0, max=1.0),
+    augment: str = typer.Option("flip,crop", help="Comma list of flip, rotate, scale, crop, color (or none)."),
+    val_size: float = typer.Option(0.2), patience: int = typer.Option(3, min=1),
+    device: str = typer.Option("auto"), seed: int = typer.Option(0),
+) -> None:
+    """Fine-tune a pretrained backbone with a new head (freeze policy, discriminative learning rates)."""
+    _train_command(data, output, True, backbone=args_backbone(backbone), freeze=freeze,
+                   unfreeze_every=unfreeze_every, epochs=epochs, batch_size=batch_size, lr_head=lr_head,
+                   lr_backbone=lr_backbone, weight_decay=weight_decay, dropout=dropout, augment=augment,
+                   val_size=val_size, patience=patience, device=device, seed=seed)
+
+
+@app.command()
+def scratch(
+    data: Path = typer.Argument(..., help="Labeled image folder (class per sub-folder) or CSV."),
+    output: Path = typer.Option(Path("runs/scratch"), "-o", "--output", help="Run directory."),
+    arch: str = typer.Option(DEFAULT_BACKBONE, "--arch", help="Architecture, randomly initialised."),
+    epochs: int = typer.Option(5, min=1), batch_size: int = typer.Option(16, min=1),
+    lr: float = typer.Option(1e-3, min=0.0), weight_decay: float = typer.Option(1e-4, min=0.0),
+    augment: str = typer.Option("flip,crop"), val_size: float = typer.Option(0.2),
+    patience: int = typer.Option(3, min=1), device: str = typer.Option("auto"), seed: int = typer.Option(0),
+) -> None:
+    """Train the same architecture from random initialisation (the baseline transfer learning should beat)."""
+    _train_command(data, output, False, backbone=args_backbone(arch), freeze="all", epochs=epochs,
+                   batch_size=batch_size, lr_head=lr, lr_backbone=lr, weight_decay=weight_decay, augment=augment,
+                   val_size=val_size, patience=patience, device=device, seed=seed)
+
+
+@app.command()
+def compare(
+    data: Path = typer.Argument(..., help="Labeled image folder (class per sub-folder) or CSV."),
+    output: Path = typer.Option(Path("runs/compare"), "-o", "--output", help="Folder for the results."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone"),
+    epochs: int = typer.Option(3, min=1, help="Epochs for fine-tuning and scratch."),
+    sizes: str = typer.Option("5,10,25,50,all", help="Learning-curve sizes: images per class."),
+    device: str = typer.Option("auto"), seed: int = typer.Option(0),
+) -> None:
+    """As-is vs linear probe vs fine-tuning vs scratch on identical splits, with a learning curve."""
+    from embedfit.compare import compare as run_compare
+    from embedfit.compare import to_markdown
+
+    try:
+        steps = [None if s == "all" else int(s) for s in sizes.split(",") if s]
+    except ValueError:
+        raise typer.BadParameter(f"expected numbers or 'all', got '{sizes}'", param_hint="--sizes") from None
+    result = run_compare(data, output, backbone=args_backbone(backbone), epochs=epochs, sizes=steps,
+                         device=device, seed=seed)
+    out.print(to_markdown(result), markup=False, soft_wrap=True)
+    out.print(f"results: {output}/compare.json, {output}/compare.md, {output}/learning_curve.png", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ class ExtractConfig:
         layer: Intermediate layer to embed from (default: pre-logits).
         pool: Global pooling for `layer`: "avg" or "max".
         device: "auto", "cpu", "cuda", "cuda:1", "mps".
-        batch_size: Images per forward pass.
+        batch_size: Images per forward pass; None picks by device (8 on CPU, where larger batches fall out of
+            cache and run slower; 64 on a GPU).
         workers: Decoding processes; None picks from the device and core count, 0 decodes in-process.
         precision: "fp32", "fp16" (GPU) or "bf16" autocast.
         dtype: Stored feature dtype, "float32" or "float16".
@@ -66,7 +67,7 @@ class ExtractConfig:
     layer: str | None = None
     pool: str = "avg"
     device: str = "auto"
-    batch_size: int = 32
+    batch_size: int | None = None
     workers: int | None = None
     precision: str = "fp32"
     dtype: str = "float32"
@@ -81,7 +82,7 @@ class ExtractConfig:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"workers must be 0 or more, got {self.workers}")
@@ -143,6 +144,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UsageError("device mps requested but MPS is not available here; use --device cpu")
     return dev
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Measured on a 2-core CPU with EfficientNet-Lite0: batch 8 runs 75 img/s, 32 runs 54, 64 runs 45."""
+    return 8 if device.type == "cpu" else 64
 
 
 def default_workers(device: torch.device) -> int:
@@ -252,13 +258,14 @@ class BatchResult:
         return sum(1 for e in self.errors if e)
 
 
-def iter_embeddings(records: Sequence[ImageRecord], encoder: Encoder, *, batch_size: int = 32,
+def iter_embeddings(records: Sequence[ImageRecord], encoder: Encoder, *, batch_size: int | None = None,
                     workers: int | None = None, jpeg_draft: bool = True,
                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[BatchResult]:
     """Embed records in order, batch by batch; the core loop shared by extraction and prediction."""
     if not records:
         return
     workers = default_workers(encoder.device) if workers is None else workers
+    batch_size = default_batch_size(encoder.device) if batch_size is None else batch_size
     dataset = ImageDataset(records, encoder.spec, jpeg_draft=jpeg_draft, max_pixels=max_pixels)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
@@ -274,7 +281,7 @@ def iter_embeddings(records: Sequence[ImageRecord], encoder: Encoder, *, batch_s
 
 
 def embed_images(paths: Sequence[str | os.PathLike], backbone: Backbone | str = DEFAULT_BACKBONE, *,
-                 device: str = "auto", batch_size: int = 32, workers: int | None = 0,
+                 device: str = "auto", batch_size: int | None = None, workers: int | None = 0,
                  precision: str = "fp32", tta: str = "none") -> tuple[np.ndarray, list[str]]:
     """Embed image files in memory: (features (N, D) with NaN rows for failures, error per image)."""
     model = create_backbone(backbone) if isinstance(backbone, str) else backbone

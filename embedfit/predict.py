@@ -81,7 +81,7 @@ def _collect(inputs: Sequence[str | os.PathLike]) -> list[ImageRecord]:
 
 
 def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weights: str | None = None,
-            device: str = "auto", batch_size: int = 32, workers: int | None = None) -> Predictions:
+            device: str = "auto", batch_size: int | None = None, workers: int | None = None) -> Predictions:
     """Predict classes for images, folders, or one feature store (.h5).
 
     Args:
@@ -129,7 +129,7 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
 
 
 def _embed(spec: BackboneSpec, meta: dict[str, Any], records: list[ImageRecord], weights: str | None,
-           device: str, batch_size: int, workers: int | None) -> tuple[np.ndarray, list[str], list[str]]:
+           device: str, batch_size: int | None, workers: int | None) -> tuple[np.ndarray, list[str], list[str]]:
     from embedfit.extract import Encoder, iter_embeddings, resolve_device
 
     if spec.weights.startswith("file:") and weights is None:

@@ -54,7 +54,7 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, weights: str | None = None, layer: str | None = None,
-                 pool: str = "avg", device: str = "cpu", batch_size: int = 32, precision: str = "fp32",
+                 pool: str = "avg", device: str = "cpu", batch_size: int | None = None, precision: str = "fp32",
                  tta: str = "none", on_error: str = "raise") -> None:
         self.backbone = backbone
         self.weights = weights

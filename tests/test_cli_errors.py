@@ -56,6 +56,28 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         (["{run}", "{tmp}/empty"], 1, "no images found"),
         (["{run}", "{tmp}", "--batch-size", "0"], 2, "--batch-size"),
     ],
+    "classify": [
+        ([], 2, "Missing argument"),
+        (["{tmp}/a.jpg", "--top", "0"], 2, "--top"),
+        (["{tmp}/a.jpg", "--backbone", "vgg1"], 2, "did you mean"),
+    ],
+    "finetune": [
+        ([], 2, "Missing argument"),
+        (["{tmp}/nope"], 1, "does not exist"),
+        (["{tmp}", "--freeze", "half"], 2, "--freeze must be head"),
+        (["{tmp}", "--augment", "blur"], 2, "unknown augmentation"),
+        (["{tmp}", "--epochs", "0"], 2, "--epochs"),
+    ],
+    "scratch": [
+        ([], 2, "Missing argument"),
+        (["{tmp}", "--arch", "resnet5"], 2, "did you mean resnet50"),
+        (["{tmp}", "--val-size", "3"], 2, "--val-size"),
+    ],
+    "compare": [
+        ([], 2, "Missing argument"),
+        (["{tmp}", "--sizes", "few"], 2, "--sizes"),
+        (["{tmp}/empty"], 1, "no images found"),
+    ],
     "report": [
         ([], 2, "Missing argument"),
         (["{tmp}/norun"], 1, "does not exist"),

@@ -1,0 +1,512 @@
+"""Fine-tuning, training from scratch, and the pretrained model as-is: the other arms of the comparison.
+
+One training loop serves fine-tuning (pretrained backbone, new linear head, a freeze policy, gradual unfreezing,
+discriminative learning rates) and training from scratch (random initialisation, everything trainable). Images
+go through the same decoder and preprocessing as extraction (`embedfit.images`, `BackboneSpec.preprocess`),
+with torchvision.transforms.v2 augmentation for training. Runs are saved in the run-directory format of
+`embedfit fit` (kind "torch": a state dict, never a pickled module), so `embedfit predict` and `embedfit
+report` use them unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from embedfit import __version__
+from embedfit.backbones import DEFAULT_BACKBONE, Backbone, _TimmPreLogits, create_backbone
+from embedfit.errors import InputError, ModelFileError, UsageError
+from embedfit.extract import resolve_device
+from embedfit.images import ImageRecord, decode_image, scan_images
+from embedfit.store import library_versions
+
+AUGMENTATIONS = ("flip", "rotate", "scale", "crop", "color")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a fine-tuning or from-scratch run.
+
+    Attributes:
+        backbone: Backbone name (the architecture, for scratch).
+        pretrained: False trains from random initialisation.
+        weights: Optional state-dict file for the backbone.
+        freeze: "head" (backbone frozen), "last:N" (last N blocks trainable) or "all" (everything trainable).
+        unfreeze_every: Gradual unfreezing: every this many epochs one more block (from the top) becomes trainable.
+        epochs: Maximum epochs.
+        batch_size: Images per step.
+        lr_head: Learning rate of the new head.
+        lr_backbone: Learning rate of the backbone (discriminative: usually 10x lower).
+        weight_decay: AdamW weight decay.
+        dropout: Dropout before the head.
+        label_smoothing: Cross-entropy label smoothing.
+        augment: Training augmentations among flip, rotate, scale, crop, color.
+        val_size: Stratified validation share (early stopping and the reported score).
+        patience: Epochs without validation improvement before stopping.
+        device: "auto", "cpu", "cuda", ...
+        seed: Seed for the split, initialisation, shuffling and augmentation.
+        progress: Show a progress bar per epoch.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    pretrained: bool = True
+    weights: str | None = None
+    freeze: str = "last:2"
+    unfreeze_every: int = 0
+    epochs: int = 5
+    batch_size: int = 16
+    lr_head: float = 1e-3
+    lr_backbone: float = 1e-4
+    weight_decay: float = 1e-4
+    dropout: float = 0.2
+    label_smoothing: float = 0.0
+    augment: tuple[str, ...] = ("flip", "crop")
+    val_size: float = 0.2
+    patience: int = 3
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.freeze not in ("head", "all") and not (self.freeze.startswith("last:") and
+                                                        self.freeze[5:].isdigit()):
+            raise UsageError(f"--freeze must be head, last:N or all, got '{self.freeze}'")
+        unknown = set(self.augment) - set(AUGMENTATIONS)
+        if unknown:
+            raise UsageError(f"unknown augmentation {sorted(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.val_size < 1:
+            raise UsageError(f"--val-size must be between 0 and 1, got {self.val_size}")
+        if self.lr_head <= 0 or self.lr_backbone < 0:
+            raise UsageError("learning rates must be positive")
+
+
+class Classifier(nn.Module):
+    """Backbone (normalisation inside) -> dropout -> new linear head; uint8 images in, logits out."""
+
+    def __init__(self, backbone: Backbone, n_classes: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.spec.embedding_dim, n_classes)
+        # Zero init: the untrained model scores every class equally, a deterministic baseline to improve on.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.backbone(x)))
+
+
+def backbone_blocks(backbone: Backbone) -> list[nn.Module]:
+    """The backbone's trainable blocks in input-to-output order (stem, stages/blocks, final conv...).
+
+    Stage containers (timm's `blocks`, torchvision's `features`, `layers`, `stages`) are expanded one level so
+    that "last:N" counts blocks, not whole networks.
+    """
+    root = backbone.trunk.model if isinstance(backbone.trunk, _TimmPreLogits) else backbone.trunk
+    classifier = root.get_classifier() if hasattr(root, "get_classifier") else None
+    blocks: list[nn.Module] = []
+    for name, child in root.named_children():
+        if child is classifier or not any(True for _ in child.parameters()):
+            continue
+        if name in ("blocks", "features", "layers", "stages") and len(list(child.children())) > 1:
+            blocks += [c for c in child.children() if any(True for _ in c.parameters())]
+        else:
+            blocks.append(child)
+    return blocks
+
+
+def apply_freeze(model: Classifier, trainable_blocks: int | None) -> list[nn.Module]:
+    """Make the last `trainable_blocks` blocks (all when None) trainable; return the frozen blocks."""
+    blocks = backbone_blocks(model.backbone)
+    n = len(blocks) if trainable_blocks is None else min(trainable_blocks, len(blocks))
+    frozen = blocks[: len(blocks) - n]
+    for p in model.backbone.parameters():
+        p.requires_grad_(True)
+    for block in frozen:
+        for p in block.parameters():
+            p.requires_grad_(False)
+    return frozen
+
+
+def _initial_trainable(freeze: str) -> int | None:
+    return 0 if freeze == "head" else None if freeze == "all" else int(freeze[5:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+class _Images(torch.utils.data.Dataset):
+    """Decoded images (cached, resized once) -> uint8 tensors through a train or eval transform."""
+
+    def __init__(self, images: list[Any], labels: np.ndarray, transform: Any) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+def train_transform(spec: Any, augment: Sequence[str]) -> Any:
+    """torchvision.transforms.v2 augmentation ending in the backbone's input size, as uint8."""
+    from torchvision.transforms import v2
+
+    mode = v2.InterpolationMode(spec.interpolation)
+    steps: list[Any] = []
+    if "crop" in augment or "scale" in augment:
+        low = 0.5 if "scale" in augment else 0.7
+        steps.append(v2.RandomResizedCrop(spec.input_size, scale=(low, 1.0), interpolation=mode, antialias=True))
+    else:
+        steps += [v2.Resize(spec.resize_size, interpolation=mode, antialias=True), v2.CenterCrop(spec.input_size)]
+    if "flip" in augment:
+        steps.append(v2.RandomHorizontalFlip())
+    if "rotate" in augment:
+        steps.append(v2.RandomRotation(15))
+    if "color" in augment:
+        steps.append(v2.ColorJitter(0.3, 0.3, 0.3, 0.05))
+    steps.append(v2.PILToTensor())
+    return v2.Compose(steps)
+
+
+def _decode_resized(records: Sequence[ImageRecord], resize: int) -> tuple[list[Any], list[int], list[str]]:
+    """Decode once, shrunk so the shorter side is `resize` (augmentation works from there)."""
+    from PIL import Image
+
+    images, ok, errors = [], [], []
+    for i, rec in enumerate(records):
+        try:
+            img = decode_image(rec.path, draft_size=(resize, resize))
+        except Exception as exc:  # a broken file is skipped and counted, as in extraction
+            errors.append(f"{rec.key}: {exc}")
+            continue
+        scale = resize / min(img.size)
+        if scale < 1:
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                             Image.Resampling.BICUBIC)
+        images.append(img)
+        ok.append(i)
+    return images, ok, errors
+
+
+@dataclass
+class Split:
+    """Train/validation split of an image folder, decoded once."""
+
+    train_images: list[Any]
+    train_labels: np.ndarray
+    val_images: list[Any]
+    val_labels: np.ndarray
+    val_keys: list[str]
+    class_names: list[str]
+    root: Path
+    failed: list[str] = field(default_factory=list)
+
+
+def load_split(data: str | Path, spec: Any, *, val_size: float = 0.2, seed: int = 0,
+               per_class: int | None = None) -> Split:
+    """Scan, stratify and decode a labeled image folder; `per_class` caps training images per class."""
+    from sklearn.model_selection import train_test_split
+
+    source = scan_images(data)
+    if not source.class_names:
+        raise InputError(f"{data} has no class sub-folders (or label column): training needs labels")
+    images, ok, failed = _decode_resized(source.records, spec.resize_size)
+    labels = np.array([source.records[i].label for i in ok])
+    keys = [source.records[i].key for i in ok]
+    counts = np.bincount(labels, minlength=len(source.class_names))
+    if (counts[counts > 0] < 2).any() or (counts > 0).sum() < 2:
+        raise InputError(f"{data}: need at least two classes with two or more readable images each")
+    idx = np.arange(len(labels))
+    n_val = max(len(source.class_names), round(val_size * len(idx)))
+    train, val = train_test_split(idx, test_size=n_val, stratify=labels, random_state=seed)
+    if per_class is not None:
+        rng = np.random.default_rng(seed)
+        train = np.concatenate([rng.permutation(train[labels[train] == c])[:per_class]
+                                for c in np.unique(labels[train])])
+    return Split([images[i] for i in train], labels[train], [images[i] for i in val], labels[val],
+                 [keys[i] for i in val], source.class_names, source.root, failed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    model: Classifier
+    config: TrainConfig
+    class_names: list[str]
+    epochs: list[dict[str, float]]
+    val_accuracy: float
+    train_seconds: float
+    run_dir: Path | None = None
+    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, images: list[Any], labels: np.ndarray, spec: Any, device: torch.device,
+             batch_size: int = 32) -> np.ndarray:
+    """Class probabilities for decoded images, with the eval-time preprocessing."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(_Images(images, labels, spec.preprocess()), batch_size=batch_size)
+    out = [torch.softmax(model(x.to(device)).float(), dim=1).cpu() for x, _ in loader]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def train(data: str | Path | Split, config: TrainConfig | None = None, *, output: str | Path | None = None,
+          **options: Any) -> TrainResult:
+    """Fine-tune (or, with pretrained=False, train from scratch) a classifier on a labeled image folder.
+
+    Args:
+        data: A labeled image folder (class per sub-folder or CSV), or a prepared `Split`.
+        config: Training settings; keyword `options` override its fields.
+        output: Run directory to write (none when omitted).
+
+    Returns:
+        A `TrainResult` with the best-validation model and the per-epoch history.
+    """
+    config = dataclasses.replace(config or TrainConfig(), **options)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    device = resolve_device(config.device)
+    backbone = create_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
+    spec = backbone.spec
+    split = data if isinstance(data, Split) else load_split(data, spec, val_size=config.val_size, seed=config.seed)
+    model = Classifier(backbone, len(split.class_names), config.dropout).to(device)
+    trainable = _initial_trainable(config.freeze) if config.pretrained else None
+    frozen = apply_freeze(model, trainable)
+    head_params = list(model.head.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": head_params, "lr": config.lr_head, "name": "head"},
+         {"params": list(model.backbone.parameters()), "lr": config.lr_backbone if config.pretrained
+          else config.lr_head, "name": "backbone"}],
+        weight_decay=config.weight_decay)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = torch.utils.data.DataLoader(_Images(split.train_images, split.train_labels,
+                                                 train_transform(spec, config.augment)),
+                                         batch_size=config.batch_size, shuffle=True, generator=generator)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else None
+
+    def val_accuracy() -> float:
+        proba = evaluate(model, split.val_images, split.val_labels, spec, device)
+        return float((proba.argmax(1) == split.val_labels).mean())
+
+    history: list[dict[str, float]] = [{"epoch": 0, "train_loss": float("nan"), "val_accuracy": val_accuracy(),
+                                        "seconds": 0.0}]
+    best, best_state, stale = history[0]["val_accuracy"], copy.deepcopy(model.state_dict()), 0
+    start = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        gradual = config.unfreeze_every and trainable is not None
+        if gradual and epoch > 1 and (epoch - 1) % config.unfreeze_every == 0:
+            trainable += 1
+            frozen = apply_freeze(model, trainable)
+        t0 = time.perf_counter()
+        model.train()
+        for block in frozen:  # frozen BatchNorm keeps its running statistics
+            block.eval()
+        losses = []
+        for x, y in _progress(loader, config.progress, f"epoch {epoch}/{config.epochs}"):
+            x, y = x.to(device, non_blocking=True), y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            if amp is not None:
+                with amp:
+                    loss = loss_fn(model(x).float(), y)
+            else:
+                loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach().item())
+        acc = val_accuracy()
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": acc,
+                        "seconds": time.perf_counter() - t0})
+        if acc > best:
+            best, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    train_seconds = time.perf_counter() - start
+    model.load_state_dict(best_state)
+    result = TrainResult(model, config, split.class_names, history, best, train_seconds, optimizer=optimizer)
+    if output is not None:
+        result.run_dir = save_trained(output, result, split, data_path=str(getattr(split, "root", "")))
+    return result
+
+
+def _progress(loader: Any, enabled: bool, label: str) -> Any:
+    if not enabled:
+        return loader
+    from rich.progress import track
+
+    return track(loader, description=label, transient=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run directories
+
+
+def save_trained(run_dir: str | Path, result: TrainResult, split: Split, *, data_path: str) -> Path:
+    """Write model.pt (state dict), model.json, metrics.json and predictions.csv of the validation split."""
+    from embedfit.fit import fold_metrics, write_predictions_csv
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = result.model.backbone.spec
+    device = next(result.model.parameters()).device
+    t0 = time.perf_counter()
+    proba = evaluate(result.model, split.val_images, split.val_labels, spec, device)
+    per_image = (time.perf_counter() - t0) / max(1, len(split.val_images))
+    pred = proba.argmax(1)
+    n = len(result.class_names)
+    scores = fold_metrics(split.val_labels, pred, proba, np.arange(n), n)
+    name = "finetune" if result.config.pretrained else "scratch"
+    torch.save(result.model.state_dict(), run_dir / "model.pt")
+    meta = {
+        "kind": "torch", "model": name, "params": {**dataclasses.asdict(result.config),
+                                                   "augment": list(result.config.augment)},
+        "spec": spec.to_dict(), "settings": {"dtype": "float32", "tta": "none", "precision": "fp32"},
+        "class_names": result.class_names, "store": data_path, "store_fingerprint": "",
+        "versions": library_versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "embedfit_version": __version__,
+    }
+    (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    p, r, f1, support = precision_recall_fscore_support(split.val_labels, pred, labels=np.arange(n), zero_division=0)
+    metrics = {
+        "model": name, "backbone": spec.short(), "store": data_path, "n_samples": len(split.train_labels),
+        "n_excluded": len(split.failed), "n_classes": n, "class_names": result.class_names,
+        "evaluation": {"strategy": "holdout", "n_splits": 1, "repeats": 1, "groups": False, "search": False},
+        "scores": {k: {"mean": v, "std": 0.0, "folds": [v]} for k, v in scores.items()},
+        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),
+                          "support": int(support[i])} for i, c in enumerate(result.class_names)},
+        "confusion_matrix": confusion_matrix(split.val_labels, pred, labels=np.arange(n)).tolist(),
+        "timing": {"extract_seconds": 0.0, "train_seconds": result.train_seconds,
+                   "predict_seconds_per_image": per_image},
+        "epochs": result.epochs,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    rows = []
+    for i, key in enumerate(split.val_keys):
+        rows.append({"path": key, "row": -1, "label": result.class_names[split.val_labels[i]],
+                     "predicted": result.class_names[pred[i]], "correct": bool(pred[i] == split.val_labels[i]),
+                     "fold": 0, **{f"p_{c}": round(float(v), 6) for c, v in zip(result.class_names, proba[i],
+                                                                               strict=True)}})
+    write_predictions_csv(run_dir / "predictions.csv", rows)
+    return run_dir
+
+
+@dataclass
+class FinetunedModel:
+    """A trained network loaded from a run directory, for `embedfit predict`."""
+
+    model: Classifier
+    class_names: list[str]
+    device: torch.device
+
+    def predict_proba_paths(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list[str]]:
+        """Class probabilities per image file; NaN rows and a reason for files that do not decode."""
+        spec = self.model.backbone.spec
+        proba = np.full((len(paths), len(self.class_names)), np.nan)
+        errors = [""] * len(paths)
+        images, ok = [], []
+        for i, path in enumerate(paths):
+            try:
+                images.append(decode_image(path))
+                ok.append(i)
+            except Exception as exc:
+                errors[i] = str(exc)
+        if images:
+            proba[ok] = evaluate(self.model, images, np.zeros(len(images), int), spec, self.device)
+        return proba, errors
+
+
+def load_finetuned(run_dir: str | Path, device: str = "auto") -> FinetunedModel:
+    """Rebuild a fine-tuned/scratch network from model.json and load model.pt (weights only, no pickled code)."""
+    from embedfit.fit import read_sidecar
+
+    meta = read_sidecar(run_dir)
+    if meta.get("kind") != "torch":
+        raise ModelFileError(f"{run_dir} holds a {meta.get('kind')} model, not a trained network")
+    params = meta["params"]
+    spec = meta["spec"]
+    backbone = create_backbone(spec["name"], pretrained=False,
+                               layer=None if spec["layer"] == "pre_logits" else spec["layer"], pool=spec["pool"])
+    model = Classifier(backbone, len(meta["class_names"]), params.get("dropout", 0.0))
+    try:
+        state = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise ModelFileError(f"cannot load {Path(run_dir) / 'model.pt'}: {exc}") from None
+    # The rebuilt backbone carries the trained run's preprocessing, not a random-init spec.
+    from embedfit.backbones import BackboneSpec
+
+    model.backbone.spec = BackboneSpec.from_dict(spec)
+    dev = resolve_device(device)
+    return FinetunedModel(model.to(dev).eval(), list(meta["class_names"]), dev)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pretrained model as-is
+
+
+def classify(images: Sequence[str | Path], backbone: str = DEFAULT_BACKBONE, *, top: int = 5,
+             weights: str | None = None, device: str = "auto") -> list[dict[str, Any]]:
+    """ImageNet classes of images with the pretrained classifier unchanged: rows path, rank, class, probability."""
+    if top < 1:
+        raise UsageError(f"--top must be at least 1, got {top}")
+    model = create_backbone(backbone, weights=weights)
+    if model.head is None or model.class_names is None:
+        raise UsageError(f"{model.spec.short()} has no pretrained classifier to use as-is")
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    pre = model.spec.preprocess()
+    rows = []
+    for path in images:
+        try:
+            x = pre(decode_image(path))[None].to(dev)
+        except Exception as exc:
+            rows.append({"path": str(path), "rank": "", "class": "", "probability": "", "error": str(exc)})
+            continue
+        with torch.inference_mode():
+            proba = torch.softmax(model.logits(x).float(), dim=1)[0]
+        values, index = proba.topk(min(top, len(proba)))
+        rows += [{"path": str(path), "rank": r + 1, "class": model.class_names[int(i)], "probability": float(v),
+                  "error": ""} for r, (v, i) in enumerate(zip(values, index, strict=True))]
+    return rows
+
+
+def imagenet_mapping(class_names: Sequence[str], imagenet: Sequence[str]) -> dict[int, list[int]] | None:
+    """Map each class to the ImageNet classes whose description names it (e.g. 'cat' -> tabby cat, ...).
+
+    Returns None unless every class maps to at least one ImageNet class and no two classes share one.
+    """
+    mapping: dict[int, list[int]] = {}
+    for c, name in enumerate(class_names):
+        word = name.lower().replace("_", " ").strip()
+        hits = [i for i, desc in enumerate(imagenet) if word in [w.strip() for w in desc.lower().split(",")]
+                or f" {word}" in f" {desc.lower()}"]
+        if not hits:
+            return None
+        mapping[c] = hits
+    used = [i for hits in mapping.values() for i in hits]
+    return mapping if len(used) == len(set(used)) else None

@@ -1,0 +1,135 @@
+"""Fine-tuning, scratch, as-is classification and the comparison, on real images with real models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from embedfit.cli import main
+from embedfit.errors import UsageError
+from embedfit.finetune import (Classifier, TrainConfig, apply_freeze, backbone_blocks, classify, imagenet_mapping,
+                               load_finetuned, load_split, train)
+
+FAST = dict(epochs=2, batch_size=8, val_size=0.5, augment=("flip",), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def split(shared_tree: Path, lite0):
+    return load_split(shared_tree, lite0.spec, val_size=0.5, seed=0)
+
+
+def test_classify_puts_chelsea_in_a_cat_class(tmp_path: Path) -> None:
+    from skimage.data import chelsea
+
+    path = tmp_path / "chelsea.jpg"
+    Image.fromarray(chelsea()).save(path, quality=92)
+    rows = classify([path], top=3)
+    assert rows[0]["rank"] == 1 and "cat" in rows[0]["class"] and rows[0]["probability"] > 0.3
+    assert len(rows) == 3
+
+
+def test_finetuning_improves_on_the_untrained_head(split) -> None:
+    result = train(split, TrainConfig(freeze="head", lr_head=1e-2, **FAST))
+    untrained, best = result.epochs[0]["val_accuracy"], result.val_accuracy
+    assert untrained == pytest.approx(1 / 3)  # zero-initialised head: every class scores the same
+    assert best > untrained + 0.3
+
+
+def test_frozen_weights_stay_bit_identical(split) -> None:
+    result = train(split, TrainConfig(freeze="last:1", lr_backbone=1e-2, **FAST))
+    from embedfit.backbones import create_backbone
+
+    fresh = Classifier(create_backbone(), 3)
+    blocks_after = backbone_blocks(result.model.backbone)
+    blocks_before = backbone_blocks(fresh.backbone)
+    for before, after in zip(blocks_before[:-1], blocks_after[:-1], strict=True):  # frozen, BN stats included
+        for (name, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
+    changed = any(not torch.equal(a, b) for a, b in zip(blocks_before[-1].state_dict().values(),
+                                                        blocks_after[-1].state_dict().values(), strict=True))
+    assert changed  # the trainable block did train
+
+
+def test_discriminative_learning_rates_reach_the_optimizer(split) -> None:
+    result = train(split, TrainConfig(freeze="all", lr_head=3e-3, lr_backbone=2e-5, **{**FAST, "epochs": 1}))
+    groups = {g["name"]: g["lr"] for g in result.optimizer.param_groups}
+    assert groups == {"head": 3e-3, "backbone": 2e-5}
+
+
+def test_gradual_unfreezing_follows_the_schedule(lite0) -> None:
+    model = Classifier(lite0, 3)
+    blocks = backbone_blocks(model.backbone)
+    for trainable in (0, 1, 2):
+        apply_freeze(model, trainable)
+        flags = [all(p.requires_grad for p in b.parameters()) for b in blocks]
+        assert flags == [False] * (len(blocks) - trainable) + [True] * trainable
+    apply_freeze(model, None)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_saved_model_reloads_and_predicts_identically(shared_tree: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    result = train(shared_tree, TrainConfig(freeze="head", lr_head=1e-2, **FAST), output=tmp_path / "run")
+    for name in ("model.pt", "model.json", "metrics.json", "predictions.csv"):
+        assert (tmp_path / "run" / name).is_file()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 3 and metrics["timing"]["train_seconds"] > 0
+    loaded = load_finetuned(tmp_path / "run", device="cpu")
+    paths = sorted(shared_tree.rglob("*.png"))[:5]
+    proba, errors = loaded.predict_proba_paths(paths)
+    from embedfit.finetune import evaluate
+    from embedfit.images import decode_image
+
+    direct = evaluate(result.model, [decode_image(p) for p in paths], np.zeros(5, int), result.model.backbone.spec,
+                      torch.device("cpu"))
+    np.testing.assert_allclose(proba, direct, atol=1e-6)
+    assert errors == [""] * 5
+    # `embedfit predict` and `embedfit report` take the run like any other
+    assert main(["predict", str(tmp_path / "run"), str(shared_tree / "grass"), "-o", str(tmp_path / "p.csv")]) == 0
+    assert "8 images predicted" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "run"), "-o", str(tmp_path / "r.html")]) == 0
+
+
+def test_scratch_trains_from_random_weights(split) -> None:
+    result = train(split, TrainConfig(pretrained=False, freeze="all", **{**FAST, "epochs": 1}))
+    assert result.model.backbone.spec.weights == "random" and len(result.epochs) == 2
+
+
+def test_config_validation() -> None:
+    for bad in (dict(freeze="some"), dict(augment=("blur",)), dict(epochs=0), dict(val_size=1.5)):
+        with pytest.raises(UsageError):
+            TrainConfig(**bad)
+
+
+def test_imagenet_mapping() -> None:
+    names = ["tabby, tabby cat", "goldfish, Carassius auratus", "tiger shark"]
+    assert imagenet_mapping(["goldfish", "tabby"], names) == {0: [1], 1: [0]}
+    assert imagenet_mapping(["brick", "grass"], names) is None
+
+
+@pytest.mark.timeout(600)
+def test_compare_runs_every_arm(shared_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", str(shared_tree), "-o", str(tmp_path / "cmp"), "--epochs", "1", "--sizes", "2,all",
+                 "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert set(result["arms"]) == {"as-is", "linear probe", "fine-tune", "scratch"}
+    assert result["arms"]["as-is"]["applicable"] is False  # textures are not ImageNet classes
+    assert result["arms"]["linear probe"]["accuracy"] > 0.8
+    assert [p["per_class"] for p in result["learning_curve"]] == [2, 6]
+    assert (tmp_path / "cmp" / "learning_curve.png").is_file() and (tmp_path / "cmp" / "fine-tune" / "model.pt").is_file()
+    assert "linear probe" in capsys.readouterr().out
+
+
+def test_cli_finetune_and_scratch(shared_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["finetune", str(shared_tree), "-o", str(tmp_path / "ft"), "--freeze", "head", "--epochs", "1",
+                 "--batch-size", "8", "--augment", "flip", "--device", "cpu"]) == 0
+    assert "best validation accuracy" in capsys.readouterr().out
+    assert main(["scratch", str(shared_tree), "-o", str(tmp_path / "sc"), "--epochs", "1", "--batch-size", "8",
+                 "--device", "cpu"]) == 0
+    assert main(["finetune", str(shared_tree), "--freeze", "half"]) == 2
+    assert "--freeze must be head" in capsys.readouterr().err
