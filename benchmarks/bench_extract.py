@@ -23,8 +23,16 @@ from _common import hardware, jpeg_folder, save
 from torch.utils.data import DataLoader
 
 from embedfit.backbones import create_backbone
-from embedfit.extract import (Encoder, ExtractConfig, ImageDataset, _collate, default_batch_size, default_workers,
-                              extract, resolve_device)
+from embedfit.extract import (
+    Encoder,
+    ExtractConfig,
+    ImageDataset,
+    _collate,
+    default_batch_size,
+    default_workers,
+    extract,
+    resolve_device,
+)
 from embedfit.images import scan_images
 
 

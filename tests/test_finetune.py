@@ -12,8 +12,17 @@ from PIL import Image
 
 from embedfit.cli import main
 from embedfit.errors import UsageError
-from embedfit.finetune import (Classifier, TrainConfig, apply_freeze, backbone_blocks, classify, imagenet_mapping,
-                               load_finetuned, load_split, train)
+from embedfit.finetune import (
+    Classifier,
+    TrainConfig,
+    apply_freeze,
+    backbone_blocks,
+    classify,
+    imagenet_mapping,
+    load_finetuned,
+    load_split,
+    train,
+)
 
 FAST = dict(epochs=2, batch_size=8, val_size=0.5, augment=("flip",), device="cpu")
 
@@ -121,7 +130,8 @@ def test_compare_runs_every_arm(shared_tree: Path, tmp_path: Path, capsys: pytes
     assert result["arms"]["as-is"]["applicable"] is False  # textures are not ImageNet classes
     assert result["arms"]["linear probe"]["accuracy"] > 0.8
     assert [p["per_class"] for p in result["learning_curve"]] == [2, 6]
-    assert (tmp_path / "cmp" / "learning_curve.png").is_file() and (tmp_path / "cmp" / "fine-tune" / "model.pt").is_file()
+    assert (tmp_path / "cmp" / "learning_curve.png").is_file()
+    assert (tmp_path / "cmp" / "fine-tune" / "model.pt").is_file()
     assert "linear probe" in capsys.readouterr().out
 
 
