@@ -67,6 +67,11 @@ class TTA(str, Enum):
     flip = "flip"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class Pool(str, Enum):
     avg = "avg"
     max = "max"
@@ -114,6 +119,11 @@ def extract(
     retry_failed: bool = typer.Option(False, help="Retry images that failed in an earlier run."),
     max_failures: str | None = typer.Option(None, help="Abort above this many (10) or this share (0.2) of failures."),
     flush_every: int = typer.Option(512, min=1, hidden=True, help="Images per part file (work lost if killed)."),
+    engine: Engine = typer.Option(Engine.local, help="local, or ray to fan out over a Ray cluster."),
+    ray_address: str | None = typer.Option(None, help="Ray cluster address (--engine ray)."),
+    ray_workers: int = typer.Option(2, min=1, help="Embedding actors, one model each (--engine ray)."),
+    num_gpus_per_worker: float = typer.Option(0.0, min=0.0, help="GPUs per actor (--engine ray)."),
+    shard_size: int = typer.Option(256, min=1, help="Images per Ray batch and part file (--engine ray)."),
 ) -> None:
     """Embed every image under SOURCE into a feature store; re-running resumes."""
     from embedfit.extract import ExtractConfig
@@ -125,7 +135,13 @@ def extract(
         tta=tta.value, overwrite=overwrite, retry_failed=retry_failed,
         max_failures=_fraction_or_count(max_failures), progress=err.is_terminal, flush_every=flush_every,
     )
-    summary = run_extract(source, output, config)
+    if engine is Engine.ray:
+        from embedfit.distributed import extract_ray
+
+        summary = extract_ray(source, output, config, address=ray_address, num_workers=ray_workers,
+                              num_gpus_per_worker=num_gpus_per_worker, shard_size=shard_size)
+    else:
+        summary = run_extract(source, output, config)
     from embedfit.presentation import print_extract_summary
 
     print_extract_summary(out, summary)

@@ -25,6 +25,8 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         (["{tmp}", "-o", "{tmp}/x.h5", "--weights", "{tmp}/missing.pth"], 2, "does not exist"),
         (["{tmp}", "-o", "{tmp}/x.h5", "--pool", "max"], 2, "intermediate"),
         (["{tmp}", "-o", "{store}", "--layer", "blocks.5"], 1, "pass --overwrite"),
+        (["{tmp}", "-o", "{tmp}/x.h5", "--engine", "spark"], 2, "--engine"),
+        (["{tmp}", "-o", "{tmp}/x.h5", "--engine", "ray", "--ray-workers", "0"], 2, "--ray-workers"),
     ],
     "info": [
         ([], 2, "Missing argument"),
