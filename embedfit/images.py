@@ -431,6 +431,20 @@ def scan_images(source: str | os.PathLike[str], *, class_names: Sequence[str] | 
     raise InputError(f"{shown} is not a folder or a .csv file; expected a folder of images or a CSV list")
 
 
+def _resolve_classes(present: list[str], given: list[str] | None, where: str) -> list[str]:
+    """The class list: `given` (every present class must be in it) or, without one, the classes present.
+
+    `where` describes the offending items, with `{}` where their names go.
+    """
+    if given is None or not present:
+        return present
+    unknown = [c for c in present if c not in given]
+    if unknown:
+        raise InputError(f"{where.format(', '.join(map(repr, unknown)))} not in the given class names "
+                         f"({', '.join(map(repr, given))})")
+    return given
+
+
 def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
     """Validate the `class_names` argument; return it as a list."""
     if class_names is None:
@@ -554,16 +568,7 @@ def _scan_folder(root: Path, given: list[str] | None) -> ImageSource:
 
     if classes_present:
         kind = "folder"
-        if given is not None:
-            unknown = [c for c in classes_present if c not in given]
-            if unknown:
-                raise InputError(
-                    f"class folder(s) {', '.join(map(repr, unknown))} in {root} not in the given class names "
-                    f"({', '.join(map(repr, given))})"
-                )
-            names = given
-        else:
-            names = classes_present
+        names = _resolve_classes(classes_present, given, f"class folder(s) {{}} in {root}")
         index = {name: i for i, name in enumerate(names)}
         records = []
         for key, entry in found:
@@ -646,16 +651,7 @@ def _scan_csv(csv_path: Path, given: list[str] | None) -> ImageSource:
     if not entries:
         raise InputError(f"no images listed in {csv_path}")
     present = sorted({label for _, label, _ in entries.values() if label})
-    if given is not None and present:
-        unknown = [c for c in present if c not in given]
-        if unknown:
-            raise InputError(
-                f"{csv_path}: label(s) {', '.join(map(repr, unknown))} not in the given class names "
-                f"({', '.join(map(repr, given))})"
-            )
-        names = given
-    else:
-        names = present
+    names = _resolve_classes(present, given, f"{csv_path}: label(s) {{}}")
     index = {name: i for i, name in enumerate(names)}
     records = []
     for key, (path, label, _) in entries.items():
