@@ -199,7 +199,8 @@ class Backend(str, Enum):
 def fit(
     store: Path = typer.Argument(..., help="Training feature store (.h5)."),
     model: list[str] = typer.Option(["logreg"], "-m", "--model", help="svm, linear-svm, logreg, knn, ridge, lda, "
-                                    "rf, mlp; repeat for several."),
+                                    "rf, mlp, or sgd-logreg / sgd-svm (out-of-core, for stores larger than memory; "
+                                    "hold-out evaluation); repeat for several."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Run directory (default runs/STORE-MODEL)."),
     scale: Scale = typer.Option(Scale.standard, help="Feature scaling inside the pipeline."),
     pca: str = typer.Option("auto", help="PCA components, 'auto' (256 for svm/knn) or 'none'."),
@@ -213,21 +214,27 @@ def fit(
     jobs: int = typer.Option(1, help="Parallel folds (-1: all cores)."),
     backend: Backend = typer.Option(Backend.loky, help="joblib backend for the folds."),
     seed: int = typer.Option(0, help="Random seed."),
+    epochs: int = typer.Option(5, min=1, help="Passes over the data (sgd-logreg, sgd-svm)."),
+    batch_rows: int = typer.Option(8192, min=1, help="Rows read per step (sgd-logreg, sgd-svm)."),
 ) -> None:
     """Cross-validate classifiers on stored embeddings and save each as a run directory."""
+    from embedfit.distributed import OOC_MODELS, fit_out_of_core
     from embedfit.fit import check_model_name
     from embedfit.fit import fit as run_fit
     from embedfit.presentation import print_fit_results
 
     for name in model:
-        check_model_name(name)
+        if name not in OOC_MODELS:
+            check_model_name(name)
     if len(model) > 1 and output is not None:
         raise typer.BadParameter("-o names one run directory; leave it out to fit several models",
                                  param_hint="--output")
-    results = [run_fit(store, name, output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,
+    weight = None if class_weight == "none" else class_weight
+    results = [fit_out_of_core(store, name, output=output, epochs=epochs, batch_rows=batch_rows,
+                               test_size=test_size or 0.2, class_weight=weight, seed=seed) if name in OOC_MODELS else
+               run_fit(store, name, output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,
                        groups=groups, test_store=test_store, test_size=test_size, search=search,
-                       class_weight=None if class_weight == "none" else class_weight, jobs=jobs,
-                       backend=backend.value, seed=seed) for name in model]
+                       class_weight=weight, jobs=jobs, backend=backend.value, seed=seed) for name in model]
     print_fit_results(out, results)
 
 

@@ -461,9 +461,16 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         store = commit(complete=not stop_reason)
         summary.complete = store.complete
         summary.missing = int((store.status == 2).sum())
-        if stop_reason:
+        if stop_reason == "interrupted":
             raise ExtractionInterrupted(
                 f"{stop_reason}; {store.n_ok} images are saved in {output} (incomplete); re-run the same "
                 "command to resume"
             )
+        if stop_reason:  # too many failures: a runtime error (exit 1), not an interruption (130)
+            aborted = ExtractionInterrupted(
+                f"{stop_reason}; {store.n_ok} images are saved in {output} (incomplete); fix the input or raise "
+                "--max-failures, then re-run to resume"
+            )
+            aborted.exit_code = 1
+            raise aborted
     return summary

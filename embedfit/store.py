@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import glob
 import hashlib
 import json
 import os
@@ -317,6 +318,7 @@ class StoreWriter:
         try:
             if self.path.is_dir():
                 raise StoreError(f"output {self.path} is a directory; give a file name such as feats.h5")
+            self._remove_stale_temp_files()
             if overwrite:
                 self._remove_parts()
             self._previous = None if overwrite or not self.path.exists() else FeatureStore.open(self.path)
@@ -349,6 +351,15 @@ class StoreWriter:
             raise StoreLockedError(f"{self.path} is being written by another embedfit process; wait for it "
                                    "to finish (readers may open the finished store at any time)") from None
         # The flock dies with the process (SIGKILL included), so a stale lock file never blocks a re-run.
+
+    def _remove_stale_temp_files(self) -> None:
+        """Delete half-written files of killed runs; safe because we hold the lock, so no writer is alive."""
+        stale = list(self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"))
+        if self.parts.is_dir():
+            stale += self.parts.glob(".part-*.tmp")
+        for tmp in stale:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def close(self) -> None:
         if self._lock_file is not None:
@@ -442,7 +453,7 @@ class StoreWriter:
         except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise StoreError(f"cannot write to {self.parts}: {exc.strerror or exc}") from None
+            raise StoreError(f"cannot write to {self.parts}: {getattr(exc, 'strerror', None) or exc}") from None
         self._part_paths.append(final)
         return final
 
@@ -477,8 +488,8 @@ class StoreWriter:
         except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}; the previous store is "
-                             "unchanged") from None
+            raise StoreError(f"cannot write {self.path}: {getattr(exc, 'strerror', None) or exc}; the previous "
+                             "store is unchanged") from None
         for part in self._part_paths + self._stale_parts:  # merged: a crash before this is harmless
             with contextlib.suppress(OSError):
                 part.unlink()

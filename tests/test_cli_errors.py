@@ -49,6 +49,7 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         (["{store}", "--groups", "(unclosed", "-o", "{tmp}/r"], 2, "regex"),
         (["{store}", "--backend", "spark"], 2, "--backend"),
         (["{store}", "-m", "svm", "-m", "knn", "-o", "{tmp}/r"], 2, "one run directory"),
+        (["{store}", "--epochs", "0"], 2, "--epochs"),
     ],
     "predict": [
         ([], 2, "Missing argument"),
@@ -57,6 +58,7 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         (["{run}", "{tmp}/nothing.jpg"], 1, "does not exist"),
         (["{run}", "{tmp}/empty"], 1, "no images found"),
         (["{run}", "{tmp}", "--batch-size", "0"], 2, "--batch-size"),
+        (["{run}", "{tmp}", "--device", "tpu"], 2, "unknown device"),
     ],
     "classify": [
         ([], 2, "Missing argument"),
@@ -69,16 +71,22 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         (["{tmp}", "--freeze", "half"], 2, "--freeze must be head"),
         (["{tmp}", "--augment", "blur"], 2, "unknown augmentation"),
         (["{tmp}", "--epochs", "0"], 2, "--epochs"),
+        (["{tmp}", "--lr-head", "-1"], 2, "--lr-head"),
+        (["{tmp}", "--dropout", "1.5"], 2, "--dropout"),
     ],
     "scratch": [
         ([], 2, "Missing argument"),
         (["{tmp}", "--arch", "resnet5"], 2, "did you mean resnet50"),
         (["{tmp}", "--val-size", "3"], 2, "--val-size"),
+        (["{tmp}", "--lr", "fast"], 2, "--lr"),
+        (["{tmp}/nope"], 1, "does not exist"),
     ],
     "compare": [
         ([], 2, "Missing argument"),
         (["{tmp}", "--sizes", "few"], 2, "--sizes"),
         (["{tmp}/empty"], 1, "no images found"),
+        (["{tmp}", "--epochs", "0"], 2, "--epochs"),
+        (["{tmp}", "-b", "resnet5"], 2, "did you mean resnet50"),
     ],
     "report": [
         ([], 2, "Missing argument"),
@@ -129,3 +137,10 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         name = command.name or command.callback.__name__
         assert main([name, "--help"]) == 0
         assert "Usage" in capsys.readouterr().out
+
+
+def test_every_command_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    missing = [n for n in names if f"embedfit {n}" not in readme]
+    assert not missing, f"commands not shown in README.md: {missing}"

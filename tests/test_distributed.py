@@ -1,27 +1,31 @@
-"""Extraction and model selection on a local Ray cluster started by the test (2 CPUs)."""
+"""Scale-out: extraction and model selection on a local Ray cluster started by the test (2 CPUs), and
+out-of-core SGD fitting (no Ray needed)."""
 
 from __future__ import annotations
 
-import os
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")
+from embedfit.cli import main
+from embedfit.distributed import fit_out_of_core
+from embedfit.fit import fit, load_model
+from embedfit.store import FeatureStore
 
-from embedfit.distributed import extract_ray  # noqa: E402
-from embedfit.fit import fit  # noqa: E402
-from embedfit.store import FeatureStore  # noqa: E402
-
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+KILL_HOOK = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # the first embedding call on the cluster exits hard, once
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
+@pytest.fixture(scope="module")
+def ray(tmp_path_factory: pytest.TempPathFactory):
+    ray = pytest.importorskip("ray")
+    marker = tmp_path_factory.mktemp("ray") / "killed"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {"EMBEDFIT_OFFLINE": "1"}})
-    yield
+             runtime_env={"env_vars": {"EMBEDFIT_OFFLINE": "1", KILL_HOOK: str(marker)}})
+    ray.kill_marker = marker
+    yield ray
     ray.shutdown()
 
 
@@ -31,36 +35,84 @@ def _same(a: Path, b: Path) -> None:
     np.testing.assert_allclose(x.features(), y.features(), rtol=1e-5, atol=1e-5)
 
 
-def test_sharded_extraction_equals_local(shared_tree: Path, shared_store: Path, tmp_path: Path) -> None:
+@pytest.mark.ray
+def test_sharded_extraction_equals_local_despite_a_killed_actor(ray, shared_tree: Path, shared_store: Path,
+                                                                tmp_path: Path) -> None:
+    from embedfit.distributed import extract_ray
+
     summary = extract_ray(shared_tree, tmp_path / "ray.h5", num_workers=1, shard_size=5)
+    assert ray.kill_marker.exists()  # an actor really died mid-run and Ray restarted it
     assert (summary.embedded, summary.failed, summary.complete) == (24, 0, True)
-    _same(tmp_path / "ray.h5", shared_store)
+    _same(tmp_path / "ray.h5", shared_store)  # no duplicates, no losses, same order, same features
     store = FeatureStore.open(tmp_path / "ray.h5")
     assert store.attrs["engine"] == "ray" and store.spec == FeatureStore.open(shared_store).spec
     again = extract_ray(shared_tree, tmp_path / "ray.h5", num_workers=1, shard_size=5)  # resume: nothing to do
     assert (again.embedded, again.reused) == (0, 24)
 
 
-def test_killed_actor_is_retried_without_duplicates(shared_tree: Path, shared_store: Path, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    marker = tmp_path / "killed"
-    monkeypatch.setenv("EMBEDFIT_TEST_KILL_ACTOR_ONCE", str(marker))
-    ray.shutdown()  # restart so the actors inherit the test hook
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"EMBEDFIT_OFFLINE": "1", "EMBEDFIT_TEST_KILL_ACTOR_ONCE": str(marker)}})
-    try:
-        summary = extract_ray(shared_tree, tmp_path / "ray.h5", num_workers=1, shard_size=6)
-    finally:
-        ray.shutdown()
-        os.environ.pop("EMBEDFIT_TEST_KILL_ACTOR_ONCE", None)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"EMBEDFIT_OFFLINE": "1"}})
-    assert marker.exists()  # an actor really died
-    assert summary.embedded == 24
-    _same(tmp_path / "ray.h5", shared_store)
-
-
-def test_ray_backend_cv_equals_local_cv(shared_store: Path, tmp_path: Path) -> None:
+@pytest.mark.ray
+def test_ray_backend_cv_equals_local_cv(ray, shared_store: Path, tmp_path: Path) -> None:
     local = fit(shared_store, "ridge", cv=3, output=tmp_path / "local")
     on_ray = fit(shared_store, "ridge", cv=3, backend="ray", jobs=2, output=tmp_path / "ray")
     assert on_ray.metrics["scores"]["accuracy"]["folds"] == local.metrics["scores"]["accuracy"]["folds"]
+
+
+class _CountingStore(FeatureStore):
+    """A real store that records how many rows each feature read asks for."""
+
+    reads: list[int]
+
+    def features(self, rows=None, **kwargs):  # type: ignore[no-untyped-def]
+        out = super().features(rows, **kwargs)
+        self.reads.append(len(out))
+        return out
+
+
+@pytest.mark.parametrize("model", ["sgd-logreg", "sgd-svm"])
+def test_out_of_core_sgd_streams_and_writes_a_normal_run(model: str, shared_store: Path, tmp_path: Path) -> None:
+    store = _CountingStore.open(shared_store)
+    store.reads = []
+    result = fit_out_of_core(store, model, output=tmp_path / "ooc", epochs=10, batch_rows=8, test_size=0.5)
+    assert store.reads and max(store.reads) <= 8  # never more than batch_rows in memory
+    reference = fit(shared_store, "logreg", test_size=0.5, output=tmp_path / "ref")
+
+    assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(p.name for p in reference.run_dir.iterdir())
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    ref_metrics = json.loads((reference.run_dir / "metrics.json").read_text())
+    assert set(metrics) == set(ref_metrics) and metrics["evaluation"]["strategy"] == "holdout"
+    expected_scores = set(ref_metrics["scores"]) if model == "sgd-logreg" else {"accuracy", "balanced_accuracy",
+                                                                               "f1_macro"}
+    assert set(metrics["scores"]) == expected_scores
+    assert metrics["scores"]["balanced_accuracy"]["mean"] >= 0.75  # 3 classes: chance is 0.33
+    with open(result.run_dir / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(reference.run_dir / "predictions.csv", newline="") as f:
+        ref_rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and list(rows[0]) == (list(ref_rows[0]) if model == "sgd-logreg" else
+                                                 ["path", "row", "label", "predicted", "correct", "fold"])
+
+    pipeline, meta = load_model(result.run_dir)  # the skops allow-list accepts it
+    assert (meta["kind"], meta["model"]) == ("sklearn", model)
+    full = FeatureStore.open(shared_store)
+    X, y, _ = full.load()
+    assert (pipeline.predict(X) == y).mean() >= 0.9  # refit on every image
+
+
+def test_out_of_core_fit_cli(shared_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["fit", str(shared_store), "-m", "sgd-logreg", "--epochs", "3", "--batch-rows", "16",
+                 "-o", str(tmp_path / "run")])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["params"]["epochs"] == 3
+    assert main(["fit", str(shared_store), "-m", "sgd-logreg", "--epochs", "0"]) == 2
+
+
+def test_ray_engine_without_ray_says_how_to_install(shared_tree: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    code = main(["extract", str(shared_tree), "-o", str(tmp_path / "f.h5"), "--engine", "ray"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'embedfit[ray]'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "f.h5").exists()
