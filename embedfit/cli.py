@@ -322,7 +322,8 @@ def _train_command(data: Path, output: Path, pretrained: bool, **options: object
     result = train(data, config, output=output)
     table = Table("epoch", "train loss", "val accuracy", "seconds")
     for e in result.epochs:
-        table.add_row(str(e["epoch"]), f"{e['train_loss']:.4f}", f"{e['val_accuracy']:.3f}", f"{e['seconds']:.1f}")
+        loss = "-" if e["epoch"] == 0 else f"{e['train_loss']:.4f}"  # epoch 0: the untrained head
+        table.add_row(str(e["epoch"]), loss, f"{e['val_accuracy']:.3f}", f"{e['seconds']:.1f}")
     out.print(table)
     out.print(f"best validation accuracy {result.val_accuracy:.3f} in {result.train_seconds:.1f} s -> "
               f"{result.run_dir}", soft_wrap=True)
@@ -372,6 +373,8 @@ def compare(
     backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone"),
     epochs: int = typer.Option(3, min=1, help="Epochs for fine-tuning and scratch."),
     sizes: str = typer.Option("5,10,25,50,all", help="Learning-curve sizes: images per class."),
+    repeats: int = typer.Option(3, min=1, help="Seeded splits; accuracy is mean ± std over them."),
+    val_size: float = typer.Option(0.25, min=0.01, max=0.99, help="Validation share of each split."),
     device: str = typer.Option("auto"), seed: int = typer.Option(0),
 ) -> None:
     """As-is vs linear probe vs fine-tuning vs scratch on identical splits, with a learning curve."""
@@ -383,7 +386,7 @@ def compare(
     except ValueError:
         raise typer.BadParameter(f"expected numbers or 'all', got '{sizes}'", param_hint="--sizes") from None
     result = run_compare(data, output, backbone=args_backbone(backbone), epochs=epochs, sizes=steps,
-                         device=device, seed=seed)
+                         repeats=repeats, val_size=val_size, device=device, seed=seed)
     out.print(to_markdown(result), markup=False, soft_wrap=True)
     out.print(f"results: {output}/compare.json, {output}/compare.md, {output}/learning_curve.png", soft_wrap=True)
 

@@ -54,6 +54,8 @@ class TrainConfig:
         augment: Training augmentations among flip, rotate, scale, crop, color.
         val_size: Stratified validation share (early stopping and the reported score).
         patience: Epochs without validation improvement before stopping.
+        early_stopping: Keep the best-validation epoch and stop after `patience`; False trains all epochs and keeps
+            the last (for comparisons where the validation images also give the reported score).
         device: "auto", "cpu", "cuda", ...
         seed: Seed for the split, initialisation, shuffling and augmentation.
         progress: Show a progress bar per epoch.
@@ -74,6 +76,7 @@ class TrainConfig:
     augment: tuple[str, ...] = ("flip", "crop")
     val_size: float = 0.2
     patience: int = 3
+    early_stopping: bool = True
     device: str = "auto"
     seed: int = 0
     progress: bool = False
@@ -205,6 +208,18 @@ def _decode_resized(records: Sequence[ImageRecord], resize: int) -> tuple[list[A
 
 
 @dataclass
+class LabeledImages:
+    """A labeled image folder, decoded once (shrunk to the backbone's resize size)."""
+
+    images: list[Any]
+    labels: np.ndarray
+    keys: list[str]
+    class_names: list[str]
+    root: Path
+    failed: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Split:
     """Train/validation split of an image folder, decoded once."""
 
@@ -218,29 +233,53 @@ class Split:
     failed: list[str] = field(default_factory=list)
 
 
-def load_split(data: str | Path, spec: Any, *, val_size: float = 0.2, seed: int = 0,
-               per_class: int | None = None) -> Split:
-    """Scan, stratify and decode a labeled image folder; `per_class` caps training images per class."""
-    from sklearn.model_selection import train_test_split
-
+def decode_labeled(data: str | Path, spec: Any) -> LabeledImages:
+    """Scan and decode a labeled image folder (or CSV); broken files are skipped and listed in `failed`."""
     source = scan_images(data)
     if not source.class_names:
         raise InputError(f"{data} has no class sub-folders (or label column): training needs labels")
     images, ok, failed = _decode_resized(source.records, spec.resize_size)
-    labels = np.array([source.records[i].label for i in ok])
-    keys = [source.records[i].key for i in ok]
+    labels = np.array([source.records[i].label for i in ok], dtype=int)
     counts = np.bincount(labels, minlength=len(source.class_names))
     if (counts[counts > 0] < 2).any() or (counts > 0).sum() < 2:
-        raise InputError(f"{data}: need at least two classes with two or more readable images each")
+        raise InputError(f"{data}: need at least two classes with two or more readable images each, "
+                         f"found {dict(zip(source.class_names, counts.tolist(), strict=True))}")
+    return LabeledImages(images, labels, [source.records[i].key for i in ok], source.class_names, source.root,
+                         failed)
+
+
+def split_indices(labels: np.ndarray, n_classes: int, *, val_size: float = 0.2, seed: int = 0,
+                  per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified train/validation indices; `per_class` caps training images per class."""
+    from sklearn.model_selection import train_test_split
+
     idx = np.arange(len(labels))
-    n_val = max(len(source.class_names), round(val_size * len(idx)))
+    n_val = max(n_classes, round(val_size * len(idx)))
     train, val = train_test_split(idx, test_size=n_val, stratify=labels, random_state=seed)
     if per_class is not None:
-        rng = np.random.default_rng(seed)
-        train = np.concatenate([rng.permutation(train[labels[train] == c])[:per_class]
-                                for c in np.unique(labels[train])])
-    return Split([images[i] for i in train], labels[train], [images[i] for i in val], labels[val],
-                 [keys[i] for i in val], source.class_names, source.root, failed)
+        train = subsample(labels, train, per_class, seed)
+    return train, val
+
+
+def subsample(labels: np.ndarray, index: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """At most `per_class` of `index` per class, drawn with `seed`."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(index[labels[index] == c])[:per_class] for c in np.unique(labels[index])])
+
+
+def make_split(data: LabeledImages, train: np.ndarray, val: np.ndarray) -> Split:
+    """The `Split` of decoded images for given train and validation indices."""
+    return Split([data.images[i] for i in train], data.labels[train], [data.images[i] for i in val],
+                 data.labels[val], [data.keys[i] for i in val], data.class_names, data.root, data.failed)
+
+
+def load_split(data: str | Path, spec: Any, *, val_size: float = 0.2, seed: int = 0,
+               per_class: int | None = None) -> Split:
+    """Scan, stratify and decode a labeled image folder; `per_class` caps training images per class."""
+    decoded = decode_labeled(data, spec)
+    train, val = split_indices(decoded.labels, len(decoded.class_names), val_size=val_size, seed=seed,
+                               per_class=per_class)
+    return make_split(decoded, train, val)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,6 +297,7 @@ class TrainResult:
     val_accuracy: float
     train_seconds: float
     run_dir: Path | None = None
+    precision: str = "fp32"
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
 
@@ -310,8 +350,11 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
         proba = evaluate(model, split.val_images, split.val_labels, spec, device)
         return float((proba.argmax(1) == split.val_labels).mean())
 
+    def n_trainable() -> int:
+        return sum(all(p.requires_grad for p in b.parameters()) for b in backbone_blocks(model.backbone))
+
     history: list[dict[str, float]] = [{"epoch": 0, "train_loss": float("nan"), "val_accuracy": val_accuracy(),
-                                        "seconds": 0.0}]
+                                        "seconds": 0.0, "trainable_blocks": n_trainable()}]
     best, best_state, stale = history[0]["val_accuracy"], copy.deepcopy(model.state_dict()), 0
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
@@ -337,16 +380,20 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
             losses.append(loss.detach().item())
         acc = val_accuracy()
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": acc,
-                        "seconds": time.perf_counter() - t0})
-        if acc > best:
+                        "seconds": time.perf_counter() - t0, "trainable_blocks": n_trainable()})
+        if not config.early_stopping:
+            best = acc
+        elif acc > best:
             best, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1
             if stale >= config.patience:
                 break
     train_seconds = time.perf_counter() - start
-    model.load_state_dict(best_state)
-    result = TrainResult(model, config, split.class_names, history, best, train_seconds, optimizer=optimizer)
+    if config.early_stopping:
+        model.load_state_dict(best_state)
+    result = TrainResult(model, config, split.class_names, history, best, train_seconds, optimizer=optimizer,
+                         precision="bf16" if amp is not None else "fp32")
     if output is not None:
         result.run_dir = save_trained(output, result, split, data_path=str(getattr(split, "root", "")))
     return result
@@ -383,7 +430,7 @@ def save_trained(run_dir: str | Path, result: TrainResult, split: Split, *, data
     meta = {
         "kind": "torch", "model": name, "params": {**dataclasses.asdict(result.config),
                                                    "augment": list(result.config.augment)},
-        "spec": spec.to_dict(), "settings": {"dtype": "float32", "tta": "none", "precision": "fp32"},
+        "spec": spec.to_dict(), "settings": {"dtype": "float32", "tta": "none", "precision": result.precision},
         "class_names": result.class_names, "store": data_path, "store_fingerprint": "",
         "versions": library_versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "embedfit_version": __version__,
@@ -402,7 +449,9 @@ def save_trained(run_dir: str | Path, result: TrainResult, split: Split, *, data
         "confusion_matrix": confusion_matrix(split.val_labels, pred, labels=np.arange(n)).tolist(),
         "timing": {"extract_seconds": 0.0, "train_seconds": result.train_seconds,
                    "predict_seconds_per_image": per_image},
-        "epochs": result.epochs,
+        # epoch 0 (the untrained head) has no training loss: null keeps the file strict JSON
+        "epochs": [{k: None if isinstance(v, float) and np.isnan(v) else v for k, v in e.items()}
+                   for e in result.epochs],
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     rows = []
@@ -503,8 +552,10 @@ def imagenet_mapping(class_names: Sequence[str], imagenet: Sequence[str]) -> dic
     mapping: dict[int, list[int]] = {}
     for c, name in enumerate(class_names):
         word = name.lower().replace("_", " ").strip()
-        hits = [i for i, desc in enumerate(imagenet) if word in [w.strip() for w in desc.lower().split(",")]
-                or f" {word}" in f" {desc.lower()}"]
+        # a synonym that is the word or ends in it: "cat" is a tabby cat, not a catamaran; "espresso" is not
+        # an espresso maker
+        hits = [i for i, desc in enumerate(imagenet)
+                if any(syn == word or syn.endswith(f" {word}") for syn in desc.lower().split(", "))]
         if not hits:
             return None
         mapping[c] = hits
