@@ -31,19 +31,25 @@ def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
+def _save_shifted(args: tuple[np.ndarray, int, Path]) -> None:
+    base, shift, path = args
+    Image.fromarray(np.roll(base, shift, axis=1) if shift else base).save(path, quality=90)
+
+
 def jpeg_folder(n: int, width: int, height: int, seed: int = 0) -> Path:
     """n generated JPEGs (quality 90) of one size, cached between runs; returns the folder."""
+    from concurrent.futures import ProcessPoolExecutor
+
     folder = CACHE / f"jpeg_{width}x{height}_{n}_{seed}"
     if len(list(folder.glob("*.jpg"))) == n:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    base = [photo_like(width, height, rng) for _ in range(min(n, 16))]
-    for i in range(n):  # a few distinct images, re-encoded with a shift so files differ
-        img = base[i % len(base)]
-        if i >= len(base):
-            img = Image.fromarray(np.roll(np.asarray(img), i, axis=1))
-        img.save(folder / f"img_{i:05d}.jpg", quality=90)
+    base = [np.asarray(photo_like(width, height, rng)) for _ in range(min(n, 16))]
+    # A few distinct images, re-encoded with a shift so files differ; saved in parallel (JPEG encoding is slow).
+    jobs = [(base[i % len(base)], i if i >= len(base) else 0, folder / f"img_{i:05d}.jpg") for i in range(n)]
+    with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        list(pool.map(_save_shifted, jobs, chunksize=8))
     return folder
 
 

@@ -1,13 +1,20 @@
 """Extraction speed, side by side on the same images in one run.
 
-1. naive: the tutorial loop (PIL open -> torchvision transform -> model, one image at a time, fp32, NCHW);
-2. embedfit: `embedfit.extract` end to end from files on disk (steady state: setup measured separately);
+1. naive: the tutorial loop (PIL open -> torchvision transform -> model on one image at a time, fp32, NCHW);
+2. embedfit: `embedfit.extract` end to end from files on disk (steady state: the rate after the first fifth
+   of the images, so start-up costs are left out; the whole-run rate and the fixed cost are reported too),
+   once per `--decode` (pil: DataLoader workers decode; device: JPEG bytes decoded on the model's device);
 3. compute ceiling: the same model on pre-decoded, pre-resized uint8 tensors, same batch/precision/layout;
-4. input ceiling: decode + resize alone with the same number of worker processes.
+4. input ceiling: decode + resize alone with the same number of worker processes (and, for --decode device,
+   file reading in the workers plus decode + resize on the device).
+
+`--ablations` adds a table of the compute ceiling with each technique switched off or on (layout, precision,
+batch size, torch.compile), so that what each one buys is measured rather than assumed.
 
 Usage:
     python benchmarks/bench_extract.py --images 200 --size 500x375 --size 3000x2000
-    python benchmarks/bench_extract.py --device cuda --precision bf16 --backbone resnet50 --images 5000
+    python benchmarks/bench_extract.py --device cuda --precision bf16 --backbone resnet50 --random-weights \\
+        --images 4000 --decode pil --decode device --ablations
 """
 
 from __future__ import annotations
@@ -28,12 +35,20 @@ from embedfit.extract import (
     ExtractConfig,
     ImageDataset,
     _collate,
+    _device_batch,
+    _worker_init,
     default_batch_size,
     default_workers,
     extract,
+    prefetch_factor,
     resolve_device,
 )
 from embedfit.images import scan_images
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def naive(paths: list[Path], backbone, device: torch.device) -> float:
@@ -45,89 +60,191 @@ def naive(paths: list[Path], backbone, device: torch.device) -> float:
         transforms.Resize(spec.resize_size, interpolation=transforms.InterpolationMode(spec.interpolation)),
         transforms.CenterCrop(spec.input_size), transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
     model = backbone.trunk.to(device).eval()
-    start = time.perf_counter()
     with torch.inference_mode():
+        model(tf(Image.open(paths[0]).convert("RGB"))[None].to(device))  # warm-up
+        _sync(device)
+        start = time.perf_counter()
         for p in paths:
-            x = tf(Image.open(p).convert("RGB"))[None].to(device)
-            model(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+            model(tf(Image.open(p).convert("RGB"))[None].to(device)).cpu()
     return len(paths) / (time.perf_counter() - start)
 
 
-def end_to_end(folder: Path, config: ExtractConfig) -> tuple[float, float]:
-    """Steady-state img/s of `extract`, and its fixed setup time (imports excluded, model load included)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "feats.h5"
-        start = time.perf_counter()
-        summary = extract(folder, out, config)
-        total = time.perf_counter() - start
-        start = time.perf_counter()
-        extract(folder, out, dataclasses.replace(config, overwrite=False))  # all reused: the fixed cost only
-        setup = time.perf_counter() - start
-    return summary.embedded / max(total - setup, 1e-9), setup
+def end_to_end(folder: Path, config: ExtractConfig, tmp: Path) -> tuple[float, float, float]:
+    """`extract` from files on disk: (steady-state img/s, fixed cost in s, whole-run img/s).
+
+    The steady state is `ExtractSummary.steady_images_per_second`: the rate after the first fifth of the images,
+    which leaves out start-up (model load, cuDNN autotuning, worker start, compilation); the fixed cost is the
+    rest of the wall time.
+    """
+    start = time.perf_counter()
+    summary = extract(folder, tmp / "feats.h5", config)
+    total = time.perf_counter() - start
+    steady = summary.steady_images_per_second or summary.embedded / total
+    return steady, max(total - summary.embedded / steady, 0.0), summary.embedded / total
 
 
-def compute_ceiling(encoder: Encoder, n: int, batch_size: int) -> float:
+def compute_ceiling(encoder: Encoder, n: int, batch_size: int, repeats: int = 3) -> float:
+    """The model alone on one pre-made uint8 batch, one batch in flight as in `iter_embeddings`: the best of
+    `repeats` timed passes over `n` images (a ceiling, so the best pass, not the mean)."""
     size = encoder.spec.input_size
     x = torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8)
-    encoder(x)  # warm-up (cudnn autotune, allocator)
-    batches = max(1, n // batch_size)
-    start = time.perf_counter()
-    for _ in range(batches):
+    if encoder.device.type == "cuda":
+        x = x.pin_memory()
+    for _ in range(5):  # warm-up (cudnn autotune, allocator, compilation, thread pools)
         encoder(x)
-    return batches * batch_size / (time.perf_counter() - start)
+    batches = max(3, n // batch_size)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pending = None
+        for _ in range(batches):
+            out = encoder.embed(x)
+            if pending is not None:
+                pending.cpu()
+            pending = out
+        pending.cpu()
+        best = max(best, batches * batch_size / (time.perf_counter() - start))
+    return best
 
 
-def input_ceiling(folder: Path, spec, workers: int, batch_size: int) -> float:
+def input_ceiling(folder: Path, encoder: Encoder, workers: int, batch_size: int, decode: str = "pil") -> float:
+    """Decode + resize alone through the same DataLoader set-up; steady state, as for `end_to_end`."""
     records = scan_images(folder).records
-    loader = DataLoader(ImageDataset(records, spec), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, prefetch_factor=4 if workers else None)
-    start = time.perf_counter()
-    n = sum(len(b[0]) for b in loader)
-    return n / (time.perf_counter() - start)
+    dataset = ImageDataset(records, encoder.spec, raw_jpeg=decode == "device")
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                        worker_init_fn=_worker_init if workers else None,
+                        prefetch_factor=prefetch_factor(batch_size) if workers else None,
+                        pin_memory=encoder.device.type == "cuda")
+    n, warm = 0, None
+    for batch in loader:
+        if decode == "device":
+            _device_batch(batch, encoder, dataset)
+        elif encoder.device.type == "cuda" and batch.images is not None:
+            batch.images.to(encoder.device, non_blocking=True)  # the copy is part of the input path on a GPU
+        n += len(batch.index)
+        if warm is None and n >= len(records) / 5:
+            _sync(encoder.device)
+            warm = (time.perf_counter(), n)
+    _sync(encoder.device)
+    return (n - warm[1]) / max(time.perf_counter() - warm[0], 1e-9) if n > warm[1] else float("nan")
+
+
+def ablations(backbone_name: str, weights: str | None, device: torch.device, n: int) -> list[dict]:
+    """Compute ceiling with one technique changed at a time (img/s)."""
+    rows = []
+    gpu = device.type == "cuda"
+    variants = [("PyTorch fp32, NCHW, batch 8", "fp32", False, 8, False),
+                ("PyTorch fp32, channels_last, batch 8", "fp32", True, 8, False)]
+    if gpu:
+        variants = [("fp32, NCHW, batch 64", "fp32", False, 64, False),
+                    ("fp32, channels_last, batch 64", "fp32", True, 64, False),
+                    ("bf16, NCHW, batch 64", "bf16", False, 64, False),
+                    ("bf16, channels_last, batch 64", "bf16", True, 64, False),
+                    ("fp16, channels_last, batch 64", "fp16", True, 64, False),
+                    ("bf16, channels_last, batch 16", "bf16", True, 16, False),
+                    ("bf16, channels_last, batch 256", "bf16", True, 256, False),
+                    ("bf16, channels_last, batch 256, torch.compile", "bf16", True, 256, True)]
+    else:
+        variants += [("PyTorch bf16, channels_last, batch 8", "bf16", True, 8, False),
+                     ("PyTorch fp32, channels_last, batch 32", "fp32", True, 32, False),
+                     ("ONNX Runtime fp32, batch 1", "fp32", False, 1, "onnx"),
+                     ("ONNX Runtime fp32, batch 8", "fp32", False, 8, "onnx"),
+                     ("ONNX Runtime fp32, batch 32", "fp32", False, 32, "onnx")]
+    for label, precision, channels_last, batch, how in variants:
+        start = time.perf_counter()
+        try:
+            enc = Encoder(create_backbone(backbone_name, weights=weights), device, precision=precision,
+                          channels_last=channels_last, compile=how is True,
+                          runtime="onnx" if how == "onnx" else "torch")
+            rate = compute_ceiling(enc, max(n, 20 * batch), batch)
+        except Exception as exc:  # e.g. a compiler missing on this machine: report, keep going
+            print(f"  {label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+            continue
+        rows.append({"variant": label, "images_per_second": rate, "seconds_incl_setup": time.perf_counter() - start})
+        print(f"  {label:<48} {rate:9.1f} img/s")
+    return rows
+
+
+def random_weights(name: str, folder: Path) -> str:
+    """A saved random-init state dict of a torchvision model, for speed runs where the pretrained file cannot be
+    downloaded (speed does not depend on the weights' values)."""
+    import torchvision
+
+    path = folder / f"{name}_random.pt"
+    torch.save(torchvision.models.get_model(name).state_dict(), path)
+    return str(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--large-images", type=int, default=None, help="images for sizes over 2 MP (default --images)")
     parser.add_argument("--size", action="append", help="WIDTHxHEIGHT, repeatable (default 500x375 and 3000x2000)")
     parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--random-weights", action="store_true", help="random init (no pretrained file needed)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--batch-size", type=int, default=None, help="default: embedfit's (8 on CPU, 64 on GPU)")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"])
+    parser.add_argument("--decode", action="append", choices=["pil", "device"], help="repeatable (default pil)")
     parser.add_argument("--naive-images", type=int, default=None, help="images for the slow naive loop")
+    parser.add_argument("--ablations", action="store_true", help="also time the compute ceiling per technique")
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    workers = default_workers(device) if args.workers is None else args.workers
+    cores = hardware()["cores"]
     args.batch_size = args.batch_size or default_batch_size(device)
-    config = ExtractConfig(backbone=args.backbone, device=args.device, batch_size=args.batch_size, workers=workers,
-                           precision=args.precision, overwrite=True)
-    backbone = create_backbone(args.backbone)
-    encoder = Encoder(create_backbone(args.backbone), device, precision=args.precision)
+    decoders = args.decode or ["pil"]
+    tmp = Path(tempfile.mkdtemp())
+    weights = random_weights(args.backbone, tmp) if args.random_weights else None
+    backbone = create_backbone(args.backbone, weights=weights)
+    encoder = Encoder(create_backbone(args.backbone, weights=weights), device, precision=args.precision,
+                      runtime=args.runtime)
+    workers = default_workers(device, encoder.runtime) if args.workers is None else args.workers
+    config = ExtractConfig(backbone=args.backbone, weights=weights, device=args.device, batch_size=args.batch_size,
+                           workers=workers, precision=args.precision, runtime=args.runtime, overwrite=True)
     print(f"hardware: {hardware()}")
-    print(f"{args.backbone}, batch {args.batch_size}, {args.precision}, workers {workers}, device {device}")
-    compute = compute_ceiling(encoder, max(args.images, 4 * args.batch_size), args.batch_size)
+    print(f"{args.backbone}, batch {args.batch_size}, {args.precision}, workers {workers}, device {device}, "
+          f"runtime {encoder.runtime}")
+    compute = compute_ceiling(encoder, max(args.images, 20 * args.batch_size), args.batch_size)
+    print(f"compute ceiling {compute:.1f} img/s")
     rows = []
     for size in args.size or ["500x375", "3000x2000"]:
         w, h = map(int, size.split("x"))
-        folder = jpeg_folder(args.images, w, h)
+        n = args.large_images if (args.large_images and w * h > 2e6) else args.images
+        folder = jpeg_folder(n, w, h)
         paths = sorted(folder.glob("*.jpg"))
         n_naive = args.naive_images or min(len(paths), 60 if w * h > 2e6 else 120)
         naive_rate = naive(paths[:n_naive], backbone, device)
-        e2e, setup = end_to_end(folder, config)
-        inputs = input_ceiling(folder, backbone.spec, workers, args.batch_size)
-        row = {"size": size, "images": args.images, "naive": naive_rate, "embedfit": e2e, "compute_ceiling": compute,
-               "input_ceiling": inputs, "setup_seconds": setup, "vs_naive": e2e / naive_rate,
-               "vs_compute": e2e / compute, "vs_bound": e2e / min(compute, inputs)}
-        rows.append(row)
-        print(f"{size:>10}: naive {naive_rate:6.1f} | embedfit {e2e:6.1f} | compute ceiling {compute:6.1f} | "
-              f"input ceiling {inputs:6.1f} img/s || embedfit/naive {row['vs_naive']:.2f}x, "
-              f"/compute {row['vs_compute']:.0%}, /min(compute,input) {row['vs_bound']:.0%} (setup {setup:.1f} s)")
-    path = save(f"extract_{args.backbone}_{device.type}_{args.precision}",
+        for decode in decoders:
+            e2e, setup, whole = end_to_end(folder, dataclasses.replace(config, decode=decode), tmp)
+            inputs = input_ceiling(folder, encoder, workers, args.batch_size, decode)
+            bound, kind = min((compute, "compute"), (inputs, "input"))
+            if device.type == "cpu" and workers:
+                # On a CPU the model already uses every core, so decoding cannot run beside it for free: the
+                # best is the two phases back to back, decoding spread over all cores.
+                bound, kind = 1 / (1 / compute + workers / (cores * inputs)), "shared cores"
+            row = {"size": size, "images": n, "decode": decode, "naive": naive_rate, "embedfit": e2e,
+                   "embedfit_whole_run": whole,
+                   "compute_ceiling": compute, "input_ceiling": inputs, "bound_images_per_second": bound,
+                   "setup_seconds": setup, "vs_naive": e2e / naive_rate, "vs_compute": e2e / compute,
+                   "vs_bound": e2e / bound, "bound": kind}
+            rows.append(row)
+            print(f"{size:>10} {decode:>6}: naive {naive_rate:7.1f} | embedfit {e2e:7.1f} | compute ceiling "
+                  f"{compute:7.1f} | input ceiling {inputs:7.1f} | bound {bound:7.1f} img/s || embedfit/naive "
+                  f"{row['vs_naive']:.2f}x, /compute {row['vs_compute']:.0%}, /bound {row['vs_bound']:.0%} "
+                  f"({kind}-bound; fixed cost {setup:.1f} s, whole run {whole:.1f} img/s)", flush=True)
+    extra = {}
+    if args.ablations:
+        print("compute ceiling per technique:")
+        extra["ablations"] = ablations(args.backbone, weights, device, max(args.images, 2000 if device.type == "cuda"
+                                                                           else 160))
+    path = save(f"extract_{args.backbone}_{device.type}_{args.precision}{args.tag}",
                 {"backbone": args.backbone, "batch_size": args.batch_size, "precision": args.precision,
-                 "workers": workers, "device": str(device), "rows": rows})
+                 "workers": workers, "device": str(device), "runtime": encoder.runtime,
+                 "random_weights": args.random_weights, "rows": rows,
+                 **extra})
     print(f"wrote {path}")
 
 

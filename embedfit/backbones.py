@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,28 @@ class Preprocess:
 
     def __call__(self, image: Any) -> torch.Tensor:
         return self._transform(image)
+
+    def tensors(self, images: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """The same resize and crop on decoded uint8 tensors (3, H, W), on their device; None stays None.
+
+        Images of one size are resized together, since photos from one camera usually share a size.
+        """
+        from torchvision.transforms.v2 import functional as F
+
+        mode = F.InterpolationMode(self.interpolation)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            if image is not None:
+                by_size.setdefault(tuple(image.shape), []).append(i)
+        for idx in by_size.values():
+            batch = torch.stack([images[i] for i in idx])  # type: ignore[misc]
+            batch = F.center_crop(F.resize(batch, [self.resize_size], interpolation=mode, antialias=True),
+                                  list(self.crop_size))
+            out_batch = batch.unbind(0)
+            for i, image in zip(idx, out_batch, strict=True):
+                out[i] = image
+        return out
 
 
 class Backbone(nn.Module):

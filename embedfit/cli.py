@@ -67,6 +67,17 @@ class TTA(str, Enum):
     flip = "flip"
 
 
+class Decode(str, Enum):
+    pil = "pil"
+    device = "device"
+
+
+class Runtime(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+
+
 class Engine(str, Enum):
     local = "local"
     ray = "ray"
@@ -110,11 +121,14 @@ def extract(
     layer: str | None = typer.Option(None, help="Intermediate layer (default: pre-logits)."),
     pool: Pool = typer.Option(Pool.avg, help="Global pooling for --layer."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
-    batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass (default: 8 on CPU, 64 on GPU)."),
+    batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass (default: 8 on CPU, 128 on GPU)."),
     workers: int | None = typer.Option(None, min=0, help="Decoding processes (default: by device/cores)."),
     precision: Precision = typer.Option(Precision.fp32, help="Compute precision (fp16 needs a GPU)."),
     dtype: FeatureDtype = typer.Option(FeatureDtype.float32, help="Stored feature dtype."),
     tta: TTA = typer.Option(TTA.none, help="Test-time augmentation: flip averages an image and its mirror."),
+    decode: Decode = typer.Option(Decode.pil, help="pil: decode JPEGs in worker processes; device: on the GPU."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (long GPU runs)."),
+    runtime: Runtime = typer.Option(Runtime.auto, help="auto: ONNX Runtime for fp32 on CPU if installed; torch; onnx."),
     overwrite: bool = typer.Option(False, help="Start the store afresh instead of resuming."),
     retry_failed: bool = typer.Option(False, help="Retry images that failed in an earlier run."),
     max_failures: str | None = typer.Option(None, help="Abort above this many (10) or this share (0.2) of failures."),
@@ -132,7 +146,8 @@ def extract(
     config = ExtractConfig(
         backbone=backbone, weights=str(weights) if weights else None, layer=layer, pool=pool.value,
         device=device, batch_size=batch_size, workers=workers, precision=precision.value, dtype=dtype.value,
-        tta=tta.value, overwrite=overwrite, retry_failed=retry_failed,
+        tta=tta.value, decode=decode.value, compile=compile, runtime=runtime.value,
+        overwrite=overwrite, retry_failed=retry_failed,
         max_failures=_fraction_or_count(max_failures), progress=err.is_terminal, flush_every=flush_every,
     )
     if engine is Engine.ray:

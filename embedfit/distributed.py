@@ -74,7 +74,7 @@ class _Embed:
 
         backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool)
         self.encoder = Encoder(backbone, resolve_device(device), precision=config.precision, tta=config.tta,
-                               channels_last=config.channels_last)
+                               channels_last=config.channels_last, runtime=config.runtime)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

@@ -141,7 +141,8 @@ def _embed(spec: BackboneSpec, meta: dict[str, Any], records: list[ImageRecord],
         raise StoreMismatchError(f"the backbone available now, {backbone.spec.short()}, differs from the one the "
                                  f"model was trained on, {spec.short()} ({'; '.join(diffs[:3])})")
     settings = meta["settings"]
-    encoder = Encoder(backbone, resolve_device(device), precision=settings["precision"], tta=settings["tta"])
+    encoder = Encoder(backbone, resolve_device(device), precision=settings["precision"], tta=settings["tta"],
+                      runtime="auto")
     feats, errors = [], []
     for batch in iter_embeddings(records, encoder, batch_size=batch_size, workers=workers):
         feats.append(batch.features)

@@ -16,9 +16,12 @@ def print_extract_summary(console: Console, s: ExtractSummary) -> None:
         f"{s.store}: {state} — {s.embedded} embedded, {s.failed} failed, {s.reused} already stored"
         + (f", {s.skipped} skipped" if s.skipped else "")
         + (f", {s.missing} no longer present" if s.missing else "")
-        + f" of {s.total} images in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s on {s.device})",
+        + f" of {s.total} images in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s on {s.device}"
+        + (" with ONNX Runtime)" if s.runtime == "onnx" else ")"),
         soft_wrap=True, markup=False,
     )
+    for note in s.notes:
+        console.print(f"  note: {note}", markup=False, soft_wrap=True)
     for path, reason in s.failures[:10]:
         console.print(f"  failed: {path}: {reason}", markup=False, soft_wrap=True)
     if s.failed > 10:

@@ -1,0 +1,118 @@
+"""The ONNX Runtime CPU path gives PyTorch's features (within float tolerance), and falls back safely."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from embedfit.backbones import Backbone, create_backbone
+from embedfit.cli import main
+from embedfit.errors import UsageError
+from embedfit.extract import Encoder, embed_images, extract
+from embedfit.onnxrt import _cache_key, cache_dir, onnx_available, resolve_runtime
+from embedfit.store import FeatureStore
+
+pytestmark = pytest.mark.skipif(not onnx_available(), reason="needs embedfit[onnx]")
+CPU = torch.device("cpu")
+
+
+def images_of(tree: Path) -> list[Path]:
+    return sorted(p for p in tree.rglob("*") if p.is_file())
+
+
+def test_onnx_features_equal_pytorch_features_on_real_images(shared_tree: Path, lite0: Backbone) -> None:
+    paths = images_of(shared_tree)
+    reference, _ = embed_images(paths, lite0, device="cpu", runtime="torch")
+    fast, errors = embed_images(paths, lite0, device="cpu", runtime="onnx")
+    assert not any(errors)
+    np.testing.assert_allclose(fast, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_flip_tta_and_odd_batch_sizes(lite0: Backbone) -> None:
+    x = torch.randint(0, 256, (5, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    torch_flip = Encoder(lite0, CPU, tta="flip", runtime="torch")(x)
+    onnx = Encoder(lite0, CPU, tta="flip", runtime="onnx")
+    assert onnx.runtime == "onnx"
+    np.testing.assert_allclose(onnx(x), torch_flip, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(onnx(x[:1]), torch_flip[:1], rtol=1e-4, atol=1e-4)  # batch 1 (dynamic axis)
+
+
+def test_graph_is_exported_once_and_a_damaged_cache_file_is_replaced(lite0: Backbone) -> None:
+    Encoder(lite0, CPU, runtime="onnx")
+    graph = cache_dir() / f"{_cache_key(lite0)}.onnx"
+    assert graph.stat().st_size > 1_000_000
+    mtime = graph.stat().st_mtime_ns
+    Encoder(lite0, CPU, runtime="onnx")
+    assert graph.stat().st_mtime_ns == mtime  # loaded, not exported again
+    graph.write_bytes(b"half a graph")
+    encoder = Encoder(lite0, CPU, runtime="onnx")
+    assert encoder.runtime == "onnx" and graph.stat().st_size > 1_000_000
+
+
+def test_intermediate_layer_runs_in_onnx(lite0: Backbone) -> None:
+    mid = create_backbone("efficientnet_lite0", layer="blocks.4")
+    x = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    np.testing.assert_allclose(Encoder(mid, CPU, runtime="onnx")(x), Encoder(mid, CPU, runtime="torch")(x),
+                               rtol=1e-4, atol=1e-4)
+
+
+class _DataDependent(nn.Module):
+    """A real model that torch.export cannot capture: its branch depends on the pixel values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).mean((2, 3))
+        if y.sum() > 0:
+            return y
+        return -y
+
+
+def test_a_model_that_cannot_be_exported_falls_back_to_pytorch(lite0: Backbone) -> None:
+    import dataclasses
+
+    spec = dataclasses.replace(lite0.spec, name="branchy", weights="random", weights_sha256="", embedding_dim=8)
+    model = Backbone(_DataDependent(), spec)
+    auto = Encoder(model, CPU, runtime="auto")
+    assert auto.runtime == "torch" and "cannot run" in auto.note
+    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    assert auto(x).shape == (2, 8)
+    with pytest.raises(UsageError, match="cannot run"):
+        Encoder(model, CPU, runtime="onnx")
+
+
+def test_runtime_choice() -> None:
+    assert resolve_runtime("auto", CPU) == "onnx"
+    assert resolve_runtime("auto", CPU, precision="bf16") == "torch"
+    assert resolve_runtime("auto", torch.device("cuda")) == "torch"
+    assert resolve_runtime("torch", CPU) == "torch"
+    with pytest.raises(UsageError, match="fp32 on the CPU only"):
+        resolve_runtime("onnx", CPU, precision="bf16")
+    with pytest.raises(UsageError, match="unknown runtime"):
+        resolve_runtime("tensorrt", CPU)
+
+
+def test_extract_records_the_runtime_and_matches_pytorch(shared_tree: Path, tmp_path: Path) -> None:
+    fast = extract(shared_tree, tmp_path / "onnx.h5", workers=0, runtime="onnx")
+    ref = extract(shared_tree, tmp_path / "torch.h5", workers=0, runtime="torch")
+    assert fast.runtime == "onnx" and ref.runtime == "torch"
+    a, b = FeatureStore.open(fast.store), FeatureStore.open(ref.store)
+    assert a.attrs["runtime"] == "onnx" and b.attrs["runtime"] == "torch"
+    assert a.spec == b.spec  # the same features: stores stay comparable and resumable across runtimes
+    np.testing.assert_allclose(a.features(), b.features(), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_refuses_onnx_with_bf16(shared_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["extract", str(shared_tree), "-o", str(tmp_path / "f.h5"), "--runtime", "onnx",
+                 "--precision", "bf16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "fp32 on the CPU only" in err and "Traceback" not in err
+    assert not (tmp_path / "f.h5").exists()
+    assert os.environ["XDG_CACHE_HOME"] in str(cache_dir())  # tests never write the user's cache
