@@ -226,7 +226,7 @@ def fit(
     test_size: float | None = typer.Option(None, min=0.0, max=1.0, help="Evaluate on a hold-out share instead."),
     search: bool = typer.Option(False, help="Grid-search hyper-parameters (nested CV)."),
     class_weight: str = typer.Option("balanced", help="balanced or none."),
-    jobs: int = typer.Option(1, help="Parallel folds (-1: all cores)."),
+    jobs: int | None = typer.Option(None, help="Parallel folds (default: one per core as memory allows; -1: all)."),
     backend: Backend = typer.Option(Backend.loky, help="joblib backend for the folds."),
     seed: int = typer.Option(0, help="Random seed."),
     epochs: int = typer.Option(5, min=1, help="Passes over the data (sgd-logreg, sgd-svm)."),

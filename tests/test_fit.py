@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html.parser
+import os
 import pickle
 from pathlib import Path
 
@@ -224,3 +225,26 @@ def test_cli_fit_predict(shared_store: Path, shared_tree: Path, tmp_path: Path,
     assert preds.read_text().count("\n") == 9
     assert main(["fit", str(shared_store), "-m", "svn"]) == 2
     assert "did you mean svm" in capsys.readouterr().err
+
+
+def test_parallel_folds_default_to_the_cores_memory_allows() -> None:
+    from embedfit.fit import default_jobs
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_jobs(np.zeros((100, 8), dtype=np.float32), n_splits=5) == min(cores, 5)
+    assert default_jobs(np.zeros((100, 8), dtype=np.float32), n_splits=1) == 1
+    huge = np.broadcast_to(np.float32(0), (2**40,))  # 4 TB by nbytes, nothing allocated
+    assert default_jobs(huge, n_splits=5) == 1
+
+
+def test_speed_defaults_scale_with_the_data() -> None:
+    assert np.isclose(make_pipeline("linear-svm", n_samples=500)[-1].C, 0.01)
+    assert np.isclose(make_pipeline("linear-svm", n_samples=8000)[-1].C, 0.00125)  # fixed per-image strength
+    assert make_pipeline("rf", n_samples=200)[-1].max_samples is None  # small sets keep full bootstrap samples
+    assert make_pipeline("rf", n_samples=8000)[-1].max_samples == 0.25
+
+
+def test_fit_with_default_jobs_equals_sequential_fit(store: FeatureStore, tmp_path: Path) -> None:
+    parallel = fit(store.path, "logreg", cv=3, output=tmp_path / "p")
+    sequential = fit(store.path, "logreg", cv=3, jobs=1, output=tmp_path / "s")
+    assert parallel.metrics["scores"] == sequential.metrics["scores"]

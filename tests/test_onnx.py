@@ -13,7 +13,7 @@ from torch import nn
 from embedfit.backbones import Backbone, create_backbone
 from embedfit.cli import main
 from embedfit.errors import UsageError
-from embedfit.extract import Encoder, embed_images, extract
+from embedfit.extract import Encoder, default_workers, embed_images, extract
 from embedfit.onnxrt import _cache_key, cache_dir, onnx_available, resolve_runtime
 from embedfit.store import FeatureStore
 
@@ -97,6 +97,14 @@ def test_runtime_choice() -> None:
         resolve_runtime("onnx", CPU, precision="bf16")
     with pytest.raises(UsageError, match="unknown runtime"):
         resolve_runtime("tensorrt", CPU)
+
+
+def test_decoding_workers_follow_the_runtime() -> None:
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core: decoding runs in the main process")
+    assert default_workers(CPU, "torch") == 1  # PyTorch's threads leave no room for a second decoder
+    assert default_workers(CPU, "onnx") == min(cores, 8)  # ONNX Runtime's threads sleep between batches
 
 
 def test_extract_records_the_runtime_and_matches_pytorch(shared_tree: Path, tmp_path: Path) -> None:
