@@ -33,7 +33,7 @@ def print_store_info(console: Console, store: FeatureStore, *, list_failed: bool
     s = store.summary()
     table = Table(show_header=False, box=None)
     for key in ("path", "backbone", "images", "ok", "failed", "missing", "dtype", "precision", "tta", "device",
-                "complete", "root", "created", "updated"):
+                "runtime", "complete", "root", "created", "updated"):
         table.add_row(key, str(s[key]))
     table.add_row("extract time", f"{s['extract_seconds']:.1f} s")
     table.add_row("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items()))

@@ -11,8 +11,8 @@ Schema (one HDF5 file, readable with plain h5py; row i of every dataset is one i
     file_size    (N,)   int64               resume key, with paths and file_mtime_ns
     file_mtime_ns(N,)   int64
     attrs: schema_version, embedfit_version, spec (BackboneSpec JSON), dtype, tta, precision, device,
-           versions (JSON), created, updated, root, source_kind, complete, n_ok, n_failed, n_missing,
-           extract_seconds, fingerprint, merged_parts (JSON)
+           runtime ("torch" or "onnx"), decode ("pil" or "device"), versions (JSON), created, updated, root,
+           source_kind, complete, n_ok, n_failed, n_missing, extract_seconds, fingerprint, merged_parts (JSON)
 
 Crash safety: HDF5 has no journal, so a writer killed mid-write can leave a file that no longer opens.
 The store file itself is therefore only ever replaced whole (`os.replace` of a finished temporary file).
@@ -59,9 +59,16 @@ def library_versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    return {"embedfit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "numpy": np.__version__, "h5py": h5py.__version__,
-            "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+    versions = {"embedfit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                "timm": timm.__version__, "numpy": np.__version__, "h5py": h5py.__version__,
+                "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+    try:  # the CPU runtime `extract --runtime auto` uses when it is installed
+        from importlib.metadata import version
+
+        versions["onnxruntime"] = version("onnxruntime")
+    except Exception:
+        pass
+    return versions
 
 
 @dataclass(frozen=True)
@@ -239,6 +246,7 @@ class FeatureStore:
             "path": str(self.path), "backbone": self.spec.short(), "images": len(self), **counts,
             "classes": per_class, "dtype": self.settings.dtype, "tta": self.settings.tta,
             "precision": self.settings.precision, "device": self.attrs.get("device"),
+            "runtime": self.attrs.get("runtime", "torch"),
             "complete": self.complete, "created": self.attrs.get("created"), "updated": self.attrs.get("updated"),
             "root": self.attrs.get("root"), "extract_seconds": float(self.attrs.get("extract_seconds", 0.0)),
             "versions": json.loads(self.attrs.get("versions", "{}")),
