@@ -6,7 +6,8 @@ one kernel at a time. The graph includes the uint8 -> float normalisation, so it
 PyTorch `Backbone` takes.
 
 Exported graphs are cached under `$XDG_CACHE_HOME/embedfit/onnx/`, keyed by the backbone's spec (which holds
-the weights' SHA-256) and the torch version, so the export (a few seconds) happens once per backbone. Every
+the weights' SHA-256) and the torch version, so the export (a few seconds) happens once per backbone; so is a
+failed export (`<key>.failed`, holding the reason), so a model that does not export costs the attempt once. Every
 session is checked against PyTorch on two images before use: a graph that does not reproduce PyTorch's
 features is never used.
 """
@@ -111,6 +112,10 @@ class OnnxBackbone:
         # batches (on 2 cores: 156 img/s end to end against 108 with spinning).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         key = _cache_key(backbone)
+        refused = cache_dir() / f"{key}.failed" if key else None
+        if refused is not None and refused.exists():  # failed before: do not pay for the attempt on every run
+            raise RuntimeError(f"{refused.read_text(errors='replace').strip()} (remembered in {refused}; delete "
+                               "it to try again)")
         with tempfile.TemporaryDirectory() as tmp:
             path = cache_dir() / f"{key}.onnx" if key else Path(tmp) / "model.onnx"
             try:
@@ -126,8 +131,13 @@ class OnnxBackbone:
                 with contextlib.suppress(OSError):
                     path.unlink()  # never keep a file that cannot be loaded
                 first_line = (str(exc).strip().splitlines() or [""])[0]
-                raise RuntimeError(f"cannot run {backbone.spec.short()} in ONNX Runtime "
-                                   f"({type(exc).__name__}: {first_line[:200]})") from exc
+                reason = (f"cannot run {backbone.spec.short()} in ONNX Runtime "
+                          f"({type(exc).__name__}: {first_line[:200]})")
+                if refused is not None:
+                    with contextlib.suppress(OSError):
+                        refused.parent.mkdir(parents=True, exist_ok=True)
+                        refused.write_text(reason + "\n")
+                raise RuntimeError(reason) from exc
         self.spec = backbone.spec
         self.path = path if key else None  # the cached graph
         self._check(backbone)
@@ -140,10 +150,13 @@ class OnnxBackbone:
         out = self(x).numpy()
         err = float(np.abs(out - ref).max())
         if not err <= 1e-3 * float(np.abs(ref).max()) + 1e-5:
+            reason = (f"ONNX Runtime's features for {backbone.spec.short()} differ from PyTorch's "
+                      f"(max abs difference {err:.2g})")
             if self.path is not None:
                 self.path.unlink(missing_ok=True)
-            raise RuntimeError(f"ONNX Runtime's features for {backbone.spec.short()} differ from PyTorch's "
-                               f"(max abs difference {err:.2g})")
+                with contextlib.suppress(OSError):
+                    self.path.with_suffix(".failed").write_text(reason + "\n")
+            raise RuntimeError(reason)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.detach().cpu().contiguous().numpy()

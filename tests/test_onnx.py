@@ -88,6 +88,19 @@ def test_a_model_that_cannot_be_exported_falls_back_to_pytorch(lite0: Backbone) 
         Encoder(model, CPU, runtime="onnx")
 
 
+def test_a_failed_export_is_remembered(lite0: Backbone) -> None:
+    import dataclasses
+
+    spec = dataclasses.replace(lite0.spec, name="branchy_file", weights="file:branchy.pt", weights_sha256="ab" * 32,
+                               embedding_dim=8)
+    model = Backbone(_DataDependent(), spec)
+    first = Encoder(model, CPU, runtime="auto")
+    marker = cache_dir() / f"{_cache_key(model)}.failed"
+    assert first.runtime == "torch" and marker.exists() and "cannot run" in marker.read_text()
+    again = Encoder(model, CPU, runtime="auto")  # no second attempt: the reason comes from the marker
+    assert again.runtime == "torch" and "remembered in" in again.note
+
+
 def test_runtime_choice() -> None:
     assert resolve_runtime("auto", CPU) == "onnx"
     assert resolve_runtime("auto", CPU, precision="bf16") == "torch"
