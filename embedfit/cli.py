@@ -6,10 +6,12 @@ and exits non-zero (2 for usage, 1 for runtime errors, 130 when interrupted); `-
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 from enum import Enum
 from pathlib import Path
+from typing import TextIO
 
 import click
 import typer
@@ -414,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code, printing errors as one line on stderr."""
     argv = sys.argv[1:] if argv is None else list(argv)
     _DEBUG["on"] = "--debug" in argv
+    _show_library_notes()
     try:
         result = app(args=argv, prog_name="embedfit", standalone_mode=False)
         return result if isinstance(result, int) else 0
@@ -446,6 +449,28 @@ def _report(message: str) -> None:
     if _DEBUG["on"]:
         traceback.print_exc()
     err.print(f"error: {' '.join(str(message).split())}", markup=False, soft_wrap=True)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it is swapped by tests and notebooks)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
+def _show_library_notes() -> None:
+    """The library logs what takes a while (e.g. a one-off model export) at INFO; show it on stderr, once."""
+    logger = logging.getLogger("embedfit")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def run() -> None:

@@ -613,15 +613,15 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
     images = scan_images(source, class_names=class_names)
     device = resolve_device(config.device)
     backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool)
-    encoder = Encoder(backbone, device, precision=config.precision, tta=config.tta,
-                      channels_last=config.channels_last, compile=config.compile, runtime=config.runtime)
     settings = StoreSettings(backbone.spec, config.dtype, config.tta, config.precision)
-    summary = ExtractSummary(Path(output), total=len(images.records), skipped=len(images.skipped),
-                             device=str(device), runtime=encoder.runtime,
-                             notes=[encoder.note] if encoder.note else [])
     with StoreWriter(output, settings, overwrite=config.overwrite) as writer:
         plan = writer.plan(images.records, retry_failed=config.retry_failed)
-        summary.reused = plan.reused
+        # After the store checks: a run refused for a mismatching store should not first compile or export a model.
+        encoder = Encoder(backbone, device, precision=config.precision, tta=config.tta,
+                          channels_last=config.channels_last, compile=config.compile, runtime=config.runtime)
+        summary = ExtractSummary(Path(output), total=len(images.records), skipped=len(images.skipped),
+                                 device=str(device), runtime=encoder.runtime,
+                                 notes=[encoder.note] if encoder.note else [], reused=plan.reused)
         labels = images.class_names
 
         pending: list[BatchResult] = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import tempfile
 import warnings
@@ -30,6 +31,7 @@ from embedfit.backbones import Backbone
 from embedfit.errors import UsageError
 
 RUNTIMES = ("auto", "torch", "onnx")
+log = logging.getLogger(__name__)
 
 
 def onnx_available() -> bool:
@@ -125,6 +127,8 @@ class OnnxBackbone:
                     except Exception:  # a damaged cache file: export afresh
                         path.unlink()
                 if not path.exists():
+                    log.info("exporting %s to ONNX for ONNX Runtime (once%s; a few seconds)", backbone.spec.short(),
+                             f", cached in {path.parent}" if key else "")
                     export(backbone, path)
                     self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             except Exception as exc:

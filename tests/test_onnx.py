@@ -137,3 +137,13 @@ def test_cli_refuses_onnx_with_bf16(shared_tree: Path, tmp_path: Path, capsys: p
     assert code == 2 and "fp32 on the CPU only" in err and "Traceback" not in err
     assert not (tmp_path / "f.h5").exists()
     assert os.environ["XDG_CACHE_HOME"] in str(cache_dir())  # tests never write the user's cache
+
+
+def test_cli_says_when_it_exports_and_only_then(shared_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))
+    assert main(["extract", str(shared_tree), "-o", str(tmp_path / "a.h5"), "--workers", "0"]) == 0
+    first = capsys.readouterr()
+    assert "exporting efficientnet_lite0" in first.err and "with ONNX Runtime" in first.out
+    assert main(["extract", str(shared_tree), "-o", str(tmp_path / "b.h5"), "--workers", "0"]) == 0
+    assert "exporting" not in capsys.readouterr().err  # cached
