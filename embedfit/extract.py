@@ -179,13 +179,18 @@ def prefetch_factor(batch_size: int) -> int:
     return 4 if batch_size < 64 else 2
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(device: torch.device, runtime: str = "torch") -> int:
     """Decoding processes: enough to feed a GPU; on a CPU, decoding and the model share the cores.
 
     Measured on 2 cores (Lite0, batch 8): with ONNX Runtime (no spin-waiting) one worker per core runs 156
     img/s on 500x375 JPEGs against 124 with one worker; PyTorch's threads compete harder, one worker is best.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     if device.type == "cpu":
         if cores < 2:
             return 0

@@ -437,7 +437,9 @@ def fit(
 
 def default_jobs(X: np.ndarray, n_splits: int) -> int:
     """Parallel folds on this machine: one per core, while the folds' copies of X take at most half the RAM."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from embedfit.extract import available_cores
+
+    cores = available_cores()
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not on Linux: be conservative

@@ -22,7 +22,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -114,12 +114,13 @@ class OnnxBackbone:
         # batches (on 2 cores: 156 img/s end to end against 108 with spinning).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         key = _cache_key(backbone)
-        refused = cache_dir() / f"{key}.failed" if key else None
-        if refused is not None and refused.exists():  # failed before: do not pay for the attempt on every run
-            raise RuntimeError(f"{refused.read_text(errors='replace').strip()} (remembered in {refused}; delete "
-                               "it to try again)")
+        self.cached = key is not None
         with tempfile.TemporaryDirectory() as tmp:
             path = cache_dir() / f"{key}.onnx" if key else Path(tmp) / "model.onnx"
+            refused = path.with_suffix(".failed")
+            if self.cached and refused.exists():  # failed before: do not pay for the attempt on every run
+                raise RuntimeError(f"{refused.read_text(errors='replace').strip()} (remembered in {refused}; delete "
+                                   "it to try again)")
             try:
                 if path.exists():
                     try:
@@ -132,19 +133,22 @@ class OnnxBackbone:
                     export(backbone, path)
                     self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             except Exception as exc:
-                with contextlib.suppress(OSError):
-                    path.unlink()  # never keep a file that cannot be loaded
                 first_line = (str(exc).strip().splitlines() or [""])[0]
-                reason = (f"cannot run {backbone.spec.short()} in ONNX Runtime "
-                          f"({type(exc).__name__}: {first_line[:200]})")
-                if refused is not None:
-                    with contextlib.suppress(OSError):
-                        refused.parent.mkdir(parents=True, exist_ok=True)
-                        refused.write_text(reason + "\n")
-                raise RuntimeError(reason) from exc
+                self._give_up(path, f"cannot run {backbone.spec.short()} in ONNX Runtime "
+                                    f"({type(exc).__name__}: {first_line[:200]})", exc)
         self.spec = backbone.spec
-        self.path = path if key else None  # the cached graph
+        self.path = path
         self._check(backbone)
+
+    def _give_up(self, graph: Path, reason: str, cause: BaseException | None = None) -> NoReturn:
+        """Never keep a graph that failed; for a cached backbone remember why, so later runs do not try again."""
+        with contextlib.suppress(OSError):
+            graph.unlink(missing_ok=True)
+        if self.cached:
+            with contextlib.suppress(OSError):
+                graph.parent.mkdir(parents=True, exist_ok=True)
+                graph.with_suffix(".failed").write_text(reason + "\n")
+        raise RuntimeError(reason) from cause
 
     def _check(self, backbone: Backbone) -> None:
         h, w = backbone.spec.input_size
@@ -154,13 +158,8 @@ class OnnxBackbone:
         out = self(x).numpy()
         err = float(np.abs(out - ref).max())
         if not err <= 1e-3 * float(np.abs(ref).max()) + 1e-5:
-            reason = (f"ONNX Runtime's features for {backbone.spec.short()} differ from PyTorch's "
-                      f"(max abs difference {err:.2g})")
-            if self.path is not None:
-                self.path.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    self.path.with_suffix(".failed").write_text(reason + "\n")
-            raise RuntimeError(reason)
+            self._give_up(self.path, f"ONNX Runtime's features for {backbone.spec.short()} differ from PyTorch's "
+                                     f"(max abs difference {err:.2g})")
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.detach().cpu().contiguous().numpy()
