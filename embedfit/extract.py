@@ -63,7 +63,7 @@ class ExtractConfig:
             model's device and decodes and resizes them there (nvJPEG on a GPU, for when CPU decoding is the
             bottleneck); other formats and unusual JPEGs (CMYK, EXIF-rotated, truncated) still go through PIL.
         compile: Run the model through `torch.compile` (slow first batch; pays off on long GPU runs).
-        runtime: "auto" (ONNX Runtime for fp32 on the CPU when installed, ~1.6x PyTorch there; else PyTorch),
+        runtime: "auto" (ONNX Runtime for fp32 on the CPU when installed, ~2.4x PyTorch there; else PyTorch),
             "torch" or "onnx".
         max_pixels: Decompression-bomb limit per image.
         overwrite: Start the store afresh instead of resuming.
@@ -187,8 +187,9 @@ def available_cores() -> int:
 def default_workers(device: torch.device, runtime: str = "torch") -> int:
     """Decoding processes: enough to feed a GPU; on a CPU, decoding and the model share the cores.
 
-    Measured on 2 cores (Lite0, batch 8): with ONNX Runtime (no spin-waiting) one worker per core runs 156
-    img/s on 500x375 JPEGs against 124 with one worker; PyTorch's threads compete harder, one worker is best.
+    Measured on 2 cores (Lite0, batch 8, benchmarks/bench_extract.py): with ONNX Runtime one worker per core runs
+    141 img/s on 500x375 JPEGs and 64 on 3000x2000, against 123 and 41 with one worker; PyTorch's threads compete
+    harder, and one worker was best there.
     """
     cores = available_cores()
     if device.type == "cpu":
