@@ -4,24 +4,33 @@ Features are synthetic (n × d, a class structure like CNN embeddings: class mea
 separated so that a linear probe scores ~0.85 rather than a trivial 1.0) and written to a real store, so the
 benchmark needs no images; each model goes through `embedfit.fit.fit` exactly as `embedfit fit` runs it. The
 extraction time it compares against is n / (end-to-end img/s) from
-benchmarks/results/extract_*.json (run bench_extract.py first), or --extract-rate.
+benchmarks/results/extract_efficientnet_lite0_DEVICE_*.json (run bench_extract.py first), or --extract-rate.
+
+With --device cuda, the models that fit on a GPU (scikit-learn's array API on torch tensors) are fitted on the
+CPU and on the GPU side by side; SCIPY_ARRAY_API=1 is set for this process before SciPy is imported.
 
 Usage:
     python benchmarks/bench_fit.py --n 10000 --dim 1280 --classes 10
+    python benchmarks/bench_fit.py --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+if "cuda" in " ".join(sys.argv):  # SciPy reads it once, at import: before anything imports scipy
+    os.environ["SCIPY_ARRAY_API"] = "1"
+
 import numpy as np
 from _common import RESULTS, hardware, save
 
-from embedfit.fit import MODELS, fit
+from embedfit.fit import ARRAY_API_MODELS, MODELS, fit
 
 SEPARATION = 0.007  # class-mean scale: a logistic probe scores ~0.85, like a real 10-class embedding, not 1.0
 
@@ -72,14 +81,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10000)
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=None, help="comma-separated (default: all; with cuda, those it fits)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--jobs", type=int, default=None, help="parallel folds (default: embedfit's)")
     parser.add_argument("--extract-rate", type=float, default=None, help="img/s; default from bench_extract")
     args = parser.parse_args()
     rate = args.extract_rate
     if rate is None:
-        found = sorted(RESULTS.glob("extract_efficientnet_lite0_cpu_*.json"))
-        rate = json.loads(found[0].read_text())["rows"][0]["embedfit"] if found else 46.0
+        found = sorted(RESULTS.glob(f"extract_efficientnet_lite0_{args.device}_*.json"))
+        if not found:
+            parser.error(f"no bench_extract.py results for {args.device} in {RESULTS}: run it or pass --extract-rate")
+        rate = json.loads(found[0].read_text())["rows"][0]["embedfit"]
+    models = args.models.split(",") if args.models else list(MODELS if args.device == "cpu" else ARRAY_API_MODELS)
+    devices = ["cpu"] if args.device == "cpu" else ["cpu", args.device]
     extract_seconds = args.n / rate
     X, y = features(args.n, args.dim, args.classes)
     tmp = Path(tempfile.mkdtemp())
@@ -87,22 +101,24 @@ def main() -> None:
     print(f"{args.n} x {args.dim} features, {args.classes} classes, {hardware()['cores']} cores; extraction of "
           f"{args.n} images at {rate:.1f} img/s = {extract_seconds:.0f} s")
     rows = []
-    for model in args.models.split(","):
-        start = time.perf_counter()
-        result = fit(store, model, cv=5, jobs=args.jobs, output=tmp / model)
-        seconds = time.perf_counter() - start  # `embedfit fit`: load, 5-fold CV, final refit, run directory
-        t = result.metrics["timing"]
-        rows.append({"model": model, "total_seconds": seconds, "cv5_seconds": t["cv_seconds"],
-                     "refit_seconds": t["fit_seconds"], "accuracy": result.score("accuracy"),
-                     "share_of_extraction": seconds / extract_seconds})
-        print(f"{model:>10}: 5-fold CV {t['cv_seconds']:6.1f} s + refit {t['fit_seconds']:5.1f} s, whole command "
-              f"{seconds:6.1f} s = {seconds / extract_seconds:6.1%} of extraction; accuracy "
-              f"{result.score('accuracy'):.3f}", flush=True)
+    for model in models:
+        for device in devices:
+            start = time.perf_counter()
+            result = fit(store, model, cv=5, jobs=args.jobs, device=device, output=tmp / f"{model}-{device}")
+            seconds = time.perf_counter() - start  # `embedfit fit`: load, 5-fold CV, final refit, run directory
+            t = result.metrics["timing"]
+            rows.append({"model": model, "device": result.metrics["device"], "total_seconds": seconds,
+                         "cv5_seconds": t["cv_seconds"], "refit_seconds": t["fit_seconds"],
+                         "accuracy": result.score("accuracy"), "share_of_extraction": seconds / extract_seconds})
+            print(f"{model:>10} {result.metrics['device']:>4}: 5-fold CV {t['cv_seconds']:6.1f} s + refit "
+                  f"{t['fit_seconds']:5.1f} s, whole command {seconds:6.1f} s = {seconds / extract_seconds:6.1%} "
+                  f"of extraction; accuracy {result.score('accuracy'):.3f}", flush=True)
     reads = {dtype: store_read_seconds(X, dtype) for dtype in ("float32", "float16")}
     print(f"store read of {args.n} x {args.dim}: float32 {reads['float32']:.2f} s, float16 {reads['float16']:.2f} s")
-    path = save("fit", {"n": args.n, "dim": args.dim, "classes": args.classes, "extract_rate": rate,
-                        "extract_seconds": extract_seconds, "separation": SEPARATION, "rows": rows,
-                        "store_read_seconds": reads})
+    name = "fit" if args.device == "cpu" else f"fit_{args.device}"
+    path = save(name, {"n": args.n, "dim": args.dim, "classes": args.classes, "extract_rate": rate,
+                       "extract_seconds": extract_seconds, "separation": SEPARATION, "rows": rows,
+                       "store_read_seconds": reads})
     print(f"wrote {path}")
 
 

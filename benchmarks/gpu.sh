@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything measured on a lent GPU machine, in one call: GPU tests, the memory benchmark, then extraction
-# benchmarks for EfficientNet-Lite0 and ResNet-50 (bf16, PIL and nvJPEG decoding). Logs and JSON go to $OUT.
+# benchmarks for EfficientNet-Lite0 and ResNet-50 (bf16, PIL and nvJPEG decoding), then logreg and ridge fitted on
+# the CPU and on the GPU. Logs and JSON go to $OUT.
 # Usage (repo root, on the GPU machine): bash benchmarks/gpu.sh [--ablations]
 set -u
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -16,4 +17,5 @@ python3 bench_extract.py --device cuda --precision bf16 --images 8000 --large-im
   --decode pil --decode device "$@" 2>&1 | tee "$OUT/extract_lite0.log"
 python3 bench_extract.py --device cuda --precision bf16 --backbone resnet50 --random-weights --images 4000 \
   --large-images 300 --naive-images 200 --decode pil --decode device "$@" 2>&1 | tee "$OUT/extract_resnet50.log"
+python3 bench_fit.py --device cuda 2>&1 | tee "$OUT/fit_cuda.log"
 cp results/*cuda*.json "$OUT/" 2>/dev/null

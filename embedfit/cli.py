@@ -230,19 +230,22 @@ def fit(
     class_weight: str = typer.Option("balanced", help="balanced or none."),
     jobs: int | None = typer.Option(None, help="Parallel folds (default: one per core as memory allows; -1: all)."),
     backend: Backend = typer.Option(Backend.loky, help="joblib backend for the folds."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N; logreg and ridge fit on a GPU (needs "
+                               "SCIPY_ARRAY_API=1 in the environment)."),
     seed: int = typer.Option(0, help="Random seed."),
     epochs: int = typer.Option(5, min=1, help="Passes over the data (sgd-logreg, sgd-svm)."),
     batch_rows: int = typer.Option(8192, min=1, help="Rows read per step (sgd-logreg, sgd-svm)."),
 ) -> None:
     """Cross-validate classifiers on stored embeddings and save each as a run directory."""
     from embedfit.distributed import OOC_MODELS, fit_out_of_core
-    from embedfit.fit import check_model_name
+    from embedfit.fit import check_model_name, resolve_fit_device
     from embedfit.fit import fit as run_fit
     from embedfit.presentation import print_fit_results
 
     for name in model:
         if name not in OOC_MODELS:
             check_model_name(name)
+            resolve_fit_device(device, name)  # refuse before the first model is fitted
     if len(model) > 1 and output is not None:
         raise typer.BadParameter("-o names one run directory; leave it out to fit several models",
                                  param_hint="--output")
@@ -251,7 +254,8 @@ def fit(
                                test_size=test_size or 0.2, class_weight=weight, seed=seed) if name in OOC_MODELS else
                run_fit(store, name, output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,
                        groups=groups, test_store=test_store, test_size=test_size, search=search,
-                       class_weight=weight, jobs=jobs, backend=backend.value, seed=seed) for name in model]
+                       class_weight=weight, jobs=jobs, backend=backend.value, device=device, seed=seed)
+               for name in model]
     print_fit_results(out, results)
 
 

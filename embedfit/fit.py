@@ -38,6 +38,11 @@ MODELS = ("logreg", "svm", "linear-svm", "knn", "ridge", "lda", "rf", "mlp")
 SCALES = ("standard", "l2", "none")
 DEFAULT_MODEL = "logreg"
 AUTO_PCA_DIM = 256  # kernel/neighbour models: RBF-SVC and kNN on 1-4k-d features are slow and gain little
+# Models whose pipelines (scaler, PCA, model, grid search) run on torch tensors through scikit-learn's array API,
+# and so on a GPU. Checked with scikit-learn 1.9: LogisticRegressionCV, LDA(lsqr), SVC, LinearSVC, RF and MLP
+# fail on tensors, and kNN converts them back to NumPy.
+ARRAY_API_MODELS = ("logreg", "ridge")
+LOGREG_CS = np.logspace(-4, 1, 6)
 
 # Types outside skops' default trusted set that embedfit's own pipelines contain. Loading refuses anything else.
 TRUSTED_TYPES = (
@@ -83,7 +88,7 @@ def _classifier(model: str, class_weight: str | None, seed: int, n_samples: int)
     from sklearn.svm import SVC, LinearSVC
 
     if model == "logreg":  # the linear probe: C chosen by an inner 3-fold CV on log loss
-        return LogisticRegressionCV(Cs=np.logspace(-4, 1, 6), cv=3, scoring="neg_log_loss", max_iter=1000,
+        return LogisticRegressionCV(Cs=LOGREG_CS, cv=3, scoring="neg_log_loss", max_iter=1000,
                                     tol=1e-3, class_weight=class_weight, l1_ratios=(0.0,),
                                     use_legacy_attributes=False)
     if model == "svm":
@@ -115,7 +120,7 @@ def _classifier(model: str, class_weight: str | None, seed: int, n_samples: int)
 
 def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: int | str | None = "auto",
                   class_weight: str | None = "balanced", seed: int = 0, n_samples: int = 1000,
-                  n_features: int = 1280, search: bool = False) -> Pipeline:
+                  n_features: int = 1280, search: bool = False, array_api: bool = False) -> Pipeline:
     """A classifier Pipeline: scaler -> optional PCA -> model (-> grid search when `search`).
 
     Args:
@@ -127,6 +132,8 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
         n_samples: Training-set size, to keep PCA and kNN sizes valid on small data.
         n_features: Embedding dimension.
         search: Wrap the model in a GridSearchCV over `GRIDS[model]` (nested CV when cross-validated).
+        array_api: Build the variant that runs on torch tensors (`ARRAY_API_MODELS` only): logreg's inner CV
+            becomes a GridSearchCV over the same Cs, folds and log loss as LogisticRegressionCV's.
     """
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import Normalizer, StandardScaler
@@ -145,6 +152,14 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
     if pca:
         steps.append(("pca", PCA(n_components=pca, random_state=seed)))
     clf = _classifier(model, class_weight, seed, n_samples)
+    if array_api and model not in ARRAY_API_MODELS:
+        raise UsageError(f"{model} cannot be fitted on torch tensors; array-API models: {', '.join(ARRAY_API_MODELS)}")
+    if array_api and model == "logreg" and not search:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import GridSearchCV
+
+        clf = GridSearchCV(LogisticRegression(max_iter=1000, tol=1e-3, class_weight=class_weight),
+                           {"C": list(LOGREG_CS)}, cv=3, scoring="neg_log_loss")
     if search:
         from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
@@ -260,13 +275,98 @@ def _proba(est: Any, X: np.ndarray) -> np.ndarray | None:
     return est.predict_proba(X) if hasattr(est, "predict_proba") else None
 
 
-def _fold(pipe: Pipeline, X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray
+def _fold(pipe: Pipeline, X: Any, y: Any, train: np.ndarray, test: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    with warnings.catch_warnings():
+    """Fit a clone on `train`, predict `test`. X and y are NumPy arrays, or torch tensors (array API)."""
+    with _dispatch(X), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         est = clone(pipe).fit(X[train], y[train])
-    pred = est.predict(X[test])
-    return pred, _proba(est, X[test]), est[-1].classes_ if hasattr(est[-1], "classes_") else np.unique(y[train])
+        pred, proba = est.predict(X[test]), _proba(est, X[test])
+        classes = est[-1].classes_ if hasattr(est[-1], "classes_") else np.unique(_numpy(y[train]))
+    return _numpy(pred), _numpy(proba), _numpy(classes)
+
+
+def _refit(pipe: Pipeline, X: Any, y: Any) -> Pipeline:
+    """Fit a clone on everything; a pipeline fitted on tensors comes back with NumPy attributes, so that it
+    predicts, saves and loads like any other."""
+    with _dispatch(X), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        return _numpy(clone(pipe).fit(X, y))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fitting on a GPU: scikit-learn's array API with torch tensors
+
+
+def array_api_ready() -> bool:
+    """Whether SciPy was imported in array-API mode, which scikit-learn's dispatch to torch needs.
+
+    SciPy reads SCIPY_ARRAY_API=1 once, at import, so it must be in the environment before anything imports
+    scipy (set it in the shell for the CLI, or in a notebook's first cell).
+    """
+    try:
+        from scipy._lib import _array_api
+
+        return bool(_array_api.SCIPY_ARRAY_API)
+    except (ImportError, AttributeError):  # a SciPy that keeps it elsewhere: trust the environment
+        return os.environ.get("SCIPY_ARRAY_API") == "1"
+
+
+def resolve_fit_device(device: str, model: str) -> tuple[str, str | None]:
+    """Where to fit `model`: ("cpu", note) or a CUDA device ("cuda", "cuda:1", None).
+
+    "auto" picks the GPU when there is one, the model runs on tensors (`ARRAY_API_MODELS`) and SciPy is in
+    array-API mode, else the CPU (with a note saying why, when a GPU was there). An explicit "cuda" that cannot
+    be honoured is an error.
+    """
+    if device == "cpu":
+        return "cpu", None
+    if device != "auto" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise UsageError(f"unknown fit device '{device}'; use auto, cpu, cuda or cuda:N")
+    import torch
+
+    if device == "auto":
+        if not torch.cuda.is_available() or model not in ARRAY_API_MODELS:
+            return "cpu", None
+        if not array_api_ready():
+            return "cpu", "fitted on the CPU: fitting on the GPU needs SCIPY_ARRAY_API=1 in the environment"
+        return "cuda", None
+    if model not in ARRAY_API_MODELS:
+        raise UsageError(f"{model} cannot be fitted on a GPU (models that can: {', '.join(ARRAY_API_MODELS)}); "
+                         "use --device cpu")
+    from embedfit.extract import resolve_device
+
+    resolve_device(device)  # the same checks as extraction's: CUDA is there, and so is device N
+    if not array_api_ready():
+        raise UsageError(f"--device {device} needs SciPy's array API: run with SCIPY_ARRAY_API=1 in the "
+                         "environment (a notebook: set os.environ['SCIPY_ARRAY_API'] = '1' before any import)")
+    return device, None
+
+
+def _dispatch(X: Any) -> Any:
+    """scikit-learn's array-API dispatch while X is a torch tensor; nothing for NumPy input."""
+    import contextlib
+
+    if isinstance(X, np.ndarray):
+        return contextlib.nullcontext()
+    from sklearn import config_context
+
+    return config_context(array_api_dispatch=True)
+
+
+def _numpy(obj: Any) -> Any:
+    """Tensors inside `obj` (an array, a fitted estimator, or containers of them) as NumPy arrays, in place."""
+    if hasattr(obj, "__dlpack__") and not isinstance(obj, np.ndarray):  # a tensor, possibly on a GPU
+        return obj.detach().cpu().numpy() if hasattr(obj, "detach") else np.asarray(obj)
+    if isinstance(obj, BaseEstimator):
+        for name, value in vars(obj).items():
+            setattr(obj, name, _numpy(value))
+        return obj
+    if type(obj) in (list, tuple):
+        return type(obj)(_numpy(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _numpy(v) for k, v in obj.items()}
+    return obj
 
 
 def fold_metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray | None, classes: np.ndarray,
@@ -322,6 +422,7 @@ def fit(
     class_weight: str | None = "balanced",
     jobs: int | None = None,
     backend: str = "loky",
+    device: str = "auto",
     seed: int = 0,
 ) -> FitResult:
     """Evaluate a classifier on a store's embeddings, refit it on all of them, and write a run directory.
@@ -343,6 +444,8 @@ def fit(
             memory that many times over (most models use one core per fit, so folds in parallel is what
             uses the others), else 1.
         backend: joblib backend: "loky", "threading", "ray" or "dask".
+        device: "cpu", "cuda[:N]", or "auto": the GPU for `ARRAY_API_MODELS` when there is one and SciPy is in
+            array-API mode (SCIPY_ARRAY_API=1), else the CPU. On a GPU, folds run one after the other.
         seed: Random state for splits and models.
 
     Returns:
@@ -361,8 +464,10 @@ def fit(
     spec = data.store.spec
     holdout = test_store is not None or test_size is not None
     check_trainable(data.y, data.class_names, None if holdout else cv)
+    fit_device, device_note = resolve_fit_device(device, model)
+    on_gpu = fit_device != "cpu"
     pipe = make_pipeline(model, scale=scale, pca=pca, class_weight=class_weight, seed=seed,
-                         n_samples=len(data.y), n_features=data.X.shape[1], search=search)
+                         n_samples=len(data.y), n_features=data.X.shape[1], search=search, array_api=on_gpu)
     _register_backend(backend)
     n_classes = len(data.class_names)
 
@@ -388,18 +493,24 @@ def fit(
             splits = make_splits(data.y, cv=cv, repeats=repeats, groups=group_keys, seed=seed)
             evaluation = {"strategy": "cv", "n_splits": cv, "repeats": repeats,
                           "groups": group_keys is not None, "search": search}
-    if jobs is None:
-        jobs = default_jobs(X_all, len(splits)) if backend in ("loky", "threading") else -1
-    with parallel_config(backend=backend, n_jobs=jobs):
-        folds = Parallel()(delayed(_fold)(pipe, X_all, y_all, tr, te) for tr, te in splits)
+    if on_gpu:  # copied once; the GPU runs the folds one after the other
+        import torch
+
+        X_dev, y_dev = torch.as_tensor(X_all, device=fit_device), torch.as_tensor(y_all, device=fit_device)
+        folds = [_fold(pipe, X_dev, y_dev, tr, te) for tr, te in splits]
+        X_fit, y_fit = X_dev[: len(data.y)], y_dev[: len(data.y)]  # the training rows come first
+    else:
+        X_fit, y_fit = data.X, data.y
+        if jobs is None:
+            jobs = default_jobs(X_all, len(splits)) if backend in ("loky", "threading") else -1
+        with parallel_config(backend=backend, n_jobs=jobs):
+            folds = Parallel()(delayed(_fold)(pipe, X_all, y_all, tr, te) for tr, te in splits)
     cv_seconds = time.perf_counter() - t0
 
     per_fold = [fold_metrics(y_all[te], pred, proba, classes, n_classes)
                 for (_, te), (pred, proba, classes) in zip(splits, folds, strict=True)]
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
-        final = clone(pipe).fit(data.X, data.y)
+    final = _refit(pipe, X_fit, y_fit)
     fit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     final.predict(data.X[: min(len(data.X), 256)])
@@ -423,13 +534,16 @@ def fit(
             y_pred.append(pred[j])
     metrics = _metrics(model, spec, data, evaluation, per_fold, np.array(y_true), np.array(y_pred), {
         "extract_seconds": float(data.store.attrs.get("extract_seconds", 0.0)), "cv_seconds": cv_seconds,
-        "fit_seconds": fit_seconds, "predict_seconds_per_image": predict_per_image})
-    if search:
+        "fit_seconds": fit_seconds, "predict_seconds_per_image": predict_per_image}, fit_device)
+    if device_note:
+        metrics["device_note"] = device_note
+    if hasattr(final[-1], "best_estimator_"):  # --search, or logreg's inner CV on a GPU
         best = final[-1].best_params_
         metrics["best_params"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in best.items()}
         final.steps[-1] = ("clf", final[-1].best_estimator_)  # ship the model, not the search machinery
     run_dir = Path(output) if output else Path("runs") / f"{data.store.path.stem}-{model}"
-    params = {"scale": scale, "pca": pca, "class_weight": class_weight, "search": search, "seed": seed}
+    params = {"scale": scale, "pca": pca, "class_weight": class_weight, "search": search, "seed": seed,
+              "device": fit_device}
     save_run(run_dir, final, model=model, params=params, store=data.store, metrics=metrics,
              predictions=predictions)
     return FitResult(run_dir, model, final, metrics, predictions)
@@ -484,7 +598,7 @@ def _aligned_test_set(test_store: str | Path | FeatureStore, train: Dataset) -> 
 
 def _metrics(model: str, spec: BackboneSpec, data: Dataset, evaluation: dict[str, Any],
              per_fold: list[dict[str, float]], y_true: np.ndarray, y_pred: np.ndarray,
-             timing: dict[str, float]) -> dict[str, Any]:
+             timing: dict[str, float], device: str = "cpu") -> dict[str, Any]:
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     n_classes = len(data.class_names)
@@ -500,7 +614,7 @@ def _metrics(model: str, spec: BackboneSpec, data: Dataset, evaluation: dict[str
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),
                           "support": int(support[i])} for i, c in enumerate(data.class_names)},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=np.arange(n_classes)).tolist(),
-        "timing": timing,
+        "timing": timing, "device": device,
     }
 
 

@@ -69,8 +69,10 @@ def print_fit_results(console: Console, results: list) -> None:
     console.print(table)
     for r in results:
         t = r.metrics["timing"]
+        where = f" on {r.metrics['device']}" if r.metrics.get("device", "cpu") != "cpu" else ""
+        note = f"; {r.metrics['device_note']}" if r.metrics.get("device_note") else ""
         console.print(f"{r.model}: {r.run_dir} (evaluation {t['cv_seconds']:.1f} s, "
-                      f"final fit {t['fit_seconds']:.1f} s)", soft_wrap=True)
+                      f"final fit {t['fit_seconds']:.1f} s{where}{note})", soft_wrap=True)
 
 
 def _mean_std(score: dict) -> str:

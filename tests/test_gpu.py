@@ -91,3 +91,31 @@ def test_pretrained_model_on_gpu_still_sees_a_cat(lite0) -> None:
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         top = model.logits(x).float().softmax(1).argmax(1).item()
     assert "cat" in model.class_names[top]
+
+
+GPU_FIT = r"""
+import json, sys
+from embedfit.fit import fit, load_dataset, load_model
+data, out = load_dataset(sys.argv[1]), {}
+for model in ("ridge", "logreg"):
+    gpu = fit(sys.argv[1], model, device="auto", output=f"{sys.argv[2]}/{model}-gpu", cv=3)
+    cpu = fit(sys.argv[1], model, device="cpu", output=f"{sys.argv[2]}/{model}-cpu", cv=3)
+    saved, _ = load_model(f"{sys.argv[2]}/{model}-gpu")  # loads and predicts on the CPU, like any run
+    out[model] = {"device": gpu.metrics["device"], "gpu": gpu.score(), "cpu": cpu.score(),
+                  "agree": float((saved.predict(data.X) == cpu.pipeline.predict(data.X)).mean())}
+print(json.dumps(out))
+"""
+
+
+def test_fit_on_gpu_matches_cpu(shared_store: Path, tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SCIPY_ARRAY_API": "1"}  # SciPy reads it at import: a fresh process
+    proc = subprocess.run([sys.executable, "-c", GPU_FIT, str(shared_store), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for model, r in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        assert r["device"] == "cuda" and abs(r["gpu"] - r["cpu"]) <= 0.1 and r["agree"] >= 0.9, (model, r)
