@@ -105,6 +105,9 @@ class BackboneSpec:
         return Preprocess(self.resize_size, self.input_size, self.interpolation)
 
 
+_PIL_FILTERS = {"bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values, without importing PIL here
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Decoded RGB PIL image -> uint8 tensor (3, H, W): resize the shorter side, centre crop.
@@ -133,7 +136,37 @@ class Preprocess:
         return (self.resize_size, self.resize_size)
 
     def __call__(self, image: Any) -> torch.Tensor:
+        from PIL import Image
+
+        if isinstance(image, Image.Image) and self.interpolation in _PIL_FILTERS:
+            cropped = self._resize_crop_pil(image)
+            if cropped is not None:
+                from torchvision.transforms.v2 import functional as F
+
+                return F.pil_to_tensor(cropped)
         return self._transform(image)
+
+    def _resize_crop_pil(self, image: Any) -> Any:
+        """`_transform`'s resize and centre crop, resizing only the columns the crop keeps.
+
+        PIL's resize with a source box uses the same sample positions and filter as a whole-image resize, so the
+        pixels match (within 2 levels, from rounding) while a 500x375 photo costs 1.5 ms instead of 2.3. The box
+        is horizontal only: with a vertical box too, Pillow 13 returns RGB pixels up to 20 levels off (seen on
+        portrait images), so rows are cropped after the resize. None when the crop is larger than the resized
+        image (torchvision pads then).
+        """
+        w, h = image.size
+        crop_h, crop_w = self.crop_size
+        # torchvision's arithmetic: the shorter side becomes resize_size, the longer one is truncated
+        new_w, new_h = ((self.resize_size, int(self.resize_size * h / w)) if w <= h else
+                        (int(self.resize_size * w / h), self.resize_size))
+        if crop_w > new_w or crop_h > new_h:
+            return None
+        top, left = round((new_h - crop_h) / 2.0), round((new_w - crop_w) / 2.0)  # as CenterCrop rounds
+        scale = w / new_w
+        resized = image.resize((crop_w, new_h), _PIL_FILTERS[self.interpolation],
+                               box=(left * scale, 0, (left + crop_w) * scale, h))
+        return resized.crop((0, top, crop_w, top + crop_h))
 
     def tensors(self, images: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """The same resize and crop on decoded uint8 tensors (3, H, W), on their device; None stays None.

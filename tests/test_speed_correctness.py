@@ -135,3 +135,40 @@ def test_dataset_returns_bytes_only_for_plain_jpegs(odd_jpegs: Path, lite0) -> N
     kinds = {records[i].key: (None if t is None else t.dim()) for i, t, _ in (ds[i] for i in range(len(ds)))}
     assert kinds["plain_0.jpg"] == 1 and kinds["cmyk.jpg"] == 3 and kinds["photo.png"] == 3
     assert kinds["truncated.jpg"] is None and kinds["text.jpg"] is None
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_box_resize_matches_torchvision_resize_then_crop(interpolation: str) -> None:
+    """Preprocess resizes only the columns its crop keeps; the pixels match v2.Resize + v2.CenterCrop."""
+    from torchvision.transforms import v2
+
+    from embedfit.backbones import Preprocess
+
+    rng = np.random.default_rng(0)
+    sizes = [(500, 375), (375, 500), (256, 256), (224, 224), (257, 300), (1000, 999), (3000, 2000), (299, 224),
+             (600, 257), (224, 500), (800, 256), (333, 517), (1024, 768), (200, 150)]
+    for resize, crop in [(256, (224, 224)), (224, (224, 224)), (320, (288, 288)), (256, (224, 200)),
+                         (256, (300, 224))]:
+        pre = Preprocess(resize, crop, interpolation)
+        reference = v2.Compose([v2.Resize(resize, interpolation=v2.InterpolationMode(interpolation), antialias=True),
+                                v2.CenterCrop(crop), v2.PILToTensor()])
+        for w, h in sizes:
+            # noise is the hardest case for resampling; smooth photos differ less
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            fast, ref = pre(img), reference(img)
+            assert fast.shape == ref.shape and fast.dtype == torch.uint8, (resize, crop, w, h)
+            diff = (fast.int() - ref.int()).abs()
+            assert diff.max() <= 2 and (diff > 0).float().mean() < 0.2, (resize, crop, w, h, diff.max())
+
+
+def test_box_resize_leaves_features_unchanged(lite0) -> None:
+    from torchvision.transforms import v2
+
+    pre = lite0.spec.preprocess()
+    reference = v2.Compose([v2.Resize(pre.resize_size, interpolation=v2.InterpolationMode(pre.interpolation),
+                                      antialias=True), v2.CenterCrop(pre.crop_size), v2.PILToTensor()])
+    photos = [_photo(w, h, i) for i, (w, h) in enumerate([(500, 375), (375, 500), (1200, 800), (640, 427)])]
+    encoder = Encoder(lite0, torch.device("cpu"))
+    fast = encoder(torch.stack([pre(p) for p in photos]))
+    ref = encoder(torch.stack([reference(p) for p in photos]))
+    assert cosine(fast, ref).min() > 0.9999
