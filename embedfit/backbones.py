@@ -105,7 +105,7 @@ class BackboneSpec:
         return Preprocess(self.resize_size, self.input_size, self.interpolation)
 
 
-_PIL_FILTERS = {"bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values, without importing PIL here
+_BOX_RESIZE_FILTERS = ("bilinear", "bicubic")  # checked against torchvision's resize + crop in the tests
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class Preprocess:
     def __call__(self, image: Any) -> torch.Tensor:
         from PIL import Image
 
-        if isinstance(image, Image.Image) and self.interpolation in _PIL_FILTERS:
+        if isinstance(image, Image.Image) and self.interpolation in _BOX_RESIZE_FILTERS:
             cropped = self._resize_crop_pil(image)
             if cropped is not None:
                 from torchvision.transforms.v2 import functional as F
@@ -164,7 +164,9 @@ class Preprocess:
             return None
         top, left = round((new_h - crop_h) / 2.0), round((new_w - crop_w) / 2.0)  # as CenterCrop rounds
         scale = w / new_w
-        resized = image.resize((crop_w, new_h), _PIL_FILTERS[self.interpolation],
+        from PIL import Image
+
+        resized = image.resize((crop_w, new_h), Image.Resampling[self.interpolation.upper()],
                                box=(left * scale, 0, (left + crop_w) * scale, h))
         return resized.crop((0, top, crop_w, top + crop_h))
 
