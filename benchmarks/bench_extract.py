@@ -9,7 +9,8 @@
    file reading in the workers plus decode + resize on the device).
 
 `--ablations` adds a table of the compute ceiling with each technique switched off or on (layout, precision,
-batch size, torch.compile), so that what each one buys is measured rather than assumed.
+batch size, torch.compile), so that what each one buys is measured rather than assumed, and per image size the
+cost of resize + crop with torchvision's whole-image resize against embedfit's column-box resize.
 
 Usage:
     python benchmarks/bench_extract.py --images 200 --size 500x375 --size 3000x2000
@@ -165,6 +166,26 @@ def ablations(backbone_name: str, weights: str | None, device: torch.device, n: 
     return rows
 
 
+def preprocess_ms(backbone, paths: list[Path], repeats: int = 3) -> dict[str, float]:
+    """Resize + centre crop + to-tensor of one decoded image, on one core (ms, best of `repeats` passes):
+    torchvision resizing the whole image then cropping, against embedfit's Preprocess (which resizes only the
+    columns the crop keeps). Images are decoded as the extractor decodes them (JPEG draft included)."""
+    from embedfit.images import decode_image
+
+    pre = backbone.spec.preprocess()
+    images = [decode_image(p, draft_size=pre.draft_size) for p in paths]
+    out = {}
+    for label, transform in (("torchvision Resize + CenterCrop", pre._transform), ("embedfit Preprocess", pre)):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for image in images:
+                transform(image)
+            best = min(best, (time.perf_counter() - start) / len(images))
+        out[label] = best * 1e3
+    return out
+
+
 def random_weights(name: str, folder: Path) -> str:
     """A saved random-init state dict of a torchvision model, for speed runs where the pretrained file cannot be
     downloaded (speed does not depend on the weights' values)."""
@@ -230,11 +251,15 @@ def main() -> None:
                    "compute_ceiling": compute, "input_ceiling": inputs, "bound_images_per_second": bound,
                    "setup_seconds": setup, "vs_naive": e2e / naive_rate, "vs_compute": e2e / compute,
                    "vs_bound": e2e / bound, "bound": kind}
+            if args.ablations and decode == "pil":
+                row["preprocess_ms"] = preprocess_ms(backbone, paths[:100])
             rows.append(row)
             print(f"{size:>10} {decode:>6}: naive {naive_rate:7.1f} | embedfit {e2e:7.1f} | compute ceiling "
                   f"{compute:7.1f} | input ceiling {inputs:7.1f} | bound {bound:7.1f} img/s || embedfit/naive "
                   f"{row['vs_naive']:.2f}x, /compute {row['vs_compute']:.0%}, /bound {row['vs_bound']:.0%} "
                   f"({kind}-bound; fixed cost {setup:.1f} s, whole run {whole:.1f} img/s)", flush=True)
+            for label, ms in row.get("preprocess_ms", {}).items():
+                print(f"{'':>18}resize + crop per image, one core: {label} {ms:.2f} ms")
     extra = {}
     if args.ablations:
         print("compute ceiling per technique:")
