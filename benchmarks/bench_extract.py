@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -130,6 +131,38 @@ def input_ceiling(folder: Path, encoder: Encoder, workers: int, batch_size: int,
     return (n - warm[1]) / max(time.perf_counter() - warm[0], 1e-9) if n > warm[1] else float("nan")
 
 
+def measure(naive_rate: float, e2e: float, whole: float, setup: float, compute: float, inputs: float,
+            device: torch.device, workers: int, cores: int) -> dict:
+    """One round's figures for one image set, with the bound that applies and the ratios."""
+    bound, kind = min((compute, "compute"), (inputs, "input"))
+    if device.type == "cpu" and workers:
+        # On a CPU the model already uses every core, so decoding cannot run beside it for free: the best is the
+        # two phases back to back, decoding spread over all cores.
+        bound, kind = 1 / (1 / compute + workers / (cores * inputs)), "shared cores"
+    return {"naive": naive_rate, "embedfit": e2e, "embedfit_whole_run": whole, "compute_ceiling": compute,
+            "input_ceiling": inputs, "bound_images_per_second": bound, "setup_seconds": setup, "bound": kind,
+            "vs_naive": e2e / naive_rate, "vs_compute": e2e / compute, "vs_bound": e2e / bound}
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """Medians over rounds: rates as the median rate, ratios as the median of the rounds' ratios (a ratio of
+    medians would pair figures from different moments of a noisy machine)."""
+    out = {key: statistics.median(r[key] for r in rounds) for key in rounds[0] if key != "bound"}
+    out["bound"] = rounds[0]["bound"]
+    out["embedfit_min"] = min(r["embedfit"] for r in rounds)
+    out["embedfit_max"] = max(r["embedfit"] for r in rounds)
+    out["rounds"] = rounds
+    return out
+
+
+def line(m: dict) -> str:
+    return (f"naive {m['naive']:7.1f} | embedfit {m['embedfit']:7.1f} | compute ceiling {m['compute_ceiling']:7.1f} | "
+            f"input ceiling {m['input_ceiling']:7.1f} | bound {m['bound_images_per_second']:7.1f} img/s || "
+            f"embedfit/naive {m['vs_naive']:.2f}x, /compute {m['vs_compute']:.0%}, /bound {m['vs_bound']:.0%} "
+            f"({m['bound']}-bound; fixed cost {m['setup_seconds']:.1f} s, "
+            f"whole run {m['embedfit_whole_run']:.1f} img/s)")
+
+
 def ablations(backbone_name: str, weights: str | None, device: torch.device, n: int) -> list[dict]:
     """Compute ceiling with one technique changed at a time (img/s)."""
     rows = []
@@ -211,6 +244,8 @@ def main() -> None:
     parser.add_argument("--decode", action="append", choices=["pil", "device"], help="repeatable (default pil)")
     parser.add_argument("--naive-images", type=int, default=None, help="images for the slow naive loop")
     parser.add_argument("--ablations", action="store_true", help="also time the compute ceiling per technique")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure everything this many times, interleaved; report medians (default 3)")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -228,38 +263,41 @@ def main() -> None:
     print(f"hardware: {hardware()}")
     print(f"{args.backbone}, batch {args.batch_size}, {args.precision}, workers {workers}, device {device}, "
           f"runtime {encoder.runtime}")
-    compute = compute_ceiling(encoder, max(args.images, 20 * args.batch_size), args.batch_size)
-    print(f"compute ceiling {compute:.1f} img/s")
-    rows = []
+    sets = []  # (size, n, folder, paths, n_naive): made once, measured in every round
     for size in args.size or ["500x375", "3000x2000"]:
         w, h = map(int, size.split("x"))
         n = args.large_images if (args.large_images and w * h > 2e6) else args.images
         folder = jpeg_folder(n, w, h)
         paths = sorted(folder.glob("*.jpg"))
-        n_naive = args.naive_images or min(len(paths), 60 if w * h > 2e6 else 120)
-        naive_rate = naive(paths[:n_naive], backbone, device)
+        sets.append((size, n, folder, paths, args.naive_images or min(len(paths), 60 if w * h > 2e6 else 120)))
+    rounds: dict[tuple[str, str], list[dict]] = {}
+    for r in range(args.rounds):
+        # Every quantity once per round, one after the other, so that the ratios of a round share the machine's
+        # state of the moment; the medians over rounds are what is reported.
+        compute = compute_ceiling(encoder, max(args.images, 20 * args.batch_size), args.batch_size)
+        print(f"round {r + 1}/{args.rounds}: compute ceiling {compute:.1f} img/s", flush=True)
+        for size, _n, folder, paths, n_naive in sets:
+            naive_rate = naive(paths[:n_naive], backbone, device)
+            for decode in decoders:
+                e2e, setup, whole = end_to_end(folder, dataclasses.replace(config, decode=decode), tmp)
+                inputs = input_ceiling(folder, encoder, workers, args.batch_size, decode)
+                m = measure(naive_rate, e2e, whole, setup, compute, inputs, device, workers, cores)
+                rounds.setdefault((size, decode), []).append(m)
+                print(f"{size:>10} {decode:>6}: {line(m)}", flush=True)
+    rows = []
+    for size, n, _folder, paths, n_naive in sets:
         for decode in decoders:
-            e2e, setup, whole = end_to_end(folder, dataclasses.replace(config, decode=decode), tmp)
-            inputs = input_ceiling(folder, encoder, workers, args.batch_size, decode)
-            bound, kind = min((compute, "compute"), (inputs, "input"))
-            if device.type == "cpu" and workers:
-                # On a CPU the model already uses every core, so decoding cannot run beside it for free: the
-                # best is the two phases back to back, decoding spread over all cores.
-                bound, kind = 1 / (1 / compute + workers / (cores * inputs)), "shared cores"
-            row = {"size": size, "images": n, "decode": decode, "naive": naive_rate, "embedfit": e2e,
-                   "embedfit_whole_run": whole,
-                   "compute_ceiling": compute, "input_ceiling": inputs, "bound_images_per_second": bound,
-                   "setup_seconds": setup, "vs_naive": e2e / naive_rate, "vs_compute": e2e / compute,
-                   "vs_bound": e2e / bound, "bound": kind}
+            row = {"size": size, "images": n, "naive_images": n_naive, "decode": decode,
+                   **summarise(rounds[(size, decode)])}
             if args.ablations and decode == "pil":
                 row["preprocess_ms"] = preprocess_ms(backbone, paths[:100])
             rows.append(row)
-            print(f"{size:>10} {decode:>6}: naive {naive_rate:7.1f} | embedfit {e2e:7.1f} | compute ceiling "
-                  f"{compute:7.1f} | input ceiling {inputs:7.1f} | bound {bound:7.1f} img/s || embedfit/naive "
-                  f"{row['vs_naive']:.2f}x, /compute {row['vs_compute']:.0%}, /bound {row['vs_bound']:.0%} "
-                  f"({kind}-bound; fixed cost {setup:.1f} s, whole run {whole:.1f} img/s)", flush=True)
-            for label, ms in row.get("preprocess_ms", {}).items():
-                print(f"{'':>18}resize + crop per image, one core: {label} {ms:.2f} ms")
+    print(f"median of {args.rounds} round(s), ratios as the median of each round's ratio:")
+    for row in rows:
+        spread = f" (embedfit {row['embedfit_min']:.1f}-{row['embedfit_max']:.1f})" if args.rounds > 1 else ""
+        print(f"{row['size']:>10} {row['decode']:>6}: {line(row)}{spread}")
+        for label, ms in row.get("preprocess_ms", {}).items():
+            print(f"{'':>18}resize + crop per image, one core: {label} {ms:.2f} ms")
     extra = {}
     if args.ablations:
         print("compute ceiling per technique:")
@@ -268,7 +306,7 @@ def main() -> None:
     path = save(f"extract_{args.backbone}_{device.type}_{args.precision}{args.tag}",
                 {"backbone": args.backbone, "batch_size": args.batch_size, "precision": args.precision,
                  "workers": workers, "device": str(device), "runtime": encoder.runtime,
-                 "random_weights": args.random_weights, "rows": rows,
+                 "random_weights": args.random_weights, "rounds": args.rounds, "rows": rows,
                  **extra})
     print(f"wrote {path}")
 

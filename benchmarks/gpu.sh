@@ -13,9 +13,9 @@ python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_gpu.py tests/
 tail -3 "$OUT/gpu_tests.log"
 cd benchmarks
 python3 bench_memory.py --device cuda --counts 1000 10000 20000 2>&1 | tee "$OUT/memory.log"
-python3 bench_extract.py --device cuda --precision bf16 --images 8000 --large-images 400 --naive-images 200 \
+python3 bench_extract.py --device cuda --precision bf16 --images 8000 --large-images 400 --naive-images 200 --rounds 1 \
   --decode pil --decode device "$@" 2>&1 | tee "$OUT/extract_lite0.log"
 python3 bench_extract.py --device cuda --precision bf16 --backbone resnet50 --random-weights --images 4000 \
-  --large-images 300 --naive-images 200 --decode pil --decode device "$@" 2>&1 | tee "$OUT/extract_resnet50.log"
+  --large-images 300 --naive-images 200 --rounds 1 --decode pil --decode device "$@" 2>&1 | tee "$OUT/extract_resnet50.log"
 python3 bench_fit.py --device cuda 2>&1 | tee "$OUT/fit_cuda.log"
 cp results/*cuda*.json "$OUT/" 2>/dev/null
