@@ -10,7 +10,8 @@
 
 `--ablations` adds a table of the compute ceiling with each technique switched off or on (layout, precision,
 batch size, torch.compile), so that what each one buys is measured rather than assumed, and per image size the
-cost of resize + crop with torchvision's whole-image resize against embedfit's column-box resize.
+cost of preparing one image on one thread: Pillow decoding + torchvision's transforms on the PIL image, against
+embedfit's decoding and preprocessing.
 
 Usage:
     python benchmarks/bench_extract.py --images 200 --size 500x375 --size 3000x2000
@@ -199,24 +200,31 @@ def ablations(backbone_name: str, weights: str | None, device: torch.device, n: 
     return rows
 
 
-def preprocess_ms(backbone, paths: list[Path], repeats: int = 3) -> dict[str, float]:
-    """Resize + centre crop + to-tensor of one decoded image, on one core (ms, best of `repeats` passes):
-    torchvision resizing the whole image then cropping, against embedfit's Preprocess (which resizes only the
-    columns the crop keeps). Images are decoded as the extractor decodes them (JPEG draft included)."""
+def input_ms(backbone, paths: list[Path], repeats: int = 3) -> dict[str, float]:
+    """Read + decode + resize + centre crop of one image to a uint8 tensor, on one thread (ms, best of `repeats`
+    passes, the variants interleaved): Pillow decoding (with JPEG draft, as embedfit uses it) followed by
+    torchvision's transforms on the PIL image, against embedfit's `ImageDataset` (plain JPEGs decoded by
+    torchvision's libjpeg-turbo, uint8 resize by torch). This per-image cost is what sets the input ceiling."""
     from embedfit.images import decode_image
 
-    pre = backbone.spec.preprocess()
-    images = [decode_image(p, draft_size=pre.draft_size) for p in paths]
-    out = {}
-    for label, transform in (("torchvision Resize + CenterCrop", pre._transform), ("embedfit Preprocess", pre)):
-        best = float("inf")
+    dataset = ImageDataset(scan_images(paths[0].parent).records[:len(paths)], backbone.spec)
+    pre = dataset.preprocess
+    variants = {"PIL decode + torchvision transforms":
+                lambda i: pre._transform(decode_image(dataset.records[i].path, draft_size=dataset.draft)),
+                "embedfit ImageDataset": dataset.decode}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the decoding workers
+    best = dict.fromkeys(variants, float("inf"))
+    try:
         for _ in range(repeats):
-            start = time.perf_counter()
-            for image in images:
-                transform(image)
-            best = min(best, (time.perf_counter() - start) / len(images))
-        out[label] = best * 1e3
-    return out
+            for label, fn in variants.items():
+                start = time.perf_counter()
+                for i in range(len(dataset)):
+                    fn(i)
+                best[label] = min(best[label], (time.perf_counter() - start) / len(dataset))
+    finally:
+        torch.set_num_threads(threads)
+    return {label: t * 1e3 for label, t in best.items()}
 
 
 def random_weights(name: str, folder: Path) -> str:
@@ -290,14 +298,14 @@ def main() -> None:
             row = {"size": size, "images": n, "naive_images": n_naive, "decode": decode,
                    **summarise(rounds[(size, decode)])}
             if args.ablations and decode == "pil":
-                row["preprocess_ms"] = preprocess_ms(backbone, paths[:100])
+                row["input_ms"] = input_ms(backbone, paths[:100])
             rows.append(row)
     print(f"median of {args.rounds} round(s), ratios as the median of each round's ratio:")
     for row in rows:
         spread = f" (embedfit {row['embedfit_min']:.1f}-{row['embedfit_max']:.1f})" if args.rounds > 1 else ""
         print(f"{row['size']:>10} {row['decode']:>6}: {line(row)}{spread}")
-        for label, ms in row.get("preprocess_ms", {}).items():
-            print(f"{'':>18}resize + crop per image, one core: {label} {ms:.2f} ms")
+        for label, ms in row.get("input_ms", {}).items():
+            print(f"{'':>18}read + decode + resize + crop per image, one thread: {label} {ms:.2f} ms")
     extra = {}
     if args.ablations:
         print("compute ceiling per technique:")

@@ -222,9 +222,16 @@ class ImageDataset(Dataset):
         return len(self.records)
 
     def decode(self, i: int) -> tuple[torch.Tensor | None, str]:
-        """Decode and preprocess record `i` with PIL: (uint8 tensor, "") or (None, reason)."""
+        """Decode and preprocess record `i` on the CPU: (uint8 tensor, "") or (None, reason).
+
+        Plain JPEGs that JPEG draft would not shrink are decoded by libjpeg-turbo through torchvision (the same
+        pixels as PIL's, with less overhead); everything else, and anything that decoder balks at, goes through
+        `decode_image`, which also words the reasons for failures.
+        """
         try:
-            image = decode_image(self.records[i].path, max_pixels=self.max_pixels, draft_size=self.draft)
+            image = decode_jpeg_cpu(self.records[i].path, self.max_pixels, self.draft)
+            if image is None:
+                image = decode_image(self.records[i].path, max_pixels=self.max_pixels, draft_size=self.draft)
             return self.preprocess(image), ""
         except DecodeError as exc:
             return None, str(exc)
@@ -245,11 +252,43 @@ def plain_jpeg_bytes(path: str | os.PathLike, max_pixels: int | None = DEFAULT_M
     That means: complete (ends with the EOI marker, so truncation is still reported by PIL), RGB or grayscale,
     no EXIF rotation, within the pixel limit. Only the header is parsed here.
     """
+    plain = _plain_jpeg(path, max_pixels)
+    return None if plain is None else torch.frombuffer(plain[0], dtype=torch.uint8)
+
+
+def decode_jpeg_cpu(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                    draft_size: tuple[int, int] | None = None) -> torch.Tensor | None:
+    """A plain JPEG (see `plain_jpeg_bytes`) decoded on the CPU by torchvision's libjpeg-turbo, else None.
+
+    Returns (3, H, W) uint8 in channels-last memory, which `Preprocess` resizes without a copy. None when PIL's
+    JPEG draft would decode the file at a reduced scale (far cheaper for large photos), and on any error or
+    warning from the decoder, so that `decode_image` decodes the file or words why it cannot.
+    """
+    plain = _plain_jpeg(path, max_pixels)
+    if plain is None:
+        return None
+    data, (width, height) = plain
+    if draft_size is not None and min(width // draft_size[0], height // draft_size[1]) >= 2:
+        return None  # the test PIL's JpegImageFile.draft uses to pick a scale of 1/2 or less
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # libjpeg's "corrupt data" warnings: let PIL judge the file
+            # torchvision 0.29 deprecates its decoders for TorchCodec's; when they go, PIL decodes everything.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except Exception:
+        return None
+
+
+def _plain_jpeg(path: str | os.PathLike, max_pixels: int | None) -> tuple[bytearray, tuple[int, int]] | None:
+    """(bytes, (width, height)) of a JPEG that decodes to the same pixels outside PIL, else None."""
     from PIL import Image
 
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = bytearray(f.read())
         if data[:3] != b"\xff\xd8\xff" or data.rstrip(b"\0\r\n ")[-2:] != b"\xff\xd9":
             return None
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:
@@ -257,9 +296,9 @@ def plain_jpeg_bytes(path: str | os.PathLike, max_pixels: int | None = DEFAULT_M
                 return None
             if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation
                 return None
+            return data, im.size
     except Exception:  # anything odd: PIL's path reports it properly
         return None
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 @dataclass

@@ -14,8 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from embedfit.extract import Encoder, ExtractConfig, ImageDataset, extract, iter_embeddings, plain_jpeg_bytes
-from embedfit.images import scan_images
+from embedfit.extract import (
+    Encoder,
+    ExtractConfig,
+    ImageDataset,
+    decode_jpeg_cpu,
+    extract,
+    iter_embeddings,
+    plain_jpeg_bytes,
+)
+from embedfit.images import decode_image, scan_images
 from embedfit.store import FeatureStore
 
 
@@ -56,6 +64,69 @@ def test_plain_jpeg_bytes_sends_only_safe_jpegs_to_the_device(odd_jpegs: Path) -
     data = plain_jpeg_bytes(odd_jpegs / "plain_0.jpg")
     assert data.dtype == torch.uint8 and bytes(data.numpy()) == (odd_jpegs / "plain_0.jpg").read_bytes()
     assert plain_jpeg_bytes(odd_jpegs / "plain_0.jpg", max_pixels=1000) is None  # the bomb limit still applies
+
+
+def test_cpu_jpeg_decoder_takes_plain_jpegs_that_draft_would_not_shrink(odd_jpegs: Path) -> None:
+    draft = (256, 256)
+    taken = {p.name for p in sorted(odd_jpegs.iterdir()) if decode_jpeg_cpu(p, draft_size=draft) is not None}
+    # plain_3 is 1200x800: PIL's JPEG draft decodes it at half size, far cheaper, so it stays with PIL.
+    assert taken == {f"plain_{i}.jpg" for i in (0, 1, 2, 4, 5)} | {"gray.jpg", "progressive.jpg"}
+    assert decode_jpeg_cpu(odd_jpegs / "plain_3.jpg") is not None  # no draft asked for: taken
+    assert decode_jpeg_cpu(odd_jpegs / "plain_0.jpg", max_pixels=1000) is None  # the bomb limit: PIL words it
+
+
+def test_cpu_jpeg_decoder_gives_pils_pixels(odd_jpegs: Path, tmp_path: Path) -> None:
+    """torchvision's libjpeg-turbo and Pillow's decode plain JPEGs (4:2:0, 4:4:4, grey, progressive) alike."""
+    photo = _photo(333, 517, 1)
+    photo.save(tmp_path / "444.jpg", quality=95, subsampling=0)
+    photo.save(tmp_path / "422.jpg", quality=75, subsampling=1)
+    paths = [tmp_path / "444.jpg", tmp_path / "422.jpg",
+             *(odd_jpegs / n for n in ("plain_0.jpg", "plain_1.jpg", "gray.jpg", "progressive.jpg"))]
+    for path in paths:
+        fast = decode_jpeg_cpu(path)
+        reference = torch.from_numpy(np.array(decode_image(path))).permute(2, 0, 1)
+        assert fast is not None and fast.shape == reference.shape and fast.dtype == torch.uint8, path.name
+        assert (fast.int() - reference.int()).abs().max() <= 1, path.name
+
+
+def test_cpu_jpeg_decoder_leaves_damaged_files_to_pil(tmp_path: Path, lite0) -> None:
+    """A complete-looking JPEG with garbage inside: statuses and reasons are PIL's, whichever decoder ran."""
+    buf = io.BytesIO()
+    _photo(451, 300, 0).save(buf, format="JPEG", quality=90)
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        data = bytearray(buf.getvalue())
+        start = len(data) // 2 + 500 * k
+        data[start:start + 200] = rng.integers(0, 256, 200, dtype=np.uint8).tobytes()
+        (tmp_path / f"damaged_{k}.jpg").write_bytes(bytes(data))
+    records = scan_images(tmp_path).records
+    dataset = ImageDataset(records, lite0.spec)
+    for i, record in enumerate(records):
+        _, image, error = dataset[i]
+        try:
+            expected = lite0.spec.preprocess()(decode_image(record.path, draft_size=dataset.draft)), ""
+        except Exception as exc:
+            expected = None, str(exc)
+        assert error == expected[1], record.key
+        if image is not None:
+            assert (image.int() - expected[0].int()).abs().max() <= 2, record.key
+    assert any(dataset[i][1] is None for i in range(len(records)))  # the garbage broke at least one
+
+
+def test_cpu_fast_path_leaves_features_unchanged(odd_jpegs: Path, lite0) -> None:
+    """The dataset's output (torchvision decode + torch resize) against PIL decode + torchvision's PIL transforms."""
+    from torchvision.transforms import v2
+
+    pre = lite0.spec.preprocess()
+    reference = v2.Compose([v2.Resize(pre.resize_size, interpolation=v2.InterpolationMode(pre.interpolation),
+                                      antialias=True), v2.CenterCrop(pre.crop_size), v2.PILToTensor()])
+    records = [r for r in scan_images(odd_jpegs).records if r.key.startswith(("plain", "gray", "progressive"))]
+    dataset = ImageDataset(records, lite0.spec)
+    fast = torch.stack([dataset[i][1] for i in range(len(records))])
+    ref = torch.stack([reference(decode_image(r.path, draft_size=dataset.draft)) for r in records])
+    assert (fast.int() - ref.int()).abs().max() <= 2
+    encoder = Encoder(lite0, torch.device("cpu"))
+    assert cosine(encoder(fast), encoder(ref)).min() > 0.9999
 
 
 def test_device_decoding_matches_pil(odd_jpegs: Path, lite0, tmp_path: Path) -> None:
@@ -138,8 +209,9 @@ def test_dataset_returns_bytes_only_for_plain_jpegs(odd_jpegs: Path, lite0) -> N
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_box_resize_matches_torchvision_resize_then_crop(interpolation: str) -> None:
-    """Preprocess resizes only the columns its crop keeps; the pixels match v2.Resize + v2.CenterCrop."""
+def test_uint8_resize_matches_pil_resize_then_crop(interpolation: str) -> None:
+    """Preprocess resizes PIL images as uint8 tensors (torch's vectorised resize); the pixels match Pillow's resize
+    through v2.Resize + v2.CenterCrop on the PIL image, padding included where the crop exceeds the image."""
     from torchvision.transforms import v2
 
     from embedfit.backbones import Preprocess
@@ -161,7 +233,7 @@ def test_box_resize_matches_torchvision_resize_then_crop(interpolation: str) -> 
             assert diff.max() <= 2 and (diff > 0).float().mean() < 0.2, (resize, crop, w, h, diff.max())
 
 
-def test_box_resize_leaves_features_unchanged(lite0) -> None:
+def test_uint8_resize_leaves_features_unchanged(lite0) -> None:
     from torchvision.transforms import v2
 
     pre = lite0.spec.preprocess()
