@@ -128,7 +128,7 @@ def extract(
     precision: Precision = typer.Option(Precision.fp32, help="Compute precision (fp16 needs a GPU)."),
     dtype: FeatureDtype = typer.Option(FeatureDtype.float32, help="Stored feature dtype."),
     tta: TTA = typer.Option(TTA.none, help="Test-time augmentation: flip averages an image and its mirror."),
-    decode: Decode = typer.Option(Decode.pil, help="pil: decode JPEGs in worker processes; device: on the GPU."),
+    decode: Decode = typer.Option(Decode.pil, help="pil: decode in CPU worker processes; device: JPEGs on the GPU."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (long GPU runs)."),
     runtime: Runtime = typer.Option(Runtime.auto, help="auto: ONNX Runtime for fp32 on CPU if installed; torch; onnx."),
     overwrite: bool = typer.Option(False, help="Start the store afresh instead of resuming."),

@@ -59,7 +59,9 @@ class ExtractConfig:
         tta: "none" or "flip" (average of the image and its mirror).
         channels_last: NHWC memory format, faster for convnets on CPU and on GPUs with AMP.
         jpeg_draft: Let JPEG decoding downscale in the DCT when the image is much larger than needed.
-        decode: "pil" decodes and resizes in the DataLoader workers; "device" sends the JPEG bytes to the
+        decode: "pil" decodes and resizes in the DataLoader workers on the CPU (PIL, or torchvision's
+            libjpeg-turbo for plain JPEGs that JPEG draft would not shrink: same pixels, less overhead);
+            "device" sends the JPEG bytes to the
             model's device and decodes and resizes them there (nvJPEG on a GPU, for when CPU decoding is the
             bottleneck); other formats and unusual JPEGs (CMYK, EXIF-rotated, truncated) still go through PIL.
         compile: Run the model through `torch.compile` (slow first batch; pays off on long GPU runs).
