@@ -244,3 +244,18 @@ def test_uint8_resize_leaves_features_unchanged(lite0) -> None:
     fast = encoder(torch.stack([pre(p) for p in photos]))
     ref = encoder(torch.stack([reference(p) for p in photos]))
     assert cosine(fast, ref).min() > 0.9999
+
+
+def test_cpu_decoders_yield_the_cores_to_the_model() -> None:
+    """On a CPU the decoding workers drop to the lowest priority (the model's threads come first); not on a GPU."""
+    import subprocess
+    import sys
+
+    from embedfit.extract import worker_niceness
+
+    assert worker_niceness(torch.device("cpu")) == 19 and worker_niceness(torch.device("cuda")) == 0
+    code = ("import os; from embedfit.extract import _worker_init; before = os.nice(0); "
+            "_worker_init(0, niceness=19); print(before, os.nice(0))")
+    before, after = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                            check=True).stdout.split())
+    assert after == min(before + 19, 19)
