@@ -450,23 +450,15 @@ def big_jpeg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_jpeg_draft_is_close_to_full_decode_and_faster(big_jpeg: Path) -> None:
-    def best_of(n: int, **kwargs: object) -> tuple[float, Image.Image]:
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            img = decode_image(big_jpeg, **kwargs)
-            times.append(time.perf_counter() - start)
-        return min(times), img
-
-    full_time, full = best_of(3)
-    draft_time, drafted = best_of(3, draft_size=(256, 256))
+def test_jpeg_draft_is_close_to_full_decode(big_jpeg: Path) -> None:
+    """Draft decodes a 16th of the pixels (its speed is measured in benchmarks/, not timed here)."""
+    full = decode_image(big_jpeg)
+    drafted = decode_image(big_jpeg, draft_size=(256, 256))
     assert full.size == (3000, 2000)
     assert drafted.size == (750, 500)  # 1/4 scale: the largest reduction keeping both sides >= 256
     small_full = full.resize((224, 224), Image.Resampling.BILINEAR)
     small_draft = drafted.resize((224, 224), Image.Resampling.BILINEAR)
     assert np.abs(arr(small_full) - arr(small_draft)).mean() < 2
-    assert draft_time < 0.7 * full_time
 
 
 def test_draft_request_follows_exif_rotation(tmp_path: Path) -> None:
