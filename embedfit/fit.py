@@ -12,6 +12,7 @@ and repeated k-fold, or a hold-out store), refits it on all data and writes a ru
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import difflib
@@ -20,7 +21,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ AUTO_PCA_DIM = 256  # kernel/neighbour models: RBF-SVC and kNN on 1-4k-d feature
 # fail on tensors, and kNN converts them back to NumPy.
 ARRAY_API_MODELS = ("logreg", "ridge")
 LOGREG_CS = np.logspace(-4, 1, 6)
+_LOGREG_SOLVER = {"max_iter": 1000, "tol": 1e-3}  # shared by the NumPy and the array-API logreg
 
 # Types outside skops' default trusted set that embedfit's own pipelines contain. Loading refuses anything else.
 TRUSTED_TYPES = (
@@ -88,9 +90,8 @@ def _classifier(model: str, class_weight: str | None, seed: int, n_samples: int)
     from sklearn.svm import SVC, LinearSVC
 
     if model == "logreg":  # the linear probe: C chosen by an inner 3-fold CV on log loss
-        return LogisticRegressionCV(Cs=LOGREG_CS, cv=3, scoring="neg_log_loss", max_iter=1000,
-                                    tol=1e-3, class_weight=class_weight, l1_ratios=(0.0,),
-                                    use_legacy_attributes=False)
+        return LogisticRegressionCV(Cs=LOGREG_CS, cv=3, scoring="neg_log_loss", class_weight=class_weight,
+                                    l1_ratios=(0.0,), use_legacy_attributes=False, **_LOGREG_SOLVER)
     if model == "svm":
         # Calibrated on held-out folds instead of the deprecated SVC(probability=True). Two folds, fitted in
         # parallel: an ensemble of two SVCs on halves costs half of one SVC on everything (kernel SVMs scale
@@ -158,7 +159,7 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import GridSearchCV
 
-        clf = GridSearchCV(LogisticRegression(max_iter=1000, tol=1e-3, class_weight=class_weight),
+        clf = GridSearchCV(LogisticRegression(class_weight=class_weight, **_LOGREG_SOLVER),
                            {"C": list(LOGREG_CS)}, cv=3, scoring="neg_log_loss")
     if search:
         from sklearn.model_selection import GridSearchCV, StratifiedKFold
@@ -278,8 +279,7 @@ def _proba(est: Any, X: np.ndarray) -> np.ndarray | None:
 def _fold(pipe: Pipeline, X: Any, y: Any, train: np.ndarray, test: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Fit a clone on `train`, predict `test`. X and y are NumPy arrays, or torch tensors (array API)."""
-    with _dispatch(X), warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
+    with _fitting(X):
         est = clone(pipe).fit(X[train], y[train])
         pred, proba = est.predict(X[test]), _proba(est, X[test])
         classes = est[-1].classes_ if hasattr(est[-1], "classes_") else np.unique(_numpy(y[train]))
@@ -289,8 +289,7 @@ def _fold(pipe: Pipeline, X: Any, y: Any, train: np.ndarray, test: np.ndarray
 def _refit(pipe: Pipeline, X: Any, y: Any) -> Pipeline:
     """Fit a clone on everything; a pipeline fitted on tensors comes back with NumPy attributes, so that it
     predicts, saves and loads like any other."""
-    with _dispatch(X), warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
+    with _fitting(X):
         return _numpy(clone(pipe).fit(X, y))
 
 
@@ -343,15 +342,18 @@ def resolve_fit_device(device: str, model: str) -> tuple[str, str | None]:
     return device, None
 
 
-def _dispatch(X: Any) -> Any:
-    """scikit-learn's array-API dispatch while X is a torch tensor; nothing for NumPy input."""
-    import contextlib
+@contextlib.contextmanager
+def _fitting(X: Any) -> Iterator[None]:
+    """Around a fit on X: scikit-learn's array-API dispatch when X is a torch tensor, and its UserWarnings
+    (e.g. convergence on small folds) silenced."""
+    with contextlib.ExitStack() as stack:
+        if not isinstance(X, np.ndarray):
+            from sklearn import config_context
 
-    if isinstance(X, np.ndarray):
-        return contextlib.nullcontext()
-    from sklearn import config_context
-
-    return config_context(array_api_dispatch=True)
+            stack.enter_context(config_context(array_api_dispatch=True))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore", category=UserWarning)
+        yield
 
 
 def _numpy(obj: Any) -> Any:
