@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import io
 import os
 import queue
 import signal
@@ -255,8 +254,8 @@ def plain_jpeg_bytes(path: str | os.PathLike, max_pixels: int | None = DEFAULT_M
     That means: complete (ends with the EOI marker, so truncation is still reported by PIL), RGB or grayscale,
     no EXIF rotation, within the pixel limit. Only the header is parsed here.
     """
-    plain = _plain_jpeg(path, max_pixels)
-    return None if plain is None else torch.frombuffer(plain[0], dtype=torch.uint8)
+    data = _plain_jpeg(path, max_pixels)
+    return None if data is None else torch.frombuffer(data, dtype=torch.uint8)
 
 
 def decode_jpeg_cpu(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -267,12 +266,9 @@ def decode_jpeg_cpu(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MA
     JPEG draft would decode the file at a reduced scale (far cheaper for large photos), and on any error or
     warning from the decoder, so that `decode_image` decodes the file or words why it cannot.
     """
-    plain = _plain_jpeg(path, max_pixels)
-    if plain is None:
+    data = _plain_jpeg(path, max_pixels, draft_size)
+    if data is None:
         return None
-    data, (width, height) = plain
-    if draft_size is not None and min(width // draft_size[0], height // draft_size[1]) >= 2:
-        return None  # the test PIL's JpegImageFile.draft uses to pick a scale of 1/2 or less
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -285,21 +281,28 @@ def decode_jpeg_cpu(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MA
         return None
 
 
-def _plain_jpeg(path: str | os.PathLike, max_pixels: int | None) -> tuple[bytearray, tuple[int, int]] | None:
-    """(bytes, (width, height)) of a JPEG that decodes to the same pixels outside PIL, else None."""
+def _plain_jpeg(path: str | os.PathLike, max_pixels: int | None,
+                draft_size: tuple[int, int] | None = None) -> bytearray | None:
+    """The bytes of a JPEG that decodes to the same pixels outside PIL (and, given `draft_size`, that PIL's
+    JPEG draft would not shrink), else None. Files that do not qualify are turned away on their header, unread."""
     from PIL import Image
 
     try:
         with open(path, "rb") as f:
+            if f.read(3) != b"\xff\xd8\xff":
+                return None
+            f.seek(0)
+            with Image.open(f, formats=["JPEG"]) as im:  # parses the header only
+                if im.mode not in ("RGB", "L") or (max_pixels and im.width * im.height > max_pixels):
+                    return None
+                if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation
+                    return None
+                if draft_size is not None and min(im.width // draft_size[0], im.height // draft_size[1]) >= 2:
+                    return None  # the test PIL's JpegImageFile.draft uses to pick a scale of 1/2 or less
+            f.seek(0)
             data = bytearray(f.read())
-        if data[:3] != b"\xff\xd8\xff" or data.rstrip(b"\0\r\n ")[-2:] != b"\xff\xd9":
-            return None
-        with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:
-            if im.mode not in ("RGB", "L") or (max_pixels and im.width * im.height > max_pixels):
-                return None
-            if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation
-                return None
-            return data, im.size
+        # Complete (ends with the EOI marker), so that truncation is still reported by PIL.
+        return data if data.rstrip(b"\0\r\n ")[-2:] == b"\xff\xd9" else None
     except Exception:  # anything odd: PIL's path reports it properly
         return None
 
