@@ -11,7 +11,8 @@
 `--ablations` adds a table of the compute ceiling with each technique switched off or on (layout, precision,
 batch size, torch.compile), so that what each one buys is measured rather than assumed, and per image size the
 cost of preparing one image on one thread: Pillow decoding + torchvision's transforms on the PIL image, against
-embedfit's decoding and preprocessing.
+embedfit's decoding and preprocessing; on a CPU also `extract` with the decoding workers at normal priority
+against the lowest (the default), on the first image size.
 
 Usage:
     python benchmarks/bench_extract.py --images 200 --size 500x375 --size 3000x2000
@@ -164,6 +165,24 @@ def line(m: dict) -> str:
             f"whole run {m['embedfit_whole_run']:.1f} img/s)")
 
 
+def priority_ablation(folder: Path, config: ExtractConfig, tmp: Path, repeats: int = 6) -> dict[str, list[float]]:
+    """`extract` end to end (steady img/s) with the decoding workers at normal priority against embedfit's CPU
+    default (the lowest), alternating `repeats` times."""
+    import importlib
+
+    module = importlib.import_module("embedfit.extract")  # `embedfit.extract` the attribute is the function
+    default = module.worker_niceness
+    rates: dict[str, list[float]] = {"workers at normal priority": [], "workers at the lowest priority (default)": []}
+    try:
+        for _ in range(repeats):
+            for label, niceness in zip(rates, (lambda device: 0, default), strict=True):
+                module.worker_niceness = niceness
+                rates[label].append(end_to_end(folder, config, tmp)[0])
+    finally:
+        module.worker_niceness = default
+    return rates
+
+
 def ablations(backbone_name: str, weights: str | None, device: torch.device, n: int) -> list[dict]:
     """Compute ceiling with one technique changed at a time (img/s)."""
     rows = []
@@ -307,6 +326,13 @@ def main() -> None:
         for label, ms in row.get("input_ms", {}).items():
             print(f"{'':>18}read + decode + resize + crop per image, one thread: {label} {ms:.2f} ms")
     extra = {}
+    if args.ablations and device.type == "cpu" and workers:
+        size, _n, folder, _paths, _n_naive = sets[0]
+        extra["worker_priority"] = {"size": size, **priority_ablation(folder, config, tmp)}
+        print(f"end to end on {size}, img/s:")
+        for label, rates in extra["worker_priority"].items():
+            if label != "size":
+                print(f"  {label:<42} median {statistics.median(rates):6.1f} ({' / '.join(f'{r:.1f}' for r in rates)})")
     if args.ablations:
         print("compute ceiling per technique:")
         extra["ablations"] = ablations(args.backbone, weights, device, max(args.images, 2000 if device.type == "cuda"

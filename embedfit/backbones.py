@@ -151,8 +151,8 @@ class Preprocess:
         """`_transform` on a uint8 tensor, done by torch.
 
         torch's antialiased uint8 resize is vectorised for channels-last memory, which is how decoders lay out
-        pixels, so a 500x375 photo resizes in ~0.3 ms against Pillow's ~2.1 ms (one core), with pixels within 1
-        level of Pillow's (the tests check <= 2).
+        pixels: several times faster than Pillow's resize (benchmarks/README.md), with pixels within 1 level of
+        Pillow's (the tests check <= 2).
         """
         from torchvision.transforms.v2 import functional as F
 

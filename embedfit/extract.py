@@ -338,7 +338,7 @@ def worker_niceness(device: torch.device) -> int:
     There the model's threads and the decoders share the cores, and a decoder that preempts one of the model's
     threads stalls the whole parallel operation until that thread runs again. At the lowest priority the
     decoders run in the gaps the model leaves, and still get every core whenever the model waits for input.
-    Measured +12% end to end on 500x375 JPEGs on 2 cores (benchmarks/README.md), no change on 3000x2000.
+    Measured +4% end to end on 500x375 JPEGs on 2 cores, median of 6 alternating runs (benchmarks/README.md).
     """
     return 19 if device.type == "cpu" else 0
 
