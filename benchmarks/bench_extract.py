@@ -31,20 +31,17 @@ from pathlib import Path
 
 import torch
 from _common import hardware, jpeg_folder, save
-from torch.utils.data import DataLoader
 
 from embedfit.backbones import create_backbone
 from embedfit.extract import (
     Encoder,
     ExtractConfig,
     ImageDataset,
-    _collate,
     _device_batch,
-    _worker_init,
     default_batch_size,
     default_workers,
     extract,
-    prefetch_factor,
+    image_loader,
     resolve_device,
 )
 from embedfit.images import scan_images
@@ -115,17 +112,14 @@ def input_ceiling(folder: Path, encoder: Encoder, workers: int, batch_size: int,
     """Decode + resize alone through the same DataLoader set-up; steady state, as for `end_to_end`."""
     records = scan_images(folder).records
     dataset = ImageDataset(records, encoder.spec, raw_jpeg=decode == "device")
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                        worker_init_fn=_worker_init if workers else None,
-                        prefetch_factor=prefetch_factor(batch_size) if workers else None,
-                        pin_memory=encoder.device.type == "cuda")
     n, warm = 0, None
-    for batch in loader:
+    for loaded in image_loader(dataset, batch_size, workers, encoder.device):
         if decode == "device":
-            _device_batch(batch, encoder, dataset)
-        elif encoder.device.type == "cuda" and batch.images is not None:
-            batch.images.to(encoder.device, non_blocking=True)  # the copy is part of the input path on a GPU
-        n += len(batch.index)
+            for batch in loaded.split(batch_size):
+                _device_batch(batch, encoder, dataset)
+        elif encoder.device.type == "cuda" and loaded.images is not None:
+            loaded.images.to(encoder.device, non_blocking=True)  # the copy is part of the input path on a GPU
+        n += len(loaded.index)
         if warm is None and n >= len(records) / 5:
             _sync(encoder.device)
             warm = (time.perf_counter(), n)

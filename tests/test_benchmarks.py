@@ -16,16 +16,17 @@ def test_bench_extract_rounds_report_medians(tmp_path: Path) -> None:
     env = {**os.environ, "EMBEDFIT_BENCH_RESULTS": str(tmp_path / "results"),
            "EMBEDFIT_BENCH_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(
-        [sys.executable, "bench_extract.py", "--images", "20", "--size", "120x90", "--naive-images", "4",
-         "--rounds", "3", "--runtime", "torch", "--workers", "1", "--batch-size", "2", "--tag", "_test"],
+        # Enough images for workers to hand over several batches of 64 after the first fifth (the steady state).
+        [sys.executable, "bench_extract.py", "--images", "200", "--size", "96x72", "--naive-images", "4",
+         "--rounds", "3", "--runtime", "onnx", "--workers", "1", "--batch-size", "8", "--tag", "_test"],
         cwd=BENCH, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("round ") == 3 and "median of 3 round(s)" in proc.stdout
     result = json.loads((tmp_path / "results" / "extract_efficientnet_lite0_cpu_fp32_test.json").read_text())
-    assert result["rounds"] == 3 and result["runtime"] == "torch" and result["workers"] == 1
+    assert result["rounds"] == 3 and result["runtime"] == "onnx" and result["workers"] == 1
     (row,) = result["rows"]
     rounds = row["rounds"]
-    assert len(rounds) == 3 and row["images"] == 20 and row["naive_images"] == 4
+    assert len(rounds) == 3 and row["images"] == 200 and row["naive_images"] == 4
     for key in ("naive", "embedfit", "compute_ceiling", "input_ceiling"):
         assert all(r[key] > 0 for r in rounds)
         assert row[key] == statistics.median(r[key] for r in rounds)

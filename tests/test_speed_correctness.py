@@ -18,10 +18,12 @@ from embedfit.extract import (
     Encoder,
     ExtractConfig,
     ImageDataset,
+    _Batch,
     decode_jpeg_cpu,
     extract,
     iter_embeddings,
     plain_jpeg_bytes,
+    transfer_batch_size,
 )
 from embedfit.images import decode_image, scan_images
 from embedfit.store import FeatureStore
@@ -168,6 +170,29 @@ def test_one_batch_in_flight_keeps_order_and_failures_aligned(odd_jpegs: Path, l
     failed = np.array([bool(e) for e in errors_b])
     assert np.isnan(Xb[failed]).all() and not np.isnan(Xb[~failed]).any()
     np.testing.assert_allclose(Xb[~failed], Xs[~failed], rtol=1e-4, atol=1e-4)
+
+
+def test_handed_over_batches_split_into_model_batches() -> None:
+    """Workers hand over ~64 images at once (fewer handovers); the model still gets `batch_size` at a time, in
+    order, with PIL-decoded images, JPEG bytes and failures at their positions, and no copies of the pixels."""
+    assert [transfer_batch_size(b) for b in (1, 5, 8, 64, 100, 128)] == [64, 65, 64, 64, 100, 128]
+    images = torch.arange(5 * 3 * 2 * 2, dtype=torch.uint8).reshape(5, 3, 2, 2)
+    jpegs = [torch.tensor([30, 31], dtype=torch.uint8), torch.tensor([70], dtype=torch.uint8)]
+    errors = ["", "bad 1", "", "", "", "", "bad 6", "", ""]
+    batch = _Batch(list(range(10, 19)), errors, images, [0, 2, 4, 5, 8], jpegs, [3, 7])
+    parts = list(batch.split(4))
+    assert [p.index for p in parts] == [[10, 11, 12, 13], [14, 15, 16, 17], [18]]
+    assert [p.errors for p in parts] == [errors[:4], errors[4:8], errors[8:]]
+    assert [p.image_pos for p in parts] == [[0, 2], [0, 1], [0]]
+    assert [p.jpeg_pos for p in parts] == [[3], [3], []]
+    for part, rows in zip(parts, ([0, 1], [2, 3], [4]), strict=True):
+        assert torch.equal(part.images, images[rows])
+        assert part.images.untyped_storage().data_ptr() == images.untyped_storage().data_ptr()
+    assert [p.jpegs for p in parts[:2]] == [[jpegs[0]], [jpegs[1]]]
+    only_jpegs = _Batch([0, 1], ["", ""], None, [], jpegs, [0, 1])
+    assert [(p.images, p.image_pos, p.jpeg_pos) for p in only_jpegs.split(1)] == [(None, [], [0]), (None, [], [0])]
+    whole = list(batch.split(9))
+    assert len(whole) == 1 and whole[0] is batch
 
 
 def test_channels_last_and_batching_do_not_change_features(lite0) -> None:
