@@ -1,8 +1,9 @@
 """Extraction speed, side by side on the same images in one run.
 
 1. naive: the tutorial loop (PIL open -> torchvision transform -> model on one image at a time, fp32, NCHW);
-2. embedfit: `embedfit.extract` end to end from files on disk (steady state: the rate after the first fifth
-   of the images, so start-up costs are left out; the whole-run rate and the fixed cost are reported too),
+2. embedfit: `embedfit.extract` end to end from files on disk (steady state: the marginal rate between a run
+   over the first fifth of the images and one over all, so start-up costs cancel; the whole-run rate and the
+   fixed cost are reported too),
    once per `--decode` (pil: DataLoader workers decode; device: JPEG bytes decoded on the model's device);
 3. compute ceiling: the same model on pre-decoded, pre-resized uint8 tensors, same batch/precision/layout;
 4. input ceiling: decode + resize alone with the same number of worker processes (and, for --decode device,
@@ -11,8 +12,9 @@
 `--ablations` adds a table of the compute ceiling with each technique switched off or on (layout, precision,
 batch size, torch.compile), so that what each one buys is measured rather than assumed, and per image size the
 cost of preparing one image on one thread: Pillow decoding + torchvision's transforms on the PIL image, against
-embedfit's decoding and preprocessing; on a CPU also `extract` with the decoding workers at normal priority
-against the lowest (the default), on the first image size.
+embedfit's decoding and preprocessing; on a CPU also `extract` on the first image size, alternating runs, with the
+decoding workers at normal priority against the lowest (the default), and handing over the model's batch of
+images at a time against 64 (the default).
 
 Usage:
     python benchmarks/bench_extract.py --images 200 --size 500x375 --size 3000x2000
@@ -73,15 +75,23 @@ def naive(paths: list[Path], backbone, device: torch.device) -> float:
 def end_to_end(folder: Path, config: ExtractConfig, tmp: Path) -> tuple[float, float, float]:
     """`extract` from files on disk: (steady-state img/s, fixed cost in s, whole-run img/s).
 
-    The steady state is `ExtractSummary.steady_images_per_second`: the rate after the first fifth of the images,
-    which leaves out start-up (model load, cuDNN autotuning, worker start, compilation); the fixed cost is the
-    rest of the wall time.
+    The steady state is the marginal rate between two whole runs, one over the first fifth of the images (a CSV
+    list) and one over all of them: (N - N/5) / (T_N - T_N/5). Start-up (model load, worker start, cuDNN
+    autotuning, compilation) and the images the workers decode ahead of the model cancel out, which a rate over
+    the second part of one run does not do: with workers handing over 64 images at a time, that window would
+    start with up to a few hundred images already decoded. The fixed cost is T_N - N / steady.
     """
-    start = time.perf_counter()
-    summary = extract(folder, tmp / "feats.h5", config)
-    total = time.perf_counter() - start
-    steady = summary.steady_images_per_second or summary.embedded / total
-    return steady, max(total - summary.embedded / steady, 0.0), summary.embedded / total
+    paths = sorted(p.name for p in folder.iterdir() if p.suffix == ".jpg")
+    head = tmp / "first_fifth.csv"
+    head.write_text("path\n" + "".join(f"{folder / name}\n" for name in paths[: max(1, len(paths) // 5)]))
+    times, counts = [], []
+    for source in (head, folder):
+        start = time.perf_counter()
+        summary = extract(source, tmp / "feats.h5", config)
+        times.append(time.perf_counter() - start)
+        counts.append(summary.embedded)
+    steady = (counts[1] - counts[0]) / (times[1] - times[0]) if times[1] > times[0] else float("nan")
+    return steady, max(times[1] - counts[1] / steady, 0.0), counts[1] / times[1]
 
 
 def compute_ceiling(encoder: Encoder, n: int, batch_size: int, repeats: int = 3) -> float:
@@ -109,7 +119,9 @@ def compute_ceiling(encoder: Encoder, n: int, batch_size: int, repeats: int = 3)
 
 
 def input_ceiling(folder: Path, encoder: Encoder, workers: int, batch_size: int, decode: str = "pil") -> float:
-    """Decode + resize alone through the same DataLoader set-up; steady state, as for `end_to_end`."""
+    """Decode + resize alone through the same DataLoader set-up; the rate after the first fifth of the images.
+
+    Nothing here waits for the decoders' output, so little is decoded ahead and one run's second part suffices."""
     records = scan_images(folder).records
     dataset = ImageDataset(records, encoder.spec, raw_jpeg=decode == "device")
     n, warm = 0, None
@@ -159,22 +171,39 @@ def line(m: dict) -> str:
             f"whole run {m['embedfit_whole_run']:.1f} img/s)")
 
 
-def priority_ablation(folder: Path, config: ExtractConfig, tmp: Path, repeats: int = 6) -> dict[str, list[float]]:
-    """`extract` end to end (steady img/s) with the decoding workers at normal priority against embedfit's CPU
-    default (the lowest), alternating `repeats` times."""
+def end_to_end_ablation(folder: Path, config: ExtractConfig, tmp: Path, variants: dict[str, dict[str, object]],
+                        repeats: int = 6) -> dict[str, list[float]]:
+    """`extract` end to end (steady-state img/s) under each variant of `embedfit.extract`'s module settings, alternating
+    `repeats` times so that every variant sees the same drift of the machine."""
     import importlib
 
     module = importlib.import_module("embedfit.extract")  # `embedfit.extract` the attribute is the function
-    default = module.worker_niceness
-    rates: dict[str, list[float]] = {"workers at normal priority": [], "workers at the lowest priority (default)": []}
-    try:
-        for _ in range(repeats):
-            for label, niceness in zip(rates, (lambda device: 0, default), strict=True):
-                module.worker_niceness = niceness
+    rates: dict[str, list[float]] = {label: [] for label in variants}
+    for _ in range(repeats):
+        for label, settings in variants.items():
+            saved = {name: getattr(module, name) for name in settings}
+            try:
+                for name, value in settings.items():
+                    setattr(module, name, value)
                 rates[label].append(end_to_end(folder, config, tmp)[0])
-    finally:
-        module.worker_niceness = default
+            finally:
+                for name, value in saved.items():
+                    setattr(module, name, value)
     return rates
+
+
+def cpu_ablations(folder: Path, config: ExtractConfig, tmp: Path) -> dict[str, dict[str, list[float]]]:
+    """What two CPU settings of the decoding workers buy end to end: their priority, and how many images they
+    hand over at once (the model's batch against `TRANSFER_IMAGES`)."""
+    batch = config.batch_size or 8
+    return {
+        "worker priority": end_to_end_ablation(folder, config, tmp, {
+            "workers at normal priority": {"worker_niceness": lambda device: 0},
+            "workers at the lowest priority (default)": {}}),
+        "handover size": end_to_end_ablation(folder, config, tmp, {
+            f"workers hand over {batch} images (the model's batch)": {"TRANSFER_IMAGES": batch},
+            "workers hand over 64 images (default)": {}}),
+    }
 
 
 def ablations(backbone_name: str, weights: str | None, device: torch.device, n: int) -> list[dict]:
@@ -322,11 +351,13 @@ def main() -> None:
     extra = {}
     if args.ablations and device.type == "cpu" and workers:
         size, _n, folder, _paths, _n_naive = sets[0]
-        extra["worker_priority"] = {"size": size, **priority_ablation(folder, config, tmp)}
-        print(f"end to end on {size}, img/s:")
-        for label, rates in extra["worker_priority"].items():
-            if label != "size":
-                print(f"  {label:<42} median {statistics.median(rates):6.1f} ({' / '.join(f'{r:.1f}' for r in rates)})")
+        extra["end_to_end_ablations"] = {"size": size, **cpu_ablations(folder, config, tmp)}
+        for name, variants in extra["end_to_end_ablations"].items():
+            if name == "size":
+                continue
+            print(f"end to end on {size}, {name}, img/s (alternating runs):")
+            for label, rates in variants.items():
+                print(f"  {label:<52} median {statistics.median(rates):6.1f} ({' / '.join(f'{r:.1f}' for r in rates)})")
     if args.ablations:
         print("compute ceiling per technique:")
         extra["ablations"] = ablations(args.backbone, weights, device, max(args.images, 2000 if device.type == "cuda"

@@ -130,7 +130,6 @@ class ExtractSummary:
     skipped: int = 0  # input entries deliberately not used (e.g. loose files beside class folders)
     missing: int = 0  # rows of files no longer present
     seconds: float = 0.0
-    steady_images_per_second: float = 0.0  # after the first fifth of the images: start-up costs excluded
     complete: bool = False
     device: str = ""
     runtime: str = ""  # "torch" or "onnx"
@@ -756,7 +755,6 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
 
         progress = _Progress(config.progress, len(plan.todo))
         stop_reason = ""
-        warm: tuple[float, int] | None = None  # (time, images done) once a fifth of the work is done
         try:
             with _StopOnSigint() as sigint:
                 buffered = 0
@@ -774,10 +772,6 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
                         flush()
                         buffered = 0
                     seen = summary.embedded + summary.failed
-                    if warm is None and seen >= len(plan.todo) / 5:
-                        warm = (time.perf_counter(), seen)
-                    elif warm is not None:
-                        summary.steady_images_per_second = (seen - warm[1]) / (time.perf_counter() - warm[0])
                     if _too_many_failures(config.max_failures, summary.failed, seen):
                         stop_reason = (f"aborted: {summary.failed} of {seen} images failed (limit "
                                        f"{config.max_failures:g}); is {source} an image folder?")
