@@ -33,7 +33,7 @@ test: $(VENV)/.installed
 	$(BIN)/ruff check embedfit tests benchmarks data
 	$(BIN)/python -m pytest -q
 
-# The CPU benchmarks of benchmarks/README.md (about 20 minutes on 2 cores; results in benchmarks/results/).
+# The CPU benchmarks of benchmarks/README.md (about 30 minutes on 2 cores; results in benchmarks/results/).
 bench: $(VENV)/.installed
 	cd benchmarks && EMBEDFIT_OFFLINE=1 ../$(BIN)/python bench_extract.py --images 1000 --rounds 5 --ablations
 	cd benchmarks && ../$(BIN)/python bench_fit.py --n 10000 --dim 1280
