@@ -36,6 +36,7 @@ from _common import hardware, jpeg_folder, save
 
 from embedfit.backbones import create_backbone
 from embedfit.extract import (
+    TRANSFER_IMAGES,
     Encoder,
     ExtractConfig,
     ImageDataset,
@@ -202,7 +203,7 @@ def cpu_ablations(folder: Path, config: ExtractConfig, tmp: Path) -> dict[str, d
             "workers at the lowest priority (default)": {}}),
         "handover size": end_to_end_ablation(folder, config, tmp, {
             f"workers hand over {batch} images (the model's batch)": {"TRANSFER_IMAGES": batch},
-            "workers hand over 64 images (default)": {}}),
+            f"workers hand over {TRANSFER_IMAGES} images (default)": {}}),
     }
 
 

@@ -186,9 +186,9 @@ TRANSFER_IMAGES = 64
 def transfer_batch_size(batch_size: int) -> int:
     """Images a decoding worker hands over at once: the model's batch, repeated up to `TRANSFER_IMAGES`.
 
-    Each handover costs the main process about a millisecond (unpickling, mapping the shared memory), which with
-    the CPU's batch of 8 is 3% of the model's time on a 2-core machine, on the cores the model runs on; the model
-    still runs `batch_size` images at a time.
+    Each handover costs the main process work (unpickling, mapping the shared memory) on the cores the model runs
+    on; 64-image handovers against 8 measured +3% end to end on 2 cores (`bench_extract.py --ablations`). The
+    model still runs `batch_size` images at a time.
     """
     return batch_size * max(1, -(-TRANSFER_IMAGES // batch_size))
 
@@ -376,7 +376,8 @@ def worker_niceness(device: torch.device) -> int:
     There the model's threads and the decoders share the cores, and a decoder that preempts one of the model's
     threads stalls the whole parallel operation until that thread runs again. At the lowest priority the
     decoders run in the gaps the model leaves, and still get every core whenever the model waits for input.
-    Measured +4% end to end on 500x375 JPEGs on 2 cores, median of 6 alternating runs (benchmarks/README.md).
+    Measured +3% end to end on 500x375 JPEGs on 2 cores, medians of 6 alternating runs (`bench_extract.py
+    --ablations`, benchmarks/README.md).
     """
     return 19 if device.type == "cpu" else 0
 
