@@ -289,7 +289,7 @@ def main() -> None:
     parser.add_argument("--random-weights", action="store_true", help="random init (no pretrained file needed)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: embedfit's (8 on CPU, 64 on GPU)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: embedfit's (8 on CPU, 128 on GPU)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"])
     parser.add_argument("--decode", action="append", choices=["pil", "device"], help="repeatable (default pil)")

@@ -133,7 +133,7 @@ def extract(
     runtime: Runtime = typer.Option(Runtime.auto, help="auto: ONNX Runtime for fp32 on CPU if installed; torch; onnx."),
     overwrite: bool = typer.Option(False, help="Start the store afresh instead of resuming."),
     retry_failed: bool = typer.Option(False, help="Retry images that failed in an earlier run."),
-    max_failures: str | None = typer.Option(None, help="Abort above this many (10) or this share (0.2) of failures."),
+    max_failures: str | None = typer.Option(None, help="Abort above N failures (10) or a share (0.2); default none."),
     flush_every: int = typer.Option(512, min=1, hidden=True, help="Images per part file (work lost if killed)."),
     engine: Engine = typer.Option(Engine.local, help="local, or ray to fan out over a Ray cluster."),
     ray_address: str | None = typer.Option(None, help="Ray cluster address (--engine ray)."),
@@ -312,11 +312,13 @@ def classify(
     backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone", help="Backbone with an ImageNet head."),
     top: int = typer.Option(5, min=1, help="Classes to show per image."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Also write the rows to this CSV."),
+    weights: Path | None = typer.Option(None, help="State-dict file instead of the default weights."),
+    device: str = typer.Option("auto"),
 ) -> None:
     """Classify images with the pretrained ImageNet model as-is (top classes and probabilities)."""
     from embedfit.finetune import classify as run_classify
 
-    rows = run_classify(images, args_backbone(backbone), top=top)
+    rows = run_classify(images, args_backbone(backbone), top=top, weights=_path_str(weights), device=device)
     table = Table("image", "rank", "class", "probability")
     for r in rows:
         table.add_row(Path(r["path"]).name, str(r["rank"]), r["class"] or r["error"],
@@ -326,6 +328,10 @@ def classify(
         from embedfit.fit import write_predictions_csv
 
         write_predictions_csv(output, rows)
+
+
+def _path_str(path: Path | None) -> str | None:
+    return str(path) if path else None
 
 
 def args_backbone(name: str) -> str:
@@ -355,6 +361,7 @@ def finetune(
     data: Path = typer.Argument(..., help="Labeled image folder (class per sub-folder) or CSV."),
     output: Path = typer.Option(Path("runs/finetune"), "-o", "--output", help="Run directory."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone", help="Pretrained backbone."),
+    weights: Path | None = typer.Option(None, help="State-dict file instead of the default weights."),
     freeze: str = typer.Option("last:2", help="head, last:N (last N blocks trainable) or all."),
     unfreeze_every: int = typer.Option(0, min=0, help="Gradual unfreezing: one more block every N epochs."),
     epochs: int = typer.Option(5, min=1), batch_size: int = typer.Option(16, min=1),
@@ -365,7 +372,7 @@ def finetune(
     device: str = typer.Option("auto"), seed: int = typer.Option(0),
 ) -> None:
     """Fine-tune a pretrained backbone with a new head (freeze policy, discriminative learning rates)."""
-    _train_command(data, output, True, backbone=args_backbone(backbone), freeze=freeze,
+    _train_command(data, output, True, backbone=args_backbone(backbone), weights=_path_str(weights), freeze=freeze,
                    unfreeze_every=unfreeze_every, epochs=epochs, batch_size=batch_size, lr_head=lr_head,
                    lr_backbone=lr_backbone, weight_decay=weight_decay, dropout=dropout, augment=augment,
                    val_size=val_size, patience=patience, device=device, seed=seed)
@@ -392,6 +399,7 @@ def compare(
     data: Path = typer.Argument(..., help="Labeled image folder (class per sub-folder) or CSV."),
     output: Path = typer.Option(Path("runs/compare"), "-o", "--output", help="Folder for the results."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone"),
+    weights: Path | None = typer.Option(None, help="State-dict file instead of the default weights."),
     epochs: int = typer.Option(3, min=1, help="Epochs for fine-tuning and scratch."),
     sizes: str = typer.Option("5,10,25,50,all", help="Learning-curve sizes: images per class."),
     repeats: int = typer.Option(3, min=1, help="Seeded splits; accuracy is mean ± std over them."),
@@ -406,7 +414,8 @@ def compare(
         steps = [None if s == "all" else int(s) for s in sizes.split(",") if s]
     except ValueError:
         raise typer.BadParameter(f"expected numbers or 'all', got '{sizes}'", param_hint="--sizes") from None
-    result = run_compare(data, output, backbone=args_backbone(backbone), epochs=epochs, sizes=steps,
+    result = run_compare(data, output, backbone=args_backbone(backbone), weights=_path_str(weights), epochs=epochs,
+                         sizes=steps,
                          repeats=repeats, val_size=val_size, device=device, seed=seed)
     out.print(to_markdown(result), markup=False, soft_wrap=True)
     out.print(f"results: {output}/compare.json, {output}/compare.md, {output}/learning_curve.png", soft_wrap=True)

@@ -67,7 +67,8 @@ def _summary(accuracy: list[float], seconds: list[float], **extra: Any) -> dict[
             "accuracy_runs": accuracy, "seconds": float(np.mean(seconds)), **extra}
 
 
-def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BACKBONE, epochs: int = 3,
+def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
+            epochs: int = 3,
             sizes: Sequence[int | None] = (5, 10, 25, 50, None), repeats: int = 3, val_size: float = 0.25,
             device: str = "auto", seed: int = 0, finetune: TrainConfig | None = None) -> dict[str, Any]:
     """Run every arm on the same seeded stratified splits; write compare.json, compare.md and run directories.
@@ -76,6 +77,7 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
         data: Labeled image folder (class per sub-folder) or CSV.
         output: Folder for the results (the first split's fine-tune and scratch runs go in sub-folders).
         backbone: Backbone for the probe, fine-tuning and as-is; the same architecture is trained from scratch.
+        weights: State-dict file instead of the backbone's default pretrained weights (not used by scratch).
         epochs: Training epochs for fine-tuning and scratch (all of them run: no early stopping on the scored images).
         sizes: Training images per class for the learning curve (None = the whole training split); sizes the
             data does not have are skipped.
@@ -93,13 +95,13 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    model = create_backbone(backbone)
+    model = create_backbone(backbone, weights=weights)
     data_set = decode_labeled(data, model.spec)
     labels, n_classes = data_set.labels, len(data_set.class_names)
     # The scored validation images must not pick the epoch: train every epoch and keep the last.
-    ft_config = dataclasses.replace(finetune or TrainConfig(), backbone=backbone, epochs=epochs, device=device,
-                                    val_size=val_size, early_stopping=False, progress=False)
-    scratch_config = dataclasses.replace(ft_config, pretrained=False, freeze="all", unfreeze_every=0)
+    ft_config = dataclasses.replace(finetune or TrainConfig(), backbone=backbone, weights=weights, epochs=epochs,
+                                    device=device, val_size=val_size, early_stopping=False, progress=False)
+    scratch_config = dataclasses.replace(ft_config, pretrained=False, weights=None, freeze="all", unfreeze_every=0)
 
     # Frozen embeddings do not depend on the split: embed every image once.
     t0 = time.perf_counter()

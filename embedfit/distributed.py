@@ -89,6 +89,7 @@ class _Embed:
             feats[ok] = self.encoder(torch.from_numpy(np.ascontiguousarray(batch["image"][ok])))
         out = {k: v for k, v in batch.items() if k != "image"}
         out["features"] = feats
+        out["runtime"] = np.array([self.encoder.runtime] * len(ok), dtype=object)  # "auto" may fall back
         return out
 
 
@@ -122,6 +123,7 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
     with StoreWriter(output, settings, overwrite=config.overwrite) as writer:
         plan = writer.plan(images.records, retry_failed=config.retry_failed)
         summary.reused = plan.reused
+        runtimes: set[str] = set()
         if plan.todo:
             if not ray.is_initialized():
                 ray.init(address=address, include_dashboard=False, ignore_reinit_error=True,
@@ -142,6 +144,7 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
                                 num_gpus=num_gpus_per_worker or None, max_restarts=-1, max_task_retries=-1)
             names = images.class_names
             for batch in ds.iter_batches(batch_size=shard_size, batch_format="numpy"):
+                runtimes.update(str(r) for r in batch["runtime"])
                 errors = [str(e) for e in batch["error"]]
                 writer.write_part(list(batch["key"]), [names[int(lb)] if lb >= 0 else "" for lb in batch["label"]],
                                   batch["size"].tolist(), batch["mtime"].tolist(),
@@ -153,7 +156,8 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
         prior = writer._previous.attrs.get("extract_seconds", 0.0) if writer._previous else 0.0
         store = writer.commit(images.records, images.class_names, complete=True, attrs={
             "device": summary.device, "root": str(images.root), "source_kind": images.kind,
-            "extract_seconds": float(prior) + summary.seconds, "engine": "ray"})
+            "extract_seconds": float(prior) + summary.seconds, "engine": "ray", "decode": "pil",
+            "runtime": "+".join(sorted(runtimes)) if plan.todo else None})
     summary.complete = store.complete
     summary.missing = int((store.status == 2).sum())
     return summary

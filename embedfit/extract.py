@@ -52,7 +52,7 @@ class ExtractConfig:
         pool: Global pooling for `layer`: "avg" or "max".
         device: "auto", "cpu", "cuda", "cuda:1", "mps".
         batch_size: Images per forward pass; None picks by device (8 on CPU, where larger batches fall out of
-            cache and run slower; 64 on a GPU).
+            cache and run slower; 128 on a GPU).
         workers: Decoding processes; None picks from the device and core count, 0 decodes in-process.
         precision: "fp32", "fp16" (GPU) or "bf16" autocast.
         dtype: Stored feature dtype, "float32" or "float16".
@@ -750,7 +750,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
             summary.seconds = time.perf_counter() - start
             prior = writer._previous.attrs.get("extract_seconds", 0.0) if writer._previous else 0.0
             return writer.commit(images.records, labels, complete=complete, attrs={
-                "device": str(device), "decode": config.decode, "runtime": encoder.runtime,
+                "device": str(device), "decode": config.decode, "runtime": encoder.runtime, "engine": "local",
                 "root": str(images.root), "source_kind": images.kind,
                 "extract_seconds": float(prior) + summary.seconds})
 

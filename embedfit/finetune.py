@@ -355,7 +355,9 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
 
     history: list[dict[str, float]] = [{"epoch": 0, "train_loss": float("nan"), "val_accuracy": val_accuracy(),
                                         "seconds": 0.0, "trainable_blocks": n_trainable()}]
-    best, best_state, stale = history[0]["val_accuracy"], copy.deepcopy(model.state_dict()), 0
+    # Epoch 0 (the untrained head) is the baseline in the history, never the model kept: on a small or
+    # imbalanced validation split it can out-score the first trained epochs by chance.
+    best, best_state, stale = -1.0, None, 0
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         gradual = config.unfreeze_every and trainable is not None
@@ -390,7 +392,7 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
             if stale >= config.patience:
                 break
     train_seconds = time.perf_counter() - start
-    if config.early_stopping:
+    if config.early_stopping and best_state is not None:
         model.load_state_dict(best_state)
     result = TrainResult(model, config, split.class_names, history, best, train_seconds, optimizer=optimizer,
                          precision="bf16" if amp is not None else "fp32")

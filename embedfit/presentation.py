@@ -32,16 +32,20 @@ def print_store_info(console: Console, store: FeatureStore, *, list_failed: bool
     """`embedfit info`: provenance, per-class counts, status counts, optionally the failed files."""
     s = store.summary()
     table = Table(show_header=False, box=None)
-    for key in ("path", "backbone", "images", "ok", "failed", "missing", "dtype", "precision", "tta", "device",
-                "runtime", "complete", "root", "created", "updated"):
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold")  # long paths and ids wrap whole instead of being cut off
+    for key in ("path", "backbone", "architecture", "weights", "preprocessing", "images", "ok", "failed",
+                "missing", "dtype", "precision", "tta", "device", "runtime", "decode", "engine", "complete", "root",
+                "source_kind", "created", "updated", "fingerprint"):
         table.add_row(key, str(s[key]))
     table.add_row("extract time", f"{s['extract_seconds']:.1f} s")
     table.add_row("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items()))
     console.print(table)
-    if s["classes"]:
-        classes = Table("class", "images")
-        for name, count in s["classes"].items():
-            classes.add_row(name, str(count))
+    if s["class_status"]:
+        shown = [st for st in ("ok", "failed", "missing") if st == "ok" or s[st]]  # columns that are not all 0
+        classes = Table("class", *shown)
+        for name, counts in s["class_status"].items():
+            classes.add_row(name, *(str(counts[st]) for st in shown))
         console.print(classes)
     failed = [(str(p), str(e)) for p, e, st in zip(store.paths, store.errors, store.status, strict=True)
               if st == FAILED]

@@ -11,7 +11,8 @@ Schema (one HDF5 file, readable with plain h5py; row i of every dataset is one i
     file_size    (N,)   int64               resume key, with paths and file_mtime_ns
     file_mtime_ns(N,)   int64
     attrs: schema_version, embedfit_version, spec (BackboneSpec JSON), dtype, tta, precision, device,
-           runtime ("torch" or "onnx"), decode ("pil" or "device"), versions (JSON), created, updated, root,
+           runtime ("torch" or "onnx"), decode ("pil" or "device"), engine ("local" or "ray") (these four
+           join the values of every run that made rows, e.g. "onnx+torch"), versions (JSON), created, updated, root,
            source_kind, complete, n_ok, n_failed, n_missing, extract_seconds, fingerprint, merged_parts (JSON)
 
 Crash safety: HDF5 has no journal, so a writer killed mid-write can leave a file that no longer opens.
@@ -242,11 +243,20 @@ class FeatureStore:
         counts = {name: int((self.status == code).sum()) for code, name in STATUS_NAMES.items()}
         ok = self.status == OK
         per_class = {c: int(((self.labels == i) & ok).sum()) for i, c in enumerate(self.class_names)}
+        by_status = {c: {name: int(((self.labels == i) & (self.status == code)).sum())
+                         for code, name in STATUS_NAMES.items()} for i, c in enumerate(self.class_names)}
+        spec = self.spec
         return {
-            "path": str(self.path), "backbone": self.spec.short(), "images": len(self), **counts,
-            "classes": per_class, "dtype": self.settings.dtype, "tta": self.settings.tta,
+            "path": str(self.path), "backbone": spec.short(), "images": len(self), **counts,
+            "classes": per_class, "class_status": by_status, "architecture": spec.architecture,
+            "weights": spec.weights + (f" (sha256 {spec.weights_sha256[:12]})" if spec.weights_sha256 else ""),
+            "preprocessing": (f"resize {spec.resize_size} {spec.interpolation}, crop {spec.input_size[0]}x"
+                              f"{spec.input_size[1]}, mean {_fmt(spec.mean)}, std {_fmt(spec.std)}"),
+            "dtype": self.settings.dtype, "tta": self.settings.tta,
             "precision": self.settings.precision, "device": self.attrs.get("device"),
-            "runtime": self.attrs.get("runtime", "torch"),
+            "runtime": self.attrs.get("runtime", "torch"), "decode": self.attrs.get("decode", "pil"),
+            "engine": self.attrs.get("engine", "local"), "source_kind": self.attrs.get("source_kind"),
+            "fingerprint": self.attrs.get("fingerprint"),
             "complete": self.complete, "created": self.attrs.get("created"), "updated": self.attrs.get("updated"),
             "root": self.attrs.get("root"), "extract_seconds": float(self.attrs.get("extract_seconds", 0.0)),
             "versions": json.loads(self.attrs.get("versions", "{}")),
@@ -300,6 +310,28 @@ class ResumePlan:
     reused: int  # images already embedded (or already failed) with the same size and mtime
     retried: int  # failed images queued again (--retry-failed)
     changed: int  # images whose size or mtime changed since they were embedded
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+
+
+# How rows were made. A resumed store can hold rows of several runs: each attribute lists every value once.
+_RUN_ATTRS = ("device", "decode", "runtime", "engine")
+
+
+def _run_provenance(previous: Any, current: dict[str, Any], produced: bool) -> dict[str, Any]:
+    """`current` run attributes, joined with the previous store's ("onnx+torch") where both runs made rows."""
+    out = dict(current)
+    for key in _RUN_ATTRS:
+        before = str(previous.get(key, "") or "")
+        if not before:
+            continue
+        if not produced:  # this run embedded nothing: every row is the earlier runs'
+            out[key] = before
+        elif current.get(key) and str(current[key]) != before:
+            out[key] = "+".join(dict.fromkeys(before.split("+") + str(current[key]).split("+")))
+    return out
 
 
 class StoreWriter:
@@ -533,7 +565,8 @@ class StoreWriter:
                 "merged_parts": json.dumps([p.name for p in self._part_paths]),
                 "extract_seconds": float(prev.get("extract_seconds", 0.0)),
             })
-            f.attrs.update({k: v for k, v in extra.items() if v is not None})
+            f.attrs.update({k: v for k, v in _run_provenance(prev, extra, bool(self._part_paths)).items()
+                            if v is not None})
             f.create_dataset("paths", data=np.array(keys, dtype=_STR))
             f.create_dataset("labels", data=labels)
             f.create_dataset("class_names", data=np.array(names, dtype=_STR))

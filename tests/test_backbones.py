@@ -12,6 +12,7 @@ from PIL import Image
 
 from embedfit.backbones import (
     BackboneSpec,
+    _check_published_hash,
     backbone_info,
     create_backbone,
     list_backbones,
@@ -99,7 +100,8 @@ def test_registry_lists_the_classic_backbones() -> None:
 
 @pytest.mark.parametrize(("name", "dim", "size"), [("resnet50", 2048, 224), ("vgg16", 4096, 224),
                                                   ("inception_v3", 2048, 299), ("mobilenet_v3_large", 1280, 224),
-                                                  ("efficientnet_lite2", 1280, 260)])
+                                                  ("efficientnet_lite2", 1280, 260),
+                                                  ("regnet_y_400mf", 440, 224)])  # not buildable on "meta"
 def test_backbone_info_without_weights(name: str, dim: int, size: int) -> None:
     info = backbone_info(name)
     assert (info.embedding_dim, info.input_size) == (dim, (size, size))
@@ -136,19 +138,25 @@ def test_local_state_dict_replaces_the_hub(tmp_path: Path) -> None:
         torch.testing.assert_close(backbone(x), model(backbone.normalize(x)))
 
 
-def test_cached_hub_file_is_used(tmp_path: Path) -> None:
+def test_cached_hub_file_must_be_the_published_one(tmp_path: Path) -> None:
+    """torchvision names weight files after their SHA-256; a substituted file in the cache is refused, not
+    recorded as the ImageNet weights. (The published files themselves cannot be fetched here.)"""
     import torchvision
 
     path = tv_weights_path("mobilenet_v3_small")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
     try:
-        backbone = create_backbone("mobilenet_v3_small")
-        assert backbone.spec.weights == "MobileNet_V3_Small_Weights.IMAGENET1K_V1"
-        assert backbone.spec.embedding_dim == 1024
         assert backbone_info("mobilenet_v3_small").offline
+        with pytest.raises(WeightsUnavailableError, match=r"not the published weights file .*--weights FILE"):
+            create_backbone("mobilenet_v3_small")
     finally:
         path.unlink()
+    # A file whose name carries the start of its own hash passes the check.
+    own = tmp_path / "model.pth"
+    torch.save({"x": torch.zeros(3)}, own)
+    named = own.rename(tmp_path / f"model-{hashlib.sha256(own.read_bytes()).hexdigest()[:8]}.pth")
+    _check_published_hash(named)
 
 
 def test_wrong_weights_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -158,6 +166,25 @@ def test_wrong_weights_file_is_a_clear_error(tmp_path: Path) -> None:
         create_backbone("resnet18", weights=path)
     with pytest.raises(UsageError, match="does not exist"):
         create_backbone("resnet18", weights=tmp_path / "nope.pth")
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)  # same names, another head
+    with pytest.raises(WeightsUnavailableError, match=r"does not fit this architecture: 2 tensors have other shapes"):
+        create_backbone("resnet18", weights=path)
+
+
+def test_weights_file_is_identified_by_its_hash_not_its_name(tmp_path: Path) -> None:
+    import torchvision
+
+    first = tmp_path / "a.pth"
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), first)
+    copy = tmp_path / "b.pth"
+    copy.write_bytes(first.read_bytes())
+    spec_a, spec_b = (create_backbone("resnet18", weights=p).spec for p in (first, copy))
+    assert spec_a.weights != spec_b.weights and spec_a.differences(spec_b) == []
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), copy)  # other weights
+    assert [d.split(":")[0] for d in spec_a.differences(create_backbone("resnet18", weights=copy).spec)] == [
+        "weights", "weights_sha256"]
 
 
 def test_intermediate_layer_with_pooling(lite0) -> None:
@@ -202,6 +229,40 @@ def test_timm_model_with_local_weights_and_offline_error(tmp_path: Path) -> None
     assert backbone.spec.architecture == "timm/resnet10t" and backbone.spec.embedding_dim == 512
     with pytest.raises(UsageError, match="unknown timm model"):
         create_backbone("timm:resnet10tt")
+
+
+def test_timm_weights_come_from_the_hugging_face_cache_without_asking_the_hub() -> None:
+    """Offline: a missing file fails at once, naming the repository and the cache folder; a cached file (laid
+    out as huggingface_hub writes it) is loaded as a local file, and those are the weights the model gets."""
+    import shutil
+    import time
+
+    import timm
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError) as info:
+        create_backbone("timm:resnet10t")
+    assert time.perf_counter() - start < 5  # no retries against an unreachable hub
+    repo = Path(HF_HUB_CACHE) / "models--timm--resnet10t.c3_in1k"
+    assert "https://huggingface.co/timm/resnet10t.c3_in1k" in str(info.value) and str(repo) in str(info.value)
+
+    reference = timm.create_model("resnet10t").eval()
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    save_file(reference.state_dict(), repo / "snapshots" / "0123abcd" / "model.safetensors")
+    try:
+        assert backbone_info("timm:resnet10t").offline
+        backbone = create_backbone("timm:resnet10t")
+        assert backbone.spec.weights == "timm/resnet10t.c3_in1k" and backbone.spec.weights_sha256
+        reference.reset_classifier(0)
+        x = torch.randint(0, 256, (2, 3, 176, 176), dtype=torch.uint8)
+        with torch.inference_mode():
+            torch.testing.assert_close(backbone(x), reference(backbone.normalize(x)))
+    finally:
+        shutil.rmtree(repo)
 
 
 def test_random_init_for_training_from_scratch() -> None:

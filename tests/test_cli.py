@@ -26,6 +26,19 @@ def test_extract_then_info(image_tree: Path, tmp_path: Path, capsys: pytest.Capt
     assert main(["info", str(out), "--failed"]) == 0
     text = capsys.readouterr().out
     assert "efficientnet_lite0 (1280-d, 224x224)" in text and "brick" in text and "broken.jpg" in text
+    # The provenance a reader needs to reproduce the features, and counts per class and status.
+    spec = FeatureStore.open(out).spec
+    assert f"sha256 {spec.weights_sha256[:12]}" in text and "resize 256 bicubic, crop 224x224" in text
+    summary = FeatureStore.open(out).summary()
+    assert summary["class_status"]["brick"] == {"ok": 4, "failed": 1, "missing": 0}
+    assert summary["classes"]["brick"] == 4 and summary["engine"] == "local"
+
+
+def test_backbones_lists_every_backbone(capsys: pytest.CaptureFixture[str]) -> None:
+    """No pattern: all of them, RegNets included (their builders cannot run on the meta device)."""
+    assert main(["backbones"]) == 0
+    text = capsys.readouterr().out
+    assert "regnet_y_128gf" in text and "resnet50" in text and "efficientnet_lite0" in text
 
 
 def test_backbones_lists_offline_availability(capsys: pytest.CaptureFixture[str]) -> None:

@@ -45,9 +45,13 @@ def test_sharded_extraction_equals_local_despite_a_killed_actor(ray, shared_tree
     assert (summary.embedded, summary.failed, summary.complete) == (24, 0, True)
     _same(tmp_path / "ray.h5", shared_store)  # no duplicates, no losses, same order, same features
     store = FeatureStore.open(tmp_path / "ray.h5")
-    assert store.attrs["engine"] == "ray" and store.spec == FeatureStore.open(shared_store).spec
+    local = FeatureStore.open(shared_store)
+    assert store.attrs["engine"] == "ray" and store.spec == local.spec
+    # The actors' runtime, as the local run (same default) records it, not a guess.
+    assert (store.attrs["runtime"], store.attrs["decode"]) == (local.attrs["runtime"], "pil")
     again = extract_ray(shared_tree, tmp_path / "ray.h5", num_workers=1, shard_size=5)  # resume: nothing to do
     assert (again.embedded, again.reused) == (0, 24)
+    assert FeatureStore.open(tmp_path / "ray.h5").attrs["runtime"] == local.attrs["runtime"]
 
 
 @pytest.mark.ray

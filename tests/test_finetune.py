@@ -49,6 +49,19 @@ def test_finetuning_improves_on_the_untrained_head(split) -> None:
     assert best > untrained + 0.3
 
 
+def test_the_untrained_head_is_never_the_model_kept(split) -> None:
+    """Epoch 0 is the baseline in the history, not a candidate: here only class-0 images are validated, which
+    the untrained head (all classes tied, argmax 0) gets all right, so no trained epoch can beat it."""
+    keep = split.val_labels == 0
+    only_class0 = dataclasses.replace(split, val_images=[im for im, k in zip(split.val_images, keep, strict=True) if k],
+                                      val_labels=split.val_labels[keep],
+                                      val_keys=[v for v, k in zip(split.val_keys, keep, strict=True) if k])
+    result = train(only_class0, TrainConfig(freeze="head", **{**FAST, "epochs": 1}))
+    assert result.epochs[0]["val_accuracy"] == 1.0
+    assert result.val_accuracy == result.epochs[1]["val_accuracy"]
+    assert result.model.head.weight.abs().sum() > 0  # a trained head, not the zero-initialised one
+
+
 def test_frozen_weights_stay_bit_identical(split) -> None:
     result = train(split, TrainConfig(freeze="last:1", lr_backbone=1e-2, **FAST))
     from embedfit.backbones import create_backbone
@@ -142,3 +155,25 @@ def test_cli_finetune_and_scratch(shared_tree: Path, tmp_path: Path, capsys: pyt
                  "--device", "cpu"]) == 0
     assert main(["finetune", str(shared_tree), "--freeze", "half"]) == 2
     assert "--freeze must be head" in capsys.readouterr().err
+
+
+def test_every_command_that_builds_a_pretrained_model_takes_weights(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The offline error says "pass --weights FILE"; classify, finetune and compare must then accept it."""
+    import torchvision
+    from skimage.data import chelsea
+
+    image = tmp_path / "chelsea.jpg"
+    Image.fromarray(chelsea()).save(image)
+    assert main(["classify", str(image), "-b", "resnet18"]) == 1
+    assert "--weights FILE" in capsys.readouterr().err
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), weights)
+    assert main(["classify", str(image), "-b", "resnet18", "--weights", str(weights), "--top", "2"]) == 0
+    for command in ("finetune", "compare"):
+        assert "--weights" in _help(command, capsys)
+
+
+def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main([command, "--help"]) == 0
+    return capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,14 +19,20 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb"
 def test_analysis_notebook_runs(shared_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from nbclient import NotebookClient
 
-    run = fit(shared_store, "logreg", cv=3, output=tmp_path / "run").run_dir
-    monkeypatch.setenv("EMBEDFIT_STORE", str(shared_store))
-    monkeypatch.setenv("EMBEDFIT_RUN", str(run))
+    # The `make demo` layout, and the kernel started in notebooks/ as Jupyter does: the defaults must find it.
+    repo = tmp_path / "repo"
+    (repo / "runs" / "demo").mkdir(parents=True)
+    (repo / "notebooks").mkdir()
+    shutil.copy(shared_store, repo / "runs" / "demo" / "train.h5")
+    fit(repo / "runs" / "demo" / "train.h5", "logreg", cv=3, output=repo / "runs" / "train-logreg")
+    monkeypatch.delenv("EMBEDFIT_STORE", raising=False)
+    monkeypatch.delenv("EMBEDFIT_RUN", raising=False)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed without outputs
     # the kernel runs this interpreter, so it sees the same embedfit and environment
-    client = NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(nb, timeout=240, kernel_name="python3",
+                            resources={"metadata": {"path": str(repo / "notebooks")}})
     os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
     client.kernel_manager_kwargs = {"kernel_cmd": [sys.executable, "-m", "ipykernel_launcher", "-f",
                                                    "{connection_file}"]}

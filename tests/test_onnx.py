@@ -130,6 +130,30 @@ def test_extract_records_the_runtime_and_matches_pytorch(shared_tree: Path, tmp_
     np.testing.assert_allclose(a.features(), b.features(), rtol=1e-4, atol=1e-4)
 
 
+def test_a_store_completed_by_runs_on_two_runtimes_records_both(shared_tree: Path, tmp_path: Path) -> None:
+    """Resuming with another runtime is allowed (same features within tolerance); the provenance says so."""
+    import csv
+
+    first = tmp_path / "first.csv"
+    with first.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        for path in sorted(shared_tree.rglob("*.jpg"))[:4]:
+            writer.writerow([path, path.parent.name])
+    out = tmp_path / "mixed.h5"
+    extract(first, out, workers=0, runtime="torch")
+    assert FeatureStore.open(out).attrs["runtime"] == "torch"
+    extract(first, out, workers=0, runtime="onnx")  # nothing to embed: the rows are still PyTorch's
+    assert FeatureStore.open(out).attrs["runtime"] == "torch"
+    more = tmp_path / "more.csv"
+    pngs = sorted(shared_tree.rglob("*.png"))[:3]
+    more.write_text(first.read_text() + "".join(f"{p},{p.parent.name}\n" for p in pngs))
+    summary = extract(more, out, workers=0, runtime="onnx")
+    assert (summary.reused, summary.embedded) == (4, 3)
+    attrs = FeatureStore.open(out).attrs
+    assert (attrs["runtime"], attrs["engine"]) == ("torch+onnx", "local")
+
+
 def test_cli_refuses_onnx_with_bf16(shared_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["extract", str(shared_tree), "-o", str(tmp_path / "f.h5"), "--runtime", "onnx",
                  "--precision", "bf16"])
