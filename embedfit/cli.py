@@ -7,6 +7,7 @@ and exits non-zero (2 for usage, 1 for runtime errors, 130 when interrupted); `-
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from enum import Enum
@@ -29,7 +30,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-out = Console(highlight=False)
+# Piped or logged output has no terminal width: rich would assume 80 columns and cut table cells short ("1.000±…").
+_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
+out = Console(highlight=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False)
 _DEBUG = {"on": False}
 
@@ -277,8 +280,10 @@ def predict(
     batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass (default: by device)."),
 ) -> None:
     """Predict classes for new images with a saved run (re-embedding them exactly as in training)."""
+    from embedfit.errors import check_output_file
     from embedfit.predict import predict as run_predict
 
+    check_output_file(output)
     preds = run_predict(run, inputs, weights=str(weights) if weights else None, device=device,
                         batch_size=batch_size)
     path = preds.write(output)
@@ -295,9 +300,11 @@ def report(
     output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file to write."),
 ) -> None:
     """Write a self-contained HTML report (metrics, confusion, embedding map, mistakes) and print a leaderboard."""
+    from embedfit.errors import check_output_file
     from embedfit.presentation import print_leaderboard
     from embedfit.report import build_report, summarize_runs
 
+    check_output_file(output)
     print_leaderboard(out, summarize_runs(runs))
     out.print(f"report: {build_report(runs, output)}", soft_wrap=True)
 
@@ -316,8 +323,11 @@ def classify(
     device: str = typer.Option("auto"),
 ) -> None:
     """Classify images with the pretrained ImageNet model as-is (top classes and probabilities)."""
+    from embedfit.errors import check_output_file
     from embedfit.finetune import classify as run_classify
 
+    if output:
+        check_output_file(output)
     rows = run_classify(images, args_backbone(backbone), top=top, weights=_path_str(weights), device=device)
     table = Table("image", "rank", "class", "probability")
     for r in rows:
@@ -432,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     _show_library_notes()
     try:
         result = app(args=argv, prog_name="embedfit", standalone_mode=False)
+        if result == 130:  # typer turns Ctrl-C into this return code: say so, as for every other stop
+            _report("interrupted")
         return result if isinstance(result, int) else 0
     except _NO_ARGS as exc:
         out.print(exc.ctx.get_help() if exc.ctx else "")

@@ -6,6 +6,9 @@ prints or exits. `embedfit.cli` maps them to exit codes: usage errors 2, everyth
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class EmbedfitError(Exception):
     """Base class of every error embedfit reports to a user."""
@@ -51,3 +54,25 @@ class ExtractionInterrupted(EmbedfitError):
 
 class ModelFileError(EmbedfitError):
     """A model file is missing, untrusted or does not match its sidecar."""
+
+
+class OutputError(EmbedfitError):
+    """An output file cannot be written where it was asked for."""
+
+
+def check_output_file(path: str | os.PathLike, option: str = "--output") -> Path:
+    """Refuse an output path that cannot be written, before the work that would fill it rather than after.
+
+    Raises:
+        UsageError: `path` is a folder.
+        OutputError: Its folder exists but is not writable, or a file stands where a folder would be made.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name")
+    existing = next(p for p in (path.parent.absolute(), *path.parent.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"cannot write {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: no permission to write in {existing}")
+    return path

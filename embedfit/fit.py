@@ -17,6 +17,8 @@ import csv
 import datetime as _dt
 import difflib
 import json
+import logging
+import math
 import os
 import re
 import time
@@ -34,6 +36,8 @@ from embedfit import __version__
 from embedfit.backbones import BackboneSpec
 from embedfit.errors import InputError, ModelFileError, StoreMismatchError, UsageError
 from embedfit.store import FeatureStore, library_versions
+
+log = logging.getLogger(__name__)
 
 MODELS = ("logreg", "svm", "linear-svm", "knn", "ridge", "lda", "rf", "mlp")
 SCALES = ("standard", "l2", "none")
@@ -80,31 +84,44 @@ def check_model_name(model: str) -> None:
         raise UsageError(f"unknown model '{model}'{hint} (choose from {', '.join(MODELS)})")
 
 
-def _classifier(model: str, class_weight: str | None, seed: int, n_samples: int) -> BaseEstimator:
+def check_class_weight(class_weight: str | None) -> str | None:
+    """"balanced" or None; "none" (the command line's spelling) is None."""
+    if class_weight is None or class_weight == "none":
+        return None
+    if class_weight != "balanced":
+        raise UsageError(f"--class-weight must be balanced or none, got '{class_weight}'")
+    return class_weight
+
+
+def _classifier(model: str, class_weight: str | None, seed: int, n_samples: int, n_train: int,
+                inner_folds: int) -> BaseEstimator:
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
     from sklearn.ensemble import RandomForestClassifier
-    from sklearn.linear_model import LogisticRegressionCV, RidgeClassifierCV
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeClassifierCV
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.neural_network import MLPClassifier
     from sklearn.svm import SVC, LinearSVC
 
-    if model == "logreg":  # the linear probe: C chosen by an inner 3-fold CV on log loss
-        return LogisticRegressionCV(Cs=LOGREG_CS, cv=3, scoring="neg_log_loss", class_weight=class_weight,
-                                    l1_ratios=(0.0,), use_legacy_attributes=False, **_LOGREG_SOLVER)
+    if model == "logreg":  # the linear probe: C chosen by an inner (3-fold) CV on log loss
+        if inner_folds < 2:  # a class with one training image: no inner CV can hold it out
+            return LogisticRegression(C=1.0, class_weight=class_weight, **_LOGREG_SOLVER)
+        return LogisticRegressionCV(Cs=LOGREG_CS, cv=inner_folds, scoring="neg_log_loss",
+                                    class_weight=class_weight, l1_ratios=(0.0,), use_legacy_attributes=False,
+                                    **_LOGREG_SOLVER)
     if model == "svm":
         # Calibrated on held-out folds instead of the deprecated SVC(probability=True). Two folds, fitted in
         # parallel: an ensemble of two SVCs on halves costs half of one SVC on everything (kernel SVMs scale
         # ~n^2), 3x less than three folds on 10k x 1280 for -1.3 points of accuracy (benchmarks/bench_fit.py).
-        return CalibratedClassifierCV(SVC(C=3.0, gamma="scale", class_weight=class_weight, cache_size=1000,
-                                          tol=1e-3, random_state=seed), cv=2, method="sigmoid", n_jobs=-1)
+        svc = SVC(C=3.0, gamma="scale", class_weight=class_weight, cache_size=1000, tol=1e-3, random_state=seed)
+        return svc if inner_folds < 2 else CalibratedClassifierCV(svc, cv=2, method="sigmoid", n_jobs=-1)
     if model == "linear-svm":
         # The dual solver is ~4x faster than the primal at small C. C shrinks as 1/n beyond 1000 images, which
         # keeps the per-image regularisation fixed (as SGD's alpha does): 10k x 1280 fits in ~3 s, not ~8.
         return LinearSVC(C=0.01 * min(1.0, 1000 / max(n_samples, 1)), dual=True, tol=1e-2, max_iter=2000,
                          class_weight=class_weight, random_state=seed)
     if model == "knn":
-        return KNeighborsClassifier(n_neighbors=max(1, min(10, n_samples // 10)), weights="distance")
+        return KNeighborsClassifier(n_neighbors=max(1, min(10, n_samples // 10, n_train)), weights="distance")
     if model == "ridge":
         return RidgeClassifierCV(alphas=np.logspace(-1, 4, 6), class_weight=class_weight)
     if model == "lda":
@@ -121,20 +138,31 @@ def _classifier(model: str, class_weight: str | None, seed: int, n_samples: int)
 
 def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: int | str | None = "auto",
                   class_weight: str | None = "balanced", seed: int = 0, n_samples: int = 1000,
-                  n_features: int = 1280, search: bool = False, array_api: bool = False) -> Pipeline:
+                  n_features: int = 1280, search: bool = False, array_api: bool = False,
+                  n_train: int | None = None, min_class: int | None = None,
+                  notes: list[str] | None = None) -> Pipeline:
     """A classifier Pipeline: scaler -> optional PCA -> model (-> grid search when `search`).
 
     Args:
         model: One of `MODELS`.
         scale: "standard" (z-score), "l2" (unit-norm rows) or "none".
-        pca: Number of components, None for no PCA, or "auto" (PCA to 256 dims for svm and knn only).
-        class_weight: "balanced" or None (models without class weights ignore it).
+        pca: Number of components, None or "none" for no PCA, or "auto" (PCA to 256 dims for svm and knn only).
+        class_weight: "balanced" or None ("none" is None too; models without class weights ignore it).
         seed: Random state of every randomised step.
         n_samples: Training-set size, to keep PCA and kNN sizes valid on small data.
         n_features: Embedding dimension.
         search: Wrap the model in a GridSearchCV over `GRIDS[model]` (nested CV when cross-validated).
         array_api: Build the variant that runs on torch tensors (`ARRAY_API_MODELS` only): logreg's inner CV
             becomes a GridSearchCV over the same Cs, folds and log loss as LogisticRegressionCV's.
+        n_train: Size of the smallest training set the pipeline will be fitted on (e.g. a CV fold's; default
+            `n_samples`): PCA and kNN sizes must fit it.
+        min_class: Images of the smallest class in that training set (None: plenty). Inner CVs (logreg's C,
+            svm's calibration, `search`) use fewer folds to fit it; with one image logreg keeps C=1.0 and svm
+            gives no probabilities.
+        notes: Receives a line for each setting changed to fit small data.
+
+    Raises:
+        UsageError: Unknown options, a `pca` larger than the data allows, or `search` with a one-image class.
     """
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import Normalizer, StandardScaler
@@ -142,28 +170,49 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
     check_model_name(model)
     if scale not in SCALES:
         raise UsageError(f"unknown scaling '{scale}'; choose one of {', '.join(SCALES)}")
-    if pca == "auto":
-        pca = AUTO_PCA_DIM if model in ("svm", "knn") and n_features > AUTO_PCA_DIM else None
-    if pca is not None:
+    class_weight = check_class_weight(class_weight)
+    n_train = n_samples if n_train is None else n_train
+    if pca == "none":  # as on the command line
+        pca = None
+    if pca == "auto":  # 0.6 n as before, and never more than the smallest training fold (e.g. --cv 2) holds
+        pca = (min(AUTO_PCA_DIM, max(1, int(n_samples * 0.6)), n_train)
+               if model in ("svm", "knn") and n_features > AUTO_PCA_DIM else None)
+    elif pca is not None:
         if isinstance(pca, str) or int(pca) < 1:
-            raise UsageError(f"--pca must be a positive number of components or 'auto', got {pca}")
-        pca = min(int(pca), n_features, max(1, int(n_samples * 0.6)))  # valid inside every CV fold
+            raise UsageError(f"--pca must be a positive number of components, 'auto' or 'none', got {pca}")
+        if int(pca) > min(n_features, n_train):
+            raise UsageError(f"--pca {pca} is too many components: at most {min(n_features, n_train)} here "
+                             f"({n_features} features, {n_train} images in the smallest training set)")
     scaler = {"standard": StandardScaler(), "l2": Normalizer(), "none": "passthrough"}[scale]
     steps: list[tuple[str, Any]] = [("scale", scaler)]
     if pca:
-        steps.append(("pca", PCA(n_components=pca, random_state=seed)))
-    clf = _classifier(model, class_weight, seed, n_samples)
+        steps.append(("pca", PCA(n_components=int(pca), random_state=seed)))
+    # Inner CVs need every class in each of their folds: at most as many folds as the smallest class has images.
+    folds = 3 if min_class is None else min(3, min_class)
+    inner = folds  # what the model's own inner CV (logreg's C, svm's calibration) can use
+    if search:
+        if folds < 2:
+            raise UsageError("--search needs at least 2 training images of every class; the smallest class has 1 "
+                             "(add images, or leave out --search)")
+        if min_class is not None:  # the search's training folds hold fewer images of that class
+            inner = min(3, min_class - math.ceil(min_class / folds))
+    clf = _classifier(model, class_weight, seed, n_samples, n_train, inner)
+    if notes is not None and inner < 2 and (model == "svm" or (model == "logreg" and not search)):
+        notes.append(f"{model}: the smallest class has 1 image in a training set, too few for an inner CV; "
+                     + ("C is fixed at 1.0" if model == "logreg" else "fitted without probabilities (needs 2 "
+                        "to calibrate them)"))
     if array_api and model not in ARRAY_API_MODELS:
         raise UsageError(f"{model} cannot be fitted on torch tensors; array-API models: {', '.join(ARRAY_API_MODELS)}")
-    if array_api and model == "logreg" and not search:
+    if array_api and model == "logreg" and not search and inner >= 2:
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import GridSearchCV
 
         clf = GridSearchCV(LogisticRegression(class_weight=class_weight, **_LOGREG_SOLVER),
-                           {"C": list(LOGREG_CS)}, cv=3, scoring="neg_log_loss")
+                           {"C": list(LOGREG_CS)}, cv=inner, scoring="neg_log_loss")
     if search:
         from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
+        grid = GRIDS[model]
         # The *CV variants tune themselves; under an explicit search use their plain counterparts.
         if model == "logreg":
             from sklearn.linear_model import LogisticRegression
@@ -173,7 +222,9 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
             from sklearn.linear_model import RidgeClassifier
 
             clf = RidgeClassifier(class_weight=class_weight)
-        clf = GridSearchCV(clf, GRIDS[model], cv=StratifiedKFold(3, shuffle=True, random_state=seed),
+        elif model == "svm" and inner < 2:  # the uncalibrated SVC: its own parameter names
+            grid = {k.removeprefix("estimator__"): v for k, v in grid.items()}
+        clf = GridSearchCV(clf, grid, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                            scoring="balanced_accuracy")
     steps.append(("clf", clf))
     return Pipeline(steps)
@@ -194,6 +245,7 @@ class Dataset:
     class_names: list[str]
     store: FeatureStore
     excluded: int  # failed, missing or unlabeled images left out
+    notes: list[str] = field(default_factory=list)  # what a user should know about the data (printed by the CLI)
 
 
 def load_dataset(store: FeatureStore | str | Path) -> Dataset:
@@ -209,29 +261,45 @@ def load_dataset(store: FeatureStore | str | Path) -> Dataset:
         raise InputError(f"store {store.path} has non-finite features for {len(bad)} image(s), e.g. "
                          f"{store.paths[bad[0]]}; re-extract with --precision fp32 or --overwrite")
     y = store.labels[rows]
-    return Dataset(X, y, store.paths[rows], rows, store.class_names, store, len(store) - len(rows))
+    class_names, notes = list(store.class_names), []
+    if not store.complete:
+        notes.append(f"store {store.path} is incomplete (an interrupted extract): only {store.n_ok} images are "
+                     "embedded so far; re-run embedfit extract to finish it")
+    counts = np.bincount(y, minlength=len(class_names))
+    if len(y) and not counts.all():  # e.g. a deleted class folder or a renamed CSV label: nothing to learn from
+        empty = [c for c, n in zip(class_names, counts, strict=True) if n == 0]
+        notes.append(f"{len(empty)} class(es) without usable images in the store left out: {', '.join(empty)}")
+        keep = np.flatnonzero(counts)
+        y = np.searchsorted(keep, y)  # labels renumbered over the classes kept
+        class_names = [class_names[c] for c in keep]
+    return Dataset(X, y, store.paths[rows], rows, class_names, store, len(store) - len(rows), notes)
 
 
 def check_trainable(y: np.ndarray, class_names: Sequence[str], n_splits: int | None) -> None:
     """Refuse data that cannot be cross-validated, naming the class that is short."""
     present = np.unique(y)
     if len(present) < 2:
-        only = class_names[present[0]] if len(present) else "none"
-        raise InputError(f"need at least two classes to fit a classifier, found one ({only})")
+        found = f"one ({class_names[present[0]]})" if len(present) else "none with usable images"
+        raise InputError(f"need at least two classes to fit a classifier, found {found}")
     if n_splits is not None:
         counts = np.bincount(y, minlength=len(class_names))
         short = [(class_names[c], int(counts[c])) for c in present if counts[c] < n_splits]
         if short:
             name, count = min(short, key=lambda s: s[1])
+            if count < 2:  # no number of folds helps
+                raise InputError(f"class '{name}' has 1 image; evaluating needs at least 2 per class (one to train "
+                                 "on, one to test): add images, remove the class, or evaluate on a --test-store")
             raise InputError(f"class '{name}' has {count} image(s), fewer than the {n_splits} CV folds; use "
-                             f"--cv {max(2, count)} or add images")
+                             f"--cv {count} or add images")
 
 
 def groups_from(spec: str | None, paths: np.ndarray) -> np.ndarray | None:
     """Group labels for grouped CV: a CSV (path,group) file, or a regex whose first group is the group key."""
     if spec is None:
         return None
-    if spec.endswith(".csv") and Path(spec).is_file():
+    if spec.lower().endswith(".csv"):  # a file name, never a regex on image paths
+        if not Path(spec).is_file():
+            raise InputError(f"groups file {spec} does not exist")
         with open(spec, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"path", "group"} <= set(reader.fieldnames):
@@ -434,14 +502,14 @@ def fit(
         model: One of `MODELS` (default: a logistic-regression linear probe with C chosen by inner CV).
         output: Run directory (default: runs/<store stem>-<model>).
         scale: "standard", "l2" or "none".
-        pca: Components, None, or "auto" (256 for svm/knn).
+        pca: Components, None or "none", or "auto" (256 for svm/knn).
         cv: Folds of stratified k-fold cross-validation.
-        repeats: Repetitions of the k-fold with different shuffles.
+        repeats: Repetitions of the k-fold (or of the `test_size` split) with different shuffles.
         groups: Group key per image (array), a CSV of path,group, or a regex on paths; keeps groups within folds.
         test_store: Evaluate on this store instead of CV (same backbone required).
         test_size: Evaluate on a stratified hold-out share instead of CV.
         search: Grid-search the model's hyper-parameters (nested inside the outer CV).
-        class_weight: "balanced" or None.
+        class_weight: "balanced" or None ("none").
         jobs: Parallel folds (joblib); None: one per core, up to the number of folds, when the features fit in
             memory that many times over (most models use one core per fit, so folds in parallel is what
             uses the others), else 1.
@@ -456,45 +524,75 @@ def fit(
     from joblib import Parallel, delayed, parallel_config
 
     check_model_name(model)
+    class_weight = check_class_weight(class_weight)
+    pca = None if pca == "none" else pca
     if test_store is not None and test_size is not None:
         raise UsageError("give either --test-store or --test-size, not both")
     if test_size is not None and not 0 < test_size < 1:
         raise UsageError(f"--test-size must be a fraction between 0 and 1, got {test_size}")
+    holdout = test_store is not None or test_size is not None
+    if holdout and groups is not None:
+        raise UsageError("--groups keeps groups within CV folds; it does not combine with --test-size or --test-store")
+    if test_store is not None and repeats != 1:
+        raise UsageError("--repeats needs CV or --test-size; a --test-store is one fixed split")
+    if repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {repeats}")
     if jobs == 0:
         raise UsageError("--jobs must be a positive number or -1 (all cores)")
     data = load_dataset(store)
     spec = data.store.spec
-    holdout = test_store is not None or test_size is not None
-    check_trainable(data.y, data.class_names, None if holdout else cv)
+    run_dir = Path(output) if output else Path("runs") / f"{data.store.path.stem}-{model}"
+    _check_run_dir(run_dir)  # before the CV, not after it
+    if test_store is not None:
+        test_path = Path(test_store.path if isinstance(test_store, FeatureStore) else test_store)
+        if test_path.exists() and test_path.samefile(data.store.path):
+            raise UsageError(f"--test-store {test_path} is the training store itself: its score would be training "
+                             "accuracy, not a hold-out one")
+    # A hold-out share needs 2 images per class (one each side), CV one per fold, a hold-out store none.
+    check_trainable(data.y, data.class_names, None if test_store is not None else 2 if test_size is not None else cv)
     fit_device, device_note = resolve_fit_device(device, model)
     on_gpu = fit_device != "cpu"
-    pipe = make_pipeline(model, scale=scale, pca=pca, class_weight=class_weight, seed=seed,
-                         n_samples=len(data.y), n_features=data.X.shape[1], search=search, array_api=on_gpu)
     _register_backend(backend)
     n_classes = len(data.class_names)
+    notes = list(data.notes)
 
     t0 = time.perf_counter()
     if test_store is not None:
         test = _aligned_test_set(test_store, data)
+        notes += test.notes
         X_all, y_all = np.concatenate([data.X, test.X]), np.concatenate([data.y, test.y])
         splits = [(np.arange(len(data.y)), np.arange(len(data.y), len(y_all)))]
         pred_paths, pred_rows = test.paths, test.rows
         evaluation = {"strategy": "holdout", "n_splits": 1, "repeats": 1, "groups": False, "search": search,
-                      "test_store": str(test.store.path)}
+                      "test_store": str(test.store.path.resolve())}
     else:
         X_all, y_all, pred_paths, pred_rows = data.X, data.y, data.paths, data.rows
         group_keys = groups if isinstance(groups, np.ndarray) else groups_from(groups, data.paths)
         if test_size is not None:
-            from sklearn.model_selection import train_test_split
+            from sklearn.model_selection import StratifiedShuffleSplit
 
-            idx = np.arange(len(data.y))
-            tr, te = train_test_split(idx, test_size=test_size, stratify=data.y, random_state=seed)
-            splits = [(tr, te)]
-            evaluation = {"strategy": "holdout", "n_splits": 1, "repeats": 1, "groups": False, "search": search}
+            _check_test_size(test_size, data.y)
+            # Repeated like the k-fold; the first split is train_test_split's with the same seed.
+            splits = list(StratifiedShuffleSplit(repeats, test_size=test_size, random_state=seed)
+                          .split(np.zeros(len(data.y)), data.y))
+            evaluation = {"strategy": "holdout", "n_splits": 1, "repeats": repeats, "groups": False,
+                          "search": search}
         else:
             splits = make_splits(data.y, cv=cv, repeats=repeats, groups=group_keys, seed=seed)
             evaluation = {"strategy": "cv", "n_splits": cv, "repeats": repeats,
                           "groups": group_keys is not None, "search": search}
+    # Sizes that must fit every training set: PCA and kNN sizes, inner CV folds, lda's images per class.
+    n_train = min(len(tr) for tr, _ in splits)
+    train_counts = [np.bincount(y_all[tr]) for tr, _ in splits]
+    for (tr, _), c in zip(splits, train_counts, strict=True) if model == "lda" else ():
+        if len(tr) <= np.count_nonzero(c):
+            raise UsageError(f"lda needs more training images than classes; a training set has {len(tr)} images "
+                             f"of {np.count_nonzero(c)} classes: add images, or use another model")
+    pipe = make_pipeline(model, scale=scale, pca=pca, class_weight=class_weight, seed=seed,
+                         n_samples=len(data.y), n_features=data.X.shape[1], search=search, array_api=on_gpu,
+                         n_train=n_train, min_class=min(int(c[c > 0].min()) for c in train_counts), notes=notes)
+    for note in notes:
+        log.warning("note: %s", note)
     if on_gpu:  # copied once; the GPU runs the folds one after the other
         import torch
 
@@ -539,16 +637,36 @@ def fit(
         "fit_seconds": fit_seconds, "predict_seconds_per_image": predict_per_image}, fit_device)
     if device_note:
         metrics["device_note"] = device_note
+    if notes:
+        metrics["notes"] = notes
     if hasattr(final[-1], "best_estimator_"):  # --search, or logreg's inner CV on a GPU
         best = final[-1].best_params_
         metrics["best_params"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in best.items()}
         final.steps[-1] = ("clf", final[-1].best_estimator_)  # ship the model, not the search machinery
-    run_dir = Path(output) if output else Path("runs") / f"{data.store.path.stem}-{model}"
     params = {"scale": scale, "pca": pca, "class_weight": class_weight, "search": search, "seed": seed,
               "device": fit_device}
     save_run(run_dir, final, model=model, params=params, store=data.store, metrics=metrics,
              predictions=predictions)
     return FitResult(run_dir, model, final, metrics, predictions)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory that cannot be created because it, or a folder above it, is a file."""
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"cannot write run directory {run_dir}: {existing} is a file")
+
+
+def _check_test_size(test_size: float, y: np.ndarray) -> None:
+    """A stratified hold-out needs an image of every class on both sides (scikit-learn's rounding)."""
+    n, k = len(y), len(np.unique(y))
+    n_test = math.ceil(test_size * n)
+    if n_test < k:
+        raise UsageError(f"--test-size {test_size} gives {n_test} test images for {k} classes; a stratified "
+                         f"hold-out needs one per class: use --test-size {math.ceil(100 * k / n) / 100} or more")
+    if n - n_test < k:
+        raise UsageError(f"--test-size {test_size} leaves {n - n_test} training images for {k} classes; use "
+                         f"--test-size {math.floor(100 * (n - k) / n) / 100} or less")
 
 
 def default_jobs(X: np.ndarray, n_splits: int) -> int:
@@ -610,7 +728,7 @@ def _metrics(model: str, spec: BackboneSpec, data: Dataset, evaluation: dict[str
     p, r, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=np.arange(n_classes),
                                                         zero_division=0)
     return {
-        "model": model, "backbone": spec.short(), "store": str(data.store.path), "n_samples": len(data.y),
+        "model": model, "backbone": spec.short(), "store": str(data.store.path.resolve()), "n_samples": len(data.y),
         "n_excluded": int(data.excluded), "n_classes": n_classes, "class_names": data.class_names,
         "evaluation": evaluation, "scores": scores,
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),
@@ -643,7 +761,8 @@ def save_run(run_dir: str | Path, pipeline: Pipeline, *, model: str, params: dic
         "kind": "sklearn", "model": model, "params": params, "spec": store.spec.to_dict(),
         "settings": {"dtype": store.settings.dtype, "tta": store.settings.tta,
                      "precision": store.settings.precision},
-        "class_names": list(metrics["class_names"]), "store": str(store.path), "store_fingerprint": store.fingerprint,
+        "class_names": list(metrics["class_names"]), "store": str(store.path.resolve()),  # usable from any cwd
+        "store_fingerprint": store.fingerprint,
         "versions": library_versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "embedfit_version": __version__, "trusted_types": list(TRUSTED_TYPES),
     }

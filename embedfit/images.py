@@ -384,7 +384,8 @@ class ImageSource:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def scan_images(source: str | os.PathLike[str], *, class_names: Sequence[str] | None = None) -> ImageSource:
+def scan_images(source: str | os.PathLike[str], *, class_names: Sequence[str] | None = None,
+                labeled: bool = True) -> ImageSource:
     """List the images in a folder or a CSV file, with labels, without opening them.
 
     A folder whose first-level subfolders contain images (at any depth) is a class tree: each
@@ -403,6 +404,8 @@ def scan_images(source: str | os.PathLike[str], *, class_names: Sequence[str] | 
         class_names: The label space to use, e.g. the training set's classes when scanning a test
             set; labels index this list in the given order. A class found on disk or in the CSV
             that is not in it is an error. Ignored for unlabeled sources.
+        labeled: False reads a folder as flat whatever its layout: every image at any depth, no labels (for
+            prediction, where sub-folders are just how the images are filed).
 
     Returns:
         The records sorted by key, with class names and the skipped entries.
@@ -425,7 +428,7 @@ def scan_images(source: str | os.PathLike[str], *, class_names: Sequence[str] | 
             raise InputError(f"{shown} does not exist (broken symlink)")
         raise InputError(f"{shown} does not exist")
     if path.is_dir():
-        return _scan_folder(path, given)
+        return _scan_folder(path, given, labeled)
     if path.suffix.lower() == ".csv":
         return _scan_csv(path, given)
     raise InputError(f"{shown} is not a folder or a .csv file; expected a folder of images or a CSV list")
@@ -560,11 +563,11 @@ def _record(root: Path, key: str, entry: os.DirEntry[str], label: int) -> ImageR
     return ImageRecord(path=root / key, key=key, label=label, size=size, mtime_ns=mtime_ns)
 
 
-def _scan_folder(root: Path, given: list[str] | None) -> ImageSource:
-    """Scan a folder as a class tree or, when no subfolder holds images, as a flat folder."""
+def _scan_folder(root: Path, given: list[str] | None, labeled: bool = True) -> ImageSource:
+    """Scan a folder as a class tree or, when no subfolder holds images (or not `labeled`), as a flat folder."""
     skipped: list[tuple[str, str]] = []
     found, first_level = _walk(root, skipped)
-    classes_present = sorted({key.split("/", 1)[0] for key, _ in found if "/" in key})
+    classes_present = sorted({key.split("/", 1)[0] for key, _ in found if "/" in key}) if labeled else []
 
     if classes_present:
         kind = "folder"

@@ -57,7 +57,8 @@ class Predictions:
         if output.suffix.lower() == ".json":
             output.write_text(json.dumps(rows, indent=2))
         else:
-            with open(output, "w", newline="", encoding="utf-8") as f:
+            # surrogateescape: a file name that is not valid UTF-8 is written as its own bytes, not refused
+            with open(output, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path", "predicted", "error"])
                 writer.writeheader()
                 writer.writerows(rows)
@@ -68,8 +69,9 @@ def _collect(inputs: Sequence[str | os.PathLike]) -> list[ImageRecord]:
     records: list[ImageRecord] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            records += [ImageRecord(r.path, str(r.path), -1, r.size, r.mtime_ns) for r in scan_images(path).records]
+        if path.is_dir() or path.suffix.lower() == ".csv":  # every image in it: sub-folders are not classes here
+            records += [ImageRecord(r.path, str(r.path), -1, r.size, r.mtime_ns)
+                        for r in scan_images(path, labeled=False).records]
         elif path.exists() or path.is_symlink():
             records.append(ImageRecord(path.resolve() if path.exists() else path, str(path), -1, 0, 0))
         else:
@@ -158,6 +160,9 @@ def _predict_torch(run: str | os.PathLike, inputs: Sequence[str | os.PathLike]) 
         from embedfit.finetune import load_finetuned
     except ImportError:
         raise UsageError(f"{run} holds a fine-tuned network, which this installation cannot load") from None
+    if any(str(i).endswith((".h5", ".hdf5")) for i in inputs):
+        raise UsageError(f"{run} is a fine-tuned network, which predicts from images: give image files or "
+                         "folders, not a feature store")
     model = load_finetuned(run)
     records = _collect(inputs)
     proba, errors = model.predict_proba_paths([r.path for r in records])

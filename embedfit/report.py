@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from embedfit.errors import InputError, ModelFileError
+from embedfit.errors import InputError, ModelFileError, check_output_file
 from embedfit.fit import read_sidecar
 
+# Section ids, in order; the last is a prefix: one "mistakes-RUN" section per run.
 SECTIONS = ("leaderboard", "metrics", "confusion", "per-class", "cv-spread", "embedding-map", "mistakes")
 _TSNE_MAX = 3000  # t-SNE above this many points takes minutes on a laptop; PCA is always shown
 
@@ -85,9 +86,10 @@ def build_report(runs: Sequence[str | Path], output: str | Path, *, title: str =
     matplotlib.use("Agg")
     if not runs:
         raise InputError("give at least one run directory to report on")
+    check_output_file(output)
     loaded = [read_run(r) for r in runs]
     parts = [_leaderboard(loaded), _metrics(loaded), _confusion(loaded), _per_class(loaded), _cv_spread(loaded),
-             _embedding_map(loaded[0]), _mistakes(loaded[0])]
+             _embedding_map(loaded[0]), *(_mistakes(r, len(loaded) > 1) for r in loaded)]
     body = "\n".join(parts)
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -226,13 +228,21 @@ def _embedding_map(run: Run) -> str:
 
     from embedfit.store import FeatureStore
 
-    rows = [p for p in run.predictions if int(p.get("row", -1)) >= 0]
+    heading = f"Embedding map ({run.label})"
     store_path = _predictions_store(run)
-    if run.meta.get("kind") != "sklearn" or not rows or not store_path.is_file():
-        return _section("embedding-map", "Embedding map",
-                        '<p class="note">Not available: this run has no feature store to map.</p>')
+    if run.meta.get("kind") != "sklearn" or not run.predictions or not store_path.is_file():
+        return _section("embedding-map", heading,
+                        f'<p class="note">Not available: no feature store to map at {html.escape(str(store_path))}.'
+                        "</p>")
     store = FeatureStore.open(store_path)
-    X = store.features([int(p["row"]) for p in rows])
+    rows, stored = stored_rows(run.predictions, store)
+    if not rows:
+        return _section("embedding-map", heading, '<p class="note">Not available: none of the predicted images '
+                        f"has an embedding in {html.escape(str(store_path))} any more.</p>")
+    X = store.features(stored)
+    changed = ("" if store.fingerprint == run.meta.get("store_fingerprint") else
+               f" The store has changed since the fit: {len(rows)} of {len(run.predictions)} predicted images"
+               " are still in it, with their current embeddings.")
     names = run.metrics["class_names"]
     y = np.array([names.index(p["label"]) for p in rows])
     wrong = np.array([p["correct"] not in ("True", "true", "1") for p in rows])
@@ -251,18 +261,32 @@ def _embedding_map(run: Run) -> str:
         ax.set_title(what)
     axes[0][0].legend(fontsize=8, markerscale=1.5)
     note = (f'<p class="note">Embeddings of {len(X)} images from {html.escape(str(store_path))}, coloured by class; '
-            "circled points were misclassified out of fold.</p>")
-    return _section("embedding-map", "Embedding map", _png(fig) + note)
+            f"circled points were misclassified out of fold.{html.escape(changed)}</p>")
+    return _section("embedding-map", heading, _png(fig) + note)
 
 
-def _mistakes(run: Run, top: int = 12) -> str:
+def stored_rows(predictions: Sequence[dict[str, str]], store: Any) -> tuple[list[dict[str, str]], list[int]]:
+    """The predictions whose image still has an embedding in `store`, and its row there.
+
+    By path, not by the row numbers saved at fit time: a store re-extracted since then (images added, changed
+    or removed) numbers its rows differently.
+    """
+    from embedfit.store import OK
+
+    index = {key: i for i, key in enumerate(store.paths) if store.status[i] == OK}
+    kept = [p for p in predictions if p["path"] in index]
+    return kept, [index[p["path"]] for p in kept]
+
+
+def _mistakes(run: Run, name_run: bool = False, top: int = 12) -> str:
     from PIL import Image
 
     from embedfit.images import decode_image
 
+    heading = "Most confident mistakes" + (f" ({run.label})" if name_run else "")
     wrong = [p for p in run.predictions if p.get("correct") not in ("True", "true", "1")]
     if not wrong:
-        return _section("mistakes", "Most confident mistakes", '<p class="note">No mistakes to show.</p>')
+        return _section(f"mistakes-{run.path.name}", heading, '<p class="note">No mistakes to show.</p>')
     wrong.sort(key=lambda p: -float(p.get(f"p_{p['predicted']}", 0) or 0))
     root = _image_root(run)
     figures = []
@@ -280,7 +304,7 @@ def _mistakes(run: Run, top: int = 12) -> str:
         except Exception:  # the file moved or broke since extraction: show the caption alone
             src = '<p class="note">(image unavailable)</p>'
         figures.append(f"<figure>{src}<figcaption>{caption}</figcaption></figure>")
-    return _section("mistakes", "Most confident mistakes",
+    return _section(f"mistakes-{run.path.name}", heading,
                     f'<p class="note">{len(wrong)} misclassified images; the {min(top, len(wrong))} most confident '
                     f'shown.</p><div class="thumbs">{"".join(figures)}</div>')
 

@@ -515,6 +515,8 @@ class StoreWriter:
                     row.status, row.error = MISSING, "file no longer present in the input"
                 rows[key] = row
             elif (row.size, row.mtime_ns) == (rec.size, rec.mtime_ns):
+                # The label is the current scan's: a renamed class folder or an edited CSV needs no re-embedding.
+                row.label = class_names[rec.label] if rec.label >= 0 else ""
                 rows[key] = row
         complete = complete and all(key in rows for key in current)
         names = list(class_names) + sorted({r.label for r in rows.values() if r.label} - set(class_names))

@@ -183,3 +183,21 @@ def test_csv_input_and_given_class_order(image_tree: Path, tmp_path: Path) -> No
     store = FeatureStore.open(summary.store)
     assert store.class_names == ["gravel", "grass", "brick"] and len(store) == 6
     assert store.labels[list(store.paths).index("images/brick/brick_000.jpg")] == 2
+
+
+def test_relabeling_updates_the_store_without_re_embedding(image_tree: Path, tmp_path: Path) -> None:
+    """Labels are the current input's: an edited CSV (or a renamed class folder) relabels the stored rows."""
+    csv = tmp_path / "list.csv"
+    rows = [f"images/{p.relative_to(image_tree)},{p.parent.name}" for p in sorted(image_tree.rglob("*.jpg"))]
+    csv.write_text("path,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "csv.h5"
+    extract(csv, out, workers=0)
+    before = FeatureStore.open(out)
+    csv.write_text(csv.read_text().replace(",brick", ",wall"))
+    again = extract(csv, out, workers=0)
+    assert (again.embedded, again.reused) == (0, 6)
+    store = FeatureStore.open(out)
+    assert store.class_names == ["grass", "gravel", "wall"]  # no stale, empty "brick" class
+    assert [store.class_names[i] for i in store.labels] == [p.split(",")[1] for p in
+                                                             csv.read_text().splitlines()[1:]]
+    np.testing.assert_array_equal(store.features(), before.features())

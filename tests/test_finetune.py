@@ -134,6 +134,9 @@ def test_saved_model_reloads_and_predicts_identically(shared_tree: Path, tmp_pat
     assert main(["predict", str(tmp_path / "run"), str(shared_tree / "grass"), "-o", str(tmp_path / "p.csv")]) == 0
     assert "8 images predicted" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "run"), "-o", str(tmp_path / "r.html")]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "feats.h5")]) == 2  # needs images, not a store
+    assert "predicts from images" in capsys.readouterr().err
 
 
 def test_scratch_trains_from_random_weights(split) -> None:

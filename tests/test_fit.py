@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html.parser
+import json
 import os
 import pickle
 from pathlib import Path
@@ -18,11 +19,11 @@ from embedfit.fit import MODELS, TRUSTED_TYPES, fit, load_model, make_pipeline, 
 from embedfit.images import ImageRecord
 from embedfit.predict import predict
 from embedfit.report import SECTIONS, build_report
-from embedfit.store import FAILED, OK, FeatureStore, StoreSettings, StoreWriter
+from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
 
 
 def synthetic_store(path: Path, X: np.ndarray, y: np.ndarray, class_names: list[str], *, name: str = "synthetic",
-                    status: np.ndarray | None = None) -> FeatureStore:
+                    status: np.ndarray | None = None, complete: bool = True) -> FeatureStore:
     """A real store file holding given features (for checks that need no images)."""
     spec = BackboneSpec(name=name, architecture=f"test/{name}", weights="random", weights_sha256="",
                         input_size=(8, 8), resize_size=8, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3,
@@ -33,7 +34,7 @@ def synthetic_store(path: Path, X: np.ndarray, y: np.ndarray, class_names: list[
     with StoreWriter(path, StoreSettings(spec)) as w:
         w.write_part(keys, [class_names[c] if c >= 0 else "" for c in y], [100] * len(y), [1] * len(y), status,
                      ["broken" if s else "" for s in status], X)
-        return w.commit(records, class_names, complete=True)
+        return w.commit(records, class_names, complete=complete)
 
 
 def blobs(n: int = 120, d: int = 16, k: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +200,8 @@ def test_report_has_every_section(shared_store: Path, tmp_path: Path, capsys: py
     out = build_report([tmp_path / "logreg", tmp_path / "ridge"], tmp_path / "report.html")
     parser = _Sections()
     parser.feed(out.read_text())
-    assert parser.ids == list(SECTIONS) and parser.images >= 6
+    # one mistakes section per run
+    assert parser.ids == [*SECTIONS[:-1], "mistakes-logreg", "mistakes-ridge"] and parser.images >= 6
     assert main(["report", str(tmp_path / "logreg"), "-o", str(tmp_path / "r2.html")]) == 0
     assert "report:" in capsys.readouterr().out
     with pytest.raises(ModelFileError, match="does not exist"):
@@ -248,3 +250,114 @@ def test_fit_with_default_jobs_equals_sequential_fit(store: FeatureStore, tmp_pa
     parallel = fit(store.path, "logreg", cv=3, output=tmp_path / "p")
     sequential = fit(store.path, "logreg", cv=3, jobs=1, output=tmp_path / "s")
     assert parallel.metrics["scores"] == sequential.metrics["scores"]
+
+
+def test_automatic_pca_fits_the_smallest_training_fold(tmp_path: Path) -> None:
+    """PCA's 256 dims (capped at 0.6 n) used to exceed a fold's training set with --cv 2 or a large --test-size."""
+    X, y = blobs(100, d=300)
+    s = synthetic_store(tmp_path / "s.h5", X, y, ["a", "b", "c"])
+    for model, kw in (("svm", {"cv": 2}), ("knn", {"test_size": 0.6}), ("knn", {"test_size": 0.95})):
+        result = fit(s.path, model, output=tmp_path / model, jobs=1, **kw)
+        n_train = 50 if "cv" in kw else 100 - int(np.ceil(kw["test_size"] * 100))
+        assert result.pipeline["pca"].n_components <= n_train
+    with pytest.raises(UsageError, match="--pca 60 is too many components: at most 50"):
+        fit(s.path, "logreg", pca=60, cv=2, output=tmp_path / "r")
+    assert fit(s.path, "ridge", pca=50, cv=2, output=tmp_path / "r").pipeline["pca"].n_components == 50
+
+
+def test_inner_cvs_fit_the_smallest_class(tmp_path: Path) -> None:
+    """A class with one image in a training fold: svm's 2-fold calibration used to raise; now a note says what."""
+    X, _ = blobs(30, d=8)
+    y = np.array([0] * 14 + [1] * 14 + [2] * 2)  # --cv 2: class c has 1 training image per fold
+    s = synthetic_store(tmp_path / "s.h5", X, y, ["a", "b", "c"])
+    svm = fit(s.path, "svm", cv=2, output=tmp_path / "svm", jobs=1)
+    assert "fitted without probabilities" in svm.metrics["notes"][0] and "log_loss" not in svm.metrics["scores"]
+    load_model(tmp_path / "svm")
+    logreg = fit(s.path, "logreg", cv=2, output=tmp_path / "logreg", jobs=1)
+    assert "C is fixed at 1.0" in logreg.metrics["notes"][0] and logreg.pipeline[-1].C == 1.0
+    three = synthetic_store(tmp_path / "three.h5", X, np.array([0] * 14 + [1] * 13 + [2] * 3), ["a", "b", "c"])
+    searched = fit(three.path, "svm", cv=3, search=True, output=tmp_path / "searched", jobs=1)
+    assert set(searched.metrics["best_params"]) == {"C", "gamma"}  # the search's folds hold 1 image of c
+    assert make_pipeline("logreg", min_class=2)[-1].cv == 2  # inner folds: at most the smallest class's images
+    with pytest.raises(UsageError, match="--search needs at least 2 training images of every class"):
+        fit(s.path, "ridge", cv=2, search=True, output=tmp_path / "r")
+    tiny = synthetic_store(tmp_path / "tiny.h5", X[:4], np.array([0, 0, 1, 1]), ["a", "b"])
+    with pytest.raises(UsageError, match="lda needs more training images than classes"):
+        fit(tiny.path, "lda", cv=2, output=tmp_path / "r")
+
+
+def test_one_image_class_and_too_small_holdouts_are_clear_errors(tmp_path: Path) -> None:
+    X, _ = blobs(30)
+    y = np.array([0] * 15 + [1] * 14 + [2])
+    one = synthetic_store(tmp_path / "one.h5", X, y, ["a", "b", "c"])
+    with pytest.raises(InputError, match="class 'c' has 1 image; evaluating needs at least 2") as info:
+        fit(one.path, output=tmp_path / "r")
+    assert "--cv 2" not in str(info.value)  # which would not work either
+    with pytest.raises(InputError, match="class 'c' has 1 image"):
+        fit(one.path, test_size=0.3, output=tmp_path / "r")
+    s = synthetic_store(tmp_path / "s.h5", X, np.arange(30) % 3, ["a", "b", "c"])
+    with pytest.raises(UsageError, match=r"gives 2 test images for 3 classes.*--test-size 0.1 or more"):
+        fit(s.path, test_size=0.05, output=tmp_path / "r")
+    with pytest.raises(UsageError, match=r"leaves 1 training images for 3 classes.*--test-size 0.9 or less"):
+        fit(s.path, test_size=0.95, output=tmp_path / "r")
+    fit(s.path, "ridge", test_size=0.1, output=tmp_path / "r")  # the bound it names works
+
+
+def test_incomplete_store_is_noted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    X, y = blobs(30)
+    s = synthetic_store(tmp_path / "s.h5", X, y, ["a", "b", "c"], complete=False)
+    assert main(["fit", str(s.path), "-m", "ridge", "--cv", "3", "-o", str(tmp_path / "run")]) == 0
+    assert "is incomplete (an interrupted extract): only 30 images are embedded" in capsys.readouterr().err
+    notes = json.loads((tmp_path / "run" / "metrics.json").read_text())["notes"]
+    assert len(notes) == 1 and "re-run embedfit extract" in notes[0]
+
+
+def test_classes_without_usable_images_are_left_out(tmp_path: Path) -> None:
+    """A deleted class folder leaves `missing` rows: the class is no class to fit, score or report."""
+    X, y = blobs(45)
+    s = synthetic_store(tmp_path / "s.h5", X, y, ["a", "b", "c"], status=np.where(y == 1, MISSING, OK))
+    result = fit(s.path, "logreg", cv=3, output=tmp_path / "run")
+    m = result.metrics
+    assert m["class_names"] == ["a", "c"] and np.array(m["confusion_matrix"]).shape == (2, 2)
+    assert "roc_auc" in m["scores"] and "left out: b" in m["notes"][0]
+    assert {r["label"] for r in result.predictions} == {"a", "c"} and list(result.pipeline.classes_) == [0, 1]
+    assert load_model(tmp_path / "run")[1]["class_names"] == ["a", "c"]
+
+
+def test_option_checks(store: FeatureStore, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--class-weight must be balanced or none, got 'bal'"):
+        fit(store.path, class_weight="bal", output=tmp_path / "r")
+    assert fit(store.path, "ridge", cv=3, class_weight="none", output=tmp_path / "r").pipeline[-1].class_weight is None
+    assert "pca" not in fit(store.path, "svm", cv=3, pca="none", output=tmp_path / "r").pipeline.named_steps
+    with pytest.raises(InputError, match=r"groups file missing\.csv does not exist"):
+        fit(store.path, groups="missing.csv", output=tmp_path / "r")
+    with pytest.raises(UsageError, match=r"--groups .* does not combine with --test-size"):
+        fit(store.path, groups=r"img_(\d)", test_size=0.2, output=tmp_path / "r")
+    with pytest.raises(UsageError, match="is the training store itself"):
+        fit(store.path, test_store=store.path, output=tmp_path / "r")
+    with pytest.raises(UsageError, match="--repeats needs CV or --test-size"):
+        fit(store.path, test_store=tmp_path / "other.h5", repeats=2, output=tmp_path / "r")
+
+
+def test_holdout_share_is_repeated(store: FeatureStore, tmp_path: Path) -> None:
+    from sklearn.model_selection import train_test_split
+
+    result = fit(store.path, "ridge", test_size=0.25, repeats=3, output=tmp_path / "r")
+    assert result.metrics["evaluation"]["repeats"] == 3 and len(result.metrics["scores"]["accuracy"]["folds"]) == 3
+    _, first = train_test_split(np.arange(120), test_size=0.25, stratify=store.labels, random_state=0)
+    assert sorted(r["row"] for r in result.predictions) == sorted(first)  # predictions: the first split
+
+
+def test_run_directory_is_checked_first_and_names_the_store_absolutely(
+        store: FeatureStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "taken").write_text("not a directory")
+    with pytest.raises(UsageError, match="taken is a file"):
+        fit(store.path, output=tmp_path / "taken")
+    with pytest.raises(UsageError, match="taken is a file"):
+        fit(store.path, output=tmp_path / "taken" / "run")
+    monkeypatch.chdir(tmp_path)
+    fit("s.h5", "ridge", cv=3, output="run")
+    meta = load_model(tmp_path / "run")[1]
+    assert meta["store"] == str((tmp_path / "s.h5").resolve())
+    monkeypatch.chdir(tmp_path / "run")
+    assert Path(meta["store"]).is_file()
