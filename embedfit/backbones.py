@@ -453,8 +453,9 @@ def _load_state_dict(model: nn.Module, path: Path) -> None:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsUnavailableError(f"cannot read weights file {path}: {exc}") from None
+    except Exception as exc:  # torch's own messages for a file that is not a checkpoint can be a bare number
+        raise WeightsUnavailableError(f"cannot read weights file {path}: not a PyTorch or safetensors state dict "
+                                      f"({type(exc).__name__})") from None
     for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

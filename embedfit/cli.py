@@ -315,7 +315,7 @@ def report(
 
 @app.command()
 def classify(
-    images: list[Path] = typer.Argument(..., help="Image files."),
+    images: list[Path] = typer.Argument(..., help="Image files, folders or CSV lists."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone", help="Backbone with an ImageNet head."),
     top: int = typer.Option(5, min=1, help="Classes to show per image."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Also write the rows to this CSV."),

@@ -119,6 +119,7 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
     settings = StoreSettings(spec, config.dtype, config.tta, config.precision)
     device = "cuda" if num_gpus_per_worker > 0 else "cpu"
     summary = ExtractSummary(Path(output), total=len(images.records), skipped=len(images.skipped),
+                             skips=images.skipped[:10],
                              device=f"ray ({num_workers} x {device})")
     with StoreWriter(output, settings, overwrite=config.overwrite) as writer:
         plan = writer.plan(images.records, retry_failed=config.retry_failed)

@@ -128,6 +128,7 @@ class ExtractSummary:
     failed: int = 0  # failed in this run
     reused: int = 0  # already in the store
     skipped: int = 0  # input entries deliberately not used (e.g. loose files beside class folders)
+    skips: list[tuple[str, str]] = field(default_factory=list)  # (entry, why), first ones
     missing: int = 0  # rows of files no longer present
     seconds: float = 0.0
     complete: bool = False
@@ -720,6 +721,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         encoder = Encoder(backbone, device, precision=config.precision, tta=config.tta,
                           channels_last=config.channels_last, compile=config.compile, runtime=config.runtime)
         summary = ExtractSummary(Path(output), total=len(images.records), skipped=len(images.skipped),
+                                 skips=images.skipped[:10],
                                  device=str(device), runtime=encoder.runtime,
                                  notes=[encoder.note] if encoder.note else [], reused=plan.reused)
         labels = images.class_names
@@ -787,9 +789,13 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
             raise
         finally:
             progress.close()
-        store = commit(complete=not stop_reason)
+        # The store decides: complete when every image has a row, so a Ctrl-C that lands after the last batch
+        # still leaves a complete store, and no error.
+        store = commit(complete=True)
         summary.complete = store.complete
         summary.missing = int((store.status == 2).sum())
+        if store.complete and stop_reason == "interrupted":
+            stop_reason = ""
         if stop_reason == "interrupted":
             raise ExtractionInterrupted(
                 f"{stop_reason}; {store.n_ok} images are saved in {output} (incomplete); re-run the same "
@@ -797,8 +803,9 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
             )
         if stop_reason:  # too many failures: a runtime error (exit 1), not an interruption (130)
             aborted = ExtractionInterrupted(
-                f"{stop_reason}; {store.n_ok} images are saved in {output} (incomplete); fix the input or raise "
-                "--max-failures, then re-run to resume"
+                f"{stop_reason}; {store.n_ok} images are saved in {output}"
+                + (" (incomplete); fix the input or raise --max-failures, then re-run to resume" if not store.complete
+                   else " (every image was tried)")
             )
             aborted.exit_code = 1
             raise aborted

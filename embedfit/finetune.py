@@ -523,8 +523,11 @@ def load_finetuned(run_dir: str | Path, device: str = "auto") -> FinetunedModel:
 def classify(images: Sequence[str | Path], backbone: str = DEFAULT_BACKBONE, *, top: int = 5,
              weights: str | None = None, device: str = "auto") -> list[dict[str, Any]]:
     """ImageNet classes of images with the pretrained classifier unchanged: rows path, rank, class, probability."""
+    from embedfit.predict import collect_images
+
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
+    paths = [r.key for r in collect_images(images)]  # files, folders and CSV lists, as predict takes them
     model = create_backbone(backbone, weights=weights)
     if model.head is None or model.class_names is None:
         raise UsageError(f"{model.spec.short()} has no pretrained classifier to use as-is")
@@ -532,7 +535,7 @@ def classify(images: Sequence[str | Path], backbone: str = DEFAULT_BACKBONE, *, 
     model = model.to(dev).eval()
     pre = model.spec.preprocess()
     rows = []
-    for path in images:
+    for path in paths:
         try:
             x = pre(decode_image(path))[None].to(dev)
         except Exception as exc:

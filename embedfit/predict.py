@@ -65,7 +65,12 @@ class Predictions:
         return output
 
 
-def _collect(inputs: Sequence[str | os.PathLike]) -> list[ImageRecord]:
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[ImageRecord]:
+    """Image files, folders (every image at any depth) and CSV lists -> unlabeled records keyed by path.
+
+    Raises:
+        InputError: An input does not exist, or there are no images at all.
+    """
     records: list[ImageRecord] = []
     for item in inputs:
         path = Path(item)
@@ -114,7 +119,7 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
         errors = [str(e) if s != 0 else "" for e, s in zip(store.errors, store.status, strict=True)]
         paths = [str(p) for p in store.paths]
     else:
-        X, errors, paths = _embed(spec, meta, _collect(inputs), weights, device, batch_size, workers)
+        X, errors, paths = _embed(spec, meta, collect_images(inputs), weights, device, batch_size, workers)
     ok = np.array([not e for e in errors], dtype=bool)
     predicted = [""] * len(paths)
     proba = None
@@ -164,7 +169,7 @@ def _predict_torch(run: str | os.PathLike, inputs: Sequence[str | os.PathLike]) 
         raise UsageError(f"{run} is a fine-tuned network, which predicts from images: give image files or "
                          "folders, not a feature store")
     model = load_finetuned(run)
-    records = _collect(inputs)
+    records = collect_images(inputs)
     proba, errors = model.predict_proba_paths([r.path for r in records])
     predicted = ["" if e else model.class_names[int(np.argmax(p))] for p, e in zip(proba, errors, strict=True)]
     return Predictions([r.key for r in records], predicted, proba, list(model.class_names), list(errors))

@@ -26,6 +26,10 @@ def print_extract_summary(console: Console, s: ExtractSummary) -> None:
         console.print(f"  failed: {path}: {reason}", markup=False, soft_wrap=True)
     if s.failed > 10:
         console.print(f"  … {s.failed - 10} more (embedfit info {s.store} --failed)", markup=False)
+    for entry, reason in s.skips[:5]:
+        console.print(f"  skipped: {entry}: {reason}", markup=False, soft_wrap=True)
+    if s.skipped > 5:
+        console.print(f"  … {s.skipped - 5} more skipped", markup=False)
 
 
 def print_store_info(console: Console, store: FeatureStore, *, list_failed: bool = False) -> None:

@@ -288,7 +288,7 @@ def _ensure_space(directory: Path, n_rows: int, dim: int, itemsize: int, key_byt
     free = shutil.disk_usage(directory).free
     if free < need:
         raise StoreError(f"cannot write to {directory}: No space left on device (need ~{need / 1e6:.1f} MB, "
-                         f"{free / 1e6:.1f} MB free); the previous store is unchanged")
+                         f"{free / 1e6:.1f} MB free); nothing already stored was changed")
 
 
 @dataclass
@@ -530,8 +530,8 @@ class StoreWriter:
         except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise StoreError(f"cannot write {self.path}: {getattr(exc, 'strerror', None) or exc}; the previous "
-                             "store is unchanged") from None
+            raise StoreError(f"cannot write {self.path}: {getattr(exc, 'strerror', None) or exc}; nothing "
+                             "already stored was changed") from None
         for part in self._part_paths + self._stale_parts:  # merged: a crash before this is harmless
             with contextlib.suppress(OSError):
                 part.unlink()

@@ -166,6 +166,9 @@ def test_wrong_weights_file_is_a_clear_error(tmp_path: Path) -> None:
         create_backbone("resnet18", weights=path)
     with pytest.raises(UsageError, match="does not exist"):
         create_backbone("resnet18", weights=tmp_path / "nope.pth")
+    (tmp_path / "junk.pth").write_bytes(np.random.default_rng(0).bytes(1000))
+    with pytest.raises(WeightsUnavailableError, match="not a PyTorch or safetensors state dict"):
+        create_backbone("resnet18", weights=tmp_path / "junk.pth")
     import torchvision
 
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)  # same names, another head

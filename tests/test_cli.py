@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,12 @@ from embedfit.store import FeatureStore
 
 def test_extract_then_info(image_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (image_tree / "brick" / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    shutil.copy(image_tree / "brick" / "brick_000.jpg", image_tree / "loose.jpg")  # beside the class folders
     out = tmp_path / "out" / "feats.h5"
     assert main(["extract", str(image_tree), "-o", str(out), "--workers", "0", "--batch-size", "5"]) == 0
     text = capsys.readouterr().out
     assert "complete" in text and "12 embedded, 1 failed" in text and "broken.jpg" in text
+    assert "1 skipped" in text and "skipped: loose.jpg: loose file in the root" in text
     assert FeatureStore.open(out).n_ok == 12
 
     assert main(["extract", str(image_tree), "-o", str(out), "--workers", "0"]) == 0

@@ -67,6 +67,7 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         (["{tmp}/a.jpg", "--top", "0"], 2, "--top"),
         (["{tmp}/a.jpg", "--backbone", "vgg1"], 2, "did you mean"),
         (["{tmp}/a.jpg", "-o", "{tmp}"], 2, "is a folder"),
+        (["{tmp}/nothing.jpg"], 1, "does not exist"),
     ],
     "finetune": [
         ([], 2, "Missing argument"),
