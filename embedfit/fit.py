@@ -413,7 +413,11 @@ def resolve_fit_device(device: str, model: str) -> tuple[str, str | None]:
 @contextlib.contextmanager
 def _fitting(X: Any) -> Iterator[None]:
     """Around a fit on X: scikit-learn's array-API dispatch when X is a torch tensor, and its UserWarnings
-    (e.g. convergence on small folds) silenced."""
+    (e.g. convergence on small folds) silenced.
+
+    Ctrl-C stops every model: scikit-learn's MLP instead catches it, warns and returns the half-trained network,
+    which would then be scored and saved as if it were finished.
+    """
     with contextlib.ExitStack() as stack:
         if not isinstance(X, np.ndarray):
             from sklearn import config_context
@@ -421,7 +425,13 @@ def _fitting(X: Any) -> Iterator[None]:
             stack.enter_context(config_context(array_api_dispatch=True))
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore", category=UserWarning)
-        yield
+        warnings.filterwarnings("error", message="Training interrupted by user", category=UserWarning)
+        try:
+            yield
+        except UserWarning as exc:
+            if "Training interrupted by user" in str(exc):
+                raise KeyboardInterrupt from exc
+            raise
 
 
 def _numpy(obj: Any) -> Any:
@@ -555,6 +565,8 @@ def fit(
     _register_backend(backend)
     n_classes = len(data.class_names)
     notes = list(data.notes)
+    if (run_dir / "model.json").is_file():
+        notes.append(f"replacing the earlier run in {run_dir}")
 
     t0 = time.perf_counter()
     if test_store is not None:

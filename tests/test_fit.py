@@ -221,6 +221,8 @@ def test_cli_fit_predict(shared_store: Path, shared_tree: Path, tmp_path: Path,
     run = tmp_path / "run"
     assert main(["fit", str(shared_store), "-m", "ridge", "--cv", "3", "-o", str(run)]) == 0
     assert "ridge" in capsys.readouterr().out
+    assert main(["fit", str(shared_store), "-m", "ridge", "--cv", "3", "-o", str(run)]) == 0  # same place again
+    assert f"note: replacing the earlier run in {run}" in capsys.readouterr().err
     preds = tmp_path / "p.csv"
     assert main(["predict", str(run), str(shared_tree / "brick"), "-o", str(preds)]) == 0
     assert "8 images predicted, 0 failed" in capsys.readouterr().out
