@@ -475,6 +475,9 @@ def _load_state_dict(model: nn.Module, path: Path) -> None:
         )
 
 
+_OFFLINE_WHY = "offline: EMBEDFIT_OFFLINE or HF_HUB_OFFLINE is set"  # why weights were not downloaded
+
+
 def offline() -> bool:
     """True when embedfit must not try to download weights (EMBEDFIT_OFFLINE=1 or HF_HUB_OFFLINE=1)."""
     return any(os.environ.get(v, "") not in ("", "0") for v in ("EMBEDFIT_OFFLINE", "HF_HUB_OFFLINE"))
@@ -653,7 +656,7 @@ def _check_published_hash(path: Path) -> None:
 
 
 def _fetch_or_explain(name: str, url: str, dest: Path) -> None:
-    why = "offline: EMBEDFIT_OFFLINE or HF_HUB_OFFLINE is set"
+    why = _OFFLINE_WHY
     if not offline():
         try:
             _download(url, dest)
@@ -681,17 +684,22 @@ def _skip_init() -> Iterator[None]:
             setattr(nn.init, n, fn)
 
 
+def _skeleton(build: Callable[[], nn.Module]) -> nn.Module:
+    """A model's module tree without real weights: on the meta device, which allocates nothing, or, for
+    builders that compute sizes with tensors (RegNet's .tolist()), on the CPU without initialisation."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except (NotImplementedError, RuntimeError):
+        with _skip_init(), torch.no_grad():
+            return build()
+
+
 def _tv_info(name: str) -> BackboneInfo:
     import torchvision
 
     t = _tv_weights_enum(name).transforms()
-    kwargs = _TV_KWARGS.get(name, {})
-    try:
-        with torch.device("meta"):  # builds the module tree without allocating weights
-            model = torchvision.models.get_model(name, weights=None, **kwargs)
-    except (NotImplementedError, RuntimeError):  # builders that compute sizes with tensors (RegNet's .tolist())
-        with _skip_init(), torch.no_grad():
-            model = torchvision.models.get_model(name, weights=None, **kwargs)
+    model = _skeleton(functools.partial(torchvision.models.get_model, name, weights=None, **_TV_KWARGS.get(name, {})))
     dim = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].in_features
     path = tv_weights_path(name)
     return BackboneInfo(name, "torchvision", dim, (t.crop_size[0], t.crop_size[0]), path, path.is_file())
@@ -734,12 +742,7 @@ def _timm_skeleton(arch: str) -> nn.Module:
     """A timm model's module tree and pretrained config, without real weights."""
     import timm
 
-    try:
-        with torch.device("meta"):
-            return timm.create_model(arch, pretrained=False)
-    except (NotImplementedError, RuntimeError):  # builders that compute sizes with tensors
-        with _skip_init(), torch.no_grad():
-            return timm.create_model(arch, pretrained=False)
+    return _skeleton(functools.partial(timm.create_model, arch, pretrained=False))
 
 
 def _timm_from_cache(arch: str) -> nn.Module:
@@ -757,7 +760,7 @@ def _timm_from_cache(arch: str) -> nn.Module:
     where = (f"expected model.safetensors of https://huggingface.co/{hub_id} under "
              f"{Path(HF_HUB_CACHE) / ('models--' + hub_id.replace('/', '--'))}" if hub_id
              else f"no Hugging Face repository is known for it (cache {HF_HUB_CACHE})")
-    why = "offline: EMBEDFIT_OFFLINE or HF_HUB_OFFLINE is set"
+    why = _OFFLINE_WHY
     if cached is not None:
         return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(cached), source=""))
     if not offline():

@@ -300,13 +300,12 @@ def report(
     output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file to write."),
 ) -> None:
     """Write a self-contained HTML report (metrics, confusion, embedding map, mistakes) and print a leaderboard."""
-    from embedfit.errors import check_output_file
     from embedfit.presentation import print_leaderboard
     from embedfit.report import build_report, summarize_runs
 
-    check_output_file(output)
+    path = build_report(runs, output)  # checks the output path first, before any work
     print_leaderboard(out, summarize_runs(runs))
-    out.print(f"report: {build_report(runs, output)}", soft_wrap=True)
+    out.print(f"report: {path}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -425,8 +424,7 @@ def compare(
     except ValueError:
         raise typer.BadParameter(f"expected numbers or 'all', got '{sizes}'", param_hint="--sizes") from None
     result = run_compare(data, output, backbone=args_backbone(backbone), weights=_path_str(weights), epochs=epochs,
-                         sizes=steps,
-                         repeats=repeats, val_size=val_size, device=device, seed=seed)
+                         sizes=steps, repeats=repeats, val_size=val_size, device=device, seed=seed)
     out.print(to_markdown(result), markup=False, soft_wrap=True)
     out.print(f"results: {output}/compare.json, {output}/compare.md, {output}/learning_curve.png", soft_wrap=True)
 

@@ -68,9 +68,9 @@ def _summary(accuracy: list[float], seconds: list[float], **extra: Any) -> dict[
 
 
 def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
-            epochs: int = 3,
-            sizes: Sequence[int | None] = (5, 10, 25, 50, None), repeats: int = 3, val_size: float = 0.25,
-            device: str = "auto", seed: int = 0, finetune: TrainConfig | None = None) -> dict[str, Any]:
+            epochs: int = 3, sizes: Sequence[int | None] = (5, 10, 25, 50, None), repeats: int = 3,
+            val_size: float = 0.25, device: str = "auto", seed: int = 0,
+            finetune: TrainConfig | None = None) -> dict[str, Any]:
     """Run every arm on the same seeded stratified splits; write compare.json, compare.md and run directories.
 
     Args:

@@ -70,9 +70,27 @@ def check_output_file(path: str | os.PathLike, option: str = "--output") -> Path
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{option} {path} is a folder; give a file name")
-    existing = next(p for p in (path.parent.absolute(), *path.parent.absolute().parents) if p.exists())
+    existing = _nearest_existing(path.parent)
     if not existing.is_dir():
         raise OutputError(f"cannot write {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {path}: no permission to write in {existing}")
     return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "run directory") -> Path:
+    """Refuse an output folder that cannot be created because it, or a folder above it, is a file.
+
+    Raises:
+        UsageError: A file stands at `path` or above it.
+    """
+    path = Path(path)
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        raise UsageError(f"cannot write {what} {path}: {existing} is a file")
+    return path
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or the closest folder above it that exists (what creating `path` would write into)."""
+    return next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())

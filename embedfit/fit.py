@@ -34,7 +34,7 @@ from sklearn.pipeline import Pipeline
 
 from embedfit import __version__
 from embedfit.backbones import BackboneSpec
-from embedfit.errors import InputError, ModelFileError, StoreMismatchError, UsageError
+from embedfit.errors import InputError, ModelFileError, StoreMismatchError, UsageError, check_output_dir
 from embedfit.store import FeatureStore, library_versions
 
 log = logging.getLogger(__name__)
@@ -552,7 +552,7 @@ def fit(
     data = load_dataset(store)
     spec = data.store.spec
     run_dir = Path(output) if output else Path("runs") / f"{data.store.path.stem}-{model}"
-    _check_run_dir(run_dir)  # before the CV, not after it
+    check_output_dir(run_dir)  # before the CV, not after it
     if test_store is not None:
         test_path = Path(test_store.path if isinstance(test_store, FeatureStore) else test_store)
         if test_path.exists() and test_path.samefile(data.store.path):
@@ -660,13 +660,6 @@ def fit(
     save_run(run_dir, final, model=model, params=params, store=data.store, metrics=metrics,
              predictions=predictions)
     return FitResult(run_dir, model, final, metrics, predictions)
-
-
-def _check_run_dir(run_dir: Path) -> None:
-    """Refuse a run directory that cannot be created because it, or a folder above it, is a file."""
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
-    if not existing.is_dir():
-        raise UsageError(f"cannot write run directory {run_dir}: {existing} is a file")
 
 
 def _check_test_size(test_size: float, y: np.ndarray) -> None:

@@ -241,10 +241,9 @@ class FeatureStore:
     def summary(self) -> dict[str, Any]:
         """Counts and provenance, for `embedfit info` and reports."""
         counts = {name: int((self.status == code).sum()) for code, name in STATUS_NAMES.items()}
-        ok = self.status == OK
-        per_class = {c: int(((self.labels == i) & ok).sum()) for i, c in enumerate(self.class_names)}
         by_status = {c: {name: int(((self.labels == i) & (self.status == code)).sum())
                          for code, name in STATUS_NAMES.items()} for i, c in enumerate(self.class_names)}
+        per_class = {c: n["ok"] for c, n in by_status.items()}
         spec = self.spec
         return {
             "path": str(self.path), "backbone": spec.short(), "images": len(self), **counts,
