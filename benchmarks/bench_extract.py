@@ -1,7 +1,7 @@
 """Extraction speed, side by side on the same images in one run.
 
 1. naive: the tutorial loop (PIL open -> torchvision transform -> model on one image at a time, fp32, NCHW);
-2. embedfit: `embedfit.extract` end to end from files on disk (steady state: the marginal rate between a run
+2. embedfit: `embedfit.extract()` end to end from files on disk (steady state: the marginal rate between a run
    over the first fifth of the images and one over all, so start-up costs cancel; the whole-run rate and the
    fixed cost are reported too),
    once per `--decode` (pil: DataLoader workers decode; device: JPEG bytes decoded on the model's device);
@@ -34,17 +34,15 @@ from pathlib import Path
 import torch
 from _common import hardware, jpeg_folder, save
 
-from embedfit.backbones import create_backbone
-from embedfit.extract import (
+from embedfit.backbones.registry import create_backbone
+from embedfit.extraction.encoder import Encoder, _device_batch
+from embedfit.extraction.local import extract
+from embedfit.extraction.reader import ImageDataset, image_loader
+from embedfit.extraction.settings import (
     TRANSFER_IMAGES,
-    Encoder,
     ExtractConfig,
-    ImageDataset,
-    _device_batch,
     default_batch_size,
     default_workers,
-    extract,
-    image_loader,
     resolve_device,
 )
 from embedfit.images import scan_images
@@ -174,22 +172,26 @@ def line(m: dict) -> str:
 
 def end_to_end_ablation(folder: Path, config: ExtractConfig, tmp: Path, variants: dict[str, dict[str, object]],
                         repeats: int = 6) -> dict[str, list[float]]:
-    """`extract` end to end (steady-state img/s) under each variant of `embedfit.extract`'s module settings, alternating
-    `repeats` times so that every variant sees the same drift of the machine."""
-    import importlib
+    """`extract` end to end (steady-state img/s) under each variant of module settings of `embedfit.extraction`
+    (a name is patched in whichever of its modules defines it), alternating `repeats` times so that every variant
+    sees the same drift of the machine."""
+    from embedfit.extraction import reader
+    from embedfit.extraction import settings as extraction_settings
 
-    module = importlib.import_module("embedfit.extract")  # `embedfit.extract` the attribute is the function
+    def module_of(name: str) -> object:
+        return reader if name in vars(reader) and name not in vars(extraction_settings) else extraction_settings
+
     rates: dict[str, list[float]] = {label: [] for label in variants}
     for _ in range(repeats):
         for label, settings in variants.items():
-            saved = {name: getattr(module, name) for name in settings}
+            saved = {name: getattr(module_of(name), name) for name in settings}
             try:
                 for name, value in settings.items():
-                    setattr(module, name, value)
+                    setattr(module_of(name), name, value)
                 rates[label].append(end_to_end(folder, config, tmp)[0])
             finally:
                 for name, value in saved.items():
-                    setattr(module, name, value)
+                    setattr(module_of(name), name, value)
     return rates
 
 

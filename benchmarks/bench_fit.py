@@ -2,7 +2,7 @@
 
 Features are synthetic (n × d, a class structure like CNN embeddings: class means plus anisotropic noise, post-ReLU,
 separated so that a linear probe scores ~0.85 rather than a trivial 1.0) and written to a real store, so the
-benchmark needs no images; each model goes through `embedfit.fit.fit` exactly as `embedfit fit` runs it. The
+benchmark needs no images; each model goes through `embedfit.fit` exactly as `embedfit fit` runs it. The
 extraction time it compares against is n / (end-to-end img/s) from
 benchmarks/results/extract_efficientnet_lite0_DEVICE_*.json (run bench_extract.py first), or --extract-rate.
 
@@ -30,7 +30,8 @@ if "cuda" in " ".join(sys.argv):  # SciPy reads it once, at import: before anyth
 import numpy as np
 from _common import RESULTS, hardware, save
 
-from embedfit.fit import ARRAY_API_MODELS, MODELS, fit
+from embedfit.fitting.cv import fit
+from embedfit.fitting.models import ARRAY_API_MODELS, MODELS
 
 SEPARATION = 0.007  # class-mean scale: a logistic probe scores ~0.85, like a real 10-class embedding, not 1.0
 
@@ -59,7 +60,7 @@ def store_read_seconds(X: np.ndarray, dtype: str) -> float:
 
 def write_store(path: Path, X: np.ndarray, y: np.ndarray) -> Path:
     """A real feature store holding the synthetic features, as `embedfit extract` would write it."""
-    from embedfit.backbones import BackboneSpec
+    from embedfit.backbones.spec import BackboneSpec
     from embedfit.images import ImageRecord
     from embedfit.store import StoreSettings, StoreWriter
 

@@ -24,7 +24,7 @@ from _common import hardware, jpeg_folder, save
 
 
 def _child(folder: str, device: str, workers: int | None) -> None:
-    from embedfit.extract import extract
+    from embedfit.extraction.local import extract
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

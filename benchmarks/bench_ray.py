@@ -17,13 +17,13 @@ import numpy as np
 from _common import jpeg_folder, save
 from bench_fit import features
 
-from embedfit.extract import extract
+from embedfit.extraction.local import extract
 
 
 def bench_ray(images: int, shard_size: int) -> dict:
     import ray
 
-    from embedfit.distributed import extract_ray
+    from embedfit.extraction.ray import extract_ray
 
     folder = jpeg_folder(images, 500, 375)
     ray.init(include_dashboard=False, log_to_driver=False)
@@ -43,7 +43,7 @@ def bench_ray(images: int, shard_size: int) -> dict:
 
 def synthetic_store(path: Path, n: int, classes: int) -> None:
     """A real store of synthetic class-structured features, rows sorted by class like a folder tree."""
-    from embedfit.backbones import create_backbone
+    from embedfit.backbones.registry import create_backbone
     from embedfit.images import ImageRecord
     from embedfit.store import OK, StoreSettings, StoreWriter
 
@@ -66,7 +66,7 @@ def bench_ooc(n: int, classes: int, epochs: int, batch_rows: int) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from embedfit.distributed import fit_out_of_core
+    from embedfit.fitting.out_of_core import fit_out_of_core
     from embedfit.store import FeatureStore
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,24 +7,46 @@ models are then fitted and cross-validated on the stored embeddings in seconds (
     >>> summary = embedfit.extract("images/", "feats.h5")            # doctest: +SKIP
     >>> X, y, paths = embedfit.FeatureStore.open("feats.h5").load()  # doctest: +SKIP
     >>> result = embedfit.fit("feats.h5", "logreg")                  # doctest: +SKIP
+
+The pipeline, one package or module per stage: `images` -> `backbones` -> `extraction` -> `store` -> `fitting`
+-> `runs` -> `prediction` / `report`; `training` holds fine-tuning, scratch, as-is and the comparison.
+
+Names are imported on first use (PEP 562), so `import embedfit` loads neither torch nor scikit-learn. The verbs
+`extract`, `fit` and `predict` are functions here; their modules are `extraction`, `fitting` and `prediction`.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-# The verbs are imported eagerly: a lazily imported submodule of the same name (embedfit.extract,
-# embedfit.fit, embedfit.predict) would otherwise shadow the function of that name.
-from embedfit.backbones import Backbone, BackboneSpec, backbone_info, create_backbone, list_backbones
+import importlib
+from typing import Any
+
+from embedfit._version import __version__
 from embedfit.errors import EmbedfitError
-from embedfit.extract import ExtractConfig, embed_images, extract
-from embedfit.fit import fit, load_model
-from embedfit.images import decode_image, scan_images
-from embedfit.predict import predict
-from embedfit.report import build_report
-from embedfit.store import FeatureStore
-from embedfit.transformer import EmbeddingTransformer
 
-__all__ = [
-    "Backbone", "BackboneSpec", "EmbeddingTransformer", "EmbedfitError", "ExtractConfig", "FeatureStore",
-    "__version__", "backbone_info", "build_report", "create_backbone", "decode_image", "embed_images", "extract",
-    "fit", "list_backbones", "load_model", "predict", "scan_images",
-]
+_LAZY = {
+    "Backbone": "embedfit.backbones", "BackboneSpec": "embedfit.backbones", "backbone_info": "embedfit.backbones",
+    "create_backbone": "embedfit.backbones", "list_backbones": "embedfit.backbones",
+    "register_backbone": "embedfit.backbones",
+    "ExtractConfig": "embedfit.extraction", "embed_images": "embedfit.extraction", "extract": "embedfit.extraction",
+    "FitConfig": "embedfit.fitting", "fit": "embedfit.fitting", "fit_out_of_core": "embedfit.fitting",
+    "load_model": "embedfit.runs",
+    "decode_image": "embedfit.images", "scan_images": "embedfit.images",
+    "predict": "embedfit.prediction",
+    "build_report": "embedfit.report",
+    "FeatureStore": "embedfit.store",
+    "EmbeddingTransformer": "embedfit.transformer",
+}
+
+__all__ = ["EmbedfitError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'embedfit' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

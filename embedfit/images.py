@@ -663,3 +663,25 @@ def _scan_csv(csv_path: Path, given: list[str] | None) -> ImageSource:
     records.sort(key=lambda r: r.key)
     skipped.sort()
     return ImageSource(root=base, kind="csv", records=records, class_names=list(names), skipped=skipped)
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[ImageRecord]:
+    """Image files, folders (every image at any depth) and CSV lists -> unlabeled records keyed by path.
+
+    Raises:
+        InputError: An input does not exist, or there are no images at all.
+    """
+    records: list[ImageRecord] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir() or path.suffix.lower() == ".csv":  # every image in it: sub-folders are not classes here
+            records += [ImageRecord(r.path, str(r.path), -1, r.size, r.mtime_ns)
+                        for r in scan_images(path, labeled=False).records]
+        elif path.exists() or path.is_symlink():
+            records.append(ImageRecord(path.resolve() if path.exists() else path, str(path), -1, 0, 0))
+        else:
+            raise InputError(f"{path} does not exist")
+    if not records:
+        raise InputError(f"no images found in {', '.join(map(str, inputs))} "
+                         f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return records

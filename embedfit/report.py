@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from embedfit.errors import InputError, ModelFileError, check_output_file
-from embedfit.fit import read_sidecar
+from embedfit.runs import read_sidecar
 
 # Section ids, in order; the last is a prefix: one "mistakes-RUN" section per run.
 SECTIONS = ("leaderboard", "metrics", "confusion", "per-class", "cv-spread", "embedding-map", "mistakes")

@@ -41,8 +41,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from embedfit import __version__
-from embedfit.backbones import BackboneSpec
+from embedfit._version import __version__
+from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import StoreError, StoreLockedError, StoreMismatchError
 
 SCHEMA_VERSION = 1
@@ -81,11 +81,24 @@ class StoreSettings:
     tta: str = "none"
     precision: str = "fp32"
 
-    def differences(self, other: StoreSettings) -> list[str]:
+    def differences(self, other: StoreSettings, *, same_store: bool = True) -> list[str]:
+        """What stops features made with `self` and with `other` from being mixed: the one rule for it.
+
+        Rows of one store (resume) must match in everything. Features used together otherwise (a model and the
+        store it predicts on, a training and a test store) must match in backbone spec and test-time
+        augmentation, which change what a feature means; dtype and precision only move features by ~1e-3.
+        """
         diffs = self.spec.differences(other.spec)
-        diffs += [f"{k}: {getattr(self, k)} != {getattr(other, k)}" for k in ("dtype", "tta", "precision")
+        keys = ("dtype", "tta", "precision") if same_store else ("tta",)
+        diffs += [f"{k}: {getattr(self, k)} != {getattr(other, k)}" for k in keys
                   if getattr(self, k) != getattr(other, k)]
         return diffs
+
+    def describe(self) -> str:
+        """'efficientnet_lite0 (1280-d, 224x224), --tta flip' (TTA, dtype and precision only when not default)."""
+        extra = [f"--{k} {getattr(self, k)}" for k, default in (("tta", "none"), ("dtype", "float32"),
+                                                                 ("precision", "fp32")) if getattr(self, k) != default]
+        return ", ".join([self.spec.short(), *extra])
 
     def attrs(self) -> dict[str, str]:
         return {"spec": self.spec.to_json(), "dtype": self.dtype, "tta": self.tta, "precision": self.precision}
@@ -94,6 +107,22 @@ class StoreSettings:
     def from_attrs(cls, attrs: Any) -> StoreSettings:
         return cls(BackboneSpec.from_json(_attr(attrs, "spec")), _attr(attrs, "dtype"), _attr(attrs, "tta"),
                    _attr(attrs, "precision"))
+
+
+def check_mixable(a: StoreSettings, b: StoreSettings, a_name: str, b_name: str, *, same_store: bool = False) -> None:
+    """Raise a StoreMismatchError naming both sides unless their features may be mixed (`StoreSettings.differences`).
+
+    Args:
+        a: Settings of the first side, e.g. the test store's.
+        b: Settings of the second side, e.g. the training store's or the model's.
+        a_name: How to name the first side in the message, e.g. "test store b.h5".
+        b_name: The same for the second side.
+        same_store: The rows are to go into one store (resume): everything must match.
+    """
+    diffs = a.differences(b, same_store=same_store)
+    if diffs:
+        raise StoreMismatchError(f"{a_name} has {a.describe()} features but {b_name} has {b.describe()} "
+                                 f"({'; '.join(diffs[:3])})")
 
 
 def _attr(attrs: Any, key: str, default: Any = None) -> Any:
@@ -409,6 +438,11 @@ class StoreWriter:
 
     def __enter__(self) -> StoreWriter:
         return self
+
+    @property
+    def previous(self) -> FeatureStore | None:
+        """The store as it was before this run (None when new or overwritten)."""
+        return self._previous
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -20,7 +20,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from embedfit.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from embedfit.backbones import DEFAULT_BACKBONE
+from embedfit.backbones.registry import Backbone, create_backbone
 from embedfit.errors import DecodeError, UsageError
 
 
@@ -90,7 +91,7 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
 
     def transform(self, X: Sequence[str | os.PathLike]) -> np.ndarray:
         """Embed the images (float32)."""
-        from embedfit.extract import embed_images
+        from embedfit.extraction.encoder import embed_images
 
         check_is_fitted(self, "backbone_")
         paths = self._paths(X)

@@ -68,7 +68,7 @@ def shared_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def lite0():
     """The default backbone, loaded once per session."""
-    from embedfit.backbones import create_backbone
+    from embedfit.backbones.registry import create_backbone
 
     return create_backbone("efficientnet_lite0")
 
@@ -76,7 +76,7 @@ def lite0():
 @pytest.fixture(scope="session")
 def shared_store(shared_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished store of `shared_tree` with the default backbone (do not modify)."""
-    from embedfit.extract import extract
+    from embedfit.extraction.local import extract
 
     out = tmp_path_factory.mktemp("store") / "feats.h5"
     extract(shared_tree, out, workers=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from embedfit.backbones import (
-    BackboneSpec,
-    _check_published_hash,
-    backbone_info,
-    create_backbone,
-    list_backbones,
-    lite_state_dict_to_timm,
-    tv_weights_path,
-)
+import embedfit.backbones
+from embedfit.backbones.lite import lite_state_dict_to_timm
+from embedfit.backbones.registry import backbone_info, create_backbone, list_backbones
+from embedfit.backbones.spec import BackboneSpec
+from embedfit.backbones.tv import tv_weights_path
+from embedfit.backbones.weights import _check_published_hash
 from embedfit.errors import UsageError, WeightsUnavailableError
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -60,7 +58,7 @@ def test_lite_logits_equal_the_original_implementation(variant: int) -> None:
 def test_key_map_covers_every_weight() -> None:
     import timm
 
-    from embedfit.backbones import _lite_weights_file
+    from embedfit.backbones.lite import _lite_weights_file
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     state = torch.load(_lite_weights_file(0), map_location="cpu", weights_only=True)
@@ -74,7 +72,7 @@ def test_spec_records_identity_and_preprocessing(lite0) -> None:
     assert spec.architecture == "timm/tf_efficientnet_lite0"
     assert spec.embedding_dim == 1280 and spec.input_size == (224, 224)
     assert spec.resize_size == 256 and spec.interpolation == "bicubic"
-    from embedfit.backbones import _lite_weights_file
+    from embedfit.backbones.lite import _lite_weights_file
 
     assert spec.weights_sha256 == hashlib.sha256(_lite_weights_file(0).read_bytes()).hexdigest()
     assert BackboneSpec.from_json(spec.to_json()) == spec
@@ -277,3 +275,18 @@ def test_preprocess_matches_spec(lite0) -> None:
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8))
     t = lite0.spec.preprocess()(img)
     assert t.dtype == torch.uint8 and t.shape == (3, 224, 224)
+
+
+@pytest.mark.slow
+def test_shipped_catalogue_matches_the_registry() -> None:
+    """`embedfit backbones` answers from a shipped table; it must say what the registry itself says."""
+    from embedfit.backbones.catalogue import _torchvision_version, build_catalogue, catalogue_infos
+    from embedfit.backbones.registry import backbone_info, list_backbones
+
+    shipped = json.loads((Path(embedfit.backbones.__file__).parent / "catalogue.json").read_text())
+    assert shipped["torchvision"] == _torchvision_version(), "regenerate: python -m embedfit.backbones.catalogue"
+    assert shipped == build_catalogue()
+    infos = catalogue_infos()
+    assert infos is not None and [i.name for i in infos] == list_backbones()
+    for info in infos:
+        assert info == backbone_info(info.name)

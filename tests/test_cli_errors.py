@@ -103,7 +103,7 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
 
 @pytest.fixture(scope="module")
 def places(tmp_path_factory: pytest.TempPathFactory, shared_store: Path) -> dict[str, str]:
-    from embedfit.fit import fit
+    from embedfit.fitting.cv import fit
 
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "empty").mkdir()

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from embedfit.cli import main
-from embedfit.compare import compare
 from embedfit.errors import UsageError
-from embedfit.finetune import imagenet_mapping
+from embedfit.training.classify import imagenet_mapping
+from embedfit.training.compare import compare
 
 
 def _val_paths(run_dir: Path) -> list[str]:

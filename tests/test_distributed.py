@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from embedfit.cli import main
-from embedfit.distributed import fit_out_of_core
-from embedfit.fit import fit, load_model
+from embedfit.fitting.cv import fit
+from embedfit.fitting.out_of_core import fit_out_of_core
+from embedfit.runs import load_model
 from embedfit.store import FeatureStore
 
 KILL_HOOK = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # the first embedding call on the cluster exits hard, once
@@ -38,7 +39,7 @@ def _same(a: Path, b: Path) -> None:
 @pytest.mark.ray
 def test_sharded_extraction_equals_local_despite_a_killed_actor(ray, shared_tree: Path, shared_store: Path,
                                                                 tmp_path: Path) -> None:
-    from embedfit.distributed import extract_ray
+    from embedfit.extraction.ray import extract_ray
 
     summary = extract_ray(shared_tree, tmp_path / "ray.h5", num_workers=1, shard_size=5)
     assert ray.kill_marker.exists()  # an actor really died mid-run and Ray restarted it

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from embedfit.errors import ExtractionInterrupted, StoreError, StoreLockedError, StoreMismatchError
-from embedfit.extract import ExtractConfig, extract
+from embedfit.extraction.local import extract
+from embedfit.extraction.settings import ExtractConfig
 from embedfit.images import decode_image, scan_images
 from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreWriter
 

@@ -13,12 +13,12 @@ from PIL import Image
 
 from embedfit.cli import main
 from embedfit.errors import UsageError
-from embedfit.finetune import (
+from embedfit.training.classify import classify
+from embedfit.training.finetune import (
     Classifier,
     TrainConfig,
     apply_freeze,
     backbone_blocks,
-    classify,
     load_finetuned,
     load_split,
     train,
@@ -64,7 +64,7 @@ def test_the_untrained_head_is_never_the_model_kept(split) -> None:
 
 def test_frozen_weights_stay_bit_identical(split) -> None:
     result = train(split, TrainConfig(freeze="last:1", lr_backbone=1e-2, **FAST))
-    from embedfit.backbones import create_backbone
+    from embedfit.backbones.registry import create_backbone
 
     fresh = Classifier(create_backbone(), 3)
     blocks_after = backbone_blocks(result.model.backbone)
@@ -123,8 +123,8 @@ def test_saved_model_reloads_and_predicts_identically(shared_tree: Path, tmp_pat
     loaded = load_finetuned(tmp_path / "run", device="cpu")
     paths = sorted(shared_tree.rglob("*.png"))[:5]
     proba, errors = loaded.predict_proba_paths(paths)
-    from embedfit.finetune import evaluate
     from embedfit.images import decode_image
+    from embedfit.training.finetune import evaluate
 
     direct = evaluate(result.model, [decode_image(p) for p in paths], np.zeros(5, int), result.model.backbone.spec,
                       torch.device("cpu"))

@@ -12,18 +12,20 @@ import numpy as np
 import pytest
 from sklearn.model_selection import cross_val_score
 
-from embedfit.backbones import BackboneSpec
+from embedfit.backbones.spec import BackboneSpec
 from embedfit.cli import main
 from embedfit.errors import InputError, ModelFileError, StoreMismatchError, UsageError
-from embedfit.fit import MODELS, TRUSTED_TYPES, fit, load_model, make_pipeline, make_splits
+from embedfit.fitting.cv import fit, make_splits
+from embedfit.fitting.models import MODELS, make_pipeline
 from embedfit.images import ImageRecord
-from embedfit.predict import predict
+from embedfit.prediction import predict
 from embedfit.report import SECTIONS, build_report
+from embedfit.runs import TRUSTED_TYPES, load_model
 from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
 
 
 def synthetic_store(path: Path, X: np.ndarray, y: np.ndarray, class_names: list[str], *, name: str = "synthetic",
-                    status: np.ndarray | None = None, complete: bool = True) -> FeatureStore:
+                    status: np.ndarray | None = None, complete: bool = True, tta: str = "none") -> FeatureStore:
     """A real store file holding given features (for checks that need no images)."""
     spec = BackboneSpec(name=name, architecture=f"test/{name}", weights="random", weights_sha256="",
                         input_size=(8, 8), resize_size=8, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3,
@@ -31,7 +33,7 @@ def synthetic_store(path: Path, X: np.ndarray, y: np.ndarray, class_names: list[
     status = np.zeros(len(y), dtype=int) if status is None else status
     keys = [f"{class_names[c] if c >= 0 else 'x'}/img_{i:04d}.jpg" for i, c in enumerate(y)]
     records = [ImageRecord(path.parent / k, k, int(c), 100, 1) for k, c in zip(keys, y, strict=True)]
-    with StoreWriter(path, StoreSettings(spec)) as w:
+    with StoreWriter(path, StoreSettings(spec, tta=tta)) as w:
         w.write_part(keys, [class_names[c] if c >= 0 else "" for c in y], [100] * len(y), [1] * len(y), status,
                      ["broken" if s else "" for s in status], X)
         return w.commit(records, class_names, complete=complete)
@@ -145,6 +147,17 @@ def test_holdout_store_must_match(store: FeatureStore, tmp_path: Path) -> None:
         fit(store.path, "logreg", test_store=other.path, output=tmp_path / "run2")
 
 
+def test_holdout_store_with_other_tta_is_refused_naming_both(store: FeatureStore, tmp_path: Path) -> None:
+    """Flip TTA changes what a feature means: a --tta flip test store cannot score a model trained without it."""
+    X, y = blobs(60, seed=1)
+    flipped = synthetic_store(tmp_path / "flip.h5", X, y, ["a", "b", "c"], tta="flip")
+    with pytest.raises(StoreMismatchError) as info:
+        fit(store.path, "logreg", test_store=flipped.path, output=tmp_path / "run")
+    message = str(info.value)
+    assert str(flipped.path) in message and str(store.path) in message
+    assert "--tta flip" in message and "tta: flip != none" in message
+
+
 def test_grouped_cv_keeps_groups_together(store: FeatureStore, tmp_path: Path) -> None:
     result = fit(store.path, "ridge", groups=r"img_(\d\d\d)\d", cv=3, output=tmp_path / "run")
     assert result.metrics["evaluation"]["groups"]
@@ -232,11 +245,14 @@ def test_cli_fit_predict(shared_store: Path, shared_tree: Path, tmp_path: Path,
 
 
 def test_parallel_folds_default_to_the_cores_memory_allows() -> None:
-    from embedfit.fit import default_jobs
+    from embedfit.fitting.cv import PARALLEL_MIN_VALUES, default_jobs
 
     cores = len(os.sched_getaffinity(0))
-    assert default_jobs(np.zeros((100, 8), dtype=np.float32), n_splits=5) == min(cores, 5)
-    assert default_jobs(np.zeros((100, 8), dtype=np.float32), n_splits=1) == 1
+    large = np.zeros((PARALLEL_MIN_VALUES // 1000, 1000), dtype=np.float32)
+    assert default_jobs(large, n_splits=5) == min(cores, 5)
+    assert default_jobs(large, n_splits=1) == 1
+    # small data: starting worker processes costs more than parallel folds save
+    assert default_jobs(np.zeros((245, 1280), dtype=np.float32), n_splits=5) == 1
     huge = np.broadcast_to(np.float32(0), (2**40,))  # 4 TB by nbytes, nothing allocated
     assert default_jobs(huge, n_splits=5) == 1
 
@@ -248,8 +264,8 @@ def test_speed_defaults_scale_with_the_data() -> None:
     assert make_pipeline("rf", n_samples=8000)[-1].max_samples == 0.25
 
 
-def test_fit_with_default_jobs_equals_sequential_fit(store: FeatureStore, tmp_path: Path) -> None:
-    parallel = fit(store.path, "logreg", cv=3, output=tmp_path / "p")
+def test_fit_with_parallel_jobs_equals_sequential_fit(store: FeatureStore, tmp_path: Path) -> None:
+    parallel = fit(store.path, "logreg", cv=3, jobs=2, output=tmp_path / "p")
     sequential = fit(store.path, "logreg", cv=3, jobs=1, output=tmp_path / "s")
     assert parallel.metrics["scores"] == sequential.metrics["scores"]
 

@@ -17,14 +17,18 @@ import torch
 
 from embedfit.cli import main
 from embedfit.errors import UsageError
-from embedfit.fit import ARRAY_API_MODELS, MODELS, array_api_ready, make_pipeline, resolve_fit_device
+from embedfit.fitting.device import array_api_ready, resolve_fit_device
+from embedfit.fitting.models import ARRAY_API_MODELS, MODELS, make_pipeline
 
 TENSOR_SCRIPT = r"""
 import json, sys
 import numpy as np, skops.io as sio, torch
 from sklearn.base import BaseEstimator
-from embedfit.fit import (TRUSTED_TYPES, _fold, _refit, array_api_ready, load_dataset, make_pipeline,
-                          make_splits)
+from embedfit.runs import TRUSTED_TYPES
+from embedfit.fitting.cv import _fold, _refit, make_splits
+from embedfit.fitting.device import array_api_ready
+from embedfit.fitting.data import load_dataset
+from embedfit.fitting.models import make_pipeline
 
 def tensors_in(obj):
     if isinstance(obj, torch.Tensor):

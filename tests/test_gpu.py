@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedfit.extract import Encoder, extract
+from embedfit.extraction.encoder import Encoder
+from embedfit.extraction.local import extract
 from embedfit.store import FeatureStore
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -81,7 +82,7 @@ def test_compile_matches_eager(lite0) -> None:
 def test_pretrained_model_on_gpu_still_sees_a_cat(lite0) -> None:
     from skimage import data
 
-    from embedfit.backbones import create_backbone
+    from embedfit.backbones.registry import create_backbone
 
     model = create_backbone("efficientnet_lite0").cuda()
     pre = model.spec.preprocess()
@@ -95,7 +96,9 @@ def test_pretrained_model_on_gpu_still_sees_a_cat(lite0) -> None:
 
 GPU_FIT = r"""
 import json, sys
-from embedfit.fit import fit, load_dataset, load_model
+from embedfit.fitting.cv import fit
+from embedfit.fitting.data import load_dataset
+from embedfit.runs import load_model
 data, out = load_dataset(sys.argv[1]), {}
 for model in ("ridge", "logreg"):
     gpu = fit(sys.argv[1], model, device="auto", output=f"{sys.argv[2]}/{model}-gpu", cv=3)

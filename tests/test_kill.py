@@ -21,7 +21,7 @@ from conftest import write_tree
 
 from embedfit.cli import main
 from embedfit.errors import StoreError
-from embedfit.extract import extract
+from embedfit.extraction.local import extract
 from embedfit.store import FeatureStore
 
 pytestmark = pytest.mark.timeout(300)

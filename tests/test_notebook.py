@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from embedfit.fit import fit
+from embedfit.fitting.cv import fit
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb"
 

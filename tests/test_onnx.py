@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from embedfit.backbones import Backbone, create_backbone
+from embedfit.backbones.registry import Backbone, create_backbone
 from embedfit.cli import main
 from embedfit.errors import UsageError
-from embedfit.extract import Encoder, default_workers, embed_images, extract
-from embedfit.onnxrt import _cache_key, cache_dir, onnx_available, resolve_runtime
+from embedfit.extraction.encoder import Encoder, embed_images
+from embedfit.extraction.local import extract
+from embedfit.extraction.onnx import _cache_key, cache_dir, onnx_available, resolve_runtime
+from embedfit.extraction.settings import default_workers
 from embedfit.store import FeatureStore
 
 pytestmark = pytest.mark.skipif(not onnx_available(), reason="needs embedfit[onnx]")

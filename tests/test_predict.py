@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from embedfit.cli import main
-from embedfit.fit import fit
-from embedfit.predict import predict
+from embedfit.fitting.cv import fit
+from embedfit.prediction import predict
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from embedfit.extract import extract
-from embedfit.fit import fit
+from embedfit.extraction.local import extract
+from embedfit.fitting.cv import fit
 from embedfit.report import build_report, read_run, stored_rows
 from embedfit.store import FeatureStore
 

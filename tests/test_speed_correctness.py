@@ -14,17 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from embedfit.extract import (
-    Encoder,
-    ExtractConfig,
-    ImageDataset,
-    _Batch,
-    decode_jpeg_cpu,
-    extract,
-    iter_embeddings,
-    plain_jpeg_bytes,
-    transfer_batch_size,
-)
+from embedfit.extraction.encoder import Encoder, iter_embeddings
+from embedfit.extraction.local import extract
+from embedfit.extraction.reader import ImageDataset, _Batch, decode_jpeg_cpu, plain_jpeg_bytes
+from embedfit.extraction.settings import ExtractConfig, transfer_batch_size
 from embedfit.images import decode_image, scan_images
 from embedfit.store import FeatureStore
 
@@ -239,7 +232,7 @@ def test_uint8_resize_matches_pil_resize_then_crop(interpolation: str) -> None:
     through v2.Resize + v2.CenterCrop on the PIL image, padding included where the crop exceeds the image."""
     from torchvision.transforms import v2
 
-    from embedfit.backbones import Preprocess
+    from embedfit.backbones.preprocess import Preprocess
 
     rng = np.random.default_rng(0)
     sizes = [(500, 375), (375, 500), (256, 256), (224, 224), (257, 300), (1000, 999), (3000, 2000), (299, 224),
@@ -276,10 +269,10 @@ def test_cpu_decoders_yield_the_cores_to_the_model() -> None:
     import subprocess
     import sys
 
-    from embedfit.extract import worker_niceness
+    from embedfit.extraction.reader import worker_niceness
 
     assert worker_niceness(torch.device("cpu")) == 19 and worker_niceness(torch.device("cuda")) == 0
-    code = ("import os; from embedfit.extract import _worker_init; before = os.nice(0); "
+    code = ("import os; from embedfit.extraction.reader import _worker_init; before = os.nice(0); "
             "_worker_init(0, niceness=19); print(before, os.nice(0))")
     before, after = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                             check=True).stdout.split())

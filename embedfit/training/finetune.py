@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from embedfit import __version__
-from embedfit.backbones import DEFAULT_BACKBONE, Backbone, _TimmPreLogits, create_backbone
+from embedfit._version import __version__
+from embedfit.backbones import DEFAULT_BACKBONE
+from embedfit.backbones.registry import Backbone, _TimmPreLogits, create_backbone
 from embedfit.errors import InputError, ModelFileError, UsageError
-from embedfit.extract import resolve_device
+from embedfit.extraction.settings import resolve_device
 from embedfit.images import ImageRecord, decode_image, scan_images
 from embedfit.store import library_versions
 
@@ -415,7 +416,8 @@ def _progress(loader: Any, enabled: bool, label: str) -> Any:
 
 def save_trained(run_dir: str | Path, result: TrainResult, split: Split, *, data_path: str) -> Path:
     """Write model.pt (state dict), model.json, metrics.json and predictions.csv of the validation split."""
-    from embedfit.fit import fold_metrics, write_predictions_csv
+    from embedfit.fitting.cv import fold_metrics
+    from embedfit.runs import write_predictions_csv
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -493,7 +495,7 @@ class FinetunedModel:
 
 def load_finetuned(run_dir: str | Path, device: str = "auto") -> FinetunedModel:
     """Rebuild a fine-tuned/scratch network from model.json and load model.pt (weights only, no pickled code)."""
-    from embedfit.fit import read_sidecar
+    from embedfit.runs import read_sidecar
 
     meta = read_sidecar(run_dir)
     if meta.get("kind") != "torch":
@@ -509,60 +511,8 @@ def load_finetuned(run_dir: str | Path, device: str = "auto") -> FinetunedModel:
     except Exception as exc:
         raise ModelFileError(f"cannot load {Path(run_dir) / 'model.pt'}: {exc}") from None
     # The rebuilt backbone carries the trained run's preprocessing, not a random-init spec.
-    from embedfit.backbones import BackboneSpec
+    from embedfit.backbones.spec import BackboneSpec
 
     model.backbone.spec = BackboneSpec.from_dict(spec)
     dev = resolve_device(device)
     return FinetunedModel(model.to(dev).eval(), list(meta["class_names"]), dev)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The pretrained model as-is
-
-
-def classify(images: Sequence[str | Path], backbone: str = DEFAULT_BACKBONE, *, top: int = 5,
-             weights: str | None = None, device: str = "auto") -> list[dict[str, Any]]:
-    """ImageNet classes of images with the pretrained classifier unchanged: rows path, rank, class, probability."""
-    from embedfit.predict import collect_images
-
-    if top < 1:
-        raise UsageError(f"--top must be at least 1, got {top}")
-    paths = [r.key for r in collect_images(images)]  # files, folders and CSV lists, as predict takes them
-    model = create_backbone(backbone, weights=weights)
-    if model.head is None or model.class_names is None:
-        raise UsageError(f"{model.spec.short()} has no pretrained classifier to use as-is")
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
-    pre = model.spec.preprocess()
-    rows = []
-    for path in paths:
-        try:
-            x = pre(decode_image(path))[None].to(dev)
-        except Exception as exc:
-            rows.append({"path": str(path), "rank": "", "class": "", "probability": "", "error": str(exc)})
-            continue
-        with torch.inference_mode():
-            proba = torch.softmax(model.logits(x).float(), dim=1)[0]
-        values, index = proba.topk(min(top, len(proba)))
-        rows += [{"path": str(path), "rank": r + 1, "class": model.class_names[int(i)], "probability": float(v),
-                  "error": ""} for r, (v, i) in enumerate(zip(values, index, strict=True))]
-    return rows
-
-
-def imagenet_mapping(class_names: Sequence[str], imagenet: Sequence[str]) -> dict[int, list[int]] | None:
-    """Map each class to the ImageNet classes whose description names it (e.g. 'cat' -> tabby cat, ...).
-
-    Returns None unless every class maps to at least one ImageNet class and no two classes share one.
-    """
-    mapping: dict[int, list[int]] = {}
-    for c, name in enumerate(class_names):
-        word = name.lower().replace("_", " ").strip()
-        # a synonym that is the word or ends in it: "cat" is a tabby cat, not a catamaran; "espresso" is not
-        # an espresso maker
-        hits = [i for i, desc in enumerate(imagenet)
-                if any(syn == word or syn.endswith(f" {word}") for syn in desc.lower().split(", "))]
-        if not hits:
-            return None
-        mapping[c] = hits
-    used = [i for hits in mapping.values() for i in hits]
-    return mapping if len(used) == len(set(used)) else None

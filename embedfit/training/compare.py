@@ -19,20 +19,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from embedfit.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from embedfit.backbones import DEFAULT_BACKBONE
+from embedfit.backbones.registry import Backbone, create_backbone
 from embedfit.errors import UsageError
-from embedfit.extract import Encoder, resolve_device
-from embedfit.finetune import (
+from embedfit.extraction.encoder import Encoder
+from embedfit.extraction.settings import resolve_device
+from embedfit.fitting.models import make_pipeline
+from embedfit.training.classify import imagenet_mapping
+from embedfit.training.finetune import (
     TrainConfig,
     decode_labeled,
-    imagenet_mapping,
     make_split,
     save_trained,
     split_indices,
     subsample,
     train,
 )
-from embedfit.fit import make_pipeline
 
 ARMS = ("as-is", "linear probe", "fine-tune", "scratch")
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from embedfit.backbones import BackboneSpec, create_backbone
-from embedfit.errors import InputError, StoreMismatchError, UsageError
-from embedfit.fit import load_model, read_sidecar
-from embedfit.images import IMAGE_EXTENSIONS, ImageRecord, scan_images
-from embedfit.store import FeatureStore
+from embedfit.backbones.spec import BackboneSpec
+from embedfit.errors import StoreMismatchError, UsageError
+from embedfit.images import ImageRecord, collect_images
+from embedfit.runs import load_model, read_sidecar
+from embedfit.store import FeatureStore, StoreSettings, check_mixable
 
 
 @dataclass
@@ -65,28 +65,6 @@ class Predictions:
         return output
 
 
-def collect_images(inputs: Sequence[str | os.PathLike]) -> list[ImageRecord]:
-    """Image files, folders (every image at any depth) and CSV lists -> unlabeled records keyed by path.
-
-    Raises:
-        InputError: An input does not exist, or there are no images at all.
-    """
-    records: list[ImageRecord] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir() or path.suffix.lower() == ".csv":  # every image in it: sub-folders are not classes here
-            records += [ImageRecord(r.path, str(r.path), -1, r.size, r.mtime_ns)
-                        for r in scan_images(path, labeled=False).records]
-        elif path.exists() or path.is_symlink():
-            records.append(ImageRecord(path.resolve() if path.exists() else path, str(path), -1, 0, 0))
-        else:
-            raise InputError(f"{path} does not exist")
-    if not records:
-        raise InputError(f"no images found in {', '.join(map(str, inputs))} "
-                         f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return records
-
-
 def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weights: str | None = None,
             device: str = "auto", batch_size: int | None = None, workers: int | None = None) -> Predictions:
     """Predict classes for images, folders, or one feature store (.h5).
@@ -110,11 +88,8 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
     class_names = list(meta["class_names"])
     if len(inputs) == 1 and str(inputs[0]).endswith((".h5", ".hdf5")):
         store = FeatureStore.open(inputs[0])
-        store.check_compatible(spec, f"the model in {run}")
-        # dtype and precision move features by ~1e-3 and may differ; test-time augmentation changes what they mean.
-        if store.settings.tta != meta["settings"]["tta"]:
-            raise StoreMismatchError(f"store {store.path} was extracted with --tta {store.settings.tta}; the model "
-                                     f"in {run} expects --tta {meta['settings']['tta']}")
+        model_settings = StoreSettings(spec, **meta["settings"])
+        check_mixable(store.settings, model_settings, f"store {store.path}", f"the model in {run}")
         X = store.features()
         errors = [str(e) if s != 0 else "" for e, s in zip(store.errors, store.status, strict=True)]
         paths = [str(p) for p in store.paths]
@@ -137,7 +112,9 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
 
 def _embed(spec: BackboneSpec, meta: dict[str, Any], records: list[ImageRecord], weights: str | None,
            device: str, batch_size: int | None, workers: int | None) -> tuple[np.ndarray, list[str], list[str]]:
-    from embedfit.extract import Encoder, iter_embeddings, resolve_device
+    from embedfit.backbones.registry import create_backbone
+    from embedfit.extraction.encoder import Encoder, iter_embeddings
+    from embedfit.extraction.settings import resolve_device
 
     if spec.weights.startswith("file:") and weights is None:
         raise UsageError(f"the model's backbone used weights from {spec.weights[5:]}: pass --weights FILE")
@@ -162,7 +139,7 @@ def _embed(spec: BackboneSpec, meta: dict[str, Any], records: list[ImageRecord],
 
 def _predict_torch(run: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> Predictions:
     try:
-        from embedfit.finetune import load_finetuned
+        from embedfit.training.finetune import load_finetuned
     except ImportError:
         raise UsageError(f"{run} holds a fine-tuned network, which this installation cannot load") from None
     if any(str(i).endswith((".h5", ".hdf5")) for i in inputs):

@@ -27,10 +27,10 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from embedfit.backbones import Backbone
+from embedfit.backbones.registry import Backbone
 from embedfit.errors import UsageError
+from embedfit.extraction.settings import RUNTIMES
 
-RUNTIMES = ("auto", "torch", "onnx")
 log = logging.getLogger(__name__)
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 
-from embedfit.extract import ExtractSummary
 from embedfit.store import FAILED, FeatureStore
+
+if TYPE_CHECKING:
+    from embedfit.extraction.settings import ExtractSummary
 
 
 def print_extract_summary(console: Console, s: ExtractSummary) -> None:

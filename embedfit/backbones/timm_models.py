@@ -1,0 +1,102 @@
+"""Any timm model as `timm:<name>`, weights from the Hugging Face cache (loaded as a local file, so an offline
+run never waits on the hub)."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from embedfit.backbones.registry import BackboneInfo, _Built, _skeleton
+from embedfit.backbones.weights import _OFFLINE_WHY, _hf_cached_file, _load_state_dict, offline
+from embedfit.errors import UsageError, WeightsUnavailableError
+
+
+def _imagenet_names() -> list[str]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(1000)]
+
+
+def _timm_preprocess(model: nn.Module) -> dict[str, Any]:
+    import math
+
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    h, w = cfg["input_size"][1:]
+    return dict(input_size=(h, w), resize_size=math.floor(min(h, w) / cfg["crop_pct"]),
+                interpolation=cfg["interpolation"] if cfg["interpolation"] in ("bilinear", "bicubic")
+                else "bilinear",
+                mean=tuple(float(m) for m in cfg["mean"]), std=tuple(float(s) for s in cfg["std"]))
+
+
+def _timm_skeleton(arch: str) -> nn.Module:
+    """A timm model's module tree and pretrained config, without real weights."""
+    import timm
+
+    return _skeleton(functools.partial(timm.create_model, arch, pretrained=False))
+
+
+def _timm_from_cache(arch: str) -> nn.Module:
+    """timm's pretrained model, its weights file from the Hugging Face cache when there, else downloaded.
+
+    A cached file is loaded as a local file, so that nothing asks the hub (which offline would retry for
+    a minute); offline without the file, the error comes at once and names what to put where.
+    """
+    import timm
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    skeleton = _timm_skeleton(arch)
+    cached = _hf_cached_file(skeleton)
+    hub_id = (skeleton.pretrained_cfg or {}).get("hf_hub_id")
+    where = (f"expected model.safetensors of https://huggingface.co/{hub_id} under "
+             f"{Path(HF_HUB_CACHE) / ('models--' + hub_id.replace('/', '--'))}" if hub_id
+             else f"no Hugging Face repository is known for it (cache {HF_HUB_CACHE})")
+    why = _OFFLINE_WHY
+    if cached is not None:
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(cached), source=""))
+    if not offline():
+        try:
+            return timm.create_model(arch, pretrained=True)
+        except Exception as exc:
+            why = f"download failed: {type(exc).__name__}"
+    raise WeightsUnavailableError(
+        f"pretrained weights for timm:{arch} are not in the Hugging Face cache: {where} ({why}); "
+        "pass --weights FILE with a state dict"
+    )
+
+
+def _build_timm(arch: str, weights: Path | None, pretrained: bool) -> _Built:
+    import timm
+
+    if not timm.list_models(arch) and arch not in timm.list_models(pretrained=True):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise UsageError(f"unknown timm model '{arch}'{hint}")
+    weights_file: Path | None = None
+    if weights is not None or not pretrained:
+        model = timm.create_model(arch, pretrained=False)
+        if weights is not None:
+            _load_state_dict(model, weights)
+        weights_id, weights_file = (f"file:{weights.name}", weights) if weights else ("random", None)
+    else:
+        model = _timm_from_cache(arch)
+        cfg = model.pretrained_cfg
+        weights_id = cfg.get("hf_hub_id") or f"{arch}.{cfg.get('tag', '')}"
+        weights_file = _hf_cached_file(model)
+    class_names = _imagenet_names() if getattr(model, "num_classes", 0) == 1000 else None
+    return _Built(model=model, architecture=f"timm/{arch}", weights=weights_id, weights_file=weights_file,
+                  class_names=class_names, family="timm", **_timm_preprocess(model))
+
+
+def _timm_info(name: str) -> BackboneInfo:
+    model = _timm_skeleton(name[5:])
+    pre = _timm_preprocess(model)
+    file = _hf_cached_file(model)
+    return BackboneInfo(name, "timm", int(getattr(model, "num_features", 0)), pre["input_size"], file,
+                        bool(file and file.is_file()))

@@ -1,0 +1,99 @@
+"""Commands over feature stores: extract, info, backbones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from embedfit.backbones.spec import DEFAULT_BACKBONE
+from embedfit.cli.app import app, err, out
+from embedfit.cli.options import (
+    TTA,
+    Decode,
+    Engine,
+    FeatureDtype,
+    Pool,
+    Precision,
+    Runtime,
+    _fraction_or_count,
+)
+
+
+@app.command()
+def extract(
+    source: Path = typer.Argument(..., help="Image folder (class per subfolder, or flat) or CSV (path,label)."),
+    output: Path = typer.Option(..., "-o", "--output", help="HDF5 feature store to create or resume."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone", help="Backbone name or timm:NAME."),
+    weights: Path | None = typer.Option(None, help="State-dict file instead of the default weights."),
+    layer: str | None = typer.Option(None, help="Intermediate layer (default: pre-logits)."),
+    pool: Pool = typer.Option(Pool.avg, help="Global pooling for --layer."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass (default: 8 on CPU, 128 on GPU)."),
+    workers: int | None = typer.Option(None, min=0, help="Decoding processes (default: by device/cores)."),
+    precision: Precision = typer.Option(Precision.fp32, help="Compute precision (fp16 needs a GPU)."),
+    dtype: FeatureDtype = typer.Option(FeatureDtype.float32, help="Stored feature dtype."),
+    tta: TTA = typer.Option(TTA.none, help="Test-time augmentation: flip averages an image and its mirror."),
+    decode: Decode = typer.Option(Decode.pil, help="pil: decode in CPU worker processes; device: JPEGs on the GPU."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (long GPU runs)."),
+    runtime: Runtime = typer.Option(Runtime.auto, help="auto: ONNX Runtime for fp32 on CPU if installed; torch; onnx."),
+    overwrite: bool = typer.Option(False, help="Start the store afresh instead of resuming."),
+    retry_failed: bool = typer.Option(False, help="Retry images that failed in an earlier run."),
+    max_failures: str | None = typer.Option(None, help="Abort above N failures (10) or a share (0.2); default none."),
+    flush_every: int = typer.Option(512, min=1, hidden=True, help="Images per part file (work lost if killed)."),
+    engine: Engine = typer.Option(Engine.local, help="local, or ray to fan out over a Ray cluster."),
+    ray_address: str | None = typer.Option(None, help="Ray cluster address (--engine ray)."),
+    ray_workers: int = typer.Option(2, min=1, help="Embedding actors, one model each (--engine ray)."),
+    num_gpus_per_worker: float = typer.Option(0.0, min=0.0, help="GPUs per actor (--engine ray)."),
+    shard_size: int = typer.Option(256, min=1, help="Images per Ray batch and part file (--engine ray)."),
+) -> None:
+    """Embed every image under SOURCE into a feature store; re-running resumes."""
+    from embedfit.extraction.local import extract as run_extract
+    from embedfit.extraction.settings import ExtractConfig
+
+    config = ExtractConfig(
+        backbone=backbone, weights=str(weights) if weights else None, layer=layer, pool=pool.value,
+        device=device, batch_size=batch_size, workers=workers, precision=precision.value, dtype=dtype.value,
+        tta=tta.value, decode=decode.value, compile=compile, runtime=runtime.value,
+        overwrite=overwrite, retry_failed=retry_failed,
+        max_failures=_fraction_or_count(max_failures), progress=err.is_terminal, flush_every=flush_every,
+    )
+    if engine is Engine.ray:
+        from embedfit.extraction.ray import extract_ray
+
+        summary = extract_ray(source, output, config, address=ray_address, num_workers=ray_workers,
+                              num_gpus_per_worker=num_gpus_per_worker, shard_size=shard_size)
+    else:
+        summary = run_extract(source, output, config)
+    from embedfit.cli.presentation import print_extract_summary
+
+    print_extract_summary(out, summary)
+
+
+@app.command()
+def info(
+    store: Path = typer.Argument(..., help="Feature store (.h5)."),
+    failed: bool = typer.Option(False, "--failed", help="List every failed image with its reason."),
+) -> None:
+    """Show what a feature store holds: backbone, counts per class and status, provenance."""
+    from embedfit.cli.presentation import print_store_info
+    from embedfit.store import FeatureStore
+
+    print_store_info(out, FeatureStore.open(store), list_failed=failed)
+
+
+@app.command()
+def backbones(
+    pattern: str = typer.Argument("*", help="Glob over names, e.g. 'resnet*'."),
+) -> None:
+    """List backbones: embedding size, input size, and whether weights are on disk (usable offline)."""
+    from embedfit.backbones.catalogue import list_infos, torch_hub_dir
+
+    table = Table("name", "family", "dim", "input", "offline")
+    for i in list_infos(pattern):
+        table.add_row(i.name, i.family, str(i.embedding_dim), f"{i.input_size[0]}x{i.input_size[1]}",
+                      "yes" if i.offline else "no")
+    out.print(table)
+    out.print(f"offline = weights on disk now; torchvision weights are expected in {torch_hub_dir()}/checkpoints "
+              "(or pass --weights FILE). Any timm model also works as timm:NAME.", soft_wrap=True)

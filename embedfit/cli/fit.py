@@ -1,0 +1,100 @@
+"""Commands over fitted runs: fit, predict, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from embedfit.cli.app import app, out
+from embedfit.cli.options import (
+    Backend,
+    Scale,
+    _pca,
+)
+
+
+@app.command()
+def fit(
+    store: Path = typer.Argument(..., help="Training feature store (.h5)."),
+    model: list[str] = typer.Option(["logreg"], "-m", "--model", help="svm, linear-svm, logreg, knn, ridge, lda, "
+                                    "rf, mlp, or sgd-logreg / sgd-svm (out-of-core, for stores larger than memory; "
+                                    "hold-out evaluation); repeat for several."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Run directory (default runs/STORE-MODEL)."),
+    scale: Scale = typer.Option(Scale.standard, help="Feature scaling inside the pipeline."),
+    pca: str = typer.Option("auto", help="PCA components, 'auto' (256 for svm/knn) or 'none'."),
+    cv: int = typer.Option(5, min=2, help="Stratified k-fold folds."),
+    repeats: int = typer.Option(1, min=1, help="Repetitions of the k-fold."),
+    groups: str | None = typer.Option(None, help="CSV (path,group) or regex on paths: keep groups within folds."),
+    test_store: Path | None = typer.Option(None, help="Evaluate on this store instead of CV."),
+    test_size: float | None = typer.Option(None, min=0.0, max=1.0, help="Evaluate on a hold-out share instead."),
+    search: bool = typer.Option(False, help="Grid-search hyper-parameters (nested CV)."),
+    class_weight: str = typer.Option("balanced", help="balanced or none."),
+    jobs: int | None = typer.Option(None, help="Parallel folds (default: one per core as memory allows; -1: all)."),
+    backend: Backend = typer.Option(Backend.loky, help="joblib backend for the folds."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N; logreg and ridge fit on a GPU (needs "
+                               "SCIPY_ARRAY_API=1 in the environment)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    epochs: int = typer.Option(5, min=1, help="Passes over the data (sgd-logreg, sgd-svm)."),
+    batch_rows: int = typer.Option(8192, min=1, help="Rows read per step (sgd-logreg, sgd-svm)."),
+) -> None:
+    """Cross-validate classifiers on stored embeddings and save each as a run directory."""
+    from embedfit.cli.presentation import print_fit_results
+    from embedfit.fitting.cv import fit as run_fit
+    from embedfit.fitting.device import resolve_fit_device
+    from embedfit.fitting.models import check_model_name
+    from embedfit.fitting.out_of_core import OOC_MODELS, fit_out_of_core
+
+    for name in model:
+        if name not in OOC_MODELS:
+            check_model_name(name)
+            resolve_fit_device(device, name)  # refuse before the first model is fitted
+    if len(model) > 1 and output is not None:
+        raise typer.BadParameter("-o names one run directory; leave it out to fit several models",
+                                 param_hint="--output")
+    weight = None if class_weight == "none" else class_weight
+    results = [fit_out_of_core(store, name, output=output, epochs=epochs, batch_rows=batch_rows,
+                               test_size=test_size or 0.2, class_weight=weight, seed=seed) if name in OOC_MODELS else
+               run_fit(store, name, output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,
+                       groups=groups, test_store=test_store, test_size=test_size, search=search,
+                       class_weight=weight, jobs=jobs, backend=backend.value, device=device, seed=seed)
+               for name in model]
+    print_fit_results(out, results)
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="Run directory from `embedfit fit` or `embedfit finetune`."),
+    inputs: list[Path] = typer.Argument(..., help="Images, folders, or one feature store (.h5)."),
+    output: Path = typer.Option(Path("predictions.csv"), "-o", "--output", help="CSV, or JSON by suffix."),
+    weights: Path | None = typer.Option(None, help="Backbone weights file, if the model was built with one."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass (default: by device)."),
+) -> None:
+    """Predict classes for new images with a saved run (re-embedding them exactly as in training)."""
+    from embedfit.errors import check_output_file
+    from embedfit.prediction import predict as run_predict
+
+    check_output_file(output)
+    preds = run_predict(run, inputs, weights=str(weights) if weights else None, device=device,
+                        batch_size=batch_size)
+    path = preds.write(output)
+    out.print(f"{len(preds.paths) - preds.n_failed} images predicted, {preds.n_failed} failed -> {path}",
+              soft_wrap=True)
+    for p, e in zip(preds.paths, preds.errors, strict=True):
+        if e:
+            out.print(f"  failed: {p}: {e}", markup=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories to report on and compare."),
+    output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file to write."),
+) -> None:
+    """Write a self-contained HTML report (metrics, confusion, embedding map, mistakes) and print a leaderboard."""
+    from embedfit.cli.presentation import print_leaderboard
+    from embedfit.report import build_report, summarize_runs
+
+    path = build_report(runs, output)  # checks the output path first, before any work
+    print_leaderboard(out, summarize_runs(runs))
+    out.print(f"report: {path}", soft_wrap=True)

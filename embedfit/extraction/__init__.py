@@ -1,0 +1,42 @@
+"""Extraction: image files -> embeddings -> a resumable feature store.
+
+Stages, each usable alone:
+    settings  `ExtractConfig` (one field per CLI option), `ExtractSummary`, device-dependent defaults
+    reader    `ImageDataset`: decode + preprocess in DataLoader workers, a status per file
+    encoder   `Encoder` (batched model on a device) and `iter_embeddings`, the one loop that runs images
+              through a network (extraction, prediction, classification, evaluation)
+    writer    `FeatureWriter`: buffers results into crash-safe parts and commits the store; every engine uses it
+    local     `extract()`: the single-machine engine
+    ray       `extract_ray()`: the same on a Ray cluster
+    onnx      ONNX Runtime as a faster CPU engine for a backbone
+
+Loaded lazily: `import embedfit.extraction` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ExtractConfig": "settings", "ExtractSummary": "settings", "resolve_device": "settings",
+    "ImageDataset": "reader",
+    "Encoder": "encoder", "BatchResult": "encoder", "iter_embeddings": "encoder", "embed_images": "encoder",
+    "FeatureWriter": "writer",
+    "extract": "local",
+    "extract_ray": "ray",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"embedfit.extraction.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'embedfit.extraction' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

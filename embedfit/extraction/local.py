@@ -1,0 +1,203 @@
+"""The local engine: `extract()` runs reader -> encoder -> `FeatureWriter` on this machine, resumably."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from embedfit.errors import EmbedfitError, ExtractionInterrupted
+from embedfit.extraction.settings import ExtractConfig, ExtractSummary, resolve_device
+from embedfit.extraction.writer import FeatureWriter
+from embedfit.images import scan_images
+from embedfit.store import FeatureStore, StoreSettings
+
+
+class _Progress:
+    """A rich progress bar with images/s and ETA, or nothing."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.bar = None
+        if enabled and total:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(TextColumn("[bold]embedding"), BarColumn(), MofNCompleteColumn(),
+                                TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
+                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=True,
+                                console=Console(stderr=True))
+            self.task = self.bar.add_task("embedding", total=total, rate="")
+            self.start = time.perf_counter()
+            self.bar.start()
+
+    def advance(self, n: int, done: int) -> None:
+        if self.bar is not None:
+            rate = done / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.update(self.task, advance=n, rate=f"{rate:.1f} img/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class _StopOnSigint:
+    """First Ctrl-C asks the loop to stop after the current batch; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _too_many_failures(limit: float | None, failed: int, seen: int) -> bool:
+    if limit is None or failed == 0:
+        return False
+    if limit >= 1:
+        return failed > limit
+    return seen >= 20 and failed / seen > limit  # a fraction needs a few images before it means anything
+
+
+def extract(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig | None = None,
+            *, class_names: Sequence[str] | None = None, **options: Any) -> ExtractSummary:
+    """Embed every image under `source` into the store `output`, resuming whatever is already there.
+
+    Args:
+        source: A class-per-subfolder tree, a flat folder, or a CSV with `path` (and `label`) columns.
+        output: The HDF5 store to create or complete.
+        config: Extraction settings; keyword `options` override its fields (e.g. `batch_size=64`).
+        class_names: Use this class list (e.g. the training store's) instead of the folder names.
+
+    Returns:
+        An `ExtractSummary`; the store is readable with `FeatureStore.open(output)`.
+
+    Raises:
+        InputError, UsageError, WeightsUnavailableError, StoreError: with a message for the user.
+        ExtractionInterrupted: Ctrl-C or `max_failures`; finished work is saved and the run can resume.
+    """
+    from embedfit.backbones.registry import check_backbone_name, create_backbone
+    from embedfit.extraction.encoder import Encoder, iter_embeddings
+
+    config = dataclasses.replace(config or ExtractConfig(), **options)
+    stored = _settings_if_same_request(output, config)
+    if stored is None:
+        check_backbone_name(config.backbone)  # cheap checks first: a typo should not wait for a big folder scan
+    images = scan_images(source, class_names=class_names)
+    if stored is not None:  # a re-run: when every image is stored already, no model is needed (nor torch)
+        with FeatureWriter(output, stored, images, retry_failed=config.retry_failed,
+                           flush_every=config.flush_every) as writer:
+            if not writer.todo:
+                writer.commit()  # labels follow the current folders/CSV; vanished files become "missing"
+                writer.summary.device = "no device: nothing to embed"
+                return writer.summary
+    device = resolve_device(config.device)
+    backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool)
+    settings = StoreSettings(backbone.spec, config.dtype, config.tta, config.precision)
+    with FeatureWriter(output, settings, images, overwrite=config.overwrite, retry_failed=config.retry_failed,
+                       flush_every=config.flush_every) as writer:
+        # After the store checks: a run refused for a mismatching store should not first compile or export a model.
+        encoder = Encoder(backbone, device, precision=config.precision, tta=config.tta,
+                          channels_last=config.channels_last, compile=config.compile, runtime=config.runtime)
+        summary = writer.summary
+        summary.device, summary.runtime = str(device), encoder.runtime
+        summary.notes = [encoder.note] if encoder.note else []
+        provenance = {"device": str(device), "decode": config.decode, "runtime": encoder.runtime, "engine": "local"}
+
+        progress = _Progress(config.progress, len(writer.todo))
+        stop_reason = ""
+        try:
+            with _StopOnSigint() as sigint:
+                for batch in iter_embeddings(writer.todo, encoder, batch_size=config.batch_size,
+                                             workers=config.workers, jpeg_draft=config.jpeg_draft,
+                                             max_pixels=config.max_pixels, decode=config.decode):
+                    writer.add(batch.records, batch.features, batch.errors)
+                    progress.advance(len(batch.records), writer.done)
+                    if _too_many_failures(config.max_failures, summary.failed, writer.done):
+                        stop_reason = (f"aborted: {summary.failed} of {writer.done} images failed (limit "
+                                       f"{config.max_failures:g}); is {source} an image folder?")
+                        break
+                    if sigint.requested:
+                        stop_reason = "interrupted"
+                        break
+        except KeyboardInterrupt:
+            stop_reason = "interrupted"
+        except EmbedfitError:
+            writer.commit(complete=False, **provenance)  # keep what was done, then report the error
+            raise
+        finally:
+            progress.close()
+        # The store decides: complete when every image has a row, so a Ctrl-C that lands after the last batch
+        # still leaves a complete store, and no error.
+        store = writer.commit(**provenance)
+        if store.complete and stop_reason == "interrupted":
+            stop_reason = ""
+        if stop_reason == "interrupted":
+            raise ExtractionInterrupted(
+                f"{stop_reason}; {store.n_ok} images are saved in {output} (incomplete); re-run the same "
+                "command to resume"
+            )
+        if stop_reason:  # too many failures: a runtime error (exit 1), not an interruption (130)
+            aborted = ExtractionInterrupted(
+                f"{stop_reason}; {store.n_ok} images are saved in {output}"
+                + (" (incomplete); fix the input or raise --max-failures, then re-run to resume" if not store.complete
+                   else " (every image was tried)")
+            )
+            aborted.exit_code = 1
+            raise aborted
+    return summary
+
+
+def _settings_if_same_request(output: str | os.PathLike, config: ExtractConfig) -> StoreSettings | None:
+    """The existing store's settings when `config` asks for exactly what made it, else None.
+
+    Same backbone name, layer, pooling, weights (a `--weights` file by its SHA-256; else the default pretrained
+    weights), dtype, TTA and precision. Lets a re-run on a finished folder plan its work from the store alone.
+    """
+    from embedfit.backbones.spec import PRE_LOGITS
+
+    path = Path(output)
+    if config.overwrite or not path.is_file():
+        return None
+    try:
+        store = FeatureStore.open(path)
+    except EmbedfitError:
+        return None  # the writer reports what is wrong with it
+    spec, settings = store.spec, store.settings
+    if (spec.name, spec.layer, spec.pool) != (config.backbone, config.layer or PRE_LOGITS, config.pool):
+        return None
+    if (settings.dtype, settings.tta, settings.precision) != (config.dtype, config.tta, config.precision):
+        return None
+    if config.weights is not None:
+        from embedfit.backbones.weights import _sha256
+
+        weights = Path(config.weights)
+        if not weights.is_file() or not spec.weights.startswith("file:") or spec.weights_sha256 != _sha256(weights):
+            return None
+    elif spec.weights.startswith("file:") or spec.weights == "random":
+        return None
+    return settings

@@ -1,0 +1,132 @@
+"""Writer: the one object every engine hands its results to.
+
+`FeatureWriter` owns the store for a run: it takes the lock, plans the resume (which images still need
+embedding), buffers results into crash-safe part files on a background thread, keeps the run's tally, and
+commits the store at the end, returning the `ExtractSummary`. The local engine and the Ray engine both use it,
+so a store means the same thing whichever engine made it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedfit.extraction.settings import ExtractSummary
+from embedfit.images import ImageRecord, ImageSource
+from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
+
+_MAX_FAILURES_LISTED = 20
+
+
+class FeatureWriter:
+    """Results in, a committed feature store and a summary out; use as a context manager.
+
+    Args:
+        output: The store file.
+        settings: What the features are (spec, dtype, TTA, precision); a store made otherwise is refused.
+        images: The scanned input.
+        overwrite: Start the store afresh instead of resuming.
+        retry_failed: Embed again the images an earlier run recorded as failed.
+        flush_every: Images per part file (the most work a killed run loses).
+
+    Attributes:
+        todo: The records this run must embed (the rest are already in the store).
+        summary: The run's tally so far.
+    """
+
+    def __init__(self, output: str | os.PathLike, settings: StoreSettings, images: ImageSource, *,
+                 overwrite: bool = False, retry_failed: bool = False, flush_every: int = 512) -> None:
+        self._start = time.perf_counter()
+        self.images = images
+        self.flush_every = flush_every
+        self._store = StoreWriter(output, settings, overwrite=overwrite)
+        try:
+            plan = self._store.plan(images.records, retry_failed=retry_failed)
+        except BaseException:
+            self._store.close()
+            raise
+        self.todo: list[ImageRecord] = plan.todo
+        self.summary = ExtractSummary(Path(output), total=len(images.records), skipped=len(images.skipped),
+                                      skips=images.skipped[:10], reused=plan.reused)
+        self._pending: list[tuple[Sequence[ImageRecord], np.ndarray, Sequence[str]]] = []
+        self._buffered = 0
+        self._futures: list[Future] = []
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> FeatureWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the background writes (finished parts stay for the next run) and release the lock."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._store.close()
+
+    def add(self, records: Sequence[ImageRecord], features: np.ndarray, errors: Sequence[str]) -> None:
+        """Take one batch of results: row i of `features` (NaN when failed) and `errors[i]` belong to `records[i]`."""
+        failed = [(r.key, e) for r, e in zip(records, errors, strict=True) if e]
+        self.summary.failed += len(failed)
+        self.summary.embedded += len(records) - len(failed)
+        self.summary.failures += failed[: max(0, _MAX_FAILURES_LISTED - len(self.summary.failures))]
+        self._pending.append((records, features, errors))
+        self._buffered += len(records)
+        if self._buffered >= self.flush_every:
+            self.flush()
+
+    @property
+    def done(self) -> int:
+        """Images embedded or failed in this run."""
+        return self.summary.embedded + self.summary.failed
+
+    def flush(self) -> None:
+        """Write the buffered results as one part file, on the background thread (at most two in flight)."""
+        if not self._pending:
+            return
+        records = [r for batch in self._pending for r in batch[0]]
+        errors = [e for batch in self._pending for e in batch[2]]
+        features = np.concatenate([batch[1] for batch in self._pending])
+        self._pending.clear()
+        self._buffered = 0
+        names = self.images.class_names
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedfit-writer")
+        while len(self._futures) >= 2:  # bound memory: at most two parts in flight
+            self._futures.pop(0).result()
+        self._futures.append(self._pool.submit(
+            self._store.write_part, [r.key for r in records], [names[r.label] if r.label >= 0 else "" for r in records],
+            [r.size for r in records], [r.mtime_ns for r in records], [FAILED if e else OK for e in errors], errors,
+            features))
+
+    def commit(self, *, complete: bool = True, **attrs: Any) -> FeatureStore:
+        """Flush, wait for every part, and merge them into the store (atomically replaced).
+
+        Args:
+            complete: False marks the store incomplete even when every image has a row (an error stopped the run).
+            attrs: Provenance of this run (device, decode, runtime, engine); `None` values are left out.
+
+        Returns:
+            The committed store; `summary` is final.
+        """
+        self.flush()
+        for future in self._futures:
+            future.result()
+        self._futures.clear()
+        self.summary.seconds = time.perf_counter() - self._start
+        previous = self._store.previous
+        prior = float(previous.attrs.get("extract_seconds", 0.0)) if previous is not None else 0.0
+        store = self._store.commit(self.images.records, self.images.class_names, complete=complete, attrs={
+            **attrs, "root": str(self.images.root), "source_kind": self.images.kind,
+            "extract_seconds": prior + self.summary.seconds})
+        self.summary.complete = store.complete
+        self.summary.missing = int((store.status == MISSING).sum())
+        return store

@@ -1,0 +1,39 @@
+"""Fitting: scikit-learn models on stored embeddings.
+
+    models       the model zoo (`MODELS`) as Pipelines: scaler -> optional PCA -> classifier
+    data         the rows you can train on (`load_dataset`) and the checks that they can be fitted
+    cv           `fit()` with `FitConfig`: cross-validation or hold-out, refit, run directory
+    device       fitting on a GPU through scikit-learn's array API
+    out_of_core  `fit_out_of_core()`: SGD models streaming stores larger than memory
+
+Loaded lazily: `import embedfit.fitting` imports no scikit-learn until a name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "MODELS": "models", "DEFAULT_MODEL": "models", "ARRAY_API_MODELS": "models", "GRIDS": "models",
+    "make_pipeline": "models", "check_model_name": "models",
+    "Dataset": "data", "load_dataset": "data",
+    "FitConfig": "cv", "FitResult": "cv", "fit": "cv", "make_splits": "cv", "fold_metrics": "cv",
+    "default_jobs": "cv",
+    "array_api_ready": "device", "resolve_fit_device": "device",
+    "OOC_MODELS": "out_of_core", "fit_out_of_core": "out_of_core",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"embedfit.fitting.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'embedfit.fitting' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

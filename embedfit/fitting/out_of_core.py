@@ -1,0 +1,159 @@
+"""Out-of-core fitting: SGD linear models on stores larger than memory (`fit_out_of_core`; no Ray needed).
+
+Feature chunks stream through `partial_fit`; the result is the same run directory as `embedfit.fit`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from sklearn.pipeline import Pipeline
+
+from embedfit.errors import UsageError
+from embedfit.fitting.cv import FitResult
+from embedfit.store import OK, FeatureStore
+
+OOC_MODELS = ("sgd-logreg", "sgd-svm")
+
+
+def _blocks(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
+    return [rows[i:i + block_rows] for i in range(0, len(rows), block_rows)]
+
+
+def _stream(store: FeatureStore, blocks: list[np.ndarray], mix: int, rng: np.random.Generator | None
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (rows, features) batches of `mix` blocks each; shuffled block order and rows when `rng` is given.
+
+    Blocks are contiguous runs of rows, so each read is one HDF5 span; mixing several random blocks per batch
+    keeps a store sorted by class (the usual folder order) from feeding SGD one class at a time.
+    """
+    order = rng.permutation(len(blocks)) if rng is not None else np.arange(len(blocks))
+    for i in range(0, len(order), mix):
+        rows = np.concatenate([blocks[b] for b in order[i:i + mix]])
+        X = np.concatenate([store.features(blocks[b]) for b in order[i:i + mix]])
+        if rng is not None:
+            perm = rng.permutation(len(rows))
+            rows, X = rows[perm], X[perm]
+        yield rows, X
+
+
+def _sgd_fit(store: FeatureStore, rows: np.ndarray, model: str, *, classes: np.ndarray, epochs: int, batch_rows: int,
+             alpha: float, class_weight: str | None, seed: int) -> Pipeline:
+    """StandardScaler (partial_fit, one pass) then SGDClassifier (partial_fit, `epochs` shuffled passes)."""
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.utils.class_weight import compute_class_weight
+
+    mix = 16
+    blocks = _blocks(rows, max(1, batch_rows // mix))
+    scaler = StandardScaler()
+    for _, X in _stream(store, blocks, mix, None):
+        scaler.partial_fit(X)
+    y_all = store.labels[rows]
+    present = np.unique(y_all)
+    weights = None
+    if class_weight == "balanced":  # partial_fit refuses "balanced": compute it once from the in-memory labels
+        weights = dict(zip(present.tolist(), compute_class_weight("balanced", classes=present, y=y_all), strict=True))
+    clf = SGDClassifier(loss="log_loss" if model == "sgd-logreg" else "hinge", alpha=alpha, class_weight=weights,
+                        learning_rate="optimal", average=True, random_state=seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        for batch_rows_idx, X in _stream(store, blocks, mix, rng):
+            clf.partial_fit(scaler.transform(X), store.labels[batch_rows_idx], classes=classes)
+    return Pipeline([("scale", scaler), ("clf", clf)])
+
+
+def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-logreg", *,
+                    output: str | os.PathLike | None = None, epochs: int = 5, batch_rows: int = 8192,
+                    test_size: float = 0.2, alpha: float = 1e-4, class_weight: str | None = "balanced",
+                    seed: int = 0) -> FitResult:
+    """Fit a linear classifier on a store larger than memory, streaming feature chunks through `partial_fit`.
+
+    Only the store's metadata (labels, paths) is held in memory; features are read `batch_rows` at a time. A
+    stratified hold-out share is evaluated (one streamed fit), then the model is refit on every image and saved as
+    the usual run directory (model.skops, model.json, metrics.json, predictions.csv), so `embedfit predict` and
+    `embedfit report` use it like any other run.
+
+    Args:
+        store: The training feature store.
+        model: "sgd-logreg" (logistic loss, has probabilities) or "sgd-svm" (hinge loss).
+        output: Run directory (default: runs/<store stem>-<model>).
+        epochs: Passes over the data (shuffled chunk order each pass).
+        batch_rows: Rows per `partial_fit` call (the memory bound: batch_rows x dim float32).
+        test_size: Hold-out share for the evaluation.
+        alpha: SGD regularisation strength.
+        class_weight: "balanced" or None.
+        seed: Random state for the split and the shuffles.
+
+    Returns:
+        A `FitResult` with the hold-out metrics and the pipeline refit on every image.
+    """
+    from sklearn.model_selection import train_test_split
+
+    from embedfit.fitting.cv import _metrics, fold_metrics
+    from embedfit.fitting.data import Dataset, check_trainable
+    from embedfit.runs import save_run
+
+    if model not in OOC_MODELS:
+        raise UsageError(f"unknown out-of-core model '{model}'; choose {' or '.join(OOC_MODELS)}")
+    if epochs < 1 or batch_rows < 1:
+        raise UsageError(f"--epochs and --batch-rows must be at least 1, got {epochs} and {batch_rows}")
+    if not 0 < test_size < 1:
+        raise UsageError(f"--test-size must be a fraction between 0 and 1, got {test_size}")
+    store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    rows = np.flatnonzero((store.status == OK) & (store.labels >= 0))
+    y = store.labels[rows]
+    names = list(store.class_names)
+    check_trainable(y, names, 2)  # the stratified hold-out needs two images per class
+    classes = np.arange(len(names))
+    opts = dict(classes=classes, epochs=epochs, batch_rows=batch_rows, alpha=alpha, class_weight=class_weight,
+                seed=seed)
+
+    t0 = time.perf_counter()
+    train, test = train_test_split(rows, test_size=test_size, stratify=y, random_state=seed)
+    pipe = _sgd_fit(store, np.sort(train), model, **opts)
+    test = np.sort(test)
+    pred, proba = [], []
+    for _, X in _stream(store, _blocks(test, batch_rows), 1, None):
+        pred.append(pipe.predict(X))
+        if model == "sgd-logreg":
+            proba.append(pipe.predict_proba(X))
+    pred_a = np.concatenate(pred)
+    proba_a = np.concatenate(proba) if proba else None
+    y_test = store.labels[test]
+    cv_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    final = _sgd_fit(store, rows, model, **opts)
+    fit_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    timed = rows[:min(256, batch_rows)]
+    final.predict(store.features(timed))
+    predict_per_image = (time.perf_counter() - t0) / len(timed)
+
+    predictions = []
+    for j, r in enumerate(test):
+        row = {"path": str(store.paths[r]), "row": int(r), "label": names[y_test[j]], "predicted": names[pred_a[j]],
+               "correct": bool(y_test[j] == pred_a[j]), "fold": 0}
+        if proba_a is not None:
+            row.update({f"p_{c}": round(float(p), 6) for c, p in zip(names, proba_a[j], strict=True)})
+        predictions.append(row)
+    # _metrics reads labels, class names and the store from the Dataset, never X (which stays on disk here).
+    data = Dataset(np.empty((0, store.dim), np.float32), y, store.paths[rows], rows, names, store,
+                   len(store) - len(rows))
+    evaluation = {"strategy": "holdout", "n_splits": 1, "repeats": 1, "groups": False, "search": False,
+                  "out_of_core": True}
+    metrics = _metrics(model, store.spec, data, evaluation,
+                       [fold_metrics(y_test, pred_a, proba_a, classes, len(names))], y_test, pred_a, {
+                           "extract_seconds": float(store.attrs.get("extract_seconds", 0.0)),
+                           "cv_seconds": cv_seconds, "fit_seconds": fit_seconds,
+                           "predict_seconds_per_image": predict_per_image})
+    run_dir = Path(output) if output else Path("runs") / f"{store.path.stem}-{model}"
+    params = {"epochs": epochs, "batch_rows": batch_rows, "test_size": test_size, "alpha": alpha,
+              "class_weight": class_weight, "seed": seed, "scale": "standard"}
+    save_run(run_dir, final, model=model, params=params, store=store, metrics=metrics, predictions=predictions)
+    return FitResult(run_dir, model, final, metrics, predictions)

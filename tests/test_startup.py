@@ -1,0 +1,50 @@
+"""What each entry point imports: the cheap commands must not pay for torch or scikit-learn (not timed here;
+benchmarks/bench_startup.py measures the seconds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEAVY = ("torch", "torchvision", "timm", "sklearn")
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_import_embedfit_loads_neither_torch_nor_sklearn() -> None:
+    loaded = _modules_after("import embedfit, embedfit.backbones, embedfit.extraction, embedfit.fitting")
+    assert not loaded & set(HEAVY)
+
+
+def test_help_loads_neither_torch_nor_sklearn() -> None:
+    code = ("import contextlib, io\nfrom embedfit.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['--help']) == 0\n    assert main(['fit', '--help']) == 0\n"
+            "    assert main(['extract', '--help']) == 0")
+    assert not _modules_after(code) & set(HEAVY)
+
+
+def test_info_and_backbones_load_no_torch(shared_store: Path) -> None:
+    code = ("import contextlib, io\nfrom embedfit.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    assert main(['info', {str(shared_store)!r}]) == 0\n"
+            "    assert main(['backbones']) == 0")
+    assert not _modules_after(code) & set(HEAVY)
+
+
+def test_lazy_names_resolve() -> None:
+    import embedfit
+
+    for name in embedfit.__all__:
+        assert getattr(embedfit, name) is not None
+    assert callable(embedfit.extract) and callable(embedfit.fit) and callable(embedfit.predict)
+    with pytest.raises(AttributeError):
+        embedfit.no_such_name  # noqa: B018
