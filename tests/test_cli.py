@@ -29,6 +29,7 @@ def test_extract_then_info(image_tree: Path, tmp_path: Path, capsys: pytest.Capt
     assert main(["info", str(out), "--failed"]) == 0
     text = capsys.readouterr().out
     assert "efficientnet_lite0 (1280-d, 224x224)" in text and "brick" in text and "broken.jpg" in text
+    assert all(line == line.rstrip() for line in text.splitlines()), "piped output is padded with spaces"
     # The provenance a reader needs to reproduce the features, and counts per class and status.
     spec = FeatureStore.open(out).spec
     assert f"sha256 {spec.weights_sha256[:12]}" in text and "resize 256 bicubic, crop 224x224" in text

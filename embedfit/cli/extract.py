@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from embedfit.backbones.spec import DEFAULT_BACKBONE
-from embedfit.cli.app import app, err, out
+from embedfit.cli.app import app, out
 from embedfit.cli.options import (
     TTA,
     Decode,
@@ -57,7 +57,7 @@ def extract(
         device=device, batch_size=batch_size, workers=workers, precision=precision.value, dtype=dtype.value,
         tta=tta.value, decode=decode.value, compile=compile, runtime=runtime.value,
         overwrite=overwrite, retry_failed=retry_failed,
-        max_failures=_fraction_or_count(max_failures), progress=err.is_terminal, flush_every=flush_every,
+        max_failures=_fraction_or_count(max_failures), progress=True, flush_every=flush_every,
     )
     if engine is Engine.ray:
         from embedfit.extraction.ray import extract_ray

@@ -57,7 +57,8 @@ def fit(
                                test_size=test_size or 0.2, class_weight=weight, seed=seed) if name in OOC_MODELS else
                run_fit(store, name, output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,
                        groups=groups, test_store=test_store, test_size=test_size, search=search,
-                       class_weight=weight, jobs=jobs, backend=backend.value, device=device, seed=seed)
+                       class_weight=weight, jobs=jobs, backend=backend.value, device=device, seed=seed,
+                       progress=True)
                for name in model]
     print_fit_results(out, results)
 

@@ -39,16 +39,16 @@ def print_extract_summary(console: Console, s: ExtractSummary) -> None:
 def print_store_info(console: Console, store: FeatureStore, *, list_failed: bool = False) -> None:
     """`embedfit info`: provenance, per-class counts, status counts, optionally the failed files."""
     s = store.summary()
-    table = Table(show_header=False, box=None)
-    table.add_column("key", no_wrap=True)
-    table.add_column("value", overflow="fold")  # long paths and ids wrap whole instead of being cut off
-    for key in ("path", "backbone", "architecture", "weights", "preprocessing", "images", "ok", "failed",
-                "missing", "dtype", "precision", "tta", "device", "runtime", "decode", "engine", "complete", "root",
-                "source_kind", "created", "updated", "fingerprint"):
-        table.add_row(key, str(s[key]))
-    table.add_row("extract time", f"{s['extract_seconds']:.1f} s")
-    table.add_row("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items()))
-    console.print(table)
+    rows = [(key, str(s[key])) for key in (
+        "path", "backbone", "architecture", "weights", "preprocessing", "images", "ok", "failed", "missing", "dtype",
+        "precision", "tta", "device", "runtime", "decode", "engine", "complete", "root", "source_kind", "created",
+        "updated", "fingerprint")]
+    rows += [("extract time", f"{s['extract_seconds']:.1f} s"),
+             ("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items()))]
+    # Plain aligned lines, not a table: a table pads every line to its widest value (160 columns when piped).
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        console.print(f" {key:<{width}}  {value}", markup=False, highlight=False, soft_wrap=True)
     if s["class_status"]:
         shown = [st for st in ("ok", "failed", "missing") if st == "ok" or s[st]]  # columns that are not all 0
         classes = Table("class", *shown)

@@ -15,42 +15,8 @@ from embedfit.errors import EmbedfitError, ExtractionInterrupted
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, resolve_device
 from embedfit.extraction.writer import FeatureWriter
 from embedfit.images import scan_images
+from embedfit.progress import Progress
 from embedfit.store import FeatureStore, StoreSettings
-
-
-class _Progress:
-    """A rich progress bar with images/s and ETA, or nothing."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.bar = None
-        if enabled and total:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TaskProgressColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(TextColumn("[bold]embedding"), BarColumn(), MofNCompleteColumn(),
-                                TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
-                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=True,
-                                console=Console(stderr=True))
-            self.task = self.bar.add_task("embedding", total=total, rate="")
-            self.start = time.perf_counter()
-            self.bar.start()
-
-    def advance(self, n: int, done: int) -> None:
-        if self.bar is not None:
-            rate = done / max(time.perf_counter() - self.start, 1e-9)
-            self.bar.update(self.task, advance=n, rate=f"{rate:.1f} img/s")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 class _StopOnSigint:
@@ -128,7 +94,8 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         summary.notes = [encoder.note] if encoder.note else []
         provenance = {"device": str(device), "decode": config.decode, "runtime": encoder.runtime, "engine": "local"}
 
-        progress = _Progress(config.progress, len(writer.todo))
+        start = time.perf_counter()
+        progress = Progress("embedding", len(writer.todo), enabled=config.progress, unit="images")
         stop_reason = ""
         try:
             with _StopOnSigint() as sigint:
@@ -136,7 +103,8 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
                                              workers=config.workers, jpeg_draft=config.jpeg_draft,
                                              max_pixels=config.max_pixels, decode=config.decode):
                     writer.add(batch.records, batch.features, batch.errors)
-                    progress.advance(len(batch.records), writer.done)
+                    rate = writer.done / max(time.perf_counter() - start, 1e-9)
+                    progress.advance(len(batch.records), f"{rate:.1f} img/s")
                     if _too_many_failures(config.max_failures, summary.failed, writer.done):
                         stop_reason = (f"aborted: {summary.failed} of {writer.done} images failed (limit "
                                        f"{config.max_failures:g}); is {source} an image folder?")

@@ -26,6 +26,7 @@ from embedfit.fitting.data import (
 )
 from embedfit.fitting.device import _fitting, _numpy, resolve_fit_device
 from embedfit.fitting.models import DEFAULT_MODEL, check_class_weight, check_model_name, make_pipeline
+from embedfit.progress import Progress
 from embedfit.runs import save_run
 from embedfit.store import FeatureStore
 
@@ -124,6 +125,7 @@ class FitConfig:
         device: "cpu", "cuda[:N]", or "auto": the GPU for `ARRAY_API_MODELS` when there is one and SciPy is in
             array-API mode (SCIPY_ARRAY_API=1), else the CPU. On a GPU, folds run one after the other.
         seed: Random state for splits and models.
+        progress: Show folds as they finish (a bar on a terminal, plain lines every ~10 s otherwise).
     """
 
     scale: str = "standard"
@@ -139,6 +141,7 @@ class FitConfig:
     backend: str = "loky"
     device: str = "auto"
     seed: int = 0
+    progress: bool = False
 
 
 def fit(store: str | Path | FeatureStore, model: str = DEFAULT_MODEL, config: FitConfig | None = None, *,
@@ -238,24 +241,36 @@ def fit(store: str | Path | FeatureStore, model: str = DEFAULT_MODEL, config: Fi
                          n_train=n_train, min_class=min(int(c[c > 0].min()) for c in train_counts), notes=notes)
     for note in notes:
         log.warning("note: %s", note)
+    progress = Progress(f"fitting {model}", len(splits), enabled=config.progress,
+                        unit="folds" if evaluation["strategy"] == "cv" else "splits")
     if on_gpu:  # copied once; the GPU runs the folds one after the other
         import torch
 
         X_dev, y_dev = torch.as_tensor(X_all, device=fit_device), torch.as_tensor(y_all, device=fit_device)
-        folds = [_fold(pipe, X_dev, y_dev, tr, te) for tr, te in splits]
+        folds = []
+        for tr, te in splits:
+            folds.append(_fold(pipe, X_dev, y_dev, tr, te))
+            progress.advance()
         X_fit, y_fit = X_dev[: len(data.y)], y_dev[: len(data.y)]  # the training rows come first
     else:
         X_fit, y_fit = data.X, data.y
         if jobs is None:
             jobs = default_jobs(X_all, len(splits)) if backend in ("loky", "threading") else -1
         with parallel_config(backend=backend, n_jobs=jobs):
-            folds = Parallel()(delayed(_fold)(pipe, X_all, y_all, tr, te) for tr, te in splits)
+            folds = []
+            for result in Parallel(return_as="generator")(delayed(_fold)(pipe, X_all, y_all, tr, te)
+                                                          for tr, te in splits):
+                folds.append(result)
+                progress.advance()
     cv_seconds = time.perf_counter() - t0
 
     per_fold = [fold_metrics(y_all[te], pred, proba, classes, n_classes)
                 for (_, te), (pred, proba, classes) in zip(splits, folds, strict=True)]
     t0 = time.perf_counter()
+    progress.status = "refitting on all images"
+    progress.advance(0)
     final = _refit(pipe, X_fit, y_fit)
+    progress.close()
     fit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     final.predict(data.X[: min(len(data.X), 256)])
