@@ -1,15 +1,19 @@
 """Reports on run directories: a self-contained HTML file and a leaderboard for the terminal.
 
-The HTML report has one section per view, each with a stable id: leaderboard (backbone × classifier with scores
-and times), metrics, confusion (counts and row-normalised), per-class, cv-spread (fold scores per run),
-embedding-map (PCA and t-SNE of the store's embeddings, mistakes marked) and mistakes (the most confident
-out-of-fold errors as thumbnails). Images are inlined as base64 PNG/JPEG: the file can be mailed as it is.
+The HTML report has one section per view, each with a stable id: leaderboard (backbone × classifier with scores,
+training-set sizes and costs, one table per evaluation set: runs scored on different images are never ranked
+together), metrics, confusion (counts and row-normalised), per-class, cv-spread (fold scores per run),
+embedding-map (PCA and t-SNE of each store's embeddings, one map per store, mistakes marked) and mistakes (the
+most confident out-of-fold errors as thumbnails). Images are inlined as base64 PNG/JPEG: the file can be mailed as
+it is.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
+import hashlib
 import html
 import io
 import json
@@ -59,20 +63,135 @@ def read_run(path: str | Path) -> Run:
     return Run(path, meta, metrics, predictions)
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 image', '2 images' (`many` for irregular plurals)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    """The images a run was scored on, and how.
+
+    Runs are comparable only when `key` is equal: the same kind of evaluation over the same images (by path
+    relative to the image root, with their labels and, for CV, their fold), with the same repeats.
+    """
+
+    key: tuple[Any, ...]
+    scheme: str  # "3-fold CV (seed 0)", "hold-out store", "hold-out split (seed 0)", "fine-tuning validation split"
+    n_images: int  # images scored (each once: the first repetition)
+    store: str  # the store (or, for fine-tuning, the image folder) the scored images come from
+    root: str  # the folder the images' paths are relative to
+
+    def describe(self, stores: Sequence[str] = ()) -> str:
+        """'3-fold CV (seed 0) on 24 images of /data/train (store feats.h5)'."""
+        stores = sorted(set(stores)) or [self.store]
+        where = f"store {stores[0]}" if len(stores) == 1 else f"stores {', '.join(stores)}"
+        if self.scheme.startswith("fine-tuning"):
+            return f"{self.scheme}: {plural(self.n_images, 'image')} of {self.root}"
+        return f"{self.scheme}: {plural(self.n_images, 'image')} of {self.root} ({where})"
+
+
+def evaluation_set(run: Run) -> EvaluationSet:
+    """What `run` was evaluated on, from its metrics.json `evaluation` section, model.json and predictions."""
+    ev = run.metrics.get("evaluation", {})
+    params = run.meta.get("params", {})
+    seed = params.get("seed")
+    seeded = f" (seed {seed})" if seed is not None else ""
+    n = len(run.predictions) or int(np.sum(run.metrics.get("confusion_matrix", [[0]])))
+    # The scored images themselves: two runs on the same images, labels and folds evaluate alike.
+    rows = sorted(f"{p.get('path')}\t{p.get('label')}\t{p.get('fold')}" for p in run.predictions)
+    digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16] if rows else f"n={n}"
+    if run.meta.get("kind") == "torch":
+        data = str(run.meta.get("store", ""))
+        val = params.get("val_size")
+        share = f"{val:.0%} " if isinstance(val, int | float) else ""
+        return EvaluationSet(("finetune", data, digest), f"fine-tuning's own {share}validation split{seeded}", n,
+                             data, data)
+    store = str(_predictions_store(run))
+    root = _image_root_of(Path(store))
+    repeats = int(ev.get("repeats", 1) or 1)
+    if ev.get("strategy") == "cv":
+        scheme = (f"{ev.get('n_splits')}-fold CV" + (f" × {repeats}" if repeats > 1 else "")
+                  + (", grouped" if ev.get("groups") else "") + (", nested search" if ev.get("search") else "")
+                  + seeded)
+        return EvaluationSet(("cv", root, repeats, digest), scheme, n, store, root)
+    if ev.get("test_store"):
+        return EvaluationSet(("test-store", root, digest), "hold-out store", n, store, root)
+    scheme = "hold-out split" + (f" × {repeats}" if repeats > 1 else "") + seeded
+    return EvaluationSet(("split", root, repeats, digest), scheme, n, store, root)
+
+
+def _image_root_of(store_path: Path) -> str:
+    """The folder a store's image paths are relative to (the store's own path when it cannot be read)."""
+    if store_path.is_file():
+        from embedfit.errors import EmbedfitError
+        from embedfit.store import FeatureStore
+
+        with contextlib.suppress(EmbedfitError):
+            return str(FeatureStore.open(store_path).root)
+    return str(store_path)
+
+
+def group_by_evaluation(runs: Sequence[Run]) -> list[tuple[EvaluationSet, list[Run]]]:
+    """Runs grouped by evaluation set (first appearance first), best balanced accuracy first in each group."""
+    groups: dict[tuple[Any, ...], tuple[EvaluationSet, list[Run]]] = {}
+    for run in runs:
+        ev = evaluation_set(run)
+        groups.setdefault(ev.key, (ev, []))[1].append(run)
+    return [(ev, sorted(rs, key=_score_key)) for ev, rs in groups.values()]
+
+
+def _score_key(run: Run) -> float:
+    s = run.metrics["scores"]
+    return -s.get("balanced_accuracy", s.get("accuracy", {"mean": 0.0}))["mean"]
+
+
+def training_images(run: Run) -> str:
+    """What the scored model(s) were trained on: per fold for CV and splits, plus the final model's size."""
+    n = int(run.metrics.get("n_samples", 0))
+    ev = run.metrics.get("evaluation", {})
+    if run.meta.get("kind") == "torch" or ev.get("test_store") or not run.predictions:
+        return str(n)
+    per_fold: dict[str, int] = {}
+    for p in run.predictions:
+        per_fold[p.get("fold", "0")] = per_fold.get(p.get("fold", "0"), 0) + 1
+    sizes = sorted({n - k for k in per_fold.values()})
+    each = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+    return f"{each} per {'fold' if ev.get('strategy') == 'cv' else 'split'} (final model {n})"
+
+
+def costs(run: Run) -> tuple[float | None, float]:
+    """(extraction seconds, training seconds). Fine-tuning has no extraction (it reads the images every epoch):
+    None, and its training time is its whole cost."""
+    t = run.metrics.get("timing", {})
+    train = float(t.get("cv_seconds", 0.0)) + float(t.get("fit_seconds", 0.0)) + float(t.get("train_seconds", 0.0))
+    if run.meta.get("kind") == "torch":
+        return None, train
+    return float(t.get("extract_seconds", 0.0)), train
+
+
 def summarize_runs(runs: Sequence[str | Path | Run]) -> list[dict[str, Any]]:
-    """Leaderboard rows (best balanced accuracy first): backbone, model, scores, times."""
+    """Leaderboard rows grouped by evaluation set, best balanced accuracy first within each group.
+
+    Each row: run, backbone, model, group (0, 1, ... in order of first appearance), evaluation (the set, in
+    words), n_evaluated, training_images, scores (`<metric>_mean`, `<metric>_std`), extract_seconds (None for
+    fine-tuning: it extracts nothing), train_seconds, total_seconds.
+    """
+    loaded = [r if isinstance(r, Run) else read_run(r) for r in runs]
     rows = []
-    for run in (r if isinstance(r, Run) else read_run(r) for r in runs):
-        s, t = run.metrics["scores"], run.metrics.get("timing", {})
-        rows.append({
-            "run": str(run.path), "backbone": run.metrics.get("backbone", run.meta["spec"]["name"]),
-            "model": run.metrics["model"], "evaluation": run.metrics.get("evaluation", {}).get("strategy", ""),
-            **{f"{m}_mean": s[m]["mean"] for m in s}, **{f"{m}_std": s[m]["std"] for m in s},
-            "extract_seconds": float(t.get("extract_seconds", 0.0)),
-            "train_seconds": float(t.get("cv_seconds", 0.0)) + float(t.get("fit_seconds", 0.0))
-            + float(t.get("train_seconds", 0.0)),
-        })
-    return sorted(rows, key=lambda r: -r.get("balanced_accuracy_mean", r.get("accuracy_mean", 0.0)))
+    for g, (ev, members) in enumerate(group_by_evaluation(loaded)):
+        described = ev.describe([evaluation_set(r).store for r in members])
+        for run in members:
+            s = run.metrics["scores"]
+            extract, train = costs(run)
+            rows.append({
+                "run": str(run.path), "backbone": run.metrics.get("backbone", run.meta["spec"]["name"]),
+                "model": run.metrics["model"], "group": g, "evaluation": described,
+                "n_evaluated": ev.n_images, "training_images": training_images(run),
+                **{f"{m}_mean": s[m]["mean"] for m in s}, **{f"{m}_std": s[m]["std"] for m in s},
+                "extract_seconds": extract, "train_seconds": train, "total_seconds": (extract or 0.0) + train,
+            })
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,8 +207,9 @@ def build_report(runs: Sequence[str | Path], output: str | Path, *, title: str =
         raise InputError("give at least one run directory to report on")
     check_output_file(output)
     loaded = [read_run(r) for r in runs]
-    parts = [_leaderboard(loaded), _metrics(loaded), _confusion(loaded), _per_class(loaded), _cv_spread(loaded),
-             _embedding_map(loaded[0]), *(_mistakes(r, len(loaded) > 1) for r in loaded)]
+    groups = group_by_evaluation(loaded)
+    parts = [_leaderboard(groups), _metrics(loaded), _confusion(loaded), _per_class(loaded),
+             _cv_spread(groups), _embedding_map(loaded), *(_mistakes(r, len(loaded) > 1) for r in loaded)]
     body = "\n".join(parts)
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -100,9 +220,10 @@ th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }}
 section {{ margin-bottom: 2em; }} img {{ max-width: 100%; }} .note {{ color: #666; }}
 .thumbs {{ display: flex; flex-wrap: wrap; gap: 10px; }} .thumbs figure {{ margin: 0; width: 140px; font-size: 12px; }}
+.thumbs img {{ image-rendering: pixelated; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p class="note">{len(loaded)} run(s): {", ".join(html.escape(r.label) for r in loaded)}</p>
+<p class="note">{plural(len(loaded), "run")}: {", ".join(html.escape(r.label) for r in loaded)}</p>
 {body}
 </body></html>"""
     output = Path(output)
@@ -134,135 +255,247 @@ def _fmt(score: dict[str, float] | None) -> str:
     return "—" if score is None else f"{score['mean']:.3f} ± {score['std']:.3f}"
 
 
-def _leaderboard(runs: list[Run]) -> str:
-    rows = []
-    for r in sorted(runs, key=lambda r: -r.metrics["scores"].get("balanced_accuracy", {"mean": 0})["mean"]):
-        s, t = r.metrics["scores"], r.metrics.get("timing", {})
-        train = float(t.get("cv_seconds", 0)) + float(t.get("fit_seconds", 0)) + float(t.get("train_seconds", 0))
-        rows.append([r.metrics.get("backbone", ""), r.metrics["model"], _fmt(s.get("accuracy")),
-                     _fmt(s.get("balanced_accuracy")), _fmt(s.get("f1_macro")),
-                     f"{float(t.get('extract_seconds', 0)):.1f}", f"{train:.1f}", r.path.name])
-    note = ('<p class="note">Scores are mean ± std over the evaluation folds. Extraction is paid once per backbone; '
-            "training time is evaluation plus the final fit.</p>")
-    return _section("leaderboard", "Leaderboard", _table(
-        ["backbone", "classifier", "accuracy", "balanced accuracy", "macro F1", "extract s", "train s", "run"],
-        rows) + note)
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def _leaderboard(groups: list[tuple[EvaluationSet, list[Run]]]) -> str:
+    blocks = []
+    if len(groups) > 1:
+        blocks.append(f'<p class="note"><b>These runs were scored on {len(groups)} different evaluation sets.</b> '
+                      "Each table ranks only the runs scored on the same images in the same way; scores in "
+                      "different tables are not comparable.</p>")
+    for g, (ev, members) in enumerate(groups, start=1):
+        rows = []
+        for rank, r in enumerate(members, start=1):
+            s = r.metrics["scores"]
+            extract, train = costs(r)
+            rows.append([rank, r.metrics.get("backbone", ""), r.metrics["model"], _fmt(s.get("accuracy")),
+                         _fmt(s.get("balanced_accuracy")), _fmt(s.get("f1_macro")), training_images(r),
+                         _seconds(extract), _seconds(train), _seconds((extract or 0.0) + train), r.path.name])
+        described = html.escape(ev.describe([evaluation_set(r).store for r in members]))
+        heading = f"<h3>Evaluation set {g}</h3>" if len(groups) > 1 else ""
+        blocks.append(f'{heading}<p>Evaluated on {described}.</p>' + _table(
+            ["#", "backbone", "classifier", "accuracy", "balanced accuracy", "macro F1", "training images",
+             "extract s", "train s", "total s", "run"], rows))
+    note = ('<p class="note">Scores are mean ± std over the evaluation folds (or repeated splits). Extraction is '
+            "paid once per store and shared by every classifier fitted on it; train s is the evaluation plus the "
+            "final fit. Fine-tuning extracts nothing (—): it runs the backbone on the images every epoch, and its "
+            "train s is its whole cost.</p>")
+    return _section("leaderboard", "Leaderboard", "\n".join(blocks) + note)
 
 
 def _metrics(runs: list[Run]) -> str:
     names = ["accuracy", "balanced_accuracy", "f1_macro", "log_loss", "roc_auc"]
-    rows = [[r.label, *(_fmt(r.metrics["scores"].get(m)) for m in names),
-             r.metrics.get("n_samples", ""), _evaluation(r.metrics.get("evaluation", {}))] for r in runs]
-    return _section("metrics", "Metrics", _table(["run", *names, "images", "evaluation"], rows))
+    rows = []
+    for r in runs:
+        ev = evaluation_set(r)
+        rows.append([r.label, *(_fmt(r.metrics["scores"].get(m)) for m in names), ev.describe([ev.store]),
+                     training_images(r)])
+    return _section("metrics", "Metrics", _table(["run", *names, "evaluated on", "training images"], rows))
 
 
-def _evaluation(ev: dict[str, Any]) -> str:
-    if ev.get("strategy") != "cv":
-        return ev.get("strategy", "")
-    text = f"{ev['n_splits']}-fold CV" + (f" × {ev['repeats']}" if ev.get("repeats", 1) > 1 else "")
-    return text + (", grouped" if ev.get("groups") else "") + (", nested search" if ev.get("search") else "")
+def confusion_figure(cm: np.ndarray, names: Sequence[str]) -> Any:
+    """Counts and row-normalised confusion matrices side by side (a matplotlib Figure)."""
+    import matplotlib.pyplot as plt
+
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.45 * len(names) + 2)
+    # constrained layout keeps each panel's "true" label clear of the other panel's tick labels
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
+    for ax, mat, what in ((axes[0], cm, "counts"), (axes[1], norm, "row-normalised (recall)")):
+        ax.imshow(mat, cmap="Blues")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(what)
+        if len(names) <= 20:
+            for (i, j), v in np.ndenumerate(mat):
+                ax.text(j, i, f"{v:.0f}" if mat is cm else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if v > mat.max() / 2 else "black")
+    return fig
 
 
 def _confusion(runs: list[Run]) -> str:
-    import matplotlib.pyplot as plt
-
     blocks = []
     for r in runs:
-        cm = np.array(r.metrics["confusion_matrix"], dtype=float)
-        names = r.metrics["class_names"]
-        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-        size = max(4.0, 0.45 * len(names) + 2)
-        fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
-        for ax, mat, what in ((axes[0], cm, "counts"), (axes[1], norm, "row-normalised (recall)")):
-            ax.imshow(mat, cmap="Blues")
-            ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-            ax.set_yticks(range(len(names)), names)
-            ax.set_xlabel("predicted")
-            ax.set_ylabel("true")
-            ax.set_title(what)
-            if len(names) <= 20:
-                for (i, j), v in np.ndenumerate(mat):
-                    ax.text(j, i, f"{v:.0f}" if mat is cm else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                            color="white" if v > mat.max() / 2 else "black")
+        fig = confusion_figure(np.array(r.metrics["confusion_matrix"], dtype=float), r.metrics["class_names"])
         blocks.append(f"<h3>{html.escape(r.label)}</h3>{_png(fig)}")
     return _section("confusion", "Confusion matrices", "\n".join(blocks))
 
 
-def _per_class(runs: list[Run]) -> str:
+def per_class_figure(per: dict[str, dict[str, float]]) -> Any:
+    """Grouped precision/recall/F1 bars per class; the axis zooms in on the data, values are written on the bars
+    (up to 15 classes) and the legend sits outside, right of the plot."""
     import matplotlib.pyplot as plt
 
+    names = list(per)
+    x = np.arange(len(names))
+    values = [per[c][m] for c in names for m in ("precision", "recall", "f1")]
+    low = min(values) if values else 0.0
+    # zoom to the data: a 0-1 axis makes 0.93 and 1.0 look the same
+    bottom = 0.0 if low < 0.5 else max(0.0, np.floor((low - 0.1 * (1 - low) - 0.02) * 20) / 20)
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(names) + 2.5), 3.5), layout="constrained")
+    for k, metric in enumerate(("precision", "recall", "f1")):
+        bars = ax.bar(x + (k - 1) * 0.27, [per[c][metric] for c in names], width=0.27, label=metric)
+        if len(names) <= 15:
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, rotation=90, padding=2)
+    ax.set_xticks(x, names, rotation=45, ha="right")
+    ax.set_ylim(bottom, 1.0 + (1.0 - bottom) * (0.18 if len(names) <= 15 else 0.03))
+    ax.set_yticks([t for t in ax.get_yticks() if bottom <= t <= 1.0 + 1e-9])  # headroom for the values only
+    ax.set_ylabel("score" + (f" (axis from {bottom:.2f})" if bottom > 0 else ""))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return fig
+
+
+def _per_class(runs: list[Run]) -> str:
     blocks = []
     for r in runs:
         per = r.metrics["per_class"]
-        names = list(per)
-        x = np.arange(len(names))
-        fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(names) + 2), 3.5))
-        for k, metric in enumerate(("precision", "recall", "f1")):
-            ax.bar(x + (k - 1) * 0.27, [per[c][metric] for c in names], width=0.27, label=metric)
-        ax.set_xticks(x, names, rotation=45, ha="right")
-        ax.set_ylim(0, 1.05)
-        ax.legend(loc="lower right")
         rows = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]]
                 for c, v in per.items()]
-        blocks.append(f"<h3>{html.escape(r.label)}</h3>{_png(fig)}"
+        blocks.append(f"<h3>{html.escape(r.label)}</h3>{_png(per_class_figure(per))}"
                       + _table(["class", "precision", "recall", "F1", "support"], rows))
     return _section("per-class", "Per-class precision, recall and F1", "\n".join(blocks))
 
 
-def _cv_spread(runs: list[Run]) -> str:
+def spread_figure(folds: Sequence[Sequence[float]], labels: Sequence[str]) -> Any:
+    """Box plot of per-fold balanced accuracy per run, with each fold's score and a legend for the markers."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    folds = [r.metrics["scores"]["balanced_accuracy"]["folds"] for r in runs]
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(runs) + 2), 3.5))
-    ax.boxplot(folds, showmeans=True)
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(folds) + 3.5), 3.5), layout="constrained")
+    mean_style = {"marker": "^", "markerfacecolor": "tab:green", "markeredgecolor": "tab:green", "markersize": 7}
+    ax.boxplot(folds, showmeans=True, showfliers=False, meanprops=mean_style, medianprops={"color": "tab:orange"})
+    # every fold is drawn as a dot below: fliers would draw the outlying ones twice
     for i, f in enumerate(folds, start=1):
         ax.scatter(np.full(len(f), i) + np.linspace(-0.08, 0.08, len(f)), f, s=12, color="k", zorder=3)
-    ax.set_xticks(range(1, len(runs) + 1), [f"{r.meta['spec']['name']}\n{r.metrics['model']}" for r in runs])
+    ax.set_xticks(range(1, len(folds) + 1), labels)
     ax.set_ylabel("balanced accuracy per fold")
-    return _section("cv-spread", "Score spread over folds", _png(fig))
+    handles = [Line2D([], [], linestyle="none", **mean_style, label="mean"),
+               Line2D([], [], color="tab:orange", label="median"),
+               Line2D([], [], linestyle="none", marker="o", color="k", markersize=4, label="one fold")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return fig
 
 
-def _embedding_map(run: Run) -> str:
+def _cv_spread(groups: list[tuple[EvaluationSet, list[Run]]]) -> str:
+    ordered = [r for _, members in groups for r in members]
+    labels = []
+    for g, (_, members) in enumerate(groups, start=1):
+        labels += [f"{r.meta['spec']['name']}\n{r.metrics['model']}" + (f"\n(set {g})" if len(groups) > 1 else "")
+                   for r in members]
+    fig = spread_figure([r.metrics["scores"]["balanced_accuracy"]["folds"] for r in ordered], labels)
+    note = ("" if len(groups) == 1 else '<p class="note">"set N" is the evaluation set of the leaderboard: runs '
+            "of different sets were scored on different images.</p>")
+    return _section("cv-spread", "Score spread over folds", _png(fig) + note)
+
+
+def _embedding_map(runs: list[Run]) -> str:
+    """One map per distinct store that runs were scored on; a note for runs without one."""
+    by_store: dict[Path, list[Run]] = {}
+    notes = []
+    for run in runs:
+        store_path = _predictions_store(run)
+        if run.meta.get("kind") != "sklearn":
+            notes.append(f"{run.label}: fine-tuning reads the images themselves; there is no feature store to map.")
+        elif not run.predictions or not store_path.is_file():
+            notes.append(f"{run.label}: no feature store to map at {store_path}.")
+        else:
+            by_store.setdefault(store_path.resolve(), []).append(run)
+    blocks = [_store_map(path, members, titled=len(by_store) > 1 or len(runs) > 1)
+              for path, members in by_store.items()]
+    blocks += [f'<p class="note">Not available for {html.escape(n)}</p>' for n in notes]
+    heading = "Embedding map" + ("s, one per store" if len(by_store) > 1 else
+                                 f" ({runs[0].label})" if len(runs) == 1 else "")
+    return _section("embedding-map", heading, "\n".join(blocks))
+
+
+def recorded_fingerprint(run: Run, store_path: Path) -> str | None:
+    """The fingerprint `run` recorded for the store at `store_path` when it was fitted; None when it recorded none
+    (then nothing can be said about whether that store changed since)."""
+    ev = run.metrics.get("evaluation", {})
+    test = ev.get("test_store")
+    if test and Path(test).resolve() == store_path.resolve():
+        value = ev.get("test_store_fingerprint") or run.meta.get("test_store_fingerprint")
+    elif Path(run.meta.get("store", "")).resolve() == store_path.resolve():
+        value = run.meta.get("store_fingerprint")
+    else:
+        value = None
+    return str(value) if value else None
+
+
+def _store_map(store_path: Path, runs: list[Run], *, titled: bool) -> str:
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
     from embedfit.store import FeatureStore
 
-    heading = f"Embedding map ({run.label})"
-    store_path = _predictions_store(run)
-    if run.meta.get("kind") != "sklearn" or not run.predictions or not store_path.is_file():
-        return _section("embedding-map", heading,
-                        f'<p class="note">Not available: no feature store to map at {html.escape(str(store_path))}.'
-                        "</p>")
+    title = (f"<h3>{html.escape(str(store_path))} ({plural(len(runs), 'run')}: "
+             f"{html.escape(', '.join(r.label for r in runs))})</h3>" if titled else "")
     store = FeatureStore.open(store_path)
-    rows, stored = stored_rows(run.predictions, store)
+    # Every image any of these runs predicted, and how many of the runs that predicted it got it wrong.
+    predicted: dict[str, dict[str, str]] = {}
+    tally: dict[str, list[int]] = {}
+    for run in runs:
+        for p in run.predictions:
+            predicted.setdefault(p["path"], p)
+            t = tally.setdefault(p["path"], [0, 0])
+            t[0] += p["correct"] not in ("True", "true", "1")
+            t[1] += 1
+    rows, stored = stored_rows(list(predicted.values()), store)
     if not rows:
-        return _section("embedding-map", heading, '<p class="note">Not available: none of the predicted images '
-                        f"has an embedding in {html.escape(str(store_path))} any more.</p>")
+        return title + ('<p class="note">Not available: none of the predicted images has an embedding in '
+                        f"{html.escape(str(store_path))} any more.</p>")
     X = store.features(stored)
-    changed = ("" if store.fingerprint == run.meta.get("store_fingerprint") else
-               f" The store has changed since the fit: {len(rows)} of {len(run.predictions)} predicted images"
+    changed_runs = [r for r in runs if (f := recorded_fingerprint(r, store_path)) and f != store.fingerprint]
+    which = "" if len(runs) == 1 else " of " + ", ".join(r.path.name for r in changed_runs)
+    changed = ("" if not changed_runs else
+               f" The store has changed since the fit{which}: {len(rows)} of {len(predicted)} predicted images"
                " are still in it, with their current embeddings.")
-    names = run.metrics["class_names"]
+    names = list(dict.fromkeys(c for r in runs for c in r.metrics["class_names"]))
     y = np.array([names.index(p["label"]) for p in rows])
-    wrong = np.array([p["correct"] not in ("True", "true", "1") for p in rows])
+    counts = np.array([tally[p["path"]] for p in rows])
+    wrong_all = (counts[:, 0] > 0) & (counts[:, 0] == counts[:, 1])
+    wrong_some = (counts[:, 0] > 0) & ~wrong_all
     maps = [("PCA", PCA(2, random_state=0).fit_transform(X))]
     if 10 < len(X) <= _TSNE_MAX:
         from sklearn.manifold import TSNE
 
         maps.append(("t-SNE", TSNE(2, perplexity=min(30, len(X) // 4), init="pca", random_state=0).fit_transform(X)))
-    fig, axes = plt.subplots(1, len(maps), figsize=(6 * len(maps), 5), squeeze=False)
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    fig, axes = plt.subplots(1, len(maps), figsize=(5.5 * len(maps) + 2, 5), squeeze=False, layout="constrained")
+    colours = class_colours(len(names))
+    every = "misclassified" if len(runs) == 1 else "misclassified by every run that predicted it"
     for ax, (what, Z) in zip(axes[0], maps, strict=True):
         for c, name in enumerate(names):
             m = y == c
-            ax.scatter(Z[m, 0], Z[m, 1], s=10, color=cmap(c % cmap.N), label=name, alpha=0.8)
-        ax.scatter(Z[wrong, 0], Z[wrong, 1], s=40, facecolors="none", edgecolors="k", label="misclassified")
+            ax.scatter(Z[m, 0], Z[m, 1], s=12, color=colours[c], label=name, alpha=0.85)
+        ax.scatter(Z[wrong_all, 0], Z[wrong_all, 1], s=50, facecolors="none", edgecolors="k", linewidths=1.2,
+                   label=every)
+        if wrong_some.any():
+            ax.scatter(Z[wrong_some, 0], Z[wrong_some, 1], s=50, facecolors="none", edgecolors="0.55",
+                       linewidths=0.8, linestyle="--", label="misclassified by some runs")
         ax.set_title(what)
-    axes[0][0].legend(fontsize=8, markerscale=1.5)
-    note = (f'<p class="note">Embeddings of {len(X)} images from {html.escape(str(store_path))}, coloured by class; '
-            f"circled points were misclassified out of fold.{html.escape(changed)}</p>")
-    return _section("embedding-map", heading, _png(fig) + note)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, markerscale=1.5,
+               ncols=1 if len(names) <= 25 else 2)
+    circled = ("circled points were misclassified out of fold" if len(runs) == 1 else
+               "black rings: misclassified by every run that predicted the image; grey dashed rings: by some of them")
+    note = (f'<p class="note">Embeddings of {plural(len(X), "image")} from {html.escape(str(store_path))}, coloured by '
+            f"class; {circled}.{html.escape(changed)}</p>")
+    return title + _png(fig) + note
+
+
+def class_colours(n: int) -> list[Any]:
+    """n distinct colours: tab10 up to 10 classes, tab20 up to 20, then evenly spaced hues."""
+    import matplotlib.pyplot as plt
+
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    if n <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(n)]
+    return [plt.get_cmap("hsv")(i / n) for i in range(n)]
 
 
 def stored_rows(predictions: Sequence[dict[str, str]], store: Any) -> tuple[list[dict[str, str]], list[int]]:
@@ -278,9 +511,26 @@ def stored_rows(predictions: Sequence[dict[str, str]], store: Any) -> tuple[list
     return kept, [index[p["path"]] for p in kept]
 
 
-def _mistakes(run: Run, name_run: bool = False, top: int = 12) -> str:
+THUMB_SIZE = 96  # px, the longer side of a mistake's thumbnail
+
+
+def thumbnail(image: Any, size: int = THUMB_SIZE) -> tuple[Any, str]:
+    """`image` scaled so that its longer side is `size` px, and the format to embed it in.
+
+    Small images are scaled up (a 25 px image is unreadable at its own size): nearest-neighbour and PNG for tiny
+    ones (at least 2x), which keeps their pixels sharp; larger ones are resampled smoothly and embedded as JPEG.
+    """
     from PIL import Image
 
+    w, h = image.size
+    scale = size / max(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if scale >= 2:
+        return image.resize(new, Image.Resampling.NEAREST), "png"
+    return image.resize(new, Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS), "jpeg"
+
+
+def _mistakes(run: Run, name_run: bool = False, top: int = 12) -> str:
     from embedfit.images import decode_image
 
     heading = "Most confident mistakes" + (f" ({run.label})" if name_run else "")
@@ -296,17 +546,19 @@ def _mistakes(run: Run, name_run: bool = False, top: int = 12) -> str:
                    f"<b>{html.escape(p['predicted'])}</b>" + (f" ({float(conf):.2f})" if conf else ""))
         path = Path(p["path"]) if Path(p["path"]).is_absolute() else root / p["path"]
         try:
-            image = decode_image(path)
-            image.thumbnail((128, 128), Image.Resampling.BILINEAR)
+            image, fmt = thumbnail(decode_image(path))
             buf = io.BytesIO()
-            image.save(buf, format="JPEG", quality=85)
-            src = f'<img alt="thumbnail" src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+            image.save(buf, format=fmt.upper(), **({"quality": 85} if fmt == "jpeg" else {}))
+            src = (f'<img alt="thumbnail" width="{image.width}" height="{image.height}" '
+                   f'src="data:image/{fmt};base64,{base64.b64encode(buf.getvalue()).decode()}">')
         except Exception:  # the file moved or broke since extraction: show the caption alone
             src = '<p class="note">(image unavailable)</p>'
         figures.append(f"<figure>{src}<figcaption>{caption}</figcaption></figure>")
+    shown = ("" if len(wrong) == 1 else f"; the {top} most confident shown" if len(wrong) > top else
+             "; all shown, most confident first")
     return _section(f"mistakes-{run.path.name}", heading,
-                    f'<p class="note">{len(wrong)} misclassified images; the {min(top, len(wrong))} most confident '
-                    f'shown.</p><div class="thumbs">{"".join(figures)}</div>')
+                    f'<p class="note">{plural(len(wrong), "misclassified image")}{shown}.</p>'
+                    f'<div class="thumbs">{"".join(figures)}</div>')
 
 
 def _predictions_store(run: Run) -> Path:

@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -39,3 +40,37 @@ def test_analysis_notebook_runs(shared_store: Path, tmp_path: Path, monkeypatch:
     client.execute()
     texts = [o.get("text", "") for c in nb.cells for o in c.get("outputs", [])]
     assert any("ridge, 3-fold CV accuracy" in t for t in texts)
+
+
+def _client(nb: nbformat.NotebookNode, cwd: Path) -> Any:
+    from nbclient import NotebookClient
+
+    os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
+    client = NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
+    client.kernel_manager_kwargs = {"kernel_cmd": [sys.executable, "-m", "ipykernel_launcher", "-f",
+                                                   "{connection_file}"]}
+    return client
+
+
+def test_notebook_has_parameters_and_uses_the_public_api_only() -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0].cell_type == "code"  # papermill injects its values after this cell
+    assert "STORE =" in tagged[0].source and "RUN =" in tagged[0].source
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "embedfit.fit import" not in code and "make_splits" not in code and "embedfit.store" not in code
+    assert "training accuracy" not in code  # a score on the training images reads like a result
+
+
+@pytest.mark.timeout(300)
+def test_notebook_says_clearly_when_the_store_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbclient.exceptions import CellExecutionError
+
+    monkeypatch.delenv("EMBEDFIT_STORE", raising=False)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    # as papermill does: the injected values in a cell right after the parameters cell
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell(f"STORE = {str(tmp_path / 'nope.h5')!r}"))
+    with pytest.raises(CellExecutionError, match=r"feature store .*nope\.h5 does not exist: set STORE"):
+        _client(nb, tmp_path).execute()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -73,11 +74,19 @@ def print_fit_results(console: Console, results: list) -> None:
         cells = [_mean_std(scores[m]) if m in scores else "—" for m in metrics]
         table.add_row(r.model, *cells)
     ev = results[0].metrics["evaluation"]
-    how = (f"{ev['n_splits']}-fold stratified{' grouped' if ev['groups'] else ''} CV"
-           + (f" × {ev['repeats']}" if ev["repeats"] > 1 else "") if ev["strategy"] == "cv" else "hold-out")
-    console.print(f"{results[0].metrics['backbone']} features, {results[0].metrics['n_samples']} images "
+    n_test = len(results[0].predictions)
+    if ev["strategy"] == "cv":
+        how = (f"{ev['n_splits']}-fold stratified{' grouped' if ev['groups'] else ''} CV"
+               + (f" × {ev['repeats']}" if ev["repeats"] > 1 else ""))
+    elif ev.get("test_store"):
+        how = f"scored on the hold-out store {ev['test_store']} ({n_test} image{'s' * (n_test != 1)})"
+    else:
+        how = (f"scored on a hold-out split of {n_test} image{'s' * (n_test != 1)}"
+               + (f" × {ev['repeats']}" if ev["repeats"] > 1 else ""))
+    console.print(f"{results[0].metrics['backbone']} features, {results[0].metrics['n_samples']} "
+                  f"{'training ' if ev.get('test_store') else ''}images "
                   f"({results[0].metrics['n_excluded']} failed/unlabeled left out), {how}"
-                  + (", nested grid search" if ev["search"] else ""), soft_wrap=True)
+                  + (", nested grid search" if ev["search"] else ""), soft_wrap=True, markup=False)
     console.print(table)
     for r in results:
         t = r.metrics["timing"]
@@ -93,11 +102,23 @@ def _mean_std(score: dict) -> str:
 
 
 def print_leaderboard(console: Console, rows: list[dict]) -> None:
-    """`embedfit report`: one row per run, best balanced accuracy first."""
-    table = Table("backbone", "model", "accuracy", "balanced", "macro F1", "extract s", "train s")
+    """`embedfit report`: one table per evaluation set (rows of `report.summarize_runs`), best balanced accuracy
+    first in each; runs scored on different images are never ranked in one table."""
+    groups: dict[int, list[dict]] = {}
     for r in rows:
-        cells = [_mean_std({"mean": r[f"{m}_mean"], "std": r[f"{m}_std"]}) if f"{m}_mean" in r else "—"
-                 for m in ("accuracy", "balanced_accuracy", "f1_macro")]
-        table.add_row(r["backbone"].split(" ")[0], r["model"], *cells, f"{r['extract_seconds']:.1f}",
-                      f"{r['train_seconds']:.1f}")
-    console.print(table)
+        groups.setdefault(r.get("group", 0), []).append(r)
+    if len(groups) > 1:
+        console.print(f"{len(groups)} different evaluation sets: runs are ranked within each set only; scores of "
+                      "different sets are not comparable.", soft_wrap=True, markup=False)
+    for members in groups.values():
+        console.print(f"evaluated on {members[0].get('evaluation', '?')}", soft_wrap=True, markup=False)
+        table = Table("run", "backbone", "model", "accuracy", "balanced", "macro F1", "train imgs", "extract s",
+                      "train s")
+        for r in members:
+            cells = [_mean_std({"mean": r[f"{m}_mean"], "std": r[f"{m}_std"]}) if f"{m}_mean" in r else "—"
+                     for m in ("accuracy", "balanced_accuracy", "f1_macro")]
+            extract = r.get("extract_seconds")
+            table.add_row(Path(r["run"]).name, r["backbone"].split(" ")[0], r["model"], *cells,
+                          str(r.get("training_images", "")).split(" ")[0],
+                          "—" if extract is None else f"{extract:.1f}", f"{r['train_seconds']:.1f}")
+        console.print(table)

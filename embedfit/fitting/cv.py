@@ -212,7 +212,8 @@ def fit(store: str | Path | FeatureStore, model: str = DEFAULT_MODEL, config: Fi
         splits = [(np.arange(len(data.y)), np.arange(len(data.y), len(y_all)))]
         pred_paths, pred_rows = test.paths, test.rows
         evaluation = {"strategy": "holdout", "n_splits": 1, "repeats": 1, "groups": False, "search": search,
-                      "test_store": str(test.store.path.resolve())}
+                      "test_store": str(test.store.path.resolve()), "test_store_fingerprint": test.store.fingerprint,
+                      "n_test": len(test.y), "seed": seed}
     else:
         X_all, y_all, pred_paths, pred_rows = data.X, data.y, data.paths, data.rows
         group_keys = groups if isinstance(groups, np.ndarray) else groups_from(groups, data.paths)
@@ -224,11 +225,11 @@ def fit(store: str | Path | FeatureStore, model: str = DEFAULT_MODEL, config: Fi
             splits = list(StratifiedShuffleSplit(repeats, test_size=test_size, random_state=seed)
                           .split(np.zeros(len(data.y)), data.y))
             evaluation = {"strategy": "holdout", "n_splits": 1, "repeats": repeats, "groups": False,
-                          "search": search}
+                          "search": search, "test_size": test_size, "n_test": len(splits[0][1]), "seed": seed}
         else:
             splits = make_splits(data.y, cv=cv, repeats=repeats, groups=group_keys, seed=seed)
             evaluation = {"strategy": "cv", "n_splits": cv, "repeats": repeats,
-                          "groups": group_keys is not None, "search": search}
+                          "groups": group_keys is not None, "search": search, "seed": seed}
     # Sizes that must fit every training set: PCA and kNN sizes, inner CV folds, lda's images per class.
     n_train = min(len(tr) for tr, _ in splits)
     train_counts = [np.bincount(y_all[tr]) for tr, _ in splits]
