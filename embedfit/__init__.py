@@ -17,9 +17,7 @@ Names are imported on first use (PEP 562), so `import embedfit` loads neither to
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from embedfit._lazy import attach
 from embedfit._version import __version__
 from embedfit.errors import EmbedfitError
 
@@ -37,16 +35,5 @@ _LAZY = {
     "EmbeddingTransformer": "embedfit.transformer",
 }
 
-__all__ = ["EmbedfitError", "__version__", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'embedfit' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, _names = attach(__name__, _LAZY)
+__all__ = ["EmbedfitError", "__version__", *_names]

@@ -19,9 +19,7 @@ Everything but `spec` loads lazily: `import embedfit.backbones` does not import 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from embedfit._lazy import attach
 from embedfit.backbones.spec import DEFAULT_BACKBONE, POOLS, PRE_LOGITS, BackboneInfo, BackboneSpec
 
 _LAZY = {
@@ -32,16 +30,5 @@ _LAZY = {
     "lite_state_dict_to_timm": "lite", "tv_weights_path": "tv", "offline": "weights",
 }
 
-__all__ = ["DEFAULT_BACKBONE", "POOLS", "PRE_LOGITS", "BackboneInfo", "BackboneSpec", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"embedfit.backbones.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'embedfit.backbones' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, _names = attach(__name__, _LAZY)
+__all__ = ["DEFAULT_BACKBONE", "POOLS", "PRE_LOGITS", "BackboneInfo", "BackboneSpec", *_names]

@@ -15,8 +15,7 @@ Loaded lazily: `import embedfit.extraction` does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from embedfit._lazy import attach
 
 _LAZY = {
     "ExtractConfig": "settings", "ExtractSummary": "settings", "resolve_device": "settings",
@@ -27,16 +26,4 @@ _LAZY = {
     "extract_ray": "ray",
 }
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"embedfit.extraction.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'embedfit.extraction' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY)

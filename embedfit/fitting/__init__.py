@@ -11,8 +11,7 @@ Loaded lazily: `import embedfit.fitting` imports no scikit-learn until a name is
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from embedfit._lazy import attach
 
 _LAZY = {
     "MODELS": "models", "DEFAULT_MODEL": "models", "ARRAY_API_MODELS": "models", "GRIDS": "models",
@@ -24,16 +23,4 @@ _LAZY = {
     "OOC_MODELS": "out_of_core", "fit_out_of_core": "out_of_core",
 }
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"embedfit.fitting.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'embedfit.fitting' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY)
