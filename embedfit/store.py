@@ -13,14 +13,25 @@ Schema (one HDF5 file, readable with plain h5py; row i of every dataset is one i
     attrs: schema_version, embedfit_version, spec (BackboneSpec JSON), dtype, tta, precision, device,
            runtime ("torch" or "onnx"), decode ("pil" or "device"), engine ("local" or "ray") (these four
            join the values of every run that made rows, e.g. "onnx+torch"), versions (JSON), created, updated, root,
-           source_kind, complete, n_ok, n_failed, n_missing, extract_seconds, fingerprint, merged_parts (JSON)
+           source_kind, complete, n_ok, n_failed, n_missing, extract_seconds, fingerprint, merged_parts (JSON),
+           metadata_sha256
+
+Integrity: the numeric datasets (features included) carry HDF5's Fletcher-32 checksum per chunk, so a flipped byte
+makes the read fail (a StoreError that says to re-extract with `--overwrite`) instead of returning wrong numbers.
+HDF5 cannot checksum variable-length strings, so `metadata_sha256` (SHA-256 of every per-row dataset but the
+features) covers paths, errors and class names; it is checked when a store opens. Stores written before either
+existed open and read as before, unchecked.
 
 Crash safety: HDF5 has no journal, so a writer killed mid-write can leave a file that no longer opens.
-The store file itself is therefore only ever replaced whole (`os.replace` of a finished temporary file).
-While extraction runs, results go to small part files in `<store>.parts/`, each also written to a temporary
-name and renamed. `commit()` merges the previous store and the parts into a new store. A run killed at any
-moment leaves the old store intact plus finished parts, which the next run reuses. A lock file keeps a
-second writer out; readers never need it.
+The store file itself is therefore only ever replaced whole (`os.replace` of a finished temporary file, which
+keeps the old file's permission bits). While extraction runs, results go to small part files in `<store>.parts/`
+(same checksums), each also written to a temporary name and renamed. `commit()` merges the previous store and the
+parts into a new store. A run killed at any moment leaves the old store intact plus finished parts, which the next
+run reuses after checking them in full: a damaged part is deleted, with a warning, and its images embedded again.
+
+Concurrency: a lock file (`<store>.lock`, never deleted) keeps a second writer out; it is an OS lock that dies with
+its holder and that forked children (DataLoader workers) do not keep. Readers never need it: a `FeatureStore` holds
+its file open, so a store replaced by a concurrent `extract` keeps serving the rows its metadata describes.
 """
 
 from __future__ import annotations
@@ -30,8 +41,11 @@ import datetime as _dt
 import glob
 import hashlib
 import json
+import logging
 import os
 import platform
+import re
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,6 +65,7 @@ STATUS_NAMES = {OK: "ok", FAILED: "failed", MISSING: "missing"}
 DTYPES = ("float32", "float16")
 _STR = h5py.string_dtype("utf-8")
 _CHUNK_ROWS = 256  # ~1.3 MB chunks at D=1280 float32: fast sequential reads, small partial reads
+log = logging.getLogger("embedfit")
 
 
 def library_versions() -> dict[str, str]:
@@ -134,6 +149,106 @@ def _read_str(ds: h5py.Dataset) -> np.ndarray:
     return ds.asstr()[:] if len(ds) else np.array([], dtype=object)
 
 
+def _read_keys(f: h5py.File) -> dict[str, Any]:
+    """The per-row metadata of a store or part file (everything but the features)."""
+    return {"paths": _read_str(f["paths"]), "labels": f["labels"][:],
+            "class_names": _read_str(f["class_names"]) if "class_names" in f else np.array([], dtype=object),
+            "status": f["status"][:], "errors": _read_str(f["errors"]), "file_size": f["file_size"][:],
+            "file_mtime_ns": f["file_mtime_ns"][:]}
+
+
+def _keys_digest(arrays: dict[str, Any]) -> str:
+    """SHA-256 of the per-row metadata. HDF5 cannot checksum variable-length strings (paths, errors, class names
+    live in its global heap, which has no checksum), so this attribute covers them, and the numbers too."""
+    h = hashlib.sha256()
+    for name in ("paths", "class_names", "errors"):
+        h.update(json.dumps([str(s) for s in arrays[name]]).encode())
+    for name, dtype in (("labels", "<i8"), ("status", "u1"), ("file_size", "<i8"), ("file_mtime_ns", "<i8")):
+        h.update(np.ascontiguousarray(arrays[name], dtype=dtype).tobytes())
+    return h.hexdigest()
+
+
+def _verify_keys(f: h5py.File, arrays: dict[str, Any]) -> None:
+    """Raise OSError when the metadata does not match its digest (files written before digests are trusted)."""
+    expected = _attr(f.attrs, "metadata_sha256")
+    if expected is not None and _keys_digest(arrays) != expected:
+        raise OSError("metadata checksum mismatch (paths, labels or status changed on disk)")
+    if f["features"].shape[0] != len(arrays["paths"]):
+        raise OSError(f"{f['features'].shape[0]} feature rows for {len(arrays['paths'])} paths")
+
+
+def _create(f: h5py.File, name: str, data: np.ndarray) -> None:
+    """A dataset with a Fletcher-32 checksum per chunk where HDF5 allows one (not on variable-length strings)."""
+    if data.dtype.kind == "O":
+        f.create_dataset(name, data=data)
+    else:  # the filter needs chunks; 64k rows of int64 is 512 KiB, a few chunks even for large stores
+        f.create_dataset(name, data=data, chunks=(max(1, min(len(data), 1 << 16)),), fletcher32=True)
+
+
+def _read_rows(ds: h5py.Dataset, rows: Sequence[int] | np.ndarray | slice | None, dtype: Any,
+               chunk_rows: int) -> np.ndarray:
+    if rows is None or isinstance(rows, slice):
+        sel = range(len(ds))[rows or slice(None)]
+        out = np.empty((len(sel), ds.shape[1]), dtype=dtype)
+        for i in range(0, len(sel), chunk_rows):
+            part = sel[i:i + chunk_rows]
+            out[i:i + len(part)] = ds[part.start:part.stop:part.step] if len(part) else 0
+        return out
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), ds.shape[1]), dtype=dtype)
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    for i in range(0, len(rows), chunk_rows):
+        idx = sorted_rows[i:i + chunk_rows]
+        block = ds[idx[0]:idx[-1] + 1]
+        out[order[i:i + chunk_rows]] = block[idx - idx[0]]
+    return out
+
+
+@contextlib.contextmanager
+def _new_file(path: Path) -> Iterator[h5py.File]:
+    """`h5py.File(path, "w")` that, if writing fails (disk full...), is closed without crashing the process.
+
+    HDF5 retries its pending writes when a file is closed; if they fail again its state is left half torn down and
+    h5py can crash (SIGSEGV) when the objects are freed later. So the body's writes are flushed inside the body,
+    where a failure can still be handled, and a failed file has its descriptor pointed at /dev/null first, where
+    the pending writes succeed (the caller deletes that file anyway).
+    """
+    f = h5py.File(path, "w")
+    try:
+        yield f
+        f.flush()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if os.name == "posix":
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, f.id.get_vfd_handle())
+                os.close(null)
+        with contextlib.suppress(Exception):
+            f.close()
+        raise
+    f.close()
+
+
+def _why(exc: BaseException) -> str:
+    """The reason of an OS or HDF5 error on one line (the OS's words when HDF5 wraps them in its own)."""
+    text = " ".join(str(getattr(exc, "strerror", None) or exc).split())
+    os_error = re.search(r"error message = '([^']+)'", text)
+    return os_error.group(1) if os_error else text
+
+
+def _damaged(path: Path, what: str, exc: BaseException) -> str:
+    return (f"feature store {path} is damaged: cannot read its {what} ({_why(exc)}); re-extract it with "
+            "`embedfit extract ... --overwrite`")
+
+
+def _quiet_hdf5() -> None:
+    """Stop HDF5 printing its error stack to stderr: h5py turns errors into exceptions, but only silences the
+    printing in the thread that imported it (parts are written from a background thread)."""
+    with contextlib.suppress(Exception):
+        h5py._errors.silence_errors()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Reader
 
@@ -141,12 +256,17 @@ def _read_str(ds: h5py.Dataset) -> np.ndarray:
 class FeatureStore:
     """Read access to a finished store: metadata in memory, features read in chunks on demand.
 
+    The store file stays open from `open()` to `close()`, so every read comes from the file the metadata was read
+    from, even if an `extract` replaces the store meanwhile (the replaced file stays readable while open). Use it as
+    a context manager, or call `close()`; a store that is simply dropped is closed when it is garbage-collected.
+
     Example:
-        >>> store = FeatureStore.open("feats.h5")            # doctest: +SKIP
-        >>> X, y = store.features(store.ok_rows()), store.labels[store.ok_rows()]  # doctest: +SKIP
+        >>> with FeatureStore.open("feats.h5") as store:            # doctest: +SKIP
+        ...     X, y = store.features(store.ok_rows()), store.labels[store.ok_rows()]
     """
 
-    def __init__(self, path: Path, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    def __init__(self, path: Path, attrs: dict[str, Any], arrays: dict[str, np.ndarray],
+                 file: h5py.File | None = None) -> None:
         self.path = path
         self.attrs = attrs
         self.settings = StoreSettings.from_attrs(attrs)
@@ -159,14 +279,15 @@ class FeatureStore:
         self.file_size: np.ndarray = arrays["file_size"]
         self.file_mtime_ns: np.ndarray = arrays["file_mtime_ns"]
         self.dim = int(arrays["dim"])
+        self._file = file
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> FeatureStore:
-        """Open a store for reading.
+        """Open a store for reading; it stays open until `close()`.
 
         Raises:
-            StoreError: The file is missing, not an embedfit store, or an interrupted extraction that never
-                committed (with how to resume).
+            StoreError: The file is missing, not an embedfit store, damaged, or an interrupted extraction that
+                never committed (with how to resume).
         """
         path = Path(path)
         if not path.exists():
@@ -177,25 +298,45 @@ class FeatureStore:
             raise StoreError(f"feature store {path} does not exist")
         if path.is_dir():
             raise StoreError(f"{path} is a directory, not a feature store")
+        f = None
         try:
-            with h5py.File(path, "r") as f:
-                if "schema_version" not in f.attrs or "features" not in f:
-                    raise StoreError(f"{path} is an HDF5 file but not an embedfit feature store")
-                attrs = {k: _attr(f.attrs, k) for k in f.attrs}
-                arrays = {
-                    "paths": _read_str(f["paths"]), "labels": f["labels"][:],
-                    "class_names": _read_str(f["class_names"]), "status": f["status"][:],
-                    "errors": _read_str(f["errors"]), "file_size": f["file_size"][:],
-                    "file_mtime_ns": f["file_mtime_ns"][:], "dim": f["features"].shape[1],
-                }
-        except StoreError:
+            f = h5py.File(path, "r")
+            if "schema_version" not in f.attrs or "features" not in f:
+                raise StoreError(f"{path} is an HDF5 file but not an embedfit feature store")
+            attrs = {k: _attr(f.attrs, k) for k in f.attrs}
+            arrays = _read_keys(f)
+            arrays["dim"] = f["features"].shape[1]
+            _verify_keys(f, arrays)
+        except BaseException as exc:
+            if f is not None:
+                f.close()
+            if isinstance(exc, StoreError):
+                raise
+            if isinstance(exc, Exception):  # h5py raises OSError, KeyError, ValueError... on foreign or damaged files
+                raise StoreError(f"cannot read feature store {path}: {_why(exc)}; if it is a damaged store, "
+                                 "re-extract it with `embedfit extract ... --overwrite`") from None
             raise
-        except Exception as exc:  # h5py raises OSError, KeyError, ValueError... on foreign or damaged files
-            raise StoreError(f"cannot read feature store {path}: {exc}") from None
         if int(attrs["schema_version"]) > SCHEMA_VERSION:
+            f.close()
             raise StoreError(f"{path} uses store schema {attrs['schema_version']}; this embedfit reads up to "
                              f"{SCHEMA_VERSION}: upgrade embedfit")
-        return cls(path, attrs, arrays)
+        return cls(path, attrs, arrays, f)
+
+    def close(self) -> None:
+        """Release the file. Metadata stays usable; `features()` then reopens the path, and refuses if the store
+        there no longer holds the same rows."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None}  # an open HDF5 file cannot be pickled; the copy reopens the path
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -234,25 +375,36 @@ class FeatureStore:
         """Read features (all rows, a slice or an index array) as one array, in chunks.
 
         Index arrays are read as contiguous spans, which is much faster in HDF5 than point selection.
+
+        Raises:
+            StoreError: The features are damaged (a checksum does not match), or the store was closed and the path
+                now holds a different store.
         """
-        with h5py.File(self.path, "r") as f:
-            ds = f["features"]
-            if rows is None or isinstance(rows, slice):
-                sel = range(len(ds))[rows or slice(None)]
-                out = np.empty((len(sel), ds.shape[1]), dtype=dtype)
-                for i in range(0, len(sel), chunk_rows):
-                    part = sel[i:i + chunk_rows]
-                    out[i:i + len(part)] = ds[part.start:part.stop:part.step] if len(part) else 0
-                return out
-            rows = np.asarray(rows, dtype=np.int64)
-            out = np.empty((len(rows), ds.shape[1]), dtype=dtype)
-            order = np.argsort(rows, kind="stable")
-            sorted_rows = rows[order]
-            for i in range(0, len(rows), chunk_rows):
-                idx = sorted_rows[i:i + chunk_rows]
-                block = ds[idx[0]:idx[-1] + 1]
-                out[order[i:i + chunk_rows]] = block[idx - idx[0]]
-            return out
+        _quiet_hdf5()
+        try:
+            with self._features_dataset() as ds:
+                return _read_rows(ds, rows, dtype, chunk_rows)
+        except OSError as exc:  # a Fletcher-32 mismatch reads as "filter returned failure during read"
+            raise StoreError(_damaged(self.path, "features", exc)) from None
+
+    @contextlib.contextmanager
+    def _features_dataset(self) -> Iterator[h5py.Dataset]:
+        if self._file is not None:
+            yield self._file["features"]
+            return
+        # Closed: read what the path holds now, but only if it is still this store, so that rows never silently
+        # come from other images.
+        try:
+            f = h5py.File(self.path, "r")
+        except Exception as exc:
+            raise StoreError(f"cannot read feature store {self.path}: {_why(exc)}") from None
+        with f:
+            same = str(_attr(f.attrs, "fingerprint", "")) == self.fingerprint and len(f["paths"]) == len(self)
+            if same and not self.fingerprint:  # stores without a fingerprint: compare the keys themselves
+                same = np.array_equal(_read_str(f["paths"]), self.paths)
+            if not same:
+                raise StoreError(f"feature store {self.path} was replaced after it was closed; open it again")
+            yield f["features"]
 
     def iter_batches(self, batch_rows: int = 8192, rows: np.ndarray | None = None
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -371,15 +523,17 @@ class StoreWriter:
         overwrite: Ignore (and at commit replace) whatever the store held.
 
     Raises:
-        StoreLockedError: Another process is writing this store.
+        StoreLockedError: Another process (or another writer in this process) is writing this store.
         StoreMismatchError: The existing store or its pending parts were made with other settings.
+        StoreError: The existing store is damaged (re-extract with `--overwrite`), or the folder is not writable.
     """
 
     def __init__(self, path: str | os.PathLike, settings: StoreSettings, *, overwrite: bool = False) -> None:
         self.path = Path(path)
         self.settings = settings
         self.parts = _parts_dir(self.path)
-        self._lock_file: Any = None
+        self._lock: Any = None
+        self._previous: FeatureStore | None = None
         self._seq = 0
         self._run_id = f"{time.time_ns():020d}-{os.getpid()}"
         self._acquire_lock()
@@ -389,36 +543,38 @@ class StoreWriter:
             self._remove_stale_temp_files()
             if overwrite:
                 self._remove_parts()
+            # Held open until the next commit: the rows reused from it are read from the file planned from.
             self._previous = None if overwrite or not self.path.exists() else FeatureStore.open(self.path)
             if self._previous is not None:
                 self._check(self._previous.settings, str(self.path))
             merged = set(json.loads(self._previous.attrs.get("merged_parts", "[]"))) if self._previous else set()
             self._stale_parts = [p for p in self._part_files() if p.name in merged]
-            self._part_paths = [p for p in self._part_files() if p.name not in merged]
-            for part in self._part_paths:
-                with h5py.File(part, "r") as f:
-                    self._check(StoreSettings.from_attrs(f.attrs), f"unfinished run's part {part.name}")
+            self._part_paths = [p for p in self._part_files() if p.name not in merged and self._part_ok(p)]
         except BaseException:
             self.close()
             raise
 
     # -- locking ------------------------------------------------------------------------------------
     def _acquire_lock(self) -> None:
-        import fcntl
+        from filelock import FileLock, Timeout
 
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+")  # noqa: SIM115
         except OSError as exc:
-            raise StoreError(f"cannot write to {self.path.parent}: {exc.strerror or exc}") from None
+            raise StoreError(f"cannot write to {self.path.parent}: {_why(exc)}") from None
+        # filelock takes an OS lock (flock on POSIX) that dies with its holder, SIGKILL included, and closes its
+        # descriptor in forked children (DataLoader workers), which would otherwise keep the lock alive after
+        # the main process is killed. No soft-lock fallback: a marker file would outlive a killed writer.
+        lock = FileLock(self.path.with_name(self.path.name + ".lock"), timeout=0, thread_local=False,
+                        fallback_to_soft=False, preserve_lock_file=True)
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            self._lock_file = None
+            lock.acquire()
+        except Timeout:
             raise StoreLockedError(f"{self.path} is being written by another embedfit process; wait for it "
                                    "to finish (readers may open the finished store at any time)") from None
-        # The flock dies with the process (SIGKILL included), so a stale lock file never blocks a re-run.
+        except OSError as exc:
+            raise StoreError(f"cannot write to {self.path.parent}: {_why(exc)}") from None
+        self._lock = lock
 
     def _remove_stale_temp_files(self) -> None:
         """Delete half-written files of killed runs; safe because we hold the lock, so no writer is alive."""
@@ -430,11 +586,13 @@ class StoreWriter:
                 tmp.unlink()
 
     def close(self) -> None:
-        if self._lock_file is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self._lock_file.name)
-            self._lock_file.close()
-            self._lock_file = None
+        """Close the previous store and release the lock. The lock file stays: deleting it could let two writers
+        lock two different files of the same name (one that opened it just before the unlink, one after)."""
+        if self._previous is not None:
+            self._previous.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -463,18 +621,48 @@ class StoreWriter:
         for p in self._part_files():
             p.unlink()
 
+    def _part_ok(self, part: Path) -> bool:
+        """Check a finished part in full (settings, metadata digest, every checksum); delete it if it is damaged,
+        so that its images are embedded again rather than a whole resume failing."""
+        _quiet_hdf5()
+        try:
+            with h5py.File(part, "r") as f:
+                settings = StoreSettings.from_attrs(f.attrs)
+                _verify_keys(f, _read_keys(f))
+                ds = f["features"]
+                for i in range(0, len(ds), 4096):  # reading verifies each chunk's Fletcher-32 checksum
+                    ds[i:i + 4096]
+        except Exception as exc:  # truncated, bit-flipped or not HDF5 at all: h5py raises OSError, KeyError...
+            log.warning("part file %s is damaged (%s); it is deleted and its images will be embedded again",
+                        part, _why(exc))
+            with contextlib.suppress(OSError):
+                part.unlink()
+            return False
+        self._check(settings, f"unfinished run's part {part.name}")
+        return True
+
     def _sources(self) -> list[Path]:
         return ([self.path] if self._previous is not None else []) + self._part_paths
 
     def _known_rows(self) -> dict[str, _Row]:
         """Latest row per key over the previous store and the parts (later sources win)."""
+        gone = [p for p in self._part_paths if not p.exists()]
+        for part in gone:  # deleted by hand since this run started: redo its images rather than fail
+            log.warning("part file %s disappeared before it was merged; its images will be embedded again", part)
+        self._part_paths = [p for p in self._part_paths if p not in gone]
         rows: dict[str, _Row] = {}
         for s, source in enumerate(self._sources()):
-            with h5py.File(source, "r") as f:
-                names = list(_read_str(f["class_names"])) if "class_names" in f else []
-                keys, labels = _read_str(f["paths"]), f["labels"][:]
-                sizes, mtimes, status = f["file_size"][:], f["file_mtime_ns"][:], f["status"][:]
-                errors = _read_str(f["errors"])
+            if s == 0 and self._previous is not None:
+                arrays: dict[str, Any] = vars(self._previous)
+            else:
+                try:
+                    with h5py.File(source, "r") as f:
+                        arrays = _read_keys(f)
+                except Exception as exc:
+                    raise StoreError(_part_damaged(source, exc)) from None
+            names, keys, labels = list(arrays["class_names"]), arrays["paths"], arrays["labels"]
+            sizes, mtimes, status, errors = (arrays["file_size"], arrays["file_mtime_ns"], arrays["status"],
+                                             arrays["errors"])
             for i, key in enumerate(keys):
                 label = names[labels[i]] if labels[i] >= 0 else ""
                 rows[key] = _Row(s, i, label, int(sizes[i]), int(mtimes[i]), int(status[i]), errors[i])
@@ -503,6 +691,7 @@ class StoreWriter:
                    mtimes: Sequence[int], status: Sequence[int], errors: Sequence[str],
                    features: np.ndarray) -> Path:
         """Write one batch of results as an atomic part file (a few hundred images each)."""
+        _quiet_hdf5()  # usually called from a background thread
         self.parts.mkdir(parents=True, exist_ok=True)
         name = f"part-{self._run_id}-{self._seq:06d}.h5"
         self._seq += 1
@@ -511,22 +700,26 @@ class StoreWriter:
                       sum(len(k) for k in keys) * 2)
         classes = sorted({lb for lb in labels if lb})
         index = {c: i for i, c in enumerate(classes)}
+        arrays = {"paths": np.array(list(keys), dtype=_STR), "class_names": np.array(classes, dtype=_STR),
+                  "labels": np.array([index.get(lb, -1) for lb in labels], dtype=np.int64),
+                  "file_size": np.asarray(sizes, dtype=np.int64), "file_mtime_ns": np.asarray(mtimes, dtype=np.int64),
+                  "status": np.asarray(status, dtype=np.uint8), "errors": np.array(list(errors), dtype=_STR)}
+        feats = np.asarray(features, dtype=self.settings.dtype)
         try:
-            with h5py.File(tmp, "w") as f:
+            with _new_file(tmp) as f:
                 f.attrs.update(self.settings.attrs())
-                f["paths"] = np.array(list(keys), dtype=_STR)
-                f["class_names"] = np.array(classes, dtype=_STR)
-                f["labels"] = np.array([index.get(lb, -1) for lb in labels], dtype=np.int64)
-                f["file_size"] = np.asarray(sizes, dtype=np.int64)
-                f["file_mtime_ns"] = np.asarray(mtimes, dtype=np.int64)
-                f["status"] = np.asarray(status, dtype=np.uint8)
-                f["errors"] = np.array(list(errors), dtype=_STR)
-                f["features"] = np.asarray(features, dtype=self.settings.dtype)
+                f.attrs["metadata_sha256"] = _keys_digest(arrays)
+                for key, data in arrays.items():
+                    _create(f, key, data)
+                f.create_dataset("features", data=feats, chunks=(max(1, min(_CHUNK_ROWS, len(feats))), feats.shape[1]),
+                                 fletcher32=True)
             os.replace(tmp, final)
-        except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise StoreError(f"cannot write to {self.parts}: {getattr(exc, 'strerror', None) or exc}") from None
+            if isinstance(exc, (OSError, RuntimeError)):  # h5py reports some write failures as RuntimeError
+                raise StoreError(f"cannot write to {self.parts}: {_why(exc)}") from None
+            raise
         self._part_paths.append(final)
         return final
 
@@ -536,8 +729,13 @@ class StoreWriter:
 
         Rows for scanned records come from the latest source with a matching size and mtime; rows of
         files no longer scanned are kept with status "missing". `complete` is only honoured when every
-        scanned record has a row.
+        scanned record has a row. The new store keeps the old file's permission bits.
+
+        Raises:
+            StoreError: The new store cannot be written (nothing stored is changed), or a row to copy is damaged
+                (nothing stored is changed either; a damaged store says to re-extract with `--overwrite`).
         """
+        _quiet_hdf5()
         known = self._known_rows()
         current = {rec.key: rec for rec in records}
         rows: dict[str, _Row] = {}
@@ -558,19 +756,26 @@ class StoreWriter:
         _ensure_space(self.path.parent, len(keys), self.settings.spec.embedding_dim,
                       np.dtype(self.settings.dtype).itemsize, sum(len(k) + len(rows[k].error) for k in keys) * 2)
         try:
+            mode = stat.S_IMODE(self.path.stat().st_mode) if self.path.exists() else None
             self._write_store(tmp, keys, rows, names, complete, attrs or {})
+            if mode is not None:  # os.replace puts a new inode in place: carry over e.g. a read-only 0444
+                os.chmod(tmp, mode)
             os.replace(tmp, self.path)
-        except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise StoreError(f"cannot write {self.path}: {getattr(exc, 'strerror', None) or exc}; nothing "
-                             "already stored was changed") from None
+            if isinstance(exc, (OSError, RuntimeError)):  # h5py reports some write failures as RuntimeError
+                raise StoreError(f"cannot write {self.path}: {_why(exc)}; nothing already stored was "
+                                 "changed") from None
+            raise
         for part in self._part_paths + self._stale_parts:  # merged: a crash before this is harmless
             with contextlib.suppress(OSError):
                 part.unlink()
         with contextlib.suppress(OSError):
             self.parts.rmdir()
         self._part_paths, self._stale_parts = [], []
+        if self._previous is not None:
+            self._previous.close()
         self._previous = FeatureStore.open(self.path)
         return self._previous
 
@@ -579,47 +784,63 @@ class StoreWriter:
         n, dim = len(keys), self.settings.spec.embedding_dim
         index = {c: i for i, c in enumerate(names)}
         ordered = [rows[k] for k in keys]
-        status = np.array([r.status for r in ordered], dtype=np.uint8)
-        labels = np.array([index[r.label] if r.label else -1 for r in ordered], dtype=np.int64)
-        sizes = np.array([r.size for r in ordered], dtype=np.int64)
-        mtimes = np.array([r.mtime_ns for r in ordered], dtype=np.int64)
+        arrays = {
+            "paths": np.array(keys, dtype=_STR), "class_names": np.array(names, dtype=_STR),
+            "labels": np.array([index[r.label] if r.label else -1 for r in ordered], dtype=np.int64),
+            "status": np.array([r.status for r in ordered], dtype=np.uint8),
+            "errors": np.array([r.error for r in ordered], dtype=_STR),
+            "file_size": np.array([r.size for r in ordered], dtype=np.int64),
+            "file_mtime_ns": np.array([r.mtime_ns for r in ordered], dtype=np.int64),
+        }
+        status = arrays["status"]
         prev = self._previous.attrs if self._previous is not None else {}
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         fingerprint = hashlib.sha256()
-        for part in (self.settings.spec.to_json(), "\n".join(keys), labels.tobytes(), status.tobytes(),
-                     sizes.tobytes(), mtimes.tobytes()):
+        for part in (self.settings.spec.to_json(), "\n".join(keys), arrays["labels"].tobytes(), status.tobytes(),
+                     arrays["file_size"].tobytes(), arrays["file_mtime_ns"].tobytes()):
             fingerprint.update(part.encode() if isinstance(part, str) else part)
-        sources = self._sources()
-        with h5py.File(tmp, "w") as f:
+        with _new_file(tmp) as f:
             f.attrs.update(self.settings.attrs())
             f.attrs.update({
                 "schema_version": SCHEMA_VERSION, "embedfit_version": __version__,
                 "versions": json.dumps(library_versions()), "created": prev.get("created", now), "updated": now,
                 "complete": complete, "n_ok": int((status == OK).sum()), "n_failed": int((status == FAILED).sum()),
                 "n_missing": int((status == MISSING).sum()), "fingerprint": fingerprint.hexdigest(),
+                "metadata_sha256": _keys_digest(arrays),
                 "merged_parts": json.dumps([p.name for p in self._part_paths]),
                 "extract_seconds": float(prev.get("extract_seconds", 0.0)),
             })
             f.attrs.update({k: v for k, v in _run_provenance(prev, extra, bool(self._part_paths)).items()
                             if v is not None})
-            f.create_dataset("paths", data=np.array(keys, dtype=_STR))
-            f.create_dataset("labels", data=labels)
-            f.create_dataset("class_names", data=np.array(names, dtype=_STR))
-            f.create_dataset("status", data=status)
-            f.create_dataset("errors", data=np.array([r.error for r in ordered], dtype=_STR))
-            f.create_dataset("file_size", data=sizes)
-            f.create_dataset("file_mtime_ns", data=mtimes)
+            for key in ("paths", "labels", "class_names", "status", "errors", "file_size", "file_mtime_ns"):
+                _create(f, key, arrays[key])
             feats = f.create_dataset("features", shape=(n, dim), dtype=self.settings.dtype,
-                                     chunks=(max(1, min(_CHUNK_ROWS, n)), dim) if n else None,
-                                     maxshape=(None, dim))
-            self._copy_features(feats, ordered, sources)
+                                     chunks=(max(1, min(_CHUNK_ROWS, n)), dim), maxshape=(None, dim),
+                                     fletcher32=True)
+            self._copy_features(feats, ordered)
             f.flush()
             os.fsync(f.id.get_vfd_handle())
 
-    @staticmethod
-    def _copy_features(out: h5py.Dataset, ordered: list[_Row], sources: list[Path], block: int = 8192) -> None:
+    def _copy_features(self, out: h5py.Dataset, ordered: list[_Row], block: int = 8192) -> None:
         """Copy each row's features from its source, one output block at a time (memory stays bounded)."""
+        sources = self._sources()
         open_files: dict[int, h5py.File] = {}
+
+        def source_file(s: int) -> h5py.File:
+            if s == 0 and self._previous is not None:
+                assert self._previous._file is not None
+                return self._previous._file  # the file planned from, even if the path was replaced meanwhile
+            if s not in open_files:
+                if len(open_files) >= 64:  # parts are key-ordered, so few are needed at once
+                    for f in open_files.values():
+                        f.close()
+                    open_files.clear()
+                try:
+                    open_files[s] = h5py.File(sources[s], "r")
+                except Exception as exc:
+                    raise StoreError(_part_damaged(sources[s], exc)) from None
+            return open_files[s]
+
         try:
             for start in range(0, len(ordered), block):
                 chunk = ordered[start:start + block]
@@ -628,17 +849,22 @@ class StoreWriter:
                 for pos, r in enumerate(chunk):
                     by_source.setdefault(r.source, []).append((pos, r.row))
                 for s, pairs in by_source.items():
-                    if s not in open_files:
-                        if len(open_files) >= 64:  # parts are key-ordered, so few are needed at once
-                            for f in open_files.values():
-                                f.close()
-                            open_files.clear()
-                        open_files[s] = h5py.File(sources[s], "r")
                     pos = np.array([p for p, _ in pairs])
                     src = np.array([r for _, r in pairs])
                     lo, hi = src.min(), src.max()
-                    buf[pos] = open_files[s]["features"][lo:hi + 1][src - lo]
+                    f = source_file(s)
+                    try:
+                        buf[pos] = f["features"][lo:hi + 1][src - lo]
+                    except Exception as exc:  # a checksum mismatch must not be copied into a "complete" store
+                        previous = s == 0 and self._previous is not None
+                        raise StoreError(_damaged(self.path, "features", exc) if previous
+                                         else _part_damaged(sources[s], exc)) from None
                 out[start:start + len(chunk)] = buf
         finally:
             for f in open_files.values():
                 f.close()
+
+
+def _part_damaged(part: Path, exc: BaseException) -> str:
+    return (f"cannot read part file {part} ({_why(exc)}); re-run the same command: a damaged or missing part is "
+            "left out and its images are embedded again")
