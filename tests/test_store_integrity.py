@@ -20,7 +20,7 @@ import pytest
 
 from embedfit.cli import main
 from embedfit.errors import StoreError, StoreLockedError
-from embedfit.extract import extract
+from embedfit.extraction.local import extract
 from embedfit.store import OK, FeatureStore, StoreSettings, StoreWriter
 
 pytestmark = pytest.mark.timeout(300)

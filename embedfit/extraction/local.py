@@ -152,10 +152,10 @@ def _settings_if_same_request(output: str | os.PathLike, config: ExtractConfig) 
     if config.overwrite or not path.is_file():
         return None
     try:
-        store = FeatureStore.open(path)
+        with FeatureStore.open(path) as store:
+            spec, settings = store.spec, store.settings
     except EmbedfitError:
         return None  # the writer reports what is wrong with it
-    spec, settings = store.spec, store.settings
     if (spec.name, spec.layer, spec.pool) != (config.backbone, config.layer or PRE_LOGITS, config.pool):
         return None
     if (settings.dtype, settings.tta, settings.precision) != (config.dtype, config.tta, config.precision):
