@@ -215,6 +215,7 @@ def stat_many(urls: Sequence[str]) -> dict[str, tuple[int, int]]:
         folder = f"{fs.protocol}:{parent}"
         if folder not in listings:
             try:
+                fs.invalidate_cache()
                 listings[folder] = {fs._strip_protocol(e["name"]): e for e in fs.ls(parent, detail=True)}
             except Exception:
                 listings[folder] = {}
@@ -261,6 +262,7 @@ def scan_remote(url: str) -> tuple[str, str, list[tuple[str, int, int]], list[st
     stripped = fs._strip_protocol(path).rstrip("/")
     root = _url(fs, stripped)
     try:
+        fs.invalidate_cache()  # listings cached earlier in this process (of any sub-folder) may predate new objects
         entries = fs.find(stripped, detail=True, withdirs=False)
         # find() on an object's own name lists that object: the URL names a file, not a folder.
         is_file = stripped in {fs._strip_protocol(n) for n in entries} or (not entries and fs.isfile(stripped))
@@ -317,6 +319,7 @@ def _slot(kind: str, url: str) -> Path:
 
 def _remote_info(fs: Any, path: str, url: str, error: type[Exception] = StoreError) -> dict[str, Any] | None:
     try:
+        fs.invalidate_cache(path)  # the object as it is now, not as a cached listing saw it
         return fs.info(path)
     except FileNotFoundError:
         return None
