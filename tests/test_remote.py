@@ -56,7 +56,7 @@ def bucket(s3_endpoint: str) -> tuple[object, str]:
     return fs, name
 
 
-def _upload_tree(fs, root: Path, prefix: str) -> None:  # noqa: ANN001
+def _upload_tree(fs, root: Path, prefix: str) -> None:
     for f in sorted(root.rglob("*")):
         if f.is_file():
             fs.put_file(str(f), f"{prefix}/{f.relative_to(root).as_posix()}")
