@@ -141,7 +141,7 @@ def decode_image(
         fp = os.fsdecode(source)
         _check_regular_file(fp)
     else:
-        raise UsageError(f"decode_image expects a path, bytes or a binary file object, got {type(source).__name__}")
+        raise UsageError(f"decode_image expects a path or bytes (or a binary file object), got {type(source).__name__}")
 
     try:
         # Pillow warns from MAX_IMAGE_PIXELS up; our own explicit limit replaces that warning.
