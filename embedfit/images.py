@@ -21,6 +21,7 @@ import io
 import os
 import re
 import stat
+import typing
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ _MAX_REASON_CHARS = 200
 
 
 def decode_image(
-    source: str | os.PathLike[str] | bytes,
+    source: str | os.PathLike[str] | bytes | typing.BinaryIO,
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     draft_size: tuple[int, int] | None = None,
@@ -92,7 +93,9 @@ def decode_image(
     transparency is composited on white, CMYK/YCbCr/LAB/HSV go through Pillow's conversions.
 
     Args:
-        source: A path to a file, or the file's bytes (``bytes``, ``bytearray`` or ``memoryview``).
+        source: A path to a file, the file's bytes (``bytes``, ``bytearray`` or ``memoryview``), or a binary
+            file object (e.g. one opened by fsspec on object storage), read whole here: a read error is a
+            `DecodeError` like any other broken file.
         max_pixels: Refuse images whose header claims more than this many pixels (width * height),
             checked before any pixel memory is allocated. ``None`` disables this check; Pillow's own
             hard limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies, as this function never
@@ -124,11 +127,21 @@ def decode_image(
         if len(source) == 0:
             raise DecodeError("empty data (0 bytes)")
         fp: str | io.BytesIO = io.BytesIO(bytes(source))
+    elif hasattr(source, "read") and not isinstance(source, (str, os.PathLike)):
+        try:
+            data = source.read()
+        except Exception as exc:  # network or disk errors of a remote file: this image fails, not the run
+            raise DecodeError(f"cannot read file: {' '.join(str(exc).split())[:160]}") from None
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise UsageError(f"decode_image expects a binary file object, got one returning {type(data).__name__}")
+        if len(data) == 0:
+            raise DecodeError("empty data (0 bytes)")
+        fp = io.BytesIO(bytes(data))
     elif isinstance(source, (str, os.PathLike)):
         fp = os.fsdecode(source)
         _check_regular_file(fp)
     else:
-        raise UsageError(f"decode_image expects a path or bytes, got {type(source).__name__}")
+        raise UsageError(f"decode_image expects a path or bytes (or a binary file object), got {type(source).__name__}")
 
     try:
         # Pillow warns from MAX_IMAGE_PIXELS up; our own explicit limit replaces that warning.
@@ -347,7 +360,8 @@ class ImageRecord:
     """One image to extract, as found by `scan_images` (the file is not opened).
 
     Attributes:
-        path: Absolute path to open; always ``source.root / key``.
+        path: Absolute path to open; always ``source.root / key``. For images on object storage, the URL
+            (a ``str``: `pathlib.Path` would collapse its ``//``).
         key: Identity in the store: the path relative to the source root with ``/`` separators,
             or the absolute POSIX path for CSV rows outside the CSV's folder.
         label: Index into ``ImageSource.class_names``; -1 when unlabeled.
@@ -356,7 +370,7 @@ class ImageRecord:
         mtime_ns: ``st_mtime_ns``; 0 if stat fails. With ``size``, lets a resumed run notice edits.
     """
 
-    path: Path
+    path: Path | str
     key: str
     label: int
     size: int
@@ -368,7 +382,8 @@ class ImageSource:
     """The images found in a folder or CSV list.
 
     Attributes:
-        root: Absolute folder the keys are relative to: the scanned folder, or the CSV's folder.
+        root: Absolute folder the keys are relative to: the scanned folder, or the CSV's folder (a URL
+            string for object storage).
         kind: ``"folder"`` (class per first-level subfolder), ``"flat"`` (unlabeled) or ``"csv"``.
         records: The images, sorted by key (plain string order, the same on every machine).
         class_names: Label names; ``label`` indexes this list. Sorted when found on disk, in the
@@ -377,7 +392,7 @@ class ImageSource:
             folders, hidden or AppleDouble image files, unreadable folders, symlink loops.
     """
 
-    root: Path
+    root: Path | str
     kind: str
     records: list[ImageRecord]
     class_names: list[str]
@@ -395,8 +410,13 @@ def scan_images(source: str | os.PathLike[str], *, class_names: Sequence[str] | 
     ``__MACOSX`` are ignored; extensions match case-insensitively; a folder named ``x.jpg`` is
     walked, not taken for an image; broken symlinks with an image extension are kept.
 
+    ``source`` may also be an object-storage URL (``s3://bucket/prefix``, ``gs://``, ``az://``; see
+    `embedfit.remote`): the same rules apply to the listing, and the resume key of each object is its size
+    and last-modified time from the listing.
+
     A ``.csv`` file needs a header with a ``path`` column and may have a ``label`` column of class
-    names (an empty cell means unlabeled). Relative paths are resolved against the CSV's folder.
+    names (an empty cell means unlabeled). Relative paths are resolved against the CSV's folder (on object
+    storage too); a row may be a URL.
     Rows naming files that do not exist are kept, so that extraction reports them.
 
     Args:
@@ -420,8 +440,12 @@ def scan_images(source: str | os.PathLike[str], *, class_names: Sequence[str] | 
         >>> src.kind, src.class_names, src.records[0].key  # doctest: +SKIP
         ('folder', ['cat', 'dog'], 'cat/001.jpg')
     """
+    from embedfit.remote import is_url, local_or_url
+
     given = _check_class_names(class_names)
-    shown = os.fsdecode(source)
+    shown = local_or_url(source)
+    if is_url(shown):
+        return _scan_remote(shown, given, labeled)
     path = Path(os.path.abspath(shown))
     if not path.exists():
         if path.is_symlink():
@@ -567,6 +591,32 @@ def _scan_folder(root: Path, given: list[str] | None, labeled: bool = True) -> I
     """Scan a folder as a class tree or, when no subfolder holds images (or not `labeled`), as a flat folder."""
     skipped: list[tuple[str, str]] = []
     found, first_level = _walk(root, skipped)
+    return _label_tree(root, [(key, functools.partial(_record, root, key, entry)) for key, entry in found],
+                       first_level, skipped, given, labeled)
+
+
+def _scan_remote(url: str, given: list[str] | None, labeled: bool) -> ImageSource:
+    """`_scan_folder` / `_scan_csv` for a URL: one listing of the prefix (`embedfit.remote.scan_remote`)."""
+    from embedfit import remote
+
+    kind, root, found, first_level, skipped = remote.scan_remote(url)
+    if kind == "csv":
+        return _scan_csv(root, given)
+
+    def make(key: str, size: int, mtime_ns: int, label: int) -> ImageRecord:
+        return ImageRecord(path=remote.join(root + "/", key), key=key, label=label, size=size, mtime_ns=mtime_ns)
+
+    return _label_tree(remote.redact(root), [(key, functools.partial(make, key, size, mtime))
+                                             for key, size, mtime in found], first_level, skipped, given, labeled)
+
+
+def _label_tree(root: Path | str, found: list[tuple[str, typing.Callable[[int], ImageRecord]]],
+                first_level: list[str], skipped: list[tuple[str, str]], given: list[str] | None,
+                labeled: bool) -> ImageSource:
+    """Images found under `root` (key, record for a label) -> a class tree or a flat source.
+
+    A first-level sub-folder holding images is a class; without one (or not `labeled`) the source is flat.
+    """
     classes_present = sorted({key.split("/", 1)[0] for key, _ in found if "/" in key}) if labeled else []
 
     if classes_present:
@@ -574,9 +624,9 @@ def _scan_folder(root: Path, given: list[str] | None, labeled: bool = True) -> I
         names = _resolve_classes(classes_present, given, f"class folder(s) {{}} in {root}")
         index = {name: i for i, name in enumerate(names)}
         records = []
-        for key, entry in found:
+        for key, make in found:
             if "/" in key:
-                records.append(_record(root, key, entry, index[key.split("/", 1)[0]]))
+                records.append(make(index[key.split("/", 1)[0]]))
             else:
                 skipped.append((key, "loose file in the root of a class-folder tree (not in any class folder)"))
         for name in first_level:
@@ -584,7 +634,7 @@ def _scan_folder(root: Path, given: list[str] | None, labeled: bool = True) -> I
                 skipped.append((_printable(name + "/"), "folder has no images, so it is not a class"))
     else:
         kind, names = "flat", []
-        records = [_record(root, key, entry, -1) for key, entry in found]
+        records = [make(-1) for _, make in found]
 
     if not records:
         looked_for = ", ".join(sorted(IMAGE_EXTENSIONS))
@@ -595,15 +645,21 @@ def _scan_folder(root: Path, given: list[str] | None, labeled: bool = True) -> I
     return ImageSource(root=root, kind=kind, records=records, class_names=list(names), skipped=skipped)
 
 
-def _scan_csv(csv_path: Path, given: list[str] | None) -> ImageSource:
-    """Read a CSV list of images (``path`` column, optional ``label`` column)."""
-    base = csv_path.parent
+def _scan_csv(csv_path: Path | str, given: list[str] | None) -> ImageSource:
+    """Read a CSV list of images (``path`` column, optional ``label`` column), local or a URL."""
+    from embedfit import remote
+
+    on_remote = remote.is_url(csv_path)
+    base: Path | str = remote.join(str(csv_path), "..") if on_remote else Path(csv_path).parent
     try:
         # utf-8-sig: spreadsheet programs put a byte-order mark before the header.
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        with (io.StringIO(remote.read_text(str(csv_path)), newline="") if on_remote else
+              open(csv_path, newline="", encoding="utf-8-sig")) as f:
             reader = csv.reader(f)
             header = next(reader, None)
             rows = [(reader.line_num, row) for row in reader]
+        csv_name = csv_path.rsplit("/", 1)[-1] if isinstance(csv_path, str) else csv_path.name
+        csv_path = remote.redact(csv_path) if isinstance(csv_path, str) else csv_path
     except UnicodeDecodeError as exc:
         raise InputError(f"cannot read {csv_path}: not UTF-8 text (byte {exc.start})") from exc
     except csv.Error as exc:
@@ -626,19 +682,15 @@ def _scan_csv(csv_path: Path, given: list[str] | None) -> ImageSource:
         return row[col].strip() if col is not None and col < len(row) else ""
 
     skipped: list[tuple[str, str]] = []
-    entries: dict[str, tuple[Path, str, int]] = {}  # key -> (path, label name, line)
+    entries: dict[str, tuple[Path | str, str, int]] = {}  # key -> (path or URL, label name, line)
     for line, row in rows:
         if not any(c.strip() for c in row):
             continue  # blank line
         raw_path = cell(row, path_col)
         if not raw_path:
-            skipped.append((f"{csv_path.name}:{line}", "empty path cell"))
+            skipped.append((f"{csv_name}:{line}", "empty path cell"))
             continue
-        path = Path(os.path.normpath(base / raw_path))  # an absolute raw_path replaces base
-        try:
-            key = path.relative_to(base).as_posix()
-        except ValueError:
-            key = path.as_posix()
+        path, key = _csv_row_path(base, raw_path)
         label = cell(row, label_col)
         if key in entries:
             _, first_label, first_line = entries[key]
@@ -657,22 +709,61 @@ def _scan_csv(csv_path: Path, given: list[str] | None) -> ImageSource:
     names = _resolve_classes(present, given, f"{csv_path}: label(s) {{}}")
     index = {name: i for i, name in enumerate(names)}
     records = []
+    stats = remote.stat_many([p for p, _, _ in entries.values() if isinstance(p, str)])
     for key, (path, label, _) in entries.items():
-        size, mtime_ns = _stat_or_missing(str(path))
+        size, mtime_ns = stats[path] if isinstance(path, str) else _stat_or_missing(str(path))
         records.append(ImageRecord(path=path, key=key, label=index.get(label, -1), size=size, mtime_ns=mtime_ns))
     records.sort(key=lambda r: r.key)
     skipped.sort()
-    return ImageSource(root=base, kind="csv", records=records, class_names=list(names), skipped=skipped)
+    return ImageSource(root=remote.redact(base) if on_remote else base, kind="csv", records=records,
+                       class_names=list(names), skipped=skipped)
+
+
+def _csv_row_path(base: Path | str, raw_path: str) -> tuple[Path | str, str]:
+    """(path or URL to open, key) for one CSV row: relative to the CSV's folder, local or on object storage."""
+    from embedfit import remote
+
+    if remote.is_url(raw_path):  # a URL row: used as is, keyed without credentials
+        url = remote.local_or_url(raw_path)
+        if not remote.is_url(url):
+            return _csv_row_path(Path("/"), url)
+        return url, remote.redact(url)
+    if isinstance(base, str) and not raw_path.startswith("/"):
+        url = remote.join(base + "/", raw_path)
+        prefix = base.rstrip("/") + "/"
+        return url, url[len(prefix):] if url.startswith(prefix) else remote.redact(url)
+    if isinstance(base, str):
+        base = Path("/")  # an absolute local path in a CSV on object storage
+    path = Path(os.path.normpath(base / raw_path))  # an absolute raw_path replaces base
+    try:
+        return path, path.relative_to(base).as_posix() if base != Path("/") else path.as_posix()
+    except ValueError:
+        return path, path.as_posix()
 
 
 def collect_images(inputs: Sequence[str | os.PathLike]) -> list[ImageRecord]:
     """Image files, folders (every image at any depth) and CSV lists -> unlabeled records keyed by path.
 
+    Each may be a local path or a URL on object storage (`embedfit.remote`).
+
     Raises:
         InputError: An input does not exist, or there are no images at all.
     """
+    from embedfit import remote
+
     records: list[ImageRecord] = []
     for item in inputs:
+        item = remote.local_or_url(item)
+        if remote.is_url(item):  # a prefix ("folder") or CSV on object storage, else one object
+            try:
+                records += [ImageRecord(r.path, remote.redact(str(r.path)), -1, r.size, r.mtime_ns)
+                            for r in scan_images(item, labeled=False).records]
+            except InputError:
+                (size, mtime_ns), = remote.stat_many([item]).values()
+                if size < 0:
+                    raise
+                records.append(ImageRecord(item, remote.redact(item), -1, size, mtime_ns))
+            continue
         path = Path(item)
         if path.is_dir() or path.suffix.lower() == ".csv":  # every image in it: sub-folders are not classes here
             records += [ImageRecord(r.path, str(r.path), -1, r.size, r.mtime_ns)

@@ -563,7 +563,16 @@ def _mistakes(run: Run, name_run: bool = False, top: int = 12) -> str:
 
 def _predictions_store(run: Run) -> Path:
     """The store whose rows predictions.csv refers to: the hold-out store when there was one."""
-    return Path(run.metrics.get("evaluation", {}).get("test_store") or run.meta.get("store", ""))
+    recorded = str(run.metrics.get("evaluation", {}).get("test_store") or run.meta.get("store", ""))
+    if "://" in recorded:  # on object storage: its local copy (embedfit.remote)
+        from embedfit.errors import EmbedfitError
+        from embedfit.store import FeatureStore
+
+        try:
+            return FeatureStore.open(recorded).path
+        except EmbedfitError:
+            pass
+    return Path(recorded)
 
 
 def _image_root(run: Run) -> Path:

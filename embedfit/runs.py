@@ -59,7 +59,8 @@ def save_run(run_dir: str | Path, pipeline: Pipeline, *, model: str, params: dic
         "kind": "sklearn", "model": model, "params": params, "spec": store.spec.to_dict(),
         "settings": {"dtype": store.settings.dtype, "tta": store.settings.tta,
                      "precision": store.settings.precision},
-        "class_names": list(metrics["class_names"]), "store": str(store.path.resolve()),  # usable from any cwd
+        "class_names": list(metrics["class_names"]),
+        "store": getattr(store, "url", "") or str(store.path.resolve()),  # a URL, or absolute: usable from any cwd
         "store_fingerprint": store.fingerprint,
         "versions": library_versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "embedfit_version": __version__, "trusted_types": list(TRUSTED_TYPES),

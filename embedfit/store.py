@@ -289,6 +289,12 @@ class FeatureStore:
             StoreError: The file is missing, not an embedfit store, damaged, or an interrupted extraction that
                 never committed (with how to resume).
         """
+        if isinstance(path, str) and "://" in path:  # object storage: a cached local copy (embedfit.remote)
+            from embedfit.remote import local_or_url, open_store
+
+            path = local_or_url(path)
+            if "://" in path:
+                return open_store(path)
         path = Path(path)
         if not path.exists():
             parts = _parts_dir(path)

@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     _DEBUG["on"] = "--debug" in argv
     _show_library_notes()
     try:
+        if any("://" in a for a in argv):  # object-storage URLs: unsupported ones, or where a path is due, fail now
+            from embedfit.remote import check_cli_urls
+
+            check_cli_urls(argv, typer.main.get_command(app))
         result = app(args=argv, prog_name="embedfit", standalone_mode=False)
         if result == 130:  # typer turns Ctrl-C into this return code: say so, as for every other stop
             _report("interrupted")

@@ -23,8 +23,11 @@ from embedfit.cli.options import (
 
 @app.command()
 def extract(
-    source: Path = typer.Argument(..., help="Image folder (class per subfolder, or flat) or CSV (path,label)."),
-    output: Path = typer.Option(..., "-o", "--output", help="HDF5 feature store to create or resume."),
+    # str, not Path: Path would collapse the '//' of an s3:// URL into a local path (embedfit.remote)
+    source: str = typer.Argument(..., help="Image folder (class per subfolder, or flat) or CSV (path,label); "
+                                 "a local path or a URL such as s3://bucket/prefix."),
+    output: str = typer.Option(..., "-o", "--output", help="HDF5 feature store to create or resume "
+                               "(a local path or a URL such as s3://bucket/feats.h5)."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone", help="Backbone name or timm:NAME."),
     weights: Path | None = typer.Option(None, help="State-dict file instead of the default weights."),
     layer: str | None = typer.Option(None, help="Intermediate layer (default: pre-logits)."),
@@ -73,7 +76,7 @@ def extract(
 
 @app.command()
 def info(
-    store: Path = typer.Argument(..., help="Feature store (.h5)."),
+    store: str = typer.Argument(..., help="Feature store (.h5), a local path or a URL."),
     failed: bool = typer.Option(False, "--failed", help="List every failed image with its reason."),
 ) -> None:
     """Show what a feature store holds: backbone, counts per class and status, provenance."""

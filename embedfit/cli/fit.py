@@ -16,7 +16,7 @@ from embedfit.cli.options import (
 
 @app.command()
 def fit(
-    store: Path = typer.Argument(..., help="Training feature store (.h5)."),
+    store: str = typer.Argument(..., help="Training feature store (.h5), a local path or a URL."),
     model: list[str] = typer.Option(["logreg"], "-m", "--model", help="svm, linear-svm, logreg, knn, ridge, lda, "
                                     "rf, mlp, or sgd-logreg / sgd-svm (out-of-core, for stores larger than memory; "
                                     "hold-out evaluation); repeat for several."),
@@ -26,7 +26,7 @@ def fit(
     cv: int = typer.Option(5, min=2, help="Stratified k-fold folds."),
     repeats: int = typer.Option(1, min=1, help="Repetitions of the k-fold."),
     groups: str | None = typer.Option(None, help="CSV (path,group) or regex on paths: keep groups within folds."),
-    test_store: Path | None = typer.Option(None, help="Evaluate on this store instead of CV."),
+    test_store: str | None = typer.Option(None, help="Evaluate on this store instead of CV."),
     test_size: float | None = typer.Option(None, min=0.0, max=1.0, help="Evaluate on a hold-out share instead."),
     search: bool = typer.Option(False, help="Grid-search hyper-parameters (nested CV)."),
     class_weight: str = typer.Option("balanced", help="balanced or none."),
@@ -66,7 +66,8 @@ def fit(
 @app.command()
 def predict(
     run: Path = typer.Argument(..., help="Run directory from `embedfit fit` or `embedfit finetune`."),
-    inputs: list[Path] = typer.Argument(..., help="Images, folders, or one feature store (.h5)."),
+    inputs: list[str] = typer.Argument(..., help="Images, folders, CSV lists, or one feature store (.h5); local "
+                                       "paths or URLs such as s3://bucket/new/."),
     output: Path = typer.Option(Path("predictions.csv"), "-o", "--output", help="CSV, or JSON by suffix."),
     weights: Path | None = typer.Option(None, help="Backbone weights file, if the model was built with one."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),

@@ -55,7 +55,8 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
 
     Args:
         source: A class-per-subfolder tree, a flat folder, or a CSV with `path` (and `label`) columns.
-        output: The HDF5 store to create or complete.
+        output: The HDF5 store to create or complete: a local path or a URL on object storage (``s3://...``;
+            see `embedfit.remote`).
         config: Extraction settings; keyword `options` override its fields (e.g. `batch_size=64`).
         class_names: Use this class list (e.g. the training store's) instead of the folder names.
 
@@ -68,8 +69,13 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
     """
     from embedfit.backbones.registry import check_backbone_name, create_backbone
     from embedfit.extraction.encoder import Encoder, iter_embeddings
+    from embedfit.remote import is_url, local_or_url, with_staged_store
 
     config = dataclasses.replace(config or ExtractConfig(), **options)
+    output = local_or_url(output)
+    if is_url(output):  # object storage: run on a local staging copy, uploaded whole when committed
+        return with_staged_store(output, config.overwrite,
+                                 lambda local: extract(source, local, config, class_names=class_names))
     stored = _settings_if_same_request(output, config)
     if stored is None:
         check_backbone_name(config.backbone)  # cheap checks first: a typo should not wait for a big folder scan

@@ -24,6 +24,7 @@ from embedfit.extraction.reader import ImageDataset
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary
 from embedfit.extraction.writer import FeatureWriter
 from embedfit.images import ImageRecord, scan_images
+from embedfit.remote import is_url, local_or_url, with_staged_store
 from embedfit.store import StoreSettings
 
 _TEST_KILL_ONCE = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # tests: path of a marker; the first actor call exits hard
@@ -38,7 +39,7 @@ def _ray() -> Any:
 
 
 def _records(batch: dict[str, np.ndarray]) -> list[ImageRecord]:
-    return [ImageRecord(Path(p), k, int(lb), int(s), int(m)) for p, k, lb, s, m in
+    return [ImageRecord(p if is_url(p) else Path(p), k, int(lb), int(s), int(m)) for p, k, lb, s, m in
             zip(batch["path"], batch["key"], batch["label"], batch["size"], batch["mtime"], strict=True)]
 
 
@@ -106,6 +107,11 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
     """
     ray = _ray()
     config = dataclasses.replace(config or ExtractConfig(), **options)
+    output = local_or_url(output)
+    if is_url(output):  # object storage: a local staging copy, uploaded whole when committed (embedfit.remote)
+        return with_staged_store(output, config.overwrite, lambda local: extract_ray(
+            source, local, config, address=address, num_workers=num_workers,
+            num_gpus_per_worker=num_gpus_per_worker, shard_size=shard_size, class_names=class_names))
     if num_workers < 1 or shard_size < 1:
         raise UsageError("--ray-workers and --shard-size must be at least 1")
     check_backbone_name(config.backbone)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import signal
 import warnings
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from embedfit.errors import DecodeError
 from embedfit.extraction.settings import prefetch_factor, transfer_batch_size
 from embedfit.images import DEFAULT_MAX_PIXELS, ImageRecord, decode_image
+from embedfit.remote import is_url, read_bytes
 
 
 class ImageDataset(Dataset):
@@ -42,7 +44,15 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def decode(self, i: int) -> tuple[torch.Tensor | None, str]:
+    def source(self, i: int) -> str | os.PathLike[str] | bytes:
+        """What to decode for record `i`: its path, or for an object on object storage its bytes, read through
+        this worker's own fsspec filesystem (`embedfit.remote.read_bytes`; a failed read is a `DecodeError`)."""
+        path = self.records[i].path
+        if isinstance(path, str) and is_url(path):
+            return read_bytes(path, self.records[i].size if self.records[i].size > 0 else None)
+        return path
+
+    def decode(self, i: int, source: str | os.PathLike[str] | bytes | None = None) -> tuple[torch.Tensor | None, str]:
         """Decode and preprocess record `i` on the CPU: (uint8 tensor, "") or (None, reason).
 
         Plain JPEGs that JPEG draft would not shrink are decoded by libjpeg-turbo through torchvision (the same
@@ -50,9 +60,11 @@ class ImageDataset(Dataset):
         `decode_image`, which also words the reasons for failures.
         """
         try:
-            image = decode_jpeg_cpu(self.records[i].path, self.max_pixels, self.draft)
+            if source is None:
+                source = self.source(i)
+            image = decode_jpeg_cpu(source, self.max_pixels, self.draft)
             if image is None:
-                image = decode_image(self.records[i].path, max_pixels=self.max_pixels, draft_size=self.draft)
+                image = decode_image(source, max_pixels=self.max_pixels, draft_size=self.draft)
             return self.preprocess(image), ""
         except DecodeError as exc:
             return None, str(exc)
@@ -60,14 +72,19 @@ class ImageDataset(Dataset):
             return None, f"{type(exc).__name__}: {exc}"
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            source = self.source(i)
+        except DecodeError as exc:
+            return i, None, str(exc)
         if self.raw_jpeg:
-            data = plain_jpeg_bytes(self.records[i].path, self.max_pixels)
+            data = plain_jpeg_bytes(source, self.max_pixels)
             if data is not None:
                 return i, data, ""
-        return (i, *self.decode(i))
+        return (i, *self.decode(i, source))
 
 
-def plain_jpeg_bytes(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor | None:
+def plain_jpeg_bytes(path: str | os.PathLike | bytes,
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor | None:
     """The file's bytes as a 1-D uint8 tensor if it is a JPEG that a device decoder handles like PIL, else None.
 
     That means: complete (ends with the EOI marker, so truncation is still reported by PIL), RGB or grayscale,
@@ -77,7 +94,7 @@ def plain_jpeg_bytes(path: str | os.PathLike, max_pixels: int | None = DEFAULT_M
     return None if data is None else torch.frombuffer(data, dtype=torch.uint8)
 
 
-def decode_jpeg_cpu(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+def decode_jpeg_cpu(path: str | os.PathLike | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                     draft_size: tuple[int, int] | None = None) -> torch.Tensor | None:
     """A plain JPEG (see `plain_jpeg_bytes`) decoded on the CPU by torchvision's libjpeg-turbo, else None.
 
@@ -100,14 +117,14 @@ def decode_jpeg_cpu(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MA
         return None
 
 
-def _plain_jpeg(path: str | os.PathLike, max_pixels: int | None,
+def _plain_jpeg(path: str | os.PathLike | bytes, max_pixels: int | None,
                 draft_size: tuple[int, int] | None = None) -> bytearray | None:
     """The bytes of a JPEG that decodes to the same pixels outside PIL (and, given `draft_size`, that PIL's
     JPEG draft would not shrink), else None. Files that do not qualify are turned away on their header, unread."""
     from PIL import Image
 
     try:
-        with open(path, "rb") as f:
+        with io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else open(path, "rb") as f:
             if f.read(3) != b"\xff\xd8\xff":
                 return None
             f.seek(0)

@@ -212,8 +212,8 @@ def fit(store: str | Path | FeatureStore, model: str = DEFAULT_MODEL, config: Fi
         splits = [(np.arange(len(data.y)), np.arange(len(data.y), len(y_all)))]
         pred_paths, pred_rows = test.paths, test.rows
         evaluation = {"strategy": "holdout", "n_splits": 1, "repeats": 1, "groups": False, "search": search,
-                      "test_store": str(test.store.path.resolve()), "test_store_fingerprint": test.store.fingerprint,
-                      "n_test": len(test.y), "seed": seed}
+                      "test_store": getattr(test.store, "url", "") or str(test.store.path.resolve()),
+                      "test_store_fingerprint": test.store.fingerprint, "n_test": len(test.y), "seed": seed}
     else:
         X_all, y_all, pred_paths, pred_rows = data.X, data.y, data.paths, data.rows
         group_keys = groups if isinstance(groups, np.ndarray) else groups_from(groups, data.paths)
@@ -363,7 +363,8 @@ def _metrics(model: str, spec: BackboneSpec, data: Dataset, evaluation: dict[str
     p, r, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=np.arange(n_classes),
                                                         zero_division=0)
     return {
-        "model": model, "backbone": spec.short(), "store": str(data.store.path.resolve()), "n_samples": len(data.y),
+        "model": model, "backbone": spec.short(), "n_samples": len(data.y),
+        "store": getattr(data.store, "url", "") or str(data.store.path.resolve()),  # a URL on object storage
         "n_excluded": int(data.excluded), "n_classes": n_classes, "class_names": data.class_names,
         "evaluation": evaluation, "scores": scores,
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),

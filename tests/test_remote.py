@@ -1,0 +1,237 @@
+"""Images and feature stores on object storage, against a real S3 API (moto's server on 127.0.0.1) through s3fs."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedfit.errors import DecodeError, StoreError, UsageError
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free local port; s3fs (and any subprocess) finds it through the environment."""
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+                           "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
+            mp.setenv(key, value)
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+
+
+_BUCKETS = iter(range(10_000))
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> tuple[object, str]:
+    """(s3fs filesystem, bucket name): a fresh bucket per test."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+    name = f"embedfit-test-{next(_BUCKETS)}"
+    fs.mkdir(name)
+    return fs, name
+
+
+def _upload_tree(fs, root: Path, prefix: str) -> None:
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            fs.put_file(str(f), f"{prefix}/{f.relative_to(root).as_posix()}")
+
+
+def _jpeg_bytes(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# no network needed
+
+
+def test_unsupported_scheme_output_is_one_line_and_writes_nothing(image_tree: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from embedfit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["extract", str(image_tree), "-o", "foo://bucket/x.h5", "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unsupported URL scheme foo://" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no ./foo:/bucket/x.h5
+
+
+def test_missing_backend_names_the_package(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    from embedfit.cli import main
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed")
+    assert main(["info", "gs://bucket/feats.h5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "gcsfs" in err and "pip install" in err
+
+
+def test_url_where_a_local_path_is_due_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from embedfit.cli import main
+
+    assert main(["fit", str(tmp_path / "x.h5"), "-o", "s3://bucket/run"]) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "s3://bucket/run" in err and "local path" in err
+    assert not (Path.cwd() / "s3:").exists()
+
+
+def test_local_or_url() -> None:
+    from embedfit.remote import local_or_url, redact
+
+    assert local_or_url("file:///tmp/a%20b/x.h5") == "/tmp/a b/x.h5"
+    assert local_or_url("s3://bucket/x.h5") == "s3://bucket/x.h5"
+    with pytest.raises(UsageError, match="collapsed"):
+        local_or_url(Path("s3://bucket/x.h5"))
+    assert redact("s3://KEY:SECRET@bucket/x.h5?X-Amz-Signature=abc") == "s3://bucket/x.h5"
+
+
+def test_decode_image_reads_file_objects_and_reports_truncation() -> None:
+    from embedfit.images import decode_image
+
+    data = _jpeg_bytes(0)
+    assert decode_image(io.BytesIO(data)).size == (96, 80)
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_image(io.BytesIO(data[: len(data) // 2]))
+
+    class Failing(io.RawIOBase):
+        def read(self, *_: object) -> bytes:
+            raise ConnectionError("connection reset by peer")
+
+    with pytest.raises(DecodeError, match="connection reset"):
+        decode_image(Failing())
+
+
+# --------------------------------------------------------------------------------------------------
+# against the S3 API
+
+
+def test_scan_folder_and_csv_on_s3(bucket: tuple[object, str], image_tree: Path, tmp_path: Path) -> None:
+    from embedfit.images import collect_images, scan_images
+
+    fs, name = bucket
+    _upload_tree(fs, image_tree, f"{name}/images")
+    fs.pipe(f"{name}/images/brick/.hidden.jpg", b"x")
+    src = scan_images(f"s3://{name}/images")
+    assert src.kind == "folder" and src.class_names == ["brick", "grass", "gravel"]
+    assert len(src.records) == 12 and src.records[0].key == "brick/brick_000.jpg"
+    assert src.records[0].path == f"s3://{name}/images/brick/brick_000.jpg"
+    assert src.records[0].size == (image_tree / "brick/brick_000.jpg").stat().st_size and src.records[0].mtime_ns > 0
+    assert ("brick/.hidden.jpg", "hidden file") in src.skipped
+
+    # a CSV on S3 (relative rows, and a URL row), and a local CSV whose rows are URLs
+    rows = f"path,label\nbrick/brick_000.jpg,brick\ns3://{name}/images/grass/grass_001.png,grass\nnope.jpg,brick\n"
+    fs.pipe(f"{name}/images/list.csv", rows.encode())
+    csv_src = scan_images(f"s3://{name}/images/list.csv")
+    keys = {r.key: r for r in csv_src.records}
+    assert set(keys) == {"brick/brick_000.jpg", f"s3://{name}/images/grass/grass_001.png", "nope.jpg"}
+    assert keys["nope.jpg"].size == -1 and keys["brick/brick_000.jpg"].size > 0
+    local_csv = tmp_path / "list.csv"
+    local_csv.write_text(f"path,label\ns3://{name}/images/brick/brick_001.png,brick\n")
+    assert scan_images(local_csv).records[0].path == f"s3://{name}/images/brick/brick_001.png"
+
+    assert len(collect_images([f"s3://{name}/images/grass/", f"s3://{name}/images/brick/brick_000.jpg"])) == 5
+    with pytest.raises(Exception, match="does not exist"):
+        scan_images(f"s3://{name}/nothing-here")
+
+
+def test_remote_store_changed_meanwhile_is_not_overwritten(bucket: tuple[object, str]) -> None:
+    from embedfit.remote import staged_store
+
+    fs, name = bucket
+    url = f"s3://{name}/feats.h5"
+    fs.pipe(f"{name}/feats.h5", b"first")
+    with pytest.raises(StoreError, match="changed by another writer"):  # noqa: SIM117
+        with staged_store(url) as local:
+            assert local.read_bytes() == b"first"  # downloaded to resume from
+            local.write_bytes(b"mine")
+            fs.pipe(f"{name}/feats.h5", b"someone else's")
+    assert fs.cat(f"{name}/feats.h5") == b"someone else's"
+
+
+@pytest.mark.slow
+def test_extract_fit_predict_report_on_s3(bucket: tuple[object, str], image_tree: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The whole loop on object storage: images and store in the bucket, resumed, read back by every command."""
+    from embedfit.cli import main
+    from embedfit.extraction.local import extract
+    from embedfit.store import FAILED, FeatureStore
+
+    fs, name = bucket
+    _upload_tree(fs, image_tree, f"{name}/images")
+    fs.pipe(f"{name}/images/grass/broken.jpg", _jpeg_bytes(1)[:600])  # truncated: a per-file failure
+    url = f"s3://{name}/feats.h5"
+
+    assert main(["extract", f"s3://{name}/images", "-o", url, "--workers", "1", "--batch-size", "4"]) == 0
+    assert fs.exists(f"{name}/feats.h5") and not list(tmp_path.glob("s3*"))
+    store = FeatureStore.open(url)
+    assert len(store) == 13 and store.n_ok == 12
+    bad = list(store.paths).index("grass/broken.jpg")
+    assert store.status[bad] == FAILED and "truncated" in store.errors[bad]
+    assert store.attrs["root"] == f"s3://{name}/images"
+    assert url in repr(store) and store.summary()["path"] == url
+
+    # the same pixels as from the local files
+    local = extract(image_tree, tmp_path / "local.h5", workers=0)
+    assert local.embedded == 12
+    here = FeatureStore.open(tmp_path / "local.h5")
+    rows = [list(store.paths).index(k) for k in here.paths]
+    np.testing.assert_allclose(store.features(rows), here.features(), atol=1e-5)
+
+    # resume: two new objects are embedded, the rest reused
+    fs.pipe(f"{name}/images/brick/new_a.jpg", _jpeg_bytes(2))
+    fs.pipe(f"{name}/images/gravel/new_b.jpg", _jpeg_bytes(3))
+    capsys.readouterr()
+    summary = extract(f"s3://{name}/images", url, workers=0)
+    assert (summary.embedded, summary.reused, summary.failed) == (2, 13, 0), summary.failures
+    assert summary.store == url
+    store = FeatureStore.open(url)
+    assert len(store) == 15 and store.n_ok == 14 and store.complete
+    assert extract(f"s3://{name}/images", url, workers=0).embedded == 0  # nothing new: nothing embedded
+
+    # info, fit, predict (a store and images on S3), report read the remote store
+    assert main(["info", url]) == 0
+    assert url in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert main(["fit", url, "-o", str(run), "--cv", "2"]) == 0
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["store"] == url and "testing-secret" not in (run / "model.json").read_text()
+    preds = tmp_path / "preds.csv"
+    assert main(["predict", str(run), url, "-o", str(preds)]) == 0
+    assert preds.read_text().count("\n") == 16
+    assert main(["predict", str(run), f"s3://{name}/images/gravel/", f"s3://{name}/images/grass/broken.jpg",
+                 "-o", str(preds)]) == 0
+    text = preds.read_text()
+    assert f"s3://{name}/images/gravel/new_b.jpg" in text and "truncated" in text
+    assert main(["report", str(run), "-o", str(tmp_path / "report.html")]) == 0
+    assert "Not available: no feature store" not in (tmp_path / "report.html").read_text()
