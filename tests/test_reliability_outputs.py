@@ -333,3 +333,21 @@ def test_finetune_into_a_file_fails_before_training(image_tree: Path, tmp_path: 
         assert main([command, str(image_tree), "-o", str(blocker / "run")]) == 2
         err = _one_line_error(capsys)
         assert f"{blocker} is a file" in err and "unexpected" not in err
+
+
+def test_a_network_with_another_class_count_is_refused(tmp_path: Path) -> None:
+    """A run saved before the hash was recorded: the head's class count is still checked against model.json."""
+    import torch
+
+    from embedfit.backbones.registry import create_backbone
+    from embedfit.training.finetune import Classifier, load_finetuned
+
+    backbone = create_backbone("efficientnet_lite0", pretrained=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(Classifier(backbone, 2).state_dict(), run_dir / "model.pt")
+    meta = {"kind": "torch", "spec": backbone.spec.to_dict(), "params": {}, "class_names": ["a", "b", "c"],
+            "embedfit_version": embedfit.__version__}
+    (run_dir / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match=r"2-class head but its model\.json lists 3 class names"):
+        load_finetuned(run_dir, device="cpu")
