@@ -7,6 +7,7 @@ prints or exits. `embedfit.cli` maps them to exit codes: usage errors 2, everyth
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -73,22 +74,71 @@ def check_output_file(path: str | os.PathLike, option: str = "--output") -> Path
     existing = _nearest_existing(path.parent)
     if not existing.is_dir():
         raise OutputError(f"cannot write {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {path}: no permission to write in {existing}")
+    problem = _cannot_write_in(existing)
+    if problem:
+        raise OutputError(f"cannot write {path}: {problem} in {existing}")
     return path
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "run directory") -> Path:
-    """Refuse an output folder that cannot be created because it, or a folder above it, is a file.
+    """Refuse an output folder that cannot be created or written, before the work that would fill it.
 
     Raises:
         UsageError: A file stands at `path` or above it.
+        OutputError: The folder, or the nearest existing folder above it, is not writable.
     """
     path = Path(path)
     existing = _nearest_existing(path)
     if not existing.is_dir():
         raise UsageError(f"cannot write {what} {path}: {existing} is a file")
+    problem = _cannot_write_in(existing)
+    if problem:
+        raise OutputError(f"cannot write {what} {path}: {problem} in {existing}")
     return path
+
+
+def check_output_not_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *,
+                           run_dirs: Iterable[str | os.PathLike] = (), option: str = "--output") -> Path:
+    """Refuse an output that would overwrite what the command reads, compared by resolved path.
+
+    Symlinks, `..` and relative paths are resolved first, so `-o ./x/../store.h5` is the same file as `store.h5`.
+    Refused: the output is one of `inputs` (a file, or the input folder itself); it lies inside one of `run_dirs`
+    (the model files a command loads); or it lies inside an input folder and has an image suffix (it would
+    replace, or later be read as, one of the images). An output store or CSV inside an image folder is allowed.
+
+    Raises:
+        UsageError: The output is, or would overwrite, one of the command's inputs.
+    """
+    from embedfit.images import _has_image_extension
+
+    target = Path(output).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source:
+            raise UsageError(f"{option} {output} is also an input of this command ({given}); "
+                             "choose another output so the input is not overwritten")
+        if source.is_dir() and target.is_relative_to(source) and _has_image_extension(target.name):
+            raise UsageError(f"{option} {output} is an image file inside the input folder {given}; "
+                             "choose another output so no input image is overwritten")
+    for run in run_dirs:
+        if target.is_relative_to(Path(run).resolve()):
+            raise UsageError(f"{option} {output} lies inside the run directory {run}, which this command reads; "
+                             "write it elsewhere so the run is not damaged")
+    return Path(output)
+
+
+def _cannot_write_in(folder: Path) -> str:
+    """Why nothing can be created in `folder` ("" when it can): tried, since permission bits do not tell root,
+    read-only mounts or special file systems apart."""
+    import tempfile
+
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "no permission to write"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".embedfit-probe-", dir=folder))
+    except OSError as exc:
+        return f"cannot create anything ({exc.strerror or type(exc).__name__})"
+    return ""
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -621,6 +621,8 @@ def _label_tree(root: Path | str, found: list[tuple[str, typing.Callable[[int], 
 
     if classes_present:
         kind = "folder"
+        if isinstance(root, Path):  # a local tree: a class folder may be a symlink to another
+            _check_distinct_classes(root, classes_present)
         names = _resolve_classes(classes_present, given, f"class folder(s) {{}} in {root}")
         index = {name: i for i, name in enumerate(names)}
         records = []
@@ -643,6 +645,22 @@ def _label_tree(root: Path | str, found: list[tuple[str, typing.Callable[[int], 
     records.sort(key=lambda r: r.key)
     skipped.sort()
     return ImageSource(root=root, kind=kind, records=records, class_names=list(names), skipped=skipped)
+
+
+def _check_distinct_classes(root: Path, classes: list[str]) -> None:
+    """Refuse class folders that are the same folder (a symlink to another class) or lie inside one another:
+    their images would be counted, and labeled, twice.
+
+    Raises:
+        InputError: Naming both folders.
+    """
+    real = {name: os.path.realpath(root / name) for name in classes}
+    for a in classes:
+        for b in classes:
+            if a != b and ((real[a] == real[b] and a < b) or real[b].startswith(real[a] + os.sep)):
+                how = "are the same folder" if real[a] == real[b] else f"overlap ({b} lies inside {a})"
+                raise InputError(f"class folders '{a}' and '{b}' in {root} {how} (through a symlink): their images "
+                                 "would get two labels; remove the link or copy the images")
 
 
 def _scan_csv(csv_path: Path | str, given: list[str] | None) -> ImageSource:

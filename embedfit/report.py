@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from embedfit.errors import InputError, ModelFileError, check_output_file
+from embedfit.errors import InputError, ModelFileError, check_output_file, check_output_not_input
 from embedfit.runs import read_sidecar
 
 # Section ids, in order; the last is a prefix: one "mistakes-RUN" section per run.
@@ -206,6 +206,7 @@ def build_report(runs: Sequence[str | Path], output: str | Path, *, title: str =
     if not runs:
         raise InputError("give at least one run directory to report on")
     check_output_file(output)
+    check_output_not_input(output, run_dirs=runs)  # e.g. -o RUN/model.json would replace the sidecar
     loaded = [read_run(r) for r in runs]
     groups = group_by_evaluation(loaded)
     parts = [_leaderboard(groups), _metrics(loaded), _confusion(loaded), _per_class(loaded),

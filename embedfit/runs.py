@@ -2,7 +2,9 @@
 
     RUN/model.skops      a scikit-learn Pipeline (skops format, loaded only with a fixed allow-list of types), or
     RUN/model.pt         a fine-tuned network's state dict (kind "torch"; never a pickled module)
-    RUN/model.json       sidecar: kind, BackboneSpec, store settings, class names, store fingerprint, versions
+    RUN/model.json       sidecar: kind, BackboneSpec, store settings, class names, store fingerprint, versions,
+                         and what binds it to the model file: the file's SHA-256, the class count, and a SHA-256
+                         over both hashes and the class names (editing or swapping either file is refused on load)
     RUN/metrics.json     scores (mean, std, per fold), per-class metrics, confusion matrix, timings
     RUN/predictions.csv  out-of-fold (or hold-out) predictions, one row per image
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,11 +58,12 @@ def save_run(run_dir: str | Path, pipeline: Pipeline, *, model: str, params: dic
         tmp.unlink()
         raise ModelFileError(f"refusing to save a model containing unvetted types: {sorted(untrusted)}")
     tmp.replace(model_path)
+    class_names = list(metrics["class_names"])
     sidecar = {
         "kind": "sklearn", "model": model, "params": params, "spec": store.spec.to_dict(),
         "settings": {"dtype": store.settings.dtype, "tta": store.settings.tta,
                      "precision": store.settings.precision},
-        "class_names": list(metrics["class_names"]),
+        "class_names": class_names, **model_binding(model_path, class_names),
         "store": getattr(store, "url", "") or str(store.path.resolve()),  # a URL, or absolute: usable from any cwd
         "store_fingerprint": store.fingerprint,
         "versions": library_versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -69,6 +73,53 @@ def save_run(run_dir: str | Path, pipeline: Pipeline, *, model: str, params: dic
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     write_predictions_csv(run_dir / "predictions.csv", predictions)
     return run_dir
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _names_digest(model_sha256: str, class_names: list[str]) -> str:
+    return hashlib.sha256(json.dumps([model_sha256, class_names]).encode()).hexdigest()
+
+
+def model_binding(model_path: str | Path, class_names: list[str]) -> dict[str, Any]:
+    """The sidecar fields that tie model.json to its model file: written by every run writer, checked on load."""
+    sha = file_sha256(model_path)
+    return {"model_sha256": sha, "n_classes": len(class_names), "class_names_sha256": _names_digest(sha, class_names)}
+
+
+def check_model_file(run_dir: str | Path, meta: dict[str, Any], model_path: str | Path) -> None:
+    """Refuse a model file that is not the one model.json was written with.
+
+    Runs written before the binding was recorded have no `model_sha256`; they are checked after loading instead
+    (the estimator's classes against the class names).
+
+    Raises:
+        ModelFileError: The file's SHA-256 differs from the recorded one.
+    """
+    recorded = meta.get("model_sha256")
+    if recorded is not None and file_sha256(model_path) != recorded:
+        raise ModelFileError(f"{model_path} is not the model file {Path(run_dir) / 'model.json'} was written with "
+                             "(its SHA-256 differs): it was replaced or modified; restore it or refit the run")
+
+
+def _check_binding(run_dir: Path, meta: dict[str, Any]) -> None:
+    """The class names and count in model.json are the ones saved with the model (cheap: no file is read)."""
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ModelFileError(f"{run_dir / 'model.json'} is damaged: class_names must be a list of distinct names")
+    if "n_classes" in meta and meta["n_classes"] != len(names):
+        raise ModelFileError(f"{run_dir / 'model.json'} lists {len(names)} class names but the model has "
+                             f"{meta['n_classes']} classes; restore model.json or refit the run")
+    if "model_sha256" in meta and meta.get("class_names_sha256") != _names_digest(meta["model_sha256"], names):
+        raise ModelFileError(f"the class names in {run_dir / 'model.json'} were changed after the model was saved "
+                             "(predictions would carry the wrong labels); restore them or refit the run")
 
 
 def write_predictions_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -100,6 +151,7 @@ def read_sidecar(run_dir: str | Path) -> dict[str, Any]:
         BackboneSpec.from_dict(meta["spec"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelFileError(f"{path} is damaged or not an embedfit model sidecar ({exc})") from None
+    _check_binding(run_dir, meta)
     major = str(meta.get("embedfit_version", "0")).split(".")[0]
     if major != __version__.split(".")[0]:
         raise ModelFileError(f"{run_dir} was made by embedfit {meta.get('embedfit_version')}; this is "
@@ -122,6 +174,7 @@ def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
     path = Path(run_dir) / "model.skops"
     if not path.is_file():
         raise ModelFileError(f"{path} is missing")
+    check_model_file(run_dir, meta, path)
     try:
         untrusted = set(sio.get_untrusted_types(file=path))
     except Exception as exc:  # a pickle, a joblib file or garbage: never unpickle it
@@ -135,4 +188,103 @@ def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
         pipeline = sio.load(path, trusted=sorted(untrusted))
     except Exception as exc:
         raise ModelFileError(f"cannot load {path}: {exc}") from None
+    check_fitted(pipeline, n_classes=len(meta["class_names"]),
+                 n_features=BackboneSpec.from_dict(meta["spec"]).embedding_dim, path=path)
     return pipeline, meta
+
+
+def check_fitted(pipeline: Any, *, n_classes: int, n_features: int, path: str | Path) -> None:
+    """Check the fitted state that prediction indexes, so a tampered file is refused rather than crashing.
+
+    Compiled code in scikit-learn (tree traversal, libsvm, KD/ball trees) indexes arrays without bounds checks:
+    a tree node whose child index is 10**12 is a segfault, not an exception. This walks every estimator inside
+    the pipeline and checks the indices and shapes those routines trust.
+
+    Raises:
+        ModelFileError: The classes differ from the run's class names, or some fitted state is out of range.
+    """
+    classes = np.asarray(getattr(pipeline, "classes_", []))
+    if classes.dtype.kind not in "iu" or not np.array_equal(classes, np.arange(n_classes)):
+        raise ModelFileError(f"{path} predicts {len(classes)} classes but its model.json lists {n_classes} class "
+                             "names: the files come from different runs; refit the run")
+    if getattr(pipeline, "n_features_in_", n_features) != n_features:
+        raise ModelFileError(f"{path} expects {pipeline.n_features_in_}-d features but its model.json records a "
+                             f"{n_features}-d backbone: the files come from different runs; refit the run")
+    problem = _fitted_problem(pipeline, set())
+    if problem:
+        raise ModelFileError(f"{path} is damaged or was tampered with ({problem}); refusing to use it")
+
+
+def _fitted_problem(obj: Any, seen: set[int]) -> str:
+    """The first out-of-range fitted state found in `obj` and the estimators inside it ("" when none)."""
+    from sklearn.base import BaseEstimator
+    from sklearn.tree._tree import Tree
+
+    if id(obj) in seen:
+        return ""
+    seen.add(id(obj))
+    if isinstance(obj, Tree):
+        return _tree_problem(obj)
+    if isinstance(obj, (list, tuple)):
+        children: Any = obj
+    elif isinstance(obj, dict):
+        children = obj.values()
+    elif isinstance(obj, BaseEstimator) or type(obj).__module__.startswith("sklearn."):
+        problem = _estimator_problem(obj)
+        if problem:
+            return problem
+        children = vars(obj).values() if hasattr(obj, "__dict__") else ()
+    else:
+        return ""
+    return next((p for child in children if (p := _fitted_problem(child, seen))), "")
+
+
+def _tree_problem(tree: Any) -> str:
+    n = int(tree.node_count)
+    left, right, feature = tree.children_left, tree.children_right, tree.feature
+    internal = left != -1
+    idx = np.arange(n)
+    if not (np.array_equal(internal, right != -1) and (left[internal] > idx[internal]).all()
+            and (right[internal] > idx[internal]).all() and (left[internal] < n).all()
+            and (right[internal] < n).all()):
+        return "a decision tree has child indices outside its nodes"
+    if ((feature[internal] < 0) | (feature[internal] >= tree.n_features)).any():
+        return f"a decision tree splits on features outside 0..{tree.n_features - 1}"
+    if tree.value.shape[0] != n:
+        return "a decision tree has fewer leaf values than nodes"
+    return ""
+
+
+def _estimator_problem(est: Any) -> str:
+    """Shape checks for the fitted attributes compiled prediction code relies on."""
+    name = type(est).__name__
+    n_in = getattr(est, "n_features_in_", None)
+    tree = getattr(est, "tree_", None)
+    if tree is not None and n_in is not None and getattr(tree, "n_features", n_in) != n_in:
+        return f"{name} has a tree over {tree.n_features} features but takes {n_in}"
+    coef = getattr(est, "coef_", None)
+    if isinstance(coef, np.ndarray) and n_in is not None and coef.ndim in (1, 2) and coef.shape[-1] != n_in:
+        return f"{name} has coefficients for {coef.shape[-1]} features but takes {n_in}"
+    if isinstance(coef, np.ndarray) and coef.ndim == 2 and hasattr(est, "classes_"):
+        k = len(est.classes_)
+        if coef.shape[0] not in ({1} if k == 2 else {k}):
+            return f"{name} has coefficients for {coef.shape[0]} classes but {k} classes"
+    sv = getattr(est, "support_vectors_", None)
+    if isinstance(sv, np.ndarray) and sv.size:
+        n_support = np.asarray(getattr(est, "_n_support", []))
+        dual = np.asarray(getattr(est, "_dual_coef_", getattr(est, "dual_coef_", np.zeros((0, 0)))))
+        if ((n_in is not None and sv.shape[1] != n_in) or n_support.sum() != sv.shape[0]
+                or dual.shape[-1] != sv.shape[0] or (n_support < 0).any()):
+            return f"{name} has support vectors that do not match their counts or coefficients"
+    if hasattr(est, "get_arrays"):  # KDTree / BallTree
+        data, order, nodes, _ = est.get_arrays()
+        n = len(data)
+        if not np.array_equal(np.sort(np.asarray(order)), np.arange(n)) or (
+                len(nodes) and ((nodes["idx_start"] < 0).any() or (nodes["idx_end"] > n).any()
+                                or (nodes["idx_start"] > nodes["idx_end"]).any())):
+            return f"{name} indexes points outside its {n} points"
+    y = getattr(est, "_y", None)
+    if isinstance(y, np.ndarray) and hasattr(est, "classes_") and y.size and y.dtype.kind in "iu" and (
+            y.min() < 0 or y.max() >= len(est.classes_)):
+        return f"{name} has neighbour labels outside its {len(est.classes_)} classes"
+    return ""

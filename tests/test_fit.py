@@ -39,6 +39,16 @@ def synthetic_store(path: Path, X: np.ndarray, y: np.ndarray, class_names: list[
         return w.commit(records, class_names, complete=complete)
 
 
+def rebind_model_file(run_dir: Path, name: str = "model.skops") -> None:
+    """Rewrite model.json's record of the model file, as an attacker who swaps both files would: the checks
+    behind the hash (file format, allow-list, fitted state) must still refuse the file."""
+    from embedfit.runs import model_binding
+
+    meta = json.loads((run_dir / "model.json").read_text())
+    meta.update(model_binding(run_dir / name, meta["class_names"]))
+    (run_dir / "model.json").write_text(json.dumps(meta))
+
+
 def blobs(n: int = 120, d: int = 16, k: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     y = np.arange(n) % k
@@ -98,6 +108,7 @@ def test_crafted_pickle_is_refused_and_never_executed(store: FeatureStore, tmp_p
     fit(store.path, "logreg", output=tmp_path / "run")
     marker = tmp_path / "marker"
     (tmp_path / "run" / "model.skops").write_bytes(pickle.dumps(_Exploit(marker)))
+    rebind_model_file(tmp_path / "run")
     with pytest.raises(ModelFileError, match="not a skops model file"):
         load_model(tmp_path / "run")
     assert not marker.exists()
@@ -110,6 +121,7 @@ def test_skops_file_with_unexpected_type_is_refused(store: FeatureStore, tmp_pat
 
     fit(store.path, "logreg", output=tmp_path / "run")
     sio.dump(Pipeline([("k", SelectKBest(k=2))]), tmp_path / "run" / "model.skops")  # holds a function reference
+    rebind_model_file(tmp_path / "run")
     with pytest.raises(ModelFileError, match="allow-list"):
         load_model(tmp_path / "run")
 

@@ -17,7 +17,7 @@ from embedfit.cli.options import (
     Pool,
     Precision,
     Runtime,
-    _fraction_or_count,
+    _max_failures,
 )
 
 
@@ -43,7 +43,8 @@ def extract(
     runtime: Runtime = typer.Option(Runtime.auto, help="auto: ONNX Runtime for fp32 on CPU if installed; torch; onnx."),
     overwrite: bool = typer.Option(False, help="Start the store afresh instead of resuming."),
     retry_failed: bool = typer.Option(False, help="Retry images that failed in an earlier run."),
-    max_failures: str | None = typer.Option(None, help="Abort above N failures (10) or a share (0.2); default none."),
+    max_failures: str | None = typer.Option(None, help="Abort when more than N images fail (10), or more than a "
+                                            "share of those to embed (0.2 or 20%); default none."),
     flush_every: int = typer.Option(512, min=1, hidden=True, help="Images per part file (work lost if killed)."),
     engine: Engine = typer.Option(Engine.local, help="local, or ray to fan out over a Ray cluster."),
     ray_address: str | None = typer.Option(None, help="Ray cluster address (--engine ray)."),
@@ -52,15 +53,17 @@ def extract(
     shard_size: int = typer.Option(256, min=1, help="Images per Ray batch and part file (--engine ray)."),
 ) -> None:
     """Embed every image under SOURCE into a feature store; re-running resumes."""
+    from embedfit.errors import check_output_not_input
     from embedfit.extraction.local import extract as run_extract
     from embedfit.extraction.settings import ExtractConfig
 
+    check_output_not_input(output, [source, *([weights] if weights else [])])
     config = ExtractConfig(
         backbone=backbone, weights=str(weights) if weights else None, layer=layer, pool=pool.value,
         device=device, batch_size=batch_size, workers=workers, precision=precision.value, dtype=dtype.value,
         tta=tta.value, decode=decode.value, compile=compile, runtime=runtime.value,
         overwrite=overwrite, retry_failed=retry_failed,
-        max_failures=_fraction_or_count(max_failures), progress=True, flush_every=flush_every,
+        max_failures=_max_failures(max_failures), progress=True, flush_every=flush_every,
     )
     if engine is Engine.ray:
         from embedfit.extraction.ray import extract_ray

@@ -24,7 +24,7 @@ def fit(
     scale: Scale = typer.Option(Scale.standard, help="Feature scaling inside the pipeline."),
     pca: str = typer.Option("auto", help="PCA components, 'auto' (256 for svm/knn) or 'none'."),
     cv: int = typer.Option(5, min=2, help="Stratified k-fold folds."),
-    repeats: int = typer.Option(1, min=1, help="Repetitions of the k-fold."),
+    repeats: int = typer.Option(1, min=1, max=100, help="Repetitions of the k-fold (at most 100)."),
     groups: str | None = typer.Option(None, help="CSV (path,group) or regex on paths: keep groups within folds."),
     test_store: str | None = typer.Option(None, help="Evaluate on this store instead of CV."),
     test_size: float | None = typer.Option(None, min=0.0, max=1.0, help="Evaluate on a hold-out share instead."),
@@ -40,6 +40,7 @@ def fit(
 ) -> None:
     """Cross-validate classifiers on stored embeddings and save each as a run directory."""
     from embedfit.cli.presentation import print_fit_results
+    from embedfit.errors import check_output_not_input
     from embedfit.fitting.cv import fit as run_fit
     from embedfit.fitting.device import resolve_fit_device
     from embedfit.fitting.models import check_model_name
@@ -52,6 +53,8 @@ def fit(
     if len(model) > 1 and output is not None:
         raise typer.BadParameter("-o names one run directory; leave it out to fit several models",
                                  param_hint="--output")
+    if output is not None:
+        check_output_not_input(output, [store, *([test_store] if test_store else []), *([groups] if groups else [])])
     weight = None if class_weight == "none" else class_weight
     results = [fit_out_of_core(store, name, output=output, epochs=epochs, batch_rows=batch_rows,
                                test_size=test_size or 0.2, class_weight=weight, seed=seed) if name in OOC_MODELS else
@@ -74,10 +77,11 @@ def predict(
     batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass (default: by device)."),
 ) -> None:
     """Predict classes for new images with a saved run (re-embedding them exactly as in training)."""
-    from embedfit.errors import check_output_file
+    from embedfit.errors import check_output_file, check_output_not_input
     from embedfit.prediction import predict as run_predict
 
     check_output_file(output)
+    check_output_not_input(output, [*inputs, *([weights] if weights else [])], run_dirs=[run])
     preds = run_predict(run, inputs, weights=str(weights) if weights else None, device=device,
                         batch_size=batch_size)
     path = preds.write(output)

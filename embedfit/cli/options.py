@@ -45,19 +45,15 @@ class Pool(str, Enum):
     max = "max"
 
 
-def _fraction_or_count(value: str | None) -> float | None:
-    """'10' -> 10 images, '0.2' or '20%' -> a fraction."""
-    if value is None:
-        return None
+def _max_failures(value: str | None) -> object:
+    """The flag's text as the library's `MaxFailures` (the grammar lives there); errors name the flag."""
+    from embedfit.errors import UsageError
+    from embedfit.extraction.settings import MaxFailures
+
     try:
-        number = float(value[:-1]) / 100 if value.endswith("%") else float(value)
-    except ValueError:
-        raise typer.BadParameter(f"expected a count (10) or a fraction (0.2, 20%), got '{value}'",
-                                 param_hint="--max-failures") from None
-    if number < 0 or (value.endswith("%") and number > 1):
-        raise typer.BadParameter(f"must be a count >= 1 or a fraction in [0, 1), got '{value}'",
-                                 param_hint="--max-failures")
-    return number
+        return MaxFailures.parse(value)
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc).replace("max_failures", "").strip(), param_hint="--max-failures") from None
 
 
 class Scale(str, Enum):

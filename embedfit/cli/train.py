@@ -25,11 +25,12 @@ def classify(
     device: str = typer.Option("auto"),
 ) -> None:
     """Classify images with the pretrained ImageNet model as-is (top classes and probabilities)."""
-    from embedfit.errors import check_output_file
+    from embedfit.errors import check_output_file, check_output_not_input
     from embedfit.training.classify import classify as run_classify
 
     if output:
         check_output_file(output)
+        check_output_not_input(output, [*images, *([weights] if weights else [])])
     rows = run_classify(images, args_backbone(backbone), top=top, weights=_path_str(weights), device=device)
     table = Table("image", "rank", "class", "probability")
     for r in rows:
@@ -103,7 +104,7 @@ def compare(
     weights: Path | None = typer.Option(None, help="State-dict file instead of the default weights."),
     epochs: int = typer.Option(3, min=1, help="Epochs for fine-tuning and scratch."),
     sizes: str = typer.Option("5,10,25,50,all", help="Learning-curve sizes: images per class."),
-    repeats: int = typer.Option(3, min=1, help="Seeded splits; accuracy is mean ± std over them."),
+    repeats: int = typer.Option(3, min=1, max=100, help="Seeded splits; accuracy is mean ± std over them."),
     val_size: float = typer.Option(0.25, min=0.01, max=0.99, help="Validation share of each split."),
     device: str = typer.Option("auto"), seed: int = typer.Option(0),
 ) -> None:
@@ -111,10 +112,12 @@ def compare(
     from embedfit.training.compare import compare as run_compare
     from embedfit.training.compare import to_markdown
 
-    try:
-        steps = [None if s == "all" else int(s) for s in sizes.split(",") if s]
-    except ValueError:
-        raise typer.BadParameter(f"expected numbers or 'all', got '{sizes}'", param_hint="--sizes") from None
+    parts = [s.strip() for s in sizes.split(",") if s.strip()]
+    bad = [s for s in parts if s != "all" and not (s.isdigit() and int(s) > 0)]
+    if bad:
+        raise typer.BadParameter(f"expected positive numbers of images per class or 'all', got '{bad[0]}'",
+                                 param_hint="--sizes")
+    steps = [None if s == "all" else int(s) for s in parts]
     result = run_compare(data, output, backbone=args_backbone(backbone), weights=_path_str(weights), epochs=epochs,
                          sizes=steps, repeats=repeats, val_size=val_size, device=device, seed=seed)
     out.print(to_markdown(result), markup=False, soft_wrap=True)

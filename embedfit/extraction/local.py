@@ -41,14 +41,6 @@ class _StopOnSigint:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _too_many_failures(limit: float | None, failed: int, seen: int) -> bool:
-    if limit is None or failed == 0:
-        return False
-    if limit >= 1:
-        return failed > limit
-    return seen >= 20 and failed / seen > limit  # a fraction needs a few images before it means anything
-
-
 def extract(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig | None = None,
             *, class_names: Sequence[str] | None = None, **options: Any) -> ExtractSummary:
     """Embed every image under `source` into the store `output`, resuming whatever is already there.
@@ -111,9 +103,10 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
                     writer.add(batch.records, batch.features, batch.errors)
                     rate = writer.done / max(time.perf_counter() - start, 1e-9)
                     progress.advance(len(batch.records), f"{rate:.1f} img/s")
-                    if _too_many_failures(config.max_failures, summary.failed, writer.done):
+                    limit = config.max_failures
+                    if limit is not None and limit.exceeded(summary.failed, len(writer.todo)):
                         stop_reason = (f"aborted: {summary.failed} of {writer.done} images failed (limit "
-                                       f"{config.max_failures:g}); is {source} an image folder?")
+                                       f"{limit.describe(len(writer.todo))}); is {source} an image folder?")
                         break
                     if sigint.requested:
                         stop_reason = "interrupted"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import os
 import signal
 import warnings
@@ -21,9 +22,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from embedfit.errors import DecodeError
-from embedfit.extraction.settings import prefetch_factor, transfer_batch_size
+from embedfit.extraction.settings import cap_workers, prefetch_factor, transfer_batch_size
 from embedfit.images import DEFAULT_MAX_PIXELS, ImageRecord, decode_image
 from embedfit.remote import is_url, read_bytes
+
+log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
@@ -186,6 +189,9 @@ def image_loader(dataset: ImageDataset, batch_size: int, workers: int, device: t
     """The DataLoader that decodes for a model on `device`: `transfer_batch_size` images per handover, worker
     priority from `worker_niceness`, pinned memory for a GPU. Split its batches with `_Batch.split(batch_size)`."""
     transfer = transfer_batch_size(batch_size)
+    workers, note = cap_workers(workers, -(-len(dataset) // transfer))
+    if note:
+        log.info(note)
     return DataLoader(
         dataset, batch_size=transfer, shuffle=False, num_workers=workers, collate_fn=_collate,
         pin_memory=device.type == "cuda",

@@ -4,6 +4,7 @@ depend on the device and the cores. Imports no torch at module level."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,64 @@ TTAS = ("none", "flip")
 
 
 DECODERS = ("pil", "device")
+
+
+@dataclass(frozen=True)
+class MaxFailures:
+    """When extraction gives up on an input: after more than `count` failed images, or more than `fraction` of
+    the images this run embeds.
+
+    The fraction is judged against the images to embed, known before the first one, so it is exact from the
+    first image: a run aborts as soon as its share of failures can no longer stay at or below `fraction` (0 and
+    0% abort on the first failure; 20% of 1000 images aborts at the 201st, however early it comes).
+    """
+
+    count: int | None = None
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, value: int | float | str | MaxFailures | None) -> MaxFailures | None:
+        """A count (`10`, `"10"`: integer >= 0), a fraction (`0.2`, `"0.2"`, `"1.0"`: a decimal point, 0 to 1) or
+        a percentage (`"20%"`: 0 to 100); None for no limit.
+
+        Raises:
+            UsageError: Anything else, e.g. "1.5", "-1", "120%", "ten".
+        """
+        if value is None or isinstance(value, MaxFailures):
+            return value
+        if isinstance(value, bool):
+            raise UsageError(f"max_failures must be a count or a fraction, got {value!r}")
+        if isinstance(value, int):
+            if value < 0:
+                raise UsageError(f"max_failures must be a count of 0 or more, got {value}")
+            return cls(count=value)
+        if isinstance(value, float):
+            if not 0.0 <= value <= 1.0:  # also refuses NaN
+                raise UsageError(f"max_failures as a fraction must be between 0 and 1, got {value:g} (write a count "
+                                 "as a whole number, e.g. 10)")
+            return cls(fraction=value)
+        text = str(value).strip()
+        if re.fullmatch(r"\d+", text):
+            return cls(count=int(text))
+        if re.fullmatch(r"\d*\.\d+|\d+\.", text):
+            return cls.parse(float(text))
+        if re.fullmatch(r"(\d+(\.\d*)?|\.\d+)%", text) and float(text[:-1]) <= 100:
+            return cls(fraction=float(text[:-1]) / 100)
+        raise UsageError(f"max_failures must be a count (10), a fraction with a decimal point between 0 and 1 (0.2) "
+                         f"or a percentage up to 100% (20%), got '{value}'")
+
+    def allowed(self, total: int) -> float:
+        """Failures tolerated among `total` images to embed."""
+        return float(self.count) if self.count is not None else (self.fraction or 0.0) * total
+
+    def exceeded(self, failed: int, total: int) -> bool:
+        """True once `failed` images exceed the limit among `total` to embed."""
+        return failed > self.allowed(total)
+
+    def describe(self, total: int) -> str:
+        if self.count is not None:
+            return str(self.count)
+        return f"{self.fraction:.4g} of {total} images"
 
 
 @dataclass(frozen=True)
@@ -56,7 +115,8 @@ class ExtractConfig:
         max_pixels: Decompression-bomb limit per image.
         overwrite: Start the store afresh instead of resuming.
         retry_failed: Re-try images recorded as failed.
-        max_failures: Abort when more images fail than this count (>= 1) or fraction (< 1) of those seen.
+        max_failures: Abort when more images fail than this: a count (int, "10"), a fraction of the images to
+            embed (float 0-1, "0.2") or a percentage ("20%"); see `MaxFailures`. Stored parsed, as a `MaxFailures`.
         flush_every: Images per part file (the most work a killed run loses).
         progress: Show a progress bar.
     """
@@ -79,7 +139,7 @@ class ExtractConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = False
     retry_failed: bool = False
-    max_failures: float | None = None
+    max_failures: int | float | str | MaxFailures | None = None
     flush_every: int = 512
     progress: bool = False
 
@@ -98,8 +158,7 @@ class ExtractConfig:
             raise UsageError(f"unknown decoder '{self.decode}'; choose one of {', '.join(DECODERS)}")
         if self.tta not in TTAS:
             raise UsageError(f"unknown TTA '{self.tta}'; choose one of {', '.join(TTAS)}")
-        if self.max_failures is not None and self.max_failures < 0:
-            raise UsageError(f"max failures must be a count or a fraction >= 0, got {self.max_failures}")
+        object.__setattr__(self, "max_failures", MaxFailures.parse(self.max_failures))
         if self.flush_every < 1:
             raise UsageError(f"flush_every must be at least 1, got {self.flush_every}")
 
@@ -142,7 +201,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UsageError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):  # torch knows "meta", "xla"...: embedfit cannot run there
+        raise UsageError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"device {device} requested but CUDA is not available here; use --device cpu")
@@ -196,3 +257,21 @@ def default_workers(device: torch.device, runtime: str = "torch") -> int:
             return 0
         return min(cores, 8) if runtime == "onnx" else 1
     return max(1, min(16, cores - 1))
+
+
+WORKERS_PER_CORE = 2  # decoding processes beyond this only compete for the cores and hold memory
+
+
+def cap_workers(workers: int, handovers: int) -> tuple[int, str]:
+    """Decoding processes actually started: at most `WORKERS_PER_CORE` per available core and at most one per
+    handover of images (a worker with nothing to decode is a process started for nothing).
+
+    Returns:
+        The number of workers, and a note when the cores capped it (capping by the work to do changes nothing
+        but the processes started, so it goes unsaid).
+    """
+    limit = WORKERS_PER_CORE * available_cores()
+    capped = min(workers, limit, max(1, handovers))
+    note = (f"decoding with {capped} workers instead of {workers}: at most {WORKERS_PER_CORE} per core "
+            f"({available_cores()} cores here)" if workers > limit else "")
+    return capped, note

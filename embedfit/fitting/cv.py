@@ -30,6 +30,8 @@ from embedfit.progress import Progress
 from embedfit.runs import save_run
 from embedfit.store import FeatureStore
 
+MAX_REPEATS = 100  # repetitions of the k-fold: beyond this the spread estimate no longer changes, the cost does
+
 log = logging.getLogger(__name__)
 
 
@@ -94,8 +96,8 @@ def make_splits(y: np.ndarray, *, cv: int, repeats: int, groups: np.ndarray | No
 
     if cv < 2:
         raise UsageError(f"--cv must be at least 2, got {cv}")
-    if repeats < 1:
-        raise UsageError(f"--repeats must be at least 1, got {repeats}")
+    if not 1 <= repeats <= MAX_REPEATS:
+        raise UsageError(f"--repeats must be between 1 and {MAX_REPEATS}, got {repeats}")
     dummy = np.zeros(len(y))
     if groups is not None:
         if len(np.unique(groups)) < cv:
@@ -181,8 +183,8 @@ def fit(store: str | Path | FeatureStore, model: str = DEFAULT_MODEL, config: Fi
         raise UsageError("--groups keeps groups within CV folds; it does not combine with --test-size or --test-store")
     if test_store is not None and repeats != 1:
         raise UsageError("--repeats needs CV or --test-size; a --test-store is one fixed split")
-    if repeats < 1:
-        raise UsageError(f"--repeats must be at least 1, got {repeats}")
+    if not 1 <= repeats <= MAX_REPEATS:
+        raise UsageError(f"--repeats must be between 1 and {MAX_REPEATS}, got {repeats}")
     if jobs == 0:
         raise UsageError("--jobs must be a positive number or -1 (all cores)")
     data = load_dataset(store)

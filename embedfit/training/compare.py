@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from embedfit.backbones import DEFAULT_BACKBONE
 from embedfit.backbones.registry import Backbone, create_backbone
-from embedfit.errors import UsageError
+from embedfit.errors import UsageError, check_output_dir, check_output_not_input
 from embedfit.extraction.encoder import Encoder
 from embedfit.extraction.settings import resolve_device
 from embedfit.fitting.models import make_pipeline
@@ -37,6 +38,9 @@ from embedfit.training.finetune import (
 )
 
 ARMS = ("as-is", "linear probe", "fine-tune", "scratch")
+
+
+MAX_REPEATS = 100  # seeded splits; more says nothing new about the spread and only costs hours
 
 
 def _batches(images: list[Any], pre: Any, batch_size: int = 16) -> Any:
@@ -92,8 +96,13 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
     Returns:
         The comparison as written to compare.json.
     """
-    if repeats < 1:
-        raise UsageError(f"--repeats must be at least 1, got {repeats}")
+    if not 1 <= repeats <= MAX_REPEATS:
+        raise UsageError(f"repeats must be between 1 and {MAX_REPEATS}, got {repeats}")
+    bad = [s for s in sizes if s is not None and (isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1)]
+    if bad:
+        raise UsageError(f"sizes must be positive numbers of images per class (or None for all), got {bad[0]!r}")
+    check_output_dir(output, "results folder")  # before minutes of training, not after
+    check_output_not_input(output, [data, *([weights] if weights else [])])
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)

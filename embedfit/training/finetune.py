@@ -27,7 +27,7 @@ from torch import nn
 from embedfit._version import __version__
 from embedfit.backbones import DEFAULT_BACKBONE
 from embedfit.backbones.registry import Backbone, _TimmPreLogits, create_backbone
-from embedfit.errors import InputError, ModelFileError, UsageError
+from embedfit.errors import InputError, ModelFileError, UsageError, check_output_dir, check_output_not_input
 from embedfit.extraction.settings import resolve_device
 from embedfit.images import ImageRecord, decode_image, scan_images
 from embedfit.store import library_versions
@@ -325,6 +325,9 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
         A `TrainResult` with the best-validation model and the per-epoch history.
     """
     config = dataclasses.replace(config or TrainConfig(), **options)
+    if output is not None:  # before minutes of training, not after
+        check_output_dir(output)
+        check_output_not_input(output, [] if isinstance(data, Split) else [data])
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     device = resolve_device(config.device)
@@ -417,7 +420,7 @@ def _progress(loader: Any, enabled: bool, label: str) -> Any:
 def save_trained(run_dir: str | Path, result: TrainResult, split: Split, *, data_path: str) -> Path:
     """Write model.pt (state dict), model.json, metrics.json and predictions.csv of the validation split."""
     from embedfit.fitting.cv import fold_metrics
-    from embedfit.runs import write_predictions_csv
+    from embedfit.runs import model_binding, write_predictions_csv
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -435,7 +438,8 @@ def save_trained(run_dir: str | Path, result: TrainResult, split: Split, *, data
         "kind": "torch", "model": name, "params": {**dataclasses.asdict(result.config),
                                                    "augment": list(result.config.augment)},
         "spec": spec.to_dict(), "settings": {"dtype": "float32", "tta": "none", "precision": result.precision},
-        "class_names": result.class_names, "store": data_path, "store_fingerprint": "",
+        "class_names": result.class_names, **model_binding(run_dir / "model.pt", result.class_names),
+        "store": data_path, "store_fingerprint": "",
         "versions": library_versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "embedfit_version": __version__,
     }
@@ -468,6 +472,18 @@ def save_trained(run_dir: str | Path, result: TrainResult, split: Split, *, data
     return run_dir
 
 
+def _first_sentence(exc: BaseException) -> str:
+    """The first line of an exception's message, without torch's advice to load with weights_only=False."""
+    import re
+
+    text = str(exc)
+    reason = re.search(r"WeightsUnpickler error: ([^.\n]*)", text)  # what torch refused, e.g. "Unsupported global"
+    if reason:
+        return reason.group(1).strip()
+    first = (text.strip().splitlines() or [type(exc).__name__])[0].split(". ")[0].strip()
+    return type(exc).__name__ if "weights_only" in first else first
+
+
 @dataclass
 class FinetunedModel:
     """A trained network loaded from a run directory, for `embedfit predict`."""
@@ -495,21 +511,33 @@ class FinetunedModel:
 
 def load_finetuned(run_dir: str | Path, device: str = "auto") -> FinetunedModel:
     """Rebuild a fine-tuned/scratch network from model.json and load model.pt (weights only, no pickled code)."""
-    from embedfit.runs import read_sidecar
+    from embedfit.runs import check_model_file, read_sidecar
 
     meta = read_sidecar(run_dir)
     if meta.get("kind") != "torch":
         raise ModelFileError(f"{run_dir} holds a {meta.get('kind')} model, not a trained network")
+    path = Path(run_dir) / "model.pt"
+    if not path.is_file():
+        raise ModelFileError(f"{path} is missing")
+    check_model_file(run_dir, meta, path)
     params = meta["params"]
     spec = meta["spec"]
     backbone = create_backbone(spec["name"], pretrained=False,
                                layer=None if spec["layer"] == "pre_logits" else spec["layer"], pool=spec["pool"])
     model = Classifier(backbone, len(meta["class_names"]), params.get("dropout", 0.0))
     try:
-        state = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # never pass on torch's advice to retry with weights_only=False: that runs pickled code
+        raise ModelFileError(f"cannot load {path}: it is not a plain state dict of tensors "
+                             f"({_first_sentence(exc)}); refusing to unpickle it") from None
+    head = state.get("head.weight") if isinstance(state, dict) else None
+    if head is not None and head.shape[0] != len(meta["class_names"]):
+        raise ModelFileError(f"{path} has a {head.shape[0]}-class head but its model.json lists "
+                             f"{len(meta['class_names'])} class names: the files come from different runs")
+    try:
         model.load_state_dict(state)
     except Exception as exc:
-        raise ModelFileError(f"cannot load {Path(run_dir) / 'model.pt'}: {exc}") from None
+        raise ModelFileError(f"cannot load {path}: {_first_sentence(exc)}") from None
     # The rebuilt backbone carries the trained run's preprocessing, not a random-init spec.
     from embedfit.backbones.spec import BackboneSpec
 
