@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from conftest import write_tree
@@ -105,12 +104,14 @@ def test_sigkill_during_the_store_commit_keeps_the_old_store(folder: Path, refer
     """A finished store exists; a run re-embeds a few images and is killed while it writes the replacement store:
     the old store must be intact, and a re-run completes and cleans up the half-written file."""
     out = tmp_path / "feats.h5"
+    images = tmp_path / "images"
+    shutil.copytree(folder, images)  # copy2 keeps the mtimes, so the reference store's rows still match
+    for i, stale in enumerate(sorted(images.rglob("*.jpg"))[:4]):  # four images edited since: re-embedded, then
+        os.utime(stale, ns=(time.time_ns(), time.time_ns() + i))    # the store is rewritten
     for _ in range(3):  # the commit lasts tens of milliseconds: retry if the run finished before we struck
         shutil.copy(reference.path, out)
-        with h5py.File(out, "r+") as f:
-            f["file_mtime_ns"][:4] = 0  # four rows look stale: they are re-embedded, then the store is rewritten
         before = out.read_bytes()
-        proc = _start(folder, out)
+        proc = _start(images, out)
         try:
             hit = _wait_for(lambda p=proc: bool(_store_temp_files(out)) or p.poll() is not None, step=0.001)
             hit = hit and proc.poll() is None
@@ -123,7 +124,7 @@ def test_sigkill_during_the_store_commit_keeps_the_old_store(folder: Path, refer
         pytest.fail("could not kill the run during its commit in 3 attempts")
     assert out.read_bytes() == before
     assert FeatureStore.open(out).complete
-    rerun = subprocess.run(_cmd(folder, out), capture_output=True, text=True, timeout=240)
+    rerun = subprocess.run(_cmd(images, out), capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stderr
     _assert_equals_reference(out, reference)
     assert not _store_temp_files(out)  # the killed run's half-written store was removed

@@ -41,30 +41,81 @@ def _stream(store: FeatureStore, blocks: list[np.ndarray], mix: int, rng: np.ran
         yield rows, X
 
 
-def _sgd_fit(store: FeatureStore, rows: np.ndarray, model: str, *, classes: np.ndarray, epochs: int, batch_rows: int,
-             alpha: float, class_weight: str | None, seed: int) -> Pipeline:
-    """StandardScaler (partial_fit, one pass) then SGDClassifier (partial_fit, `epochs` shuffled passes)."""
+def _calibration_rows(y: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into `y`) of a stratified calibration block of about `size` rows, and of the rest (for SGD).
+
+    Every class gives the same share of its rows, at least one, so the block holds every class. A class with a
+    single row lends it to both sides: the calibration needs every class, and SGD cannot learn a class it never sees.
+    """
+    share = size / len(y)
+    cal, fit = [], []
+    for c in np.unique(y):
+        at = rng.permutation(np.flatnonzero(y == c))
+        k = max(1, int(share * len(at)))
+        cal.append(at[:k])
+        fit.append(at[k:] if len(at) > k else at)
+    return np.sort(np.concatenate(cal)), np.sort(np.concatenate(fit))
+
+
+def _sgd_fit(store: FeatureStore, rows: np.ndarray, model: str, *, epochs: int, batch_rows: int, alpha: float,
+             class_weight: str | None, seed: int) -> Pipeline:
+    """StandardScaler (partial_fit, one pass) then SGDClassifier (partial_fit, `epochs` shuffled passes).
+
+    The SGD step is constant, 2 / n_features: after standardisation a row's squared norm is about n_features, so each
+    update moves a margin by at most about 2 (times its class weight), whatever the dimension. (scikit-learn's
+    "optimal" schedule assumes rows of norm ~1; on 1280-d features its first steps are ~1000x too large and drive
+    margins and intercepts into the thousands.) Averaging starts after the first pass, so the average leaves out
+    the iterates still close to zero.
+
+    sgd-logreg then gets its probabilities from a temperature-scaled softmax over the SGD decision values
+    (`CalibratedClassifierCV(method="temperature")` on the frozen model), fitted on a stratified calibration
+    block of about 10% of `rows` (at most `batch_rows` minus one per class) that SGD never trains on; it is
+    collected during the scaler pass, so it costs no extra read. The OvR sigmoids SGDClassifier would normalise
+    instead are under-confident for an SGD model stopped after a few passes, and uniform when all of them
+    saturate; the softmax keeps the decision function's argmax, so `predict` is the argmax of `predict_proba`.
+    """
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.frozen import FrozenEstimator
     from sklearn.linear_model import SGDClassifier
     from sklearn.preprocessing import StandardScaler
     from sklearn.utils.class_weight import compute_class_weight
 
     mix = 16
-    blocks = _blocks(rows, max(1, batch_rows // mix))
-    scaler = StandardScaler()
-    for _, X in _stream(store, blocks, mix, None):
-        scaler.partial_fit(X)
     y_all = store.labels[rows]
     present = np.unique(y_all)
+    rng = np.random.default_rng(seed)
+    cal = np.empty(0, dtype=rows.dtype)
+    fit_rows = rows
+    if model == "sgd-logreg":
+        if len(present) > batch_rows:  # the calibration block holds one row per class or more
+            raise UsageError(f"--batch-rows must be at least the number of classes ({len(present)}) for "
+                             f"sgd-logreg, got {batch_rows}")
+        at_cal, at_fit = _calibration_rows(y_all, min(batch_rows - len(present), len(rows) // 10), rng)
+        cal, fit_rows = rows[at_cal], rows[at_fit]
+    scaler = StandardScaler()
+    cal_rows, cal_X = [], []
+    for batch_rows_idx, X in _stream(store, _blocks(rows, max(1, batch_rows // mix)), mix, None):
+        scaler.partial_fit(X)
+        keep = np.isin(batch_rows_idx, cal)
+        cal_rows.append(batch_rows_idx[keep])
+        cal_X.append(X[keep])
+    y_fit = store.labels[fit_rows]
     weights = None
     if class_weight == "balanced":  # partial_fit refuses "balanced": compute it once from the in-memory labels
-        weights = dict(zip(present.tolist(), compute_class_weight("balanced", classes=present, y=y_all), strict=True))
+        weights = dict(zip(present.tolist(), compute_class_weight("balanced", classes=present, y=y_fit), strict=True))
     clf = SGDClassifier(loss="log_loss" if model == "sgd-logreg" else "hinge", alpha=alpha, class_weight=weights,
-                        learning_rate="optimal", average=True, random_state=seed)
-    rng = np.random.default_rng(seed)
+                        learning_rate="constant", eta0=2.0 / store.dim,
+                        average=max(1, len(fit_rows) if epochs > 1 else len(fit_rows) // 2), random_state=seed)
+    blocks = _blocks(fit_rows, max(1, batch_rows // mix))
     for _ in range(epochs):
         for batch_rows_idx, X in _stream(store, blocks, mix, rng):
-            clf.partial_fit(scaler.transform(X), store.labels[batch_rows_idx], classes=classes)
-    return Pipeline([("scale", scaler), ("clf", clf)])
+            clf.partial_fit(scaler.transform(X), store.labels[batch_rows_idx], classes=present)
+    if model != "sgd-logreg":
+        return Pipeline([("scale", scaler), ("clf", clf)])
+    every = np.arange(len(cal))  # one "split": the frozen model scores every calibration row
+    calibrated = CalibratedClassifierCV(FrozenEstimator(clf), method="temperature", cv=[(every, every)])
+    calibrated.fit(scaler.transform(np.concatenate(cal_X)), store.labels[np.concatenate(cal_rows)])
+    return Pipeline([("scale", scaler), ("clf", calibrated)])
 
 
 def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-logreg", *,
@@ -109,8 +160,7 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
     y = store.labels[rows]
     names = list(store.class_names)
     check_trainable(y, names, 2)  # the stratified hold-out needs two images per class
-    classes = np.arange(len(names))
-    opts = dict(classes=classes, epochs=epochs, batch_rows=batch_rows, alpha=alpha, class_weight=class_weight,
+    opts = dict(epochs=epochs, batch_rows=batch_rows, alpha=alpha, class_weight=class_weight,
                 seed=seed)
 
     t0 = time.perf_counter()
@@ -120,8 +170,9 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
     pred, proba = [], []
     for _, X in _stream(store, _blocks(test, batch_rows), 1, None):
         pred.append(pipe.predict(X))
-        if model == "sgd-logreg":
-            proba.append(pipe.predict_proba(X))
+        if model == "sgd-logreg":  # a column for every class name, 0 for those without images
+            proba.append(np.zeros((len(X), len(names))))
+            proba[-1][:, pipe.classes_] = pipe.predict_proba(X)
     pred_a = np.concatenate(pred)
     proba_a = np.concatenate(proba) if proba else None
     y_test = store.labels[test]
@@ -148,7 +199,7 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
     evaluation = {"strategy": "holdout", "n_splits": 1, "repeats": 1, "groups": False, "search": False,
                   "out_of_core": True}
     metrics = _metrics(model, store.spec, data, evaluation,
-                       [fold_metrics(y_test, pred_a, proba_a, classes, len(names))], y_test, pred_a, {
+                       [fold_metrics(y_test, pred_a, proba_a, np.arange(len(names)), len(names))], y_test, pred_a, {
                            "extract_seconds": float(store.attrs.get("extract_seconds", 0.0)),
                            "cv_seconds": cv_seconds, "fit_seconds": fit_seconds,
                            "predict_seconds_per_image": predict_per_image})
