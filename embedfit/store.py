@@ -64,6 +64,8 @@ OK, FAILED, MISSING = 0, 1, 2
 STATUS_NAMES = {OK: "ok", FAILED: "failed", MISSING: "missing"}
 DTYPES = ("float32", "float16")
 _STR = h5py.string_dtype("utf-8")
+# Tests: seconds to pause a commit with the new store half-written, so that a kill lands there every time.
+_TEST_COMMIT_PAUSE = "EMBEDFIT_TEST_COMMIT_PAUSE"
 _CHUNK_ROWS = 256  # ~1.3 MB chunks at D=1280 float32: fast sequential reads, small partial reads
 log = logging.getLogger("embedfit")
 
@@ -823,6 +825,8 @@ class StoreWriter:
             feats = f.create_dataset("features", shape=(n, dim), dtype=self.settings.dtype,
                                      chunks=(max(1, min(_CHUNK_ROWS, n)), dim), maxshape=(None, dim),
                                      fletcher32=True)
+            if os.environ.get(_TEST_COMMIT_PAUSE):  # tests: hold the new store half-written, to kill the run here
+                time.sleep(float(os.environ[_TEST_COMMIT_PAUSE]))
             self._copy_features(feats, ordered)
             f.flush()
             os.fsync(f.id.get_vfd_handle())

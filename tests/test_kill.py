@@ -108,20 +108,17 @@ def test_sigkill_during_the_store_commit_keeps_the_old_store(folder: Path, refer
     shutil.copytree(folder, images)  # copy2 keeps the mtimes, so the reference store's rows still match
     for i, stale in enumerate(sorted(images.rglob("*.jpg"))[:4]):  # four images edited since: re-embedded, then
         os.utime(stale, ns=(time.time_ns(), time.time_ns() + i))    # the store is rewritten
-    for _ in range(3):  # the commit lasts tens of milliseconds: retry if the run finished before we struck
-        shutil.copy(reference.path, out)
-        before = out.read_bytes()
-        proc = _start(images, out)
-        try:
-            hit = _wait_for(lambda p=proc: bool(_store_temp_files(out)) or p.poll() is not None, step=0.001)
-            hit = hit and proc.poll() is None
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.wait(timeout=60)
-        if hit and _store_temp_files(out):
-            break
-    else:
-        pytest.fail("could not kill the run during its commit in 3 attempts")
+    shutil.copy(reference.path, out)
+    before = out.read_bytes()
+    # The commit lasts tens of milliseconds: the store pauses it half-written (a test hook), so the kill lands there.
+    proc = _start(images, out, env={**os.environ, "EMBEDFIT_TEST_COMMIT_PAUSE": "30"})
+    try:
+        assert _wait_for(lambda p=proc: bool(_store_temp_files(out)) or p.poll() is not None, timeout=240)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert _store_temp_files(out)  # killed with the replacement half-written
     assert out.read_bytes() == before
     assert FeatureStore.open(out).complete
     rerun = subprocess.run(_cmd(images, out), capture_output=True, text=True, timeout=240)
