@@ -86,6 +86,10 @@ def build_report(runs: Sequence[str | Path], output: str | Path, *, title: str =
     matplotlib.use("Agg")
     if not runs:
         raise InputError("give at least one run directory to report on")
+    from embedfit.sweep import build_sweep_report, is_sweep_folder
+
+    if len(runs) == 1 and is_sweep_folder(runs[0]):
+        return build_sweep_report(runs[0], output)
     check_output_file(output)
     loaded = [read_run(r) for r in runs]
     parts = [_leaderboard(loaded), _metrics(loaded), _confusion(loaded), _per_class(loaded), _cv_spread(loaded),
