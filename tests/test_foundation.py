@@ -144,3 +144,17 @@ def test_each_foundation_architecture_loads_a_weights_file(name: str, pool: tupl
     if name == "siglip_vitb16":
         with pytest.raises(UsageError, match="no class token"):
             create_backbone(name, weights=path, pool="cls", resolution=size)
+
+
+@pytest.mark.slow
+def test_a_vit_fine_tunes_and_reloads(dinov2_file: Path, image_tree: Path, tmp_path: Path) -> None:
+    from embedfit.training.finetune import TrainConfig, load_finetuned, train
+
+    config = TrainConfig(backbone="dinov2_vits14", weights=str(dinov2_file), freeze="last:1", epochs=1, batch_size=4,
+                         device="cpu", augment=())
+    result = train(image_tree, config, output=tmp_path / "ft")
+    assert result.run_dir is not None and 0 <= result.val_accuracy <= 1
+    reloaded = load_finetuned(tmp_path / "ft", device="cpu")
+    assert reloaded.model.backbone.spec.pool == "cls+mean"
+    proba, errors = reloaded.predict_proba_paths(sorted(image_tree.rglob("*.jpg"))[:2])
+    assert proba.shape == (2, 3) and not any(errors)
