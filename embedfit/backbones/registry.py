@@ -8,7 +8,9 @@ not import torchvision or timm.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -94,7 +96,10 @@ def register_backbone(name: str, info: Callable[[], BackboneInfo]) -> Callable:
 
 def _load_families() -> None:
     """Import the family modules, which register their backbones (torchvision and timm load only now)."""
-    from embedfit.backbones import lite, timm_models, tv  # noqa: F401
+    from embedfit.backbones import foundation, lite, timm_models, tv  # noqa: F401
+
+    if not any(n in _REGISTRY for n in foundation.FOUNDATION):
+        foundation.register()
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
@@ -135,7 +140,8 @@ def create_backbone(
     weights: str | os.PathLike | None = None,
     pretrained: bool = True,
     layer: str | None = None,
-    pool: str = "avg",
+    pool: str | None = None,
+    resolution: int | None = None,
 ) -> Backbone:
     """Build a headless backbone in eval mode, with its `BackboneSpec`.
 
@@ -143,8 +149,14 @@ def create_backbone(
         name: A registered name (`list_backbones()`) or `timm:<model name>`.
         weights: Path to a state dict to use instead of the default pretrained weights.
         pretrained: False gives random initialisation (for training from scratch).
-        layer: An intermediate layer (graph node name, e.g. "layer3" or "blocks.5"); default pre-logits.
-        pool: Global pooling of an intermediate layer's feature map: "avg" or "max".
+        layer: An intermediate layer: a graph node name ("layer3"), or for a transformer a block ("blocks.8",
+            "-4": the fourth block from the end); default pre-logits.
+        pool: How features become one vector (`POOLS`): "avg" or "max" over a feature map; for transformers
+            "cls", "mean" (patch tokens), "cls+mean" or "head" (the model's own). Default: the backbone's own
+            (`BackboneInfo.pool`, e.g. "cls+mean" for DINOv2).
+        resolution: Input size (square) instead of the backbone's default; transformers are built for it
+            (position embeddings resampled), CNNs take it as it is. The resize before the centre crop keeps
+            the default's ratio.
 
     Returns:
         The `Backbone` on the CPU, in eval mode, with `.spec`.
@@ -153,22 +165,42 @@ def create_backbone(
         UsageError: Unknown name, layer or pooling (with suggestions).
         WeightsUnavailableError: Pretrained weights are not on disk and cannot be fetched.
     """
+    from embedfit.backbones.foundation import FOUNDATION, block_index, default_pool, is_token_model, token_trunk
+
     check_backbone_name(name)
+    pool = pool or default_pool(name)
     if pool not in POOLS:
         raise UsageError(f"unknown pooling '{pool}'; choose one of {', '.join(POOLS)}")
+    if resolution is not None and not 16 <= resolution <= 4096:
+        raise UsageError(f"resolution must be between 16 and 4096 pixels, got {resolution}")
     weights_path = Path(weights) if weights is not None else None
     if weights_path is not None and not weights_path.is_file():
         raise UsageError(f"weights file {weights_path} does not exist")
     if name.startswith("timm:"):
         from embedfit.backbones.timm_models import _build_timm
 
-        built = _build_timm(name[5:], weights_path, pretrained)
+        built = _build_timm(name[5:], weights_path, pretrained, resolution)
+    elif name in FOUNDATION:
+        built = _REGISTRY[name](weights_path, pretrained, resolution)
     else:
         built = _REGISTRY[name](weights_path, pretrained)
+    if resolution is not None and built.input_size != (resolution, resolution):
+        ratio = built.resize_size / min(built.input_size)
+        built = dataclasses.replace(built, input_size=(resolution, resolution),
+                                    resize_size=math.floor(resolution * ratio + 1e-6))
     model = built.model.eval()
 
     layer = layer or PRE_LOGITS
-    if layer == PRE_LOGITS:
+    token_path = built.family == "timm" and is_token_model(model) and (
+        pool not in ("avg", "max") or block_index(layer, len(model.blocks)) is not None)
+    if token_path:
+        trunk, layer, pool = token_trunk(model, name, layer, pool)
+        head = model.get_classifier() if layer == PRE_LOGITS and pool == "head" else None
+        head = head if isinstance(head, nn.Linear) and built.class_names else None
+        class_names = built.class_names if head is not None else None
+    elif pool not in ("avg", "max"):
+        raise UsageError(f"--pool {pool} needs a transformer backbone; {name} gives a feature map: use avg or max")
+    elif layer == PRE_LOGITS:
         if pool != "avg":
             raise UsageError("--pool applies to an intermediate --layer; pre-logits use the model's own pooling")
         trunk, head = _split_head(model, built.family)

@@ -19,7 +19,12 @@ if TYPE_CHECKING:
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
-POOLS = ("avg", "max")
+POOLS = ("avg", "max", "cls", "mean", "cls+mean", "head")
+
+
+# Pools of transformer token sequences (ViT, EVA, DeiT...): the class token, the mean of the patch tokens (class and
+# register tokens excluded), or both concatenated (DINOv2's linear-evaluation recipe).
+TOKEN_POOLS = ("cls", "mean", "cls+mean")
 
 
 PRE_LOGITS = "pre_logits"
@@ -41,7 +46,10 @@ class BackboneSpec:
         std: Per-channel standard deviation on the [0, 1] scale.
         embedding_dim: Length of one embedding.
         layer: "pre_logits" (penultimate output) or a graph node name such as "layer3".
-        pool: Global pooling of an intermediate layer's feature map, "avg" or "max".
+        pool: How the layer's output becomes one vector: "avg" (at pre-logits the model's own pooling, at an
+            intermediate layer the mean of the feature map), "max", or for transformers "cls", "mean" (patch
+            tokens only), "cls+mean" (both, concatenated) and "head" (the model's own pooling head, e.g.
+            SigLIP's attention pool).
     """
 
     name: str
@@ -90,6 +98,8 @@ class BackboneSpec:
     def short(self) -> str:
         """One-line description used in messages: 'resnet18 (512-d, 224x224)'."""
         layer = "" if self.layer == PRE_LOGITS else f", layer {self.layer}/{self.pool}"
+        if self.layer == PRE_LOGITS and self.pool not in ("avg", "head"):
+            layer = f", {self.pool}"
         return f"{self.name} ({self.embedding_dim}-d, {self.input_size[0]}x{self.input_size[1]}{layer})"
 
     def preprocess(self) -> Preprocess:
@@ -100,7 +110,13 @@ class BackboneSpec:
 
 @dataclass(frozen=True)
 class BackboneInfo:
-    """What `embedfit backbones` lists, computed without loading weights."""
+    """What `embedfit backbones` lists, computed without loading weights.
+
+    Attributes:
+        licence: Licence of the default weights (SPDX-style, lower case), "" when unknown.
+        pool: The pooling used when none is asked for.
+        params: Parameters of the network (its size; `embedfit sweep` runs the smallest first).
+    """
 
     name: str
     family: str
@@ -108,3 +124,6 @@ class BackboneInfo:
     input_size: tuple[int, int]
     weights_file: Path | None
     offline: bool
+    licence: str = ""
+    pool: str = "avg"
+    params: int = 0

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from embedfit.backbones.registry import BackboneInfo, _Built, _skeleton
-from embedfit.backbones.weights import _OFFLINE_WHY, _hf_cached_file, _load_state_dict, offline
+from embedfit.backbones.weights import _OFFLINE_WHY, _hf_cached_file, _load_state_dict, hub_reachable, offline
 from embedfit.errors import UsageError, WeightsUnavailableError
 
 
@@ -42,11 +42,12 @@ def _timm_skeleton(arch: str) -> nn.Module:
     return _skeleton(functools.partial(timm.create_model, arch, pretrained=False))
 
 
-def _timm_from_cache(arch: str) -> nn.Module:
+def _timm_from_cache(arch: str, **kwargs: Any) -> nn.Module:
     """timm's pretrained model, its weights file from the Hugging Face cache when there, else downloaded.
 
     A cached file is loaded as a local file, so that nothing asks the hub (which offline would retry for
-    a minute); offline without the file, the error comes at once and names what to put where.
+    a minute); offline or without a network, the error comes at once and names what to put where. `kwargs` go to
+    `timm.create_model` (e.g. `img_size`: timm resamples the position embeddings while loading).
     """
     import timm
     from huggingface_hub.constants import HF_HUB_CACHE
@@ -59,19 +60,23 @@ def _timm_from_cache(arch: str) -> nn.Module:
              else f"no Hugging Face repository is known for it (cache {HF_HUB_CACHE})")
     why = _OFFLINE_WHY
     if cached is not None:
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(cached), source=""))
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(cached), source=""),
+                                 **kwargs)
     if not offline():
-        try:
-            return timm.create_model(arch, pretrained=True)
-        except Exception as exc:
-            why = f"download failed: {type(exc).__name__}"
+        if not hub_reachable():
+            why = "no network: huggingface.co cannot be reached"
+        else:
+            try:
+                return timm.create_model(arch, pretrained=True, **kwargs)
+            except Exception as exc:
+                why = f"download failed: {type(exc).__name__}"
     raise WeightsUnavailableError(
         f"pretrained weights for timm:{arch} are not in the Hugging Face cache: {where} ({why}); "
         "pass --weights FILE with a state dict"
     )
 
 
-def _build_timm(arch: str, weights: Path | None, pretrained: bool) -> _Built:
+def _build_timm(arch: str, weights: Path | None, pretrained: bool, resolution: int | None = None) -> _Built:
     import timm
 
     if not timm.list_models(arch) and arch not in timm.list_models(pretrained=True):
@@ -79,13 +84,17 @@ def _build_timm(arch: str, weights: Path | None, pretrained: bool) -> _Built:
         hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
         raise UsageError(f"unknown timm model '{arch}'{hint}")
     weights_file: Path | None = None
+    # A transformer is built for the input size (position embeddings resampled); a CNN takes any size as it is.
+    size = {"img_size": resolution} if resolution and hasattr(_timm_skeleton(arch), "patch_embed") else {}
     if weights is not None or not pretrained:
-        model = timm.create_model(arch, pretrained=False)
+        model = timm.create_model(arch, pretrained=False, **size)
         if weights is not None:
-            _load_state_dict(model, weights)
+            from embedfit.backbones.foundation import _filter_for
+
+            _load_state_dict(model, weights, transform=_filter_for(model) if size else None)
         weights_id, weights_file = (f"file:{weights.name}", weights) if weights else ("random", None)
     else:
-        model = _timm_from_cache(arch)
+        model = _timm_from_cache(arch, **size)
         cfg = model.pretrained_cfg
         weights_id = cfg.get("hf_hub_id") or f"{arch}.{cfg.get('tag', '')}"
         weights_file = _hf_cached_file(model)
@@ -99,4 +108,5 @@ def _timm_info(name: str) -> BackboneInfo:
     pre = _timm_preprocess(model)
     file = _hf_cached_file(model)
     return BackboneInfo(name, "timm", int(getattr(model, "num_features", 0)), pre["input_size"], file,
-                        bool(file and file.is_file()))
+                        bool(file and file.is_file()), licence=str(model.pretrained_cfg.get("license") or ""),
+                        params=sum(p.numel() for p in model.parameters()))

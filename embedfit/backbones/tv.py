@@ -73,7 +73,8 @@ def _tv_info(name: str) -> BackboneInfo:
     model = _skeleton(functools.partial(torchvision.models.get_model, name, weights=None, **_TV_KWARGS.get(name, {})))
     dim = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].in_features
     path = tv_weights_path(name)
-    return BackboneInfo(name, "torchvision", dim, (t.crop_size[0], t.crop_size[0]), path, path.is_file())
+    return BackboneInfo(name, "torchvision", dim, (t.crop_size[0], t.crop_size[0]), path, path.is_file(),
+                        licence="bsd-3-clause", params=int(_tv_weights_enum(name).meta.get("num_params", 0)))
 
 
 def _register_torchvision() -> None:

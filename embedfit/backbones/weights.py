@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,8 +32,12 @@ def _sha256(path: Path) -> str:
     return _sha256_cached(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
-def _load_state_dict(model: nn.Module, path: Path) -> None:
-    """Load a state dict file (torch or safetensors) into `model`, with a one-line error on mismatch."""
+def _load_state_dict(model: nn.Module, path: Path, transform: Callable | None = None) -> None:
+    """Load a state dict file (torch or safetensors) into `model`, with a one-line error on mismatch.
+
+    `transform(state, model)`, e.g. timm's `checkpoint_filter_fn`, adapts the state first (position embeddings
+    resampled to the model's input size).
+    """
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -49,6 +54,8 @@ def _load_state_dict(model: nn.Module, path: Path) -> None:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    if transform is not None:
+        state = transform(state, model)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # same names, other shapes: a file for another model or head size
@@ -70,6 +77,22 @@ _OFFLINE_WHY = "offline: EMBEDFIT_OFFLINE or HF_HUB_OFFLINE is set"  # why weigh
 def offline() -> bool:
     """True when embedfit must not try to download weights (EMBEDFIT_OFFLINE=1 or HF_HUB_OFFLINE=1)."""
     return any(os.environ.get(v, "") not in ("", "0") for v in ("EMBEDFIT_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens within `timeout` s: without one, huggingface_hub retries for a
+    minute before failing, where a missing file should be reported at once."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if endpoint:
+        host = urlparse(endpoint).hostname or host
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _download(url: str, dest: Path, timeout: float = 30.0) -> None:

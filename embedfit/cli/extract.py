@@ -30,8 +30,12 @@ def extract(
                                "(a local path or a URL such as s3://bucket/feats.h5)."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone", help="Backbone name or timm:NAME."),
     weights: Path | None = typer.Option(None, help="State-dict file instead of the default weights."),
-    layer: str | None = typer.Option(None, help="Intermediate layer (default: pre-logits)."),
-    pool: Pool = typer.Option(Pool.avg, help="Global pooling for --layer."),
+    layer: str | None = typer.Option(None, help="Intermediate layer (default: pre-logits); transformers: a block, "
+                                     "blocks.8 or -4 (4th from the end)."),
+    pool: Pool | None = typer.Option(None, help="avg/max over a feature map; transformers: cls, mean (patch tokens), "
+                                     "cls+mean, head (default: the backbone's own, e.g. cls+mean for DINOv2)."),
+    resolution: int | None = typer.Option(None, min=16, help="Input size instead of the backbone's default "
+                                          "(e.g. 518 for DINOv2)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass (default: 8 on CPU, 128 on GPU)."),
     workers: int | None = typer.Option(None, min=0, help="Decoding processes (default: by device/cores)."),
@@ -59,7 +63,8 @@ def extract(
 
     check_output_not_input(output, [source, *([weights] if weights else [])])
     config = ExtractConfig(
-        backbone=backbone, weights=str(weights) if weights else None, layer=layer, pool=pool.value,
+        backbone=backbone, weights=str(weights) if weights else None, layer=layer,
+        pool=pool.value if pool else None, resolution=resolution,
         device=device, batch_size=batch_size, workers=workers, precision=precision.value, dtype=dtype.value,
         tta=tta.value, decode=decode.value, compile=compile, runtime=runtime.value,
         overwrite=overwrite, retry_failed=retry_failed,
@@ -93,13 +98,15 @@ def info(
 def backbones(
     pattern: str = typer.Argument("*", help="Glob over names, e.g. 'resnet*'."),
 ) -> None:
-    """List backbones: embedding size, input size, and whether weights are on disk (usable offline)."""
+    """List backbones: licence, embedding size, input size, pooling, and whether weights are on disk (offline)."""
     from embedfit.backbones.catalogue import list_infos, torch_hub_dir
 
-    table = Table("name", "family", "dim", "input", "offline")
+    table = Table("name", "family", "licence", "params", "dim", "input", "pool", "offline")
     for i in list_infos(pattern):
-        table.add_row(i.name, i.family, str(i.embedding_dim), f"{i.input_size[0]}x{i.input_size[1]}",
+        table.add_row(i.name, i.family, i.licence or "?", f"{i.params / 1e6:.1f}M" if i.params else "?",
+                      str(i.embedding_dim), f"{i.input_size[0]}x{i.input_size[1]}", i.pool,
                       "yes" if i.offline else "no")
     out.print(table)
-    out.print(f"offline = weights on disk now; torchvision weights are expected in {torch_hub_dir()}/checkpoints "
+    out.print(f"offline = weights on disk now; torchvision weights are expected in {torch_hub_dir()}/checkpoints, "
+              "foundation backbones (DINOv2, CLIP, SigLIP, EVA-02, ConvNeXt V2) in the Hugging Face cache "
               "(or pass --weights FILE). Any timm model also works as timm:NAME.", soft_wrap=True)

@@ -94,13 +94,23 @@ def predict(
 
 @app.command()
 def report(
-    runs: list[Path] = typer.Argument(..., help="Run directories to report on and compare."),
+    runs: list[Path] = typer.Argument(..., help="Run directories to report on and compare, or one sweep folder."),
     output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file to write."),
 ) -> None:
-    """Write a self-contained HTML report (metrics, confusion, embedding map, mistakes) and print a leaderboard."""
+    """Write a self-contained HTML report (metrics, confusion, embedding map, mistakes) and print a leaderboard;
+    given a sweep folder, its leaderboard and accuracy against extraction cost."""
     from embedfit.cli.presentation import print_leaderboard
     from embedfit.report import build_report, summarize_runs
+    from embedfit.sweep import is_sweep_folder
 
+    if len(runs) == 1 and is_sweep_folder(runs[0]):  # a sweep folder: its leaderboard and cost plot
+        from embedfit.cli.sweep import print_sweep
+        from embedfit.sweep import read_sweep
+
+        path = build_report(runs, output)
+        print_sweep(out, read_sweep(runs[0]))
+        out.print(f"report: {path}", soft_wrap=True)
+        return
     path = build_report(runs, output)  # checks the output path first, before any work
     print_leaderboard(out, summarize_runs(runs))
     out.print(f"report: {path}", soft_wrap=True)

@@ -43,6 +43,10 @@ class Engine(str, Enum):
 class Pool(str, Enum):
     avg = "avg"
     max = "max"
+    cls = "cls"
+    mean = "mean"
+    cls_mean = "cls+mean"
+    head = "head"
 
 
 def _max_failures(value: str | None) -> object:

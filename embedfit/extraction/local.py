@@ -80,7 +80,8 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
                 writer.summary.device = "no device: nothing to embed"
                 return writer.summary
     device = resolve_device(config.device)
-    backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool)
+    backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool,
+                               resolution=config.resolution)
     settings = StoreSettings(backbone.spec, config.dtype, config.tta, config.precision)
     with FeatureWriter(output, settings, images, overwrite=config.overwrite, retry_failed=config.retry_failed,
                        flush_every=config.flush_every) as writer:
@@ -145,6 +146,7 @@ def _settings_if_same_request(output: str | os.PathLike, config: ExtractConfig) 
     Same backbone name, layer, pooling, weights (a `--weights` file by its SHA-256; else the default pretrained
     weights), dtype, TTA and precision. Lets a re-run on a finished folder plan its work from the store alone.
     """
+    from embedfit.backbones.foundation import default_pool
     from embedfit.backbones.spec import PRE_LOGITS
 
     path = Path(output)
@@ -155,7 +157,10 @@ def _settings_if_same_request(output: str | os.PathLike, config: ExtractConfig) 
             spec, settings = store.spec, store.settings
     except EmbedfitError:
         return None  # the writer reports what is wrong with it
-    if (spec.name, spec.layer, spec.pool) != (config.backbone, config.layer or PRE_LOGITS, config.pool):
+    if (spec.name, spec.layer, spec.pool) != (config.backbone, config.layer or PRE_LOGITS,
+                                              config.pool or default_pool(config.backbone)):
+        return None
+    if config.resolution is not None and tuple(spec.input_size) != (config.resolution, config.resolution):
         return None
     if (settings.dtype, settings.tta, settings.precision) != (config.dtype, config.tta, config.precision):
         return None

@@ -69,7 +69,8 @@ class _Embed:
         from embedfit.extraction.encoder import Encoder
         from embedfit.extraction.settings import resolve_device
 
-        backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool)
+        backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool,
+                                   resolution=config.resolution)
         self.encoder = Encoder(backbone, resolve_device(device), precision=config.precision, tta=config.tta,
                                channels_last=config.channels_last, runtime=config.runtime)
 
@@ -116,7 +117,8 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
         raise UsageError("--ray-workers and --shard-size must be at least 1")
     check_backbone_name(config.backbone)
     images = scan_images(source, class_names=class_names)
-    spec = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool).spec
+    spec = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool,
+                               resolution=config.resolution).spec
     settings = StoreSettings(spec, config.dtype, config.tta, config.precision)
     device = "cuda" if num_gpus_per_worker > 0 else "cpu"
     with FeatureWriter(output, settings, images, overwrite=config.overwrite, retry_failed=config.retry_failed,

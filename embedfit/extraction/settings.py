@@ -94,7 +94,8 @@ class ExtractConfig:
         backbone: Registered backbone name or `timm:<name>`.
         weights: A state-dict file to use instead of the default pretrained weights.
         layer: Intermediate layer to embed from (default: pre-logits).
-        pool: Global pooling for `layer`: "avg" or "max".
+        pool: How features become one vector (`embedfit.backbones.POOLS`); None: the backbone's own default.
+        resolution: Input size (square) instead of the backbone's default (e.g. DINOv2 at 518).
         device: "auto", "cpu", "cuda", "cuda:1", "mps".
         batch_size: Images per forward pass; None picks by device (8 on CPU, where larger batches fall out of
             cache and run slower; 128 on a GPU).
@@ -124,7 +125,8 @@ class ExtractConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     layer: str | None = None
-    pool: str = "avg"
+    pool: str | None = None
+    resolution: int | None = None
     device: str = "auto"
     batch_size: int | None = None
     workers: int | None = None

@@ -26,6 +26,7 @@ from torch import nn
 
 from embedfit._version import __version__
 from embedfit.backbones import DEFAULT_BACKBONE
+from embedfit.backbones.foundation import TokenPool
 from embedfit.backbones.registry import Backbone, _TimmPreLogits, create_backbone
 from embedfit.errors import InputError, ModelFileError, UsageError, check_output_dir, check_output_not_input
 from embedfit.extraction.settings import resolve_device
@@ -120,9 +121,12 @@ def backbone_blocks(backbone: Backbone) -> list[nn.Module]:
     Stage containers (timm's `blocks`, torchvision's `features`, `layers`, `stages`) are expanded one level so
     that "last:N" counts blocks, not whole networks.
     """
-    root = backbone.trunk.model if isinstance(backbone.trunk, _TimmPreLogits) else backbone.trunk
+    root = backbone.trunk.model if isinstance(backbone.trunk, _TimmPreLogits | TokenPool) else backbone.trunk
     classifier = root.get_classifier() if hasattr(root, "get_classifier") else None
     blocks: list[nn.Module] = []
+    # A transformer's class token and position embeddings sit on the model itself: they go with its first block
+    # (the patch embedding), so that "last:N" and "head" freeze them with the stem.
+    direct = list(root.parameters(recurse=False))
     for name, child in root.named_children():
         if child is classifier or not any(True for _ in child.parameters()):
             continue
@@ -130,7 +134,18 @@ def backbone_blocks(backbone: Backbone) -> list[nn.Module]:
             blocks += [c for c in child.children() if any(True for _ in c.parameters())]
         else:
             blocks.append(child)
+    if direct and blocks:
+        blocks[0] = _Stem(blocks[0], direct)
     return blocks
+
+
+class _Stem(nn.Module):
+    """The first block together with the model's own parameters (class token, position embeddings)."""
+
+    def __init__(self, block: nn.Module, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.block = block
+        self.extra = nn.ParameterList(params)
 
 
 def apply_freeze(model: Classifier, trainable_blocks: int | None) -> list[nn.Module]:
@@ -523,7 +538,8 @@ def load_finetuned(run_dir: str | Path, device: str = "auto") -> FinetunedModel:
     params = meta["params"]
     spec = meta["spec"]
     backbone = create_backbone(spec["name"], pretrained=False,
-                               layer=None if spec["layer"] == "pre_logits" else spec["layer"], pool=spec["pool"])
+                               layer=None if spec["layer"] == "pre_logits" else spec["layer"], pool=spec["pool"],
+                               resolution=spec["input_size"][0])
     model = Classifier(backbone, len(meta["class_names"]), params.get("dropout", 0.0))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

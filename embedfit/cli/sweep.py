@@ -1,0 +1,59 @@
+"""`embedfit sweep`: every backbone x every model on identical splits, ranked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from embedfit.cli.app import app, err, out
+from embedfit.cli.options import Pool
+
+
+@app.command()
+def sweep(
+    data: Path = typer.Argument(..., help="Labeled image folder (class per sub-folder) or CSV."),
+    output: Path = typer.Option(Path("runs/sweep"), "-o", "--output", help="Sweep folder (re-running resumes)."),
+    backbone: list[str] = typer.Option([], "-b", "--backbone", help="Backbone to try; repeat for several "
+                                       "(default: every one with weights on disk, smallest first)."),
+    model: list[str] = typer.Option(["logreg"], "-m", "--model", help="Classifier to fit on each; repeat."),
+    test: Path | None = typer.Option(None, help="Labeled test folder: evaluate on it instead of CV."),
+    layer: list[str] = typer.Option([], help="Layer to embed from, on every backbone; repeat to sweep layers "
+                                     "(transformers: a block, blocks.8 or -4)."),
+    pool: Pool | None = typer.Option(None, help="Pooling (default: each backbone's own)."),
+    resolution: int | None = typer.Option(None, min=16, help="Input size for every backbone (default: each one's)."),
+    metric: str = typer.Option("accuracy", help="accuracy, balanced_accuracy or f1_macro: what ranks them."),
+    cv: int = typer.Option(5, min=2, help="Stratified k-fold folds (the same folds for every entry)."),
+    repeats: int = typer.Option(1, min=1, help="Repetitions of the k-fold (more pairs, a surer ranking)."),
+    device: str = typer.Option("auto", help="Extraction device: auto, cpu, cuda, cuda:N or mps."),
+    batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass (default: by device)."),
+    seed: int = typer.Option(0, help="Random seed of the folds and models."),
+) -> None:
+    """Extract each backbone once, fit every model on identical folds, and rank them with a paired interval."""
+    from embedfit.sweep import SweepConfig, read_sweep
+    from embedfit.sweep import sweep as run_sweep
+
+    config = SweepConfig(backbones=tuple(backbone), models=tuple(model), layers=tuple(layer) or (None,),
+                         pool=pool.value if pool else None, resolution=resolution, test=test, metric=metric, cv=cv,
+                         repeats=repeats, seed=seed, device=device, batch_size=batch_size,
+                         progress=err.is_terminal)
+    result = run_sweep(data, output, config, on_event=lambda line: err.print(line, markup=False, soft_wrap=True))
+    print_sweep(out, read_sweep(output))
+    out.print(f"sweep: {output}/leaderboard.md, {output}/sweep.json ({result.seconds:.0f} s); "
+              f"embedfit report {output} draws it", soft_wrap=True)
+
+
+def print_sweep(console: Console, state: dict[str, Any]) -> None:
+    """The leaderboard, best first, then the verdict and any backbone that failed."""
+    from embedfit.sweep import LEADERBOARD_HEADER, _cells, verdict
+
+    table = Table(*LEADERBOARD_HEADER)
+    for e in state["entries"]:
+        table.add_row(*_cells(e))
+    console.print(table)
+    console.print(verdict(state["entries"], state["comparisons"]), markup=False, soft_wrap=True)
+    for f in state.get("failures", []):
+        console.print(f"  failed: {f['backbone']}: {f['error']}", markup=False, soft_wrap=True)

@@ -1,0 +1,463 @@
+"""Backbone sweep: extract each backbone once, fit every model on identical splits, rank them with a paired test.
+
+Layout of a sweep folder:
+
+    sweep.json          the plan, every finished (backbone, model) result, the ranking (rewritten atomically
+                        after each backbone: a kill loses at most the backbone in progress)
+    leaderboard.md      the same as a table
+    stores/KEY.h5       one feature store per backbone (and KEY.test.h5 for `test`); re-runs reuse or resume them
+    runs/KEY-MODEL/     a run directory per fit (`embedfit predict` and `embedfit report` take them)
+
+Every model is scored on the same cross-validation folds (the folds depend only on the labels and the seed, and
+every store holds the same images) or on the same test images, so two entries are compared pairwise: fold by fold
+(a t-interval with Nadeau and Bengio's correction for overlapping training sets) or image by image (a paired
+bootstrap on the test set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import html
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embedfit.errors import EmbedfitError, ExtractionInterrupted, InputError, UsageError, check_output_file
+
+SWEEP_FILE = "sweep.json"
+
+
+LEADERBOARD_FILE = "leaderboard.md"
+
+
+METRICS = ("accuracy", "balanced_accuracy", "f1_macro")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What to sweep (the `embedfit sweep` options, one field each).
+
+    Attributes:
+        backbones: Backbone names; empty: every backbone whose weights are on disk, smallest first.
+        models: Classifiers fitted on each backbone's features (`embedfit.fitting.MODELS`).
+        layers: Layers to embed from, each swept on every backbone (None: pre-logits).
+        pool: Pooling (None: each backbone's own default).
+        resolution: Input size for every backbone (None: each one's default).
+        test: A labeled image folder to evaluate on instead of cross-validation.
+        metric: What ranks the entries: accuracy, balanced_accuracy or f1_macro.
+        cv: Cross-validation folds.
+        repeats: Repetitions of the k-fold (more paired folds: a surer ranking).
+        seed: Seed of the folds and models.
+        device: Extraction device.
+        batch_size: Extraction batch size (None: by device).
+        workers: Decoding processes (None: by device).
+        progress: Show the extraction progress bar.
+    """
+
+    backbones: tuple[str, ...] = ()
+    models: tuple[str, ...] = ("logreg",)
+    layers: tuple[str | None, ...] = (None,)
+    pool: str | None = None
+    resolution: int | None = None
+    test: str | Path | None = None
+    metric: str = "accuracy"
+    cv: int = 5
+    repeats: int = 1
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    progress: bool = False
+
+
+@dataclass
+class SweepResult:
+    """What `sweep()` produced: entries best first, the comparison of the best with the others, the folder."""
+
+    folder: Path
+    entries: list[dict[str, Any]]
+    comparisons: list[dict[str, Any]]
+    failures: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return self.entries[0] if self.entries else None
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.entries, self.comparisons)
+
+
+def default_backbones() -> list[str]:
+    """Backbones usable offline here (weights on disk), smallest first (no torch: from the catalogue)."""
+    from embedfit.backbones.catalogue import list_infos
+
+    infos = [i for i in list_infos() if i.offline]
+    return [i.name for i in sorted(infos, key=lambda i: (i.params or math.inf, i.name))]
+
+
+def candidate_key(backbone: str, layer: str | None) -> str:
+    """A file-name-safe key per (backbone, layer): 'dinov2_vits14', 'timm_vit_small@-4'."""
+    key = backbone + (f"@{layer}" if layer else "")
+    return re.sub(r"[^A-Za-z0-9_.@+-]", "_", key)
+
+
+def sweep(data: str | Path, output: str | Path, config: SweepConfig | None = None, *,
+          on_event: Callable[[str], None] | None = None, **options: Any) -> SweepResult:
+    """Extract every backbone into its store, fit every model on identical splits, rank them.
+
+    Args:
+        data: Labeled image folder (class per sub-folder) or CSV.
+        output: The sweep folder (created; a re-run reuses its stores and finished fits).
+        config: What to sweep; keyword `options` override its fields.
+        on_event: Called with one line per step ("[2/3] efficientnet_lite1: extracting"), for progress.
+
+    Returns:
+        A `SweepResult`; `sweep.json` and `leaderboard.md` in `output` hold the same.
+
+    Raises:
+        UsageError: Unknown backbone, model or metric; no backbone usable offline.
+        ExtractionInterrupted: Ctrl-C; finished backbones are saved, a re-run resumes.
+    """
+    from embedfit.backbones.registry import check_backbone_name
+    from embedfit.fitting.models import check_model_name
+
+    try:
+        config = dataclasses.replace(config or SweepConfig(), **options)
+    except TypeError as exc:
+        raise UsageError(f"unknown sweep option: {exc}") from None
+    emit = on_event or (lambda _line: None)
+    if config.metric not in METRICS:
+        raise UsageError(f"unknown metric '{config.metric}'; choose one of {', '.join(METRICS)}")
+    if not config.models:
+        raise UsageError("give at least one model")
+    for model in config.models:
+        check_model_name(model)
+    backbones = list(dict.fromkeys(config.backbones)) or default_backbones()
+    if not backbones:
+        raise UsageError("no backbone has its weights on disk here (`embedfit backbones` shows where they go); "
+                         "name one with --backbone")
+    for name in backbones:
+        check_backbone_name(name)
+    if not Path(data).exists():
+        raise InputError(f"{data} does not exist")
+    if config.test is not None and not Path(config.test).exists():
+        raise InputError(f"test data {config.test} does not exist")
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--output {folder} is a file; give a folder for the sweep")
+    (folder / "stores").mkdir(parents=True, exist_ok=True)
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
+
+    plan = [(b, layer) for b in backbones for layer in config.layers]
+    settings = _fit_settings(config)
+    previous = _previous_entries(folder, settings)
+    entries: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
+    t_start = time.perf_counter()
+
+    def save(done: int) -> None:
+        comparisons = compare_entries(entries, config.metric)
+        write_sweep(folder, {
+            "data": str(Path(data).resolve()), "test": str(Path(config.test).resolve()) if config.test else None,
+            "settings": settings, "plan": [candidate_key(b, layer) for b, layer in plan], "done": done,
+            "complete": done == len(plan), "entries": rank(entries, config.metric), "comparisons": comparisons,
+            "failures": failures, "seconds": time.perf_counter() - t_start,
+        })
+
+    save(0)
+    for i, (backbone, layer) in enumerate(plan):
+        key = candidate_key(backbone, layer)
+        step = f"[{i + 1}/{len(plan)}] {key}"
+        try:
+            emit(f"{step}: extracting")
+            stores = _extract(data, folder, key, backbone, layer, config)
+            for model in config.models:
+                entry = previous.get((key, model))
+                if entry is not None and entry["store_fingerprint"] == stores["fingerprint"]:
+                    emit(f"{step}: {model} already fitted")
+                else:
+                    emit(f"{step}: fitting {model}")
+                    entry = _fit(folder, key, backbone, layer, model, stores, config)
+                entries.append(entry)
+                emit(f"{step}: {model} {config.metric} {entry['score']:.3f} ± {entry['score_std']:.3f}")
+        except ExtractionInterrupted as exc:
+            save(i)
+            if exc.exit_code == 130:
+                raise ExtractionInterrupted(f"sweep interrupted at {key}: {len(entries)} results are saved in "
+                                            f"{folder / SWEEP_FILE}; re-run the same command to resume") from None
+            failures.append({"backbone": key, "error": str(exc)})
+            emit(f"{step}: failed: {exc}")
+        except EmbedfitError as exc:  # one backbone that cannot run (no weights, a layer it lacks) stops only itself
+            failures.append({"backbone": key, "error": str(exc)})
+            emit(f"{step}: failed: {exc}")
+        save(i + 1)
+    ranked = rank(entries, config.metric)
+    return SweepResult(folder, ranked, compare_entries(entries, config.metric), failures,
+                       time.perf_counter() - t_start)
+
+
+def _fit_settings(config: SweepConfig) -> dict[str, Any]:
+    """What makes a fit reusable on a re-run (with the store's fingerprint)."""
+    return {"metric": config.metric, "cv": config.cv, "repeats": config.repeats, "seed": config.seed,
+            "evaluation": "test" if config.test else "cv"}
+
+
+def _previous_entries(folder: Path, settings: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Finished fits of an earlier run of the same sweep, reusable when their store has not changed."""
+    try:
+        state = json.loads((folder / SWEEP_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    same = {k: v for k, v in state.get("settings", {}).items() if k != "metric"}
+    if same != {k: v for k, v in settings.items() if k != "metric"}:
+        return {}
+    return {(e["backbone"], e["model"]): e for e in state.get("entries", [])
+            if (Path(e["run"]) / "metrics.json").is_file()}
+
+
+def _extract(data: str | Path, folder: Path, key: str, backbone: str, layer: str | None,
+             config: SweepConfig) -> dict[str, Any]:
+    from embedfit.extraction.local import extract
+    from embedfit.extraction.settings import ExtractConfig
+    from embedfit.store import FeatureStore
+
+    extract_config = ExtractConfig(backbone=backbone, layer=layer, pool=config.pool, resolution=config.resolution,
+                                   device=config.device, batch_size=config.batch_size, workers=config.workers,
+                                   progress=config.progress)
+    train = folder / "stores" / f"{key}.h5"
+    extract(data, train, extract_config)
+    store = FeatureStore.open(train)
+    out = {"store": train, "fingerprint": store.fingerprint, "spec": store.spec.to_dict(),
+           "extract_seconds": float(store.attrs.get("extract_seconds", 0.0)),
+           "images": int(store.attrs.get("n_ok", 0)) + int(store.attrs.get("n_failed", 0)), "test_store": None}
+    if config.test is not None:
+        test = folder / "stores" / f"{key}.test.h5"
+        extract(config.test, test, extract_config, class_names=store.class_names)
+        test_store = FeatureStore.open(test)
+        out["test_store"] = test
+        out["fingerprint"] += ":" + test_store.fingerprint
+        out["extract_seconds"] += float(test_store.attrs.get("extract_seconds", 0.0))
+        out["images"] += int(test_store.attrs.get("n_ok", 0)) + int(test_store.attrs.get("n_failed", 0))
+    return out
+
+
+def _fit(folder: Path, key: str, backbone: str, layer: str | None, model: str, stores: dict[str, Any],
+         config: SweepConfig) -> dict[str, Any]:
+    from embedfit.fitting.cv import fit
+
+    run_dir = folder / "runs" / f"{key}-{model}"
+    result = fit(stores["store"], model, output=run_dir, cv=config.cv, repeats=config.repeats, seed=config.seed,
+                 test_store=stores["test_store"])
+    scores, timing, spec = result.metrics["scores"], result.metrics["timing"], stores["spec"]
+    rows = sorted((p["path"], p["label"], p["predicted"]) for p in result.predictions)
+    seconds = stores["extract_seconds"]
+    return {
+        "backbone": key, "name": backbone, "layer": spec["layer"], "pool": spec["pool"],
+        "input_size": list(spec["input_size"]), "embedding_dim": spec["embedding_dim"], "model": model,
+        "score": scores[config.metric]["mean"], "score_std": scores[config.metric]["std"],
+        "folds": scores[config.metric]["folds"],
+        "scores": {m: {"mean": s["mean"], "std": s["std"]} for m, s in scores.items()},
+        "evaluation": "test" if stores["test_store"] else "cv", "cv": config.cv, "repeats": config.repeats,
+        "n_samples": result.metrics["n_samples"],
+        "extract_seconds": seconds, "images_per_second": stores["images"] / seconds if seconds > 0 else 0.0,
+        "fit_seconds": float(timing["cv_seconds"]) + float(timing["fit_seconds"]),
+        # The images scored (path, label) identify the pairing; labels and predictions feed the bootstrap.
+        "rows": hashlib.sha256(json.dumps([r[:2] for r in rows]).encode()).hexdigest()[:16],
+        "labels": [r[1] for r in rows], "predicted": [r[2] for r in rows],
+        "run": str(run_dir), "store": str(stores["store"]), "store_fingerprint": stores["fingerprint"],
+    }
+
+
+def rank(entries: Sequence[dict[str, Any]], metric: str = "accuracy") -> list[dict[str, Any]]:
+    """Best first: by the mean score, then by the cheaper extraction."""
+    return sorted(entries, key=lambda e: (-e["score"], e["extract_seconds"]))
+
+
+def _metric(metric: str, labels: Any, predicted: Any) -> float:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    if metric == "accuracy":
+        return float(accuracy_score(labels, predicted))
+    if metric == "balanced_accuracy":
+        return float(balanced_accuracy_score(labels, predicted))
+    return float(f1_score(labels, predicted, average="macro", zero_division=0))
+
+
+def paired_interval(best: dict[str, Any], other: dict[str, Any], metric: str = "accuracy", *,
+                    level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """How much `best` beats `other`, with a `level` interval from the same folds or the same test images.
+
+    Cross-validation: the fold-by-fold differences with a t-interval whose variance carries Nadeau and Bengio's
+    correction (1/J + n_test/n_train), since folds share training images and plain t-intervals are too narrow.
+    A test set: a paired bootstrap over its images.
+    """
+    import numpy as np
+    from scipy import stats
+
+    diff = best["score"] - other["score"]
+    out: dict[str, Any] = {"backbone": other["backbone"], "model": other["model"], "difference": diff}
+    if best["rows"] != other["rows"]:
+        return {**out, "method": "unpaired (different images)", "low": None, "high": None, "sure": False}
+    if best["evaluation"] == "cv" and len(best["folds"]) == len(other["folds"]) > 1:
+        d = np.asarray(best["folds"]) - np.asarray(other["folds"])
+        j, k = len(d), int(best.get("cv", len(d)))
+        ratio = 1 / (k - 1)  # test / train share of a k-fold
+        se = math.sqrt((1 / j + ratio) * float(np.var(d, ddof=1)))
+        half = float(stats.t.ppf(0.5 + level / 2, j - 1)) * se
+        low, high = float(d.mean()) - half, float(d.mean()) + half
+        method = f"paired over {j} CV folds (corrected t-interval)"
+    else:
+        rng = np.random.default_rng(seed)
+        names = sorted(set(best["labels"]) | set(best["predicted"]) | set(other["predicted"]))
+        code = {n: i for i, n in enumerate(names)}
+        y = np.array([code[v] for v in best["labels"]])
+        pa, pb = np.array([code[v] for v in best["predicted"]]), np.array([code[v] for v in other["predicted"]])
+        boots = []
+        for _ in range(n_boot):
+            idx = rng.integers(0, len(y), len(y))
+            boots.append(_metric(metric, y[idx], pa[idx]) - _metric(metric, y[idx], pb[idx]))
+        low, high = (float(v) for v in np.quantile(boots, [0.5 - level / 2, 0.5 + level / 2]))
+        method = f"paired bootstrap over {len(y)} test images"
+    return {**out, "low": low, "high": high, "method": method, "sure": low > 0}
+
+
+def compare_entries(entries: Sequence[dict[str, Any]], metric: str = "accuracy") -> list[dict[str, Any]]:
+    """The best entry against each other one (`paired_interval`), in ranking order."""
+    ranked = rank(entries, metric)
+    return [paired_interval(ranked[0], e, metric) for e in ranked[1:]]
+
+
+def verdict(entries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, Any]]) -> str:
+    """One sentence naming the best and how sure the ranking is."""
+    if not entries:
+        return "no backbone finished"
+    best = entries[0]
+    line = f"best: {best['backbone']} + {best['model']} ({best['score']:.3f} ± {best['score_std']:.3f})"
+    if not comparisons:
+        return line
+    c = comparisons[0]
+    if c["low"] is None:
+        return line + f"; ahead of {c['backbone']} + {c['model']} by {c['difference']:.3f} ({c['method']})"
+    how = "ahead of" if c["sure"] else "not distinguishable from"
+    return (line + f"; {how} the runner-up {c['backbone']} + {c['model']} by {c['difference']:+.3f} "
+            f"(95% CI {c['low']:+.3f} to {c['high']:+.3f}, {c['method']})")
+
+
+def write_sweep(folder: Path, state: dict[str, Any]) -> None:
+    """sweep.json and leaderboard.md, each replaced whole (a kill never leaves half a file)."""
+    _atomic_write(folder / SWEEP_FILE, json.dumps(state, indent=1, default=str) + "\n")
+    _atomic_write(folder / LEADERBOARD_FILE, to_markdown(state))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _cells(e: dict[str, Any]) -> list[str]:
+    size = "x".join(str(s) for s in e["input_size"])
+    return [e["backbone"], e["model"], f"{e['score']:.3f} ± {e['score_std']:.3f}", str(e["embedding_dim"]),
+            size, e["pool"], f"{e['images_per_second']:.1f}", f"{e['extract_seconds']:.1f}",
+            f"{e['fit_seconds']:.1f}"]
+
+
+LEADERBOARD_HEADER = ("backbone", "model", "score ± spread", "dim", "input", "pool", "extract img/s",
+                      "extract s", "fit s")
+
+
+def to_markdown(state: dict[str, Any]) -> str:
+    """The leaderboard as a Markdown table, with the verdict and the paired comparisons."""
+    metric = state["settings"]["metric"]
+    entries, comparisons = state["entries"], state["comparisons"]
+    lines = [f"# Sweep: {metric} ({state['done']}/{len(state['plan'])} backbones done)", "",
+             f"{verdict(entries, comparisons)}", "",
+             "| " + " | ".join(LEADERBOARD_HEADER) + " |", "|" + "---|" * len(LEADERBOARD_HEADER)]
+    lines += ["| " + " | ".join(_cells(e)) + " |" for e in entries]
+    if comparisons:
+        lines += ["", "Best against each other entry (difference in " + metric + ", 95% interval):", ""]
+        for c in comparisons:
+            ci = "n/a" if c["low"] is None else f"{c['low']:+.3f} to {c['high']:+.3f}"
+            lines.append(f"- {c['backbone']} + {c['model']}: {c['difference']:+.3f} ({ci}; {c['method']})"
+                         + (" — sure" if c["sure"] else ""))
+    for f in state.get("failures", []):
+        lines.append(f"- failed: {f['backbone']}: {f['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def read_sweep(folder: str | Path) -> dict[str, Any]:
+    """The state of a sweep folder (sweep.json)."""
+    path = Path(folder) / SWEEP_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{folder} is not a sweep folder (no {SWEEP_FILE})") from None
+    except ValueError as exc:
+        raise InputError(f"{path} is damaged ({exc})") from None
+
+
+def is_sweep_folder(path: str | Path) -> bool:
+    return (Path(path) / SWEEP_FILE).is_file()
+
+
+def build_sweep_report(folder: str | Path, output: str | Path) -> Path:
+    """A self-contained HTML page: the leaderboard, the verdict and score against extraction cost."""
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    check_output_file(output)
+    state = read_sweep(folder)
+    entries, metric = state["entries"], state["settings"]["metric"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in sorted({e["model"] for e in entries}):
+        pts = [e for e in entries if e["model"] == model]
+        cost = [1000 / e["images_per_second"] if e["images_per_second"] else float("nan") for e in pts]
+        ax.errorbar(cost, [e["score"] for e in pts], yerr=[e["score_std"] for e in pts], fmt="o", capsize=3,
+                    label=model)
+        for e, x in zip(pts, cost, strict=True):
+            ax.annotate(e["backbone"], (x, e["score"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("extraction cost (ms per image)")
+    ax.set_ylabel(f"{metric} (mean ± std over folds)")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    plot = base64.b64encode(buf.getvalue()).decode()
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in LEADERBOARD_HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(e)) + "</tr>" for e in entries)
+    comps = "".join(f"<li>{html.escape(c['backbone'])} + {html.escape(c['model'])}: {c['difference']:+.3f} ("
+                    + ("n/a" if c["low"] is None else f"{c['low']:+.3f} to {c['high']:+.3f}")
+                    + f"; {html.escape(c['method'])})</li>" for c in state["comparisons"])
+    doc = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>embedfit sweep</title>
+<style>body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }} img {{ max-width: 100%; }}</style></head><body>
+<h1>embedfit sweep</h1>
+<section id="sweep-leaderboard"><h2>Leaderboard ({html.escape(metric)})</h2>
+<p>{html.escape(verdict(entries, state["comparisons"]))}</p>
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<ul>{comps}</ul></section>
+<section id="sweep-cost"><h2>Score against extraction cost</h2>
+<img alt="score against extraction cost" src="data:image/png;base64,{plot}"></section>
+</body></html>"""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(doc, encoding="utf-8")
+    return output
