@@ -37,6 +37,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	cd benchmarks && EMBEDFIT_OFFLINE=1 ../$(BIN)/python bench_extract.py --images 1000 --rounds 5 --ablations
 	cd benchmarks && ../$(BIN)/python bench_fit.py --n 10000 --dim 1280
+	cd benchmarks && ../$(BIN)/python bench_startup.py --repeats 5
 	cd benchmarks && EMBEDFIT_OFFLINE=1 ../$(BIN)/python bench_memory.py --device cpu --counts 1000 10000
 
 lint: $(VENV)/.installed
