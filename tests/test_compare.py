@@ -80,7 +80,21 @@ def test_compare_runs_every_arm_on_identical_splits(shared_tree: Path, tmp_path:
     md = (out / "compare.md").read_text()
     assert md.count("|") > 20 and md.rstrip().splitlines()[-1] == f"Recommendation: {result['recommendation']}"
     assert printed.out.rstrip().splitlines()[-1].startswith("Recommendation: ")
-    assert "split 1/2" in printed.err  # progress, as plain lines when stderr is not a terminal
+
+
+def test_progress_is_plain_lines_at_most_every_few_seconds_off_a_terminal() -> None:
+    import io
+
+    from rich.console import Console
+
+    from embedfit.cli.train import _Progress
+
+    stream = io.StringIO()
+    with _Progress(Console(file=stream), every=0) as progress:
+        progress("split 1/3: fine-tune: epoch 1/3")
+    with _Progress(Console(file=stream), every=60) as progress:
+        progress("split 2/3: not shown: too soon")
+    assert stream.getvalue().count("\n") == 1 and "s] split 1/3: fine-tune: epoch 1/3" in stream.getvalue()
 
 
 @pytest.mark.slow

@@ -174,8 +174,7 @@ class _Progress:
         self.status: Any = None
 
     def __enter__(self) -> _Progress:
-        self.start = time.monotonic()
-        self.last = -self.every
+        self.start = self.last = time.monotonic()  # the first line after `every` s: a quick error stays one line
         if self.console.is_terminal:
             self.status = self.console.status("starting")
             self.status.__enter__()
