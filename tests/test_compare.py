@@ -1,4 +1,5 @@
-"""The comparison: every arm on identical seeded splits, spreads over splits, the learning curve, as-is mapping."""
+"""The comparison: every arm on identical seeded splits, intervals, a recommendation, the test folder, the as-is
+arm on real folder names, the learning curve."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_tree
 from PIL import Image
 
 from embedfit.cli import main
 from embedfit.errors import UsageError
-from embedfit.training.classify import imagenet_mapping
-from embedfit.training.compare import compare
+from embedfit.training.compare import _single_class, _tick_labels, compare, parse_arms, recommend
+from embedfit.training.finetune import TrainConfig
 
 
 def _val_paths(run_dir: Path) -> list[str]:
@@ -21,65 +23,198 @@ def _val_paths(run_dir: Path) -> list[str]:
         return sorted(row["path"] for row in csv.DictReader(f))
 
 
+def _photos(root: Path, names: tuple[str, str] = ("cats", "espressos"), n: int = 4, offset: int = 0) -> Path:
+    """Real photos of two ImageNet things (skimage's chelsea the cat, a coffee), n crops each."""
+    from skimage import data
+
+    for folder, image in zip(names, (data.chelsea(), data.coffee()), strict=True):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        h, w = image.shape[:2]
+        for i in range(n):
+            frac = 1.0 - 0.07 * (i + offset)  # different crops, mirrored every other one
+            crop = image[: int(h * frac), w - int(w * frac):]
+            crop = crop[:, ::-1] if i % 2 else crop
+            Image.fromarray(np.ascontiguousarray(crop)).save(root / folder / f"{i + offset}.jpg")
+    return root
+
+
+@pytest.mark.slow
 def test_compare_runs_every_arm_on_identical_splits(shared_tree: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cmp"
-    assert main(["compare", str(shared_tree), "-o", str(out), "--epochs", "1", "--sizes", "2,all", "--repeats", "2",
-                 "--val-size", "0.5", "--device", "cpu"]) == 0
+    assert main(["compare", str(shared_tree), "-o", str(out), "--epochs", "1", "--sizes", "2,all,50", "--repeats",
+                 "2", "--val-size", "0.5", "--device", "cpu"]) == 0
     result = json.loads((out / "compare.json").read_text())
     assert list(result["arms"]) == ["as-is", "linear probe", "fine-tune", "scratch"]
     as_is = result["arms"]["as-is"]
-    assert as_is["applicable"] is False and "ImageNet" in as_is["reason"]  # textures are not ImageNet classes
+    # textures are not ImageNet classes, and the reason names them
+    assert as_is["applicable"] is False and "'brick'" in as_is["reason"] and "--imagenet-map" in as_is["reason"]
     for name in ("linear probe", "fine-tune", "scratch"):
         arm = result["arms"][name]
         assert len(arm["accuracy_runs"]) == 2 and arm["seconds"] > 0
         assert arm["accuracy"] == pytest.approx(np.mean(arm["accuracy_runs"]))
         assert arm["accuracy_std"] == pytest.approx(np.std(arm["accuracy_runs"]))
+        lo, hi = arm["accuracy_ci"]
+        assert 0 <= lo <= arm["accuracy"] <= hi <= 1
     assert result["arms"]["linear probe"]["accuracy"] > 0.8  # well above 1/3 chance on three textures
     assert result["seeds"] == [0, 1] and result["val_images"] == 12
-    # learning curve: 2 per class, then the whole training split (4 per class after the 50% split)
+    # paired differences from the best arm, with intervals
+    comparisons = result["comparisons"]
+    assert comparisons["vs"] not in comparisons["arms"] and len(comparisons["arms"]) == 2
+    for c in comparisons["arms"].values():
+        assert c["ci"][0] <= c["difference"] <= c["ci"][1]
+    # learning curve: 2 per class, then the whole training split (4 per class after the 50% split); 50 is named
     assert [(p["per_class"], p["all"]) for p in result["learning_curve"]] == [(2, False), (4, True)]
     assert result["learning_curve"][-1]["probe_runs"] == result["arms"]["linear probe"]["accuracy_runs"]
-    # fine-tune and scratch were scored on the same validation images
+    assert result["learning_curve_skipped"] == [{"per_class": 50,
+                                                 "reason": "the training split has 4 images per class"}]
+    # fine-tune and scratch were scored on the same validation images; the kept fine-tune model is refit on all 24
     assert _val_paths(out / "fine-tune") == _val_paths(out / "scratch")
     assert len(_val_paths(out / "fine-tune")) == 12
     assert json.loads((out / "scratch" / "model.json").read_text())["model"] == "scratch"
+    assert json.loads((out / "fine-tune" / "model.json").read_text())["refit"]["train_images"] == 24
     assert (out / "learning_curve.png").stat().st_size > 0
-    printed = capsys.readouterr().out
-    assert "linear probe" in printed and "not applicable" in printed
-    assert (out / "compare.md").read_text().count("|") > 20
+    printed = capsys.readouterr()
+    assert "linear probe" in printed.out and "not applicable" in printed.out
+    assert "50 per class skipped" in printed.out and "learning_curve.png" in printed.out
+    md = (out / "compare.md").read_text()
+    assert md.count("|") > 20 and md.rstrip().splitlines()[-1] == f"Recommendation: {result['recommendation']}"
+    assert printed.out.rstrip().splitlines()[-1].startswith("Recommendation: ")
 
 
-def test_as_is_arm_scores_classes_that_map_to_imagenet(tmp_path: Path) -> None:
-    from skimage import data
+def test_progress_is_plain_lines_at_most_every_few_seconds_off_a_terminal() -> None:
+    import io
 
-    for folder, image in (("cat", data.chelsea()), ("espresso", data.coffee())):
-        (tmp_path / "photos" / folder).mkdir(parents=True)
-        h, w = image.shape[:2]
-        for i, frac in enumerate((1.0, 0.9, 0.8, 0.7)):  # different crops, mirrored every other one
-            crop = image[: int(h * frac), w - int(w * frac):]
-            crop = crop[:, ::-1] if i % 2 else crop
-            Image.fromarray(np.ascontiguousarray(crop)).save(tmp_path / "photos" / folder / f"{i}.jpg")
-    result = compare(tmp_path / "photos", tmp_path / "out", epochs=1, sizes=(), repeats=1, val_size=0.5,
-                     device="cpu")
+    from rich.console import Console
+
+    from embedfit.cli.train import _Progress
+
+    stream = io.StringIO()
+    with _Progress(Console(file=stream), every=0) as progress:
+        progress("split 1/3: fine-tune: epoch 1/3")
+    with _Progress(Console(file=stream), every=60) as progress:
+        progress("split 2/3: not shown: too soon")
+    assert stream.getvalue().count("\n") == 1 and "s] split 1/3: fine-tune: epoch 1/3" in stream.getvalue()
+
+
+@pytest.mark.slow
+def test_compare_with_a_test_folder_scores_every_arm_on_the_same_images(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Plural folder names ('cats', 'espressos') map onto ImageNet; every arm is scored on the test folder."""
+    train_dir, test_dir = _photos(tmp_path / "photos"), _photos(tmp_path / "photos_test", n=3, offset=4)
+    (test_dir / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    out = tmp_path / "out"
+    assert main(["compare", str(train_dir), "--test", str(test_dir), "-o", str(out), "--epochs", "1",
+                 "--sizes", "all", "--repeats", "1", "--val-size", "0.5", "--device", "cpu"]) == 0
+    result = json.loads((out / "compare.json").read_text())
     as_is = result["arms"]["as-is"]
     assert as_is["applicable"] is True and as_is["accuracy"] == 1.0
-    assert "Egyptian cat" in as_is["imagenet_classes"]["cat"] and as_is["imagenet_classes"]["espresso"] == ["espresso"]
-    assert result["learning_curve"] == []
+    assert as_is["mapping"]["classes"]["espressos"]["names"] == ["espresso"]
+    assert "tabby, tabby cat" in as_is["imagenet_classes"]["cats"]
+    assert 0 <= as_is["top1_mapped"] <= 1 and "top1_mapped" in as_is["test"]
+    assert result["test"]["images"] == 6 and result["test"]["excluded"][0]["path"].endswith("broken.jpg")
+    for name, arm in result["arms"].items():
+        assert arm["test"]["images"] == 6, name
+        lo, hi = arm["test"]["accuracy_ci"]
+        assert lo <= arm["test"]["accuracy"] <= hi, name
+    assert result["scored_on"] == "test" and result["comparisons"]["on"] == "test"
+    with open(out / "test_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and set(rows[0]) == {"path", "label", "as-is", "linear probe", "fine-tune", "scratch"}
+    # the trained arms' kept models were refit on all 8 training images and scored on the test images
+    for arm in ("fine-tune", "scratch"):
+        assert json.loads((out / arm / "model.json").read_text())["refit"]["train_images"] == 8
+        assert len(_val_paths(out / arm)) == 6
+    printed = capsys.readouterr().out
+    md = (out / "compare.md").read_text()
+    for text in (printed, md):
+        assert "broken.jpg" in text and "'espresso'" in text and "Recommendation: " in text
 
 
-def test_imagenet_mapping_uses_whole_names(lite0) -> None:
-    names = lite0.class_names
-    mapping = imagenet_mapping(["cat", "espresso"], names)
-    cats = [names[i] for i in mapping[0]]
-    assert "tabby, tabby cat" in cats and not any("catamaran" in c for c in cats)
-    assert [names[i] for i in mapping[1]] == ["espresso"]  # not "espresso maker"
-    assert imagenet_mapping(["brick", "grass"], names) is None  # no ImageNet class named brick
-    assert imagenet_mapping(["cat", "tabby"], names) is None  # two classes claim the tabby
+def test_as_is_arm_names_unmapped_classes_and_takes_an_explicit_map(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    tree = write_tree(tmp_path / "tex", per_class=3)
+    (tree / "brick" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    out = tmp_path / "out"
+    assert main(["compare", str(tree), "-o", str(out), "--arms", "as-is", "--sizes", "all", "--repeats", "1",
+                 "--val-size", "0.5", "--device", "cpu"]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert list(result["arms"]) == ["as-is"]
+    assert "'brick'" in result["arms"]["as-is"]["reason"] and "'grass'" in result["arms"]["as-is"]["reason"]
+    assert result["excluded"] == [{"path": "brick/broken.jpg", "reason": result["excluded"][0]["reason"]}]
+    printed = capsys.readouterr().out
+    assert "brick/broken.jpg" in printed and "not applicable" in printed
+    assert "learning_curve.png" not in printed and not (out / "learning_curve.png").exists()  # no curve: none
+    mapping = tmp_path / "map.csv"
+    mapping.write_text("class,imagenet_class\nbrick,stone wall\ngrass,lawn mower\ngravel,n09421951\n")
+    assert main(["compare", str(tree), "-o", str(out), "--arms", "as-is,probe", "--imagenet-map", str(mapping),
+                 "--sizes", "all", "--repeats", "1", "--val-size", "0.5", "--device", "cpu"]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    as_is = result["arms"]["as-is"]
+    assert as_is["applicable"] and as_is["mapping"]["source"] == str(mapping)
+    assert as_is["imagenet_classes"]["brick"] == ["stone wall"]
+    assert list(result["arms"]) == ["as-is", "linear probe"]
+    assert "stone wall" in capsys.readouterr().out
+
+
+def test_learning_curve_sizes_train_for_comparable_steps(shared_tree: Path, tmp_path: Path) -> None:
+    """The whole split (12 images, batch 2) gets 6 steps in 1 epoch; 1 image per class (3 images) gets 2 steps
+    per epoch, so 3 epochs, not 1."""
+    result = compare(shared_tree, tmp_path / "out", arms="finetune", epochs=1, sizes=(1,), repeats=1,
+                     val_size=0.5, device="cpu", finetune=TrainConfig(batch_size=2, augment=()))
+    assert [(p["per_class"], p["epochs"]) for p in result["learning_curve"]] == [(1, 3)]
+    assert list(result["arms"]) == ["fine-tune"] and result["recommendation"].startswith("fine-tune")
+
+
+@pytest.mark.slow
+def test_freeze_and_augment_policies_run_as_arms(shared_tree: Path, tmp_path: Path) -> None:
+    result = compare(shared_tree, tmp_path / "out", arms=["finetune"], epochs=1, sizes=(), repeats=1,
+                     val_size=0.5, device="cpu", freeze=["head", "all"], augment=[True, False])
+    names = ["fine-tune (head, augment)", "fine-tune (head, no augment)", "fine-tune (none, augment)",
+             "fine-tune (none, no augment)"]
+    assert list(result["arms"]) == names
+    assert result["arms"][names[1]]["augment"] == [] and result["arms"][names[2]]["freeze"] == "none"
+    assert (tmp_path / "out" / "fine-tune-head-no-augment" / "model.pt").is_file()
+
+
+def test_recommendation_is_drawn_from_the_numbers() -> None:
+    """The issue's numbers: the probe within noise of fine-tuning at 1/6 of its time."""
+    scores = {"linear probe": {"accuracy": 0.962, "seconds": 20.0}, "fine-tune": {"accuracy": 0.965, "seconds": 120},
+              "scratch": {"accuracy": 0.612, "seconds": 300.0}}
+    comparisons = {"best": "fine-tune", "linear probe": {"difference": -0.003, "ci": [-0.03, 0.02]},
+                   "scratch": {"difference": -0.35, "ci": [-0.45, -0.25]}}
+    line = recommend(scores, comparisons, "validation")
+    assert line.startswith("linear probe: within noise of fine-tune") and "1/6 of its time" in line
+    comparisons["linear probe"]["ci"] = [-0.02, -0.001]
+    assert recommend(scores, comparisons, "test").startswith("fine-tune: the most accurate on test images")
+    scores["as-is"] = {"accuracy": 0.974, "seconds": 1.0}
+    comparisons = {"best": "as-is", "linear probe": {"difference": -0.012, "ci": [-0.04, 0.01]},
+                   "fine-tune": {"difference": -0.009, "ci": [-0.03, 0.02]},
+                   "scratch": {"difference": -0.36, "ci": [-0.45, -0.25]}}
+    assert "with no training" in recommend(scores, comparisons, "validation")
+
+
+def test_single_class_predictions_are_named() -> None:
+    names = ["ants", "bees"]
+    assert _single_class(np.array([1, 1, 1]), np.array([0, 1, 1]), names) == "bees"
+    assert _single_class(np.array([1, 0, 1]), np.array([0, 1, 1]), names) is None
+
+
+def test_tick_labels_do_not_collide() -> None:
+    sizes = [5.0, 10.0, 25.0, 45.0, 50.0]
+    shown = _tick_labels(sizes, ["5", "10", "25", "45", "50\n(all)"], width_in=4.5)
+    assert shown == ["5", "10", "25", "", "50\n(all)"]  # 45 sits on top of 50
 
 
 def test_compare_rejects_bad_settings(shared_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UsageError, match="repeats"):
         compare(shared_tree, tmp_path / "x", repeats=0)
+    with pytest.raises(UsageError, match="--arms"):
+        parse_arms("probe,magic")
+    assert parse_arms("scratch,probe") == ["linear probe", "scratch"]
     assert main(["compare", str(shared_tree), "-o", str(tmp_path / "y"), "--sizes", "5,many"]) == 2
     assert "--sizes" in capsys.readouterr().err
+    assert main(["compare", str(shared_tree), "-o", str(tmp_path / "y"), "--augment", "maybe"]) == 2
+    assert "--augment" in capsys.readouterr().err
+    assert main(["compare", str(shared_tree), "-o", str(tmp_path / "y"), "--arms", "all"]) == 2
+    assert "--arms takes" in capsys.readouterr().err

@@ -78,7 +78,7 @@ def test_frozen_weights_stay_bit_identical(split) -> None:
 
 
 def test_discriminative_learning_rates_reach_the_optimizer(split) -> None:
-    result = train(split, TrainConfig(freeze="all", lr_head=3e-3, lr_backbone=2e-5, **{**FAST, "epochs": 1}))
+    result = train(split, TrainConfig(freeze="none", lr_head=3e-3, lr_backbone=2e-5, **{**FAST, "epochs": 1}))
     groups = {g["name"]: g["lr"] for g in result.optimizer.param_groups}
     assert groups == {"head": 3e-3, "backbone": 2e-5}
 
@@ -140,14 +140,49 @@ def test_saved_model_reloads_and_predicts_identically(shared_tree: Path, tmp_pat
 
 
 def test_scratch_trains_from_random_weights(split) -> None:
-    result = train(split, TrainConfig(pretrained=False, freeze="all", **{**FAST, "epochs": 1}))
+    result = train(split, TrainConfig(pretrained=False, freeze="none", **{**FAST, "epochs": 1}))
     assert result.model.backbone.spec.weights == "random" and len(result.epochs) == 2
 
 
 def test_config_validation() -> None:
-    for bad in (dict(freeze="some"), dict(augment=("blur",)), dict(epochs=0), dict(val_size=1.5)):
+    for bad in (dict(freeze="some"), dict(augment=("blur",)), dict(epochs=0), dict(val_size=1.5),
+                dict(validate_epochs=False)):
         with pytest.raises(UsageError):
             TrainConfig(**bad)
+
+
+def test_freeze_all_is_a_deprecated_name_for_none(caplog: pytest.LogCaptureFixture) -> None:
+    """--freeze all meant "nothing frozen"; it is now spelled none, and the old name says so."""
+    with caplog.at_level("WARNING", logger="embedfit"):
+        assert TrainConfig(freeze="all").freeze == "none"
+    assert "deprecated" in caplog.text and "--freeze none" in caplog.text
+    assert TrainConfig(freeze="none").freeze == "none"
+
+
+def test_classify_restricted_to_the_given_classes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--classes: the model chooses only among the user's classes (plural names map onto ImageNet); -o writes
+    the file without a table; a broken file is a row with its reason; the table shows the class folder."""
+    from skimage.data import chelsea, coffee
+
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "espressos").mkdir()
+    Image.fromarray(chelsea()).save(tmp_path / "cats" / "chelsea.jpg")
+    Image.fromarray(coffee()).save(tmp_path / "espressos" / "cup.jpg")
+    (tmp_path / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    rows = classify([tmp_path], classes=["cats", "espressos"], top=2, workers=0)
+    good = [r for r in rows if not r["error"]]
+    assert {(Path(r["path"]).name, r["class"]) for r in good if r["rank"] == 1} == {("chelsea.jpg", "cats"),
+                                                                                  ("cup.jpg", "espressos")}
+    assert sum(r["probability"] for r in good if r["path"].endswith("chelsea.jpg")) == pytest.approx(1.0)
+    assert [r["error"] != "" for r in rows if r["path"].endswith("broken.jpg")] == [True]
+    assert main(["classify", str(tmp_path), "--classes", "cats,espressos", "-o", str(tmp_path / "c.csv")]) == 0
+    printed = capsys.readouterr()
+    assert "3 images classified" in printed.out and "chelsea" not in printed.out  # no table
+    assert "'tabby'" in printed.err  # the mapping used
+    assert main(["classify", str(tmp_path / "cats" / "chelsea.jpg"), "--top", "1"]) == 0
+    assert "cats/chelsea.jpg" in capsys.readouterr().out
+    assert main(["classify", str(tmp_path), "--classes", "cats,widgets"]) == 2
+    assert "'widgets'" in capsys.readouterr().err
 
 
 def test_cli_finetune_and_scratch(shared_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from embedfit.backbones.spec import DEFAULT_BACKBONE
 from embedfit.cli.app import app, err, out
@@ -20,27 +24,48 @@ def classify(
     images: list[Path] = typer.Argument(..., help="Image files, folders or CSV lists."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone", help="Backbone with an ImageNet head."),
     top: int = typer.Option(5, min=1, help="Classes to show per image."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Also write the rows to this CSV."),
+    classes: str | None = typer.Option(None, "--classes",
+                                       help="Choose only among these classes (comma list, e.g. ants,bees), "
+                                            "mapped onto ImageNet classes by name."),
+    imagenet_map: Path | None = typer.Option(None, "--imagenet-map",
+                                             help="CSV of class,imagenet_class rows: the classes to choose among."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Write the rows to this CSV (no table)."),
     weights: Path | None = typer.Option(None, help="State-dict file instead of the default weights."),
     device: str = typer.Option("auto"),
 ) -> None:
     """Classify images with the pretrained ImageNet model as-is (top classes and probabilities)."""
-    from embedfit.errors import check_output_file, check_output_not_input
+    from embedfit.errors import UsageError, check_output_file, check_output_not_input
+    from embedfit.training.classify import class_mapping
     from embedfit.training.classify import classify as run_classify
 
     if output:
         check_output_file(output)
         check_output_not_input(output, [*images, *([weights] if weights else [])])
-    rows = run_classify(images, args_backbone(backbone), top=top, weights=_path_str(weights), device=device)
-    table = Table("image", "rank", "class", "probability")
-    for r in rows:
-        table.add_row(Path(r["path"]).name, str(r["rank"]), r["class"] or r["error"],
-                      f"{r['probability']:.3f}" if r["probability"] != "" else "")
-    out.print(table)
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    mapping = class_mapping(names, _path_str(imagenet_map))
+    if mapping is not None and not mapping.applicable:
+        raise UsageError(mapping.reason)
+    rows = run_classify(images, args_backbone(backbone), top=top, weights=_path_str(weights), device=device,
+                        mapping=mapping)
+    if mapping is not None:
+        for cls, found, how in zip(mapping.class_names, mapping.imagenet_names, mapping.matched, strict=True):
+            err.print(f"{cls}: {', '.join(repr(n.split(', ')[0]) for n in found[:4])}"
+                      f"{f' (+{len(found) - 4} more)' if len(found) > 4 else ''} ({how})", markup=False,
+                      soft_wrap=True)
     if output:
         from embedfit.runs import write_predictions_csv
 
         write_predictions_csv(output, rows)
+        failed = sum(1 for r in rows if r["error"])
+        out.print(f"{len({r['path'] for r in rows})} images classified -> {output}"
+                  + (f" ({failed} could not be read)" if failed else ""), soft_wrap=True, markup=False)
+        return
+    table = Table("image", "rank", "class", "probability")
+    for r in rows:
+        path = Path(r["path"])
+        table.add_row(f"{path.parent.name}/{path.name}" if path.parent.name else path.name, str(r["rank"]),
+                      r["class"] or r["error"], f"{r['probability']:.3f}" if r["probability"] != "" else "")
+    out.print(table)
 
 
 def _train_command(data: Path, output: Path, pretrained: bool, **options: object) -> None:
@@ -64,7 +89,8 @@ def finetune(
     output: Path = typer.Option(Path("runs/finetune"), "-o", "--output", help="Run directory."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone", help="Pretrained backbone."),
     weights: Path | None = typer.Option(None, help="State-dict file instead of the default weights."),
-    freeze: str = typer.Option("last:2", help="head, last:N (last N blocks trainable) or all."),
+    freeze: str = typer.Option("last:2", help="head, last:N (last N blocks trainable) or none (nothing frozen; "
+                                              "'all' is its deprecated old name)."),
     unfreeze_every: int = typer.Option(0, min=0, help="Gradual unfreezing: one more block every N epochs."),
     epochs: int = typer.Option(5, min=1), batch_size: int = typer.Option(16, min=1),
     lr_head: float = typer.Option(1e-3, min=0.0), lr_backbone: float = typer.Option(1e-4, min=0.0),
@@ -91,7 +117,7 @@ def scratch(
     patience: int = typer.Option(3, min=1), device: str = typer.Option("auto"), seed: int = typer.Option(0),
 ) -> None:
     """Train the same architecture from random initialisation (the baseline transfer learning should beat)."""
-    _train_command(data, output, False, backbone=args_backbone(arch), freeze="all", epochs=epochs,
+    _train_command(data, output, False, backbone=args_backbone(arch), freeze="none", epochs=epochs,
                    batch_size=batch_size, lr_head=lr, lr_backbone=lr, weight_decay=weight_decay, augment=augment,
                    val_size=val_size, patience=patience, device=device, seed=seed)
 
@@ -100,17 +126,26 @@ def scratch(
 def compare(
     data: Path = typer.Argument(..., help="Labeled image folder (class per sub-folder) or CSV."),
     output: Path = typer.Option(Path("runs/compare"), "-o", "--output", help="Folder for the results."),
+    test: Path | None = typer.Option(None, "--test", help="Held-out labeled folder or CSV: every arm is scored on it."),
+    arms: str = typer.Option("as-is,probe,finetune,scratch", "--arms", help="Arms to run (comma list)."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone"),
     weights: Path | None = typer.Option(None, help="State-dict file instead of the default weights."),
-    epochs: int = typer.Option(3, min=1, help="Epochs for fine-tuning and scratch."),
+    epochs: int = typer.Option(3, min=1, help="Epochs for fine-tuning."),
+    scratch_epochs: int | None = typer.Option(None, "--scratch-epochs", min=1,
+                                              help="Epochs for scratch (default: fine-tuning's optimizer steps, "
+                                                   "i.e. the same epochs)."),
+    freeze: str = typer.Option("last:2", help="Fine-tune freeze policies, one arm each: head, last:N, none."),
+    augment: str = typer.Option("on", help="Fine-tune augmentation, one arm each: on, off or on,off."),
     sizes: str = typer.Option("5,10,25,50,all", help="Learning-curve sizes: images per class."),
-    repeats: int = typer.Option(3, min=1, max=100, help="Seeded splits; accuracy is mean ± std over them."),
+    repeats: int = typer.Option(3, min=1, max=100, help="Seeded splits; every arm runs on each."),
     val_size: float = typer.Option(0.25, min=0.01, max=0.99, help="Validation share of each split."),
+    imagenet_map: Path | None = typer.Option(None, "--imagenet-map",
+                                             help="CSV of class,imagenet_class rows for the as-is arm."),
     device: str = typer.Option("auto"), seed: int = typer.Option(0),
 ) -> None:
-    """As-is vs linear probe vs fine-tuning vs scratch on identical splits, with a learning curve."""
+    """As-is vs linear probe vs fine-tuning vs scratch on identical splits, ending in a recommendation."""
     from embedfit.training.compare import compare as run_compare
-    from embedfit.training.compare import to_markdown
+    from embedfit.training.compare import parse_arms, to_markdown
 
     parts = [s.strip() for s in sizes.split(",") if s.strip()]
     bad = [s for s in parts if s != "all" and not (s.isdigit() and int(s) > 0)]
@@ -118,7 +153,45 @@ def compare(
         raise typer.BadParameter(f"expected positive numbers of images per class or 'all', got '{bad[0]}'",
                                  param_hint="--sizes")
     steps = [None if s == "all" else int(s) for s in parts]
-    result = run_compare(data, output, backbone=args_backbone(backbone), weights=_path_str(weights), epochs=epochs,
-                         sizes=steps, repeats=repeats, val_size=val_size, device=device, seed=seed)
-    out.print(to_markdown(result), markup=False, soft_wrap=True)
-    out.print(f"results: {output}/compare.json, {output}/compare.md, {output}/learning_curve.png", soft_wrap=True)
+    switch = {"on": True, "off": False}
+    if not augment or any(a.strip() not in switch for a in augment.split(",")):
+        raise typer.BadParameter(f"expected on, off or on,off, got '{augment}'", param_hint="--augment")
+    with _Progress(err) as progress:
+        result = run_compare(data, output, backbone=args_backbone(backbone), weights=_path_str(weights),
+                             epochs=epochs, scratch_epochs=scratch_epochs, sizes=steps, repeats=repeats,
+                             val_size=val_size, device=device, seed=seed, arms=parse_arms(arms),
+                             freeze=[f.strip() for f in freeze.split(",") if f.strip()],
+                             augment=[switch[a.strip()] for a in augment.split(",")], test=test,
+                             imagenet_map=_path_str(imagenet_map), progress=progress)
+    out.print(f"results: {', '.join(result['files'])}", soft_wrap=True, markup=False)
+    out.print(to_markdown(result), markup=False, soft_wrap=True, end="")
+
+
+class _Progress:
+    """Progress of a long run on stderr: a live status line in a terminal, otherwise a plain line at most every
+    `every` seconds (logs and CI get a heartbeat without a flood)."""
+
+    def __init__(self, console: Console, every: float = 10.0) -> None:
+        self.console, self.every = console, every
+        self.start = self.last = 0.0
+        self.status: Any = None
+
+    def __enter__(self) -> _Progress:
+        self.start = self.last = time.monotonic()  # the first line after `every` s: a quick error stays one line
+        if self.console.is_terminal:
+            self.status = self.console.status("starting")
+            self.status.__enter__()
+        return self
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        line = f"[{now - self.start:5.0f} s] {message}"
+        if self.status is not None:
+            self.status.update(Text(line))
+        elif now - self.last >= self.every:
+            self.console.print(line, markup=False, soft_wrap=True, highlight=False)
+            self.last = now
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.__exit__(*exc)

@@ -1,19 +1,26 @@
-"""The transfer-learning comparison on a user's own images, on identical splits.
+"""The transfer-learning comparison on a user's own images, on identical splits, ending in a recommendation.
 
-Arms: the pretrained model as-is (when the classes map to ImageNet classes), a linear probe on frozen
-embeddings, fine-tuning, and training from scratch; plus a learning curve (validation accuracy against training
-images per class) for the probe and fine-tuning. Every arm runs on the same `repeats` seeded stratified splits, so
-accuracy comes with its spread over splits, and every arm with its wall time: "needs less data" and "trains
-faster" are measured rather than claimed.
+Arms: the pretrained model as-is (choosing only among the user's classes, when they map onto ImageNet classes),
+a linear probe on frozen embeddings, fine-tuning (one arm per freeze policy and augmentation setting), and
+training from scratch; plus a learning curve (validation accuracy against training images per class) for the
+probe and fine-tuning, with as-is and scratch as reference lines.
+
+Every arm runs on the same `repeats` seeded stratified splits and is scored on the same validation images, so
+arms are compared image by image: each accuracy comes with a 95% bootstrap interval over the validation images,
+and each arm's difference from the best arm with a paired one (the same images resampled for both arms). With a
+test folder, every arm is also scored on the same held-out test images (the trained arms refit on all training
+images at the epoch count that scored best on validation), and the recommendation rests on the test images.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import math
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,207 +28,660 @@ import numpy as np
 import torch
 
 from embedfit.backbones import DEFAULT_BACKBONE
-from embedfit.backbones.registry import Backbone, create_backbone
 from embedfit.errors import UsageError, check_output_dir, check_output_not_input
 from embedfit.extraction.encoder import Encoder
 from embedfit.extraction.settings import resolve_device
 from embedfit.fitting.models import make_pipeline
-from embedfit.training.classify import imagenet_mapping
+from embedfit.training.classify import class_mapping, has_imagenet_head
 from embedfit.training.finetune import (
+    LabeledImages,
+    Split,
     TrainConfig,
+    TrainResult,
     decode_labeled,
+    evaluate,
     make_split,
     save_trained,
     split_indices,
     subsample,
     train,
 )
+from embedfit.training.imagenet_classes import restricted_predict, top1_mapped
 
-ARMS = ("as-is", "linear probe", "fine-tune", "scratch")
+AS_IS, PROBE, FINETUNE, SCRATCH = "as-is", "linear probe", "fine-tune", "scratch"
+ARM_CHOICES = ("as-is", "probe", "finetune", "scratch")  # what --arms takes
+_ARM_ALIASES = {"as-is": AS_IS, "asis": AS_IS, "probe": PROBE, "linear-probe": PROBE, "linear probe": PROBE,
+                "finetune": FINETUNE, "fine-tune": FINETUNE, "scratch": SCRATCH}
+ARMS = (AS_IS, PROBE, FINETUNE, SCRATCH)
+N_BOOT = 2000
+
+Progress = Callable[[str], None]
 
 
 MAX_REPEATS = 100  # seeded splits; more says nothing new about the spread and only costs hours
 
 
-def _batches(images: list[Any], pre: Any, batch_size: int = 16) -> Any:
-    for i in range(0, len(images), batch_size):
-        yield torch.stack([pre(im) for im in images[i:i + batch_size]])
+def parse_arms(arms: Sequence[str] | str) -> list[str]:
+    """--arms values -> arm names in the standard order; raises UsageError naming an unknown one."""
+    items = [a.strip().lower() for a in (arms.split(",") if isinstance(arms, str) else arms) if a.strip()]
+    unknown = [a for a in items if a not in _ARM_ALIASES]
+    if unknown or not items:
+        raise UsageError(f"--arms takes a comma list of {', '.join(ARM_CHOICES)}, got '{','.join(items)}'")
+    chosen = {_ARM_ALIASES[a] for a in items}
+    return [a for a in ARMS if a in chosen]
 
 
-def _embed(encoder: Encoder, images: list[Any]) -> np.ndarray:
-    out = [encoder(x) for x in _batches(images, encoder.spec.preprocess())]
+def _embed(encoder: Encoder, images: list[Any], batch_size: int = 16) -> np.ndarray:
+    pre = encoder.spec.preprocess()
+    out = [encoder(torch.stack([pre(im) for im in images[i:i + batch_size]]))
+           for i in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, encoder.spec.embedding_dim), np.float32)
 
 
-def _as_is(model: Backbone, images: list[Any], mapping: dict[int, list[int]], device: torch.device) -> np.ndarray:
-    """Predicted class per image: the ImageNet probabilities summed over each class's ImageNet classes."""
+def _imagenet_proba(model: Any, X: np.ndarray) -> np.ndarray:
+    """The pretrained head on pre-logits embeddings -> ImageNet softmax (the model as-is, without a second pass)."""
     with torch.inference_mode():
-        pre = model.spec.preprocess()
-        logits = torch.cat([model.logits(x.to(device)).float().cpu() for x in _batches(images, pre)])
-    proba = torch.softmax(logits, 1).numpy()
-    return np.stack([proba[:, mapping[c]].sum(1) for c in sorted(mapping)], 1).argmax(1)
+        head = model.head.to("cpu").eval()
+        return torch.softmax(head(torch.from_numpy(X)).double(), dim=1).numpy()
 
 
-def _probe(X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, seed: int) -> float:
+def _probe_fit(X: np.ndarray, y: np.ndarray, train: np.ndarray, seed: int) -> Any:
     model = "logreg" if np.bincount(y[train]).min(initial=0) >= 3 else "ridge"  # logreg's inner CV needs 3/class
     pipe = make_pipeline(model, n_samples=len(train), n_features=X.shape[1], seed=seed)
-    return float((pipe.fit(X[train], y[train]).predict(X[val]) == y[val]).mean())
+    return pipe.fit(X[train], y[train])
 
 
-def _summary(accuracy: list[float], seconds: list[float], **extra: Any) -> dict[str, Any]:
-    return {"applicable": True, "accuracy": float(np.mean(accuracy)), "accuracy_std": float(np.std(accuracy)),
-            "accuracy_runs": accuracy, "seconds": float(np.mean(seconds)), **extra}
+def _policy_name(freeze: str, augment: bool, freezes: Sequence[str], augments: Sequence[bool]) -> str:
+    parts = ([freeze] if len(freezes) > 1 else []) + \
+        (["augment" if augment else "no augment"] if len(augments) > 1 else [])
+    return FINETUNE + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _slug(name: str) -> str:
+    return "-".join(name.replace("(", " ").replace(")", " ").replace(",", " ").replace(":", "").split())
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _bootstrap(per_split: Sequence[np.ndarray], seed: int, n_boot: int = N_BOOT) -> list[float]:
+    """95% percentile interval of the mean over images (then over splits), resampling images within each split.
+
+    Given per-image differences between two arms on the same images, this is the paired bootstrap.
+    """
+    rng = np.random.default_rng(seed)
+    stats = np.zeros(n_boot)
+    for values in per_split:
+        values = np.asarray(values, dtype=float)
+        for start in range(0, n_boot, 250):  # bounded memory on large test sets
+            stop = min(n_boot, start + 250)
+            stats[start:stop] += values[rng.integers(0, len(values), (stop - start, len(values)))].mean(1)
+    stats /= len(per_split)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def _ratio(a: float, b: float) -> str:
+    """a as a share of b: '1/6', '40%', or 'about the same'."""
+    if b <= 0:
+        return "about the same"
+    r = a / b
+    if r <= 0.67:
+        return f"1/{round(1 / r)}" if r < 0.45 else f"{r:.0%}"
+    return "about the same" if r < 1.5 else f"{r:.1f}x"
+
+
+def recommend(scores: dict[str, dict[str, Any]], comparisons: dict[str, dict[str, Any]], on: str) -> str:
+    """One line drawn from the numbers: the cheapest arm within noise of the most accurate one.
+
+    Args:
+        scores: Per arm {"accuracy", "seconds"}.
+        comparisons: Per arm (other than the best) {"difference", "ci"}: its accuracy minus the best arm's, with
+            the paired 95% interval; "best" names the best arm.
+        on: What the scores are measured on ("validation", "test").
+    """
+    best = comparisons["best"]
+    close = [a for a in scores if a == best or comparisons[a]["ci"][1] >= 0]
+    pick = min(close, key=lambda a: (scores[a]["seconds"], -scores[a]["accuracy"]))
+    acc = scores[best]["accuracy"]
+    others = sorted((a for a in scores if a != best), key=lambda a: -scores[a]["accuracy"])
+    if pick != best:
+        c = comparisons[pick]
+        cost = ("with no training" if pick == AS_IS else
+                f"at {_ratio(scores[pick]['seconds'], scores[best]['seconds'])} of its time "
+                f"({scores[pick]['seconds']:.0f} s vs {scores[best]['seconds']:.0f} s)")
+        return (f"{pick}: within noise of {best} on {on} images ({c['difference']:+.3f}, 95% CI "
+                f"{c['ci'][0]:+.3f} to {c['ci'][1]:+.3f}) {cost}")
+    if not others:
+        return f"{best}: the only arm run ({acc:.3f} on {on} images)"
+    runner = others[0]
+    c = comparisons[runner]
+    vs = f"{runner} {c['difference']:+.3f}, 95% CI {c['ci'][0]:+.3f} to {c['ci'][1]:+.3f}"
+    if runner in close:
+        cheap = "with no training" if best == AS_IS else "and the cheapest of the arms within noise of it"
+        return f"{best}: the most accurate on {on} images ({acc:.3f}) {cheap} ({vs})"
+    return f"{best}: the most accurate on {on} images ({acc:.3f}), clearly ahead of the next arm ({vs})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The comparison
+
+
+@dataclasses.dataclass
+class _Arm:
+    """One arm's per-split results on the validation images (and on the test images)."""
+
+    name: str
+    config: TrainConfig | None = None
+    pred: list[np.ndarray] = dataclasses.field(default_factory=list)
+    seconds: list[float] = dataclasses.field(default_factory=list)
+    histories: list[list[float]] = dataclasses.field(default_factory=list)
+    top1: list[np.ndarray] = dataclasses.field(default_factory=list)  # as-is: plain top-1, mapped
+    test_pred: np.ndarray | None = None
+    test_top1: np.ndarray | None = None
+    test_seconds: float = 0.0
+    epochs_refit: int | None = None
+    refit_seconds: float | None = None
+    not_applicable: str = ""
 
 
 def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
-            epochs: int = 3, sizes: Sequence[int | None] = (5, 10, 25, 50, None), repeats: int = 3,
-            val_size: float = 0.25, device: str = "auto", seed: int = 0,
-            finetune: TrainConfig | None = None) -> dict[str, Any]:
-    """Run every arm on the same seeded stratified splits; write compare.json, compare.md and run directories.
+            epochs: int = 3, scratch_epochs: int | None = None, sizes: Sequence[int | None] = (5, 10, 25, 50, None),
+            repeats: int = 3, val_size: float = 0.25, device: str = "auto", seed: int = 0,
+            finetune: TrainConfig | None = None, arms: Sequence[str] | str = ARM_CHOICES,
+            freeze: Sequence[str] | None = None, augment: Sequence[bool] = (True,),
+            test: str | Path | None = None, imagenet_map: str | Path | None = None,
+            progress: Progress | None = None) -> dict[str, Any]:
+    """Run the chosen arms on the same seeded stratified splits; write compare.json, compare.md, the learning
+    curve and run directories, and end with a recommendation.
 
     Args:
-        data: Labeled image folder (class per sub-folder) or CSV.
-        output: Folder for the results (the first split's fine-tune and scratch runs go in sub-folders).
+        data: Labeled image folder (class per sub-folder) or CSV: the training images.
+        output: Folder for the results (each trained arm's final model goes in a sub-folder).
         backbone: Backbone for the probe, fine-tuning and as-is; the same architecture is trained from scratch.
         weights: State-dict file instead of the backbone's default pretrained weights (not used by scratch).
-        epochs: Training epochs for fine-tuning and scratch (all of them run: no early stopping on the scored images).
+        epochs: Training epochs for fine-tuning (all of them run: no early stopping on the scored images).
+        scratch_epochs: Epochs for scratch; None matches fine-tuning's optimizer steps (same images and batch
+            size, so the same epochs).
         sizes: Training images per class for the learning curve (None = the whole training split); sizes the
-            data does not have are skipped.
-        repeats: Seeded splits (seed, seed+1, ...); every arm runs on each, and the spread is over them.
+            data does not have are skipped and named. Each size trains for about as many optimizer steps as the
+            whole split does in `epochs` epochs.
+        repeats: Seeded splits (seed, seed+1, ...); every arm runs on each.
         val_size: Validation share of each split (the same images score every arm).
         device: Where to run.
         seed: Seed of the first split and of every arm on it.
         finetune: Fine-tuning settings (default: TrainConfig's); backbone, epochs, device and seed are set here.
+        arms: Which arms to run: any of "as-is", "probe", "finetune", "scratch".
+        freeze: Freeze policies, one fine-tune arm each ("head", "last:N", "none"); default the `finetune`
+            config's.
+        augment: Augmentation settings, one fine-tune arm each with the freeze policies: True uses the `finetune`
+            config's augmentations, False none.
+        test: A labeled folder or CSV of held-out images with the same classes: every arm is scored on it.
+        imagenet_map: A ``class,imagenet_class`` CSV for the as-is arm instead of reading the class names.
+        progress: Called with a line of progress (arm, split, epoch) as the comparison runs.
 
     Returns:
         The comparison as written to compare.json.
     """
+    say = progress or (lambda _message: None)
+    chosen = parse_arms(arms)
     if not 1 <= repeats <= MAX_REPEATS:
         raise UsageError(f"repeats must be between 1 and {MAX_REPEATS}, got {repeats}")
     bad = [s for s in sizes if s is not None and (isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1)]
     if bad:
         raise UsageError(f"sizes must be positive numbers of images per class (or None for all), got {bad[0]!r}")
+    if scratch_epochs is not None and scratch_epochs < 1:
+        raise UsageError(f"--scratch-epochs must be at least 1, got {scratch_epochs}")
     check_output_dir(output, "results folder")  # before minutes of training, not after
-    check_output_not_input(output, [data, *([weights] if weights else [])])
+    check_output_not_input(output, [data, *([test] if test else []), *([weights] if weights else [])])
+    base = finetune or TrainConfig()
+    freezes = list(dict.fromkeys(TrainConfig(freeze=f).freeze for f in (freeze or [base.freeze])))
+    augments = list(dict.fromkeys(bool(a) for a in augment)) or [True]
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    model = create_backbone(backbone, weights=weights)
-    data_set = decode_labeled(data, model.spec)
-    labels, n_classes = data_set.labels, len(data_set.class_names)
-    # The scored validation images must not pick the epoch: train every epoch and keep the last.
-    ft_config = dataclasses.replace(finetune or TrainConfig(), backbone=backbone, weights=weights, epochs=epochs,
-                                    device=device, val_size=val_size, early_stopping=False, progress=False)
-    scratch_config = dataclasses.replace(ft_config, pretrained=False, weights=None, freeze="all", unfreeze_every=0)
+    from embedfit.backbones.registry import create_backbone
 
-    # Frozen embeddings do not depend on the split: embed every image once.
-    t0 = time.perf_counter()
-    X = _embed(Encoder(model, dev), data_set.images)
-    embed_seconds = time.perf_counter() - t0
-    mapping = imagenet_mapping(data_set.class_names, model.class_names or [])
-    model = model.to(dev).eval()
+    model = create_backbone(backbone, weights=weights)
+    say(f"decoding {data}")
+    data_set = decode_labeled(data, model.spec)
+    test_set = decode_labeled(test, model.spec, class_names=data_set.class_names) if test is not None else None
+    labels, n_classes, names = data_set.labels, len(data_set.class_names), data_set.class_names
+    # The scored validation images must not pick the epoch: train every epoch and keep the last.
+    ft_config = dataclasses.replace(base, backbone=backbone, weights=weights, epochs=epochs, device=device,
+                                    val_size=val_size, early_stopping=False, progress=False)
+    policies: list[_Arm] = []
+    if FINETUNE in chosen:
+        for f in freezes:
+            for a in augments:
+                config = dataclasses.replace(ft_config, freeze=f, augment=base.augment if a else ())
+                policies.append(_Arm(_policy_name(f, a, freezes, augments), config))
+    s_epochs = scratch_epochs or epochs
+    scratch = _Arm(SCRATCH, dataclasses.replace(ft_config, pretrained=False, weights=None, freeze="none",
+                                                unfreeze_every=0, epochs=s_epochs, lr_backbone=ft_config.lr_head))
+    trained = policies + ([scratch] if SCRATCH in chosen else [])
+    results: dict[str, _Arm] = {}
+    if AS_IS in chosen:
+        results[AS_IS] = _Arm(AS_IS)
+    if PROBE in chosen:
+        results[PROBE] = _Arm(PROBE)
+    results.update({arm.name: arm for arm in trained})
+
+    # Frozen embeddings do not depend on the split: embed every image once; the as-is arm is the pretrained
+    # head on these same embeddings.
+    X = X_test = proba = proba_test = None
+    mapping = None
+    embed_seconds = 0.0
+    if AS_IS in chosen or PROBE in chosen:
+        say(f"embedding {len(labels)} images" + (f" and {len(test_set.labels)} test images" if test_set else ""))
+        t0 = time.perf_counter()
+        encoder = Encoder(model, dev)
+        X = _embed(encoder, data_set.images)
+        embed_seconds = time.perf_counter() - t0
+        X_test = _embed(encoder, test_set.images) if test_set is not None else None
+    if AS_IS in chosen:
+        if not has_imagenet_head(model):
+            results[AS_IS].not_applicable = f"{model.spec.short()} has no pretrained ImageNet-1k classifier"
+        else:
+            mapping = class_mapping(names, imagenet_map)
+            if not mapping.applicable:
+                results[AS_IS].not_applicable = mapping.reason
+            else:
+                proba = _imagenet_proba(model, X)
+                proba_test = _imagenet_proba(model, X_test) if X_test is not None else None
 
     splits = [split_indices(labels, n_classes, val_size=val_size, seed=seed + r) for r in range(repeats)]
-    per_class = int(min(np.bincount(labels[train], minlength=n_classes).min() for train, _ in splits))
-    steps = sorted({int(s) for s in sizes if s is not None and 0 < int(s) < per_class})
-    steps += [None] if None in sizes or any(s is not None and int(s) == per_class for s in sizes) else []
-    runs: dict[str, dict[str, list[float]]] = {arm: {"accuracy": [], "seconds": []} for arm in ARMS}
-    curve_runs: dict[Any, dict[str, list[float]]] = {k: {"probe": [], "finetune": [], "finetune_seconds": []}
-                                                     for k in steps}
+    per_class = int(min(np.bincount(labels[tr], minlength=n_classes).min() for tr, _ in splits))
+    wanted = [None if s is None else int(s) for s in sizes]
+    steps = sorted({k for k in wanted if k is not None and 0 < k < per_class})
+    steps += [None] if None in wanted or per_class in wanted else []
+    skipped = sorted({k for k in wanted if k is not None and (k <= 0 or k > per_class)})
+    curve_arm = policies[0] if policies else None
+    curve_runs: dict[Any, dict[str, list[Any]]] = {k: {"probe": [], "finetune": [], "finetune_seconds": [],
+                                                       "epochs": []} for k in steps}
+    if PROBE not in chosen and curve_arm is None:
+        curve_runs = {}
+    batch = ft_config.batch_size
+    full_steps = epochs * math.ceil(len(splits[0][0]) / batch)  # optimizer steps of fine-tuning on the whole split
+
     for r, (train_idx, val_idx) in enumerate(splits):
-        split_seed = seed + r
-        if mapping is not None:
+        split_seed, where = seed + r, f"split {r + 1}/{repeats}"
+        if AS_IS in results and proba is not None:
             t0 = time.perf_counter()
-            pred = _as_is(model, [data_set.images[i] for i in val_idx], mapping, dev)
-            runs["as-is"]["accuracy"].append(float((pred == labels[val_idx]).mean()))
-            runs["as-is"]["seconds"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        runs["linear probe"]["accuracy"].append(_probe(X, labels, train_idx, val_idx, split_seed))
-        runs["linear probe"]["seconds"].append(embed_seconds + time.perf_counter() - t0)
+            results[AS_IS].pred.append(restricted_predict(proba[val_idx], mapping)[0])
+            results[AS_IS].top1.append(top1_mapped(proba[val_idx], mapping))
+            # the forward pass over the validation images (part of the one embedding pass) plus the mapping
+            results[AS_IS].seconds.append(embed_seconds * len(val_idx) / len(labels) + time.perf_counter() - t0)
+        if PROBE in results:
+            say(f"{where}: linear probe")
+            t0 = time.perf_counter()
+            results[PROBE].pred.append(_probe_fit(X, labels, train_idx, split_seed).predict(X[val_idx]))
+            results[PROBE].seconds.append(embed_seconds + time.perf_counter() - t0)
         split = make_split(data_set, train_idx, val_idx)
-        for arm, config in (("fine-tune", ft_config), ("scratch", scratch_config)):
-            result = train(split, dataclasses.replace(config, seed=split_seed))
-            runs[arm]["accuracy"].append(result.val_accuracy)
-            runs[arm]["seconds"].append(result.train_seconds)
+        for arm in trained:
+            config = dataclasses.replace(arm.config, seed=split_seed)
+            result = train(split, config, on_epoch=_epoch_reporter(say, f"{where}: {arm.name}", config.epochs))
+            arm.pred.append(result.val_proba.argmax(1))
+            arm.seconds.append(result.train_seconds)
+            arm.histories.append([e["val_accuracy"] for e in result.epochs[1:]])
             if r == 0:
-                save_trained(output / arm, result, split, data_path=str(data_set.root))
-        for k in steps:
+                save_trained(output / _slug(arm.name), result, split, data_path=str(data_set.root))
+        for k in steps if curve_runs else []:
             if k is None:  # the whole training split: the probe and fine-tune arms above
-                curve_runs[k]["probe"].append(runs["linear probe"]["accuracy"][-1])
-                curve_runs[k]["finetune"].append(runs["fine-tune"]["accuracy"][-1])
-                curve_runs[k]["finetune_seconds"].append(runs["fine-tune"]["seconds"][-1])
+                if PROBE in results:
+                    curve_runs[k]["probe"].append(_accuracy(results[PROBE].pred[-1], labels[val_idx]))
+                if curve_arm is not None:
+                    curve_runs[k]["finetune"].append(_accuracy(curve_arm.pred[-1], labels[val_idx]))
+                    curve_runs[k]["finetune_seconds"].append(curve_arm.seconds[-1])
+                    curve_runs[k]["epochs"].append(epochs)
                 continue
             sub = subsample(labels, train_idx, k, split_seed)
-            curve_runs[k]["probe"].append(_probe(X, labels, sub, val_idx, split_seed))
-            ft = train(make_split(data_set, sub, val_idx), dataclasses.replace(ft_config, seed=split_seed))
-            curve_runs[k]["finetune"].append(ft.val_accuracy)
-            curve_runs[k]["finetune_seconds"].append(ft.train_seconds)
+            if PROBE in results:
+                say(f"{where}: learning curve, {k} per class: linear probe")
+                pred = _probe_fit(X, labels, sub, split_seed).predict(X[val_idx])
+                curve_runs[k]["probe"].append(_accuracy(pred, labels[val_idx]))
+            if curve_arm is not None:
+                # about as many optimizer steps as the whole split gets: small sizes are not starved of training
+                k_epochs = max(1, round(full_steps / math.ceil(len(sub) / batch)))
+                config = dataclasses.replace(curve_arm.config, seed=split_seed, epochs=k_epochs,
+                                             validate_epochs=False)
+                ft = train(make_split(data_set, sub, val_idx), config,
+                           on_epoch=_epoch_reporter(say, f"{where}: learning curve, {k} per class", k_epochs))
+                curve_runs[k]["finetune"].append(ft.val_accuracy)
+                curve_runs[k]["finetune_seconds"].append(ft.train_seconds)
+                curve_runs[k]["epochs"].append(k_epochs)
 
-    arms: dict[str, dict[str, Any]] = {}
-    if mapping is None:
-        arms["as-is"] = {"applicable": False, "reason": "class names do not map one-to-one onto ImageNet classes"}
-    else:
-        arms["as-is"] = _summary(**runs["as-is"], train_images=0,
-                                 imagenet_classes={data_set.class_names[c]: [model.class_names[i] for i in hits]
-                                                   for c, hits in mapping.items()})
-    arms["linear probe"] = _summary(**runs["linear probe"], embed_seconds=embed_seconds)
-    for arm in ("fine-tune", "scratch"):
-        arms[arm] = _summary(**runs[arm], epochs=epochs, run_dir=str(output / arm))
+    # Refit the trained arms on every training image, at the epoch count that scored best on validation (the
+    # mean over splits): the model kept is not the one that saw 1 - val_size of the images.
+    all_train = np.arange(len(labels))
+    test_split = (Split([], np.zeros(0, int), test_set.images, test_set.labels, test_set.keys, names, test_set.root,
+                        test_set.failed) if test_set is not None else None)
+    for arm in trained:
+        mean_curve = np.nanmean(np.array(arm.histories, dtype=float), axis=0)
+        arm.epochs_refit = int(np.nanargmax(mean_curve)) + 1
+        if arm.name == SCRATCH and test_set is None:
+            continue  # a scratch model is a baseline to score, not a model to keep
+        say(f"refit {arm.name} on all {len(labels)} training images, {_plural(arm.epochs_refit, 'epoch')}")
+        full = make_split(data_set, all_train, np.zeros(0, int))  # no validation images: nothing is chosen here
+        config = dataclasses.replace(arm.config, seed=seed, epochs=arm.epochs_refit, validate_epochs=False)
+        refit = train(full, config, on_epoch=_epoch_reporter(say, f"refit {arm.name}", arm.epochs_refit))
+        arm.refit_seconds = refit.train_seconds
+        run_dir = output / _slug(arm.name)
+        if test_split is not None:
+            t0 = time.perf_counter()
+            test_proba = evaluate(refit.model, test_set.images, test_set.labels, refit.model.backbone.spec,
+                                  resolve_device(device))
+            arm.test_seconds = time.perf_counter() - t0
+            arm.test_pred = test_proba.argmax(1)
+            save_trained(run_dir, dataclasses.replace(refit, val_accuracy=_accuracy(arm.test_pred, test_set.labels)),
+                         test_split, data_path=str(data_set.root))
+            _note_refit(run_dir, refit, len(labels), scored="the test images")
+        else:
+            torch.save(refit.model.state_dict(), run_dir / "model.pt")
+            _note_refit(run_dir, refit, len(labels), scored="the first split's validation images, by the model "
+                                                            "trained on that split")
+    if test_set is not None:
+        say(f"scoring every arm on {len(test_set.labels)} test images")
+        if AS_IS in results and proba_test is not None:
+            results[AS_IS].test_pred = restricted_predict(proba_test, mapping)[0]
+            results[AS_IS].test_top1 = top1_mapped(proba_test, mapping)
+        if PROBE in results:
+            results[PROBE].test_pred = _probe_fit(X, labels, all_train, seed).predict(X_test)
+
+    result = _summarize(results, splits, labels, names, test_set, mapping, seed)
     train_images = len(splits[0][0])
     curve = [{"per_class": per_class if k is None else k, "all": k is None,
               "train_images": train_images if k is None else k * n_classes,
-              "probe_mean": float(np.mean(c["probe"])), "probe_std": float(np.std(c["probe"])),
-              "finetune_mean": float(np.mean(c["finetune"])), "finetune_std": float(np.std(c["finetune"])),
-              "finetune_seconds": float(np.mean(c["finetune_seconds"])), "probe_runs": c["probe"],
+              "epochs": c["epochs"][0] if c["epochs"] else None,
+              "probe_mean": _mean(c["probe"]), "probe_std": _std(c["probe"]),
+              "finetune_mean": _mean(c["finetune"]), "finetune_std": _std(c["finetune"]),
+              "finetune_seconds": _mean(c["finetune_seconds"]), "probe_runs": c["probe"],
               "finetune_runs": c["finetune"]} for k, c in curve_runs.items()]
-    result = {"data": str(data), "backbone": model.spec.short(), "classes": data_set.class_names,
-              "images": len(labels), "excluded": data_set.failed, "train_images": train_images,
-              "val_images": len(splits[0][1]), "repeats": repeats, "seeds": [seed + r for r in range(repeats)],
-              "epochs": epochs, "device": str(dev), "arms": arms, "learning_curve": curve}
+    files = ["compare.json", "compare.md"]
+    result.update({
+        "data": str(data), "backbone": model.spec.short(), "classes": names, "images": len(labels),
+        "excluded": _failures(data_set), "train_images": train_images, "val_images": len(splits[0][1]),
+        "repeats": repeats, "seeds": [seed + r for r in range(repeats)], "epochs": epochs,
+        "scratch_epochs": s_epochs if SCRATCH in chosen else None,
+        "scratch_budget": ("--scratch-epochs" if scratch_epochs else
+                           "matched to fine-tuning's optimizer steps (same images and batch size: same epochs)"),
+        "device": str(dev), "learning_curve": curve,
+        "learning_curve_arm": curve_arm.name if curve_arm is not None else None,
+        "learning_curve_skipped": [{"per_class": k, "reason": f"the training split has {per_class} images per class"
+                                    if k > per_class else "not a positive size"} for k in skipped],
+    })
+    if test_set is not None:
+        result["test"] = {"data": str(test), "images": len(test_set.labels), "excluded": _failures(test_set)}
+        _write_test_predictions(output / "test_predictions.csv", test_set, names, results)
+        files.append("test_predictions.csv")
+    if curve and _plot_curve(result, output / "learning_curve.png"):
+        files.append("learning_curve.png")
+    result["files"] = [str(output / f) for f in files]
     (output / "compare.json").write_text(json.dumps(result, indent=2))
     (output / "compare.md").write_text(to_markdown(result))
-    _plot_curve(curve, output / "learning_curve.png")
     return result
 
 
+def _epoch_reporter(say: Progress, where: str, epochs: int) -> Callable[[dict[str, float]], None]:
+    def report(entry: dict[str, float]) -> None:
+        acc = entry["val_accuracy"]
+        score = "" if np.isnan(acc) else f", validation accuracy {acc:.3f}"
+        say(f"{where}: epoch {int(entry['epoch'])}/{epochs} ({entry['seconds']:.0f} s{score})")
+    return report
+
+
+def _note_refit(run_dir: Path, refit: TrainResult, n_images: int, scored: str) -> None:
+    """Say in the run directory's model.json and metrics.json what model.pt is and what scored it."""
+    note = {"train_images": n_images, "epochs": refit.config.epochs, "train_seconds": refit.train_seconds,
+            "note": f"model.pt was refit on all {n_images} training images for "
+                    f"{_plural(refit.config.epochs, 'epoch')}; the scores are on {scored}"}
+    for name in ("model.json", "metrics.json"):
+        doc = json.loads((run_dir / name).read_text())
+        doc["refit"] = note
+        if name == "model.json":
+            doc["params"]["epochs"] = refit.config.epochs
+        (run_dir / name).write_text(json.dumps(doc, indent=2))
+
+
+def _accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
+    return float((np.asarray(pred) == truth).mean()) if len(truth) else float("nan")
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _std(values: list[float]) -> float | None:
+    return float(np.std(values)) if values else None
+
+
+def _failures(data: LabeledImages) -> list[dict[str, str]]:
+    return [dict(zip(("path", "reason"), f.split(": ", 1), strict=False)) for f in data.failed]
+
+
+def _single_class(pred: np.ndarray, truth: np.ndarray, names: list[str]) -> str | None:
+    """The class name when a model predicted one class for every image of a set that has several, else None."""
+    values = np.unique(pred)
+    if len(values) == 1 and len(np.unique(truth)) > 1:
+        return names[int(values[0])] if values[0] >= 0 else "none of the classes"
+    return None
+
+
+def _summarize(results: dict[str, _Arm], splits: list[tuple[np.ndarray, np.ndarray]], labels: np.ndarray,
+               names: list[str], test_set: LabeledImages | None, mapping: Any, seed: int) -> dict[str, Any]:
+    """Accuracies with spreads and bootstrap intervals, paired differences from the best arm, notes and the
+    recommendation."""
+    arms: dict[str, dict[str, Any]] = {}
+    correct: dict[str, list[np.ndarray]] = {}  # per applicable arm, per split (then the test set) the 0/1 hits
+    on = "test" if test_set is not None else "validation"
+    notes: list[str] = []
+    for name, arm in results.items():
+        if arm.not_applicable:
+            arms[name] = {"applicable": False, "reason": arm.not_applicable}
+            continue
+        hits = [(p == labels[v]).astype(float) for p, (_, v) in zip(arm.pred, splits, strict=True)]
+        runs = [float(h.mean()) for h in hits]
+        entry: dict[str, Any] = {
+            "applicable": True, "accuracy": float(np.mean(runs)), "accuracy_std": float(np.std(runs)),
+            "accuracy_ci": _bootstrap(hits, seed), "accuracy_runs": runs, "seconds": float(np.mean(arm.seconds)),
+        }
+        if name == AS_IS:
+            top1 = [float((t == labels[v]).mean()) for t, (_, v) in zip(arm.top1, splits, strict=True)]
+            entry.update(scoring="restricted to the data's classes", train_images=0,
+                         top1_mapped=float(np.mean(top1)), top1_mapped_runs=top1, mapping=mapping.to_dict(),
+                         imagenet_classes={c: list(n) for c, n in zip(mapping.class_names, mapping.imagenet_names,
+                                                                       strict=True)})
+        if arm.config is not None:
+            entry.update(epochs=arm.config.epochs, freeze=arm.config.freeze if arm.config.pretrained else None,
+                         augment=list(arm.config.augment), best_epochs=arm.epochs_refit,
+                         validation_by_epoch=[float(v) for v in np.nanmean(np.array(arm.histories), axis=0)],
+                         refit_seconds=arm.refit_seconds)
+        singles = [s for p, (_, v) in zip(arm.pred, splits, strict=True)
+                   if (s := _single_class(p, labels[v], names)) is not None]
+        if singles:
+            entry["single_class"] = singles
+            notes.append(f"{name} predicted a single class ('{singles[0]}') for every validation image in "
+                         f"{len(singles)} of {_plural(len(splits), 'split')}")
+        correct[name] = hits
+        if test_set is not None:
+            t_hits = (arm.test_pred == test_set.labels).astype(float)
+            entry["test"] = {"accuracy": float(t_hits.mean()), "accuracy_ci": _bootstrap([t_hits], seed),
+                             "images": len(t_hits)}
+            if name == AS_IS:
+                entry["test"]["top1_mapped"] = _accuracy(arm.test_top1, test_set.labels)
+            single = _single_class(arm.test_pred, test_set.labels, names)
+            if single is not None:
+                entry["test"]["single_class"] = single
+                notes.append(f"{name} predicted a single class ('{single}') for every test image")
+            correct[name] = [t_hits]
+        arms[name] = entry
+    out: dict[str, Any] = {"arms": arms, "notes": notes, "scored_on": on}
+    scored = {n: {"accuracy": (a["test"]["accuracy"] if on == "test" else a["accuracy"]), "seconds": a["seconds"]}
+              for n, a in arms.items() if a["applicable"]}
+    if not scored:
+        out.update(comparisons={}, recommendation="no arm could be scored")
+        return out
+    best = max(scored, key=lambda n: (scored[n]["accuracy"], -scored[n]["seconds"]))
+    comparisons: dict[str, Any] = {"best": best}
+    for name in scored:
+        if name == best:
+            continue
+        diffs = [a - b for a, b in zip(correct[name], correct[best], strict=True)]
+        comparisons[name] = {"difference": float(np.mean([d.mean() for d in diffs])),
+                             "ci": _bootstrap(diffs, seed + 1)}
+    out["comparisons"] = {"on": on, "method": f"paired bootstrap, {N_BOOT} draws: the same images resampled for "
+                          "both arms" + (", within each split" if on == "validation" else ""),
+                          "vs": best, "arms": {n: c for n, c in comparisons.items() if n != "best"}}
+    out["recommendation"] = recommend(scored, comparisons, on)
+    return out
+
+
+def _write_test_predictions(path: Path, test_set: LabeledImages, names: list[str], results: dict[str, _Arm]) -> None:
+    scored = {n: a for n, a in results.items() if a.test_pred is not None}
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", *scored])
+        for i, key in enumerate(test_set.keys):
+            writer.writerow([key, names[test_set.labels[i]],
+                             *(names[int(a.test_pred[i])] if a.test_pred[i] >= 0 else "" for a in scored.values())])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output
+
+
+def _ci(ci: list[float]) -> str:
+    return f"{ci[0]:.3f}–{ci[1]:.3f}"
+
+
 def to_markdown(result: dict[str, Any]) -> str:
-    """The comparison as markdown tables (also printed by the CLI)."""
-    spread = f"mean ± std over {result['repeats']} split{'s' if result['repeats'] > 1 else ''}"
+    """The comparison as markdown (also printed by the CLI); it ends with the recommendation."""
+    n = result["repeats"]
+    spread = f"mean ± std over {_plural(n, 'split')}"
+    test = result.get("test")
+    budget = _plural(result["epochs"], "epoch")
+    if result.get("scratch_epochs") and result["scratch_epochs"] != result["epochs"]:
+        budget += f" (scratch {result['scratch_epochs']})"
     lines = [f"Comparison on {result['data']}: {result['backbone']}, {len(result['classes'])} classes, "
              f"{result['train_images']} training / {result['val_images']} validation images per split, "
-             f"{result['epochs']} epochs, {result['device']}", "",
-             f"| arm | validation accuracy ({spread}) | wall time per split (s) |", "| --- | --- | --- |"]
+             f"{budget}, {result['device']}"
+             + (f"; test set {test['data']} ({test['images']} images)" if test else ""), ""]
+    head = f"| arm | validation accuracy ({spread}) | 95% CI |"
+    rule = "| --- | --- | --- |"
+    if test:
+        head += " test accuracy | test 95% CI |"
+        rule += " --- | --- |"
+    lines += [head + " wall time per split (s) |", rule + " --- |"]
     for name, arm in result["arms"].items():
-        if arm["applicable"]:
-            lines.append(f"| {name} | {arm['accuracy']:.3f} ± {arm['accuracy_std']:.3f} | {arm['seconds']:.1f} |")
-        else:
-            lines.append(f"| {name} | not applicable: {arm['reason']} | |")
+        if not arm["applicable"]:
+            lines.append(f"| {name} | not applicable: {arm['reason']} | |" + (" | |" if test else "") + " |")
+            continue
+        cells = f"| {name} | {arm['accuracy']:.3f} ± {arm['accuracy_std']:.3f} | {_ci(arm['accuracy_ci'])} |"
+        if test:
+            cells += f" {arm['test']['accuracy']:.3f} | {_ci(arm['test']['accuracy_ci'])} |"
+        lines.append(cells + f" {arm['seconds']:.1f} |")
+    as_is = result["arms"].get(AS_IS)
+    if as_is and as_is["applicable"]:
+        mapping = as_is["mapping"]
+        lines += ["", "The as-is arm chooses only among the data's classes (ImageNet probabilities summed per class); "
+                  f"its plain top-1 over all 1000 ImageNet classes, mapped, scores {as_is['top1_mapped']:.3f} on "
+                  "validation" + (f" and {as_is['test']['top1_mapped']:.3f} on test" if test else "") + ".",
+                  f"ImageNet classes used ({mapping['source']}):"]
+        for cls, m in mapping["classes"].items():
+            shown = ", ".join(f"'{x.split(', ')[0]}'" for x in as_is["imagenet_classes"][cls][:4])
+            more = len(m["imagenet"]) - 4
+            lines.append(f"- {cls}: {shown}{f' (+{more} more)' if more > 0 else ''} ({m['matched']})")
+        lines += [f"- note: {note}" for note in mapping["notes"]]
+    trained = [(n, a) for n, a in result["arms"].items() if a.get("applicable") and a.get("best_epochs")]
+    if trained:
+        lines += ["", "Trained arms, validation accuracy by epoch (mean over splits); the final models are refit on "
+                  "all training images at the best epoch count:"]
+        lines += [f"- {n}: " + ", ".join(f"{v:.3f}" for v in a["validation_by_epoch"])
+                  + f" -> {_plural(a['best_epochs'], 'epoch')}" for n, a in trained]
     if result["learning_curve"]:
-        lines += ["", f"| images per class | linear probe ({spread}) | fine-tune | fine-tune time (s) |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {p['per_class']}{' (all)' if p['all'] else ''} | {p['probe_mean']:.3f} ± {p['probe_std']:.3f} "
-                  f"| {p['finetune_mean']:.3f} ± {p['finetune_std']:.3f} | {p['finetune_seconds']:.1f} |"
-                  for p in result["learning_curve"]]
+        arm = result.get("learning_curve_arm") or FINETUNE
+        lines += ["", f"| images per class | linear probe ({spread}) | {arm} | epochs | {arm} time (s) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for p in result["learning_curve"]:
+            probe = "—" if p["probe_mean"] is None else f"{p['probe_mean']:.3f} ± {p['probe_std']:.3f}"
+            ft = "—" if p["finetune_mean"] is None else f"{p['finetune_mean']:.3f} ± {p['finetune_std']:.3f}"
+            secs = "—" if p["finetune_seconds"] is None else f"{p['finetune_seconds']:.1f}"
+            lines.append(f"| {p['per_class']}{' (all)' if p['all'] else ''} | {probe} | {ft} | "
+                         f"{p['epochs'] or '—'} | {secs} |")
+    for s in result.get("learning_curve_skipped", []):
+        lines.append(f"- learning curve: {s['per_class']} per class skipped: {s['reason']}")
+    comparisons = result.get("comparisons") or {}
+    if comparisons.get("arms"):
+        lines += ["", f"Difference from {comparisons['vs']} on {comparisons['on']} images, with 95% CI "
+                  f"({comparisons['method']}):"]
+        lines += [f"- {n}: {c['difference']:+.3f} ({c['ci'][0]:+.3f} to {c['ci'][1]:+.3f})"
+                  for n, c in comparisons["arms"].items()]
+    excluded = result["excluded"] + (test["excluded"] if test else [])
+    if excluded:
+        lines += ["", f"Left out ({_plural(len(excluded), 'image')} that could not be read):"]
+        lines += [f"- {e['path']}: {e.get('reason', '')}" for e in excluded]
+    if result.get("notes"):
+        lines += [""] + [f"Note: {note}" for note in result["notes"]]
+    lines += ["", f"Recommendation: {result['recommendation']}"]
     return "\n".join(lines) + "\n"
 
 
-def _plot_curve(curve: list[dict[str, Any]], path: Path) -> None:
+def _tick_labels(values: list[float], labels: list[str], width_in: float, min_gap_in: float = 0.35) -> list[str]:
+    """Blank the labels that would overlap on a log axis `width_in` inches wide (the largest size is kept)."""
+    logs = np.log10(values)
+    span = (logs.max() - logs.min()) or 1.0
+    pos = (logs - logs.min()) / span * width_in
+    shown = [""] * len(values)
+    last = None
+    for i in range(len(values) - 1, -1, -1):
+        if last is None or last - pos[i] >= min_gap_in:
+            shown[i], last = labels[i], pos[i]
+    return shown
+
+
+def _plot_curve(result: dict[str, Any], path: Path) -> bool:
+    """Draw the learning curve with as-is and scratch as reference lines; False when there is nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
-    if not curve:
-        return
+    curve = result["learning_curve"]
     k = [p["per_class"] for p in curve]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.errorbar(k, [p["probe_mean"] for p in curve], yerr=[p["probe_std"] for p in curve], marker="o", capsize=3,
-                label="linear probe")
-    ax.errorbar(k, [p["finetune_mean"] for p in curve], yerr=[p["finetune_std"] for p in curve], marker="s",
-                capsize=3, label="fine-tune")
+    if not k:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if any(p["probe_mean"] is not None for p in curve):
+        ax.errorbar(k, [p["probe_mean"] for p in curve], yerr=[p["probe_std"] for p in curve], marker="o",
+                    capsize=3, label="linear probe")
+    if any(p["finetune_mean"] is not None for p in curve):
+        ax.errorbar(k, [p["finetune_mean"] for p in curve], yerr=[p["finetune_std"] for p in curve], marker="s",
+                    capsize=3, label=result.get("learning_curve_arm") or FINETUNE)
+    for name, style in ((AS_IS, ":"), (SCRATCH, "--")):
+        arm = result["arms"].get(name)
+        if arm and arm.get("applicable"):
+            what = "no training" if name == AS_IS else "all images"
+            ax.axhline(arm["accuracy"], linestyle=style, color="grey" if name == SCRATCH else "green",
+                       label=f"{name} ({what})")
     ax.set_xscale("log")
+    if len(k) == 1:
+        ax.set_xlim(k[0] / 2, k[0] * 2)
+    else:
+        ax.set_xlim(min(k) / 1.25, max(k) * 1.25)
+    ax.xaxis.set_major_locator(FixedLocator(k))
+    ax.xaxis.set_minor_locator(NullLocator())
+    labels = [f"{v}\n(all)" if p["all"] else str(v) for v, p in zip(k, curve, strict=True)]
+    ax.set_xticks(k, _tick_labels([float(v) for v in k], labels, width_in=4.5))
     ax.set_xlabel("training images per class")
     ax.set_ylabel("validation accuracy")
-    ax.legend()
+    ax.set_title(f"Learning curve: {result['backbone']}", fontsize=10)
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+    return True

@@ -14,8 +14,9 @@ import copy
 import dataclasses
 import datetime as _dt
 import json
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from embedfit.store import library_versions
 
 AUGMENTATIONS = ("flip", "rotate", "scale", "crop", "color")
 
+_log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -44,7 +47,8 @@ class TrainConfig:
         backbone: Backbone name (the architecture, for scratch).
         pretrained: False trains from random initialisation.
         weights: Optional state-dict file for the backbone.
-        freeze: "head" (backbone frozen), "last:N" (last N blocks trainable) or "all" (everything trainable).
+        freeze: "head" (backbone frozen), "last:N" (last N blocks trainable) or "none" (nothing frozen, every
+            layer trainable). "all", its old name, is read as "none" with a deprecation note.
         unfreeze_every: Gradual unfreezing: every this many epochs one more block (from the top) becomes trainable.
         epochs: Maximum epochs.
         batch_size: Images per step.
@@ -61,6 +65,8 @@ class TrainConfig:
         device: "auto", "cpu", "cuda", ...
         seed: Seed for the split, initialisation, shuffling and augmentation.
         progress: Show a progress bar per epoch.
+        validate_epochs: Score the validation images after every epoch (and the untrained head as epoch 0);
+            False scores only the final model (needs early_stopping=False; saves time in learning curves).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -82,11 +88,17 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     progress: bool = False
+    validate_epochs: bool = True
 
     def __post_init__(self) -> None:
-        if self.freeze not in ("head", "all") and not (self.freeze.startswith("last:") and
-                                                        self.freeze[5:].isdigit()):
-            raise UsageError(f"--freeze must be head, last:N or all, got '{self.freeze}'")
+        if self.freeze == "all":  # it meant "nothing frozen", the opposite of what it says
+            _log.warning("note: --freeze all is deprecated and means nothing is frozen; write --freeze none")
+            object.__setattr__(self, "freeze", "none")
+        if self.freeze not in ("head", "none") and not (self.freeze.startswith("last:") and
+                                                         self.freeze[5:].isdigit()):
+            raise UsageError(f"--freeze must be head, last:N or none, got '{self.freeze}'")
+        if not self.validate_epochs and self.early_stopping:
+            raise UsageError("validate_epochs=False needs early_stopping=False (early stopping scores every epoch)")
         unknown = set(self.augment) - set(AUGMENTATIONS)
         if unknown:
             raise UsageError(f"unknown augmentation {sorted(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
@@ -162,7 +174,7 @@ def apply_freeze(model: Classifier, trainable_blocks: int | None) -> list[nn.Mod
 
 
 def _initial_trainable(freeze: str) -> int | None:
-    return 0 if freeze == "head" else None if freeze == "all" else int(freeze[5:])
+    return 0 if freeze == "head" else None if freeze in ("none", "all") else int(freeze[5:])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,13 +261,28 @@ class Split:
     failed: list[str] = field(default_factory=list)
 
 
-def decode_labeled(data: str | Path, spec: Any) -> LabeledImages:
-    """Scan and decode a labeled image folder (or CSV); broken files are skipped and listed in `failed`."""
-    source = scan_images(data)
+def decode_labeled(data: str | Path, spec: Any, *, class_names: Sequence[str] | None = None) -> LabeledImages:
+    """Scan and decode a labeled image folder (or CSV); broken files are skipped and listed in `failed`.
+
+    Args:
+        data: Class-per-sub-folder tree or CSV with labels.
+        spec: The backbone's spec (decoding shrinks images to its resize size).
+        class_names: The label space to use (a test set's, given the training set's classes); the training
+            checks (two classes with two images each) apply only when this is None.
+    """
+    source = scan_images(data, class_names=class_names)
     if not source.class_names:
         raise InputError(f"{data} has no class sub-folders (or label column): training needs labels")
     images, ok, failed = _decode_resized(source.records, spec.resize_size)
+    if class_names is not None:  # a test set: unlabeled CSV rows cannot be scored
+        keep = [j for j, i in enumerate(ok) if source.records[i].label >= 0]
+        images, ok = [images[j] for j in keep], [ok[j] for j in keep]
     labels = np.array([source.records[i].label for i in ok], dtype=int)
+    if class_names is not None:
+        if not len(labels):
+            raise InputError(f"{data}: no readable labeled images")
+        return LabeledImages(images, labels, [source.records[i].key for i in ok], source.class_names, source.root,
+                             failed)
     counts = np.bincount(labels, minlength=len(source.class_names))
     if (counts[counts > 0] < 2).any() or (counts > 0).sum() < 2:
         raise InputError(f"{data}: need at least two classes with two or more readable images each, "
@@ -315,6 +342,7 @@ class TrainResult:
     run_dir: Path | None = None
     precision: str = "fp32"
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
+    val_proba: np.ndarray | None = field(default=None, repr=False)  # the kept model's, on the validation images
 
 
 @torch.inference_mode()
@@ -328,13 +356,15 @@ def evaluate(model: nn.Module, images: list[Any], labels: np.ndarray, spec: Any,
 
 
 def train(data: str | Path | Split, config: TrainConfig | None = None, *, output: str | Path | None = None,
-          **options: Any) -> TrainResult:
+          on_epoch: Callable[[dict[str, float]], None] | None = None, **options: Any) -> TrainResult:
     """Fine-tune (or, with pretrained=False, train from scratch) a classifier on a labeled image folder.
 
     Args:
-        data: A labeled image folder (class per sub-folder or CSV), or a prepared `Split`.
+        data: A labeled image folder (class per sub-folder or CSV), or a prepared `Split` (its validation part
+            may be empty: then nothing is scored and the last epoch is kept).
         config: Training settings; keyword `options` override its fields.
         output: Run directory to write (none when omitted).
+        on_epoch: Called with each epoch's history entry as it finishes (for progress reports).
 
     Returns:
         A `TrainResult` with the best-validation model and the per-epoch history.
@@ -364,19 +394,24 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
                                                  train_transform(spec, config.augment)),
                                          batch_size=config.batch_size, shuffle=True, generator=generator)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else None
+    last_proba: list[np.ndarray | None] = [None]
 
-    def val_accuracy() -> float:
+    def val_accuracy(score: bool = True) -> float:
+        if not score or not len(split.val_images):
+            return float("nan")
         proba = evaluate(model, split.val_images, split.val_labels, spec, device)
+        last_proba[0] = proba
         return float((proba.argmax(1) == split.val_labels).mean())
 
     def n_trainable() -> int:
         return sum(all(p.requires_grad for p in b.parameters()) for b in backbone_blocks(model.backbone))
 
-    history: list[dict[str, float]] = [{"epoch": 0, "train_loss": float("nan"), "val_accuracy": val_accuracy(),
+    history: list[dict[str, float]] = [{"epoch": 0, "train_loss": float("nan"),
+                                        "val_accuracy": val_accuracy(config.validate_epochs),
                                         "seconds": 0.0, "trainable_blocks": n_trainable()}]
     # Epoch 0 (the untrained head) is the baseline in the history, never the model kept: on a small or
     # imbalanced validation split it can out-score the first trained epochs by chance.
-    best, best_state, stale = -1.0, None, 0
+    best, best_state, best_proba, stale = -1.0, None, None, 0
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         gradual = config.unfreeze_every and trainable is not None
@@ -399,13 +434,16 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
             loss.backward()
             optimizer.step()
             losses.append(loss.detach().item())
-        acc = val_accuracy()
+        acc = val_accuracy(config.validate_epochs or epoch == config.epochs)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": acc,
-                        "seconds": time.perf_counter() - t0, "trainable_blocks": n_trainable()})
-        if not config.early_stopping:
-            best = acc
+                        "seconds": time.perf_counter() - t0, "trainable_blocks": n_trainable(),
+                        "steps": len(loader)})
+        if on_epoch is not None:
+            on_epoch(history[-1])
+        if not config.early_stopping or np.isnan(acc):
+            best, best_proba = acc, last_proba[0]
         elif acc > best:
-            best, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
+            best, best_state, best_proba, stale = acc, copy.deepcopy(model.state_dict()), last_proba[0], 0
         else:
             stale += 1
             if stale >= config.patience:
@@ -414,7 +452,7 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
     if config.early_stopping and best_state is not None:
         model.load_state_dict(best_state)
     result = TrainResult(model, config, split.class_names, history, best, train_seconds, optimizer=optimizer,
-                         precision="bf16" if amp is not None else "fp32")
+                         precision="bf16" if amp is not None else "fp32", val_proba=best_proba)
     if output is not None:
         result.run_dir = save_trained(output, result, split, data_path=str(getattr(split, "root", "")))
     return result
@@ -507,21 +545,52 @@ class FinetunedModel:
     class_names: list[str]
     device: torch.device
 
-    def predict_proba_paths(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list[str]]:
-        """Class probabilities per image file; NaN rows and a reason for files that do not decode."""
-        spec = self.model.backbone.spec
-        proba = np.full((len(paths), len(self.class_names)), np.nan)
-        errors = [""] * len(paths)
-        images, ok = [], []
-        for i, path in enumerate(paths):
-            try:
-                images.append(decode_image(path))
-                ok.append(i)
-            except Exception as exc:
-                errors[i] = str(exc)
-        if images:
-            proba[ok] = evaluate(self.model, images, np.zeros(len(images), int), spec, self.device)
-        return proba, errors
+    def predict_proba_paths(self, paths: Sequence[str | Path], *, batch_size: int | None = None,
+                            workers: int | None = None) -> tuple[np.ndarray, list[str]]:
+        """Class probabilities per image file; NaN rows and a reason for files that do not decode.
+
+        The images go through extraction's batched reader and encoder (`iter_embeddings`: decoding in worker
+        processes, a status per file), and the trained head runs on the embeddings it yields.
+        """
+        logits, errors = head_outputs(self.model.backbone, self.model.head, paths, self.device,
+                                      batch_size=batch_size, workers=workers)
+        return torch.softmax(torch.from_numpy(logits), dim=1).numpy().astype(np.float64), errors
+
+
+def head_outputs(backbone: Backbone, head: nn.Module, paths: Sequence[str | Path], device: torch.device, *,
+                 batch_size: int | None = None, workers: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """A head's outputs (logits) for image files, through the batched extraction loop: (N, K) with NaN rows
+    for files that do not decode, and the reason per file ("" when it did).
+
+    Args:
+        backbone: The (pre-logits) backbone the head sits on.
+        head: Embeddings (N, D) -> logits (N, K): a trained head, or the backbone's pretrained classifier.
+        paths: Image files.
+        device: Where to run.
+        batch_size: Images per batch (extraction's default for the device when None).
+        workers: Decoding processes (extraction's default when None).
+    """
+    from embedfit.extraction.encoder import Encoder, iter_embeddings
+
+    records = [ImageRecord(Path(p), str(p), -1, 0, 0) for p in paths]
+    encoder = Encoder(backbone, device)
+    head = head.to(device).eval()
+    outputs: list[np.ndarray] = []
+    errors: list[str] = []
+    with torch.inference_mode():
+        for batch in iter_embeddings(records, encoder, batch_size=batch_size, workers=workers):
+            ok = np.array([not e for e in batch.errors])
+            if ok.any():
+                found = head(torch.from_numpy(batch.features[ok]).to(device)).float().cpu().numpy()
+                block = np.full((len(ok), found.shape[1]), np.nan, dtype=np.float32)
+                block[ok] = found
+                outputs.append(block)
+            else:
+                outputs.append(np.full((len(ok), 0), np.nan, dtype=np.float32))
+            errors += batch.errors
+    width = max((o.shape[1] for o in outputs), default=0)
+    rows = [o if o.shape[1] == width else np.full((len(o), width), np.nan, dtype=np.float32) for o in outputs]
+    return (np.concatenate(rows) if rows else np.zeros((0, width), np.float32)), errors
 
 
 def load_finetuned(run_dir: str | Path, device: str = "auto") -> FinetunedModel:
