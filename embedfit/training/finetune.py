@@ -503,7 +503,10 @@ def save_trained(run_dir: str | Path, result: TrainResult, split: Split, *, data
     metrics = {
         "model": name, "backbone": spec.short(), "store": data_path, "n_samples": len(split.train_labels),
         "n_excluded": len(split.failed), "n_classes": n, "class_names": result.class_names,
-        "evaluation": {"strategy": "holdout", "n_splits": 1, "repeats": 1, "groups": False, "search": False},
+        "n_train": len(split.train_labels),
+        # fine-tuning's own validation split (model.json kind "torch" tells it from fit's --test-size hold-out)
+        "evaluation": {"strategy": "holdout", "n_splits": 1, "repeats": 1, "groups": False, "search": False,
+                       "val_size": result.config.val_size, "seed": result.config.seed, "n_val": len(split.val_labels)},
         "scores": {k: {"mean": v, "std": 0.0, "folds": [v]} for k, v in scores.items()},
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),
                           "support": int(support[i])} for i, c in enumerate(result.class_names)},
