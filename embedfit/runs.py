@@ -160,6 +160,27 @@ def read_sidecar(run_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+MODEL_FILES = {"sklearn": ("model.skops", "a scikit-learn pipeline"), "torch": ("model.pt", "a trained network")}
+
+
+def model_file(run_dir: str | Path, kind: str) -> tuple[dict[str, Any], Path]:
+    """A run's sidecar and model file, checked: the run holds a model of `kind` ("sklearn" or "torch"), its file
+    is there, and it is the file the sidecar was written for (`check_model_file`).
+
+    Raises:
+        ModelFileError: Otherwise, in one line.
+    """
+    meta = read_sidecar(run_dir)
+    name, what = MODEL_FILES[kind]
+    if meta.get("kind") != kind:
+        raise ModelFileError(f"{run_dir} holds a {meta.get('kind')} model, not {what}")
+    path = Path(run_dir) / name
+    if not path.is_file():
+        raise ModelFileError(f"{path} is missing")
+    check_model_file(run_dir, meta, path)
+    return meta, path
+
+
 def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
     """Load a run's pipeline without running untrusted code: only skops, only allow-listed types.
 
@@ -169,13 +190,7 @@ def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
     """
     import skops.io as sio
 
-    meta = read_sidecar(run_dir)
-    if meta.get("kind") != "sklearn":
-        raise ModelFileError(f"{run_dir} holds a {meta.get('kind')} model, not a scikit-learn pipeline")
-    path = Path(run_dir) / "model.skops"
-    if not path.is_file():
-        raise ModelFileError(f"{path} is missing")
-    check_model_file(run_dir, meta, path)
+    meta, path = model_file(run_dir, "sklearn")
     try:
         untrusted = set(sio.get_untrusted_types(file=path))
     except Exception as exc:  # a pickle, a joblib file or garbage: never unpickle it

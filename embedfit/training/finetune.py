@@ -598,15 +598,9 @@ def head_outputs(backbone: Backbone, head: nn.Module, paths: Sequence[str | Path
 
 def load_finetuned(run_dir: str | Path, device: str = "auto") -> FinetunedModel:
     """Rebuild a fine-tuned/scratch network from model.json and load model.pt (weights only, no pickled code)."""
-    from embedfit.runs import check_model_file, read_sidecar
+    from embedfit.runs import model_file
 
-    meta = read_sidecar(run_dir)
-    if meta.get("kind") != "torch":
-        raise ModelFileError(f"{run_dir} holds a {meta.get('kind')} model, not a trained network")
-    path = Path(run_dir) / "model.pt"
-    if not path.is_file():
-        raise ModelFileError(f"{path} is missing")
-    check_model_file(run_dir, meta, path)
+    meta, path = model_file(run_dir, "torch")
     params = meta["params"]
     spec = meta["spec"]
     backbone = create_backbone(spec["name"], pretrained=False,
