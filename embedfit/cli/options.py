@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from embedfit.backbones.spec import POOLS
+from embedfit.extraction.settings import DECODERS, PRECISIONS, RUNTIMES, TTAS
 
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
+
+def _choices(name: str, values: Sequence[str]) -> Any:
+    """A typer choice built from the library's own tuple of values, so each list of choices has one home."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+Precision = _choices("Precision", PRECISIONS)
+TTA = _choices("TTA", TTAS)
+Decode = _choices("Decode", DECODERS)
+Runtime = _choices("Runtime", RUNTIMES)
+Pool = _choices("Pool", POOLS)
 
 
 class FeatureDtype(str, Enum):
@@ -19,34 +30,9 @@ class FeatureDtype(str, Enum):
     float16 = "float16"
 
 
-class TTA(str, Enum):
-    none = "none"
-    flip = "flip"
-
-
-class Decode(str, Enum):
-    pil = "pil"
-    device = "device"
-
-
-class Runtime(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    onnx = "onnx"
-
-
 class Engine(str, Enum):
     local = "local"
     ray = "ray"
-
-
-class Pool(str, Enum):
-    avg = "avg"
-    max = "max"
-    cls = "cls"
-    mean = "mean"
-    cls_mean = "cls+mean"
-    head = "head"
 
 
 def _max_failures(value: str | None) -> object:
