@@ -218,3 +218,17 @@ def test_compare_rejects_bad_settings(shared_tree: Path, tmp_path: Path, capsys:
     assert "--augment" in capsys.readouterr().err
     assert main(["compare", str(shared_tree), "-o", str(tmp_path / "y"), "--arms", "all"]) == 2
     assert "--arms takes" in capsys.readouterr().err
+
+
+def test_each_backbone_adds_a_probe_arm_on_the_same_splits(tmp_path: Path) -> None:
+    """`compare -b A -b B`: one linear-probe column per backbone, scored on the same validation images."""
+    tree = write_tree(tmp_path / "tex", per_class=4)
+    out = tmp_path / "out"
+    assert main(["compare", str(tree), "-o", str(out), "-b", "efficientnet_lite0", "-b", "efficientnet_lite1",
+                 "--arms", "probe", "--sizes", "all", "--repeats", "2", "--val-size", "0.5",
+                 "--device", "cpu"]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert list(result["arms"]) == ["linear probe", "linear probe (efficientnet_lite1)"]
+    for arm in result["arms"].values():
+        assert arm["applicable"] and len(arm["accuracy_runs"]) == 2 and len(arm["accuracy_ci"]) == 2
+    assert "linear probe (efficientnet_lite1)" in (out / "compare.md").read_text()

@@ -128,7 +128,8 @@ def compare(
     output: Path = typer.Option(Path("runs/compare"), "-o", "--output", help="Folder for the results."),
     test: Path | None = typer.Option(None, "--test", help="Held-out labeled folder or CSV: every arm is scored on it."),
     arms: str = typer.Option("as-is,probe,finetune,scratch", "--arms", help="Arms to run (comma list)."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone"),
+    backbone: list[str] = typer.Option([DEFAULT_BACKBONE], "-b", "--backbone",
+                                       help="Backbone of every arm; repeat it to add a linear-probe arm per backbone."),
     weights: Path | None = typer.Option(None, help="State-dict file instead of the default weights."),
     epochs: int = typer.Option(3, min=1, help="Epochs for fine-tuning."),
     scratch_epochs: int | None = typer.Option(None, "--scratch-epochs", min=1,
@@ -157,7 +158,8 @@ def compare(
     if not augment or any(a.strip() not in switch for a in augment.split(",")):
         raise typer.BadParameter(f"expected on, off or on,off, got '{augment}'", param_hint="--augment")
     with _Progress(err) as progress:
-        result = run_compare(data, output, backbone=args_backbone(backbone), weights=_path_str(weights),
+        result = run_compare(data, output, backbone=args_backbone(backbone[0]), weights=_path_str(weights),
+                             probe_backbones=[args_backbone(b) for b in backbone[1:]],
                              epochs=epochs, scratch_epochs=scratch_epochs, sizes=steps, repeats=repeats,
                              val_size=val_size, device=device, seed=seed, arms=parse_arms(arms),
                              freeze=[f.strip() for f in freeze.split(",") if f.strip()],

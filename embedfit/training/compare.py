@@ -71,6 +71,10 @@ def parse_arms(arms: Sequence[str] | str) -> list[str]:
     return [a for a in ARMS if a in chosen]
 
 
+def _probe_arm(backbone: str) -> str:
+    return f"{PROBE} ({backbone})"
+
+
 def _embed(encoder: Encoder, images: list[Any], batch_size: int = 16) -> np.ndarray:
     pre = encoder.spec.preprocess()
     out = [encoder(torch.stack([pre(im) for im in images[i:i + batch_size]]))
@@ -196,7 +200,7 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
             finetune: TrainConfig | None = None, arms: Sequence[str] | str = ARM_CHOICES,
             freeze: Sequence[str] | None = None, augment: Sequence[bool] = (True,),
             test: str | Path | None = None, imagenet_map: str | Path | None = None,
-            progress: Progress | None = None) -> dict[str, Any]:
+            progress: Progress | None = None, probe_backbones: Sequence[str] = ()) -> dict[str, Any]:
     """Run the chosen arms on the same seeded stratified splits; write compare.json, compare.md, the learning
     curve and run directories, and end with a recommendation.
 
@@ -224,6 +228,9 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
         test: A labeled folder or CSV of held-out images with the same classes: every arm is scored on it.
         imagenet_map: A ``class,imagenet_class`` CSV for the as-is arm instead of reading the class names.
         progress: Called with a line of progress (arm, split, epoch) as the comparison runs.
+        probe_backbones: More backbones for the linear probe, one arm each ("linear probe (NAME)") on the same
+            splits, so that the comparison also answers which backbone to probe (`embedfit sweep` does that at
+            scale). Their images are decoded once at `backbone`'s resize size.
 
     Returns:
         The comparison as written to compare.json.
@@ -270,6 +277,9 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
         results[AS_IS] = _Arm(AS_IS)
     if PROBE in chosen:
         results[PROBE] = _Arm(PROBE)
+    extra = [name for name in dict.fromkeys(probe_backbones) if name != backbone] if PROBE in chosen else []
+    for name in extra:
+        results[_probe_arm(name)] = _Arm(_probe_arm(name))
     results.update({arm.name: arm for arm in trained})
 
     # Frozen embeddings do not depend on the split: embed every image once; the as-is arm is the pretrained
@@ -284,6 +294,14 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
         X = _embed(encoder, data_set.images)
         embed_seconds = time.perf_counter() - t0
         X_test = _embed(encoder, test_set.images) if test_set is not None else None
+    probes: dict[str, tuple[np.ndarray, np.ndarray | None, float]] = {}  # arm -> train and test embeddings, seconds
+    for name in extra:
+        say(f"embedding {len(labels)} images with {name}")
+        t0 = time.perf_counter()
+        other = Encoder(create_backbone(name), dev)
+        X_other = _embed(other, data_set.images)
+        probes[_probe_arm(name)] = (X_other, _embed(other, test_set.images) if test_set is not None else None,
+                                    time.perf_counter() - t0)
     if AS_IS in chosen:
         if not has_imagenet_head(model):
             results[AS_IS].not_applicable = f"{model.spec.short()} has no pretrained ImageNet-1k classifier"
@@ -322,6 +340,11 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
             t0 = time.perf_counter()
             results[PROBE].pred.append(_probe_fit(X, labels, train_idx, split_seed).predict(X[val_idx]))
             results[PROBE].seconds.append(embed_seconds + time.perf_counter() - t0)
+        for arm_name, (X_other, _, seconds) in probes.items():
+            say(f"{where}: {arm_name}")
+            t0 = time.perf_counter()
+            results[arm_name].pred.append(_probe_fit(X_other, labels, train_idx, split_seed).predict(X_other[val_idx]))
+            results[arm_name].seconds.append(seconds + time.perf_counter() - t0)
         split = make_split(data_set, train_idx, val_idx)
         for arm in trained:
             config = dataclasses.replace(arm.config, seed=split_seed)
@@ -392,6 +415,8 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
             results[AS_IS].test_top1 = top1_mapped(proba_test, mapping)
         if PROBE in results:
             results[PROBE].test_pred = _probe_fit(X, labels, all_train, seed).predict(X_test)
+        for arm_name, (X_other, X_other_test, _) in probes.items():
+            results[arm_name].test_pred = _probe_fit(X_other, labels, all_train, seed).predict(X_other_test)
 
     result = _summarize(results, splits, labels, names, test_set, mapping, seed)
     train_images = len(splits[0][0])
