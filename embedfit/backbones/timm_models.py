@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from embedfit.backbones.registry import BackboneInfo, _Built, _skeleton
-from embedfit.backbones.weights import _OFFLINE_WHY, _hf_cached_file, _load_state_dict, offline
+from embedfit.backbones.weights import _OFFLINE_WHY, _hf_cached_file, _load_state_dict, offline, unreachable
 from embedfit.errors import UsageError, WeightsUnavailableError
 
 
@@ -46,10 +46,11 @@ def _timm_from_cache(arch: str) -> nn.Module:
     """timm's pretrained model, its weights file from the Hugging Face cache when there, else downloaded.
 
     A cached file is loaded as a local file, so that nothing asks the hub (which offline would retry for
-    a minute); offline without the file, the error comes at once and names what to put where.
+    a minute or more); without the file, offline or when one probe (~2 s) finds the hub unreachable, the error
+    comes at once and names what to put where.
     """
     import timm
-    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.constants import ENDPOINT, HF_HUB_CACHE
 
     skeleton = _timm_skeleton(arch)
     cached = _hf_cached_file(skeleton)
@@ -61,10 +62,12 @@ def _timm_from_cache(arch: str) -> nn.Module:
     if cached is not None:
         return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(cached), source=""))
     if not offline():
-        try:
-            return timm.create_model(arch, pretrained=True)
-        except Exception as exc:
-            why = f"download failed: {type(exc).__name__}"
+        why = unreachable(ENDPOINT) or ""
+        if not why:
+            try:
+                return timm.create_model(arch, pretrained=True)
+            except Exception as exc:
+                why = f"download failed: {type(exc).__name__}"
     raise WeightsUnavailableError(
         f"pretrained weights for timm:{arch} are not in the Hugging Face cache: {where} ({why}); "
         "pass --weights FILE with a state dict"

@@ -72,6 +72,33 @@ def offline() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("EMBEDFIT_OFFLINE", "HF_HUB_OFFLINE"))
 
 
+def unreachable(url: str, timeout: float = 2.0) -> str | None:
+    """Why `url` cannot be reached, or None when it answers (any HTTP status): one probe, at most `timeout`
+    seconds, name resolution included (which sockets' own timeouts do not bound).
+
+    Asked before a download from a hub whose client retries for a minute or more with no network.
+    """
+    import threading
+    import urllib.error
+
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            result.append(None)
+        except urllib.error.HTTPError:  # it answered
+            result.append(None)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            result.append(f"{url} unreachable: {str(reason).splitlines()[0] if str(reason) else type(exc).__name__}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return result[0] if result else f"{url} unreachable: no answer within {timeout:g} s"
+
+
 def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
     """Download to `dest` atomically (a killed download never leaves a truncated weights file)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
