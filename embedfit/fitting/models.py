@@ -278,12 +278,12 @@ def wrap_estimator(estimator: BaseEstimator, *, scale: str = "standard", pca: in
 def name_classes(classifier: Any, class_names: list[str]) -> None:
     """Relabel a classifier fitted on class indices 0..k-1 so that it predicts class names, in place.
 
-    For the models fitted on indices (on a GPU through the array API, which needs numeric labels, and SGD
-    streamed with `partial_fit`): linear models predict `classes_[argmax]`; ridge keeps `classes_` in its label
-    binarizer.
+    For the linear models fitted on indices (on a GPU through the array API, which needs numeric labels, and
+    SGD streamed with `partial_fit`): they predict `classes_[argmax]`; ridge keeps a copy in its label binarizer.
     """
-    target = getattr(classifier, "_label_binarizer", classifier)
-    target.classes_ = np.asarray(class_names)[np.asarray(target.classes_, dtype=int)]
+    for target in (classifier, getattr(classifier, "_label_binarizer", None)):
+        if hasattr(target, "classes_"):
+            target.classes_ = np.asarray(class_names)[np.asarray(target.classes_, dtype=int)]
 
 
 def check_savable(estimator: BaseEstimator) -> None:
