@@ -119,7 +119,7 @@ def test_saved_models_predict_class_names(tmp_path: Path, model: str) -> None:
     names = ["zebra", "ant", "moth"]  # not in sorted order: names map by name, not by position
     store = synthetic_store(tmp_path / "s.h5", X, y, names)
     result = fit(store, model, cv=3, output=tmp_path / "run")
-    loaded, meta = load_model(tmp_path / "run")
+    loaded, _ = load_model(tmp_path / "run")
     pred = loaded.predict(X)
     assert set(pred) <= set(names) and (pred == np.array(names)[y]).mean() > 0.8
     assert list(result.pipeline.predict(X[:20])) == list(pred[:20])
