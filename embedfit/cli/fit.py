@@ -34,6 +34,8 @@ def fit(
     class_weight: str = typer.Option("balanced", help="balanced or none."),
     jobs: int | None = typer.Option(None, help="Parallel folds (default: one per core as memory allows; -1: all)."),
     backend: Backend = typer.Option(Backend.loky, help="joblib backend for the folds."),
+    ray_address: str | None = typer.Option(None, help="With --backend ray: the cluster to use (ray.init address, "
+                                           "e.g. ray://head:10001 or auto)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N; logreg and ridge fit on a GPU (needs "
                                "SCIPY_ARRAY_API=1 in the environment)."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -59,8 +61,8 @@ def fit(
                                test_size=test_size or 0.2, class_weight=weight, seed=seed) if name in OOC_MODELS else
                run_fit(store, chosen[name], output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,
                        groups=groups, test_store=test_store, test_size=test_size, search=search,
-                       class_weight=weight, jobs=jobs, backend=backend.value, device=device, seed=seed,
-                       progress=True)
+                       class_weight=weight, jobs=jobs, backend=backend.value, ray_address=ray_address,
+                       device=device, seed=seed, progress=True)
                for name in model]
     print_fit_results(out, results)
 

@@ -131,6 +131,8 @@ class FitConfig:
         jobs: Parallel folds (joblib); None: folds in parallel only when the work is large enough to pay for
             starting the workers (`default_jobs`).
         backend: joblib backend: "loky", "threading", "ray" or "dask".
+        ray_address: With backend "ray": the cluster to connect to (`ray.init(address=...)`, e.g.
+            "ray://head:10001" or "auto"); None: Ray's default (a local cluster, or the one already connected).
         device: "cpu", "cuda[:N]", or "auto": the GPU for `ARRAY_API_MODELS` when there is one and SciPy is in
             array-API mode (SCIPY_ARRAY_API=1), else the CPU. On a GPU, folds run one after the other.
         seed: Random state for splits and models.
@@ -148,6 +150,7 @@ class FitConfig:
     class_weight: str | None = "balanced"
     jobs: int | None = None
     backend: str = "loky"
+    ray_address: str | None = None
     device: str = "auto"
     seed: int = 0
     progress: bool = False
@@ -216,7 +219,7 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     check_trainable(data.y, data.class_names, None if test_store is not None else 2 if test_size is not None else cv)
     fit_device, device_note = resolve_fit_device(device, model)
     on_gpu = fit_device != "cpu"
-    _register_backend(backend)
+    _register_backend(backend, config.ray_address)
     n_classes = len(data.class_names)
     notes = list(data.notes)
     if (run_dir / "model.json").is_file():
@@ -364,12 +367,21 @@ def default_jobs(X: np.ndarray, n_splits: int) -> int:
     return max(jobs, 1)
 
 
-def _register_backend(backend: str) -> None:
+def _register_backend(backend: str, ray_address: str | None = None) -> None:
+    if ray_address is not None and backend != "ray":
+        raise UsageError(f"--ray-address needs --backend ray, got --backend {backend}")
     if backend == "ray":
         try:
+            import ray
             from ray.util.joblib import register_ray
         except ImportError:
             raise UsageError("--backend ray needs Ray: pip install 'embedfit[ray]'") from None
+        if ray_address is not None and not ray.is_initialized():  # before joblib's backend starts its own
+            try:
+                ray.init(address=ray_address, log_to_driver=False)
+            except Exception as exc:  # ConnectionError, ValueError for a malformed address, ...
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise InputError(f"--ray-address {ray_address}: cannot connect to a Ray cluster ({first})") from None
         register_ray()
     elif backend == "dask":
         try:
