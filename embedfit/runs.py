@@ -139,6 +139,8 @@ def read_sidecar(run_dir: str | Path) -> dict[str, Any]:
 def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
     """Load a run's pipeline without running untrusted code: only skops, only allow-listed types.
 
+    The pipeline predicts class names (runs saved by earlier versions: class indices; `class_positions` maps both).
+
     Raises:
         ModelFileError: Missing files, a file that is not a skops archive (e.g. a pickle), or a skops file
             containing types outside `TRUSTED_TYPES`.
