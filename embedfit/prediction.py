@@ -19,7 +19,7 @@ import numpy as np
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import StoreMismatchError, UsageError
 from embedfit.images import ImageRecord, collect_images
-from embedfit.runs import load_model, read_sidecar
+from embedfit.runs import class_positions, load_model, read_sidecar
 from embedfit.store import FeatureStore, StoreSettings, check_mixable
 
 
@@ -99,13 +99,13 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
     predicted = [""] * len(paths)
     proba = None
     if ok.any():
-        labels = pipeline.predict(X[ok])
+        labels = class_positions(pipeline.predict(X[ok]), class_names)  # names, or indices in older runs
         for i, label in zip(np.flatnonzero(ok), labels, strict=True):
-            predicted[i] = class_names[int(label)]
+            predicted[i] = class_names[label]
         if hasattr(pipeline, "predict_proba"):
             proba = np.full((len(paths), len(class_names)), np.nan)
             full = np.zeros((int(ok.sum()), len(class_names)))
-            full[:, pipeline.classes_] = pipeline.predict_proba(X[ok])
+            full[:, class_positions(pipeline.classes_, class_names)] = pipeline.predict_proba(X[ok])
             proba[ok] = full
     return Predictions(paths, predicted, proba, class_names, errors)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import hashlib
+import importlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,35 @@ TRUSTED_TYPES = (
 )
 
 
+def untrusted_types(types: list[str]) -> list[str]:
+    """The names among skops' untrusted `types` that embedfit refuses: all but `TRUSTED_TYPES` and scikit-learn's
+    own classes (a class defined in a module under `sklearn.`). Functions and third-party types stay refused."""
+    def sklearn_class(name: str) -> bool:
+        module, _, attr = name.rpartition(".")
+        if not module.startswith("sklearn."):
+            return False
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            return False
+        return isinstance(obj, type) and obj.__module__.startswith("sklearn.")
+
+    return sorted(t for t in set(types) if t not in TRUSTED_TYPES and not sklearn_class(t))
+
+
+def class_positions(labels: Any, class_names: list[str]) -> np.ndarray:
+    """Positions in the run's `class_names` of labels a loaded model gives (`predict`'s output or `classes_`).
+
+    Models fitted by this version predict class names; runs saved before predict class indices, which are
+    their own positions (so old runs keep working with `embedfit predict` and this helper).
+    """
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iu":
+        return labels.astype(int)
+    where = {name: i for i, name in enumerate(class_names)}
+    return np.array([where[str(label)] for label in labels], dtype=int)
+
+
 def save_run(run_dir: str | Path, pipeline: Pipeline, *, model: str, params: dict[str, Any], store: FeatureStore,
              metrics: dict[str, Any], predictions: list[dict[str, Any]]) -> Path:
     """Write model.skops, model.json, metrics.json and predictions.csv (the run-directory contract)."""
@@ -54,7 +84,7 @@ def save_run(run_dir: str | Path, pipeline: Pipeline, *, model: str, params: dic
     model_path = run_dir / "model.skops"
     tmp = run_dir / ".model.skops.tmp"
     sio.dump(pipeline, tmp)
-    untrusted = set(sio.get_untrusted_types(file=tmp)) - set(TRUSTED_TYPES)
+    untrusted = untrusted_types(sio.get_untrusted_types(file=tmp))
     if untrusted:  # our own pipelines must only contain allow-listed types
         tmp.unlink()
         raise ModelFileError(f"refusing to save a model containing unvetted types: {sorted(untrusted)}")
@@ -184,6 +214,8 @@ def model_file(run_dir: str | Path, kind: str) -> tuple[dict[str, Any], Path]:
 def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
     """Load a run's pipeline without running untrusted code: only skops, only allow-listed types.
 
+    The pipeline predicts class names (runs saved by earlier versions: class indices; `class_positions` maps both).
+
     Raises:
         ModelFileError: Missing files, a file that is not a skops archive (e.g. a pickle), or a skops file
             containing types outside `TRUSTED_TYPES`.
@@ -196,7 +228,7 @@ def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
     except Exception as exc:  # a pickle, a joblib file or garbage: never unpickle it
         raise ModelFileError(f"{path} is not a skops model file ({type(exc).__name__}); refusing to load it") \
             from None
-    unexpected = untrusted - set(TRUSTED_TYPES)
+    unexpected = untrusted_types(untrusted)
     if unexpected:
         raise ModelFileError(f"{path} contains types outside embedfit's allow-list: {sorted(unexpected)[:3]}; "
                              "refusing to load it")

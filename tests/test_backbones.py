@@ -290,3 +290,39 @@ def test_shipped_catalogue_matches_the_registry() -> None:
     assert infos is not None and [i.name for i in infos] == list_backbones()
     for info in infos:
         assert info == backbone_info(info.name)
+
+
+NO_WEIGHTS = r"""
+import sys, time
+import timm, torch  # imported before the clock starts: only the weights lookup is timed
+from embedfit.cli import main
+t0 = time.perf_counter()
+code = main(["extract", sys.argv[1], "-o", sys.argv[2], "--backbone", "timm:vit_small_patch14_dinov2.lvd142m"])
+print(f"{code} {time.perf_counter() - t0:.2f}")
+"""
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9", "default"])
+def test_timm_weights_missing_fail_in_seconds_without_offline_switch(endpoint: str, image_tree: Path,
+                                                                     tmp_path: Path) -> None:
+    """No network and no cached weights, and nobody said offline: one line naming the cache path in seconds,
+    not a minute of hub retries. A closed local port, and the real hub where this machine cannot reach it."""
+    import os
+    import subprocess
+    import sys
+
+    from embedfit.backbones.weights import unreachable
+
+    env = {k: v for k, v in os.environ.items() if k not in ("EMBEDFIT_OFFLINE", "HF_HUB_OFFLINE")}
+    if endpoint == "default":
+        if unreachable("https://huggingface.co") is None:
+            pytest.skip("the Hugging Face hub is reachable from here")
+    else:
+        env["HF_ENDPOINT"] = endpoint
+    proc = subprocess.run([sys.executable, "-c", NO_WEIGHTS, str(image_tree), str(tmp_path / "s.h5")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    code, seconds = proc.stdout.split()[-2:]
+    assert code == "1" and float(seconds) < 10, (seconds, proc.stderr[-2000:])
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr[-2000:]
+    assert "models--timm--vit_small_patch14_dinov2.lvd142m" in proc.stderr and "unreachable" in proc.stderr
+    assert not (tmp_path / "s.h5").exists()

@@ -50,6 +50,11 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         (["{store}", "--backend", "spark"], 2, "--backend"),
         (["{store}", "-m", "svm", "-m", "knn", "-o", "{tmp}/r"], 2, "one run directory"),
         (["{store}", "--epochs", "0"], 2, "--epochs"),
+        (["{store}", "--model", "sklearn.nope:Thing"], 2, "cannot import sklearn.nope"),
+        (["{store}", "--ray-address", "auto", "-o", "{tmp}/r"], 2, "--ray-address needs --backend ray"),
+        (["{store}", "--model", "sklearn.linear_model:Nope"], 2, "has no 'Nope'"),
+        (["{store}", "--model", "sklearn.linear_model:Ridge"], 2, "not a scikit-learn classifier"),
+        (["{store}", "--model", "sklearn.pipeline:Pipeline"], 2, "cannot construct Pipeline()"),
     ],
     "predict": [
         ([], 2, "Missing argument"),

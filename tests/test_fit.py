@@ -350,7 +350,7 @@ def test_classes_without_usable_images_are_left_out(tmp_path: Path) -> None:
     m = result.metrics
     assert m["class_names"] == ["a", "c"] and np.array(m["confusion_matrix"]).shape == (2, 2)
     assert "roc_auc" in m["scores"] and "left out: b" in m["notes"][0]
-    assert {r["label"] for r in result.predictions} == {"a", "c"} and list(result.pipeline.classes_) == [0, 1]
+    assert {r["label"] for r in result.predictions} == {"a", "c"} and list(result.pipeline.classes_) == ["a", "c"]
     assert load_model(tmp_path / "run")[1]["class_names"] == ["a", "c"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +77,52 @@ def test_errors(tmp_path: Path, shared_tree: Path) -> None:
         est.transform(good)
     with pytest.raises(UsageError, match="1-D sequence"):
         est.transform(np.zeros((3, 4)))
+
+
+@pytest.mark.slow
+def test_grid_search_embeds_each_image_once(shared_tree: Path, shared_store: Path) -> None:
+    """GridSearchCV clones the pipeline per candidate and fold; the shared cache makes it one extraction, with the
+    same results as without it."""
+    from sklearn.model_selection import GridSearchCV
+
+    from embedfit.transformer import clear_embedding_cache, embedding_cache_info
+
+    store = FeatureStore.open(shared_store)
+    keep = np.concatenate([np.flatnonzero(store.labels == c)[:4] for c in range(3)])  # 12 images, 4 per class
+    paths, labels = np.array([str(shared_tree / p) for p in store.paths[keep]]), store.labels[keep]
+    results = {}
+    for cache in (False, True):
+        clear_embedding_cache()
+        pipe = make_pipeline(EmbeddingTransformer(cache=cache), StandardScaler(), LogisticRegression(max_iter=1000))
+        search = GridSearchCV(pipe, {"logisticregression__C": [0.1, 1.0]}, cv=2).fit(paths, labels)
+        results[cache] = (search, embedding_cache_info())
+    (uncached, info_off), (cached, info_on) = results[False], results[True]
+    n = len(paths)
+    assert info_off["embedded"] == n * (2 * 2 + 1)  # every candidate x fold, and the refit
+    assert info_on["embedded"] == n and info_on["hits"] == n * 2 * 2  # once; the rest from the cache
+    np.testing.assert_allclose(cached.cv_results_["mean_test_score"], uncached.cv_results_["mean_test_score"])
+    assert cached.best_params_ == uncached.best_params_
+    np.testing.assert_allclose(cached.predict_proba(paths), uncached.predict_proba(paths), rtol=1e-4, atol=1e-5)
+    assert info_on["entries"] == n and info_on["bytes"] == n * 1280 * 4
+    clear_embedding_cache()
+    assert embedding_cache_info()["entries"] == 0
+
+
+def test_cache_sees_changed_files_and_settings(image_tree: Path) -> None:
+    from PIL import Image
+
+    from embedfit.transformer import clear_embedding_cache, embedding_cache_info
+
+    clear_embedding_cache()
+    paths = sorted(str(p) for p in image_tree.rglob("*.png"))[:2]
+    est = EmbeddingTransformer().fit(paths)
+    first = est.transform(paths)
+    np.testing.assert_array_equal(est.transform(paths), first)
+    assert embedding_cache_info()["embedded"] == 2
+    Image.new("RGB", (64, 64), "red").save(paths[0])  # new content: new size and mtime
+    os.utime(paths[0], ns=(1, 1))
+    changed = est.transform(paths)
+    assert embedding_cache_info()["embedded"] == 3 and not np.allclose(changed[0], first[0])
+    np.testing.assert_array_equal(changed[1], first[1])
+    EmbeddingTransformer(tta="flip").fit(paths).transform(paths)  # other settings: other embeddings
+    assert embedding_cache_info()["embedded"] == 5

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from embedfit.backbones.registry import BackboneInfo, _Built, _skeleton
-from embedfit.backbones.weights import _OFFLINE_WHY, _hf_cached_file, _load_state_dict, hub_reachable, offline
+from embedfit.backbones.weights import _OFFLINE_WHY, _hf_cached_file, _load_state_dict, offline, unreachable
 from embedfit.errors import UsageError, WeightsUnavailableError
 
 
@@ -46,11 +47,12 @@ def _timm_from_cache(arch: str, **kwargs: Any) -> nn.Module:
     """timm's pretrained model, its weights file from the Hugging Face cache when there, else downloaded.
 
     A cached file is loaded as a local file, so that nothing asks the hub (which offline would retry for
-    a minute); offline or without a network, the error comes at once and names what to put where. `kwargs` go to
-    `timm.create_model` (e.g. `img_size`: timm resamples the position embeddings while loading).
+    a minute or more); without the file, offline or when one probe (~2 s) finds the hub unreachable, the error
+    comes at once and names what to put where. `kwargs` go to `timm.create_model` (e.g. `img_size`: timm
+    resamples the position embeddings while loading).
     """
     import timm
-    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.constants import ENDPOINT, HF_HUB_CACHE
 
     skeleton = _timm_skeleton(arch)
     cached = _hf_cached_file(skeleton)
@@ -63,9 +65,9 @@ def _timm_from_cache(arch: str, **kwargs: Any) -> nn.Module:
         return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(cached), source=""),
                                  **kwargs)
     if not offline():
-        if not hub_reachable():
-            why = "no network: huggingface.co cannot be reached"
-        else:
+        unreached = unreachable(os.environ.get("HF_ENDPOINT") or ENDPOINT)  # the variable as it is now
+        why = f"no network: {unreached}" if unreached else ""
+        if not why:
             try:
                 return timm.create_model(arch, pretrained=True, **kwargs)
             except Exception as exc:

@@ -79,20 +79,31 @@ def offline() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("EMBEDFIT_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub opens within `timeout` s: without one, huggingface_hub retries for a
-    minute before failing, where a missing file should be reported at once."""
-    import socket
-    from urllib.parse import urlparse
+def unreachable(url: str, timeout: float = 2.0) -> str | None:
+    """Why `url` cannot be reached, or None when it answers (any HTTP status): one probe, at most `timeout`
+    seconds, name resolution included (which sockets' own timeouts do not bound).
 
-    endpoint = os.environ.get("HF_ENDPOINT")
-    if endpoint:
-        host = urlparse(endpoint).hostname or host
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    Asked before a download from a hub whose client retries for a minute or more with no network.
+    """
+    import threading
+    import urllib.error
+
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            result.append(None)
+        except urllib.error.HTTPError:  # it answered
+            result.append(None)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            result.append(f"{url} unreachable: {str(reason).splitlines()[0] if str(reason) else type(exc).__name__}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return result[0] if result else f"{url} unreachable: no answer within {timeout:g} s"
 
 
 def _download(url: str, dest: Path, timeout: float = 30.0) -> None:

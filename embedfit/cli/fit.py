@@ -19,7 +19,9 @@ def fit(
     store: str = typer.Argument(..., help="Training feature store (.h5), a local path or a URL."),
     model: list[str] = typer.Option(["logreg"], "-m", "--model", help="svm, linear-svm, logreg, knn, ridge, lda, "
                                     "rf, mlp, or sgd-logreg / sgd-svm (out-of-core, for stores larger than memory; "
-                                    "hold-out evaluation); repeat for several."),
+                                    "hold-out evaluation), or any scikit-learn classifier as pkg.module:Class "
+                                    "(default arguments, e.g. sklearn.ensemble:HistGradientBoostingClassifier); "
+                                    "repeat for several."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Run directory (default runs/STORE-MODEL)."),
     scale: Scale = typer.Option(Scale.standard, help="Feature scaling inside the pipeline."),
     pca: str = typer.Option("auto", help="PCA components, 'auto' (256 for svm/knn) or 'none'."),
@@ -32,6 +34,8 @@ def fit(
     class_weight: str = typer.Option("balanced", help="balanced or none."),
     jobs: int | None = typer.Option(None, help="Parallel folds (default: one per core as memory allows; -1: all)."),
     backend: Backend = typer.Option(Backend.loky, help="joblib backend for the folds."),
+    ray_address: str | None = typer.Option(None, help="With --backend ray: the cluster to use (ray.init address, "
+                                           "e.g. ray://head:10001 or auto)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N; logreg and ridge fit on a GPU (needs "
                                "SCIPY_ARRAY_API=1 in the environment)."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -43,13 +47,13 @@ def fit(
     from embedfit.errors import check_output_not_input
     from embedfit.fitting.cv import fit as run_fit
     from embedfit.fitting.device import resolve_fit_device
-    from embedfit.fitting.models import check_model_name
+    from embedfit.fitting.models import model_label, resolve_model
     from embedfit.fitting.out_of_core import OOC_MODELS, fit_out_of_core
 
-    for name in model:
-        if name not in OOC_MODELS:
-            check_model_name(name)
-            resolve_fit_device(device, name)  # refuse before the first model is fitted
+    chosen = {name: name if name in OOC_MODELS else resolve_model(name) for name in model}  # refused before any fit
+    for name in chosen.values():
+        if not (isinstance(name, str) and name in OOC_MODELS):
+            resolve_fit_device(device, name if isinstance(name, str) else model_label(name))
     if len(model) > 1 and output is not None:
         raise typer.BadParameter("-o names one run directory; leave it out to fit several models",
                                  param_hint="--output")
@@ -58,10 +62,10 @@ def fit(
     weight = None if class_weight == "none" else class_weight
     results = [fit_out_of_core(store, name, output=output, epochs=epochs, batch_rows=batch_rows,
                                test_size=test_size or 0.2, class_weight=weight, seed=seed) if name in OOC_MODELS else
-               run_fit(store, name, output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,
+               run_fit(store, chosen[name], output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,
                        groups=groups, test_store=test_store, test_size=test_size, search=search,
-                       class_weight=weight, jobs=jobs, backend=backend.value, device=device, seed=seed,
-                       progress=True)
+                       class_weight=weight, jobs=jobs, backend=backend.value, ray_address=ray_address,
+                       device=device, seed=seed, progress=True)
                for name in model]
     print_fit_results(out, results)
 

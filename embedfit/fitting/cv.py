@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, clone
 from sklearn.pipeline import Pipeline
 
 from embedfit.backbones.spec import BackboneSpec
@@ -25,7 +25,16 @@ from embedfit.fitting.data import (
     load_dataset,
 )
 from embedfit.fitting.device import _fitting, _numpy, resolve_fit_device
-from embedfit.fitting.models import DEFAULT_MODEL, check_class_weight, check_model_name, make_pipeline
+from embedfit.fitting.models import (
+    DEFAULT_MODEL,
+    check_class_weight,
+    check_savable,
+    make_pipeline,
+    model_label,
+    name_classes,
+    resolve_model,
+    wrap_estimator,
+)
 from embedfit.progress import Progress
 from embedfit.runs import save_run
 from embedfit.store import FeatureStore
@@ -124,6 +133,8 @@ class FitConfig:
         jobs: Parallel folds (joblib); None: folds in parallel only when the work is large enough to pay for
             starting the workers (`default_jobs`).
         backend: joblib backend: "loky", "threading", "ray" or "dask".
+        ray_address: With backend "ray": the cluster to connect to (`ray.init(address=...)`, e.g.
+            "ray://head:10001" or "auto"); None: Ray's default (a local cluster, or the one already connected).
         device: "cpu", "cuda[:N]", or "auto": the GPU for `ARRAY_API_MODELS` when there is one and SciPy is in
             array-API mode (SCIPY_ARRAY_API=1), else the CPU. On a GPU, folds run one after the other.
         seed: Random state for splits and models.
@@ -141,23 +152,28 @@ class FitConfig:
     class_weight: str | None = "balanced"
     jobs: int | None = None
     backend: str = "loky"
+    ray_address: str | None = None
     device: str = "auto"
     seed: int = 0
     progress: bool = False
 
 
-def fit(store: str | Path | FeatureStore, model: str = DEFAULT_MODEL, config: FitConfig | None = None, *,
-        output: str | Path | None = None, **options: Any) -> FitResult:
+def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_MODEL,
+        config: FitConfig | None = None, *, output: str | Path | None = None, **options: Any) -> FitResult:
     """Evaluate a classifier on a store's embeddings, refit it on all of them, and write a run directory.
 
     Args:
         store: The training feature store.
-        model: One of `MODELS` (default: a logistic-regression linear probe with C chosen by inner CV).
+        model: One of `MODELS` (default: a logistic-regression linear probe with C chosen by inner CV); or any
+            scikit-learn classifier (it gets `config.scale` in front of it) or `Pipeline` (used as given), or
+            "pkg.module:Class" (constructed with default arguments). Its run is named after the class, in lower
+            case. It must save with skops' defaults plus `embedfit.runs.TRUSTED_TYPES` (scikit-learn's own
+            classes do); anything else is refused before the CV.
         config: How to fit and evaluate (`FitConfig`); keyword `options` override its fields (e.g. `cv=3`).
         output: Run directory (default: runs/<store stem>-<model>).
 
     Returns:
-        A `FitResult` with metrics and the fitted pipeline.
+        A `FitResult` with metrics and the fitted pipeline, which predicts class names.
     """
     import dataclasses
 
@@ -171,7 +187,12 @@ def fit(store: str | Path | FeatureStore, model: str = DEFAULT_MODEL, config: Fi
     jobs, backend, device, seed = config.jobs, config.backend, config.device, config.seed
     from joblib import Parallel, delayed, parallel_config
 
-    check_model_name(model)
+    estimator = resolve_model(model)
+    custom = not isinstance(estimator, str)
+    model = model_label(estimator) if custom else estimator
+    if custom and search:
+        raise UsageError("search grids exist for the built-in models only; give your estimator wrapped in "
+                         "GridSearchCV instead")
     class_weight = check_class_weight(class_weight)
     pca = None if pca == "none" else pca
     if test_store is not None and test_size is not None:
@@ -200,7 +221,7 @@ def fit(store: str | Path | FeatureStore, model: str = DEFAULT_MODEL, config: Fi
     check_trainable(data.y, data.class_names, None if test_store is not None else 2 if test_size is not None else cv)
     fit_device, device_note = resolve_fit_device(device, model)
     on_gpu = fit_device != "cpu"
-    _register_backend(backend)
+    _register_backend(backend, config.ray_address)
     n_classes = len(data.class_names)
     notes = list(data.notes)
     if (run_dir / "model.json").is_file():
@@ -235,13 +256,19 @@ def fit(store: str | Path | FeatureStore, model: str = DEFAULT_MODEL, config: Fi
     # Sizes that must fit every training set: PCA and kNN sizes, inner CV folds, lda's images per class.
     n_train = min(len(tr) for tr, _ in splits)
     train_counts = [np.bincount(y_all[tr]) for tr, _ in splits]
-    for (tr, _), c in zip(splits, train_counts, strict=True) if model == "lda" else ():
+    for (tr, _), c in zip(splits, train_counts, strict=True) if model == "lda" and not custom else ():
         if len(tr) <= np.count_nonzero(c):
             raise UsageError(f"lda needs more training images than classes; a training set has {len(tr)} images "
                              f"of {np.count_nonzero(c)} classes: add images, or use another model")
-    pipe = make_pipeline(model, scale=scale, pca=pca, class_weight=class_weight, seed=seed,
-                         n_samples=len(data.y), n_features=data.X.shape[1], search=search, array_api=on_gpu,
-                         n_train=n_train, min_class=min(int(c[c > 0].min()) for c in train_counts), notes=notes)
+    if custom:
+        pipe = wrap_estimator(estimator, scale=scale, pca=pca, seed=seed, n_features=data.X.shape[1],
+                              n_train=n_train)
+        check_savable(pipe)  # a type skops would have to trust: refused now, not after the CV
+    else:
+        pipe = make_pipeline(model, scale=scale, pca=pca, class_weight=class_weight, seed=seed,
+                             n_samples=len(data.y), n_features=data.X.shape[1], search=search, array_api=on_gpu,
+                             n_train=n_train, min_class=min(int(c[c > 0].min()) for c in train_counts),
+                             notes=notes)
     for note in notes:
         log.warning("note: %s", note)
     progress = Progress(f"fitting {model}", len(splits), enabled=config.progress,
@@ -272,7 +299,8 @@ def fit(store: str | Path | FeatureStore, model: str = DEFAULT_MODEL, config: Fi
     t0 = time.perf_counter()
     progress.status = "refitting on all images"
     progress.advance(0)
-    final = _refit(pipe, X_fit, y_fit)
+    # The shipped model predicts class names. Tensors need numeric labels: on a GPU it is relabelled below.
+    final = _refit(pipe, X_fit, y_fit if on_gpu else np.asarray(data.class_names)[y_fit])
     progress.close()
     fit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -306,8 +334,12 @@ def fit(store: str | Path | FeatureStore, model: str = DEFAULT_MODEL, config: Fi
         best = final[-1].best_params_
         metrics["best_params"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in best.items()}
         final.steps[-1] = ("clf", final[-1].best_estimator_)  # ship the model, not the search machinery
+    if on_gpu:
+        name_classes(final[-1], data.class_names)
     params = {"scale": scale, "pca": pca, "class_weight": class_weight, "search": search, "seed": seed,
               "device": fit_device}
+    if custom:  # what was fitted, as scikit-learn prints it; class_weight is the estimator's own business
+        params.update(class_weight=None, estimator=repr(pipe))
     save_run(run_dir, final, model=model, params=params, store=data.store, metrics=metrics,
              predictions=predictions)
     return FitResult(run_dir, model, final, metrics, predictions)
@@ -337,12 +369,21 @@ def default_jobs(X: np.ndarray, n_splits: int) -> int:
     return max(jobs, 1)
 
 
-def _register_backend(backend: str) -> None:
+def _register_backend(backend: str, ray_address: str | None = None) -> None:
+    if ray_address is not None and backend != "ray":
+        raise UsageError(f"--ray-address needs --backend ray, got --backend {backend}")
     if backend == "ray":
         try:
+            import ray
             from ray.util.joblib import register_ray
         except ImportError:
             raise UsageError("--backend ray needs Ray: pip install 'embedfit[ray]'") from None
+        if ray_address is not None and not ray.is_initialized():  # before joblib's backend starts its own
+            try:
+                ray.init(address=ray_address, log_to_driver=False)
+            except Exception as exc:  # ConnectionError, ValueError for a malformed address, ...
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise InputError(f"--ray-address {ray_address}: cannot connect to a Ray cluster ({first})") from None
         register_ray()
     elif backend == "dask":
         try:

@@ -4,6 +4,7 @@ grid search), so preprocessing is learned inside each cross-validation fold."""
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
 from typing import Any
 
@@ -139,11 +140,8 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
         UsageError: Unknown options, a `pca` larger than the data allows, or `search` with a one-image class.
     """
     from sklearn.decomposition import PCA
-    from sklearn.preprocessing import Normalizer, StandardScaler
 
     check_model_name(model)
-    if scale not in SCALES:
-        raise UsageError(f"unknown scaling '{scale}'; choose one of {', '.join(SCALES)}")
     class_weight = check_class_weight(class_weight)
     n_train = n_samples if n_train is None else n_train
     if pca == "none":  # as on the command line
@@ -157,8 +155,7 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
         if int(pca) > min(n_features, n_train):
             raise UsageError(f"--pca {pca} is too many components: at most {min(n_features, n_train)} here "
                              f"({n_features} features, {n_train} images in the smallest training set)")
-    scaler = {"standard": StandardScaler(), "l2": Normalizer(), "none": "passthrough"}[scale]
-    steps: list[tuple[str, Any]] = [("scale", scaler)]
+    steps: list[tuple[str, Any]] = [("scale", _scaler(scale))]
     if pca:
         steps.append(("pca", PCA(n_components=int(pca), random_state=seed)))
     # Inner CVs need every class in each of their folds: at most as many folds as the smallest class has images.
@@ -202,3 +199,106 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
                            scoring="balanced_accuracy")
     steps.append(("clf", clf))
     return Pipeline(steps)
+
+
+def _scaler(scale: str) -> Any:
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    if scale not in SCALES:
+        raise UsageError(f"unknown scaling '{scale}'; choose one of {', '.join(SCALES)}")
+    return {"standard": StandardScaler(), "l2": Normalizer(), "none": "passthrough"}[scale]
+
+
+def resolve_model(model: str | BaseEstimator) -> str | BaseEstimator:
+    """A model zoo name as it is; an estimator checked to be a classifier; "pkg.module:Class" imported and
+    constructed with its default arguments (e.g. "sklearn.ensemble:HistGradientBoostingClassifier").
+
+    Raises:
+        UsageError: An unknown name, a class that cannot be imported or constructed, or no classifier.
+    """
+    if not isinstance(model, str):
+        _check_classifier(model, type(model).__name__)
+        return model
+    if ":" not in model:
+        check_model_name(model)
+        return model
+    module_name, _, attr = model.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise UsageError(f"model '{model}': cannot import {module_name} ({str(exc).splitlines()[0]})") from None
+    except (AttributeError, ValueError, TypeError):
+        raise UsageError(f"model '{model}': {module_name} has no '{attr}'") from None
+    try:
+        estimator = cls()
+    except Exception as exc:  # a function, or a class whose arguments have no defaults
+        raise UsageError(f"model '{model}': cannot construct {attr}() with default arguments "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    _check_classifier(estimator, model)
+    return estimator
+
+
+def _check_classifier(estimator: Any, what: str) -> None:
+    from sklearn.base import is_classifier
+
+    try:
+        ok = hasattr(estimator, "fit") and hasattr(estimator, "predict") and is_classifier(estimator)
+    except Exception:  # not a scikit-learn estimator at all (no tags)
+        ok = False
+    if not ok:
+        raise UsageError(f"model '{what}' is not a scikit-learn classifier (got a {type(estimator).__name__}); "
+                         "give a classifier or a Pipeline ending in one")
+
+
+def model_label(estimator: BaseEstimator) -> str:
+    """The run's model name for an estimator: its class name in lower case (a Pipeline's: its last step's)."""
+    last = estimator[-1] if isinstance(estimator, Pipeline) else estimator
+    return type(last).__name__.lower()
+
+
+def wrap_estimator(estimator: BaseEstimator, *, scale: str = "standard", pca: int | str | None = None,
+                   seed: int = 0, n_features: int = 1280, n_train: int = 1000) -> Pipeline:
+    """The fitted unit for a user's estimator: a Pipeline is used as given; a bare estimator gets `scale` (and
+    an explicit `pca`; "auto" means none here) in front of it, so scaling is learned inside each fold."""
+    from sklearn.base import clone
+    from sklearn.decomposition import PCA
+
+    if isinstance(estimator, Pipeline):
+        return clone(estimator)
+    steps: list[tuple[str, Any]] = [("scale", _scaler(scale))]
+    if pca not in (None, "none", "auto"):
+        if isinstance(pca, str) or int(pca) < 1 or int(pca) > min(n_features, n_train):
+            raise UsageError(f"--pca must be a number of components from 1 to {min(n_features, n_train)}, 'auto' "
+                             f"or 'none', got {pca}")
+        steps.append(("pca", PCA(n_components=int(pca), random_state=seed)))
+    steps.append(("clf", clone(estimator)))
+    return Pipeline(steps)
+
+
+def name_classes(classifier: Any, class_names: list[str]) -> None:
+    """Relabel a classifier fitted on class indices 0..k-1 so that it predicts class names, in place.
+
+    For the linear models fitted on indices (on a GPU through the array API, which needs numeric labels, and
+    SGD streamed with `partial_fit`): they predict `classes_[argmax]`; ridge keeps a copy in its label binarizer.
+    """
+    for target in (classifier, getattr(classifier, "_label_binarizer", None)):
+        if hasattr(target, "classes_"):
+            target.classes_ = np.asarray(class_names)[np.asarray(target.classes_, dtype=int)]
+
+
+def check_savable(estimator: BaseEstimator) -> None:
+    """Refuse, before any fitting, an estimator holding types that saving would refuse (`runs.untrusted_types`):
+    a model file must load without trusting third-party code."""
+    import skops.io as sio
+
+    from embedfit.runs import untrusted_types
+
+    try:
+        found = sio.get_untrusted_types(data=sio.dumps(estimator))
+    except Exception:  # skops cannot describe it unfitted: saving checks the fitted model all the same
+        return
+    refused = untrusted_types(found)
+    if refused:
+        raise UsageError(f"cannot save {model_label(estimator)} safely: its model file would need "
+                         f"{', '.join(refused[:3])}, outside embedfit's allow-list (scikit-learn's classes and "
+                         "runs.TRUSTED_TYPES); use scikit-learn estimators")

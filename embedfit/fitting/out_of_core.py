@@ -147,6 +147,7 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
 
     from embedfit.fitting.cv import _metrics, fold_metrics
     from embedfit.fitting.data import Dataset, check_trainable
+    from embedfit.fitting.models import name_classes
     from embedfit.runs import save_run
 
     if model not in OOC_MODELS:
@@ -180,6 +181,7 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
 
     t0 = time.perf_counter()
     final = _sgd_fit(store, rows, model, **opts)
+    name_classes(final[-1], names)  # fitted on indices (partial_fit needs every class up front); ships names
     fit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     timed = rows[:min(256, batch_rows)]
