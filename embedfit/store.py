@@ -195,6 +195,10 @@ class FeatureStore:
         if int(attrs["schema_version"]) > SCHEMA_VERSION:
             raise StoreError(f"{path} uses store schema {attrs['schema_version']}; this embedfit reads up to "
                              f"{SCHEMA_VERSION}: upgrade embedfit")
+        if attrs.get("layout") == "sharded":  # a manifest: its features are a virtual dataset over shard files
+            from embedfit.shards import check_shards
+
+            check_shards(path, attrs)
         return cls(path, attrs, arrays)
 
     def __len__(self) -> int:

@@ -110,7 +110,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
     images = scan_images(source, class_names=class_names)
     if stored is not None:  # a re-run: when every image is stored already, no model is needed (nor torch)
         with FeatureWriter(output, stored, images, retry_failed=config.retry_failed,
-                           flush_every=config.flush_every) as writer:
+                           flush_every=config.flush_every, shard_size=config.shard_size) as writer:
             if not writer.todo:
                 writer.commit()  # labels follow the current folders/CSV; vanished files become "missing"
                 writer.summary.device = "no device: nothing to embed"
@@ -119,7 +119,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
     backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool)
     settings = StoreSettings(backbone.spec, config.dtype, config.tta, config.precision)
     with FeatureWriter(output, settings, images, overwrite=config.overwrite, retry_failed=config.retry_failed,
-                       flush_every=config.flush_every) as writer:
+                       flush_every=config.flush_every, shard_size=config.shard_size) as writer:
         # After the store checks: a run refused for a mismatching store should not first compile or export a model.
         encoder = Encoder(backbone, device, precision=config.precision, tta=config.tta,
                           channels_last=config.channels_last, compile=config.compile, runtime=config.runtime)
@@ -127,6 +127,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         summary.device, summary.runtime = str(device), encoder.runtime
         summary.notes = [encoder.note] if encoder.note else []
         provenance = {"device": str(device), "decode": config.decode, "runtime": encoder.runtime, "engine": "local"}
+        writer.set_provenance(**provenance)
 
         progress = _Progress(config.progress, len(writer.todo))
         stop_reason = ""

@@ -58,6 +58,8 @@ class ExtractConfig:
         retry_failed: Re-try images recorded as failed.
         max_failures: Abort when more images fail than this count (>= 1) or fraction (< 1) of those seen.
         flush_every: Images per part file (the most work a killed run loses).
+        shard_size: Write a sharded store (a manifest plus one HDF5 file per this many images,
+            `embedfit.shards`); None keeps one file (an existing sharded store stays sharded).
         progress: Show a progress bar.
     """
 
@@ -81,6 +83,7 @@ class ExtractConfig:
     retry_failed: bool = False
     max_failures: float | None = None
     flush_every: int = 512
+    shard_size: int | None = None
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -100,6 +103,8 @@ class ExtractConfig:
             raise UsageError(f"unknown TTA '{self.tta}'; choose one of {', '.join(TTAS)}")
         if self.max_failures is not None and self.max_failures < 0:
             raise UsageError(f"max failures must be a count or a fraction >= 0, got {self.max_failures}")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise UsageError(f"shard_size must be at least 1, got {self.shard_size}")
         if self.flush_every < 1:
             raise UsageError(f"flush_every must be at least 1, got {self.flush_every}")
 
