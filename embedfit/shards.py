@@ -72,12 +72,20 @@ def shards_dir(path: str | os.PathLike) -> Path:
 
 
 def shard_size_of(path: str | os.PathLike) -> int | None:
-    """The shard size of the sharded store at `path`; None for a single-file store, or when there is none."""
+    """The shard size of the sharded store at `path`, also one killed before its first manifest; None for a
+    single-file store, or when there is none."""
     try:
         with h5py.File(path, "r") as f:
             return int(f.attrs["shard_size"]) if _attr(f.attrs, "layout") == LAYOUT else None
+    except FileNotFoundError:
+        pass
     except (OSError, ValueError, KeyError):
         return None
+    folder = shards_dir(path)
+    for shard in sorted(folder.glob("shard-*.h5"), reverse=True) if folder.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError, KeyError), h5py.File(shard, "r") as f:
+            return int(f.attrs["shard_size"])
+    return None
 
 
 def check_shards(path: Path, attrs: dict[str, Any]) -> None:
@@ -243,7 +251,7 @@ class ShardedStoreWriter(StoreWriter):
         name = self.shard_name(self._seq)
         self._seq += 1
         return write_shard(self.parts, name, self.settings, keys, labels, sizes, mtimes, status, errors, features,
-                           self.provenance)
+                           {**self.provenance, "shard_size": self.shard_size})
 
     def commit(self, records: Sequence[Any], class_names: Sequence[str], *, complete: bool,
                attrs: dict[str, Any] | None = None) -> FeatureStore:

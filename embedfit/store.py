@@ -170,8 +170,8 @@ class FeatureStore:
         """
         path = Path(path)
         if not path.exists():
-            parts = _parts_dir(path)
-            if parts.is_dir() and any(parts.glob("part-*.h5")):
+            parts, shards = _parts_dir(path), path.with_name(path.name + ".shards")
+            if (parts.is_dir() and any(parts.glob("part-*.h5"))) or (shards.is_dir() and any(shards.glob("*.h5"))):
                 raise StoreError(f"{path} is not finished: an extraction was interrupted before its first save; "
                                  "re-run the same `embedfit extract` command to resume")
             raise StoreError(f"feature store {path} does not exist")

@@ -46,6 +46,7 @@ def extract(
     ray_address: str | None = typer.Option(None, help="Ray cluster address (--engine ray)."),
     ray_workers: int = typer.Option(2, min=1, help="Embedding actors, one model each (--engine ray)."),
     num_gpus_per_worker: float = typer.Option(0.0, min=0.0, help="GPUs per actor (--engine ray)."),
+    cpus_per_worker: int = typer.Option(1, min=1, help="CPUs per actor, = its model's threads (--engine ray)."),
     shard_size: int | None = typer.Option(None, min=1, help="Write a sharded store: a manifest plus one HDF5 file "
                                           "per N images (default: one file; 1024 with --engine ray)."),
 ) -> None:
@@ -65,7 +66,7 @@ def extract(
         from embedfit.extraction.ray import extract_ray
 
         summary = extract_ray(source, output, config, address=ray_address, num_workers=ray_workers,
-                              num_gpus_per_worker=num_gpus_per_worker)
+                              num_gpus_per_worker=num_gpus_per_worker, cpus_per_worker=cpus_per_worker)
     else:
         summary = run_extract(source, output, config)
     from embedfit.cli.presentation import print_extract_summary
