@@ -81,6 +81,57 @@ def bench_ray(images: int, shard_size: int, memory_images: list[int]) -> dict:
     return {"images": images, "shard_size": shard_size, "startup_seconds": startup, "rows": rows, "memory": memory}
 
 
+def bench_shards(shards: int, shard_size: int, dim: int = 1280) -> dict:
+    """What a sharded store costs without a model: one worker's shard write, the driver's manifest commit, reads."""
+    from embedfit.backbones.registry import create_backbone
+    from embedfit.images import ImageRecord
+    from embedfit.shards import ShardedStoreWriter, write_shard
+    from embedfit.store import OK, FeatureStore, StoreSettings
+
+    spec = create_backbone("efficientnet_lite0").spec  # provenance only; features are random
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_by_dtype = {}
+        for dtype in ("float16", "float32"):
+            settings = StoreSettings(spec, dtype, "none", "fp32")
+            path = Path(tmp) / f"{dtype}.h5"
+            with ShardedStoreWriter(path, settings, shard_size=shard_size) as writer:
+                records, write_s = [], []
+                for i in range(shards):
+                    # Keys sorted across shards, as the engines cut them: one virtual-dataset mapping per shard.
+                    keys = [f"c{g * 10 // (shards * shard_size)}/img{g:09d}.jpg"
+                            for g in range(i * shard_size, (i + 1) * shard_size)]
+                    feats = rng.standard_normal((shard_size, dim), dtype=np.float32)
+                    t = time.perf_counter()
+                    write_shard(writer.parts, writer.shard_name(i), settings, keys, [k[:2] for k in keys],
+                                [1] * shard_size, [1] * shard_size, [OK] * shard_size, [""] * shard_size, feats)
+                    write_s.append(time.perf_counter() - t)
+                    records += [ImageRecord(Path(k), k, int(k[1]), 1, 1) for k in keys]
+                t = time.perf_counter()
+                writer.commit(records, [f"c{c}" for c in range(10)], complete=True)
+                commit_s = time.perf_counter() - t
+            t = time.perf_counter()
+            store = FeatureStore.open(path)
+            open_s = time.perf_counter() - t
+            t = time.perf_counter()
+            store.features()
+            read_s = time.perf_counter() - t
+            rows = shards * shard_size
+            out_by_dtype[dtype] = {
+                "shard_write_rows_s": shard_size / float(np.median(write_s)),
+                "shard_write_mb_s": shard_size * dim * np.dtype(dtype).itemsize / 2**20 / float(np.median(write_s)),
+                "commit_seconds": commit_s, "commit_rows_s": rows / commit_s, "open_seconds": open_s,
+                "read_rows_s": rows / read_s, "manifest_mb": path.stat().st_size / 2**20,
+                "bytes_per_row_on_disk": (path.stat().st_size + sum(p.stat().st_size for p in writer.parts.iterdir()))
+                / rows}
+            r = out_by_dtype[dtype]
+            print(f"{dtype}: shard write {r['shard_write_rows_s']:.0f} rows/s ({r['shard_write_mb_s']:.0f} MB/s, "
+                  f"median of {shards}); manifest commit of {rows} rows in {shards} shards {commit_s:.2f} s "
+                  f"({r['commit_rows_s']:.0f} rows/s); open {open_s:.2f} s; full read {r['read_rows_s']:.0f} rows/s; "
+                  f"manifest {r['manifest_mb']:.1f} MB; {r['bytes_per_row_on_disk']:.0f} bytes/row on disk")
+    return {"shards": shards, "shard_size": shard_size, "dim": dim, **out_by_dtype}
+
+
 def synthetic_store(path: Path, n: int, classes: int) -> None:
     """A real store of synthetic class-structured features, rows sorted by class like a folder tree."""
     from embedfit.backbones.registry import create_backbone
@@ -140,7 +191,8 @@ def bench_ooc(n: int, classes: int, epochs: int, batch_rows: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("ray", "ooc", "all"), default="ray")
+    parser.add_argument("--part", choices=("ray", "shards", "ooc", "all"), default="ray")
+    parser.add_argument("--shards", type=int, default=100, help="shards for --part shards")
     parser.add_argument("--images", type=int, default=120)
     parser.add_argument("--shard-size", type=int, default=256)
     parser.add_argument("--memory-images", default="1000,10000", help="image counts for the driver-memory runs")
@@ -152,6 +204,8 @@ def main() -> None:
     if args.part in ("ray", "all"):
         counts = [int(n) for n in args.memory_images.split(",") if n]
         print(f"wrote {save('ray', bench_ray(args.images, args.shard_size, counts))}")
+    if args.part in ("shards", "all"):
+        print(f"wrote {save('shards', bench_shards(args.shards, args.shard_size))}")
     if args.part in ("ooc", "all"):
         print(f"wrote {save('ooc', bench_ooc(args.rows, args.classes, args.epochs, args.batch_rows))}")
 
