@@ -56,16 +56,19 @@ def bench_ray(images: int, shard_size: int, memory_images: list[int]) -> dict:
         t = time.perf_counter()
         extract(folder, Path(tmp) / "local.h5")
         rows.append({"engine": "local", "actors": 1, "cpus_each": cores, "img_s": images / (time.perf_counter() - t)})
+        print(rows[-1], flush=True)  # as it comes: a run on a busy machine may be cut short
         runs = [(1, cores, False), (1, 1, True), (2, 1, True)]
         for workers, cpus, pin in runs:
             r = _driver(folder, Path(tmp) / f"ray{workers}x{cpus}{pin}.h5", address, workers, cpus, shard_size, pin)
             rows.append({"engine": "ray", "actors": workers, "cpus_each": cpus, "pinned": pin,
                          "img_s": images / r["seconds"], "driver_peak_rss_mb": r["peak_rss_mb"]})
+            print(rows[-1], flush=True)
         memory = []
         for n in memory_images:
             sub = jpeg_folder(n, 500, 375, seed=1)
             r = _driver(sub, Path(tmp) / f"mem{n}.h5", address, 1, cores, shard_size, False)
             memory.append({"images": n, "driver_peak_rss_mb": r["peak_rss_mb"], "img_s": n / r["seconds"]})
+            print(memory[-1], flush=True)
     ray.shutdown()
     local = rows[0]["img_s"]
     print(f"Ray cluster start-up: {startup:.1f} s (not in the rates below; each rate is a whole run incl. model load)")

@@ -55,7 +55,6 @@ from embedfit.store import (
     StoreWriter,
     _attr,
     _ensure_space,
-    _read_str,
     _Row,
     _run_provenance,
     library_versions,
@@ -359,14 +358,3 @@ class ShardedStoreWriter(StoreWriter):
             f.create_virtual_dataset("features", layout, fillvalue=np.nan)
         return used
 
-
-def shard_rows(path: str | os.PathLike) -> int:
-    """Rows in one shard file (for tallies and tests)."""
-    with h5py.File(path, "r") as f:
-        return len(f["paths"])
-
-
-def read_shard_keys(path: str | os.PathLike) -> list[str]:
-    """Image keys of one shard, in row order."""
-    with h5py.File(path, "r") as f:
-        return list(_read_str(f["paths"]))
