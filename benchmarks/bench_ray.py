@@ -29,8 +29,10 @@ def _driver(folder: Path, out: Path, address: str, workers: int, cpus: int, shar
     code = ("import sys, json, time; from embedfit.extraction.ray import extract_ray; t = time.perf_counter(); "
             f"s = extract_ray({str(folder)!r}, {str(out)!r}, address={address!r}, num_workers={workers}, "
             f"cpus_per_worker={cpus}, shard_size={shard_size}, pin_cpus={pin}); "
-            "import resource; print(json.dumps({'seconds': time.perf_counter() - t, 'embedded': s.embedded, "
-            "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+            # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
+            "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0].split()[1]; "
+            "print(json.dumps({'seconds': time.perf_counter() - t, 'embedded': s.embedded, "
+            "'peak_rss_mb': int(hwm) / 1024}))")
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate()
