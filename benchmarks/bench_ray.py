@@ -1,13 +1,17 @@
 """Scale-out measurements: Ray extraction with 1 and 2 actors against the local engine, and out-of-core SGD.
 
 Usage:
-    python benchmarks/bench_ray.py --images 120              # Ray extraction (local 2-CPU cluster)
+    python benchmarks/bench_ray.py --images 1000 --memory-images 1000,10000   # Ray vs local, scaling, driver RSS
     python benchmarks/bench_ray.py --part ooc --rows 200000  # out-of-core fit on a synthetic store
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -20,25 +24,117 @@ from bench_fit import features
 from embedfit.extraction.local import extract
 
 
-def bench_ray(images: int, shard_size: int) -> dict:
+def _driver(folder: Path, out: Path, address: str, workers: int, cpus: int, shard_size: int, pin: bool) -> dict:
+    """One Ray extraction in a fresh driver process: its wall time and peak RSS (the driver's memory alone)."""
+    code = ("import sys, json, time; from embedfit.extraction.ray import extract_ray; t = time.perf_counter(); "
+            f"s = extract_ray({str(folder)!r}, {str(out)!r}, address={address!r}, num_workers={workers}, "
+            f"cpus_per_worker={cpus}, shard_size={shard_size}, pin_cpus={pin}); "
+            # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
+            "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0].split()[1]; "
+            "print(json.dumps({'seconds': time.perf_counter() - t, 'embedded': s.embedded, "
+            "'peak_rss_mb': int(hwm) / 1024}))")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(stderr[-2000:])
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["process_seconds"] = time.perf_counter() - start  # with Python, torch and model start-up
+    return result
+
+
+def bench_ray(images: int, shard_size: int, memory_images: list[int]) -> dict:
+    """Local vs Ray on one machine, strong scaling over pinned single-CPU actors, and driver memory vs images."""
     import ray
 
-    from embedfit.extraction.ray import extract_ray
-
     folder = jpeg_folder(images, 500, 375)
-    ray.init(include_dashboard=False, log_to_driver=False)
+    start = time.perf_counter()
+    ctx = ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    startup = time.perf_counter() - start
+    address = ctx.address_info["gcs_address"]
+    cores = len(os.sched_getaffinity(0))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
+        t = time.perf_counter()
         extract(folder, Path(tmp) / "local.h5")
-        rows.append({"engine": "local", "workers": 1, "img_s": images / (time.perf_counter() - start)})
-        for workers in (1, 2):
-            start = time.perf_counter()
-            extract_ray(folder, Path(tmp) / f"ray{workers}.h5", num_workers=workers, shard_size=shard_size)
-            rows.append({"engine": "ray", "workers": workers, "img_s": images / (time.perf_counter() - start)})
+        rows.append({"engine": "local", "actors": 1, "cpus_each": cores, "img_s": images / (time.perf_counter() - t)})
+        print(rows[-1], flush=True)  # as it comes: a run on a busy machine may be cut short
+        runs = [(1, cores, False), (1, 1, True), (2, 1, True)]
+        for workers, cpus, pin in runs:
+            r = _driver(folder, Path(tmp) / f"ray{workers}x{cpus}{pin}.h5", address, workers, cpus, shard_size, pin)
+            rows.append({"engine": "ray", "actors": workers, "cpus_each": cpus, "pinned": pin,
+                         "img_s": images / r["seconds"], "driver_peak_rss_mb": r["peak_rss_mb"]})
+            print(rows[-1], flush=True)
+        memory = []
+        for n in memory_images:
+            sub = jpeg_folder(n, 500, 375, seed=1)
+            r = _driver(sub, Path(tmp) / f"mem{n}.h5", address, 1, cores, shard_size, False)
+            memory.append({"images": n, "driver_peak_rss_mb": r["peak_rss_mb"], "img_s": n / r["seconds"]})
+            print(memory[-1], flush=True)
+    ray.shutdown()
+    local = rows[0]["img_s"]
+    print(f"Ray cluster start-up: {startup:.1f} s (not in the rates below; each rate is a whole run incl. model load)")
     for r in rows:
-        print(f"{r['engine']:>6} x{r['workers']}: {r['img_s']:.1f} img/s (wall time incl. model load)")
-    return {"images": images, "rows": rows}
+        extra = f", driver peak RSS {r['driver_peak_rss_mb']:.0f} MB" if "driver_peak_rss_mb" in r else ""
+        print(f"{r['engine']:>6} {r['actors']} x {r['cpus_each']} CPU{' pinned' if r.get('pinned') else ''}: "
+              f"{r['img_s']:.1f} img/s ({r['img_s'] / local:.2f} x local){extra}")
+    print(f"strong scaling, 2 vs 1 pinned single-CPU actors: {rows[3]['img_s'] / rows[2]['img_s']:.2f} x "
+          "(target >= 1.7)")
+    print(f"Ray 1 x {cores} CPU vs local: {rows[1]['img_s'] / local:.2f} x (target >= 0.8)")
+    for m in memory:
+        print(f"driver peak RSS at {m['images']} images: {m['driver_peak_rss_mb']:.0f} MB ({m['img_s']:.1f} img/s)")
+    return {"images": images, "shard_size": shard_size, "startup_seconds": startup, "rows": rows, "memory": memory}
+
+
+def bench_shards(shards: int, shard_size: int, dim: int = 1280) -> dict:
+    """What a sharded store costs without a model: one worker's shard write, the driver's manifest commit, reads."""
+    from embedfit.backbones.registry import create_backbone
+    from embedfit.images import ImageRecord
+    from embedfit.shards import ShardedStoreWriter, write_shard
+    from embedfit.store import OK, FeatureStore, StoreSettings
+
+    spec = create_backbone("efficientnet_lite0").spec  # provenance only; features are random
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_by_dtype = {}
+        for dtype in ("float16", "float32"):
+            settings = StoreSettings(spec, dtype, "none", "fp32")
+            path = Path(tmp) / f"{dtype}.h5"
+            with ShardedStoreWriter(path, settings, shard_size=shard_size) as writer:
+                records, write_s = [], []
+                for i in range(shards):
+                    # Keys sorted across shards, as the engines cut them: one virtual-dataset mapping per shard.
+                    keys = [f"c{g * 10 // (shards * shard_size)}/img{g:09d}.jpg"
+                            for g in range(i * shard_size, (i + 1) * shard_size)]
+                    feats = rng.standard_normal((shard_size, dim), dtype=np.float32)
+                    t = time.perf_counter()
+                    write_shard(writer.parts, writer.shard_name(i), settings, keys, [k[:2] for k in keys],
+                                [1] * shard_size, [1] * shard_size, [OK] * shard_size, [""] * shard_size, feats)
+                    write_s.append(time.perf_counter() - t)
+                    records += [ImageRecord(Path(k), k, int(k[1]), 1, 1) for k in keys]
+                t = time.perf_counter()
+                writer.commit(records, [f"c{c}" for c in range(10)], complete=True)
+                commit_s = time.perf_counter() - t
+            t = time.perf_counter()
+            store = FeatureStore.open(path)
+            open_s = time.perf_counter() - t
+            t = time.perf_counter()
+            store.features()
+            read_s = time.perf_counter() - t
+            rows = shards * shard_size
+            out_by_dtype[dtype] = {
+                "shard_write_rows_s": shard_size / float(np.median(write_s)),
+                "shard_write_mb_s": shard_size * dim * np.dtype(dtype).itemsize / 2**20 / float(np.median(write_s)),
+                "commit_seconds": commit_s, "commit_rows_s": rows / commit_s, "open_seconds": open_s,
+                "read_rows_s": rows / read_s, "manifest_mb": path.stat().st_size / 2**20,
+                "bytes_per_row_on_disk": (path.stat().st_size + sum(p.stat().st_size for p in writer.parts.iterdir()))
+                / rows}
+            r = out_by_dtype[dtype]
+            print(f"{dtype}: shard write {r['shard_write_rows_s']:.0f} rows/s ({r['shard_write_mb_s']:.0f} MB/s, "
+                  f"median of {shards}); manifest commit of {rows} rows in {shards} shards {commit_s:.2f} s "
+                  f"({r['commit_rows_s']:.0f} rows/s); open {open_s:.2f} s; full read {r['read_rows_s']:.0f} rows/s; "
+                  f"manifest {r['manifest_mb']:.1f} MB; {r['bytes_per_row_on_disk']:.0f} bytes/row on disk")
+    return {"shards": shards, "shard_size": shard_size, "dim": dim, **out_by_dtype}
 
 
 def synthetic_store(path: Path, n: int, classes: int) -> None:
@@ -121,16 +217,21 @@ def _calibration(result, store, test: np.ndarray) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("ray", "ooc", "all"), default="ray")
+    parser.add_argument("--part", choices=("ray", "shards", "ooc", "all"), default="ray")
+    parser.add_argument("--shards", type=int, default=100, help="shards for --part shards")
     parser.add_argument("--images", type=int, default=120)
-    parser.add_argument("--shard-size", type=int, default=16)
+    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--memory-images", default="1000,10000", help="image counts for the driver-memory runs")
     parser.add_argument("--rows", type=int, default=200000)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-rows", type=int, default=8192)
     args = parser.parse_args()
     if args.part in ("ray", "all"):
-        print(f"wrote {save('ray', bench_ray(args.images, args.shard_size))}")
+        counts = [int(n) for n in args.memory_images.split(",") if n]
+        print(f"wrote {save('ray', bench_ray(args.images, args.shard_size, counts))}")
+    if args.part in ("shards", "all"):
+        print(f"wrote {save('shards', bench_shards(args.shards, args.shard_size))}")
     if args.part in ("ooc", "all"):
         print(f"wrote {save('ooc', bench_ooc(args.rows, args.classes, args.epochs, args.batch_rows))}")
 

@@ -299,8 +299,8 @@ class FeatureStore:
                 return open_store(path)
         path = Path(path)
         if not path.exists():
-            parts = _parts_dir(path)
-            if parts.is_dir() and any(parts.glob("part-*.h5")):
+            parts, shards = _parts_dir(path), path.with_name(path.name + ".shards")
+            if (parts.is_dir() and any(parts.glob("part-*.h5"))) or (shards.is_dir() and any(shards.glob("*.h5"))):
                 raise StoreError(f"{path} is not finished: an extraction was interrupted before its first save; "
                                  "re-run the same `embedfit extract` command to resume")
             raise StoreError(f"feature store {path} does not exist")
@@ -328,6 +328,10 @@ class FeatureStore:
             f.close()
             raise StoreError(f"{path} uses store schema {attrs['schema_version']}; this embedfit reads up to "
                              f"{SCHEMA_VERSION}: upgrade embedfit")
+        if attrs.get("layout") == "sharded":  # a manifest: its features are a virtual dataset over shard files
+            from embedfit.shards import check_shards
+
+            check_shards(path, attrs)
         return cls(path, attrs, arrays, f)
 
     def close(self) -> None:

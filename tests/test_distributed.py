@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +29,10 @@ KILL_HOOK = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # the first embedding call on the c
 def ray(tmp_path_factory: pytest.TempPathFactory):
     ray = pytest.importorskip("ray")
     marker = tmp_path_factory.mktemp("ray") / "killed"
+    # Our own cluster in our own temp dir (short: Ray's socket paths have a length limit); ray.shutdown() stops
+    # what ray.init started in this process, never another engineer's cluster.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
              runtime_env={"env_vars": {"EMBEDFIT_OFFLINE": "1", KILL_HOOK: str(marker)}})
     ray.kill_marker = marker
     yield ray
@@ -41,11 +50,15 @@ def test_sharded_extraction_equals_local_despite_a_killed_actor(ray, shared_tree
                                                                 tmp_path: Path) -> None:
     from embedfit.extraction.ray import extract_ray
 
-    summary = extract_ray(shared_tree, tmp_path / "ray.h5", num_workers=1, shard_size=5)
-    assert ray.kill_marker.exists()  # an actor really died mid-run and Ray restarted it
+    summary = extract_ray(shared_tree, tmp_path / "ray.h5", num_workers=2, shard_size=5)
+    assert ray.kill_marker.exists()  # an actor really died mid-shard and Ray restarted it
     assert (summary.embedded, summary.failed, summary.complete) == (24, 0, True)
     _same(tmp_path / "ray.h5", shared_store)  # no duplicates, no losses, same order, same features
     store = FeatureStore.open(tmp_path / "ray.h5")
+    # The workers wrote the shards (5 + 5 + 5 + 5 + 4 rows), each with its provenance; the driver the manifest.
+    shards = sorted((tmp_path / "ray.h5.shards").glob("shard-*.h5"))
+    assert store.attrs["layout"] == "sharded" and len(shards) == 5
+    assert json.loads(store.attrs["shards"]) == [p.name for p in shards]
     local = FeatureStore.open(shared_store)
     assert store.attrs["engine"] == "ray" and store.spec == local.spec
     # The actors' runtime, as the local run (same default) records it, not a guess.
@@ -53,6 +66,55 @@ def test_sharded_extraction_equals_local_despite_a_killed_actor(ray, shared_tree
     again = extract_ray(shared_tree, tmp_path / "ray.h5", num_workers=1, shard_size=5)  # resume: nothing to do
     assert (again.embedded, again.reused) == (0, 24)
     assert FeatureStore.open(tmp_path / "ray.h5").attrs["runtime"] == local.attrs["runtime"]
+
+
+@pytest.mark.ray
+def test_ray_options_that_do_not_apply_are_one_line_errors(ray, shared_tree: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "f.h5"
+    for extra in (["--workers", "2"], ["--device", "cuda"], ["--device", "mps"]):
+        assert main(["extract", str(shared_tree), "-o", str(out), "--engine", "ray", *extra]) == 2
+        err = capsys.readouterr().err
+        assert extra[0] in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def _embedfit(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "embedfit", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **env})
+
+
+@pytest.mark.ray
+def test_a_stale_ray_cluster_file_fails_in_seconds(shared_tree: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    (ray_tmp / "ray").mkdir()
+    with socket.socket() as s:  # a port nothing listens on: the cluster that wrote the file is gone
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(dead)
+    start = time.monotonic()
+    run = _embedfit("extract", str(shared_tree), "-o", str(tmp_path / "f.h5"), "--engine", "ray",
+                    env={"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""})
+    assert run.returncode == 2, run.stderr
+    assert "ray_current_cluster" in run.stderr and dead in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and time.monotonic() - start < 90  # model load included
+    run = _embedfit("extract", str(shared_tree), "-o", str(tmp_path / "f.h5"), "--engine", "ray", "--ray-address",
+                    dead, env={"RAY_TMPDIR": str(ray_tmp)})
+    assert run.returncode == 2 and "no Ray cluster answers" in run.stderr, run.stderr
+
+
+@pytest.mark.ray
+def test_fit_takes_a_ray_address_and_ray_client_needs_its_extra(shared_store: Path, tmp_path: Path) -> None:
+    import importlib.util
+
+    pytest.importorskip("ray")
+    if importlib.util.find_spec("grpc") is not None:
+        pytest.skip("Ray Client is installed here")
+    run = _embedfit("fit", str(shared_store), "-m", "ridge", "--backend", "ray", "--ray-address",
+                    "ray://127.0.0.1:10001", "-o", str(tmp_path / "run"), env={})
+    assert run.returncode == 2 and "pip install 'ray[client]'" in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.ray

@@ -5,6 +5,7 @@ Each test runs `python -m embedfit extract` as a real subprocess and kills or in
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -213,3 +214,37 @@ def test_disk_full_leaves_the_existing_store_unchanged(folder: Path, reference: 
     assert "previous store is unchanged" in result.stderr or "cannot write" in result.stderr
     assert out.read_bytes() == before
     assert FeatureStore.open(out).complete
+
+
+def test_sigkill_of_a_sharded_run_at_any_moment_then_rerun_completes_identically(folder: Path, reference: FeatureStore,
+                                                                                  tmp_path: Path) -> None:
+    """`--shard-size`: killed after its first shards, then while the next run writes shards and commits; the third
+    run reuses every finished shard and the store equals the single-file reference: no image lost or twice."""
+    out = tmp_path / "feats.h5"
+    shards = out.with_name(out.name + ".shards")
+
+    def finished() -> int:
+        return len(list(shards.glob("shard-*.h5"))) if shards.is_dir() else 0
+
+    for more in (1, 3):
+        already = finished()
+        proc = subprocess.Popen(_cmd(folder, out, "--shard-size", "3"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert _wait_for(lambda: finished() >= already + more, timeout=240)  # noqa: B023
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        with pytest.raises(StoreError, match="re-run the same"):
+            FeatureStore.open(out)
+    kept = {p.name for p in shards.glob("shard-*.h5")}
+    rerun = subprocess.run(_cmd(folder, out), capture_output=True, text=True, timeout=240)  # stays sharded
+    assert rerun.returncode == 0, rerun.stderr
+    reused = re.search(r"(\d+)\s+already\s+stored", rerun.stdout)
+    assert reused and int(reused.group(1)) >= 3 * len(kept), rerun.stdout  # finished shards were not redone
+    _assert_equals_reference(out, reference)
+    store = FeatureStore.open(out)
+    assert store.attrs["layout"] == "sharded" and kept <= set(json.loads(store.attrs["shards"]))
+    assert not list(shards.glob(".*.tmp"))  # half-copied shards of the killed runs were removed

@@ -54,7 +54,9 @@ def extract(
     ray_address: str | None = typer.Option(None, help="Ray cluster address (--engine ray)."),
     ray_workers: int = typer.Option(2, min=1, help="Embedding actors, one model each (--engine ray)."),
     num_gpus_per_worker: float = typer.Option(0.0, min=0.0, help="GPUs per actor (--engine ray)."),
-    shard_size: int = typer.Option(256, min=1, help="Images per Ray batch and part file (--engine ray)."),
+    cpus_per_worker: int = typer.Option(1, min=1, help="CPUs per actor, = its model's threads (--engine ray)."),
+    shard_size: int | None = typer.Option(None, min=1, help="Write a sharded store: a manifest plus one HDF5 file "
+                                          "per N images (default: one file; 1024 with --engine ray)."),
 ) -> None:
     """Embed every image under SOURCE into a feature store; re-running resumes."""
     from embedfit.errors import check_output_not_input
@@ -69,12 +71,13 @@ def extract(
         tta=tta.value, decode=decode.value, compile=compile, runtime=runtime.value,
         overwrite=overwrite, retry_failed=retry_failed,
         max_failures=_max_failures(max_failures), progress=True, flush_every=flush_every,
+        shard_size=shard_size,
     )
     if engine is Engine.ray:
         from embedfit.extraction.ray import extract_ray
 
         summary = extract_ray(source, output, config, address=ray_address, num_workers=ray_workers,
-                              num_gpus_per_worker=num_gpus_per_worker, shard_size=shard_size)
+                              num_gpus_per_worker=num_gpus_per_worker, cpus_per_worker=cpus_per_worker)
     else:
         summary = run_extract(source, output, config)
     from embedfit.cli.presentation import print_extract_summary

@@ -34,8 +34,8 @@ def fit(
     class_weight: str = typer.Option("balanced", help="balanced or none."),
     jobs: int | None = typer.Option(None, help="Parallel folds (default: one per core as memory allows; -1: all)."),
     backend: Backend = typer.Option(Backend.loky, help="joblib backend for the folds."),
-    ray_address: str | None = typer.Option(None, help="With --backend ray: the cluster to use (ray.init address, "
-                                           "e.g. ray://head:10001 or auto)."),
+    ray_address: str | None = typer.Option(None, help="Ray cluster address (--backend ray): auto, HOST:PORT or "
+                                           "ray://HOST:10001."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N; logreg and ridge fit on a GPU (needs "
                                "SCIPY_ARRAY_API=1 in the environment)."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -60,6 +60,12 @@ def fit(
     if output is not None:
         check_output_not_input(output, [store, *([test_store] if test_store else []), *([groups] if groups else [])])
     weight = None if class_weight == "none" else class_weight
+    if backend is Backend.ray:
+        from embedfit.extraction.ray import connect
+
+        connect(ray_address)  # fails in seconds on an address that does not answer
+    elif ray_address:
+        raise typer.BadParameter("--ray-address needs --backend ray", param_hint="--ray-address")
     results = [fit_out_of_core(store, name, output=output, epochs=epochs, batch_rows=batch_rows,
                                test_size=test_size or 0.2, class_weight=weight, seed=seed) if name in OOC_MODELS else
                run_fit(store, chosen[name], output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,

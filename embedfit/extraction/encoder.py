@@ -21,7 +21,7 @@ from embedfit.backbones import DEFAULT_BACKBONE
 from embedfit.backbones.registry import Backbone, create_backbone
 from embedfit.errors import UsageError
 from embedfit.extraction.onnx import OnnxBackbone, resolve_runtime
-from embedfit.extraction.reader import ImageDataset, _Batch, image_loader
+from embedfit.extraction.reader import ImageDataset, _Batch, image_loader, worker_niceness
 from embedfit.extraction.settings import DECODERS, default_batch_size, default_workers, resolve_device
 from embedfit.images import DEFAULT_MAX_PIXELS, ImageRecord
 
@@ -159,8 +159,11 @@ def _device_batch(batch: _Batch, encoder: Encoder, dataset: ImageDataset) -> tup
     return (torch.stack([parts[p] for p in pos]) if pos else None), pos
 
 
-def _in_background(items: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Run an iterator in a thread, `depth` items ahead; errors re-raise here; closing stops the thread."""
+def _in_background(items: Iterator[Any], depth: int, niceness: int = 0) -> Iterator[Any]:
+    """Run an iterator in a thread, `depth` items ahead; errors re-raise here; closing stops the thread.
+
+    `niceness` lowers that thread's CPU priority (Linux nices threads one by one), as `worker_niceness` does for
+    decoding processes."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
@@ -175,6 +178,9 @@ def _in_background(items: Iterator[Any], depth: int) -> Iterator[Any]:
         return False
 
     def run() -> None:
+        if niceness and hasattr(os, "setpriority"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
         try:
             for item in items:
                 if not put((True, item)):
@@ -200,11 +206,14 @@ def _in_background(items: Iterator[Any], depth: int) -> Iterator[Any]:
 
 def iter_embeddings(records: Sequence[ImageRecord], encoder: Encoder, *, batch_size: int | None = None,
                     workers: int | None = None, jpeg_draft: bool = True,
-                    max_pixels: int | None = DEFAULT_MAX_PIXELS, decode: str = "pil") -> Iterator[BatchResult]:
+                    max_pixels: int | None = DEFAULT_MAX_PIXELS, decode: str = "pil",
+                    decode_thread: bool = False) -> Iterator[BatchResult]:
     """Embed records in order, batch by batch; the core loop shared by extraction and prediction.
 
     One batch stays in flight: batch i+1 is queued on the device before batch i's embeddings are copied back,
-    so a GPU never waits for the host between batches.
+    so a GPU never waits for the host between batches. With `workers=0` and `decode_thread`, a thread (at the
+    decoding workers' priority) decodes the next batches while this one is embedded: the Ray engine's actors,
+    where forking decoding processes is not safe.
     """
     if not records:
         return
@@ -228,6 +237,8 @@ def iter_embeddings(records: Sequence[ImageRecord], encoder: Encoder, *, batch_s
     if decode == "device" and encoder.device.type == "cuda":
         # nvJPEG does part of its work on the host: a thread decodes the next batches while this one runs.
         prepared = _in_background(prepared, depth=2)
+    elif decode_thread and not workers:
+        prepared = _in_background(prepared, depth=2, niceness=worker_niceness(encoder.device))
     in_flight: tuple[_Batch, torch.Tensor | None, list[int]] | None = None
     for batch, images, pos in prepared:
         out = encoder.embed(images) if images is not None else None

@@ -74,7 +74,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
     images = scan_images(source, class_names=class_names)
     if stored is not None:  # a re-run: when every image is stored already, no model is needed (nor torch)
         with FeatureWriter(output, stored, images, retry_failed=config.retry_failed,
-                           flush_every=config.flush_every) as writer:
+                           flush_every=config.flush_every, shard_size=config.shard_size) as writer:
             if not writer.todo:
                 writer.commit()  # labels follow the current folders/CSV; vanished files become "missing"
                 writer.summary.device = "no device: nothing to embed"
@@ -84,7 +84,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
                                resolution=config.resolution)
     settings = StoreSettings(backbone.spec, config.dtype, config.tta, config.precision)
     with FeatureWriter(output, settings, images, overwrite=config.overwrite, retry_failed=config.retry_failed,
-                       flush_every=config.flush_every) as writer:
+                       flush_every=config.flush_every, shard_size=config.shard_size) as writer:
         # After the store checks: a run refused for a mismatching store should not first compile or export a model.
         encoder = Encoder(backbone, device, precision=config.precision, tta=config.tta,
                           channels_last=config.channels_last, compile=config.compile, runtime=config.runtime)
@@ -92,6 +92,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         summary.device, summary.runtime = str(device), encoder.runtime
         summary.notes = [encoder.note] if encoder.note else []
         provenance = {"device": str(device), "decode": config.decode, "runtime": encoder.runtime, "engine": "local"}
+        writer.set_provenance(**provenance)
 
         start = time.perf_counter()
         progress = Progress("embedding", len(writer.todo), enabled=config.progress, unit="images")

@@ -1,33 +1,39 @@
 """The Ray engine (`embedfit extract --engine ray`): the same extraction fanned out over a Ray cluster.
 
-Ray Data reads the file list, decodes on CPU tasks (the same `ImageDataset` code as the local engine), and embeds
-with an actor pool (one model per actor, a GPU each when asked). Results stream back to the driver into the same
-`FeatureWriter` as a local run (atomic part files, then one atomic commit), so the store has the same schema,
-provenance, resume behaviour and row order. Ray restarts an actor that dies and retries its batch; a batch
-retried twice cannot duplicate rows because the commit keeps one row per image key.
+The driver scans the input, plans the resume with the same `FeatureWriter` as a local run, and cuts the images
+still to embed into shards of `shard_size` images with fixed names. A pool of actors (one model each, on the CPUs
+or GPU Ray granted it, with as many intra-op threads as CPUs) takes shard after shard: it decodes on a background
+thread while it embeds (the local engine's `iter_embeddings` loop), writes the shard itself (`embedfit.shards`:
+locally, then moved whole into ``<store>.shards/``) and returns only counts and failure reasons. The driver never
+sees a feature; at the end it writes the manifest (`FeatureWriter.commit`). So the store is a sharded store with
+the schema, provenance, resume behaviour and row order of a local run.
 
-Ray is optional: `pip install 'embedfit[ray]'`; it is imported only inside `extract_ray`.
+Failures: Ray restarts an actor that dies and retries its shard (`max_restarts=-1`, `max_task_retries=-1`); a
+shard written twice replaces itself (same name), and the manifest keeps one row per image key. A killed driver
+leaves finished shards, which the next run reuses (shard granularity; a shard being written is absent).
+
+Ray is optional: `pip install 'embedfit[ray]'`; it is imported only inside the functions here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from embedfit.backbones.registry import check_backbone_name, create_backbone
-from embedfit.errors import UsageError
-from embedfit.extraction.reader import ImageDataset
+from embedfit.errors import EmbedfitError, ExtractionInterrupted, UsageError
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary
 from embedfit.extraction.writer import FeatureWriter
 from embedfit.images import ImageRecord, scan_images
 from embedfit.remote import is_url, local_or_url, with_staged_store
 from embedfit.store import StoreSettings
 
-_TEST_KILL_ONCE = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # tests: path of a marker; the first actor call exits hard
+_TEST_KILL_ONCE = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # tests: path of a marker; the first shard's actor exits hard
+DEFAULT_SHARD_SIZE = 1024
 
 
 def _ray() -> Any:
@@ -38,73 +44,179 @@ def _ray() -> Any:
     return ray
 
 
-def _records(batch: dict[str, np.ndarray]) -> list[ImageRecord]:
-    return [ImageRecord(p if is_url(p) else Path(p), k, int(lb), int(s), int(m)) for p, k, lb, s, m in
-            zip(batch["path"], batch["key"], batch["label"], batch["size"], batch["mtime"], strict=True)]
+def _answers(address: str, timeout: float = 3.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
-def _decode(batch: dict[str, np.ndarray], spec: Any, jpeg_draft: bool, max_pixels: int | None
-            ) -> dict[str, np.ndarray]:
-    """Ray Data CPU task: file records -> uint8 image arrays (zeros for failures) and error strings.
+def connect(address: str | None = None, *, runtime_env: dict[str, Any] | None = None) -> None:
+    """Connect to a Ray cluster, or start a local one, failing within seconds with what to do instead of retrying.
 
-    A function, not a class: Ray runs it as tasks that free their CPU between batches, so the embedding actors are
-    never starved by idle decoders.
+    Args:
+        address: None or "auto" (the cluster this machine runs, else a new local one), "HOST:PORT" (its GCS port,
+            6379 by default), or "ray://HOST:10001" (Ray Client, needs `ray[client]`).
+        runtime_env: Ray runtime environment for the job (env vars, py_modules).
+
+    Raises:
+        UsageError: Ray or Ray Client is not installed, or the cluster named (or recorded in Ray's
+            ``ray_current_cluster`` file) does not answer.
     """
-    dataset = ImageDataset(_records(batch), spec, jpeg_draft=jpeg_draft, max_pixels=max_pixels)
-    h, w = spec.input_size
-    images = np.zeros((len(dataset), 3, h, w), dtype=np.uint8)
-    errors = []
-    for i in range(len(dataset)):
-        _, tensor, error = dataset[i]
-        if tensor is not None:
-            images[i] = tensor.numpy()
-        errors.append(error)
-    return {**batch, "image": images, "error": np.array(errors, dtype=object)}
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith("ray://"):
+        if importlib.util.find_spec("grpc") is None:
+            raise UsageError(f"--ray-address {address} uses Ray Client, which needs grpcio: pip install "
+                             "'ray[client]' (or 'embedfit[ray]', which includes it)")
+    elif address and address not in ("auto", "local"):
+        if not _answers(address):
+            raise UsageError(f"no Ray cluster answers at {address}; check the address (the head's GCS port, "
+                             "6379 by default) or start one with `ray start --head`")
+    elif address != "local":
+        from ray._private.utils import get_ray_address_file, read_ray_address
+
+        recorded = read_ray_address()
+        if recorded and not _answers(recorded):
+            raise UsageError(f"{get_ray_address_file(None)} names a Ray cluster at {recorded} that no longer "
+                             "answers (a stale file from a cluster that was not stopped cleanly); delete that "
+                             "file to start a local cluster, or pass --ray-address HOST:PORT")
+        if address == "auto" and not recorded:
+            raise UsageError("--ray-address auto found no running Ray cluster on this machine; start one with "
+                             "`ray start --head`, or leave out --ray-address to start a local one")
+        address = recorded or None
+    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
+             runtime_env=runtime_env)
 
 
-class _Embed:
-    """Ray Data actor: one model per actor, loaded once; uint8 images -> float32 features (NaN for failures)."""
+def _runtime_env() -> dict[str, Any]:
+    """Ship this embedfit (its code, not its dependencies) and its settings to every node of the job."""
+    import embedfit
 
-    def __init__(self, config: ExtractConfig, device: str) -> None:
+    return {"py_modules": [str(Path(embedfit.__file__).parent)], "excludes": ["__pycache__"],
+            "env_vars": {k: v for k, v in os.environ.items() if k.startswith("EMBEDFIT_")}}
+
+
+def _check_nodes(ray: Any) -> None:
+    """One tiny task per node imports what the actors need: a node that lacks it is named in one line."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def probe() -> str:
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+
+        import embedfit.extraction.encoder  # noqa: F401
+
+        return "ok"
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+    refs = {n["NodeManagerAddress"]: probe.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote() for n in nodes}
+    for host, ref in refs.items():
+        try:
+            ray.get(ref, timeout=300)
+        except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc
+            raise UsageError(f"Ray node {host} cannot run embedfit ({type(cause).__name__}: "
+                             f"{str(cause).splitlines()[0] if str(cause) else ''}); install 'embedfit[ray]' "
+                             "(torch, timm) on every node, e.g. in the cluster's image") from None
+
+
+class _ShardWorker:
+    """Ray actor: one model, loaded once; each call embeds one shard of images and writes it (no features returned)."""
+
+    def __init__(self, config: ExtractConfig, device: str, threads: int, cpu: int | None,
+                 settings: StoreSettings, folder: str, class_names: list[str], provenance: dict[str, Any]) -> None:
+        import torch
+
         from embedfit.extraction.encoder import Encoder
         from embedfit.extraction.settings import resolve_device
 
+        if cpu is not None and hasattr(os, "sched_setaffinity"):  # strong-scaling runs: one actor per core
+            os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[cpu % len(os.sched_getaffinity(0))]})
+        # Ray sets OMP_NUM_THREADS=1 in actors; give the model the CPUs this actor was granted (ONNX Runtime's
+        # intra-op threads follow torch's count).
+        torch.set_num_threads(threads)
+        self.config, self.settings, self.folder, self.class_names = config, settings, folder, class_names
         backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool,
                                    resolution=config.resolution)
         self.encoder = Encoder(backbone, resolve_device(device), precision=config.precision, tta=config.tta,
-                               channels_last=config.channels_last, runtime=config.runtime)
+                               channels_last=config.channels_last, compile=config.compile, runtime=config.runtime)
+        self.provenance = {**provenance, "runtime": self.encoder.runtime}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
+    def run(self, name: str, items: list[tuple[str, str, int, int, int]]) -> dict[str, Any]:
+        """Embed the images of shard `name` (path, key, label, size, mtime each) and write the shard."""
+        import numpy as np
+
+        from embedfit.extraction.encoder import iter_embeddings
+        from embedfit.shards import write_shard
+        from embedfit.store import FAILED, OK
 
         marker = os.environ.get(_TEST_KILL_ONCE)
         if marker and not Path(marker).exists():  # test hook: die mid-run once, as a preempted worker would
             Path(marker).write_text("killed")
             os._exit(1)
-        ok = np.array([not e for e in batch["error"]], dtype=bool)
-        feats = np.full((len(ok), self.encoder.spec.embedding_dim), np.nan, dtype=np.float32)
-        if ok.any():
-            feats[ok] = self.encoder(torch.from_numpy(np.ascontiguousarray(batch["image"][ok])))
-        out = {k: v for k, v in batch.items() if k != "image"}
-        out["features"] = feats
-        out["runtime"] = np.array([self.encoder.runtime] * len(ok), dtype=object)  # "auto" may fall back
-        return out
+        records = [ImageRecord(Path(p), k, lb, s, m) for p, k, lb, s, m in items]
+        c = self.config
+        batches = list(iter_embeddings(records, self.encoder, batch_size=c.batch_size, workers=0,
+                                       jpeg_draft=c.jpeg_draft, max_pixels=c.max_pixels, decode=c.decode,
+                                       decode_thread=True))
+        errors = [e for b in batches for e in b.errors]
+        write_shard(self.folder, name, self.settings, [r.key for r in records],
+                    [self.class_names[r.label] if r.label >= 0 else "" for r in records],
+                    [r.size for r in records], [r.mtime_ns for r in records], [FAILED if e else OK for e in errors],
+                    errors, np.concatenate([b.features for b in batches]), self.provenance)
+        return {"rows": len(records), "failures": [(r.key, e) for r, e in zip(records, errors, strict=True) if e],
+                "runtime": self.encoder.runtime}
+
+
+def _check_options(config: ExtractConfig, num_gpus_per_worker: float) -> None:
+    """Options that mean nothing on Ray are one-line errors, not silently ignored."""
+    if config.workers is not None:
+        raise UsageError("--workers does not apply to --engine ray: each actor decodes on a background thread; "
+                         "use --cpus-per-worker and --ray-workers")
+    if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda"):
+        raise UsageError(f"--device {config.device} does not apply to --engine ray; actors use a GPU when "
+                         "--num-gpus-per-worker is set, else the CPU")
+    if config.device.startswith("cuda") and not num_gpus_per_worker:
+        raise UsageError("--device cuda with --engine ray needs --num-gpus-per-worker (e.g. 1)")
+    if config.device == "cpu" and num_gpus_per_worker:
+        raise UsageError("--device cpu contradicts --num-gpus-per-worker; leave one out")
+
+
+def _too_many_failures(limit: float | None, failed: int, seen: int) -> bool:
+    from embedfit.extraction.local import _too_many_failures as local_rule
+
+    return local_rule(limit, failed, seen)
 
 
 def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig | None = None, *,
                 address: str | None = None, num_workers: int = 2, num_gpus_per_worker: float = 0.0,
-                shard_size: int = 256, class_names: list[str] | None = None, **options: Any) -> ExtractSummary:
-    """`embedfit.extract` on a Ray cluster: same store, same resume, same results.
+                cpus_per_worker: int = 1, pin_cpus: bool = False, class_names: list[str] | None = None,
+                **options: Any) -> ExtractSummary:
+    """`embedfit.extract` on a Ray cluster: a sharded store written by the workers, same resume, same rows.
 
     Args:
-        source: Image folder or CSV.
-        output: The HDF5 store to create or complete.
-        config: Extraction settings (keyword `options` override fields).
-        address: Ray cluster address (None: connect to a running local cluster or start one).
+        source: Image folder or CSV, at the same path on every node (a shared filesystem).
+        output: The store's manifest; its shards go to ``<output>.shards/``, which every node must be able to
+            write (the same shared filesystem).
+        config: Extraction settings (keyword `options` override fields); `config.shard_size` defaults to 1024.
+        address: Ray cluster address (see `connect`).
         num_workers: Embedding actors (one model each).
         num_gpus_per_worker: GPUs per actor (0 for CPU actors).
-        shard_size: Images per Ray batch, and per part file written by the driver.
+        cpus_per_worker: CPUs Ray reserves per actor; the actor's model runs that many threads.
+        pin_cpus: Pin actor i to this machine's i-th allowed CPU (benchmarks of scaling on one machine).
         class_names: Class list to use instead of the folder names.
+
+    Raises:
+        UsageError: An option that does not apply on Ray, Ray missing, the cluster unreachable, a node without
+            embedfit.
+        ExtractionInterrupted: Ctrl-C or `max_failures`; finished shards are kept and the run can resume.
     """
     ray = _ray()
     config = dataclasses.replace(config or ExtractConfig(), **options)
@@ -112,40 +224,76 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
     if is_url(output):  # object storage: a local staging copy, uploaded whole when committed (embedfit.remote)
         return with_staged_store(output, config.overwrite, lambda local: extract_ray(
             source, local, config, address=address, num_workers=num_workers,
-            num_gpus_per_worker=num_gpus_per_worker, shard_size=shard_size, class_names=class_names))
-    if num_workers < 1 or shard_size < 1:
-        raise UsageError("--ray-workers and --shard-size must be at least 1")
+            num_gpus_per_worker=num_gpus_per_worker, cpus_per_worker=cpus_per_worker, pin_cpus=pin_cpus,
+            class_names=class_names))
+    if num_workers < 1 or cpus_per_worker < 1:
+        raise UsageError("--ray-workers and --cpus-per-worker must be at least 1")
+    _check_options(config, num_gpus_per_worker)
     check_backbone_name(config.backbone)
     images = scan_images(source, class_names=class_names)
     spec = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool,
                                resolution=config.resolution).spec
     settings = StoreSettings(spec, config.dtype, config.tta, config.precision)
     device = "cuda" if num_gpus_per_worker > 0 else "cpu"
+    shard_size = config.shard_size or DEFAULT_SHARD_SIZE
     with FeatureWriter(output, settings, images, overwrite=config.overwrite, retry_failed=config.retry_failed,
-                       flush_every=shard_size) as writer:
-        writer.summary.device = f"ray ({num_workers} x {device})"
+                       shard_size=shard_size) as writer:
+        summary = writer.summary
+        summary.device = f"ray ({num_workers} x {device}, {cpus_per_worker} CPU each)"
+        provenance = {"device": summary.device, "engine": "ray", "decode": config.decode}
         runtimes: set[str] = set()
+        stop_reason = ""
         if writer.todo:
-            if not ray.is_initialized():
-                ray.init(address=address, include_dashboard=False, ignore_reinit_error=True,
-                         log_to_driver=False, runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                                                        if k.startswith("EMBEDFIT_")}})
-            items = [{"path": str(r.path), "key": r.key, "label": r.label, "size": r.size, "mtime": r.mtime_ns}
-                     for r in writer.todo]
-            ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // shard_size))
-            ds = ds.map_batches(_decode, fn_kwargs={"spec": spec, "jpeg_draft": config.jpeg_draft,
-                                                    "max_pixels": config.max_pixels},
-                                batch_size=shard_size, num_cpus=0.25)
-            ds = ds.map_batches(_Embed, fn_constructor_args=(config, device), batch_size=shard_size,
-                                compute=ray.data.ActorPoolStrategy(size=num_workers),
-                                # CPU actors reserve half a CPU each so that n actors on n CPUs still leave
-                                # room for the decoding tasks (Ray's CPU accounting is advisory; torch uses the
-                                # cores it has). GPU actors reserve their GPU and one CPU.
-                                num_cpus=1 if num_gpus_per_worker else 0.5,
-                                num_gpus=num_gpus_per_worker or None, max_restarts=-1, max_task_retries=-1)
-            for batch in ds.iter_batches(batch_size=shard_size, batch_format="numpy"):
-                runtimes.update(str(r) for r in batch["runtime"])
-                writer.add(_records(batch), batch["features"], [str(e) for e in batch["error"]])
-        writer.commit(device=writer.summary.device, engine="ray", decode="pil",
-                      runtime="+".join(sorted(runtimes)) if writer.todo else None)
-    return writer.summary
+            connect(address, runtime_env=_runtime_env())
+            _check_nodes(ray)
+            store = writer.store
+            todo = sorted(writer.todo, key=lambda r: r.key)  # shards hold contiguous key ranges: one VDS map each
+            shards = [(store.shard_name(i // shard_size),
+                       [(str(r.path), r.key, r.label, r.size, r.mtime_ns) for r in todo[i:i + shard_size]])
+                      for i in range(0, len(todo), shard_size)]
+            actor = ray.remote(_ShardWorker).options(
+                num_cpus=cpus_per_worker, num_gpus=num_gpus_per_worker or None, max_restarts=-1,
+                max_task_retries=-1)
+            actors = [actor.remote(config, device, cpus_per_worker, i if pin_cpus else None, settings,
+                                   str(store.parts), list(images.class_names), provenance)
+                      for i in range(num_workers)]
+            from embedfit.extraction.local import _Progress, _StopOnSigint
+
+            progress = _Progress(config.progress, len(todo))
+            from ray.util import ActorPool
+
+            pool = ActorPool(actors)
+            try:
+                with _StopOnSigint() as sigint:
+                    for result in pool.map_unordered(lambda a, shard: a.run.remote(*shard), shards):
+                        writer.add_written(result["rows"], result["failures"])
+                        runtimes.add(result["runtime"])
+                        progress.advance(result["rows"], writer.done)
+                        if _too_many_failures(config.max_failures, summary.failed, writer.done):
+                            stop_reason = (f"aborted: {summary.failed} of {writer.done} images failed (limit "
+                                           f"{config.max_failures:g}); is {source} an image folder?")
+                            break
+                        if sigint.requested:
+                            stop_reason = "interrupted"
+                            break
+            except KeyboardInterrupt:
+                stop_reason = "interrupted"
+            except EmbedfitError:
+                writer.commit(complete=False, **provenance)
+                raise
+            finally:
+                progress.close()
+                for a in actors:  # on a long-lived cluster, our actors must not outlive the run
+                    ray.kill(a)
+        store = writer.commit(**provenance, runtime="+".join(sorted(runtimes)) if runtimes else None)
+        summary.runtime = "+".join(sorted(runtimes))
+        if stop_reason == "interrupted" and not store.complete:
+            raise ExtractionInterrupted(f"interrupted; {store.n_ok} images are saved in {output} (incomplete); "
+                                        "re-run the same command to resume")
+        if stop_reason and stop_reason != "interrupted":
+            aborted = ExtractionInterrupted(f"{stop_reason}; {store.n_ok} images are saved in {output}"
+                                            + (" (incomplete); fix the input or raise --max-failures, then re-run "
+                                               "to resume" if not store.complete else " (every image was tried)"))
+            aborted.exit_code = 1
+            raise aborted
+    return summary

@@ -119,6 +119,8 @@ class ExtractConfig:
         max_failures: Abort when more images fail than this: a count (int, "10"), a fraction of the images to
             embed (float 0-1, "0.2") or a percentage ("20%"); see `MaxFailures`. Stored parsed, as a `MaxFailures`.
         flush_every: Images per part file (the most work a killed run loses).
+        shard_size: Write a sharded store (a manifest plus one HDF5 file per this many images,
+            `embedfit.shards`); None keeps one file (an existing sharded store stays sharded).
         progress: Show a progress bar.
     """
 
@@ -143,6 +145,7 @@ class ExtractConfig:
     retry_failed: bool = False
     max_failures: int | float | str | MaxFailures | None = None
     flush_every: int = 512
+    shard_size: int | None = None
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -161,6 +164,8 @@ class ExtractConfig:
         if self.tta not in TTAS:
             raise UsageError(f"unknown TTA '{self.tta}'; choose one of {', '.join(TTAS)}")
         object.__setattr__(self, "max_failures", MaxFailures.parse(self.max_failures))
+        if self.shard_size is not None and self.shard_size < 1:
+            raise UsageError(f"shard_size must be at least 1, got {self.shard_size}")
         if self.flush_every < 1:
             raise UsageError(f"flush_every must be at least 1, got {self.flush_every}")
 

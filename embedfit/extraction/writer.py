@@ -34,6 +34,8 @@ class FeatureWriter:
         overwrite: Start the store afresh instead of resuming.
         retry_failed: Embed again the images an earlier run recorded as failed.
         flush_every: Images per part file (the most work a killed run loses).
+        shard_size: Write a sharded store (`embedfit.shards`) of this many images per shard; None keeps the
+            store's layout (a new store is one file, an existing sharded store stays sharded).
 
     Attributes:
         todo: The records this run must embed (the rest are already in the store).
@@ -41,11 +43,18 @@ class FeatureWriter:
     """
 
     def __init__(self, output: str | os.PathLike, settings: StoreSettings, images: ImageSource, *,
-                 overwrite: bool = False, retry_failed: bool = False, flush_every: int = 512) -> None:
+                 overwrite: bool = False, retry_failed: bool = False, flush_every: int = 512,
+                 shard_size: int | None = None) -> None:
+        from embedfit.shards import ShardedStoreWriter, shard_size_of
+
         self._start = time.perf_counter()
         self.images = images
-        self.flush_every = flush_every
-        self._store = StoreWriter(output, settings, overwrite=overwrite)
+        if shard_size is None and not overwrite:
+            shard_size = shard_size_of(output)
+        self.sharded = shard_size is not None
+        self.flush_every = shard_size or flush_every
+        self._store: StoreWriter = (ShardedStoreWriter(output, settings, overwrite=overwrite, shard_size=shard_size)
+                                    if shard_size is not None else StoreWriter(output, settings, overwrite=overwrite))
         try:
             plan = self._store.plan(images.records, retry_failed=retry_failed)
         except BaseException:
@@ -72,6 +81,22 @@ class FeatureWriter:
             self._pool = None
         self._store.close()
 
+    @property
+    def store(self) -> StoreWriter:
+        """The store writer (a `ShardedStoreWriter` when `sharded`), for engines whose workers write shards."""
+        return self._store
+
+    def set_provenance(self, **attrs: Any) -> None:
+        """How this run makes rows (device, runtime, decode, engine); recorded in every shard it writes."""
+        if self.sharded:
+            self._store.provenance.update({k: v for k, v in attrs.items() if v is not None})
+
+    def add_written(self, rows: int, failures: Sequence[tuple[str, str]]) -> None:
+        """Count a shard of `rows` images that a worker wrote itself; `failures` are its (key, reason) pairs."""
+        self.summary.failed += len(failures)
+        self.summary.embedded += rows - len(failures)
+        self.summary.failures += list(failures)[: max(0, _MAX_FAILURES_LISTED - len(self.summary.failures))]
+
     def add(self, records: Sequence[ImageRecord], features: np.ndarray, errors: Sequence[str]) -> None:
         """Take one batch of results: row i of `features` (NaN when failed) and `errors[i]` belong to `records[i]`."""
         failed = [(r.key, e) for r, e in zip(records, errors, strict=True) if e]
@@ -81,15 +106,20 @@ class FeatureWriter:
         self._pending.append((records, features, errors))
         self._buffered += len(records)
         if self._buffered >= self.flush_every:
-            self.flush()
+            self.flush(final=False)
 
     @property
     def done(self) -> int:
         """Images embedded or failed in this run."""
         return self.summary.embedded + self.summary.failed
 
-    def flush(self) -> None:
-        """Write the buffered results as one part file, on the background thread (at most two in flight)."""
+    def flush(self, *, final: bool = True) -> None:
+        """Write the buffered results as part files (shards), on the background thread (at most two in flight).
+
+        Args:
+            final: Write everything buffered. False (a sharded store, while adding) writes whole shards of exactly
+                `shard_size` images and keeps the rest for the next one.
+        """
         if not self._pending:
             return
         records = [r for batch in self._pending for r in batch[0]]
@@ -97,6 +127,15 @@ class FeatureWriter:
         features = np.concatenate([batch[1] for batch in self._pending])
         self._pending.clear()
         self._buffered = 0
+        step = self.flush_every if self.sharded else len(records)
+        cut = len(records) if final else len(records) // step * step
+        if cut < len(records):
+            self._pending.append((records[cut:], features[cut:], errors[cut:]))
+            self._buffered = len(records) - cut
+        for start in range(0, cut, step):
+            self._write(records[start:start + step], features[start:start + step], errors[start:start + step])
+
+    def _write(self, records: Sequence[ImageRecord], features: np.ndarray, errors: Sequence[str]) -> None:
         names = self.images.class_names
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedfit-writer")

@@ -1,0 +1,110 @@
+"""Sharded stores (`embedfit.shards`): a manifest plus one HDF5 file per shard, read exactly like one file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from embedfit.cli import main
+from embedfit.errors import StoreError
+from embedfit.extraction.local import extract
+from embedfit.shards import shards_dir
+from embedfit.store import FeatureStore
+
+
+def _shards(out: Path) -> list[Path]:
+    return sorted(shards_dir(out).glob("shard-*.h5"))
+
+
+def _same_rows(a: Path, b: Path) -> None:
+    x, y = FeatureStore.open(a), FeatureStore.open(b)
+    assert list(x.paths) == list(y.paths) and list(x.labels) == list(y.labels)
+    assert list(x.class_names) == list(y.class_names) and list(x.status) == list(y.status)
+    np.testing.assert_allclose(x.features(), y.features(), rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_store_reads_like_the_single_file(shared_tree: Path, shared_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "feats.h5"
+    summary = extract(shared_tree, out, workers=0, shard_size=10)
+    assert summary.complete and summary.embedded == 24
+    assert len(_shards(out)) == 3  # 10 + 10 + 4
+    _same_rows(out, shared_store)
+    store = FeatureStore.open(out)
+    assert store.attrs["layout"] == "sharded" and store.attrs["engine"] == "local"
+    assert json.loads(store.attrs["shards"]) == [p.name for p in _shards(out)]
+    rows = np.array([20, 3, 11])  # index reads across shards, in any order
+    np.testing.assert_array_equal(store.features(rows), store.features()[rows])
+    with h5py.File(out, "r") as f:  # plain h5py sees one (virtual) features dataset over the shards
+        assert f["features"].is_virtual and f["features"].shape == (24, store.dim)
+    with h5py.File(_shards(out)[0], "r") as f:  # each shard carries the schema and its provenance
+        assert f.attrs["engine"] == "local" and "spec" in f.attrs and len(f["paths"]) == 10
+    # The store moves as a folder pair: shard names are relative to the manifest.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.move(out, moved / out.name)
+    shutil.move(shards_dir(out), shards_dir(moved / out.name))
+    _same_rows(moved / out.name, shared_store)
+
+
+@pytest.mark.slow
+def test_cli_reads_a_sharded_store(shared_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "feats.h5"
+    assert main(["extract", str(shared_tree), "-o", str(out), "--workers", "0", "--shard-size", "8"]) == 0
+    assert main(["info", str(out)]) == 0
+    assert main(["fit", str(out), "-m", "logreg", "--cv", "2", "-o", str(tmp_path / "run")]) == 0
+    assert main(["fit", str(out), "-m", "sgd-logreg", "--epochs", "2", "--batch-rows", "8",
+                 "-o", str(tmp_path / "ooc")]) == 0
+    assert main(["predict", str(tmp_path / "run"), str(out), "-o", str(tmp_path / "p.csv")]) == 0
+    assert main(["report", str(tmp_path / "run"), "-o", str(tmp_path / "r.html")]) == 0
+    capsys.readouterr()
+
+
+def test_resume_new_images_and_reprocessed_shards_never_duplicate(image_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "feats.h5"
+    extract(image_tree, out, workers=0, shard_size=5)
+    first = _shards(out)
+    # Nothing to do: no new shard, same manifest.
+    again = extract(image_tree, out, workers=0, shard_size=5)
+    assert (again.embedded, again.reused) == (0, 12) and _shards(out) == first
+    # A new image interleaves with stored keys; one image changes: only those two are embedded.
+    src = next(image_tree.rglob("*.png"))
+    shutil.copy(src, src.with_name("aaa_new.png"))
+    changed = sorted(image_tree.rglob("*.png"))[-1]
+    os.utime(changed, ns=(time.time_ns(), time.time_ns()))
+    resumed = extract(image_tree, out, workers=0)  # no --shard-size: a sharded store stays sharded
+    assert (resumed.embedded, resumed.reused) == (2, 11)
+    store = FeatureStore.open(out)
+    assert len(store) == 13 and len(set(store.paths)) == 13 and list(store.paths) == sorted(store.paths)
+    # A finished shard written twice (a retried worker) and a stray copy of it: still one row per image.
+    shutil.copy(_shards(out)[0], shards_dir(out) / "shard-99999999999999999999-0-000000.h5")
+    extract(image_tree, out, workers=0)
+    store2 = FeatureStore.open(out)
+    assert list(store2.paths) == list(store.paths) and store2.complete
+    np.testing.assert_allclose(store2.features(), store.features(), rtol=1e-6)
+    reference = tmp_path / "ref.h5"
+    extract(image_tree, reference, workers=0)
+    _same_rows(out, reference)
+
+
+def test_missing_shard_is_refused_and_layouts_are_not_mixed(image_tree: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    single = tmp_path / "single.h5"
+    extract(image_tree, single, workers=0)
+    assert main(["extract", str(image_tree), "-o", str(single), "--workers", "0", "--shard-size", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "single-file store" in err and err.count("\n") == 1
+    out = tmp_path / "feats.h5"
+    extract(image_tree, out, workers=0, shard_size=4)
+    _shards(out)[1].unlink()
+    with pytest.raises(StoreError, match="missing 1 shard"):  # HDF5 would read its rows as NaN
+        FeatureStore.open(out)
+    # --overwrite rebuilds it, and removes the old shards once the new manifest is in place.
+    extract(image_tree, out, workers=0, shard_size=6, overwrite=True)
+    assert FeatureStore.open(out).complete and len(_shards(out)) == 2
