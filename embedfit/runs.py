@@ -16,6 +16,7 @@ import datetime as _dt
 import hashlib
 import importlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -236,12 +237,12 @@ def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
         pipeline = sio.load(path, trusted=sorted(untrusted))
     except Exception as exc:
         raise ModelFileError(f"cannot load {path}: {exc}") from None
-    check_fitted(pipeline, n_classes=len(meta["class_names"]),
+    check_fitted(pipeline, class_names=list(meta["class_names"]),
                  n_features=BackboneSpec.from_dict(meta["spec"]).embedding_dim, path=path)
     return pipeline, meta
 
 
-def check_fitted(pipeline: Any, *, n_classes: int, n_features: int, path: str | Path) -> None:
+def check_fitted(pipeline: Any, *, class_names: Sequence[str], n_features: int, path: str | Path) -> None:
     """Check the fitted state that prediction indexes, so a tampered file is refused rather than crashing.
 
     Compiled code in scikit-learn (tree traversal, libsvm, KD/ball trees) indexes arrays without bounds checks:
@@ -252,9 +253,13 @@ def check_fitted(pipeline: Any, *, n_classes: int, n_features: int, path: str | 
         ModelFileError: The classes differ from the run's class names, or some fitted state is out of range.
     """
     classes = np.asarray(getattr(pipeline, "classes_", []))
-    if classes.dtype.kind not in "iu" or not np.array_equal(classes, np.arange(n_classes)):
-        raise ModelFileError(f"{path} predicts {len(classes)} classes but its model.json lists {n_classes} class "
-                             "names: the files come from different runs; refit the run")
+    # Runs predict class names (older runs: indices into model.json's class names).
+    same = (np.array_equal(classes, np.arange(len(class_names))) if classes.dtype.kind in "iu"
+            else classes.dtype.kind in "UO" and sorted(map(str, classes)) == sorted(class_names))
+    if not same:
+        raise ModelFileError(f"{path} predicts {len(classes)} classes ({', '.join(map(str, classes[:3]))}, ...) "
+                             f"but its model.json lists {len(class_names)} other class names: the files come from "
+                             "different runs; refit the run")
     if getattr(pipeline, "n_features_in_", n_features) != n_features:
         raise ModelFileError(f"{path} expects {pipeline.n_features_in_}-d features but its model.json records a "
                              f"{n_features}-d backbone: the files come from different runs; refit the run")

@@ -151,6 +151,13 @@ def sweep(data: str | Path, output: str | Path, config: SweepConfig | None = Non
         raise InputError(f"{data} does not exist")
     if config.test is not None and not Path(config.test).exists():
         raise InputError(f"test data {config.test} does not exist")
+    from embedfit.images import scan_images
+
+    # Input mistakes are the data's, not one backbone's: refuse them before the first extraction.
+    if not scan_images(data).class_names:
+        raise InputError(f"{data} has no classes (class sub-folders or a label column): a sweep fits classifiers")
+    if config.test is not None:
+        scan_images(config.test)
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--output {folder} is a file; give a folder for the sweep")
@@ -200,6 +207,9 @@ def sweep(data: str | Path, output: str | Path, config: SweepConfig | None = Non
             failures.append({"backbone": key, "error": str(exc)})
             emit(f"{step}: failed: {exc}")
         save(i + 1)
+    if failures and not entries:
+        raise InputError(f"every backbone failed, e.g. {failures[0]['backbone']}: {failures[0]['error']} "
+                         f"(details in {folder / SWEEP_FILE})")
     ranked = rank(entries, config.metric)
     return SweepResult(folder, ranked, compare_entries(entries, config.metric), failures,
                        time.perf_counter() - t_start)

@@ -97,6 +97,14 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         (["{tmp}", "--epochs", "0"], 2, "--epochs"),
         (["{tmp}", "-b", "resnet5"], 2, "did you mean resnet50"),
     ],
+    "sweep": [
+        ([], 2, "Missing argument"),
+        (["{tmp}/nope", "-o", "{tmp}/sw"], 1, "does not exist"),
+        (["{tmp}/empty", "-o", "{tmp}/sw"], 1, "no images found"),
+        (["{tmp}", "-o", "{tmp}/sw", "-b", "resnet5"], 2, "did you mean resnet50"),
+        (["{tmp}", "-o", "{tmp}/sw", "-m", "svn"], 2, "did you mean svm"),
+        (["{tmp}", "-o", "{tmp}/sw", "--cv", "1"], 2, "--cv"),
+    ],
     "report": [
         ([], 2, "Missing argument"),
         (["{tmp}/norun"], 1, "does not exist"),
