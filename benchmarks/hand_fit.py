@@ -22,8 +22,9 @@ def main(path: str) -> None:
         ok = (f["status"][:] == 0) & (f["labels"][:] >= 0)
         X, y = f["features"][:][ok], f["labels"][:][ok]
     pipe = make_pipeline(StandardScaler(), LogisticRegressionCV(
-        Cs=np.logspace(-4, 1, 6), cv=3, scoring="neg_log_loss", class_weight="balanced", max_iter=1000, tol=1e-3))
-    scores = cross_val_score(pipe, X, y, cv=StratifiedKFold(5, shuffle=True, random_state=0))
+        Cs=np.logspace(-4, 1, 6), cv=3, scoring="neg_log_loss", class_weight="balanced", max_iter=1000, tol=1e-3,
+        l1_ratios=(0.0,), use_legacy_attributes=False))
+    scores = cross_val_score(pipe, X, y, cv=StratifiedKFold(5, shuffle=True, random_state=0), scoring="accuracy")
     pipe.fit(X, y)
     print(f"accuracy {scores.mean():.3f} ± {scores.std():.3f}")
 

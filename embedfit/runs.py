@@ -16,6 +16,7 @@ import datetime as _dt
 import hashlib
 import importlib
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,26 @@ TRUSTED_TYPES = (
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
     "sklearn.tree._tree.Tree",
 )
+
+
+def skops_io() -> Any:
+    """`skops.io`, imported without importing torch.
+
+    skops lists scikit-learn's estimators at import (`all_estimators`, which walks every scikit-learn package), and
+    walking `sklearn.externals.array_api_compat.torch` imports torch: seconds, for a fit that never uses it. While
+    torch is not loaded, that one package is hidden for the walk (pkgutil skips packages that fail to import) and
+    restored at once, so the array-API path can still import it later.
+    """
+    blocked = "sklearn.externals.array_api_compat.torch"
+    hide = "torch" not in sys.modules and "skops.io" not in sys.modules and blocked not in sys.modules
+    if hide:
+        sys.modules[blocked] = None  # type: ignore[assignment]
+    try:
+        import skops.io
+    finally:
+        if hide and sys.modules.get(blocked, 0) is None:
+            del sys.modules[blocked]
+    return skops.io
 
 
 def untrusted_types(types: list[str]) -> list[str]:
@@ -78,7 +99,7 @@ def class_positions(labels: Any, class_names: list[str]) -> np.ndarray:
 def save_run(run_dir: str | Path, pipeline: Pipeline, *, model: str, params: dict[str, Any], store: FeatureStore,
              metrics: dict[str, Any], predictions: list[dict[str, Any]]) -> Path:
     """Write model.skops, model.json, metrics.json and predictions.csv (the run-directory contract)."""
-    import skops.io as sio
+    sio = skops_io()
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +242,7 @@ def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
         ModelFileError: Missing files, a file that is not a skops archive (e.g. a pickle), or a skops file
             containing types outside `TRUSTED_TYPES`.
     """
-    import skops.io as sio
+    sio = skops_io()
 
     meta, path = model_file(run_dir, "sklearn")
     try:

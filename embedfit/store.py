@@ -70,23 +70,20 @@ _CHUNK_ROWS = 256  # ~1.3 MB chunks at D=1280 float32: fast sequential reads, sm
 log = logging.getLogger("embedfit")
 
 
+_VERSION_ORDER = ("embedfit", "torch", "torchvision", "timm", "numpy", "h5py", "scikit-learn", "python", "onnxruntime")
+
+
 def library_versions() -> dict[str, str]:
     """Versions that influence features, recorded in every store and model file."""
-    import sklearn
-    import timm
-    import torch
-    import torchvision
+    from importlib.metadata import PackageNotFoundError, version
 
-    versions = {"embedfit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-                "timm": timm.__version__, "numpy": np.__version__, "h5py": h5py.__version__,
-                "scikit-learn": sklearn.__version__, "python": platform.python_version()}
-    try:  # the CPU runtime `extract --runtime auto` uses when it is installed
-        from importlib.metadata import version
-
-        versions["onnxruntime"] = version("onnxruntime")
-    except Exception:
-        pass
-    return versions
+    versions = {"embedfit": __version__, "numpy": np.__version__, "h5py": h5py.__version__,
+                "python": platform.python_version()}
+    # From the installed packages' metadata: importing torch for its version string costs seconds.
+    for name in ("torch", "torchvision", "timm", "scikit-learn", "onnxruntime"):  # onnxruntime: when installed
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    return dict(sorted(versions.items(), key=lambda kv: list(_VERSION_ORDER).index(kv[0])))
 
 
 @dataclass(frozen=True)

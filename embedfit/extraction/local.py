@@ -59,8 +59,6 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         InputError, UsageError, WeightsUnavailableError, StoreError: with a message for the user.
         ExtractionInterrupted: Ctrl-C or `max_failures`; finished work is saved and the run can resume.
     """
-    from embedfit.backbones.registry import check_backbone_name, create_backbone
-    from embedfit.extraction.encoder import Encoder, iter_embeddings
     from embedfit.remote import is_url, local_or_url, with_staged_store
 
     config = dataclasses.replace(config or ExtractConfig(), **options)
@@ -70,6 +68,8 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
                                  lambda local: extract(source, local, config, class_names=class_names))
     stored = _settings_if_same_request(output, config)
     if stored is None:
+        from embedfit.backbones.registry import check_backbone_name
+
         check_backbone_name(config.backbone)  # cheap checks first: a typo should not wait for a big folder scan
     images = scan_images(source, class_names=class_names)
     if stored is not None:  # a re-run: when every image is stored already, no model is needed (nor torch)
@@ -79,6 +79,10 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
                 writer.commit()  # labels follow the current folders/CSV; vanished files become "missing"
                 writer.summary.device = "no device: nothing to embed"
                 return writer.summary
+    # Only now the model's libraries (torch, timm: seconds to import).
+    from embedfit.backbones.registry import create_backbone
+    from embedfit.extraction.encoder import Encoder, iter_embeddings
+
     device = resolve_device(config.device)
     backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool,
                                resolution=config.resolution)

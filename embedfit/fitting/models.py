@@ -289,7 +289,9 @@ def name_classes(classifier: Any, class_names: list[str]) -> None:
 def check_savable(estimator: BaseEstimator) -> None:
     """Refuse, before any fitting, an estimator holding types that saving would refuse (`runs.untrusted_types`):
     a model file must load without trusting third-party code."""
-    import skops.io as sio
+    from embedfit.runs import skops_io
+
+    sio = skops_io()
 
     from embedfit.runs import untrusted_types
 
