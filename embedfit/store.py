@@ -398,7 +398,10 @@ class FeatureStore:
 
     @contextlib.contextmanager
     def _features_dataset(self) -> Iterator[h5py.Dataset]:
-        if self._file is not None:
+        # A held handle keeps a replaced single-file store readable (the old inode). A sharded store's features
+        # live in its shard files, which a later commit may remove: an old manifest would read NaN for them, so
+        # a sharded store is always read through the path, checked to be the same store.
+        if self._file is not None and _attr(self.attrs, "layout") != "sharded":
             yield self._file["features"]
             return
         # Closed: read what the path holds now, but only if it is still this store, so that rows never silently
@@ -412,7 +415,7 @@ class FeatureStore:
             if same and not self.fingerprint:  # stores without a fingerprint: compare the keys themselves
                 same = np.array_equal(_read_str(f["paths"]), self.paths)
             if not same:
-                raise StoreError(f"feature store {self.path} was replaced after it was closed; open it again")
+                raise StoreError(f"feature store {self.path} was replaced after it was opened; open it again")
             yield f["features"]
 
     def iter_batches(self, batch_rows: int = 8192, rows: np.ndarray | None = None

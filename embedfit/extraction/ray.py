@@ -189,12 +189,6 @@ def _check_options(config: ExtractConfig, num_gpus_per_worker: float) -> None:
         raise UsageError("--device cpu contradicts --num-gpus-per-worker; leave one out")
 
 
-def _too_many_failures(limit: float | None, failed: int, seen: int) -> bool:
-    from embedfit.extraction.local import _too_many_failures as local_rule
-
-    return local_rule(limit, failed, seen)
-
-
 def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig | None = None, *,
                 address: str | None = None, num_workers: int = 2, num_gpus_per_worker: float = 0.0,
                 cpus_per_worker: int = 1, pin_cpus: bool = False, class_names: list[str] | None = None,
@@ -257,9 +251,10 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
             actors = [actor.remote(config, device, cpus_per_worker, i if pin_cpus else None, settings,
                                    str(store.parts), list(images.class_names), provenance)
                       for i in range(num_workers)]
-            from embedfit.extraction.local import _Progress, _StopOnSigint
+            from embedfit.extraction.local import _StopOnSigint
+            from embedfit.progress import Progress
 
-            progress = _Progress(config.progress, len(todo))
+            progress = Progress("embedding", len(todo), enabled=config.progress, unit="images")
             from ray.util import ActorPool
 
             pool = ActorPool(actors)
@@ -268,10 +263,11 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
                     for result in pool.map_unordered(lambda a, shard: a.run.remote(*shard), shards):
                         writer.add_written(result["rows"], result["failures"])
                         runtimes.add(result["runtime"])
-                        progress.advance(result["rows"], writer.done)
-                        if _too_many_failures(config.max_failures, summary.failed, writer.done):
+                        progress.advance(result["rows"])
+                        limit = config.max_failures
+                        if limit is not None and limit.exceeded(summary.failed, len(todo)):
                             stop_reason = (f"aborted: {summary.failed} of {writer.done} images failed (limit "
-                                           f"{config.max_failures:g}); is {source} an image folder?")
+                                           f"{limit.describe(len(todo))}); is {source} an image folder?")
                             break
                         if sigint.requested:
                             stop_reason = "interrupted"

@@ -288,8 +288,10 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
             jobs = default_jobs(X_all, len(splits)) if backend in ("loky", "threading") else -1
         with parallel_config(backend=backend, n_jobs=jobs):
             folds = []
-            for result in Parallel(return_as="generator")(delayed(_fold)(pipe, X_all, y_all, tr, te)
-                                                          for tr, te in splits):
+            # Folds as they finish, for the progress line (Ray's and Dask's joblib backends return lists only).
+            streamed = "generator" if backend in ("loky", "threading", "multiprocessing") else "list"
+            for result in Parallel(return_as=streamed)(delayed(_fold)(pipe, X_all, y_all, tr, te)
+                                                       for tr, te in splits):
                 folds.append(result)
                 progress.advance()
     cv_seconds = time.perf_counter() - t0
