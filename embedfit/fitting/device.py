@@ -87,13 +87,19 @@ def _fitting(X: Any) -> Iterator[None]:
             stack.enter_context(config_context(array_api_dispatch=True))
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore", category=UserWarning)
-        warnings.filterwarnings("error", message="Training interrupted by user", category=UserWarning)
-        try:
-            yield
-        except UserWarning as exc:
-            if "Training interrupted by user" in str(exc):
-                raise KeyboardInterrupt from exc
-            raise
+        # Shown (not ignored) so that the hook below sees it; the hook raises KeyboardInterrupt itself, which
+        # nothing in scikit-learn catches (an error raised from the warning would be swallowed by a grid search,
+        # which scores a failed candidate as NaN and goes on).
+        warnings.filterwarnings("always", message="Training interrupted by user", category=UserWarning)
+        shown = warnings.showwarning
+
+        def interrupt_or_show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, UserWarning) and "Training interrupted by user" in str(message):
+                raise KeyboardInterrupt
+            shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = interrupt_or_show  # restored by catch_warnings on exit
+        yield
 
 
 def _numpy(obj: Any) -> Any:
