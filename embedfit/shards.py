@@ -261,21 +261,7 @@ class ShardedStoreWriter(StoreWriter):
         when every scanned record has a row. Shards no row points to any more are deleted afterwards.
         """
         sources = self._sources()
-        known = self._known_rows()
-        current = {rec.key: rec for rec in records}
-        rows: dict[str, _Row] = {}
-        for key, row in known.items():
-            rec = current.get(key)
-            if rec is None:
-                if row.status != MISSING:
-                    row.status, row.error = MISSING, "file no longer present in the input"
-                rows[key] = row
-            elif (row.size, row.mtime_ns) == (rec.size, rec.mtime_ns):
-                row.label = class_names[rec.label] if rec.label >= 0 else ""
-                rows[key] = row
-        complete = complete and all(key in rows for key in current)
-        names = list(class_names) + sorted({r.label for r in rows.values() if r.label} - set(class_names))
-        keys = sorted(rows)
+        rows, keys, names, complete = self._rows_to_commit(records, class_names, complete)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         _ensure_space(self.path.parent, len(keys), 0, 0, sum(len(k) + len(rows[k].error) for k in keys) * 2)
         produced = any(s.name.startswith(f"shard-{self._run_id}-") for s in sources)

@@ -735,6 +735,27 @@ class StoreWriter:
         self._part_paths.append(final)
         return final
 
+    def _rows_to_commit(self, records: Sequence[Any], class_names: Sequence[str], complete: bool
+                        ) -> tuple[dict[str, _Row], list[str], list[str], bool]:
+        """The rows a commit writes: per scanned record the latest row with its size and mtime, labelled by the
+        current scan (a renamed class folder or an edited CSV needs no re-embedding); rows of files no longer
+        scanned kept as "missing". Returns (rows by key, sorted keys, class names, whether complete)."""
+        known = self._known_rows()
+        current = {rec.key: rec for rec in records}
+        rows: dict[str, _Row] = {}
+        for key, row in known.items():
+            rec = current.get(key)
+            if rec is None:
+                if row.status != MISSING:
+                    row.status, row.error = MISSING, "file no longer present in the input"
+                rows[key] = row
+            elif (row.size, row.mtime_ns) == (rec.size, rec.mtime_ns):
+                row.label = class_names[rec.label] if rec.label >= 0 else ""
+                rows[key] = row
+        complete = complete and all(key in rows for key in current)
+        names = list(class_names) + sorted({r.label for r in rows.values() if r.label} - set(class_names))
+        return rows, sorted(rows), names, complete
+
     def commit(self, records: Sequence[Any], class_names: Sequence[str], *, complete: bool,
                attrs: dict[str, Any] | None = None) -> FeatureStore:
         """Merge the previous store and all parts into a new store file, replacing the old one atomically.
@@ -748,22 +769,7 @@ class StoreWriter:
                 (nothing stored is changed either; a damaged store says to re-extract with `--overwrite`).
         """
         _quiet_hdf5()
-        known = self._known_rows()
-        current = {rec.key: rec for rec in records}
-        rows: dict[str, _Row] = {}
-        for key, row in known.items():
-            rec = current.get(key)
-            if rec is None:
-                if row.status != MISSING:
-                    row.status, row.error = MISSING, "file no longer present in the input"
-                rows[key] = row
-            elif (row.size, row.mtime_ns) == (rec.size, rec.mtime_ns):
-                # The label is the current scan's: a renamed class folder or an edited CSV needs no re-embedding.
-                row.label = class_names[rec.label] if rec.label >= 0 else ""
-                rows[key] = row
-        complete = complete and all(key in rows for key in current)
-        names = list(class_names) + sorted({r.label for r in rows.values() if r.label} - set(class_names))
-        keys = sorted(rows)
+        rows, keys, names, complete = self._rows_to_commit(records, class_names, complete)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         _ensure_space(self.path.parent, len(keys), self.settings.spec.embedding_dim,
                       np.dtype(self.settings.dtype).itemsize, sum(len(k) + len(rows[k].error) for k in keys) * 2)

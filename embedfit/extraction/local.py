@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from embedfit.errors import EmbedfitError, ExtractionInterrupted
+from embedfit.errors import EmbedfitError
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, resolve_device
-from embedfit.extraction.writer import FeatureWriter
+from embedfit.extraction.writer import FeatureWriter, raise_for_stop
 from embedfit.images import scan_images
 from embedfit.progress import Progress
 from embedfit.store import FeatureStore, StoreSettings
@@ -109,10 +109,8 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
                     writer.add(batch.records, batch.features, batch.errors)
                     rate = writer.done / max(time.perf_counter() - start, 1e-9)
                     progress.advance(len(batch.records), f"{rate:.1f} img/s")
-                    limit = config.max_failures
-                    if limit is not None and limit.exceeded(summary.failed, len(writer.todo)):
-                        stop_reason = (f"aborted: {summary.failed} of {writer.done} images failed (limit "
-                                       f"{limit.describe(len(writer.todo))}); is {source} an image folder?")
+                    stop_reason = writer.over_failure_limit(config.max_failures, source)
+                    if stop_reason:
                         break
                     if sigint.requested:
                         stop_reason = "interrupted"
@@ -126,22 +124,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
             progress.close()
         # The store decides: complete when every image has a row, so a Ctrl-C that lands after the last batch
         # still leaves a complete store, and no error.
-        store = writer.commit(**provenance)
-        if store.complete and stop_reason == "interrupted":
-            stop_reason = ""
-        if stop_reason == "interrupted":
-            raise ExtractionInterrupted(
-                f"{stop_reason}; {store.n_ok} images are saved in {output} (incomplete); re-run the same "
-                "command to resume"
-            )
-        if stop_reason:  # too many failures: a runtime error (exit 1), not an interruption (130)
-            aborted = ExtractionInterrupted(
-                f"{stop_reason}; {store.n_ok} images are saved in {output}"
-                + (" (incomplete); fix the input or raise --max-failures, then re-run to resume" if not store.complete
-                   else " (every image was tried)")
-            )
-            aborted.exit_code = 1
-            raise aborted
+        raise_for_stop(stop_reason, writer.commit(**provenance), output)
     return summary
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from embedfit.backbones.registry import check_backbone_name, create_backbone
-from embedfit.errors import EmbedfitError, ExtractionInterrupted, UsageError
+from embedfit.errors import EmbedfitError, UsageError
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary
-from embedfit.extraction.writer import FeatureWriter
+from embedfit.extraction.writer import FeatureWriter, raise_for_stop
 from embedfit.images import ImageRecord, scan_images
 from embedfit.remote import is_url, local_or_url, with_staged_store
 from embedfit.store import StoreSettings
@@ -264,10 +264,8 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
                         writer.add_written(result["rows"], result["failures"])
                         runtimes.add(result["runtime"])
                         progress.advance(result["rows"])
-                        limit = config.max_failures
-                        if limit is not None and limit.exceeded(summary.failed, len(todo)):
-                            stop_reason = (f"aborted: {summary.failed} of {writer.done} images failed (limit "
-                                           f"{limit.describe(len(todo))}); is {source} an image folder?")
+                        stop_reason = writer.over_failure_limit(config.max_failures, source)
+                        if stop_reason:
                             break
                         if sigint.requested:
                             stop_reason = "interrupted"
@@ -283,13 +281,5 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
                     ray.kill(a)
         store = writer.commit(**provenance, runtime="+".join(sorted(runtimes)) if runtimes else None)
         summary.runtime = "+".join(sorted(runtimes))
-        if stop_reason == "interrupted" and not store.complete:
-            raise ExtractionInterrupted(f"interrupted; {store.n_ok} images are saved in {output} (incomplete); "
-                                        "re-run the same command to resume")
-        if stop_reason and stop_reason != "interrupted":
-            aborted = ExtractionInterrupted(f"{stop_reason}; {store.n_ok} images are saved in {output}"
-                                            + (" (incomplete); fix the input or raise --max-failures, then re-run "
-                                               "to resume" if not store.complete else " (every image was tried)"))
-            aborted.exit_code = 1
-            raise aborted
+        raise_for_stop(stop_reason, store, output)
     return summary

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from embedfit.extraction.settings import ExtractSummary
+from embedfit.errors import ExtractionInterrupted
+from embedfit.extraction.settings import ExtractSummary, MaxFailures
 from embedfit.images import ImageRecord, ImageSource
 from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
 
@@ -108,6 +109,13 @@ class FeatureWriter:
         if self._buffered >= self.flush_every:
             self.flush(final=False)
 
+    def over_failure_limit(self, limit: MaxFailures | None, source: object) -> str:
+        """Why the run must stop when more images failed than `limit` allows among those to embed, else ""."""
+        if limit is None or not limit.exceeded(self.summary.failed, len(self.todo)):
+            return ""
+        return (f"aborted: {self.summary.failed} of {self.done} images failed (limit "
+                f"{limit.describe(len(self.todo))}); is {source} an image folder?")
+
     @property
     def done(self) -> int:
         """Images embedded or failed in this run."""
@@ -169,3 +177,21 @@ class FeatureWriter:
         self.summary.complete = store.complete
         self.summary.missing = int((store.status == MISSING).sum())
         return store
+
+
+def raise_for_stop(stop_reason: str, store: FeatureStore, output: object) -> None:
+    """After the commit: the error a stopped run ends with, if any (both engines end the same way).
+
+    Interrupted (exit 130) unless the store came out complete anyway (a Ctrl-C after the last batch); stopped by the
+    failure limit: exit 1.
+    """
+    if stop_reason == "interrupted" and not store.complete:
+        raise ExtractionInterrupted(f"interrupted; {store.n_ok} images are saved in {output} (incomplete); re-run "
+                                    "the same command to resume")
+    if stop_reason and stop_reason != "interrupted":
+        aborted = ExtractionInterrupted(
+            f"{stop_reason}; {store.n_ok} images are saved in {output}"
+            + (" (incomplete); fix the input or raise --max-failures, then re-run to resume" if not store.complete
+               else " (every image was tried)"))
+        aborted.exit_code = 1
+        raise aborted
