@@ -45,6 +45,7 @@ import numpy as np
 from embedfit._version import __version__
 from embedfit.errors import StoreError
 from embedfit.store import (
+    _CHUNK_ROWS,
     _STR,
     FAILED,
     MISSING,
@@ -54,6 +55,7 @@ from embedfit.store import (
     StoreSettings,
     StoreWriter,
     _attr,
+    _create,
     _ensure_space,
     _Row,
     _run_provenance,
@@ -143,14 +145,17 @@ def write_shard(directory: str | os.PathLike, name: str, settings: StoreSettings
             f.attrs.update({"schema_version": SCHEMA_VERSION, "embedfit_version": __version__,
                             "versions": _versions(), "created": _now(), "host": os.uname().nodename})
             f.attrs.update({k: str(v) for k, v in (provenance or {}).items() if v is not None})
-            f["paths"] = np.array(list(keys), dtype=_STR)
-            f["class_names"] = np.array(classes, dtype=_STR)
-            f["labels"] = np.array([index.get(lb, -1) for lb in labels], dtype=np.int64)
-            f["file_size"] = np.asarray(sizes, dtype=np.int64)
-            f["file_mtime_ns"] = np.asarray(mtimes, dtype=np.int64)
-            f["status"] = np.asarray(status, dtype=np.uint8)
-            f["errors"] = np.array(list(errors), dtype=_STR)
-            f.create_dataset("features", data=np.asarray(features, dtype=settings.dtype).reshape(len(keys), dim))
+            # Checksummed like a single-file store (Fletcher-32 on every numeric dataset, per chunk).
+            _create(f, "paths", np.array(list(keys), dtype=_STR))
+            _create(f, "class_names", np.array(classes, dtype=_STR))
+            _create(f, "labels", np.array([index.get(lb, -1) for lb in labels], dtype=np.int64))
+            _create(f, "file_size", np.asarray(sizes, dtype=np.int64))
+            _create(f, "file_mtime_ns", np.asarray(mtimes, dtype=np.int64))
+            _create(f, "status", np.asarray(status, dtype=np.uint8))
+            _create(f, "errors", np.array(list(errors), dtype=_STR))
+            feats = np.asarray(features, dtype=settings.dtype).reshape(len(keys), dim)
+            f.create_dataset("features", data=feats, chunks=(max(1, min(_CHUNK_ROWS, len(keys))), dim) if len(keys)
+                             else None, fletcher32=bool(len(keys)))
         # Copy under a temporary name beside the target, then rename: atomic on the shared filesystem too.
         shutil.copyfile(local, tmp)
         with open(tmp, "rb+") as fh:
@@ -322,13 +327,13 @@ class ShardedStoreWriter(StoreWriter):
                 "shards": json.dumps([sources[i].name for i in used]),
             })
             f.attrs.update({k: v for k, v in _run_provenance(prev, extra, produced).items() if v is not None})
-            f.create_dataset("paths", data=np.array(keys, dtype=_STR))
-            f.create_dataset("labels", data=labels)
-            f.create_dataset("class_names", data=np.array(names, dtype=_STR))
-            f.create_dataset("status", data=status)
-            f.create_dataset("errors", data=np.array([r.error for r in ordered], dtype=_STR))
-            f.create_dataset("file_size", data=sizes)
-            f.create_dataset("file_mtime_ns", data=mtimes)
+            _create(f, "paths", np.array(keys, dtype=_STR))
+            _create(f, "labels", labels)
+            _create(f, "class_names", np.array(names, dtype=_STR))
+            _create(f, "status", status)
+            _create(f, "errors", np.array([r.error for r in ordered], dtype=_STR))
+            _create(f, "file_size", sizes)
+            _create(f, "file_mtime_ns", mtimes)
             if not n:  # HDF5 has no empty virtual dataset
                 f.create_dataset("features", shape=(0, dim), dtype=self.settings.dtype, maxshape=(None, dim))
                 return used

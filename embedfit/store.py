@@ -178,7 +178,7 @@ def _verify_keys(f: h5py.File, arrays: dict[str, Any]) -> None:
 
 def _create(f: h5py.File, name: str, data: np.ndarray) -> None:
     """A dataset with a Fletcher-32 checksum per chunk where HDF5 allows one (not on variable-length strings)."""
-    if data.dtype.kind == "O":
+    if data.dtype.kind == "O" or not len(data):  # strings; or no rows, which HDF5 cannot chunk
         f.create_dataset(name, data=data)
     else:  # the filter needs chunks; 64k rows of int64 is 512 KiB, a few chunks even for large stores
         f.create_dataset(name, data=data, chunks=(max(1, min(len(data), 1 << 16)),), fletcher32=True)
