@@ -15,7 +15,8 @@ $(BIN)/python:
 	$(BIN)/pip install -q $(TORCH)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+	# torch pinned again here: otherwise pip may resolve the extras against other torch releases (GBs of downloads).
+	$(BIN)/pip install -q -e '.[test]' $(TORCH)
 	touch $@
 
 # The main job end to end: images -> feature stores -> classifiers (5-fold CV) -> predictions -> HTML report.
