@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from embedfit.errors import InputError, ModelFileError, check_output_file, check_output_not_input
+from embedfit.progress import Progress
 from embedfit.runs import read_sidecar
 
 # Section ids, in order; the last is a prefix: one "mistakes-RUN" section per run.
@@ -198,8 +199,16 @@ def summarize_runs(runs: Sequence[str | Path | Run]) -> list[dict[str, Any]]:
 # HTML
 
 
-def build_report(runs: Sequence[str | Path], output: str | Path, *, title: str = "embedfit report") -> Path:
-    """Write a self-contained HTML report comparing `runs`; returns its path."""
+def build_report(runs: Sequence[str | Path], output: str | Path, *, title: str = "embedfit report",
+                 progress: bool = False) -> Path:
+    """Write a self-contained HTML report comparing `runs`; returns its path.
+
+    Args:
+        runs: Run directories (or one sweep folder).
+        output: The HTML file.
+        title: Its title.
+        progress: Show the sections as they are drawn (the embedding map's t-SNE takes a while on large stores).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,8 +222,16 @@ def build_report(runs: Sequence[str | Path], output: str | Path, *, title: str =
     check_output_not_input(output, run_dirs=runs)  # e.g. -o RUN/model.json would replace the sidecar
     loaded = [read_run(r) for r in runs]
     groups = group_by_evaluation(loaded)
-    parts = [_leaderboard(groups), _metrics(loaded), _confusion(loaded), _per_class(loaded),
-             _cv_spread(groups), _embedding_map(loaded), *(_mistakes(r, len(loaded) > 1) for r in loaded)]
+    sections = [("leaderboard", lambda: _leaderboard(groups)), ("metrics", lambda: _metrics(loaded)),
+                ("confusion matrices", lambda: _confusion(loaded)), ("per-class scores", lambda: _per_class(loaded)),
+                ("fold spread", lambda: _cv_spread(groups)), ("embedding maps", lambda: _embedding_map(loaded)),
+                *((f"mistakes of {r.label}", lambda r=r: _mistakes(r, len(loaded) > 1)) for r in loaded)]
+    parts = []
+    with Progress("report", len(sections), enabled=progress, unit="sections") as shown:
+        for name, draw in sections:
+            shown.advance(0, name)
+            parts.append(draw())
+            shown.advance(1)
     body = "\n".join(parts)
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>

@@ -121,6 +121,6 @@ def report(
         print_sweep(out, read_sweep(runs[0]))
         out.print(f"report: {path}", soft_wrap=True)
         return
-    path = build_report(runs, output)  # checks the output path first, before any work
+    path = build_report(runs, output, progress=True)  # checks the output path first, before any work
     print_leaderboard(out, summarize_runs(runs))
     out.print(f"report: {path}", soft_wrap=True)
