@@ -109,11 +109,8 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
                     writer.add(batch.records, batch.features, batch.errors)
                     rate = writer.done / max(time.perf_counter() - start, 1e-9)
                     progress.advance(len(batch.records), f"{rate:.1f} img/s")
-                    stop_reason = writer.over_failure_limit(config.max_failures, source)
+                    stop_reason = writer.stop_reason(config.max_failures, source, sigint)
                     if stop_reason:
-                        break
-                    if sigint.requested:
-                        stop_reason = "interrupted"
                         break
         except KeyboardInterrupt:
             stop_reason = "interrupted"

@@ -264,11 +264,8 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
                         writer.add_written(result["rows"], result["failures"])
                         runtimes.add(result["runtime"])
                         progress.advance(result["rows"])
-                        stop_reason = writer.over_failure_limit(config.max_failures, source)
+                        stop_reason = writer.stop_reason(config.max_failures, source, sigint)
                         if stop_reason:
-                            break
-                        if sigint.requested:
-                            stop_reason = "interrupted"
                             break
             except KeyboardInterrupt:
                 stop_reason = "interrupted"

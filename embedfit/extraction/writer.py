@@ -116,6 +116,11 @@ class FeatureWriter:
         return (f"aborted: {self.summary.failed} of {self.done} images failed (limit "
                 f"{limit.describe(len(self.todo))}); is {source} an image folder?")
 
+    def stop_reason(self, limit: MaxFailures | None, source: object, sigint: Any) -> str:
+        """Why an engine's loop must stop after this batch: the failure limit, or a Ctrl-C (`sigint.requested`);
+        else ""."""
+        return self.over_failure_limit(limit, source) or ("interrupted" if sigint.requested else "")
+
     @property
     def done(self) -> int:
         """Images embedded or failed in this run."""
