@@ -305,7 +305,7 @@ def test_a_refused_model_pt_never_advises_weights_only_false(tmp_path: Path) -> 
     from embedfit.backbones.spec import BackboneSpec
 
     spec = BackboneSpec(name="efficientnet_lite0", architecture="x", weights="random", weights_sha256="",
-                        input_size=(8, 8), resize_size=8, interpolation="bilinear", mean=(0.5,) * 3,
+                        input_size=(224, 224), resize_size=256, interpolation="bilinear", mean=(0.5,) * 3,
                         std=(0.5,) * 3, embedding_dim=4)
     meta = {"kind": "torch", "spec": spec.to_dict(), "params": {}, "class_names": ["a", "b"],
             "embedfit_version": embedfit.__version__,
