@@ -69,6 +69,47 @@ def test_sharded_extraction_equals_local_despite_a_killed_actor(ray, shared_tree
 
 
 @pytest.mark.ray
+def test_the_driver_never_imports_torch_and_a_finished_folder_starts_no_actors(ray, shared_tree: Path,
+                                                                              shared_store: Path,
+                                                                              tmp_path: Path) -> None:
+    # A fresh driver process on the fixture's cluster: the spec comes from the actors, the driver stays small.
+    address = ray.get_runtime_context().gcs_address
+    code = ("import sys, json; from embedfit.extraction.ray import extract_ray; "
+            f"a = extract_ray({str(shared_tree)!r}, {str(tmp_path / 'r.h5')!r}, address={address!r}, num_workers=2,"
+            " shard_size=10); "
+            f"b = extract_ray({str(shared_tree)!r}, {str(tmp_path / 'r.h5')!r}, address={address!r}); "
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'a': [a.embedded, a.startup_seconds, a.seconds], "
+            "'b': [b.embedded, b.reused, b.device]}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "EMBEDFIT_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False
+    embedded, startup, seconds = out["a"]
+    assert embedded == 24 and 0 < startup < seconds  # start-up (actors loading their models) is reported apart
+    assert out["b"] == [0, 24, "no device: nothing to embed"]
+    _same(tmp_path / "r.h5", shared_store)
+
+
+@pytest.mark.ray
+def test_a_node_that_cannot_load_the_model_is_named_in_one_line(shared_tree: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    broken = tmp_path / "site"  # a node whose timm is broken: the actors' import fails, not the driver's
+    (broken / "timm").mkdir(parents=True)
+    (broken / "timm" / "__init__.py").write_text("raise ImportError('timm is broken on this node')\n")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # our own local cluster, stopped with its driver
+    run = _embedfit("extract", str(shared_tree), "-o", str(tmp_path / "f.h5"), "--engine", "ray",
+                    env={"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "", "PYTHONPATH": str(broken),
+                         "EMBEDFIT_OFFLINE": "1"}, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"Ray node {socket.gethostname()} cannot run embedfit" in run.stderr
+    assert "timm is broken on this node" in run.stderr and "Traceback" not in run.stderr
+    # One error line (Ray may add its own warnings, e.g. about token authentication, before it).
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == run.stderr.strip().splitlines()[-1] and not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.ray
 def test_ray_options_that_do_not_apply_are_one_line_errors(ray, shared_tree: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "f.h5"

@@ -79,6 +79,17 @@ def catalogue_infos(pattern: str = "*") -> list[BackboneInfo] | None:
     return infos
 
 
+def check_name(name: str) -> None:
+    """`registry.check_backbone_name` without torch when the shipped table knows the name (the Ray driver's check);
+    otherwise the registry answers, with its suggestions."""
+    table = _load()
+    if name.startswith("timm:") or (table is not None and name in table["backbones"]):
+        return
+    from embedfit.backbones.registry import check_backbone_name
+
+    check_backbone_name(name)
+
+
 def list_infos(pattern: str = "*") -> list[BackboneInfo]:
     """Every registered backbone matching `pattern`: from the shipped table when it applies, else the registry."""
     infos = catalogue_infos(pattern)

@@ -8,15 +8,14 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from embedfit.errors import EmbedfitError
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, resolve_device
-from embedfit.extraction.writer import FeatureWriter, raise_for_stop
+from embedfit.extraction.writer import FeatureWriter, raise_for_stop, settings_if_same_request
 from embedfit.images import scan_images
 from embedfit.progress import Progress
-from embedfit.store import FeatureStore, StoreSettings
+from embedfit.store import StoreSettings
 
 
 class _StopOnSigint:
@@ -61,12 +60,13 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
     """
     from embedfit.remote import is_url, local_or_url, with_staged_store
 
+    started = time.perf_counter()
     config = dataclasses.replace(config or ExtractConfig(), **options)
     output = local_or_url(output)
     if is_url(output):  # object storage: run on a local staging copy, uploaded whole when committed
         return with_staged_store(output, config.overwrite,
                                  lambda local: extract(source, local, config, class_names=class_names))
-    stored = _settings_if_same_request(output, config)
+    stored = settings_if_same_request(output, config)
     if stored is None:
         from embedfit.backbones.registry import check_backbone_name
 
@@ -74,7 +74,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
     images = scan_images(source, class_names=class_names)
     if stored is not None:  # a re-run: when every image is stored already, no model is needed (nor torch)
         with FeatureWriter(output, stored, images, retry_failed=config.retry_failed,
-                           flush_every=config.flush_every, shard_size=config.shard_size) as writer:
+                           flush_every=config.flush_every, shard_size=config.shard_size, started=started) as writer:
             if not writer.todo:
                 writer.commit()  # labels follow the current folders/CSV; vanished files become "missing"
                 writer.summary.device = "no device: nothing to embed"
@@ -88,12 +88,13 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
                                resolution=config.resolution)
     settings = StoreSettings(backbone.spec, config.dtype, config.tta, config.precision)
     with FeatureWriter(output, settings, images, overwrite=config.overwrite, retry_failed=config.retry_failed,
-                       flush_every=config.flush_every, shard_size=config.shard_size) as writer:
+                       flush_every=config.flush_every, shard_size=config.shard_size, started=started) as writer:
         # After the store checks: a run refused for a mismatching store should not first compile or export a model.
         encoder = Encoder(backbone, device, precision=config.precision, tta=config.tta,
                           channels_last=config.channels_last, compile=config.compile, runtime=config.runtime)
         summary = writer.summary
         summary.device, summary.runtime = str(device), encoder.runtime
+        summary.startup_seconds = time.perf_counter() - started
         summary.notes = [encoder.note] if encoder.note else []
         provenance = {"device": str(device), "decode": config.decode, "runtime": encoder.runtime, "engine": "local"}
         writer.set_provenance(**provenance)
@@ -123,38 +124,3 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         # still leaves a complete store, and no error.
         raise_for_stop(stop_reason, writer.commit(**provenance), output)
     return summary
-
-
-def _settings_if_same_request(output: str | os.PathLike, config: ExtractConfig) -> StoreSettings | None:
-    """The existing store's settings when `config` asks for exactly what made it, else None.
-
-    Same backbone name, layer, pooling, weights (a `--weights` file by its SHA-256; else the default pretrained
-    weights), dtype, TTA and precision. Lets a re-run on a finished folder plan its work from the store alone.
-    """
-    from embedfit.backbones.foundation import default_pool
-    from embedfit.backbones.spec import PRE_LOGITS
-
-    path = Path(output)
-    if config.overwrite or not path.is_file():
-        return None
-    try:
-        with FeatureStore.open(path) as store:
-            spec, settings = store.spec, store.settings
-    except EmbedfitError:
-        return None  # the writer reports what is wrong with it
-    if (spec.name, spec.layer, spec.pool) != (config.backbone, config.layer or PRE_LOGITS,
-                                              config.pool or default_pool(config.backbone)):
-        return None
-    if config.resolution is not None and tuple(spec.input_size) != (config.resolution, config.resolution):
-        return None
-    if (settings.dtype, settings.tta, settings.precision) != (config.dtype, config.tta, config.precision):
-        return None
-    if config.weights is not None:
-        from embedfit.backbones.weights import _sha256
-
-        weights = Path(config.weights)
-        if not weights.is_file() or not spec.weights.startswith("file:") or spec.weights_sha256 != _sha256(weights):
-            return None
-    elif spec.weights.startswith("file:") or spec.weights == "random":
-        return None
-    return settings

@@ -1,12 +1,14 @@
 """The Ray engine (`embedfit extract --engine ray`): the same extraction fanned out over a Ray cluster.
 
-The driver scans the input, plans the resume with the same `FeatureWriter` as a local run, and cuts the images
-still to embed into shards of `shard_size` images with fixed names. A pool of actors (one model each, on the CPUs
-or GPU Ray granted it, with as many intra-op threads as CPUs) takes shard after shard: it decodes on a background
+The driver never loads a model, nor torch: it scans the input, starts the actors (one model each, on the CPUs or
+GPU Ray granted it, with as many intra-op threads as CPUs), takes the backbone's spec from them (they must all
+agree), plans the resume with the same `FeatureWriter` as a local run and cuts the images still to embed into
+shards of `shard_size` images with fixed names. Each actor takes shard after shard: it decodes on a background
 thread while it embeds (the local engine's `iter_embeddings` loop), writes the shard itself (`embedfit.shards`:
 locally, then moved whole into ``<store>.shards/``) and returns only counts and failure reasons. The driver never
 sees a feature; at the end it writes the manifest (`FeatureWriter.commit`). So the store is a sharded store with
-the schema, provenance, resume behaviour and row order of a local run.
+the schema, provenance, resume behaviour and row order of a local run. A re-run whose images are all stored
+plans from the store alone and starts no cluster.
 
 Failures: Ray restarts an actor that dies and retries its shard (`max_restarts=-1`, `max_task_retries=-1`); a
 shard written twice replaces itself (same name), and the manifest keeps one row per image key. A killed driver
@@ -21,14 +23,16 @@ import dataclasses
 import importlib.util
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
-from embedfit.backbones.registry import check_backbone_name, create_backbone
+from embedfit.backbones.catalogue import check_name
+from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import EmbedfitError, UsageError
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary
-from embedfit.extraction.writer import FeatureWriter, raise_for_stop
-from embedfit.images import ImageRecord, scan_images
+from embedfit.extraction.writer import FeatureWriter, raise_for_stop, settings_if_same_request
+from embedfit.images import ImageRecord, ImageSource, scan_images
 from embedfit.remote import is_url, local_or_url, with_staged_store
 from embedfit.store import StoreSettings
 
@@ -89,8 +93,9 @@ def connect(address: str | None = None, *, runtime_env: dict[str, Any] | None = 
             raise UsageError("--ray-address auto found no running Ray cluster on this machine; start one with "
                              "`ray start --head`, or leave out --ray-address to start a local one")
         address = recorded or None
+    # Ray's own INFO lines (packaging the code, starting a local instance) would bury embedfit's output.
     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
-             runtime_env=runtime_env)
+             runtime_env=runtime_env, logging_level="WARNING")
 
 
 def _runtime_env() -> dict[str, Any]:
@@ -101,56 +106,47 @@ def _runtime_env() -> dict[str, Any]:
             "env_vars": {k: v for k, v in os.environ.items() if k.startswith("EMBEDFIT_")}}
 
 
-def _check_nodes(ray: Any) -> None:
-    """One tiny task per node imports what the actors need: a node that lacks it is named in one line."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    @ray.remote(num_cpus=0)
-    def probe() -> str:
-        import timm  # noqa: F401
-        import torch  # noqa: F401
-
-        import embedfit.extraction.encoder  # noqa: F401
-
-        return "ok"
-
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
-    refs = {n["NodeManagerAddress"]: probe.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote() for n in nodes}
-    for host, ref in refs.items():
-        try:
-            ray.get(ref, timeout=300)
-        except Exception as exc:
-            cause = getattr(exc, "cause", None) or exc
-            raise UsageError(f"Ray node {host} cannot run embedfit ({type(cause).__name__}: "
-                             f"{str(cause).splitlines()[0] if str(cause) else ''}); install 'embedfit[ray]' "
-                             "(torch, timm) on every node, e.g. in the cluster's image") from None
-
-
 class _ShardWorker:
     """Ray actor: one model, loaded once; each call embeds one shard of images and writes it (no features returned)."""
 
-    def __init__(self, config: ExtractConfig, device: str, threads: int, cpu: int | None,
-                 settings: StoreSettings, folder: str, class_names: list[str], provenance: dict[str, Any]) -> None:
-        import torch
+    def __init__(self, config: ExtractConfig, device: str, threads: int, cpu: int | None) -> None:
+        self.host = socket.gethostname()
+        self.failure: BaseException | None = None
+        try:  # a failure is reported by `ready`, in one line naming this node, not as a dead actor
+            import torch
 
-        from embedfit.extraction.encoder import Encoder
-        from embedfit.extraction.settings import resolve_device
+            from embedfit.backbones.registry import create_backbone
+            from embedfit.extraction.encoder import Encoder
+            from embedfit.extraction.settings import resolve_device
 
-        if cpu is not None and hasattr(os, "sched_setaffinity"):  # strong-scaling runs: one actor per core
-            os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[cpu % len(os.sched_getaffinity(0))]})
-        # Ray sets OMP_NUM_THREADS=1 in actors; give the model the CPUs this actor was granted (ONNX Runtime's
-        # intra-op threads follow torch's count).
-        torch.set_num_threads(threads)
-        self.config, self.settings, self.folder, self.class_names = config, settings, folder, class_names
-        backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool,
-                                   resolution=config.resolution)
-        self.encoder = Encoder(backbone, resolve_device(device), precision=config.precision, tta=config.tta,
-                               channels_last=config.channels_last, compile=config.compile, runtime=config.runtime)
-        self.provenance = {**provenance, "runtime": self.encoder.runtime}
+            if cpu is not None and hasattr(os, "sched_setaffinity"):  # strong-scaling runs: one actor per core
+                os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[cpu % len(os.sched_getaffinity(0))]})
+            # Ray sets OMP_NUM_THREADS=1 in actors; give the model the CPUs this actor was granted (ONNX Runtime's
+            # intra-op threads follow torch's count).
+            torch.set_num_threads(threads)
+            self.config = config
+            backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer,
+                                       pool=config.pool, resolution=config.resolution)
+            self.encoder = Encoder(backbone, resolve_device(device), precision=config.precision, tta=config.tta,
+                                   channels_last=config.channels_last, compile=config.compile,
+                                   runtime=config.runtime)
+        except Exception as exc:
+            self.failure = exc
 
-    def run(self, name: str, items: list[tuple[str, str, int, int, int]]) -> dict[str, Any]:
-        """Embed the images of shard `name` (path, key, label, size, mtime each) and write the shard."""
+    def ready(self) -> tuple[str, BackboneSpec | None, str, BaseException | None]:
+        """(host, the backbone's spec, runtime, None) once the model is loaded, or (host, None, "", the failure)."""
+        if self.failure is not None:
+            return self.host, None, "", self.failure
+        return self.host, self.encoder.spec, self.encoder.runtime, None
+
+    def run(self, name: str, items: list[tuple[str, str, int, int, int]],
+            target: tuple[StoreSettings, str, list[str], dict[str, Any]]) -> dict[str, Any]:
+        """Embed the images of shard `name` (path, key, label, size, mtime each) and write the shard.
+
+        `target` (settings, shards folder, class names, provenance) comes with every call, not once, so that an
+        actor Ray restarts (which runs only `__init__` again) writes the same shards.
+        """
+        settings, folder, class_names, provenance = target
         import numpy as np
 
         from embedfit.extraction.encoder import iter_embeddings
@@ -167,12 +163,12 @@ class _ShardWorker:
                                        jpeg_draft=c.jpeg_draft, max_pixels=c.max_pixels, decode=c.decode,
                                        decode_thread=True))
         errors = [e for b in batches for e in b.errors]
-        write_shard(self.folder, name, self.settings, [r.key for r in records],
-                    [self.class_names[r.label] if r.label >= 0 else "" for r in records],
+        write_shard(folder, name, settings, [r.key for r in records],
+                    [class_names[r.label] if r.label >= 0 else "" for r in records],
                     [r.size for r in records], [r.mtime_ns for r in records], [FAILED if e else OK for e in errors],
-                    errors, np.concatenate([b.features for b in batches]), self.provenance)
-        return {"rows": len(records), "failures": [(r.key, e) for r, e in zip(records, errors, strict=True) if e],
-                "runtime": self.encoder.runtime}
+                    errors, np.concatenate([b.features for b in batches]),
+                    {**provenance, "runtime": self.encoder.runtime})
+        return {"rows": len(records), "failures": [(r.key, e) for r, e in zip(records, errors, strict=True) if e]}
 
 
 def _check_options(config: ExtractConfig, num_gpus_per_worker: float) -> None:
@@ -212,6 +208,7 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
             embedfit.
         ExtractionInterrupted: Ctrl-C or `max_failures`; finished shards are kept and the run can resume.
     """
+    started = time.perf_counter()
     ray = _ray()
     config = dataclasses.replace(config or ExtractConfig(), **options)
     output = local_or_url(output)
@@ -223,60 +220,99 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
     if num_workers < 1 or cpus_per_worker < 1:
         raise UsageError("--ray-workers and --cpus-per-worker must be at least 1")
     _check_options(config, num_gpus_per_worker)
-    check_backbone_name(config.backbone)
+    check_name(config.backbone)
     images = scan_images(source, class_names=class_names)
-    spec = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool,
-                               resolution=config.resolution).spec
-    settings = StoreSettings(spec, config.dtype, config.tta, config.precision)
-    device = "cuda" if num_gpus_per_worker > 0 else "cpu"
     shard_size = config.shard_size or DEFAULT_SHARD_SIZE
+    stored = settings_if_same_request(output, config)
+    if stored is not None:  # a re-run: when every image is stored already, no cluster is needed
+        with FeatureWriter(output, stored, images, retry_failed=config.retry_failed, shard_size=shard_size,
+                           started=started) as writer:
+            if not writer.todo:
+                writer.commit()
+                writer.summary.device = "no device: nothing to embed"
+                return writer.summary
+    device = "cuda" if num_gpus_per_worker > 0 else "cpu"
+    connect(address, runtime_env=_runtime_env())
+    actor = ray.remote(_ShardWorker).options(num_cpus=cpus_per_worker, num_gpus=num_gpus_per_worker or None,
+                                             max_restarts=-1, max_task_retries=-1)
+    # The actors load their models while the driver waits for the first of them: the spec comes from there.
+    actors = [actor.remote(config, device, cpus_per_worker, i if pin_cpus else None) for i in range(num_workers)]
+    try:
+        spec, runtime = _spec_of(ray, actors)
+        ready = time.perf_counter() - started
+        summary = _extract_shards(ray, actors, source, output, config, images, spec, shard_size, started,
+                                  f"ray ({num_workers} x {device}, {cpus_per_worker} CPU each)", runtime)
+        summary.startup_seconds = ready
+        return summary
+    finally:
+        _kill(ray, actors)
+
+
+def _kill(ray: Any, actors: list[Any]) -> None:
+    """On a long-lived cluster, our actors must not outlive the run."""
+    for a in actors:
+        ray.kill(a)
+
+
+def _spec_of(ray: Any, actors: list[Any]) -> tuple[BackboneSpec, str]:
+    """The backbone spec every actor loaded; the first failure (a node without torch, missing weights...) is raised
+    in one line naming its node, and actors that disagree (nodes with other weights files) are refused."""
+    specs, runtimes = [], set()
+    for host, spec, runtime, failure in ray.get([a.ready.remote() for a in actors]):
+        if isinstance(failure, EmbedfitError):
+            raise failure
+        if failure is not None:
+            first = str(failure).splitlines()[0] if str(failure) else ""
+            raise UsageError(f"Ray node {host} cannot run embedfit ({type(failure).__name__}: {first}); install "
+                             "'embedfit[ray]' (torch, timm) on every node, e.g. in the cluster's image")
+        specs.append((host, spec))
+        runtimes.add(runtime)
+    for host, spec in specs[1:]:
+        if spec != specs[0][1]:
+            raise UsageError(f"Ray nodes {specs[0][0]} and {host} load different models for "
+                             f"{specs[0][1].short()} ({specs[0][1].differences(spec)[0]}); give every node the "
+                             "same weights files and library versions")
+    return specs[0][1], "+".join(sorted(runtimes))
+
+
+def _extract_shards(ray: Any, actors: list[Any], source: str | os.PathLike, output: str | os.PathLike,
+                    config: ExtractConfig, images: ImageSource, spec: BackboneSpec, shard_size: int, started: float,
+                    device: str, runtime: str) -> ExtractSummary:
+    """Plan the resume for `spec`, hand the shards to the actors, count what they wrote, commit the manifest."""
+    from ray.util import ActorPool
+
+    from embedfit.extraction.local import _StopOnSigint
+    from embedfit.progress import Progress
+
+    settings = StoreSettings(spec, config.dtype, config.tta, config.precision)
     with FeatureWriter(output, settings, images, overwrite=config.overwrite, retry_failed=config.retry_failed,
-                       shard_size=shard_size) as writer:
+                       shard_size=shard_size, started=started) as writer:
         summary = writer.summary
-        summary.device = f"ray ({num_workers} x {device}, {cpus_per_worker} CPU each)"
-        provenance = {"device": summary.device, "engine": "ray", "decode": config.decode}
-        runtimes: set[str] = set()
+        summary.device, summary.runtime = device, runtime
+        provenance = {"device": device, "engine": "ray", "decode": config.decode}
+        store = writer.store
+        target = ray.put((settings, str(store.parts), list(images.class_names), provenance))
+        todo = sorted(writer.todo, key=lambda r: r.key)  # shards hold contiguous key ranges: one VDS map each
+        shards = [(store.shard_name(i // shard_size),
+                   [(str(r.path), r.key, r.label, r.size, r.mtime_ns) for r in todo[i:i + shard_size]])
+                  for i in range(0, len(todo), shard_size)]
+        progress = Progress("embedding", len(todo), enabled=config.progress, unit="images")
         stop_reason = ""
-        if writer.todo:
-            connect(address, runtime_env=_runtime_env())
-            _check_nodes(ray)
-            store = writer.store
-            todo = sorted(writer.todo, key=lambda r: r.key)  # shards hold contiguous key ranges: one VDS map each
-            shards = [(store.shard_name(i // shard_size),
-                       [(str(r.path), r.key, r.label, r.size, r.mtime_ns) for r in todo[i:i + shard_size]])
-                      for i in range(0, len(todo), shard_size)]
-            actor = ray.remote(_ShardWorker).options(
-                num_cpus=cpus_per_worker, num_gpus=num_gpus_per_worker or None, max_restarts=-1,
-                max_task_retries=-1)
-            actors = [actor.remote(config, device, cpus_per_worker, i if pin_cpus else None, settings,
-                                   str(store.parts), list(images.class_names), provenance)
-                      for i in range(num_workers)]
-            from embedfit.extraction.local import _StopOnSigint
-            from embedfit.progress import Progress
-
-            progress = Progress("embedding", len(todo), enabled=config.progress, unit="images")
-            from ray.util import ActorPool
-
-            pool = ActorPool(actors)
-            try:
-                with _StopOnSigint() as sigint:
-                    for result in pool.map_unordered(lambda a, shard: a.run.remote(*shard), shards):
-                        writer.add_written(result["rows"], result["failures"])
-                        runtimes.add(result["runtime"])
-                        progress.advance(result["rows"])
-                        stop_reason = writer.stop_reason(config.max_failures, source, sigint)
-                        if stop_reason:
-                            break
-            except KeyboardInterrupt:
-                stop_reason = "interrupted"
-            except EmbedfitError:
-                writer.commit(complete=False, **provenance)
-                raise
-            finally:
-                progress.close()
-                for a in actors:  # on a long-lived cluster, our actors must not outlive the run
-                    ray.kill(a)
-        store = writer.commit(**provenance, runtime="+".join(sorted(runtimes)) if runtimes else None)
-        summary.runtime = "+".join(sorted(runtimes))
-        raise_for_stop(stop_reason, store, output)
+        try:
+            with _StopOnSigint() as sigint:
+                for result in ActorPool(actors).map_unordered(lambda a, shard: a.run.remote(*shard, target), shards):
+                    writer.add_written(result["rows"], result["failures"])
+                    progress.advance(result["rows"])
+                    stop_reason = writer.stop_reason(config.max_failures, source, sigint)
+                    if stop_reason:
+                        break
+        except KeyboardInterrupt:
+            stop_reason = "interrupted"
+        except EmbedfitError:
+            writer.commit(complete=False, **provenance)
+            raise
+        finally:
+            progress.close()
+            _kill(ray, actors)  # before the manifest: no shard is written after it
+        raise_for_stop(stop_reason, writer.commit(**provenance, runtime=summary.runtime), output)
     return summary

@@ -183,6 +183,7 @@ class ExtractSummary:
     skips: list[tuple[str, str]] = field(default_factory=list)  # (entry, why), first ones
     missing: int = 0  # rows of files no longer present
     seconds: float = 0.0
+    startup_seconds: float = 0.0  # of `seconds`, until the model (every Ray actor's) was ready to embed
     complete: bool = False
     device: str = ""
     runtime: str = ""  # "torch" or "onnx"

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from embedfit.errors import ExtractionInterrupted
-from embedfit.extraction.settings import ExtractSummary, MaxFailures
+from embedfit.errors import EmbedfitError, ExtractionInterrupted
+from embedfit.extraction.settings import ExtractConfig, ExtractSummary, MaxFailures
 from embedfit.images import ImageRecord, ImageSource
 from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
 
@@ -37,6 +37,7 @@ class FeatureWriter:
         flush_every: Images per part file (the most work a killed run loses).
         shard_size: Write a sharded store (`embedfit.shards`) of this many images per shard; None keeps the
             store's layout (a new store is one file, an existing sharded store stays sharded).
+        started: `time.perf_counter()` when the run began, if before the writer (the run's `seconds` count from it).
 
     Attributes:
         todo: The records this run must embed (the rest are already in the store).
@@ -45,10 +46,10 @@ class FeatureWriter:
 
     def __init__(self, output: str | os.PathLike, settings: StoreSettings, images: ImageSource, *,
                  overwrite: bool = False, retry_failed: bool = False, flush_every: int = 512,
-                 shard_size: int | None = None) -> None:
+                 shard_size: int | None = None, started: float | None = None) -> None:
         from embedfit.shards import ShardedStoreWriter, shard_size_of
 
-        self._start = time.perf_counter()
+        self._start = time.perf_counter() if started is None else started
         self.images = images
         if shard_size is None and not overwrite:
             shard_size = shard_size_of(output)
@@ -200,3 +201,38 @@ def raise_for_stop(stop_reason: str, store: FeatureStore, output: object) -> Non
                else " (every image was tried)"))
         aborted.exit_code = 1
         raise aborted
+
+
+def settings_if_same_request(output: str | os.PathLike, config: ExtractConfig) -> StoreSettings | None:
+    """The existing store's settings when `config` asks for exactly what made it, else None.
+
+    Same backbone name, layer, pooling, weights (a `--weights` file by its SHA-256; else the default pretrained
+    weights), dtype, TTA and precision. Lets a re-run on a finished folder plan its work from the store alone.
+    """
+    from embedfit.backbones.foundation import default_pool
+    from embedfit.backbones.spec import PRE_LOGITS
+
+    path = Path(output)
+    if config.overwrite or not path.is_file():
+        return None
+    try:
+        with FeatureStore.open(path) as store:
+            spec, settings = store.spec, store.settings
+    except EmbedfitError:
+        return None  # the writer reports what is wrong with it
+    if (spec.name, spec.layer, spec.pool) != (config.backbone, config.layer or PRE_LOGITS,
+                                              config.pool or default_pool(config.backbone)):
+        return None
+    if config.resolution is not None and tuple(spec.input_size) != (config.resolution, config.resolution):
+        return None
+    if (settings.dtype, settings.tta, settings.precision) != (config.dtype, config.tta, config.precision):
+        return None
+    if config.weights is not None:
+        from embedfit.backbones.weights import _sha256
+
+        weights = Path(config.weights)
+        if not weights.is_file() or not spec.weights.startswith("file:") or spec.weights_sha256 != _sha256(weights):
+            return None
+    elif spec.weights.startswith("file:") or spec.weights == "random":
+        return None
+    return settings
