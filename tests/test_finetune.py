@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -137,6 +138,67 @@ def test_saved_model_reloads_and_predicts_identically(shared_tree: Path, tmp_pat
     capsys.readouterr()
     assert main(["predict", str(tmp_path / "run"), str(tmp_path / "feats.h5")]) == 2  # needs images, not a store
     assert "predicts from images" in capsys.readouterr().err
+
+
+def _scored_classifier(lite0) -> Classifier:
+    """A 3-class head with seeded random weights on a copy of the session backbone (a zero head scores every
+    class alike; the copy keeps training steps off the shared fixture)."""
+    model = Classifier(copy.deepcopy(lite0), 3)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=generator) * 0.05)
+        model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=generator))
+    return model
+
+
+def test_evaluate_gives_the_probabilities_of_the_old_forward_loop(split, lite0) -> None:
+    """evaluate now runs extraction's forward path; its probabilities are those of the loop it replaced:
+    preprocess, model(x) on the device, softmax, in fp32."""
+    from embedfit.training.finetune import evaluate
+
+    model = _scored_classifier(lite0).train()
+    images, spec = split.val_images, lite0.spec
+    proba = evaluate(model, images, split.val_labels, spec, torch.device("cpu"), batch_size=5)
+    model.eval()
+    with torch.inference_mode():
+        x = torch.stack([spec.preprocess()(im) for im in images])
+        old = torch.softmax(model(x).float(), dim=1).numpy()
+    assert proba.shape == (len(images), 3) and proba.dtype == np.float32
+    np.testing.assert_allclose(proba, old, rtol=0, atol=1e-6)
+    assert not np.allclose(proba, 1 / 3)  # the random head tells the images apart
+    assert evaluate(model, [], np.zeros(0, int), spec, torch.device("cpu")).shape == (0, 0)
+
+
+def test_evaluate_runs_through_the_encoder_and_leaves_the_model_trainable(split, lite0,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """One forward path: evaluate's batches go through `Encoder.embed` (PyTorch, fp32, NCHW), and the model
+    keeps its parameter tensors (no copy, no move, no memory-format change), so training continues on them."""
+    from embedfit.extraction.encoder import Encoder
+    from embedfit.training.finetune import evaluate
+
+    calls: list[tuple[int, str, str]] = []
+    embed = Encoder.embed
+
+    def spy(self: Encoder, images: torch.Tensor) -> torch.Tensor:
+        calls.append((len(images), self.runtime, self.precision))
+        return embed(self, images)
+
+    monkeypatch.setattr(Encoder, "embed", spy)
+    model = _scored_classifier(lite0)
+    before = [(p, p.data_ptr()) for p in model.parameters()]
+    evaluate(model, split.val_images, split.val_labels, lite0.spec, torch.device("cpu"), batch_size=5)
+    n = len(split.val_images)
+    assert calls == [(min(5, n - i), "torch", "fp32") for i in range(0, n, 5)]
+    assert not model.training
+    after = list(model.parameters())
+    assert len(after) == len(before)
+    for (p, ptr), q in zip(before, after, strict=True):
+        assert p is q and q.data_ptr() == ptr and q.is_contiguous() and not q.is_inference()
+    # a training step still works on the evaluated model (no inference tensors, gradients flow)
+    model.train()
+    x = torch.stack([lite0.spec.preprocess()(im) for im in split.val_images[:2]])
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    assert model.head.weight.grad is not None
 
 
 def test_scratch_trains_from_random_weights(split) -> None:

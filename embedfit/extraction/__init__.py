@@ -4,7 +4,8 @@ Stages, each usable alone:
     settings  `ExtractConfig` (one field per CLI option), `ExtractSummary`, device-dependent defaults
     reader    `ImageDataset`: decode + preprocess in DataLoader workers, a status per file
     encoder   `Encoder` (batched model on a device) and `iter_embeddings`, the one loop that runs images
-              through a network (extraction, prediction, classification, evaluation)
+              through a network (extraction, prediction, classification); `embed_decoded`, the same for
+              images already decoded in memory (fine-tuning's evaluation, compare)
     writer    `FeatureWriter`: buffers results into crash-safe parts and commits the store; every engine uses it
     local     `extract()`: the single-machine engine
     ray       `extract_ray()`: the same on a Ray cluster
@@ -20,7 +21,8 @@ from embedfit._lazy import attach
 _LAZY = {
     "ExtractConfig": "settings", "ExtractSummary": "settings", "resolve_device": "settings",
     "ImageDataset": "reader",
-    "Encoder": "encoder", "BatchResult": "encoder", "iter_embeddings": "encoder", "embed_images": "encoder",
+    "Encoder": "encoder", "BatchResult": "encoder", "iter_embeddings": "encoder", "embed_decoded": "encoder",
+    "embed_images": "encoder",
     "FeatureWriter": "writer",
     "extract": "local",
     "extract_ray": "ray",

@@ -1,6 +1,7 @@
 """Encoder: uint8 batches -> embeddings on a device (normalisation there, eval, inference_mode, optional AMP,
 channels_last, flip TTA), and `iter_embeddings`, the one loop that runs images through a network for
-extraction, prediction, classification and evaluation."""
+extraction, prediction and classification; `embed_decoded` runs images already decoded in memory through the same
+`Encoder.embed` (fine-tuning's evaluation, compare)."""
 
 from __future__ import annotations
 
@@ -247,6 +248,32 @@ def iter_embeddings(records: Sequence[ImageRecord], encoder: Encoder, *, batch_s
         in_flight = (batch, out, pos)
     if in_flight is not None:
         yield result(*in_flight)
+
+
+@torch.inference_mode()
+def embed_decoded(images: Sequence[Any], encoder: Encoder, *, batch_size: int = 32,
+                  head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  preprocess: Callable[[Any], torch.Tensor] | None = None) -> np.ndarray:
+    """Images already decoded in memory (PIL images or uint8 tensors (3, H, W)) -> float32 outputs (N, D).
+
+    The in-memory counterpart of `iter_embeddings`, for images decoded once and used many times (fine-tuning's
+    validation images, compare's arms): each batch is preprocessed on the host and goes through `encoder.embed`,
+    one batch in flight. `head` runs on each batch's embeddings on the device (a trained classifier head);
+    `preprocess` replaces the encoder's spec preprocessing.
+    """
+    pre = encoder.spec.preprocess() if preprocess is None else preprocess
+    out: list[np.ndarray] = []
+    in_flight: torch.Tensor | None = None
+    for start in range(0, len(images), batch_size):
+        y = encoder.embed(torch.stack([pre(im) for im in images[start:start + batch_size]]))
+        if head is not None:
+            y = head(y).float()
+        if in_flight is not None:
+            out.append(in_flight.cpu().numpy())
+        in_flight = y
+    if in_flight is not None:
+        out.append(in_flight.cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0 if head else encoder.spec.embedding_dim), np.float32)
 
 
 def embed_images(paths: Sequence[str | os.PathLike], backbone: Backbone | str = DEFAULT_BACKBONE, *,

@@ -29,7 +29,7 @@ import torch
 
 from embedfit.backbones import DEFAULT_BACKBONE
 from embedfit.errors import UsageError, check_output_dir, check_output_not_input
-from embedfit.extraction.encoder import Encoder
+from embedfit.extraction.encoder import Encoder, embed_decoded
 from embedfit.extraction.settings import resolve_device
 from embedfit.fitting.models import make_pipeline
 from embedfit.training.classify import class_mapping, has_imagenet_head
@@ -76,10 +76,7 @@ def _probe_arm(backbone: str) -> str:
 
 
 def _embed(encoder: Encoder, images: list[Any], batch_size: int = 16) -> np.ndarray:
-    pre = encoder.spec.preprocess()
-    out = [encoder(torch.stack([pre(im) for im in images[i:i + batch_size]]))
-           for i in range(0, len(images), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, encoder.spec.embedding_dim), np.float32)
+    return embed_decoded(images, encoder, batch_size=batch_size)
 
 
 def _imagenet_proba(model: Any, X: np.ndarray) -> np.ndarray:

@@ -345,14 +345,23 @@ class TrainResult:
     val_proba: np.ndarray | None = field(default=None, repr=False)  # the kept model's, on the validation images
 
 
-@torch.inference_mode()
-def evaluate(model: nn.Module, images: list[Any], labels: np.ndarray, spec: Any, device: torch.device,
+def evaluate(model: Classifier, images: list[Any], labels: np.ndarray, spec: Any, device: torch.device,
              batch_size: int = 32) -> np.ndarray:
-    """Class probabilities for decoded images, with the eval-time preprocessing."""
+    """Class probabilities for decoded images, with the eval-time preprocessing.
+
+    The images go through extraction's forward path (`Encoder.embed` on `model.backbone`, fp32, PyTorch), the
+    trained head on the embeddings, as `FinetunedModel.predict_proba_paths` does for image files. The model is
+    left in eval mode, on its device, with the same parameter tensors (`train` sets train mode each epoch).
+    `labels` is not read (the caller scores the probabilities against it).
+    """
+    from embedfit.extraction.encoder import Encoder, embed_decoded
+
     model.eval()
-    loader = torch.utils.data.DataLoader(_Images(images, labels, spec.preprocess()), batch_size=batch_size)
-    out = [torch.softmax(model(x.to(device)).float(), dim=1).cpu() for x, _ in loader]
-    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+    # channels_last=False: converting would swap the memory format of the parameters being trained.
+    encoder = Encoder(model.backbone, device, channels_last=False, runtime="torch")
+    proba = embed_decoded(images, encoder, batch_size=batch_size, preprocess=spec.preprocess(),
+                          head=lambda z: torch.softmax(model.head(model.dropout(z)).float(), dim=1))
+    return proba if len(proba) else np.zeros((0, 0))
 
 
 def train(data: str | Path | Split, config: TrainConfig | None = None, *, output: str | Path | None = None,
