@@ -150,6 +150,29 @@ def test_debug_shows_the_traceback(places: dict[str, str], capsys: pytest.Captur
     assert "Traceback" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "message", "shown"), [
+    (["fit", "x.h5"], "give either `test_store` or `test_size`, not both",
+     "give either --test-store or --test-size, not both"),
+    (["--debug", "predict", "run", "a.jpg"], "`output` p.csv is a folder; pass `weights` FILE",
+     "--output p.csv is a folder; pass --weights FILE"),
+    # extract names its Ray options as extract_ray() does; fit hands --ray-address to connect(address)
+    (["extract", "imgs", "-o", "f.h5"], "`num_workers` and `cpus_per_worker` must be at least 1",
+     "--ray-workers and --cpus-per-worker must be at least 1"),
+    (["fit", "x.h5"], "`address` auto found no running Ray cluster", "--ray-address auto found no running Ray cluster"),
+    (["scratch", "imgs"], "`backbone` resnet5; `freeze` none", "--arch resnet5; `freeze` none"),  # scratch: no --freeze
+    (["sweep", "imgs"], "name one in `backbones`", "name one in --backbone"),
+    # not a parameter of the command, a whole command, no command: as written
+    (["info", "f.h5"], "re-extract it with `embedfit extract ... --overwrite` (`overwrite`)",
+     "re-extract it with `embedfit extract ... --overwrite` (`overwrite`)"),
+    (["nosuch"], "`test_size`", "`test_size`"),
+    ([], "`test_size`", "`test_size`"),
+])
+def test_name_flags_writes_a_commands_parameters_as_its_flags(argv: list[str], message: str, shown: str) -> None:
+    from embedfit.cli.app import name_flags
+
+    assert name_flags(message, argv) == shown
+
+
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     for command in app.registered_commands:
         name = command.name or command.callback.__name__
