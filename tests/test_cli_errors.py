@@ -150,6 +150,30 @@ def test_debug_shows_the_traceback(places: dict[str, str], capsys: pytest.Captur
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_library_errors_name_parameters_and_the_cli_shows_flags(shared_store: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """From Python a message names the parameter (`test_size`); the same mistake on the command line, the flag."""
+    from embedfit.errors import UsageError
+    from embedfit.fitting.cv import FitConfig, fit
+
+    with pytest.raises(UsageError) as info:
+        fit(shared_store, "ridge", config=FitConfig(test_size=1.5), output=tmp_path / "r")
+    assert str(info.value) == "`test_size` must be a fraction between 0 and 1, got 1.5"
+    with pytest.raises(UsageError) as info:
+        fit(shared_store, "ridge", test_size=0.05, output=tmp_path / "r")
+    assert str(info.value).startswith("`test_size` 0.05 gives 2 test images for 3 classes")
+    assert "use `test_size` 0.13 or more" in str(info.value) and "--test-size" not in str(info.value)
+
+    assert main(["fit", str(shared_store), "--test-size", "0.05", "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --test-size 0.05 gives 2 test images for 3 classes")
+    assert "use --test-size 0.13 or more" in err and "`" not in err
+    assert main(["--debug", "fit", str(shared_store), "--test-size", "0.3", "--test-store", str(shared_store),
+                 "-o", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.endswith("error: give either --test-store or --test-size, not both\n")
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize(("argv", "message", "shown"), [
     (["fit", "x.h5"], "give either `test_store` or `test_size`, not both",
      "give either --test-store or --test-size, not both"),

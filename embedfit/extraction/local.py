@@ -128,7 +128,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
 def _settings_if_same_request(output: str | os.PathLike, config: ExtractConfig) -> StoreSettings | None:
     """The existing store's settings when `config` asks for exactly what made it, else None.
 
-    Same backbone name, layer, pooling, weights (a `--weights` file by its SHA-256; else the default pretrained
+    Same backbone name, layer, pooling, weights (a `weights` file by its SHA-256; else the default pretrained
     weights), dtype, TTA and precision. Lets a re-run on a finished folder plan its work from the store alone.
     """
     from embedfit.backbones.foundation import default_pool

@@ -196,7 +196,7 @@ def raise_for_stop(stop_reason: str, store: FeatureStore, output: object) -> Non
     if stop_reason and stop_reason != "interrupted":
         aborted = ExtractionInterrupted(
             f"{stop_reason}; {store.n_ok} images are saved in {output}"
-            + (" (incomplete); fix the input or raise --max-failures, then re-run to resume" if not store.complete
+            + (" (incomplete); fix the input or raise `max_failures`, then re-run to resume" if not store.complete
                else " (every image was tried)"))
         aborted.exit_code = 1
         raise aborted
