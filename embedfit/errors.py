@@ -1,7 +1,9 @@
 """One exception hierarchy for the library; the CLI turns these into one-line messages.
 
 Library code raises these with a message a user can act on (what, where, what to do); it never
-prints or exits. `embedfit.cli` maps them to exit codes: usage errors 2, everything else 1.
+prints or exits. `embedfit.cli` maps them to exit codes: usage errors 2, everything else 1. A message names a
+parameter as Python spells it, in backticks ("`test_size` must be a fraction between 0 and 1"); the CLI shows the
+flag of the command being run in its place (`--test-size`).
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ class OutputError(EmbedfitError):
     """An output file cannot be written where it was asked for."""
 
 
-def check_output_file(path: str | os.PathLike, option: str = "--output") -> Path:
+def check_output_file(path: str | os.PathLike, param: str = "output") -> Path:
     """Refuse an output path that cannot be written, before the work that would fill it rather than after.
+
+    `param` is the name of the parameter that gave `path`, as messages name it (the CLI shows its flag).
 
     Raises:
         UsageError: `path` is a folder.
@@ -70,7 +74,7 @@ def check_output_file(path: str | os.PathLike, option: str = "--output") -> Path
     """
     path = Path(path)
     if path.is_dir():
-        raise UsageError(f"{option} {path} is a folder; give a file name")
+        raise UsageError(f"`{param}` {path} is a folder; give a file name")
     existing = _nearest_existing(path.parent)
     if not existing.is_dir():
         raise OutputError(f"cannot write {path}: {existing} is a file, not a folder")
@@ -98,13 +102,14 @@ def check_output_dir(path: str | os.PathLike, what: str = "run directory") -> Pa
 
 
 def check_output_not_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *,
-                           run_dirs: Iterable[str | os.PathLike] = (), option: str = "--output") -> Path:
+                           run_dirs: Iterable[str | os.PathLike] = (), param: str = "output") -> Path:
     """Refuse an output that would overwrite what the command reads, compared by resolved path.
 
     Symlinks, `..` and relative paths are resolved first, so `-o ./x/../store.h5` is the same file as `store.h5`.
     Refused: the output is one of `inputs` (a file, or the input folder itself); it lies inside one of `run_dirs`
     (the model files a command loads); or it lies inside an input folder and has an image suffix (it would
     replace, or later be read as, one of the images). An output store or CSV inside an image folder is allowed.
+    `param` names the parameter that gave `output`, as in `check_output_file`.
 
     Raises:
         UsageError: The output is, or would overwrite, one of the command's inputs.
@@ -115,14 +120,14 @@ def check_output_not_input(output: str | os.PathLike, inputs: Iterable[str | os.
     for given in inputs:
         source = Path(given).resolve()
         if target == source:
-            raise UsageError(f"{option} {output} is also an input of this command ({given}); "
+            raise UsageError(f"`{param}` {output} is also an input of this command ({given}); "
                              "choose another output so the input is not overwritten")
         if source.is_dir() and target.is_relative_to(source) and _has_image_extension(target.name):
-            raise UsageError(f"{option} {output} is an image file inside the input folder {given}; "
+            raise UsageError(f"`{param}` {output} is an image file inside the input folder {given}; "
                              "choose another output so no input image is overwritten")
     for run in run_dirs:
         if target.is_relative_to(Path(run).resolve()):
-            raise UsageError(f"{option} {output} lies inside the run directory {run}, which this command reads; "
+            raise UsageError(f"`{param}` {output} lies inside the run directory {run}, which this command reads; "
                              "write it elsewhere so the run is not damaged")
     return Path(output)
 

@@ -176,13 +176,13 @@ def _open_formats() -> tuple[str, ...]:
 def _check_decode_args(max_pixels: int | None, draft_size: tuple[int, int] | None) -> None:
     """Raise `UsageError` for invalid `decode_image` options (a caller bug, not a bad file)."""
     if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1):
-        raise UsageError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+        raise UsageError(f"`max_pixels` must be a positive integer or None, got {max_pixels!r}")
     if draft_size is not None and not (
         isinstance(draft_size, (tuple, list))
         and len(draft_size) == 2
         and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in draft_size)
     ):
-        raise UsageError(f"draft_size must be a (width, height) pair of positive integers, got {draft_size!r}")
+        raise UsageError(f"`draft_size` must be a (width, height) pair of positive integers, got {draft_size!r}")
 
 
 def _check_regular_file(path: str) -> None:
@@ -477,13 +477,13 @@ def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
     if class_names is None:
         return None
     if isinstance(class_names, str):
-        raise UsageError("class_names must be a sequence of names, not a single string")
+        raise UsageError("`class_names` must be a sequence of names, not a single string")
     names = list(class_names)
     if not names:
-        raise UsageError("class_names must not be empty (pass None to take the classes from the data)")
+        raise UsageError("`class_names` must not be empty (pass None to take the classes from the data)")
     bad = [n for n in names if not isinstance(n, str) or not n]
     if bad:
-        raise UsageError(f"class_names must be non-empty strings, got {bad[0]!r}")
+        raise UsageError(f"`class_names` must be non-empty strings, got {bad[0]!r}")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UsageError(f"class_names has duplicates: {', '.join(map(repr, dupes))}")

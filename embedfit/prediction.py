@@ -72,7 +72,7 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
     Args:
         run: A run directory written by `embedfit fit` (or `finetune`).
         inputs: Image files and folders, or a single store.
-        weights: The weights file, when the model's backbone was built from `--weights FILE`.
+        weights: The weights file, when the model's backbone was built from a `weights` file.
         device: Where to embed the images.
         batch_size: Images per forward pass.
         workers: Decoding processes.
@@ -117,7 +117,7 @@ def _embed(spec: BackboneSpec, meta: dict[str, Any], records: list[ImageRecord],
     from embedfit.extraction.settings import resolve_device
 
     if spec.weights.startswith("file:") and weights is None:
-        raise UsageError(f"the model's backbone used weights from {spec.weights[5:]}: pass --weights FILE")
+        raise UsageError(f"the model's backbone used weights from {spec.weights[5:]}: pass `weights` FILE")
     backbone = create_backbone(spec.name, weights=weights, layer=None if spec.layer == "pre_logits" else spec.layer,
                                pool=spec.pool, resolution=spec.input_size[0])
     diffs = backbone.spec.differences(spec)

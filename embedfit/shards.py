@@ -95,8 +95,8 @@ def check_shards(path: Path, attrs: dict[str, Any]) -> None:
     missing = [n for n in json.loads(attrs.get("shards", "[]")) if not (folder / n).is_file()]
     if missing:
         raise StoreError(f"sharded store {path} is missing {len(missing)} shard file(s) in {folder} (first: "
-                         f"{missing[0]}); copy the whole {folder.name} folder with the store, or re-run "
-                         "`embedfit extract` with --overwrite to rebuild it")
+                         f"{missing[0]}); copy the whole {folder.name} folder with the store, or rebuild it with "
+                         "`embedfit extract ... --overwrite`")
 
 
 @functools.lru_cache(maxsize=1)
@@ -190,7 +190,7 @@ class ShardedStoreWriter(StoreWriter):
     Raises:
         StoreLockedError: Another process is writing this store.
         StoreMismatchError: Existing shards were made with other settings.
-        StoreError: `path` is a single-file store (resume it without shards, or start afresh with --overwrite).
+        StoreError: `path` is a single-file store (resume it without shards, or start afresh with `overwrite`).
     """
 
     def __init__(self, path: str | os.PathLike, settings: StoreSettings, *, overwrite: bool = False,
@@ -213,8 +213,8 @@ class ShardedStoreWriter(StoreWriter):
             self._remove_stale_temp_files()
             self._previous = None if overwrite or not self.path.exists() else FeatureStore.open(self.path)
             if self._previous is not None and self._previous.attrs.get("layout") != LAYOUT:
-                raise StoreError(f"{self.path} is a single-file store; resume it without --shard-size (or with "
-                                 "the local engine), or pass --overwrite to rebuild it as a sharded store")
+                raise StoreError(f"{self.path} is a single-file store; resume it without `shard_size` (or with "
+                                 "the local engine), or pass `overwrite` to rebuild it as a sharded store")
             if self._previous is not None:
                 self._check(self._previous.settings, str(self.path))
             self._part_paths, self._stale_parts = [], []

@@ -623,7 +623,7 @@ class StoreWriter:
         if diffs:
             raise StoreMismatchError(
                 f"{where} was made with {other.spec.short()} ({'; '.join(diffs[:3])}), not "
-                f"{self.settings.spec.short()}; write to another file or pass --overwrite to start afresh"
+                f"{self.settings.spec.short()}; write to another file or pass `overwrite` to start afresh"
             )
 
     def _part_files(self) -> list[Path]:

@@ -144,7 +144,7 @@ def sweep(data: str | Path, output: str | Path, config: SweepConfig | None = Non
     backbones = list(dict.fromkeys(config.backbones)) or default_backbones()
     if not backbones:
         raise UsageError("no backbone has its weights on disk here (`embedfit backbones` shows where they go); "
-                         "name one with --backbone")
+                         "name one in `backbones`")
     for name in backbones:
         check_backbone_name(name)
     if not Path(data).exists():
@@ -160,7 +160,7 @@ def sweep(data: str | Path, output: str | Path, config: SweepConfig | None = Non
         scan_images(config.test)
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--output {folder} is a file; give a folder for the sweep")
+        raise UsageError(f"`output` {folder} is a file; give a folder for the sweep")
     (folder / "stores").mkdir(parents=True, exist_ok=True)
     (folder / "runs").mkdir(parents=True, exist_ok=True)
 

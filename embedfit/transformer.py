@@ -148,7 +148,7 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
         """Load the backbone (X is only validated: the backbone is pretrained)."""
         self._paths(X)
         if self.on_error not in ("raise", "nan"):
-            raise UsageError(f"on_error must be 'raise' or 'nan', got '{self.on_error}'")
+            raise UsageError(f"`on_error` must be 'raise' or 'nan', got '{self.on_error}'")
         self.backbone_ = _cached_backbone(self.backbone, self.weights, self.layer, self.pool)
         self.spec_ = self.backbone_.spec
         self.n_features_in_ = 1

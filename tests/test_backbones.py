@@ -116,7 +116,7 @@ def test_missing_torchvision_weights_say_where_and_how() -> None:
     with pytest.raises(WeightsUnavailableError) as info:
         create_backbone("resnet18")
     message = str(info.value)
-    assert str(expected) in message and "--weights FILE" in message and "https://" in message
+    assert str(expected) in message and "`weights` FILE" in message and "https://" in message
 
 
 def test_local_state_dict_replaces_the_hub(tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ def test_cached_hub_file_must_be_the_published_one(tmp_path: Path) -> None:
     torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
     try:
         assert backbone_info("mobilenet_v3_small").offline
-        with pytest.raises(WeightsUnavailableError, match=r"not the published weights file .*--weights FILE"):
+        with pytest.raises(WeightsUnavailableError, match=r"not the published weights file .*`weights` FILE"):
             create_backbone("mobilenet_v3_small")
     finally:
         path.unlink()
@@ -222,7 +222,7 @@ def test_unknown_layer_and_pool_are_usage_errors() -> None:
 def test_timm_model_with_local_weights_and_offline_error(tmp_path: Path) -> None:
     import timm
 
-    with pytest.raises(WeightsUnavailableError, match="--weights FILE"):
+    with pytest.raises(WeightsUnavailableError, match="`weights` FILE"):
         create_backbone("timm:resnet10t")
     path = tmp_path / "r10t.pth"
     torch.save(timm.create_model("resnet10t").state_dict(), path)

@@ -150,6 +150,53 @@ def test_debug_shows_the_traceback(places: dict[str, str], capsys: pytest.Captur
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_library_errors_name_parameters_and_the_cli_shows_flags(shared_store: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """From Python a message names the parameter (`test_size`); the same mistake on the command line, the flag."""
+    from embedfit.errors import UsageError
+    from embedfit.fitting.cv import FitConfig, fit
+
+    with pytest.raises(UsageError) as info:
+        fit(shared_store, "ridge", config=FitConfig(test_size=1.5), output=tmp_path / "r")
+    assert str(info.value) == "`test_size` must be a fraction between 0 and 1, got 1.5"
+    with pytest.raises(UsageError) as info:
+        fit(shared_store, "ridge", test_size=0.05, output=tmp_path / "r")
+    assert str(info.value).startswith("`test_size` 0.05 gives 2 test images for 3 classes")
+    assert "use `test_size` 0.13 or more" in str(info.value) and "--test-size" not in str(info.value)
+
+    assert main(["fit", str(shared_store), "--test-size", "0.05", "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --test-size 0.05 gives 2 test images for 3 classes")
+    assert "use --test-size 0.13 or more" in err and "`" not in err
+    assert main(["--debug", "fit", str(shared_store), "--test-size", "0.3", "--test-store", str(shared_store),
+                 "-o", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.endswith("error: give either --test-store or --test-size, not both\n")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(("argv", "message", "shown"), [
+    (["fit", "x.h5"], "give either `test_store` or `test_size`, not both",
+     "give either --test-store or --test-size, not both"),
+    (["--debug", "predict", "run", "a.jpg"], "`output` p.csv is a folder; pass `weights` FILE",
+     "--output p.csv is a folder; pass --weights FILE"),
+    # extract names its Ray options as extract_ray() does; fit hands --ray-address to connect(address)
+    (["extract", "imgs", "-o", "f.h5"], "`num_workers` and `cpus_per_worker` must be at least 1",
+     "--ray-workers and --cpus-per-worker must be at least 1"),
+    (["fit", "x.h5"], "`address` auto found no running Ray cluster", "--ray-address auto found no running Ray cluster"),
+    (["scratch", "imgs"], "`backbone` resnet5; `freeze` none", "--arch resnet5; `freeze` none"),  # scratch: no --freeze
+    (["sweep", "imgs"], "name one in `backbones`", "name one in --backbone"),
+    # not a parameter of the command, a whole command, no command: as written
+    (["info", "f.h5"], "re-extract it with `embedfit extract ... --overwrite` (`overwrite`)",
+     "re-extract it with `embedfit extract ... --overwrite` (`overwrite`)"),
+    (["nosuch"], "`test_size`", "`test_size`"),
+    ([], "`test_size`", "`test_size`"),
+])
+def test_name_flags_writes_a_commands_parameters_as_its_flags(argv: list[str], message: str, shown: str) -> None:
+    from embedfit.cli.app import name_flags
+
+    assert name_flags(message, argv) == shown
+
+
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     for command in app.registered_commands:
         name = command.name or command.callback.__name__

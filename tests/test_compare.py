@@ -48,7 +48,7 @@ def test_compare_runs_every_arm_on_identical_splits(shared_tree: Path, tmp_path:
     assert list(result["arms"]) == ["as-is", "linear probe", "fine-tune", "scratch"]
     as_is = result["arms"]["as-is"]
     # textures are not ImageNet classes, and the reason names them
-    assert as_is["applicable"] is False and "'brick'" in as_is["reason"] and "--imagenet-map" in as_is["reason"]
+    assert as_is["applicable"] is False and "'brick'" in as_is["reason"] and "`imagenet_map`" in as_is["reason"]
     for name in ("linear probe", "fine-tune", "scratch"):
         arm = result["arms"][name]
         assert len(arm["accuracy_runs"]) == 2 and arm["seconds"] > 0
@@ -209,7 +209,7 @@ def test_tick_labels_do_not_collide() -> None:
 def test_compare_rejects_bad_settings(shared_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UsageError, match="repeats"):
         compare(shared_tree, tmp_path / "x", repeats=0)
-    with pytest.raises(UsageError, match="--arms"):
+    with pytest.raises(UsageError, match="`arms`"):
         parse_arms("probe,magic")
     assert parse_arms("scratch,probe") == ["linear probe", "scratch"]
     assert main(["compare", str(shared_tree), "-o", str(tmp_path / "y"), "--sizes", "5,many"]) == 2

@@ -145,7 +145,7 @@ def test_prefit_checks(tmp_path: Path) -> None:
     assert result.metrics["n_samples"] == 27 and result.metrics["n_excluded"] == 3
     with pytest.raises(UsageError, match="unknown model 'logrg'; did you mean logreg"):
         fit(tmp_path / "failed.h5", "logrg")
-    with pytest.raises(UsageError, match="--cv must be at least 2"):
+    with pytest.raises(UsageError, match="`cv` must be at least 2"):
         fit(tmp_path / "failed.h5", cv=1, output=tmp_path / "r")
 
 
@@ -290,7 +290,7 @@ def test_automatic_pca_fits_the_smallest_training_fold(tmp_path: Path) -> None:
         result = fit(s.path, model, output=tmp_path / model, jobs=1, **kw)
         n_train = 50 if "cv" in kw else 100 - int(np.ceil(kw["test_size"] * 100))
         assert result.pipeline["pca"].n_components <= n_train
-    with pytest.raises(UsageError, match="--pca 60 is too many components: at most 50"):
+    with pytest.raises(UsageError, match="`pca` 60 is too many components: at most 50"):
         fit(s.path, "logreg", pca=60, cv=2, output=tmp_path / "r")
     assert fit(s.path, "ridge", pca=50, cv=2, output=tmp_path / "r").pipeline["pca"].n_components == 50
 
@@ -309,7 +309,7 @@ def test_inner_cvs_fit_the_smallest_class(tmp_path: Path) -> None:
     searched = fit(three.path, "svm", cv=3, search=True, output=tmp_path / "searched", jobs=1)
     assert set(searched.metrics["best_params"]) == {"C", "gamma"}  # the search's folds hold 1 image of c
     assert make_pipeline("logreg", min_class=2)[-1].cv == 2  # inner folds: at most the smallest class's images
-    with pytest.raises(UsageError, match="--search needs at least 2 training images of every class"):
+    with pytest.raises(UsageError, match="`search` needs at least 2 training images of every class"):
         fit(s.path, "ridge", cv=2, search=True, output=tmp_path / "r")
     tiny = synthetic_store(tmp_path / "tiny.h5", X[:4], np.array([0, 0, 1, 1]), ["a", "b"])
     with pytest.raises(UsageError, match="lda needs more training images than classes"):
@@ -322,13 +322,13 @@ def test_one_image_class_and_too_small_holdouts_are_clear_errors(tmp_path: Path)
     one = synthetic_store(tmp_path / "one.h5", X, y, ["a", "b", "c"])
     with pytest.raises(InputError, match="class 'c' has 1 image; evaluating needs at least 2") as info:
         fit(one.path, output=tmp_path / "r")
-    assert "--cv 2" not in str(info.value)  # which would not work either
+    assert "`cv` 2" not in str(info.value)  # which would not work either
     with pytest.raises(InputError, match="class 'c' has 1 image"):
         fit(one.path, test_size=0.3, output=tmp_path / "r")
     s = synthetic_store(tmp_path / "s.h5", X, np.arange(30) % 3, ["a", "b", "c"])
-    with pytest.raises(UsageError, match=r"gives 2 test images for 3 classes.*--test-size 0.1 or more"):
+    with pytest.raises(UsageError, match=r"gives 2 test images for 3 classes.*`test_size` 0.1 or more"):
         fit(s.path, test_size=0.05, output=tmp_path / "r")
-    with pytest.raises(UsageError, match=r"leaves 1 training images for 3 classes.*--test-size 0.9 or less"):
+    with pytest.raises(UsageError, match=r"leaves 1 training images for 3 classes.*`test_size` 0.9 or less"):
         fit(s.path, test_size=0.95, output=tmp_path / "r")
     fit(s.path, "ridge", test_size=0.1, output=tmp_path / "r")  # the bound it names works
 
@@ -355,17 +355,17 @@ def test_classes_without_usable_images_are_left_out(tmp_path: Path) -> None:
 
 
 def test_option_checks(store: FeatureStore, tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="--class-weight must be balanced or none, got 'bal'"):
+    with pytest.raises(UsageError, match="`class_weight` must be balanced or none, got 'bal'"):
         fit(store.path, class_weight="bal", output=tmp_path / "r")
     assert fit(store.path, "ridge", cv=3, class_weight="none", output=tmp_path / "r").pipeline[-1].class_weight is None
     assert "pca" not in fit(store.path, "svm", cv=3, pca="none", output=tmp_path / "r").pipeline.named_steps
     with pytest.raises(InputError, match=r"groups file missing\.csv does not exist"):
         fit(store.path, groups="missing.csv", output=tmp_path / "r")
-    with pytest.raises(UsageError, match=r"--groups .* does not combine with --test-size"):
+    with pytest.raises(UsageError, match=r"`groups` .* does not combine with `test_size`"):
         fit(store.path, groups=r"img_(\d)", test_size=0.2, output=tmp_path / "r")
     with pytest.raises(UsageError, match="is the training store itself"):
         fit(store.path, test_store=store.path, output=tmp_path / "r")
-    with pytest.raises(UsageError, match="--repeats needs CV or --test-size"):
+    with pytest.raises(UsageError, match="`repeats` needs CV or `test_size`"):
         fit(store.path, test_store=tmp_path / "other.h5", repeats=2, output=tmp_path / "r")
 
 

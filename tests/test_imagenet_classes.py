@@ -139,7 +139,7 @@ def test_an_unmappable_name_makes_the_mapping_not_applicable():
     assert not m.applicable
     assert m.unmapped == ("widgets",)
     assert m.indices == ((), (310,)) and m.matched[0] == ""
-    assert "'widgets'" in m.reason and "--imagenet-map" in m.reason and "\n" not in m.reason
+    assert "'widgets'" in m.reason and "`imagenet_map`" in m.reason and "\n" not in m.reason
     with pytest.raises(UsageError, match="widgets"):
         m.lookup_table()
 

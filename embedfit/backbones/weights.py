@@ -123,7 +123,7 @@ def _check_published_hash(path: Path) -> None:
     if match and not _sha256(path).startswith(match.group(1)):
         raise WeightsUnavailableError(
             f"{path} is not the published weights file (its SHA-256 does not start with {match.group(1)}); "
-            "delete it to download it again, or pass --weights FILE to use it as your own weights"
+            "delete it to download it again, or pass `weights` FILE to use it as your own weights"
         )
 
 
@@ -137,7 +137,7 @@ def _fetch_or_explain(name: str, url: str, dest: Path) -> None:
             why = f"download failed: {exc}"
     raise WeightsUnavailableError(
         f"weights for {name} are not in the torch hub cache: expected {dest} ({why}); "
-        f"download {url} to that path (or set TORCH_HOME), or pass --weights FILE"
+        f"download {url} to that path (or set TORCH_HOME), or pass `weights` FILE"
     )
 
 

@@ -1,18 +1,21 @@
 """The `embedfit` command line: the typer app and the one place errors become output.
 
 An `EmbedfitError` or a usage mistake prints one line on stderr and exits non-zero (2 for usage, 1 for runtime
-errors, 130 when interrupted); `--debug` shows tracebacks. The commands live in `embedfit.cli.extract`
-(extract, info, backbones), `embedfit.cli.fit` (fit, predict, report) and `embedfit.cli.train` (classify,
-finetune, scratch, compare); each is a few lines calling the library, which is imported inside the command so
-that `embedfit --help` starts without torch or scikit-learn.
+errors, 130 when interrupted); `--debug` shows tracebacks. Library messages name parameters as Python spells them,
+in backticks (`test_size`); `name_flags` shows the command's flag instead (--test-size). The commands live in
+`embedfit.cli.extract` (extract, info, backbones), `embedfit.cli.fit` (fit, predict, report) and
+`embedfit.cli.train` (classify, finetune, scratch, compare); each is a few lines calling the library, which is
+imported inside the command so that `embedfit --help` starts without torch or scikit-learn.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import traceback
+from collections.abc import Sequence
 from typing import TextIO
 
 import click
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(exc.format_message())
         return exc.exit_code
     except EmbedfitError as exc:
-        _report(str(exc))
+        _report(name_flags(str(exc), argv))
         return exc.exit_code
     except KeyboardInterrupt:
         _report("interrupted")
@@ -113,6 +116,33 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, the traceback on request
         _report(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return 1
+
+
+_PARAMETER = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+
+
+# Library parameters that a command's option stands for under another name (elsewhere the names agree): fit hands
+# its --ray-address (FitConfig.ray_address) to `embedfit.extraction.ray.connect(address)`.
+_SAME_AS: dict[str, dict[str, str]] = {"fit": {"address": "ray_address"}}
+
+
+def name_flags(message: str, argv: Sequence[str]) -> str:
+    """`message` with each backticked parameter of the command that `argv` runs written as its flag: "`test_size`
+    must be ..." -> "--test-size must be ..." for `embedfit fit`. Other backticked text stays as written (the
+    parameters of other commands or of the library only, and whole commands such as `embedfit extract ...`)."""
+    name = next((a for a in argv if not a.startswith("-")), None)  # the root's only option, --debug, takes no value
+    command = getattr(typer.main.get_command(app), "commands", {}).get(name)
+    if command is None:
+        return message
+    flags = {}
+    for param in command.params:  # click's metadata: .name is the Python name, .opts its flags (none: an argument)
+        longs = [o for o in param.opts if o.startswith("--")] or [o for o in param.opts if o.startswith("-")]
+        if longs:
+            flags[param.name] = longs[0]
+    for alias, same in _SAME_AS.get(name, {}).items():
+        if same in flags:
+            flags.setdefault(alias, flags[same])
+    return _PARAMETER.sub(lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
 def _report(message: str) -> None:

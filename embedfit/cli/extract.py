@@ -51,8 +51,9 @@ def extract(
                                             "share of those to embed (0.2 or 20%); default none."),
     flush_every: int = typer.Option(512, min=1, hidden=True, help="Images per part file (work lost if killed)."),
     engine: Engine = typer.Option(Engine.local, help="local, or ray to fan out over a Ray cluster."),
-    ray_address: str | None = typer.Option(None, help="Ray cluster address (--engine ray)."),
-    ray_workers: int = typer.Option(2, min=1, help="Embedding actors, one model each (--engine ray)."),
+    # named as extract_ray() names them, so that its errors show these flags
+    address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (--engine ray)."),
+    num_workers: int = typer.Option(2, "--ray-workers", min=1, help="Embedding actors, one model each (--engine ray)."),
     num_gpus_per_worker: float = typer.Option(0.0, min=0.0, help="GPUs per actor (--engine ray)."),
     cpus_per_worker: int = typer.Option(1, min=1, help="CPUs per actor, = its model's threads (--engine ray)."),
     shard_size: int | None = typer.Option(None, min=1, help="Write a sharded store: a manifest plus one HDF5 file "
@@ -76,7 +77,7 @@ def extract(
     if engine is Engine.ray:
         from embedfit.extraction.ray import extract_ray
 
-        summary = extract_ray(source, output, config, address=ray_address, num_workers=ray_workers,
+        summary = extract_ray(source, output, config, address=address, num_workers=num_workers,
                               num_gpus_per_worker=num_gpus_per_worker, cpus_per_worker=cpus_per_worker)
     else:
         summary = run_extract(source, output, config)

@@ -43,7 +43,7 @@ def _max_failures(value: str | None) -> object:
     try:
         return MaxFailures.parse(value)
     except UsageError as exc:
-        raise typer.BadParameter(str(exc).replace("max_failures", "").strip(), param_hint="--max-failures") from None
+        raise typer.BadParameter(str(exc).replace("`max_failures`", "").strip(), param_hint="--max-failures") from None
 
 
 class Scale(str, Enum):

@@ -17,12 +17,12 @@ from embedfit.cli.options import Pool
 def sweep(
     data: Path = typer.Argument(..., help="Labeled image folder (class per sub-folder) or CSV."),
     output: Path = typer.Option(Path("runs/sweep"), "-o", "--output", help="Sweep folder (re-running resumes)."),
-    backbone: list[str] = typer.Option([], "-b", "--backbone", help="Backbone to try; repeat for several "
-                                       "(default: every one with weights on disk, smallest first)."),
-    model: list[str] = typer.Option(["logreg"], "-m", "--model", help="Classifier to fit on each; repeat."),
+    backbones: list[str] = typer.Option([], "-b", "--backbone", help="Backbone to try; repeat for several "
+                                        "(default: every one with weights on disk, smallest first)."),
+    models: list[str] = typer.Option(["logreg"], "-m", "--model", help="Classifier to fit on each; repeat."),
     test: Path | None = typer.Option(None, help="Labeled test folder: evaluate on it instead of CV."),
-    layer: list[str] = typer.Option([], help="Layer to embed from, on every backbone; repeat to sweep layers "
-                                     "(transformers: a block, blocks.8 or -4)."),
+    layers: list[str] = typer.Option([], "--layer", help="Layer to embed from, on every backbone; repeat to "
+                                     "sweep layers (transformers: a block, blocks.8 or -4)."),
     pool: Pool | None = typer.Option(None, help="Pooling (default: each backbone's own)."),
     resolution: int | None = typer.Option(None, min=16, help="Input size for every backbone (default: each one's)."),
     metric: str = typer.Option("accuracy", help="accuracy, balanced_accuracy or f1_macro: what ranks them."),
@@ -36,7 +36,7 @@ def sweep(
     from embedfit.sweep import SweepConfig, read_sweep
     from embedfit.sweep import sweep as run_sweep
 
-    config = SweepConfig(backbones=tuple(backbone), models=tuple(model), layers=tuple(layer) or (None,),
+    config = SweepConfig(backbones=tuple(backbones), models=tuple(models), layers=tuple(layers) or (None,),
                          pool=pool.value if pool else None, resolution=resolution, test=test, metric=metric, cv=cv,
                          repeats=repeats, seed=seed, device=device, batch_size=batch_size,
                          progress=err.is_terminal)

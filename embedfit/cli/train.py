@@ -110,14 +110,14 @@ def finetune(
 def scratch(
     data: Path = typer.Argument(..., help="Labeled image folder (class per sub-folder) or CSV."),
     output: Path = typer.Option(Path("runs/scratch"), "-o", "--output", help="Run directory."),
-    arch: str = typer.Option(DEFAULT_BACKBONE, "--arch", help="Architecture, randomly initialised."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "--arch", help="Architecture, randomly initialised."),
     epochs: int = typer.Option(5, min=1), batch_size: int = typer.Option(16, min=1),
     lr: float = typer.Option(1e-3, min=0.0), weight_decay: float = typer.Option(1e-4, min=0.0),
     augment: str = typer.Option("flip,crop"), val_size: float = typer.Option(0.2),
     patience: int = typer.Option(3, min=1), device: str = typer.Option("auto"), seed: int = typer.Option(0),
 ) -> None:
     """Train the same architecture from random initialisation (the baseline transfer learning should beat)."""
-    _train_command(data, output, False, backbone=args_backbone(arch), freeze="none", epochs=epochs,
+    _train_command(data, output, False, backbone=args_backbone(backbone), freeze="none", epochs=epochs,
                    batch_size=batch_size, lr_head=lr, lr_backbone=lr, weight_decay=weight_decay, augment=augment,
                    val_size=val_size, patience=patience, device=device, seed=seed)
 

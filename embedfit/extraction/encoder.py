@@ -49,7 +49,7 @@ class Encoder:
                  tta: str = "none", channels_last: bool = True, compile: bool = False,
                  runtime: str = "torch") -> None:
         if precision == "fp16" and device.type == "cpu":
-            raise UsageError("fp16 needs a GPU; use --precision bf16 or fp32 on the CPU")
+            raise UsageError("fp16 needs a GPU; use `precision` bf16 or fp32 on the CPU")
         self.device = device
         self.precision = precision
         self.tta = tta

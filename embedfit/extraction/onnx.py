@@ -49,9 +49,9 @@ def resolve_runtime(runtime: str, device: torch.device, precision: str = "fp32",
         return "onnx" if suitable and onnx_available() else "torch"
     if runtime == "onnx":
         if not suitable:
-            raise UsageError("--runtime onnx runs fp32 on the CPU only (no --precision bf16/fp16, GPU or --compile)")
+            raise UsageError("`runtime` onnx runs fp32 on the CPU only (no `precision` bf16/fp16, GPU or `compile`)")
         if not onnx_available():
-            raise UsageError("--runtime onnx needs ONNX Runtime: pip install 'embedfit[onnx]'")
+            raise UsageError("`runtime` onnx needs ONNX Runtime: pip install 'embedfit[onnx]'")
     return runtime
 
 

@@ -44,7 +44,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise UsageError("--engine ray needs Ray: pip install 'embedfit[ray]'") from None
+        raise UsageError("the Ray engine needs Ray: pip install 'embedfit[ray]'") from None
     return ray
 
 
@@ -75,7 +75,7 @@ def connect(address: str | None = None, *, runtime_env: dict[str, Any] | None = 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address.startswith("ray://"):
         if importlib.util.find_spec("grpc") is None:
-            raise UsageError(f"--ray-address {address} uses Ray Client, which needs grpcio: pip install "
+            raise UsageError(f"`address` {address} uses Ray Client, which needs grpcio: pip install "
                              "'ray[client]' (or 'embedfit[ray]', which includes it)")
     elif address and address not in ("auto", "local"):
         if not _answers(address):
@@ -88,10 +88,10 @@ def connect(address: str | None = None, *, runtime_env: dict[str, Any] | None = 
         if recorded and not _answers(recorded):
             raise UsageError(f"{get_ray_address_file(None)} names a Ray cluster at {recorded} that no longer "
                              "answers (a stale file from a cluster that was not stopped cleanly); delete that "
-                             "file to start a local cluster, or pass --ray-address HOST:PORT")
+                             "file to start a local cluster, or pass `address` HOST:PORT")
         if address == "auto" and not recorded:
-            raise UsageError("--ray-address auto found no running Ray cluster on this machine; start one with "
-                             "`ray start --head`, or leave out --ray-address to start a local one")
+            raise UsageError("`address` auto found no running Ray cluster on this machine; start one with "
+                             "`ray start --head`, or leave out `address` to start a local one")
         address = recorded or None
     # Ray's own INFO lines (packaging the code, starting a local instance) would bury embedfit's output.
     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
@@ -174,15 +174,15 @@ class _ShardWorker:
 def _check_options(config: ExtractConfig, num_gpus_per_worker: float) -> None:
     """Options that mean nothing on Ray are one-line errors, not silently ignored."""
     if config.workers is not None:
-        raise UsageError("--workers does not apply to --engine ray: each actor decodes on a background thread; "
-                         "use --cpus-per-worker and --ray-workers")
+        raise UsageError("`workers` does not apply on Ray: each actor decodes on a background thread; "
+                         "use `cpus_per_worker` and `num_workers`")
     if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda"):
-        raise UsageError(f"--device {config.device} does not apply to --engine ray; actors use a GPU when "
-                         "--num-gpus-per-worker is set, else the CPU")
+        raise UsageError(f"`device` {config.device} does not apply on Ray; actors use a GPU when "
+                         "`num_gpus_per_worker` is set, else the CPU")
     if config.device.startswith("cuda") and not num_gpus_per_worker:
-        raise UsageError("--device cuda with --engine ray needs --num-gpus-per-worker (e.g. 1)")
+        raise UsageError("`device` cuda on Ray needs `num_gpus_per_worker` (e.g. 1)")
     if config.device == "cpu" and num_gpus_per_worker:
-        raise UsageError("--device cpu contradicts --num-gpus-per-worker; leave one out")
+        raise UsageError("`device` cpu contradicts `num_gpus_per_worker`; leave one out")
 
 
 def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig | None = None, *,
@@ -218,7 +218,8 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
             num_gpus_per_worker=num_gpus_per_worker, cpus_per_worker=cpus_per_worker, pin_cpus=pin_cpus,
             class_names=class_names))
     if num_workers < 1 or cpus_per_worker < 1:
-        raise UsageError("--ray-workers and --cpus-per-worker must be at least 1")
+        raise UsageError(f"`num_workers` and `cpus_per_worker` must be at least 1, got {num_workers} and "
+                         f"{cpus_per_worker}")
     _check_options(config, num_gpus_per_worker)
     check_name(config.backbone)
     images = scan_images(source, class_names=class_names)

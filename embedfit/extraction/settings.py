@@ -52,14 +52,14 @@ class MaxFailures:
         if value is None or isinstance(value, MaxFailures):
             return value
         if isinstance(value, bool):
-            raise UsageError(f"max_failures must be a count or a fraction, got {value!r}")
+            raise UsageError(f"`max_failures` must be a count or a fraction, got {value!r}")
         if isinstance(value, int):
             if value < 0:
-                raise UsageError(f"max_failures must be a count of 0 or more, got {value}")
+                raise UsageError(f"`max_failures` must be a count of 0 or more, got {value}")
             return cls(count=value)
         if isinstance(value, float):
             if not 0.0 <= value <= 1.0:  # also refuses NaN
-                raise UsageError(f"max_failures as a fraction must be between 0 and 1, got {value:g} (write a count "
+                raise UsageError(f"`max_failures` as a fraction must be between 0 and 1, got {value:g} (write a count "
                                  "as a whole number, e.g. 10)")
             return cls(fraction=value)
         text = str(value).strip()
@@ -69,7 +69,7 @@ class MaxFailures:
             return cls.parse(float(text))
         if re.fullmatch(r"(\d+(\.\d*)?|\.\d+)%", text) and float(text[:-1]) <= 100:
             return cls(fraction=float(text[:-1]) / 100)
-        raise UsageError(f"max_failures must be a count (10), a fraction with a decimal point between 0 and 1 (0.2) "
+        raise UsageError(f"`max_failures` must be a count (10), a fraction with a decimal point between 0 and 1 (0.2) "
                          f"or a percentage up to 100% (20%), got '{value}'")
 
     def allowed(self, total: int) -> float:
@@ -150,9 +150,9 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError(f"batch size must be at least 1, got {self.batch_size}")
+            raise UsageError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
-            raise UsageError(f"workers must be 0 or more, got {self.workers}")
+            raise UsageError(f"`workers` must be 0 or more, got {self.workers}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"unknown precision '{self.precision}'; choose one of {', '.join(PRECISIONS)}")
         if self.dtype not in ("float32", "float16"):
@@ -165,9 +165,9 @@ class ExtractConfig:
             raise UsageError(f"unknown TTA '{self.tta}'; choose one of {', '.join(TTAS)}")
         object.__setattr__(self, "max_failures", MaxFailures.parse(self.max_failures))
         if self.shard_size is not None and self.shard_size < 1:
-            raise UsageError(f"shard_size must be at least 1, got {self.shard_size}")
+            raise UsageError(f"`shard_size` must be at least 1, got {self.shard_size}")
         if self.flush_every < 1:
-            raise UsageError(f"flush_every must be at least 1, got {self.flush_every}")
+            raise UsageError(f"`flush_every` must be at least 1, got {self.flush_every}")
 
 
 @dataclass
@@ -214,11 +214,11 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise UsageError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"device {device} requested but CUDA is not available here; use --device cpu")
+            raise UsageError(f"device {device} requested but CUDA is not available here; use `device` cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA devices)")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("device mps requested but MPS is not available here; use --device cpu")
+        raise UsageError("device mps requested but MPS is not available here; use `device` cpu")
     return dev
 
 

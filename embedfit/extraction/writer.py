@@ -197,7 +197,7 @@ def raise_for_stop(stop_reason: str, store: FeatureStore, output: object) -> Non
     if stop_reason and stop_reason != "interrupted":
         aborted = ExtractionInterrupted(
             f"{stop_reason}; {store.n_ok} images are saved in {output}"
-            + (" (incomplete); fix the input or raise --max-failures, then re-run to resume" if not store.complete
+            + (" (incomplete); fix the input or raise `max_failures`, then re-run to resume" if not store.complete
                else " (every image was tried)"))
         aborted.exit_code = 1
         raise aborted
@@ -206,7 +206,7 @@ def raise_for_stop(stop_reason: str, store: FeatureStore, output: object) -> Non
 def settings_if_same_request(output: str | os.PathLike, config: ExtractConfig) -> StoreSettings | None:
     """The existing store's settings when `config` asks for exactly what made it, else None.
 
-    Same backbone name, layer, pooling, weights (a `--weights` file by its SHA-256; else the default pretrained
+    Same backbone name, layer, pooling, weights (a `weights` file by its SHA-256; else the default pretrained
     weights), dtype, TTA and precision. Lets a re-run on a finished folder plan its work from the store alone.
     """
     from embedfit.backbones.foundation import default_pool

@@ -104,9 +104,9 @@ def make_splits(y: np.ndarray, *, cv: int, repeats: int, groups: np.ndarray | No
     from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedGroupKFold
 
     if cv < 2:
-        raise UsageError(f"--cv must be at least 2, got {cv}")
+        raise UsageError(f"`cv` must be at least 2, got {cv}")
     if not 1 <= repeats <= MAX_REPEATS:
-        raise UsageError(f"--repeats must be between 1 and {MAX_REPEATS}, got {repeats}")
+        raise UsageError(f"`repeats` must be between 1 and {MAX_REPEATS}, got {repeats}")
     dummy = np.zeros(len(y))
     if groups is not None:
         if len(np.unique(groups)) < cv:
@@ -196,18 +196,18 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     class_weight = check_class_weight(class_weight)
     pca = None if pca == "none" else pca
     if test_store is not None and test_size is not None:
-        raise UsageError("give either --test-store or --test-size, not both")
+        raise UsageError("give either `test_store` or `test_size`, not both")
     if test_size is not None and not 0 < test_size < 1:
-        raise UsageError(f"--test-size must be a fraction between 0 and 1, got {test_size}")
+        raise UsageError(f"`test_size` must be a fraction between 0 and 1, got {test_size}")
     holdout = test_store is not None or test_size is not None
     if holdout and groups is not None:
-        raise UsageError("--groups keeps groups within CV folds; it does not combine with --test-size or --test-store")
+        raise UsageError("`groups` keeps groups within CV folds; it does not combine with `test_size` or `test_store`")
     if test_store is not None and repeats != 1:
-        raise UsageError("--repeats needs CV or --test-size; a --test-store is one fixed split")
+        raise UsageError("`repeats` needs CV or `test_size`; a `test_store` is one fixed split")
     if not 1 <= repeats <= MAX_REPEATS:
-        raise UsageError(f"--repeats must be between 1 and {MAX_REPEATS}, got {repeats}")
+        raise UsageError(f"`repeats` must be between 1 and {MAX_REPEATS}, got {repeats}")
     if jobs == 0:
-        raise UsageError("--jobs must be a positive number or -1 (all cores)")
+        raise UsageError("`jobs` must be a positive number or -1 (all cores)")
     data = load_dataset(store)
     spec = data.store.spec
     run_dir = Path(output) if output else Path("runs") / f"{data.store.path.stem}-{model}"
@@ -215,7 +215,7 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     if test_store is not None:
         test_path = Path(test_store.path if isinstance(test_store, FeatureStore) else test_store)
         if test_path.exists() and test_path.samefile(data.store.path):
-            raise UsageError(f"--test-store {test_path} is the training store itself: its score would be training "
+            raise UsageError(f"`test_store` {test_path} is the training store itself: its score would be training "
                              "accuracy, not a hold-out one")
     # A hold-out share needs 2 images per class (one each side), CV one per fold, a hold-out store none.
     check_trainable(data.y, data.class_names, None if test_store is not None else 2 if test_size is not None else cv)
@@ -373,25 +373,25 @@ def default_jobs(X: np.ndarray, n_splits: int) -> int:
 
 def _register_backend(backend: str, ray_address: str | None = None) -> None:
     if ray_address is not None and backend != "ray":
-        raise UsageError(f"--ray-address needs --backend ray, got --backend {backend}")
+        raise UsageError(f"`ray_address` needs `backend` ray, got `backend` {backend}")
     if backend == "ray":
         try:
             import ray
             from ray.util.joblib import register_ray
         except ImportError:
-            raise UsageError("--backend ray needs Ray: pip install 'embedfit[ray]'") from None
+            raise UsageError("`backend` ray needs Ray: pip install 'embedfit[ray]'") from None
         if ray_address is not None and not ray.is_initialized():  # before joblib's backend starts its own
             try:
                 ray.init(address=ray_address, log_to_driver=False)
             except Exception as exc:  # ConnectionError, ValueError for a malformed address, ...
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise InputError(f"--ray-address {ray_address}: cannot connect to a Ray cluster ({first})") from None
+                raise InputError(f"`ray_address` {ray_address}: cannot connect to a Ray cluster ({first})") from None
         register_ray()
     elif backend == "dask":
         try:
             import distributed  # noqa: F401  (registers joblib's dask backend)
         except ImportError:
-            raise UsageError("--backend dask needs dask.distributed: pip install distributed") from None
+            raise UsageError("`backend` dask needs dask.distributed: pip install distributed") from None
     elif backend not in ("loky", "threading", "multiprocessing"):
         raise UsageError(f"unknown backend '{backend}'; choose loky, threading, ray or dask")
 

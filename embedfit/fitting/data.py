@@ -40,7 +40,8 @@ def load_dataset(store: FeatureStore | str | Path) -> Dataset:
     if not np.isfinite(X).all():
         bad = rows[~np.isfinite(X).all(axis=1)]
         raise InputError(f"store {store.path} has non-finite features for {len(bad)} image(s), e.g. "
-                         f"{store.paths[bad[0]]}; re-extract with --precision fp32 or --overwrite")
+                         f"{store.paths[bad[0]]}; re-extract it with "
+                         "`embedfit extract ... --precision fp32 --overwrite`")
     y = store.labels[rows]
     class_names, notes = list(store.class_names), []
     if not store.complete:
@@ -69,9 +70,9 @@ def check_trainable(y: np.ndarray, class_names: Sequence[str], n_splits: int | N
             name, count = min(short, key=lambda s: s[1])
             if count < 2:  # no number of folds helps
                 raise InputError(f"class '{name}' has 1 image; evaluating needs at least 2 per class (one to train "
-                                 "on, one to test): add images, remove the class, or evaluate on a --test-store")
+                                 "on, one to test): add images, remove the class, or evaluate on a `test_store`")
             raise InputError(f"class '{name}' has {count} image(s), fewer than the {n_splits} CV folds; use "
-                             f"--cv {count} or add images")
+                             f"`cv` {count} or add images")
 
 
 def groups_from(spec: str | None, paths: np.ndarray) -> np.ndarray | None:
@@ -93,12 +94,12 @@ def groups_from(spec: str | None, paths: np.ndarray) -> np.ndarray | None:
     try:
         pattern = re.compile(spec)
     except re.error as exc:
-        raise UsageError(f"--groups is neither a CSV file nor a valid regex: {exc}") from None
+        raise UsageError(f"`groups` is neither a CSV file nor a valid regex: {exc}") from None
     keys = []
     for p in paths:
         m = pattern.search(str(p))
         if m is None:
-            raise InputError(f"--groups regex {spec!r} does not match {p}")
+            raise InputError(f"`groups` regex {spec!r} does not match {p}")
         keys.append(m.group(1) if m.groups() else m.group(0))
     return np.array(keys)
 
@@ -108,11 +109,11 @@ def _check_test_size(test_size: float, y: np.ndarray) -> None:
     n, k = len(y), len(np.unique(y))
     n_test = math.ceil(test_size * n)
     if n_test < k:
-        raise UsageError(f"--test-size {test_size} gives {n_test} test images for {k} classes; a stratified "
-                         f"hold-out needs one per class: use --test-size {math.ceil(100 * k / n) / 100} or more")
+        raise UsageError(f"`test_size` {test_size} gives {n_test} test images for {k} classes; a stratified "
+                         f"hold-out needs one per class: use `test_size` {math.ceil(100 * k / n) / 100} or more")
     if n - n_test < k:
-        raise UsageError(f"--test-size {test_size} leaves {n - n_test} training images for {k} classes; use "
-                         f"--test-size {math.floor(100 * (n - k) / n) / 100} or less")
+        raise UsageError(f"`test_size` {test_size} leaves {n - n_test} training images for {k} classes; use "
+                         f"`test_size` {math.floor(100 * (n - k) / n) / 100} or less")
 
 
 def _aligned_test_set(test_store: str | Path | FeatureStore, train: Dataset) -> Dataset:

@@ -54,12 +54,12 @@ def resolve_fit_device(device: str, model: str) -> tuple[str, str | None]:
         return ("cuda", None) if torch.cuda.is_available() else ("cpu", None)
     if model not in ARRAY_API_MODELS:
         raise UsageError(f"{model} cannot be fitted on a GPU (models that can: {', '.join(ARRAY_API_MODELS)}); "
-                         "use --device cpu")
+                         "use `device` cpu")
     from embedfit.extraction.settings import resolve_device
 
     resolve_device(device)  # the same checks as extraction's: CUDA is there, and so is device N
     if not array_api_ready():
-        raise UsageError(f"--device {device} needs SciPy's array API: run with SCIPY_ARRAY_API=1 in the "
+        raise UsageError(f"`device` {device} needs SciPy's array API: run with SCIPY_ARRAY_API=1 in the "
                          "environment (a notebook: set os.environ['SCIPY_ARRAY_API'] = '1' before any import)")
     return device, None
 

@@ -64,7 +64,7 @@ def check_class_weight(class_weight: str | None) -> str | None:
     if class_weight is None or class_weight == "none":
         return None
     if class_weight != "balanced":
-        raise UsageError(f"--class-weight must be balanced or none, got '{class_weight}'")
+        raise UsageError(f"`class_weight` must be balanced or none, got '{class_weight}'")
     return class_weight
 
 
@@ -151,9 +151,9 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
                if model in ("svm", "knn") and n_features > AUTO_PCA_DIM else None)
     elif pca is not None:
         if isinstance(pca, str) or int(pca) < 1:
-            raise UsageError(f"--pca must be a positive number of components, 'auto' or 'none', got {pca}")
+            raise UsageError(f"`pca` must be a positive number of components, 'auto' or 'none', got {pca}")
         if int(pca) > min(n_features, n_train):
-            raise UsageError(f"--pca {pca} is too many components: at most {min(n_features, n_train)} here "
+            raise UsageError(f"`pca` {pca} is too many components: at most {min(n_features, n_train)} here "
                              f"({n_features} features, {n_train} images in the smallest training set)")
     steps: list[tuple[str, Any]] = [("scale", _scaler(scale))]
     if pca:
@@ -163,8 +163,8 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
     inner = folds  # what the model's own inner CV (logreg's C, svm's calibration) can use
     if search:
         if folds < 2:
-            raise UsageError("--search needs at least 2 training images of every class; the smallest class has 1 "
-                             "(add images, or leave out --search)")
+            raise UsageError("`search` needs at least 2 training images of every class; the smallest class has 1 "
+                             "(add images, or leave out `search`)")
         if min_class is not None:  # the search's training folds hold fewer images of that class
             inner = min(3, min_class - math.ceil(min_class / folds))
     clf = _classifier(model, class_weight, seed, n_samples, n_train, inner)
@@ -268,7 +268,7 @@ def wrap_estimator(estimator: BaseEstimator, *, scale: str = "standard", pca: in
     steps: list[tuple[str, Any]] = [("scale", _scaler(scale))]
     if pca not in (None, "none", "auto"):
         if isinstance(pca, str) or int(pca) < 1 or int(pca) > min(n_features, n_train):
-            raise UsageError(f"--pca must be a number of components from 1 to {min(n_features, n_train)}, 'auto' "
+            raise UsageError(f"`pca` must be a number of components from 1 to {min(n_features, n_train)}, 'auto' "
                              f"or 'none', got {pca}")
         steps.append(("pca", PCA(n_components=int(pca), random_state=seed)))
     steps.append(("clf", clone(estimator)))

@@ -88,7 +88,7 @@ def _sgd_fit(store: FeatureStore, rows: np.ndarray, model: str, *, epochs: int, 
     fit_rows = rows
     if model == "sgd-logreg":
         if len(present) > batch_rows:  # the calibration block holds one row per class or more
-            raise UsageError(f"--batch-rows must be at least the number of classes ({len(present)}) for "
+            raise UsageError(f"`batch_rows` must be at least the number of classes ({len(present)}) for "
                              f"sgd-logreg, got {batch_rows}")
         at_cal, at_fit = _calibration_rows(y_all, min(batch_rows - len(present), len(rows) // 10), rng)
         cal, fit_rows = rows[at_cal], rows[at_fit]
@@ -153,9 +153,9 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
     if model not in OOC_MODELS:
         raise UsageError(f"unknown out-of-core model '{model}'; choose {' or '.join(OOC_MODELS)}")
     if epochs < 1 or batch_rows < 1:
-        raise UsageError(f"--epochs and --batch-rows must be at least 1, got {epochs} and {batch_rows}")
+        raise UsageError(f"`epochs` and `batch_rows` must be at least 1, got {epochs} and {batch_rows}")
     if not 0 < test_size < 1:
-        raise UsageError(f"--test-size must be a fraction between 0 and 1, got {test_size}")
+        raise UsageError(f"`test_size` must be a fraction between 0 and 1, got {test_size}")
     store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
     rows = np.flatnonzero((store.status == OK) & (store.labels >= 0))
     y = store.labels[rows]

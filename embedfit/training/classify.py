@@ -1,8 +1,8 @@
 """The pretrained model as-is: its own ImageNet classifier, over all 1000 classes or restricted to the user's.
 
 Images go through extraction's batched loop (`iter_embeddings`: decoding in worker processes, a status per
-file) and the backbone's pretrained head runs on the embeddings it yields. Given class names (``--classes
-ants,bees``) or an explicit ``--imagenet-map CSV``, the model chooses only among those classes
+file) and the backbone's pretrained head runs on the embeddings it yields. Given class names (`classes`,
+e.g. ants,bees) or an explicit `imagenet_map` CSV, the model chooses only among those classes
 (`embedfit.training.imagenet_classes.restricted_predict`), which is how compare scores its as-is arm.
 """
 
@@ -49,7 +49,7 @@ def class_mapping(classes: Sequence[str] | None = None,
 
 
 def _csv_classes(path: str | os.PathLike) -> list[str]:
-    """The class column of an --imagenet-map CSV, in first-seen order (the full read checks the rest)."""
+    """The class column of an `imagenet_map` CSV, in first-seen order (the full read checks the rest)."""
     import csv
 
     try:
@@ -111,7 +111,7 @@ def classify(images: Sequence[str | Path], backbone: str = DEFAULT_BACKBONE, *, 
         UsageError: `top` < 1, the backbone has no classifier, or the classes do not map onto ImageNet.
     """
     if top < 1:
-        raise UsageError(f"--top must be at least 1, got {top}")
+        raise UsageError(f"`top` must be at least 1, got {top}")
     if mapping is None:
         mapping = class_mapping(classes, imagenet_map)
     if mapping is not None and not mapping.applicable:
@@ -121,7 +121,7 @@ def classify(images: Sequence[str | Path], backbone: str = DEFAULT_BACKBONE, *, 
     check_classifier(model)
     if mapping is not None and len(model.class_names or []) != NUM_CLASSES:
         raise UsageError(f"{model.spec.short()} classifies {len(model.class_names or [])} classes, not the "
-                         f"{NUM_CLASSES} ImageNet classes that --classes maps onto")
+                         f"{NUM_CLASSES} ImageNet classes that `classes` maps onto")
     proba, errors = imagenet_probabilities(model, paths, resolve_device(device), batch_size=batch_size,
                                            workers=workers)
     names: Sequence[str] = model.class_names or []

@@ -49,7 +49,7 @@ from embedfit.training.finetune import (
 from embedfit.training.imagenet_classes import restricted_predict, top1_mapped
 
 AS_IS, PROBE, FINETUNE, SCRATCH = "as-is", "linear probe", "fine-tune", "scratch"
-ARM_CHOICES = ("as-is", "probe", "finetune", "scratch")  # what --arms takes
+ARM_CHOICES = ("as-is", "probe", "finetune", "scratch")  # what `arms` takes
 _ARM_ALIASES = {"as-is": AS_IS, "asis": AS_IS, "probe": PROBE, "linear-probe": PROBE, "linear probe": PROBE,
                 "finetune": FINETUNE, "fine-tune": FINETUNE, "scratch": SCRATCH}
 ARMS = (AS_IS, PROBE, FINETUNE, SCRATCH)
@@ -62,11 +62,11 @@ MAX_REPEATS = 100  # seeded splits; more says nothing new about the spread and o
 
 
 def parse_arms(arms: Sequence[str] | str) -> list[str]:
-    """--arms values -> arm names in the standard order; raises UsageError naming an unknown one."""
+    """`arms` values -> arm names in the standard order; raises UsageError naming an unknown one."""
     items = [a.strip().lower() for a in (arms.split(",") if isinstance(arms, str) else arms) if a.strip()]
     unknown = [a for a in items if a not in _ARM_ALIASES]
     if unknown or not items:
-        raise UsageError(f"--arms takes a comma list of {', '.join(ARM_CHOICES)}, got '{','.join(items)}'")
+        raise UsageError(f"`arms` takes a comma list of {', '.join(ARM_CHOICES)}, got '{','.join(items)}'")
     chosen = {_ARM_ALIASES[a] for a in items}
     return [a for a in ARMS if a in chosen]
 
@@ -235,12 +235,12 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
     say = progress or (lambda _message: None)
     chosen = parse_arms(arms)
     if not 1 <= repeats <= MAX_REPEATS:
-        raise UsageError(f"repeats must be between 1 and {MAX_REPEATS}, got {repeats}")
+        raise UsageError(f"`repeats` must be between 1 and {MAX_REPEATS}, got {repeats}")
     bad = [s for s in sizes if s is not None and (isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1)]
     if bad:
-        raise UsageError(f"sizes must be positive numbers of images per class (or None for all), got {bad[0]!r}")
+        raise UsageError(f"`sizes` must be positive numbers of images per class (or None for all), got {bad[0]!r}")
     if scratch_epochs is not None and scratch_epochs < 1:
-        raise UsageError(f"--scratch-epochs must be at least 1, got {scratch_epochs}")
+        raise UsageError(f"`scratch_epochs` must be at least 1, got {scratch_epochs}")
     check_output_dir(output, "results folder")  # before minutes of training, not after
     check_output_not_input(output, [data, *([test] if test else []), *([weights] if weights else [])])
     base = finetune or TrainConfig()

@@ -96,17 +96,17 @@ class TrainConfig:
             object.__setattr__(self, "freeze", "none")
         if self.freeze not in ("head", "none") and not (self.freeze.startswith("last:") and
                                                          self.freeze[5:].isdigit()):
-            raise UsageError(f"--freeze must be head, last:N or none, got '{self.freeze}'")
+            raise UsageError(f"`freeze` must be head, last:N or none, got '{self.freeze}'")
         if not self.validate_epochs and self.early_stopping:
-            raise UsageError("validate_epochs=False needs early_stopping=False (early stopping scores every epoch)")
+            raise UsageError("`validate_epochs=False` needs `early_stopping=False` (early stopping scores every epoch)")
         unknown = set(self.augment) - set(AUGMENTATIONS)
         if unknown:
             raise UsageError(f"unknown augmentation {sorted(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         if not 0 < self.val_size < 1:
-            raise UsageError(f"--val-size must be between 0 and 1, got {self.val_size}")
+            raise UsageError(f"`val_size` must be between 0 and 1, got {self.val_size}")
         if self.lr_head <= 0 or self.lr_backbone < 0:
             raise UsageError("learning rates must be positive")
 

@@ -267,8 +267,8 @@ class ClassMapping:
                          f"{_shown(shared, self._name)}")
         if self.source == "class names":
             return f"class names do not map onto ImageNet classes: {'; '.join(parts)}; " \
-                   "rename the folders or give --imagenet-map CSV"
-        return f"--imagenet-map {self.source}: {'; '.join(parts)}; fix the CSV"
+                   "rename the folders or give an `imagenet_map` CSV"
+        return f"`imagenet_map` {self.source}: {'; '.join(parts)}; fix the CSV"
 
     def _name(self, index: int) -> str:
         for indices, names in zip(self.indices, self.imagenet_names, strict=True):
@@ -364,7 +364,7 @@ def map_classes(class_names: Sequence[str], imagenet: ImageNetHierarchy | None =
 def load_imagenet_map_csv(
     path: str | os.PathLike, class_names: Sequence[str], imagenet: ImageNetHierarchy | None = None
 ) -> ClassMapping:
-    """Read an explicit class -> ImageNet mapping (``--imagenet-map CSV``).
+    """Read an explicit class -> ImageNet mapping (the `imagenet_map` CSV of `classify` and `compare`).
 
     Each row is ``class,imagenet_class``; a class may have several rows (their ImageNet classes add up). The
     ImageNet class is an index 0-999, a wnid (``n02219486``; a wnid above classes, such as dog's
@@ -586,7 +586,7 @@ def _singulars(key: str) -> list[str]:
 
 def _check_names(class_names: Sequence[str]) -> list[str]:
     if isinstance(class_names, str):
-        raise UsageError("class_names must be a sequence of names, not a single string")
+        raise UsageError("`class_names` must be a sequence of names, not a single string")
     names = list(class_names)
     bad = [n for n in names if not isinstance(n, str)]
     if bad:
