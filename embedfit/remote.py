@@ -19,6 +19,11 @@ Everything that touches a URL goes through here, so the rest of embedfit keeps w
   or the new complete one, never a partial file. The lock is local: writers on different machines are not kept
   apart, although a store that changed on the remote while a run worked is not overwritten, and a new store is
   created with a conditional put (``If-None-Match``) on S3.
+* A sharded store (`embedfit.shards`) travels as its manifest plus ``<store>.shards/``: reading downloads the shards
+  the manifest names (once each: a shard never changes after it is written); writing uploads the new shards first
+  and the manifest last, then deletes the shards it no longer names, so a reader never meets a manifest whose
+  shards are not there. The shards are staged on the driver's disk, so Ray workers on other machines need that
+  staging folder shared (one machine, or a shared filesystem).
 
 Credentials come from the backend's usual configuration (environment, ``~/.aws``, instance roles); embedfit never
 records them: URLs are written into stores and run directories through `redact`.
@@ -360,6 +365,60 @@ def _read_source(local: Path) -> dict[str, Any] | None:
     return data
 
 
+def _shard_names(local: Path) -> list[str]:
+    """The shard files a manifest names ([] for a single-file store): they travel with it (`embedfit.shards`)."""
+    import h5py
+
+    from embedfit.shards import LAYOUT
+
+    try:
+        with h5py.File(local, "r") as f:
+            layout = f.attrs.get("layout", "")
+            if (layout.decode() if isinstance(layout, bytes) else layout) != LAYOUT:
+                return []
+            return list(json.loads(f.attrs.get("shards", "[]")))
+    except (OSError, ValueError):
+        return []
+
+
+def _get_shards(fs: Any, path: str, url: str, local: Path) -> None:
+    """Download the shards the manifest at `local` names and the folder beside it lacks. A shard never changes
+    once written (its name is fixed by run and sequence), so one present by name is current."""
+    from embedfit.shards import shards_dir
+
+    folder = shards_dir(local)
+    for name in _shard_names(local):
+        target = folder / name
+        if not target.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{name}.{os.getpid()}.download"
+            try:
+                fs.get_file(f"{path}.shards/{name}", str(tmp))
+                os.replace(tmp, target)
+            except Exception as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise StoreError(f"cannot download shard {name} of {redact(url)}: {_errors('it')(exc)}") from None
+
+
+def _put_shards(fs: Any, path: str, url: str, local: Path) -> list[str]:
+    """Upload the shards the committed manifest at `local` names that the remote folder lacks (before the
+    manifest, so a reader never finds a manifest without its shards); returns the remote shards it no longer
+    names, for deletion after the manifest is in place."""
+    from embedfit.shards import shards_dir
+
+    names = _shard_names(local)
+    remote = f"{path}.shards"
+    try:
+        there = {posixpath.basename(p) for p in fs.ls(remote, detail=False)} if fs.exists(remote) else set()
+    except FileNotFoundError:
+        there = set()
+    for name in names:
+        if name not in there:
+            fs.put_file(str(shards_dir(local) / name), f"{remote}/{name}")
+    return sorted(n for n in there if n.startswith("shard-") and n not in set(names))
+
+
 def open_store(url: str) -> Any:
     """Open a store on object storage through a local copy (downloaded unless the cached copy is current).
 
@@ -384,6 +443,7 @@ def open_store(url: str) -> Any:
     local = _slot("stores", url) / posixpath.basename(path.rstrip("/"))
     if not local.is_file() or _read_source(local) != identity:
         _download(fs, path, url, local, identity)
+    _get_shards(fs, path, url, local)  # a sharded store: the shards its manifest names, once each
     store = _remote_store_class(FeatureStore).open(local)
     store.url = redact(url)
     return store
@@ -442,6 +502,8 @@ def staged_store(url: str, *, overwrite: bool = False) -> Iterator[Path]:
                 _source_file(local).unlink()
         elif not overwrite and (not local.is_file() or _read_source(local) != before):
             _download(fs, path, url, local, before)
+        if before is not None and not overwrite:
+            _get_shards(fs, path, url, local)
         state = _state(local)
         try:
             yield local
@@ -467,11 +529,15 @@ def _upload(fs: Any, path: str, url: str, local: Path, before: dict[str, Any] | 
         raise StoreError(f"{shown} was changed by another writer while this run worked, so it was not overwritten; "
                          f"{keep}; re-run to resume from the other writer's store")
     try:
+        stale = _put_shards(fs, path, url, local)
         if before is None and fs.protocol and "s3" in fs.protocol:
             fs.put_file(str(local), path, mode="create")  # If-None-Match: two first writers cannot both win
         else:
             fs.put_file(str(local), path)
         _write_source(local, url, _identity(fs.info(path)))
+        for name in stale:  # superseded shards, as a local commit deletes them
+            with contextlib.suppress(Exception):
+                fs.rm_file(f"{path}.shards/{name}")
     except FileExistsError:
         raise StoreError(f"{shown} was created by another writer while this run worked, so it was not "
                          f"overwritten; {keep}") from None

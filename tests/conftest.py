@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +83,47 @@ def shared_store(shared_tree: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("store") / "feats.h5"
     extract(shared_tree, out, workers=0)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# object storage: moto's S3 server (test_remote.py, test_distributed.py)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free local port; s3fs (and any subprocess) finds it through the environment."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+                           "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
+            mp.setenv(key, value)
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+
+
+_BUCKETS = iter(range(10_000))
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> tuple[object, str]:
+    """(s3fs filesystem, bucket name): a fresh bucket per test."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+    name = f"embedfit-test-{next(_BUCKETS)}"
+    fs.mkdir(name)
+    return fs, name

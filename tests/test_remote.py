@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,45 +13,7 @@ from PIL import Image
 from embedfit.errors import DecodeError, StoreError, UsageError
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server on a free local port; s3fs (and any subprocess) finds it through the environment."""
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-                           "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
-            mp.setenv(key, value)
-        try:
-            yield endpoint
-        finally:
-            server.stop()
-
-
-_BUCKETS = iter(range(10_000))
-
-
-@pytest.fixture
-def bucket(s3_endpoint: str) -> tuple[object, str]:
-    """(s3fs filesystem, bucket name): a fresh bucket per test."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
-    name = f"embedfit-test-{next(_BUCKETS)}"
-    fs.mkdir(name)
-    return fs, name
+pytest.importorskip("moto.server")
 
 
 def _upload_tree(fs, root: Path, prefix: str) -> None:
@@ -235,3 +195,64 @@ def test_extract_fit_predict_report_on_s3(bucket: tuple[object, str], image_tree
     assert f"s3://{name}/images/gravel/new_b.jpg" in text and "truncated" in text
     assert main(["report", str(run), "-o", str(tmp_path / "report.html")]) == 0
     assert "Not available: no feature store" not in (tmp_path / "report.html").read_text()
+
+
+def test_a_sharded_store_travels_with_its_shards(bucket: tuple[object, str], image_tree: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sharded store on S3: the shards go up before the manifest, and a reader on a fresh machine gets them."""
+    from embedfit.extraction.local import extract
+    from embedfit.store import FeatureStore
+
+    fs, name = bucket
+    url = f"s3://{name}/feats.h5"
+    assert extract(image_tree, url, shard_size=5, workers=0).embedded == 12
+    first = sorted(fs.ls(f"{name}/feats.h5.shards", detail=False))
+    assert len(first) == 3 and fs.exists(f"{name}/feats.h5")  # 5 + 5 + 2 images
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another-machine"))  # nothing cached, nothing staged
+    store = FeatureStore.open(url)
+    local = extract(image_tree, tmp_path / "local.h5", workers=0)
+    assert local.embedded == 12 and store.attrs["layout"] == "sharded"
+    here = FeatureStore.open(tmp_path / "local.h5")
+    assert list(store.paths) == list(here.paths)
+    np.testing.assert_allclose(store.features(), here.features(), atol=1e-5)
+
+    # resumed from that machine: one new image is one new shard; the old shards are kept, none is copied twice
+    (image_tree / "brick" / "new.jpg").write_bytes(_jpeg_bytes(7))
+    summary = extract(image_tree, url, workers=0)
+    assert (summary.embedded, summary.reused) == (1, 12)
+    fs.invalidate_cache()
+    now = sorted(fs.ls(f"{name}/feats.h5.shards", detail=False))
+    assert len(now) == 4 and set(first) < set(now)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-third-machine"))
+    again = FeatureStore.open(url)
+    assert len(again) == 13 and again.complete and again.n_ok == 13
+
+
+@pytest.mark.ray
+def test_ray_engine_reads_images_from_and_writes_its_store_to_s3(bucket: tuple[object, str], shared_tree: Path,
+                                                                 shared_store: Path, tmp_path: Path) -> None:
+    """`--engine ray` with the images and the store in a bucket: the actors read objects, the store is sharded.
+    The cluster is the driver's own (its own temp dir), started with the environment that holds the credentials,
+    as a real cluster's nodes have theirs: embedfit never ships credentials to workers."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from embedfit.store import FeatureStore
+
+    pytest.importorskip("ray")
+    fs, name = bucket
+    _upload_tree(fs, shared_tree, f"{name}/images")
+    url = f"s3://{name}/feats.h5"
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp"), "RAY_ADDRESS": ""}
+    run = subprocess.run([sys.executable, "-m", "embedfit", "extract", f"s3://{name}/images", "-o", url,
+                          "--engine", "ray", "--ray-workers", "2", "--shard-size", "10"],
+                         capture_output=True, text=True, timeout=400, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(fs.ls(f"{name}/feats.h5.shards", detail=False)) == 3  # 10 + 10 + 4 images
+    store, here = FeatureStore.open(url), FeatureStore.open(shared_store)
+    assert store.attrs["engine"] == "ray" and store.attrs["root"] == f"s3://{name}/images"
+    assert list(store.paths) == list(here.paths) and store.complete
+    np.testing.assert_allclose(store.features(), here.features(), atol=1e-5)

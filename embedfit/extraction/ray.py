@@ -157,7 +157,7 @@ class _ShardWorker:
         if marker and not Path(marker).exists():  # test hook: die mid-run once, as a preempted worker would
             Path(marker).write_text("killed")
             os._exit(1)
-        records = [ImageRecord(Path(p), k, lb, s, m) for p, k, lb, s, m in items]
+        records = [ImageRecord(p if is_url(p) else Path(p), k, lb, s, m) for p, k, lb, s, m in items]  # URLs stay
         c = self.config
         batches = list(iter_embeddings(records, self.encoder, batch_size=c.batch_size, workers=0,
                                        jpeg_draft=c.jpeg_draft, max_pixels=c.max_pixels, decode=c.decode,
