@@ -22,8 +22,8 @@ Everything that touches a URL goes through here, so the rest of embedfit keeps w
 * A sharded store (`embedfit.shards`) travels as its manifest plus ``<store>.shards/``: reading downloads the shards
   the manifest names (once each: a shard never changes after it is written); writing uploads the new shards first
   and the manifest last, then deletes the shards it no longer names, so a reader never meets a manifest whose
-  shards are not there. The shards are staged on the driver's disk, so Ray workers on other machines need that
-  staging folder shared (one machine, or a shared filesystem).
+  shards are not there. On Ray, each worker uploads the shards it writes (`put_file`), so no filesystem needs to
+  be shared; the driver downloads each one (`get_file`) into its staging folder to build the manifest.
 
 Credentials come from the backend's usual configuration (environment, ``~/.aws``, instance roles); embedfit never
 records them: URLs are written into stores and run directories through `redact`.
@@ -381,6 +381,30 @@ def _shard_names(local: Path) -> list[str]:
         return []
 
 
+def put_file(local: str | os.PathLike, url: str) -> None:
+    """Upload one finished file whole (one PUT: the object is absent or complete); a failure is a `StoreError`."""
+    fs, path = _fs(url)
+    try:
+        fs.put_file(str(local), path)
+    except Exception as exc:
+        raise StoreError(f"cannot upload {Path(local).name} to {redact(url)}: {_errors('it')(exc)}") from None
+
+
+def get_file(url: str, local: str | os.PathLike) -> None:
+    """Download one object to `local` (a temporary name, then renamed: absent or complete)."""
+    fs, path = _fs(url)
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.download")
+    try:
+        fs.get_file(path, str(tmp))
+        os.replace(tmp, local)
+    except Exception as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StoreError(f"cannot download {redact(url)}: {_errors('it')(exc)}") from None
+
+
 def _get_shards(fs: Any, path: str, url: str, local: Path) -> None:
     """Download the shards the manifest at `local` names and the folder beside it lacks. A shard never changes
     once written (its name is fixed by run and sequence), so one present by name is current."""
@@ -388,17 +412,8 @@ def _get_shards(fs: Any, path: str, url: str, local: Path) -> None:
 
     folder = shards_dir(local)
     for name in _shard_names(local):
-        target = folder / name
-        if not target.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{name}.{os.getpid()}.download"
-            try:
-                fs.get_file(f"{path}.shards/{name}", str(tmp))
-                os.replace(tmp, target)
-            except Exception as exc:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise StoreError(f"cannot download shard {name} of {redact(url)}: {_errors('it')(exc)}") from None
+        if not (folder / name).is_file():
+            get_file(f"{url}.shards/{name}", folder / name)
 
 
 def _put_shards(fs: Any, path: str, url: str, local: Path) -> list[str]:

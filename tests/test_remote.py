@@ -232,7 +232,7 @@ def test_a_sharded_store_travels_with_its_shards(bucket: tuple[object, str], ima
 @pytest.mark.ray
 def test_ray_engine_reads_images_from_and_writes_its_store_to_s3(bucket: tuple[object, str], shared_tree: Path,
                                                                  shared_store: Path, tmp_path: Path) -> None:
-    """`--engine ray` with the images and the store in a bucket: the actors read objects, the store is sharded.
+    """`--engine ray` with the images and the store in a bucket: the actors read objects and upload their shards.
     The cluster is the driver's own (its own temp dir), started with the environment that holds the credentials,
     as a real cluster's nodes have theirs: embedfit never ships credentials to workers."""
     import os

@@ -23,6 +23,7 @@ import dataclasses
 import importlib.util
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from embedfit.errors import EmbedfitError, UsageError
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary
 from embedfit.extraction.writer import FeatureWriter, raise_for_stop, settings_if_same_request
 from embedfit.images import ImageRecord, ImageSource, scan_images
-from embedfit.remote import is_url, local_or_url, with_staged_store
+from embedfit.remote import get_file, is_url, local_or_url, put_file, with_staged_store
 from embedfit.store import StoreSettings
 
 _TEST_KILL_ONCE = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # tests: path of a marker; the first shard's actor exits hard
@@ -144,7 +145,8 @@ class _ShardWorker:
         """Embed the images of shard `name` (path, key, label, size, mtime each) and write the shard.
 
         `target` (settings, shards folder, class names, provenance) comes with every call, not once, so that an
-        actor Ray restarts (which runs only `__init__` again) writes the same shards.
+        actor Ray restarts (which runs only `__init__` again) writes the same shards. The folder is a path every
+        worker can write (a shared filesystem) or a URL on object storage, where the shard is uploaded whole.
         """
         settings, folder, class_names, provenance = target
         import numpy as np
@@ -163,12 +165,17 @@ class _ShardWorker:
                                        jpeg_draft=c.jpeg_draft, max_pixels=c.max_pixels, decode=c.decode,
                                        decode_thread=True))
         errors = [e for b in batches for e in b.errors]
-        write_shard(folder, name, settings, [r.key for r in records],
-                    [class_names[r.label] if r.label >= 0 else "" for r in records],
-                    [r.size for r in records], [r.mtime_ns for r in records], [FAILED if e else OK for e in errors],
-                    errors, np.concatenate([b.features for b in batches]),
-                    {**provenance, "runtime": self.encoder.runtime})
-        return {"rows": len(records), "failures": [(r.key, e) for r, e in zip(records, errors, strict=True) if e]}
+        args = (name, settings, [r.key for r in records],
+                [class_names[r.label] if r.label >= 0 else "" for r in records], [r.size for r in records],
+                [r.mtime_ns for r in records], [FAILED if e else OK for e in errors], errors,
+                np.concatenate([b.features for b in batches]), {**provenance, "runtime": self.encoder.runtime})
+        if is_url(folder):  # the store is on object storage: written here, uploaded whole (one PUT)
+            with tempfile.TemporaryDirectory(prefix="embedfit-shard-") as local:
+                put_file(write_shard(local, *args), f"{folder}/{name}")
+        else:
+            write_shard(folder, *args)
+        return {"name": name, "rows": len(records),
+                "failures": [(r.key, e) for r, e in zip(records, errors, strict=True) if e]}
 
 
 def _check_options(config: ExtractConfig, num_gpus_per_worker: float) -> None:
@@ -193,8 +200,8 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
 
     Args:
         source: Image folder or CSV, at the same path on every node (a shared filesystem).
-        output: The store's manifest; its shards go to ``<output>.shards/``, which every node must be able to
-            write (the same shared filesystem).
+        output: The store's manifest; its shards go to ``<output>.shards/``: on a shared filesystem every node
+            can write, or on object storage (``s3://...``), where each worker uploads the shards it writes.
         config: Extraction settings (keyword `options` override fields); `config.shard_size` defaults to 1024.
         address: Ray cluster address (see `connect`).
         num_workers: Embedding actors (one model each).
@@ -208,15 +215,23 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
             embedfit.
         ExtractionInterrupted: Ctrl-C or `max_failures`; finished shards are kept and the run can resume.
     """
-    started = time.perf_counter()
-    ray = _ray()
     config = dataclasses.replace(config or ExtractConfig(), **options)
     output = local_or_url(output)
-    if is_url(output):  # object storage: a local staging copy, uploaded whole when committed (embedfit.remote)
-        return with_staged_store(output, config.overwrite, lambda local: extract_ray(
-            source, local, config, address=address, num_workers=num_workers,
-            num_gpus_per_worker=num_gpus_per_worker, cpus_per_worker=cpus_per_worker, pin_cpus=pin_cpus,
-            class_names=class_names))
+    cluster = {"address": address, "num_workers": num_workers, "num_gpus_per_worker": num_gpus_per_worker,
+               "cpus_per_worker": cpus_per_worker, "pin_cpus": pin_cpus}
+    if is_url(output):  # object storage: the manifest is staged locally and uploaded when committed; the workers
+        # upload their shards themselves (embedfit.remote), so no filesystem needs to be shared
+        return with_staged_store(output, config.overwrite, lambda local: _extract_ray(
+            source, local, config, class_names=class_names, shards_url=f"{output}.shards", **cluster))
+    return _extract_ray(source, output, config, class_names=class_names, **cluster)
+
+
+def _extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig, *,
+                 address: str | None, num_workers: int, num_gpus_per_worker: float, cpus_per_worker: int,
+                 pin_cpus: bool, class_names: list[str] | None, shards_url: str | None = None) -> ExtractSummary:
+    """`extract_ray` on a local manifest path; `shards_url`: where the workers upload shards (object storage)."""
+    started = time.perf_counter()
+    ray = _ray()
     if num_workers < 1 or cpus_per_worker < 1:
         raise UsageError(f"`num_workers` and `cpus_per_worker` must be at least 1, got {num_workers} and "
                          f"{cpus_per_worker}")
@@ -242,7 +257,8 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
         spec, runtime = _spec_of(ray, actors)
         ready = time.perf_counter() - started
         summary = _extract_shards(ray, actors, source, output, config, images, spec, shard_size, started,
-                                  f"ray ({num_workers} x {device}, {cpus_per_worker} CPU each)", runtime)
+                                  f"ray ({num_workers} x {device}, {cpus_per_worker} CPU each)", runtime,
+                                  shards_url)
         summary.startup_seconds = ready
         return summary
     finally:
@@ -278,8 +294,12 @@ def _spec_of(ray: Any, actors: list[Any]) -> tuple[BackboneSpec, str]:
 
 def _extract_shards(ray: Any, actors: list[Any], source: str | os.PathLike, output: str | os.PathLike,
                     config: ExtractConfig, images: ImageSource, spec: BackboneSpec, shard_size: int, started: float,
-                    device: str, runtime: str) -> ExtractSummary:
-    """Plan the resume for `spec`, hand the shards to the actors, count what they wrote, commit the manifest."""
+                    device: str, runtime: str, shards_url: str | None) -> ExtractSummary:
+    """Plan the resume for `spec`, hand the shards to the actors, count what they wrote, commit the manifest.
+
+    With `shards_url` the actors upload their shards there, and each is downloaded into the local shards folder
+    as it is reported, for the manifest (the commit reads the shards' per-row metadata).
+    """
     from ray.util import ActorPool
 
     from embedfit.extraction.local import _StopOnSigint
@@ -292,7 +312,7 @@ def _extract_shards(ray: Any, actors: list[Any], source: str | os.PathLike, outp
         summary.device, summary.runtime = device, runtime
         provenance = {"device": device, "engine": "ray", "decode": config.decode}
         store = writer.store
-        target = ray.put((settings, str(store.parts), list(images.class_names), provenance))
+        target = ray.put((settings, shards_url or str(store.parts), list(images.class_names), provenance))
         todo = sorted(writer.todo, key=lambda r: r.key)  # shards hold contiguous key ranges: one VDS map each
         shards = [(store.shard_name(i // shard_size),
                    [(str(r.path), r.key, r.label, r.size, r.mtime_ns) for r in todo[i:i + shard_size]])
@@ -302,6 +322,8 @@ def _extract_shards(ray: Any, actors: list[Any], source: str | os.PathLike, outp
         try:
             with _StopOnSigint() as sigint:
                 for result in ActorPool(actors).map_unordered(lambda a, shard: a.run.remote(*shard, target), shards):
+                    if shards_url:
+                        get_file(f"{shards_url}/{result['name']}", store.parts / result["name"])
                     writer.add_written(result["rows"], result["failures"])
                     progress.advance(result["rows"])
                     stop_reason = writer.stop_reason(config.max_failures, source, sigint)
