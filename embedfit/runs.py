@@ -11,13 +11,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import datetime as _dt
 import hashlib
 import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,23 +50,75 @@ TRUSTED_TYPES = (
 
 
 def skops_io() -> Any:
-    """`skops.io`, imported without importing torch.
+    """`skops.io`, imported in a fraction of its usual time: without torch, and without scikit-learn's estimator list.
 
-    skops lists scikit-learn's estimators at import (`all_estimators`, which walks every scikit-learn package), and
-    walking `sklearn.externals.array_api_compat.torch` imports torch: seconds, for a fit that never uses it. While
-    torch is not loaded, that one package is hidden for the walk (pkgutil skips packages that fail to import) and
-    restored at once, so the array-API path can still import it later.
+    At import, skops lists scikit-learn's estimators (`all_estimators`, which walks and imports every scikit-learn
+    package, pytest included, ~0.6 s) for its default trust list, and walking `sklearn.externals.array_api_compat.
+    torch` imports torch (seconds). While torch is not loaded, that one package is hidden for the import and restored
+    at once. And the estimator list becomes `_SklearnTypeNames`, built on first use by any other caller of skops in
+    this process (so its behaviour is unchanged), while embedfit's own checks (`_own_audit`) go without it: they
+    trust every class defined in scikit-learn themselves (`untrusted_types`), a superset of that list.
     """
+    if "skops.io" in sys.modules:
+        return sys.modules["skops.io"]
+    import sklearn.utils
+
     blocked = "sklearn.externals.array_api_compat.torch"
-    hide = "torch" not in sys.modules and "skops.io" not in sys.modules and blocked not in sys.modules
+    hide = "torch" not in sys.modules and blocked not in sys.modules
     if hide:
         sys.modules[blocked] = None  # type: ignore[assignment]
+    listing = sklearn.utils.all_estimators
+    sklearn.utils.all_estimators = lambda *args, **kwargs: []  # type: ignore[assignment]
     try:
         import skops.io
+        import skops.io._general
+        import skops.io._trusted_types
     finally:
+        sklearn.utils.all_estimators = listing
         if hide and sys.modules.get(blocked, 0) is None:
             del sys.modules[blocked]
+    names = _SklearnTypeNames()
+    for module in (skops.io._general, skops.io._trusted_types):
+        if getattr(module, "SKLEARN_ESTIMATOR_TYPE_NAMES", None) == []:
+            module.SKLEARN_ESTIMATOR_TYPE_NAMES = names
     return skops.io
+
+
+_OWN_AUDIT = contextvars.ContextVar("embedfit_own_skops_audit", default=False)
+
+
+@contextlib.contextmanager
+def _own_audit() -> Iterator[None]:
+    """embedfit's own skops calls: skops' default list of scikit-learn estimators is not needed (see `skops_io`)."""
+    token = _OWN_AUDIT.set(True)
+    try:
+        yield
+    finally:
+        _OWN_AUDIT.reset(token)
+
+
+class _SklearnTypeNames(Sequence[str]):
+    """skops' `SKLEARN_ESTIMATOR_TYPE_NAMES`, computed as skops does on first use; empty inside `_own_audit`."""
+
+    def __init__(self) -> None:
+        self._names: list[str] | None = None
+
+    def _get(self) -> list[str]:
+        if self._names is None:
+            from sklearn.utils import all_estimators
+            from skops.io._utils import get_type_name
+
+            self._names = [n for _, cls in all_estimators() if (n := get_type_name(cls)).startswith("sklearn.")]
+        return self._names
+
+    def __add__(self, other: Sequence[str]) -> list[str]:  # skops: `SKLEARN_ESTIMATOR_TYPE_NAMES + [...]`
+        return list(other) if _OWN_AUDIT.get() else self._get() + list(other)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._get()[index]
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 def untrusted_types(types: list[str]) -> list[str]:
@@ -106,7 +160,8 @@ def save_run(run_dir: str | Path, pipeline: Pipeline, *, model: str, params: dic
     model_path = run_dir / "model.skops"
     tmp = run_dir / ".model.skops.tmp"
     sio.dump(pipeline, tmp)
-    untrusted = untrusted_types(sio.get_untrusted_types(file=tmp))
+    with _own_audit():
+        untrusted = untrusted_types(sio.get_untrusted_types(file=tmp))
     if untrusted:  # our own pipelines must only contain allow-listed types
         tmp.unlink()
         raise ModelFileError(f"refusing to save a model containing unvetted types: {sorted(untrusted)}")
@@ -246,7 +301,8 @@ def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
 
     meta, path = model_file(run_dir, "sklearn")
     try:
-        untrusted = set(sio.get_untrusted_types(file=path))
+        with _own_audit():
+            untrusted = set(sio.get_untrusted_types(file=path))
     except Exception as exc:  # a pickle, a joblib file or garbage: never unpickle it
         raise ModelFileError(f"{path} is not a skops model file ({type(exc).__name__}); refusing to load it") \
             from None
@@ -255,7 +311,8 @@ def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
         raise ModelFileError(f"{path} contains types outside embedfit's allow-list: {sorted(unexpected)[:3]}; "
                              "refusing to load it")
     try:
-        pipeline = sio.load(path, trusted=sorted(untrusted))
+        with _own_audit():
+            pipeline = sio.load(path, trusted=sorted(untrusted))
     except Exception as exc:
         raise ModelFileError(f"cannot load {path}: {exc}") from None
     check_fitted(pipeline, class_names=list(meta["class_names"]),

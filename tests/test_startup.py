@@ -48,3 +48,19 @@ def test_lazy_names_resolve() -> None:
     assert callable(embedfit.extract) and callable(embedfit.fit) and callable(embedfit.predict)
     with pytest.raises(AttributeError):
         embedfit.no_such_name  # noqa: B018
+
+
+def test_a_fit_imports_neither_torch_nor_the_whole_of_scikit_learn(shared_store: Path, tmp_path: Path) -> None:
+    """skops' import-time walk of every scikit-learn package (and pytest, and torch through the array API) is
+    skipped; skops used directly afterwards still trusts scikit-learn's estimators by default, as it does alone."""
+    code = ("from embedfit.fitting.cv import fit\n"
+            f"fit({str(shared_store)!r}, 'logreg', cv=2, output={str(tmp_path / 'run')!r})\n"
+            "import sys; walked = [m for m in ('torch', 'pytest', 'sklearn.datasets', 'sklearn.mixture') "
+            "if m in sys.modules]\n"
+            "import skops.io as sio\nfrom sklearn.ensemble import RandomForestClassifier\n"
+            "assert sio.get_untrusted_types(data=sio.dumps(RandomForestClassifier())) == [], 'default trust'\n"
+            "from embedfit.runs import load_model\nload_model(" + repr(str(tmp_path / "run")) + ")\n"
+            "print(walked)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
