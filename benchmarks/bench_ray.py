@@ -1,7 +1,7 @@
 """Scale-out measurements: Ray extraction with 1 and 2 actors against the local engine, and out-of-core SGD.
 
 Usage:
-    python benchmarks/bench_ray.py --images 1000 --memory-images 1000,10000   # Ray vs local, scaling, driver RSS
+    python benchmarks/bench_ray.py --images 1000 --memory-images 1000,10000 --shard-size 50  # Ray vs local, RSS
     python benchmarks/bench_ray.py --part ooc --rows 200000  # out-of-core fit on a synthetic store
 """
 
@@ -234,7 +234,8 @@ def main() -> None:
     parser.add_argument("--part", choices=("ray", "shards", "ooc", "all"), default="ray")
     parser.add_argument("--shards", type=int, default=100, help="shards for --part shards")
     parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--shard-size", type=int, default=125)
+    parser.add_argument("--shard-size", type=int, default=50,
+                        help="images per shard (20 shards of 1,000 images keep two actors evenly loaded to the end)")
     parser.add_argument("--memory-images", default="1000,10000", help="image counts for the driver-memory runs")
     parser.add_argument("--rows", type=int, default=200000)
     parser.add_argument("--classes", type=int, default=10)
