@@ -332,17 +332,9 @@ def _remote_info(fs: Any, path: str, url: str, error: type[Exception] = StoreErr
         raise error(f"cannot reach {redact(url)}: {_errors('it')(exc)}") from None
 
 
-def _download(fs: Any, path: str, url: str, local: Path, identity: dict[str, Any]) -> None:
-    """Copy the object to `local` (a temporary name, then renamed) and record what was copied beside it."""
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.{os.getpid()}.download")
-    try:
-        fs.get_file(path, str(tmp))
-        os.replace(tmp, local)
-    except Exception as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise StoreError(f"cannot download {redact(url)} to {local.parent}: {_errors('it')(exc)}") from None
+def _download(url: str, local: Path, identity: dict[str, Any]) -> None:
+    """Copy the object to `local` (`get_file`) and record what was copied beside it."""
+    get_file(url, local)
     _write_source(local, url, identity)
 
 
@@ -402,7 +394,7 @@ def get_file(url: str, local: str | os.PathLike) -> None:
     except Exception as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise StoreError(f"cannot download {redact(url)}: {_errors('it')(exc)}") from None
+        raise StoreError(f"cannot download {redact(url)} to {local.parent}: {_errors('it')(exc)}") from None
 
 
 def _get_shards(fs: Any, path: str, url: str, local: Path) -> None:
@@ -457,7 +449,7 @@ def open_store(url: str) -> Any:
     identity = _identity(info)
     local = _slot("stores", url) / posixpath.basename(path.rstrip("/"))
     if not local.is_file() or _read_source(local) != identity:
-        _download(fs, path, url, local, identity)
+        _download(url, local, identity)
     _get_shards(fs, path, url, local)  # a sharded store: the shards its manifest names, once each
     store = _remote_store_class(FeatureStore).open(local)
     store.url = redact(url)
@@ -516,7 +508,7 @@ def staged_store(url: str, *, overwrite: bool = False) -> Iterator[Path]:
                     local.unlink()
                 _source_file(local).unlink()
         elif not overwrite and (not local.is_file() or _read_source(local) != before):
-            _download(fs, path, url, local, before)
+            _download(url, local, before)
         if before is not None and not overwrite:
             _get_shards(fs, path, url, local)
         state = _state(local)
