@@ -199,7 +199,8 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
     """`embedfit.extract` on a Ray cluster: a sharded store written by the workers, same resume, same rows.
 
     Args:
-        source: Image folder or CSV, at the same path on every node (a shared filesystem).
+        source: Image folder or CSV, at the same path on every node (a shared filesystem), or a URL on object
+            storage (``s3://bucket/prefix``), which every node reads with its own credentials.
         output: The store's manifest; its shards go to ``<output>.shards/``: on a shared filesystem every node
             can write, or on object storage (``s3://...``), where each worker uploads the shards it writes.
         config: Extraction settings (keyword `options` override fields); `config.shard_size` defaults to 1024.
@@ -251,7 +252,7 @@ def _extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: E
     connect(address, runtime_env=_runtime_env())
     actor = ray.remote(_ShardWorker).options(num_cpus=cpus_per_worker, num_gpus=num_gpus_per_worker or None,
                                              max_restarts=-1, max_task_retries=-1)
-    # The actors load their models while the driver waits for the first of them: the spec comes from there.
+    # The actors load their models while the driver waits: the spec comes from them (the driver needs no torch).
     actors = [actor.remote(config, device, cpus_per_worker, i if pin_cpus else None) for i in range(num_workers)]
     try:
         spec, runtime = _spec_of(ray, actors)
