@@ -45,6 +45,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import stat
 import time
 from collections.abc import Iterator, Sequence
@@ -791,6 +792,9 @@ class StoreWriter:
                 part.unlink()
         with contextlib.suppress(OSError):
             self.parts.rmdir()
+        shards = self.path.with_name(self.path.name + ".shards")  # of a sharded store this file replaced (overwrite)
+        if shards.is_dir():
+            shutil.rmtree(shards, ignore_errors=True)
         self._part_paths, self._stale_parts = [], []
         if self._previous is not None:
             self._previous.close()
