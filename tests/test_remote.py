@@ -256,3 +256,21 @@ def test_ray_engine_reads_images_from_and_writes_its_store_to_s3(bucket: tuple[o
     assert store.attrs["engine"] == "ray" and store.attrs["root"] == f"s3://{name}/images"
     assert list(store.paths) == list(here.paths) and store.complete
     np.testing.assert_allclose(store.features(), here.features(), atol=1e-5)
+
+
+def test_workers_reading_object_storage_start_from_a_fork_server(image_tree: Path) -> None:
+    """A worker forked from a process whose fsspec/aiobotocore threads hold a lock hangs in its first read (seen
+    in the suite); workers that read URLs start from a clean fork server, local files keep the cheap fork."""
+    import torch
+
+    from embedfit.backbones.registry import create_backbone
+    from embedfit.extraction.reader import ImageDataset, image_loader
+    from embedfit.images import ImageRecord
+
+    spec = create_backbone("efficientnet_lite0").spec
+    local = [ImageRecord(p, p.name, 0, p.stat().st_size, 0) for p in sorted(image_tree.rglob("*.jpg"))]
+    remote = [ImageRecord(f"s3://bucket/{r.key}", r.key, 0, r.size, 0) for r in local]
+    cpu = torch.device("cpu")
+    assert image_loader(ImageDataset(local, spec), 4, 1, cpu).multiprocessing_context is None
+    context = image_loader(ImageDataset(remote, spec), 4, 1, cpu).multiprocessing_context
+    assert context is not None and context.get_start_method() == "forkserver"

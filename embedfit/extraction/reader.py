@@ -11,6 +11,7 @@ import contextlib
 import functools
 import io
 import logging
+import multiprocessing
 import os
 import signal
 import warnings
@@ -192,12 +193,27 @@ def image_loader(dataset: ImageDataset, batch_size: int, workers: int, device: t
     workers, note = cap_workers(workers, -(-len(dataset) // transfer))
     if note:
         log.info(note)
+    remote = workers and any(isinstance(r.path, str) and is_url(r.path) for r in dataset.records)
     return DataLoader(
         dataset, batch_size=transfer, shuffle=False, num_workers=workers, collate_fn=_collate,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", multiprocessing_context=_forkserver() if remote else None,
         worker_init_fn=functools.partial(_worker_init, niceness=worker_niceness(device)) if workers else None,
         prefetch_factor=prefetch_factor(transfer) if workers else None, persistent_workers=False,
     )
+
+
+@functools.cache
+def _forkserver() -> multiprocessing.context.BaseContext:
+    """Workers that read object storage start from a fork server, not a fork of this process.
+
+    Listing a bucket leaves fsspec's event-loop thread and aiobotocore's executor threads running here; a worker
+    forked while one of them holds a lock inherits it held, and hung for good in its first read (seen in the test
+    suite: the worker's new loop thread waited forever while loading botocore's data). The fork server is a clean
+    single-threaded process with this module (and torch) imported once, so workers still start in milliseconds.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["embedfit.extraction.reader"])
+    return context
 
 
 def worker_niceness(device: torch.device) -> int:
