@@ -4,40 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from embedfit.errors import EmbedfitError
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, resolve_device
-from embedfit.extraction.writer import FeatureWriter, raise_for_stop, settings_if_same_request
+from embedfit.extraction.writer import FeatureWriter, settings_if_same_request
 from embedfit.images import scan_images
-from embedfit.progress import Progress
 from embedfit.store import StoreSettings
-
-
-class _StopOnSigint:
-    """First Ctrl-C asks the loop to stop after the current batch; a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopOnSigint:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, *_: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def extract(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig | None = None,
@@ -81,7 +55,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
                 return writer.summary
     # Only now the model's libraries (torch, timm: seconds to import).
     from embedfit.backbones.registry import create_backbone
-    from embedfit.extraction.encoder import Encoder, iter_embeddings
+    from embedfit.extraction.encoder import BatchResult, Encoder, iter_embeddings
 
     device = resolve_device(config.device)
     backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool,
@@ -100,27 +74,15 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         writer.set_provenance(**provenance)
 
         start = time.perf_counter()
-        progress = Progress("embedding", len(writer.todo), enabled=config.progress, unit="images")
-        stop_reason = ""
-        try:
-            with _StopOnSigint() as sigint:
-                for batch in iter_embeddings(writer.todo, encoder, batch_size=config.batch_size,
-                                             workers=config.workers, jpeg_draft=config.jpeg_draft,
-                                             max_pixels=config.max_pixels, decode=config.decode):
-                    writer.add(batch.records, batch.features, batch.errors)
-                    rate = writer.done / max(time.perf_counter() - start, 1e-9)
-                    progress.advance(len(batch.records), f"{rate:.1f} img/s")
-                    stop_reason = writer.stop_reason(config.max_failures, source, sigint)
-                    if stop_reason:
-                        break
-        except KeyboardInterrupt:
-            stop_reason = "interrupted"
-        except EmbedfitError:
-            writer.commit(complete=False, **provenance)  # keep what was done, then report the error
-            raise
-        finally:
-            progress.close()
+
+        def add(batch: BatchResult) -> tuple[int, str]:
+            writer.add(batch.records, batch.features, batch.errors)
+            return len(batch.records), f"{writer.done / max(time.perf_counter() - start, 1e-9):.1f} img/s"
+
         # The store decides: complete when every image has a row, so a Ctrl-C that lands after the last batch
         # still leaves a complete store, and no error.
-        raise_for_stop(stop_reason, writer.commit(**provenance), output)
+        writer.run(iter_embeddings(writer.todo, encoder, batch_size=config.batch_size, workers=config.workers,
+                                   jpeg_draft=config.jpeg_draft, max_pixels=config.max_pixels,
+                                   decode=config.decode), add, config=config, source=source, output=output,
+                   provenance=provenance)
     return summary

@@ -32,7 +32,7 @@ from embedfit.backbones.catalogue import check_name
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import EmbedfitError, UsageError
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary
-from embedfit.extraction.writer import FeatureWriter, raise_for_stop, settings_if_same_request
+from embedfit.extraction.writer import FeatureWriter, settings_if_same_request
 from embedfit.images import ImageRecord, ImageSource, scan_images
 from embedfit.remote import get_file, is_url, local_or_url, put_file, with_staged_store
 from embedfit.store import StoreSettings
@@ -303,40 +303,27 @@ def _extract_shards(ray: Any, actors: list[Any], source: str | os.PathLike, outp
     """
     from ray.util import ActorPool
 
-    from embedfit.extraction.local import _StopOnSigint
-    from embedfit.progress import Progress
-
     settings = StoreSettings(spec, config.dtype, config.tta, config.precision)
     with FeatureWriter(output, settings, images, overwrite=config.overwrite, retry_failed=config.retry_failed,
                        shard_size=shard_size, started=started) as writer:
         summary = writer.summary
         summary.device, summary.runtime = device, runtime
-        provenance = {"device": device, "engine": "ray", "decode": config.decode}
+        provenance = {"device": device, "engine": "ray", "decode": config.decode, "runtime": runtime}
         store = writer.store
         target = ray.put((settings, shards_url or str(store.parts), list(images.class_names), provenance))
         todo = sorted(writer.todo, key=lambda r: r.key)  # shards hold contiguous key ranges: one VDS map each
         shards = [(store.shard_name(i // shard_size),
                    [(str(r.path), r.key, r.label, r.size, r.mtime_ns) for r in todo[i:i + shard_size]])
                   for i in range(0, len(todo), shard_size)]
-        progress = Progress("embedding", len(todo), enabled=config.progress, unit="images")
-        stop_reason = ""
-        try:
-            with _StopOnSigint() as sigint:
-                for result in ActorPool(actors).map_unordered(lambda a, shard: a.run.remote(*shard, target), shards):
-                    if shards_url:
-                        get_file(f"{shards_url}/{result['name']}", store.parts / result["name"])
-                    writer.add_written(result["rows"], result["failures"])
-                    progress.advance(result["rows"])
-                    stop_reason = writer.stop_reason(config.max_failures, source, sigint)
-                    if stop_reason:
-                        break
-        except KeyboardInterrupt:
-            stop_reason = "interrupted"
-        except EmbedfitError:
-            writer.commit(complete=False, **provenance)
-            raise
-        finally:
-            progress.close()
-            _kill(ray, actors)  # before the manifest: no shard is written after it
-        raise_for_stop(stop_reason, writer.commit(**provenance, runtime=summary.runtime), output)
+
+        def add(result: dict[str, Any]) -> tuple[int, str]:
+            if shards_url:
+                get_file(f"{shards_url}/{result['name']}", store.parts / result["name"])
+            writer.add_written(result["rows"], result["failures"])
+            return result["rows"], ""
+
+        # The actors are stopped before the manifest is committed: no shard is written after it.
+        writer.run(ActorPool(actors).map_unordered(lambda a, shard: a.run.remote(*shard, target), shards), add,
+                   config=config, source=source, output=output, provenance=provenance,
+                   stop=lambda: _kill(ray, actors))
     return summary

@@ -9,11 +9,13 @@ so a store means the same thing whichever engine made it.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +25,29 @@ from embedfit.images import ImageRecord, ImageSource
 from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
 
 _MAX_FAILURES_LISTED = 20
+T = TypeVar("T")
+
+
+class _StopOnSigint:
+    """First Ctrl-C asks the loop to stop after the current batch; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class FeatureWriter:
@@ -121,6 +146,47 @@ class FeatureWriter:
         """Why an engine's loop must stop after this batch: the failure limit, or a Ctrl-C (`sigint.requested`);
         else ""."""
         return self.over_failure_limit(limit, source) or ("interrupted" if sigint.requested else "")
+
+    def run(self, results: Iterable[T], add: Callable[[T], tuple[int, str]], *, config: ExtractConfig,
+            source: object, output: object, provenance: dict[str, Any],
+            stop: Callable[[], None] = lambda: None) -> None:
+        """An engine's loop and its ending, the same for every engine: hand each result to `add` (which records it
+        and returns the images it covered and a progress note), stop at the failure limit or a Ctrl-C, then
+        commit and raise what stopped the run (`raise_for_stop`).
+
+        Args:
+            results: The engine's results as they come (batches of embeddings, or shards its workers wrote).
+            add: Records one result; returns (images, progress note).
+            config: For `max_failures` and `progress`.
+            source: The input, named in the failure-limit message.
+            output: The store, named in the messages.
+            provenance: How this run makes rows, recorded by the commit.
+            stop: Stops the engine's workers; runs before any commit, so nothing is written after it.
+
+        Raises:
+            ExtractionInterrupted: Ctrl-C or the failure limit; what was done is committed.
+        """
+        from embedfit.progress import Progress
+
+        progress = Progress("embedding", len(self.todo), enabled=config.progress, unit="images")
+        stop_reason = ""
+        try:
+            try:
+                with _StopOnSigint() as sigint:
+                    for result in results:
+                        progress.advance(*add(result))
+                        stop_reason = self.stop_reason(config.max_failures, source, sigint)
+                        if stop_reason:
+                            break
+            finally:
+                progress.close()
+                stop()
+        except KeyboardInterrupt:
+            stop_reason = "interrupted"
+        except EmbedfitError:
+            self.commit(complete=False, **provenance)  # keep what was done, then report the error
+            raise
+        raise_for_stop(stop_reason, self.commit(**provenance), output)
 
     @property
     def done(self) -> int:
