@@ -362,13 +362,11 @@ def _shard_names(local: Path) -> list[str]:
     import h5py
 
     from embedfit.shards import LAYOUT
+    from embedfit.store import _attr
 
     try:
         with h5py.File(local, "r") as f:
-            layout = f.attrs.get("layout", "")
-            if (layout.decode() if isinstance(layout, bytes) else layout) != LAYOUT:
-                return []
-            return list(json.loads(f.attrs.get("shards", "[]")))
+            return list(json.loads(_attr(f.attrs, "shards", "[]"))) if _attr(f.attrs, "layout") == LAYOUT else []
     except (OSError, ValueError):
         return []
 
@@ -397,7 +395,7 @@ def get_file(url: str, local: str | os.PathLike) -> None:
         raise StoreError(f"cannot download {redact(url)} to {local.parent}: {_errors('it')(exc)}") from None
 
 
-def _get_shards(fs: Any, path: str, url: str, local: Path) -> None:
+def _get_shards(url: str, local: Path) -> None:
     """Download the shards the manifest at `local` names and the folder beside it lacks. A shard never changes
     once written (its name is fixed by run and sequence), so one present by name is current."""
     from embedfit.shards import shards_dir
@@ -408,7 +406,7 @@ def _get_shards(fs: Any, path: str, url: str, local: Path) -> None:
             get_file(f"{url}.shards/{name}", folder / name)
 
 
-def _put_shards(fs: Any, path: str, url: str, local: Path) -> list[str]:
+def _put_shards(fs: Any, path: str, local: Path) -> list[str]:
     """Upload the shards the committed manifest at `local` names that the remote folder lacks (before the
     manifest, so a reader never finds a manifest without its shards); returns the remote shards it no longer
     names, for deletion after the manifest is in place."""
@@ -450,7 +448,7 @@ def open_store(url: str) -> Any:
     local = _slot("stores", url) / posixpath.basename(path.rstrip("/"))
     if not local.is_file() or _read_source(local) != identity:
         _download(url, local, identity)
-    _get_shards(fs, path, url, local)  # a sharded store: the shards its manifest names, once each
+    _get_shards(url, local)  # a sharded store: the shards its manifest names, once each
     store = _remote_store_class(FeatureStore).open(local)
     store.url = redact(url)
     return store
@@ -510,7 +508,7 @@ def staged_store(url: str, *, overwrite: bool = False) -> Iterator[Path]:
         elif not overwrite and (not local.is_file() or _read_source(local) != before):
             _download(url, local, before)
         if before is not None and not overwrite:
-            _get_shards(fs, path, url, local)
+            _get_shards(url, local)
         state = _state(local)
         try:
             yield local
@@ -536,7 +534,7 @@ def _upload(fs: Any, path: str, url: str, local: Path, before: dict[str, Any] | 
         raise StoreError(f"{shown} was changed by another writer while this run worked, so it was not overwritten; "
                          f"{keep}; re-run to resume from the other writer's store")
     try:
-        stale = _put_shards(fs, path, url, local)
+        stale = _put_shards(fs, path, local)
         if before is None and fs.protocol and "s3" in fs.protocol:
             fs.put_file(str(local), path, mode="create")  # If-None-Match: two first writers cannot both win
         else:
