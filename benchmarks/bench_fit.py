@@ -62,7 +62,7 @@ def write_store(path: Path, X: np.ndarray, y: np.ndarray) -> Path:
     """A real feature store holding the synthetic features, as `embedfit extract` would write it."""
     from embedfit.backbones.spec import BackboneSpec
     from embedfit.images import ImageRecord
-    from embedfit.store import StoreSettings, StoreWriter
+    from embedfit.storage import StoreSettings, StoreWriter
 
     names = [f"class_{c}" for c in range(int(y.max()) + 1)]
     spec = BackboneSpec(name="synthetic", architecture="bench/synthetic", weights="random", weights_sha256="",

@@ -29,7 +29,7 @@ def _store(path: Path, n: int = 245, dim: int = 1280, seed: int = 0) -> Path:
     """A real store of n x dim synthetic features (2 classes, overlapping), like a small two-class image set."""
     from embedfit.backbones.spec import BackboneSpec
     from embedfit.images import ImageRecord, ImageSource
-    from embedfit.store import OK, StoreSettings, StoreWriter
+    from embedfit.storage import OK, StoreSettings, StoreWriter
 
     if path.is_file():
         return path

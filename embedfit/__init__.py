@@ -31,7 +31,7 @@ _LAZY = {
     "decode_image": "embedfit.images", "scan_images": "embedfit.images",
     "predict": "embedfit.prediction",
     "build_report": "embedfit.report",
-    "FeatureStore": "embedfit.store",
+    "FeatureStore": "embedfit.storage",
     "EmbeddingTransformer": "embedfit.transformer",
 }
 

@@ -20,7 +20,7 @@ from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import StoreMismatchError, UsageError
 from embedfit.images import ImageRecord, collect_images
 from embedfit.runs import class_positions, load_model, read_sidecar
-from embedfit.store import FeatureStore, StoreSettings, check_mixable
+from embedfit.storage import FeatureStore, StoreSettings, check_mixable
 
 
 @dataclass

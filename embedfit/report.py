@@ -126,7 +126,7 @@ def _image_root_of(store_path: Path) -> str:
     """The folder a store's image paths are relative to (the store's own path when it cannot be read)."""
     if store_path.is_file():
         from embedfit.errors import EmbedfitError
-        from embedfit.store import FeatureStore
+        from embedfit.storage import FeatureStore
 
         with contextlib.suppress(EmbedfitError):
             return str(FeatureStore.open(store_path).root)
@@ -452,7 +452,7 @@ def _store_map(store_path: Path, runs: list[Run], *, titled: bool) -> str:
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
-    from embedfit.store import FeatureStore
+    from embedfit.storage import FeatureStore
 
     title = (f"<h3>{html.escape(str(store_path))} ({plural(len(runs), 'run')}: "
              f"{html.escape(', '.join(r.label for r in runs))})</h3>" if titled else "")
@@ -526,7 +526,7 @@ def stored_rows(predictions: Sequence[dict[str, str]], store: Any) -> tuple[list
     By path, not by the row numbers saved at fit time: a store re-extracted since then (images added, changed
     or removed) numbers its rows differently.
     """
-    from embedfit.store import OK
+    from embedfit.storage import OK
 
     index = {key: i for i, key in enumerate(store.paths) if store.status[i] == OK}
     kept = [p for p in predictions if p["path"] in index]
@@ -586,9 +586,9 @@ def _mistakes(run: Run, name_run: bool = False, top: int = 12) -> str:
 def _predictions_store(run: Run) -> Path:
     """The store whose rows predictions.csv refers to: the hold-out store when there was one."""
     recorded = str(run.metrics.get("evaluation", {}).get("test_store") or run.meta.get("store", ""))
-    if "://" in recorded:  # on object storage: its local copy (embedfit.remote)
+    if "://" in recorded:  # on object storage: its local copy (embedfit.url)
         from embedfit.errors import EmbedfitError
-        from embedfit.store import FeatureStore
+        from embedfit.storage import FeatureStore
 
         try:
             return FeatureStore.open(recorded).path
@@ -600,7 +600,7 @@ def _predictions_store(run: Run) -> Path:
 def _image_root(run: Run) -> Path:
     store_path = _predictions_store(run)
     if store_path.is_file():
-        from embedfit.store import FeatureStore
+        from embedfit.storage import FeatureStore
 
         return FeatureStore.open(store_path).root
     return store_path if store_path.is_dir() else Path(".")

@@ -28,7 +28,7 @@ import numpy as np
 from embedfit._version import __version__
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import ModelFileError
-from embedfit.store import FeatureStore, library_versions
+from embedfit.storage import FeatureStore, library_versions
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline

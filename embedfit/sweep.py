@@ -238,7 +238,7 @@ def _extract(data: str | Path, folder: Path, key: str, backbone: str, layer: str
              config: SweepConfig) -> dict[str, Any]:
     from embedfit.extraction.local import extract
     from embedfit.extraction.settings import ExtractConfig
-    from embedfit.store import FeatureStore
+    from embedfit.storage import FeatureStore
 
     extract_config = ExtractConfig(backbone=backbone, layer=layer, pool=config.pool, resolution=config.resolution,
                                    device=config.device, batch_size=config.batch_size, workers=config.workers,

@@ -20,7 +20,7 @@ from embedfit.cli import main
 from embedfit.fitting.cv import fit
 from embedfit.fitting.out_of_core import fit_out_of_core
 from embedfit.runs import load_model
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
 
 KILL_HOOK = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # the first embedding call on the cluster exits hard, once
 

@@ -21,7 +21,7 @@ from embedfit.images import ImageRecord
 from embedfit.prediction import predict
 from embedfit.report import SECTIONS, build_report
 from embedfit.runs import TRUSTED_TYPES, load_model
-from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
+from embedfit.storage import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
 
 
 def synthetic_store(path: Path, X: np.ndarray, y: np.ndarray, class_names: list[str], *, name: str = "synthetic",

@@ -24,7 +24,7 @@ from embedfit.errors import ModelFileError, UsageError
 from embedfit.fitting.cv import fit, make_splits
 from embedfit.prediction import predict
 from embedfit.runs import load_model, save_run
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def test_dinov2_pools_layers_and_resolution_from_a_weights_file(dinov2_file: Pat
 
 def test_store_records_pool_layer_and_resolution(dinov2_file: Path, image_tree: Path, tmp_path: Path) -> None:
     from embedfit.extraction.local import extract
-    from embedfit.store import FeatureStore
+    from embedfit.storage import FeatureStore
 
     out = tmp_path / "dino.h5"
     extract(image_tree, out, backbone="dinov2_vits14", weights=str(dinov2_file), layer="-4", pool="cls+mean",

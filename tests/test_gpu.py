@@ -10,7 +10,7 @@ import torch
 
 from embedfit.extraction.encoder import Encoder
 from embedfit.extraction.local import extract
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

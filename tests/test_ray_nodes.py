@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import write_tree
 
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
 
 pytestmark = pytest.mark.ray
 

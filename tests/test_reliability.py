@@ -20,7 +20,7 @@ from PIL import Image
 from embedfit.cli import main
 from embedfit.extraction.local import extract
 from embedfit.extraction.settings import ExtractSummary
-from embedfit.store import FAILED, OK, FeatureStore
+from embedfit.storage import FAILED, OK, FeatureStore
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,7 +10,7 @@ import numpy as np
 from embedfit.extraction.local import extract
 from embedfit.fitting.cv import fit
 from embedfit.report import build_report, read_run, stored_rows
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
 
 
 def test_map_follows_paths_after_the_store_changed(image_tree: Path, tmp_path: Path) -> None:

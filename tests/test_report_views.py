@@ -29,7 +29,7 @@ from embedfit.report import (
     summarize_runs,
     thumbnail,
 )
-from embedfit.store import StoreSettings, StoreWriter
+from embedfit.storage import StoreSettings, StoreWriter
 
 NAMES = ["a", "b", "c"]
 

@@ -21,7 +21,7 @@ import pytest
 from embedfit.cli import main
 from embedfit.errors import StoreError, StoreLockedError
 from embedfit.extraction.local import extract
-from embedfit.store import OK, FeatureStore, StoreSettings, StoreWriter
+from embedfit.storage import OK, FeatureStore, StoreSettings, StoreWriter
 
 pytestmark = pytest.mark.timeout(300)
 CLASSES = ["c0", "c1"]
@@ -194,7 +194,7 @@ def test_forked_child_of_a_killed_writer_does_not_keep_the_lock(tmp_path: Path, 
     _make_store(out, settings, n=4)
     script = textwrap.dedent("""
         import os, sys, time
-        from embedfit.store import FeatureStore, StoreWriter
+        from embedfit.storage import FeatureStore, StoreWriter
         writer = StoreWriter(sys.argv[1], FeatureStore.open(sys.argv[1]).settings)
         child = os.fork()
         if child == 0:
@@ -336,7 +336,7 @@ def test_write_failure_inside_hdf5_during_commit_is_one_store_error(tmp_path: Pa
     script = textwrap.dedent("""
         import resource, signal, sys
         from embedfit.errors import StoreError
-        from embedfit.store import FeatureStore, StoreWriter
+        from embedfit.storage import FeatureStore, StoreWriter
         out, keys = sys.argv[1], FeatureStore.open(sys.argv[1]).paths
         recs = [type("Rec", (), {"key": k, "label": int(k[1]), "size": 1000 + int(k[-8:-4]),
                                  "mtime_ns": 10**18 + int(k[-8:-4])}) for k in keys]

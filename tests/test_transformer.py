@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils import estimator_checks
 
 from embedfit.errors import DecodeError, UsageError
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
 from embedfit.transformer import EmbeddingTransformer
 
 # Checks that apply to an estimator whose input is a list of file paths: scikit-learn skips its numeric-data checks

@@ -11,7 +11,7 @@ from typing import Any
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, resolve_device
 from embedfit.extraction.writer import FeatureWriter, settings_if_same_request
 from embedfit.images import scan_images
-from embedfit.store import StoreSettings
+from embedfit.storage import StoreSettings
 
 
 def extract(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig | None = None,
@@ -21,7 +21,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
     Args:
         source: A class-per-subfolder tree, a flat folder, or a CSV with `path` (and `label`) columns.
         output: The HDF5 store to create or complete: a local path or a URL on object storage (``s3://...``;
-            see `embedfit.remote`).
+            see `embedfit.url`).
         config: Extraction settings; keyword `options` override its fields (e.g. `batch_size=64`).
         class_names: Use this class list (e.g. the training store's) instead of the folder names.
 
@@ -32,7 +32,8 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         InputError, UsageError, WeightsUnavailableError, StoreError: with a message for the user.
         ExtractionInterrupted: Ctrl-C or `max_failures`; finished work is saved and the run can resume.
     """
-    from embedfit.remote import is_url, local_or_url, with_staged_store
+    from embedfit.storage.objects import with_staged_store
+    from embedfit.url import is_url, local_or_url
 
     started = time.perf_counter()
     config = dataclasses.replace(config or ExtractConfig(), **options)

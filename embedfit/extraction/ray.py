@@ -4,7 +4,7 @@ The driver never loads a model, nor torch: it scans the input, starts the actors
 GPU Ray granted it, with as many intra-op threads as CPUs), takes the backbone's spec from them (they must all
 agree), plans the resume with the same `FeatureWriter` as a local run and cuts the images still to embed into
 shards of `shard_size` images with fixed names. Each actor takes shard after shard: it decodes on a background
-thread while it embeds (the local engine's `iter_embeddings` loop), writes the shard itself (`embedfit.shards`:
+thread while it embeds (the local engine's `iter_embeddings` loop), writes the shard itself (`embedfit.storage.shards`:
 locally, then moved whole into ``<store>.shards/``) and returns only counts and failure reasons. The driver never
 sees a feature; at the end it writes the manifest (`FeatureWriter.commit`). So the store is a sharded store with
 the schema, provenance, resume behaviour and row order of a local run. A re-run whose images are all stored
@@ -34,8 +34,9 @@ from embedfit.errors import EmbedfitError, UsageError
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary
 from embedfit.extraction.writer import FeatureWriter, settings_if_same_request
 from embedfit.images import ImageRecord, ImageSource, scan_images
-from embedfit.remote import get_file, is_url, local_or_url, put_file, with_staged_store
-from embedfit.store import StoreSettings
+from embedfit.storage import StoreSettings
+from embedfit.storage.objects import with_staged_store
+from embedfit.url import get_file, is_url, local_or_url, put_file
 
 _TEST_KILL_ONCE = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # tests: path of a marker; the first shard's actor exits hard
 DEFAULT_SHARD_SIZE = 1024
@@ -152,8 +153,8 @@ class _ShardWorker:
         import numpy as np
 
         from embedfit.extraction.encoder import iter_embeddings
-        from embedfit.shards import write_shard
-        from embedfit.store import FAILED, OK
+        from embedfit.storage import FAILED, OK
+        from embedfit.storage.shards import write_shard
 
         marker = os.environ.get(_TEST_KILL_ONCE)
         if marker and not Path(marker).exists():  # test hook: die mid-run once, as a preempted worker would
@@ -221,7 +222,7 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
     cluster = {"address": address, "num_workers": num_workers, "num_gpus_per_worker": num_gpus_per_worker,
                "cpus_per_worker": cpus_per_worker, "pin_cpus": pin_cpus}
     if is_url(output):  # object storage: the manifest is staged locally and uploaded when committed; the workers
-        # upload their shards themselves (embedfit.remote), so no filesystem needs to be shared
+        # upload their shards themselves (embedfit.url), so no filesystem needs to be shared
         return with_staged_store(output, config.overwrite, lambda local: _extract_ray(
             source, local, config, class_names=class_names, shards_url=f"{output}.shards", **cluster))
     return _extract_ray(source, output, config, class_names=class_names, **cluster)

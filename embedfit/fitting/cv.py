@@ -37,7 +37,7 @@ from embedfit.fitting.models import (
 )
 from embedfit.progress import Progress
 from embedfit.runs import save_run
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
 
 MAX_REPEATS = 100  # repetitions of the k-fold: beyond this the spread estimate no longer changes, the cost does
 

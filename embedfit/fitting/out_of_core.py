@@ -15,7 +15,7 @@ from sklearn.pipeline import Pipeline
 
 from embedfit.errors import UsageError
 from embedfit.fitting.cv import FitResult
-from embedfit.store import OK, FeatureStore
+from embedfit.storage import OK, FeatureStore
 
 OOC_MODELS = ("sgd-logreg", "sgd-svm")
 

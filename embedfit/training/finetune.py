@@ -32,7 +32,7 @@ from embedfit.backbones.registry import Backbone, _TimmPreLogits, create_backbon
 from embedfit.errors import InputError, ModelFileError, UsageError, check_output_dir, check_output_not_input
 from embedfit.extraction.settings import resolve_device
 from embedfit.images import ImageRecord, decode_image, scan_images
-from embedfit.store import library_versions
+from embedfit.storage import library_versions
 
 AUGMENTATIONS = ("flip", "rotate", "scale", "crop", "color")
 
