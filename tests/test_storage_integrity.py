@@ -240,3 +240,22 @@ def test_outputs_never_clobber_artifacts_through_a_link(settings: StoreSettings,
     with FeatureStore.open(store) as still:
         assert len(still) == 4
     assert check_output_file(tmp_path / "new.csv") == tmp_path / "new.csv"
+
+
+def test_a_sharded_store_on_s3_missing_a_shard_is_refused_then_repaired(image_tree: Path, bucket: tuple) -> None:
+    fs, name = bucket
+    url = f"s3://{name}/feats.h5"
+    extract(image_tree, url, workers=0, shard_size=4)
+    with FeatureStore.open(url) as store:
+        paths, feats = list(store.paths), store.features()
+    victim = sorted(fs.ls(f"{name}/feats.h5.shards"))[0]
+    fs.rm(victim)
+    from embedfit.storage.objects import cache_dir
+
+    shutil.rmtree(cache_dir())  # a fresh machine: nothing cached
+    with pytest.raises(StoreError, match="cannot download"):
+        FeatureStore.open(url)
+    assert main(["extract", str(image_tree), "-o", url, "--workers", "0"]) == 0
+    with FeatureStore.open(url) as store:
+        assert store.complete and list(store.paths) == paths
+        np.testing.assert_allclose(store.features(), feats, rtol=1e-5, atol=1e-5)

@@ -106,16 +106,24 @@ def _current(local: Path) -> dict[str, Any] | None:
     return recorded if recorded is not None and recorded.get("size") == size else None
 
 
-def _get_shards(url: str, local: Path, refresh: bool = False) -> None:
+def _get_shards(url: str, local: Path, refresh: bool = False, *, missing_ok: bool = False) -> None:
     """Download the shards the manifest at `local` names that the folder beside it lacks (or, with `refresh`, all
     of them). A shard never changes once written (its name is fixed by run and sequence), so a copy present by
-    name and of the size recorded at its download is current."""
+    name and of the size recorded at its download is current. `missing_ok`: a shard that cannot be downloaded is
+    left out (a writer's resume embeds its images again) instead of failing."""
     folder = shards_dir(local)
     for name in _shard_names(local):
         shard = folder / name
         if refresh or _current(shard) is None:
             shard_url = f"{url}.shards/{name}"
-            get_file(shard_url, shard)
+            try:
+                get_file(shard_url, shard)
+            except StoreError:
+                if not missing_ok:
+                    raise
+                with contextlib.suppress(OSError):
+                    shard.unlink()  # a stale or partial copy must not stand in for it
+                continue
             _write_source(shard, shard_url, {"size": shard.stat().st_size})
 
 
@@ -204,7 +212,7 @@ def staged_store(url: str, *, overwrite: bool = False) -> Iterator[Path]:
         elif not overwrite and _current(local) != before:
             _download(url, local, before)
         if before is not None and not overwrite:
-            _get_shards(url, local)
+            _get_shards(url, local, missing_ok=True)  # the writer repairs what is missing
         state = _state(local)
         try:
             yield local
