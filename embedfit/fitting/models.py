@@ -293,7 +293,7 @@ def check_savable(estimator: BaseEstimator) -> None:
 
     sio = skops_io()
 
-    from embedfit.runs import _own_audit, untrusted_types
+    from embedfit.runs.trusted import _own_audit, untrusted_types
 
     try:
         with _own_audit():
