@@ -87,7 +87,8 @@ def evaluation_set(run: Run) -> EvaluationSet:
                                                                       else "") + seeded)
         return EvaluationSet(("cv", root, repeats, digest), scheme, n, store, root)
     if ev.scheme == "held-out":
-        return EvaluationSet(("held-out", root, digest), "held-out images", n, store, root)
+        what = "hold-out store" if details.get("test_store") else "held-out images"  # same key: one group
+        return EvaluationSet(("held-out", root, digest), what, n, store, root)
     scheme = "hold-out split" + (f" × {repeats}" if repeats > 1 else "") + seeded
     return EvaluationSet(("split", root, repeats, digest), scheme, n, store, root)
 

@@ -281,6 +281,8 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     identity = identity_of(data=data.store.fingerprint, model=model,
                            settings={k: v for k, v in params.items() if k != "device"}, evaluation=asked)
     check_replace(run_dir, identity)
+    if (run_dir / "model.json").is_file():  # the identical command: it replaces its own run
+        notes.append(f"replacing the earlier run in {run_dir}")
     for note in notes:
         log.warning("note: %s", note)
     progress = Progress(f"fitting {model}", len(splits), enabled=config.progress,
@@ -355,6 +357,7 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
         "held-out" if test_store is not None else "cv" if evaluation["strategy"] == "cv" else "holdout-split",
         getattr(scored, "url", "") or str(scored.path.resolve()), str(scored.root), len(predictions),
         max(len(tr) for tr, _ in splits), details=evaluation)
+    metrics["evaluation"] = record.to_dict()  # as metrics.json holds it
     save_run(run_dir, final, model=model, params=params, store=data.store, metrics=metrics, evaluation=record,
              predictions=predictions, identity=identity)
     return FitResult(run_dir, model, final, metrics, predictions)

@@ -213,6 +213,7 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
                            "predict_seconds_per_image": predict_per_image})
     record = Evaluation("holdout-split", getattr(store, "url", "") or str(store.path.resolve()), str(store.root),
                         len(predictions), len(train), details=evaluation)
+    metrics["evaluation"] = record.to_dict()  # as metrics.json holds it
     save_run(run_dir, final, model=model, params=params, store=store, metrics=metrics, evaluation=record,
              predictions=predictions, identity=identity)
     return FitResult(run_dir, model, final, metrics, predictions)

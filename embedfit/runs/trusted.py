@@ -15,7 +15,6 @@ import numpy as np
 
 from embedfit.errors import ModelFileError
 
-
 # Types outside skops' default trusted set that embedfit's own pipelines contain. Loading refuses anything else.
 TRUSTED_TYPES = (
     "sklearn.calibration._CalibratedClassifier",
