@@ -28,25 +28,11 @@ import numpy as np
 from embedfit._version import __version__
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import ModelFileError
+from embedfit.fitting.registry import trusted_types
 from embedfit.store import FeatureStore, library_versions
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
-
-
-# Types outside skops' default trusted set that embedfit's own pipelines contain. Loading refuses anything else.
-TRUSTED_TYPES = (
-    "sklearn.calibration._CalibratedClassifier",
-    "sklearn.calibration._SigmoidCalibration",
-    "sklearn.calibration._TemperatureScaling",
-    "sklearn.metrics._dist_metrics.EuclideanDistance64",
-    "sklearn.metrics._scorer._PassthroughScorer",
-    "sklearn.model_selection._split.StratifiedKFold",
-    "sklearn.neighbors._kd_tree.KDTree",
-    "sklearn.neighbors._ball_tree.BallTree",
-    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
-    "sklearn.tree._tree.Tree",
-)
 
 
 def skops_io() -> Any:
@@ -122,8 +108,8 @@ class _SklearnTypeNames(Sequence[str]):
 
 
 def untrusted_types(types: list[str]) -> list[str]:
-    """The names among skops' untrusted `types` that embedfit refuses: all but `TRUSTED_TYPES` and scikit-learn's
-    own classes (a class defined in a module under `sklearn.`). Functions and third-party types stay refused."""
+    """The names among skops' untrusted `types` that embedfit refuses: all but `fitting.registry.trusted_types()`
+    and scikit-learn's own classes (a class defined in a module under `sklearn.`). Functions and third-party types stay refused."""
     def sklearn_class(name: str) -> bool:
         module, _, attr = name.rpartition(".")
         if not module.startswith("sklearn."):
@@ -134,7 +120,8 @@ def untrusted_types(types: list[str]) -> list[str]:
             return False
         return isinstance(obj, type) and obj.__module__.startswith("sklearn.")
 
-    return sorted(t for t in set(types) if t not in TRUSTED_TYPES and not sklearn_class(t))
+    trusted = set(trusted_types())
+    return sorted(t for t in set(types) if t not in trusted and not sklearn_class(t))
 
 
 def class_positions(labels: Any, class_names: list[str]) -> np.ndarray:
@@ -175,7 +162,7 @@ def save_run(run_dir: str | Path, pipeline: Pipeline, *, model: str, params: dic
         "store": getattr(store, "url", "") or str(store.path.resolve()),  # a URL, or absolute: usable from any cwd
         "store_fingerprint": store.fingerprint,
         "versions": library_versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "embedfit_version": __version__, "trusted_types": list(TRUSTED_TYPES),
+        "embedfit_version": __version__, "trusted_types": list(trusted_types()),
     }
     (run_dir / "model.json").write_text(json.dumps(sidecar, indent=2, default=_json_default))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
@@ -295,7 +282,7 @@ def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
 
     Raises:
         ModelFileError: Missing files, a file that is not a skops archive (e.g. a pickle), or a skops file
-            containing types outside `TRUSTED_TYPES`.
+            containing types outside `fitting.registry.trusted_types()`.
     """
     sio = skops_io()
 

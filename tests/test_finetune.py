@@ -65,7 +65,7 @@ def test_the_untrained_head_is_never_the_model_kept(split) -> None:
 
 def test_frozen_weights_stay_bit_identical(split) -> None:
     result = train(split, TrainConfig(freeze="last:1", lr_backbone=1e-2, **FAST))
-    from embedfit.backbones.registry import create_backbone
+    from embedfit.backbones.factory import create_backbone
 
     fresh = Classifier(create_backbone(), 3)
     blocks_after = backbone_blocks(result.model.backbone)

@@ -249,7 +249,7 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    from embedfit.backbones.registry import create_backbone
+    from embedfit.backbones.factory import create_backbone
 
     model = create_backbone(backbone, weights=weights)
     say(f"decoding {data}")

@@ -27,8 +27,9 @@ from torch import nn
 
 from embedfit._version import __version__
 from embedfit.backbones import DEFAULT_BACKBONE
+from embedfit.backbones.factory import Backbone, create_backbone
 from embedfit.backbones.foundation import TokenPool
-from embedfit.backbones.registry import Backbone, _TimmPreLogits, create_backbone
+from embedfit.backbones.timm_models import TimmPreLogits
 from embedfit.errors import InputError, ModelFileError, UsageError, check_output_dir, check_output_not_input
 from embedfit.extraction.settings import resolve_device
 from embedfit.images import ImageRecord, decode_image, scan_images
@@ -133,7 +134,7 @@ def backbone_blocks(backbone: Backbone) -> list[nn.Module]:
     Stage containers (timm's `blocks`, torchvision's `features`, `layers`, `stages`) are expanded one level so
     that "last:N" counts blocks, not whole networks.
     """
-    root = backbone.trunk.model if isinstance(backbone.trunk, _TimmPreLogits | TokenPool) else backbone.trunk
+    root = backbone.trunk.model if isinstance(backbone.trunk, TimmPreLogits | TokenPool) else backbone.trunk
     classifier = root.get_classifier() if hasattr(root, "get_classifier") else None
     blocks: list[nn.Module] = []
     # A transformer's class token and position embeddings sit on the model itself: they go with its first block
