@@ -109,7 +109,8 @@ class _SklearnTypeNames(Sequence[str]):
 
 def untrusted_types(types: list[str]) -> list[str]:
     """The names among skops' untrusted `types` that embedfit refuses: all but `fitting.registry.trusted_types()`
-    and scikit-learn's own classes (a class defined in a module under `sklearn.`). Functions and third-party types stay refused."""
+    and scikit-learn's own classes (a class defined in a module under `sklearn.`). Functions and third-party
+    types stay refused."""
     def sklearn_class(name: str) -> bool:
         module, _, attr = name.rpartition(".")
         if not module.startswith("sklearn."):
