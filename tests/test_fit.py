@@ -16,11 +16,12 @@ from embedfit.backbones.spec import BackboneSpec
 from embedfit.cli import main
 from embedfit.errors import InputError, ModelFileError, StoreMismatchError, UsageError
 from embedfit.fitting.cv import fit, make_splits
-from embedfit.fitting.models import MODELS, make_pipeline
+from embedfit.fitting.models import make_pipeline
+from embedfit.fitting.registry import classifier_names, trusted_types
 from embedfit.images import ImageRecord
 from embedfit.prediction import predict
 from embedfit.report import SECTIONS, build_report
-from embedfit.runs import TRUSTED_TYPES, load_model
+from embedfit.runs import load_model
 from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
 
 
@@ -86,13 +87,13 @@ def test_run_directory_and_reload(store: FeatureStore, tmp_path: Path) -> None:
     assert {"accuracy", "balanced_accuracy", "f1_macro", "log_loss", "roc_auc"} <= set(m["scores"])
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", classifier_names())
 def test_every_model_saves_only_allow_listed_types(store: FeatureStore, tmp_path: Path, model: str) -> None:
     import skops.io as sio
 
     fit(store.path, model, output=tmp_path / model, cv=3)
     untrusted = sio.get_untrusted_types(file=tmp_path / model / "model.skops")
-    assert set(untrusted) <= set(TRUSTED_TYPES)
+    assert set(untrusted) <= set(trusted_types())
     load_model(tmp_path / model)
 
 

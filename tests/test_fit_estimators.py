@@ -96,19 +96,20 @@ def test_third_party_types_are_refused_before_the_cv(store: FeatureStore, tmp_pa
 
 
 def test_scikit_learn_types_outside_the_list_save_and_load(store: FeatureStore, tmp_path: Path) -> None:
-    """HistGradientBoosting's fitted trees hold types outside skops' defaults and TRUSTED_TYPES: scikit-learn
+    """HistGradientBoosting's fitted trees hold types outside skops' defaults and `trusted_types()`: scikit-learn
     classes are accepted by rule. Checked on the saved file, without the (slow) CV."""
     import skops.io as sio
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    from embedfit.runs import TRUSTED_TYPES, untrusted_types
+    from embedfit.fitting.registry import trusted_types
+    from embedfit.runs import untrusted_types
 
     X, y, _ = store.load()
     model = Pipeline([("clf", HistGradientBoostingClassifier(max_iter=5))]).fit(X, np.array(["a", "b", "c"])[y])
     save_run(tmp_path / "run", model, model="hgb", params={}, store=store, metrics={"class_names": ["a", "b", "c"]},
              predictions=[], evaluation=NO_EVALUATION, identity={})
     found = sio.get_untrusted_types(file=tmp_path / "run" / "model.skops")
-    assert set(found) - set(TRUSTED_TYPES) and untrusted_types(found) == []
+    assert set(found) - set(trusted_types()) and untrusted_types(found) == []
     np.testing.assert_array_equal(load_model(tmp_path / "run")[0].predict(X), model.predict(X))
     assert untrusted_types(["sklearn.feature_selection._univariate_selection.f_classif", "builtins.eval",
                             "os.system", "sklearn.nope.Thing"]) == [

@@ -137,7 +137,7 @@ class FitConfig:
         backend: joblib backend: "loky", "threading", "ray" or "dask".
         ray_address: With backend "ray": the cluster to connect to (`ray.init(address=...)`, e.g.
             "ray://head:10001" or "auto"); None: Ray's default (a local cluster, or the one already connected).
-        device: "cpu", "cuda[:N]", or "auto": the GPU for `ARRAY_API_MODELS` when there is one and SciPy is in
+        device: "cpu", "cuda[:N]", or "auto": the GPU for the array-API classifiers when there is one and SciPy is in
             array-API mode (SCIPY_ARRAY_API=1), else the CPU. On a GPU, folds run one after the other.
         seed: Random state for splits and models.
         progress: Show folds as they finish (a bar on a terminal, plain lines every ~10 s otherwise).
@@ -166,11 +166,12 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
 
     Args:
         store: The training feature store.
-        model: One of `MODELS` (default: a logistic-regression linear probe with C chosen by inner CV); or any
-            scikit-learn classifier (it gets `config.scale` in front of it) or `Pipeline` (used as given), or
-            "pkg.module:Class" (constructed with default arguments). Its run is named after the class, in lower
-            case. It must save with skops' defaults plus `embedfit.runs.TRUSTED_TYPES` (scikit-learn's own
-            classes do); anything else is refused before the CV.
+        model: A registered classifier (`registry.classifier_names()`; default: a logistic-regression linear
+            probe with C chosen by inner CV); or any scikit-learn classifier (it gets `config.scale` in front of
+            it) or `Pipeline` (used as given), or "pkg.module:Class" (constructed with default arguments). Its run
+            is named after the class, in lower case. It must save with skops' defaults plus
+            `embedfit.fitting.registry.trusted_types()` (scikit-learn's own classes do); anything else is refused
+            before the CV.
         config: How to fit and evaluate (`FitConfig`); keyword `options` override its fields (e.g. `cv=3`).
         output: Run directory (default: runs/<store stem>-<model>).
 

@@ -30,10 +30,10 @@ from embedfit.runs.record import (
     write_predictions_csv,
     write_run,
 )
-from embedfit.runs.trusted import TRUSTED_TYPES, check_fitted, skops_io, untrusted_types
+from embedfit.runs.trusted import check_fitted, skops_io, untrusted_types
 
 __all__ = [
-    "METRICS", "MODEL_FILES", "PREDICTIONS", "SAVED_MODEL", "SIDECAR", "TRUSTED_TYPES", "Evaluation", "Run",
+    "METRICS", "MODEL_FILES", "PREDICTIONS", "SAVED_MODEL", "SIDECAR", "Evaluation", "Run",
     "Sidecar", "atomic_write", "check_fitted", "check_model_file", "check_replace", "class_positions",
     "file_sha256", "identity_of", "is_run", "json_default", "load_model", "model_binding", "model_file",
     "read_run", "read_sidecar", "recorded_identity", "replace_dir", "save_run", "skops_io", "staged_dir",

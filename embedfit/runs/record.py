@@ -33,7 +33,7 @@ from embedfit._version import __version__
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import ModelFileError, OutputError
 from embedfit.runs.files import json_default, staged_dir
-from embedfit.runs.trusted import TRUSTED_TYPES, _own_audit, check_fitted, skops_io, untrusted_types
+from embedfit.runs.trusted import _own_audit, check_fitted, skops_io, trusted_types, untrusted_types
 from embedfit.store import library_versions
 
 if TYPE_CHECKING:
@@ -273,7 +273,7 @@ def save_run(run_dir: str | Path, pipeline: Pipeline, *, model: str, params: dic
                       list(metrics["class_names"]),
                       getattr(store, "url", "") or str(store.path.resolve()),  # a URL, or absolute: from any cwd
                       store.fingerprint, identity)
-    sidecar.add_flavor("sklearn", MODEL_FILES["sklearn"][0], trusted_types=list(TRUSTED_TYPES))
+    sidecar.add_flavor("sklearn", MODEL_FILES["sklearn"][0], trusted_types=list(trusted_types()))
     return write_run(run_dir, sidecar, save, metrics=metrics, evaluation=evaluation, predictions=predictions)
 
 
@@ -381,7 +381,7 @@ def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
 
     Raises:
         ModelFileError: Missing files, a file that is not a skops archive (e.g. a pickle), or a skops file
-            containing types outside `TRUSTED_TYPES`.
+            containing types outside `fitting.registry.trusted_types()`.
     """
     sio = skops_io()
 

@@ -1,5 +1,5 @@
 """What a saved scikit-learn model may contain, and checks of a loaded one: skops' trusted types, embedfit's own
-allow-list (`TRUSTED_TYPES`, checked in a test), and the fitted state that compiled prediction code trusts."""
+allow-list (`embedfit.fitting.registry.trusted_types()`), and the fitted state that compiled prediction code trusts."""
 
 from __future__ import annotations
 
@@ -14,20 +14,7 @@ from typing import Any
 import numpy as np
 
 from embedfit.errors import ModelFileError
-
-# Types outside skops' default trusted set that embedfit's own pipelines contain. Loading refuses anything else.
-TRUSTED_TYPES = (
-    "sklearn.calibration._CalibratedClassifier",
-    "sklearn.calibration._SigmoidCalibration",
-    "sklearn.calibration._TemperatureScaling",
-    "sklearn.metrics._dist_metrics.EuclideanDistance64",
-    "sklearn.metrics._scorer._PassthroughScorer",
-    "sklearn.model_selection._split.StratifiedKFold",
-    "sklearn.neighbors._kd_tree.KDTree",
-    "sklearn.neighbors._ball_tree.BallTree",
-    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
-    "sklearn.tree._tree.Tree",
-)
+from embedfit.fitting.registry import trusted_types
 
 
 def skops_io() -> Any:
@@ -103,8 +90,9 @@ class _SklearnTypeNames(Sequence[str]):
 
 
 def untrusted_types(types: list[str]) -> list[str]:
-    """The names among skops' untrusted `types` that embedfit refuses: all but `TRUSTED_TYPES` and scikit-learn's
-    own classes (a class defined in a module under `sklearn.`). Functions and third-party types stay refused."""
+    """The names among skops' untrusted `types` that embedfit refuses: all but `fitting.registry.trusted_types()`
+    and scikit-learn's own classes (a class defined in a module under `sklearn.`). Functions and third-party
+    types stay refused."""
     def sklearn_class(name: str) -> bool:
         module, _, attr = name.rpartition(".")
         if not module.startswith("sklearn."):
@@ -115,7 +103,8 @@ def untrusted_types(types: list[str]) -> list[str]:
             return False
         return isinstance(obj, type) and obj.__module__.startswith("sklearn.")
 
-    return sorted(t for t in set(types) if t not in TRUSTED_TYPES and not sklearn_class(t))
+    trusted = set(trusted_types())
+    return sorted(t for t in set(types) if t not in trusted and not sklearn_class(t))
 
 
 def check_fitted(pipeline: Any, *, class_names: Sequence[str], n_features: int, path: str | Path) -> None:

@@ -225,7 +225,7 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
     augments = list(dict.fromkeys(bool(a) for a in augment)) or [True]
     final = Path(output)
     dev = resolve_device(device)
-    from embedfit.backbones.registry import create_backbone
+    from embedfit.backbones.factory import create_backbone
 
     model = create_backbone(backbone, weights=weights)
     say(f"decoding {data}")

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from embedfit.backbones import DEFAULT_BACKBONE
+from embedfit.backbones.factory import Backbone, create_backbone
 from embedfit.backbones.foundation import TokenPool
-from embedfit.backbones.registry import Backbone, _TimmPreLogits, create_backbone
+from embedfit.backbones.timm_models import TimmPreLogits
 from embedfit.errors import InputError, ModelFileError, UsageError, check_output_dir, check_output_not_input
 from embedfit.extraction.settings import resolve_device
 from embedfit.images import ImageRecord, decode_image, scan_images
@@ -46,7 +47,7 @@ class TrainConfig:
         pretrained: False trains from random initialisation.
         weights: Optional state-dict file for the backbone.
         freeze: "head" (backbone frozen), "last:N" (last N blocks trainable) or "none" (nothing frozen, every
-            layer trainable). "all", its old name, is read as "none" with a deprecation note.
+            layer trainable).
         unfreeze_every: Gradual unfreezing: every this many epochs one more block (from the top) becomes trainable.
         epochs: Maximum epochs.
         batch_size: Images per step.
@@ -89,9 +90,6 @@ class TrainConfig:
     validate_epochs: bool = True
 
     def __post_init__(self) -> None:
-        if self.freeze == "all":  # it meant "nothing frozen", the opposite of what it says
-            _log.warning("note: --freeze all is deprecated and means nothing is frozen; write --freeze none")
-            object.__setattr__(self, "freeze", "none")
         if self.freeze not in ("head", "none") and not (self.freeze.startswith("last:") and
                                                          self.freeze[5:].isdigit()):
             raise UsageError(f"`freeze` must be head, last:N or none, got '{self.freeze}'")
@@ -131,7 +129,7 @@ def backbone_blocks(backbone: Backbone) -> list[nn.Module]:
     Stage containers (timm's `blocks`, torchvision's `features`, `layers`, `stages`) are expanded one level so
     that "last:N" counts blocks, not whole networks.
     """
-    root = backbone.trunk.model if isinstance(backbone.trunk, _TimmPreLogits | TokenPool) else backbone.trunk
+    root = backbone.trunk.model if isinstance(backbone.trunk, TimmPreLogits | TokenPool) else backbone.trunk
     classifier = root.get_classifier() if hasattr(root, "get_classifier") else None
     blocks: list[nn.Module] = []
     # A transformer's class token and position embeddings sit on the model itself: they go with its first block
@@ -172,7 +170,7 @@ def apply_freeze(model: Classifier, trainable_blocks: int | None) -> list[nn.Mod
 
 
 def _initial_trainable(freeze: str) -> int | None:
-    return 0 if freeze == "head" else None if freeze in ("none", "all") else int(freeze[5:])
+    return 0 if freeze == "head" else None if freeze == "none" else int(freeze[5:])
 
 
 # ---------------------------------------------------------------------------------------------------
