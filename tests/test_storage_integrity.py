@@ -259,3 +259,32 @@ def test_a_sharded_store_on_s3_missing_a_shard_is_refused_then_repaired(image_tr
     with FeatureStore.open(url) as store:
         assert store.complete and list(store.paths) == paths
         np.testing.assert_allclose(store.features(), feats, rtol=1e-5, atol=1e-5)
+
+
+def test_a_new_per_row_dataset_is_one_schema_entry(settings: StoreSettings, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a per-image content hash (or any per-row dataset) needs: an entry in `ROW_DATASETS`; parts, shards,
+    manifests, the merge and the metadata digest carry it with no other change."""
+    from embedfit.storage import StoreWriter
+    from embedfit.storage.schema import ROW_DATASETS, ROW_DEFAULTS, STR
+
+    monkeypatch.setitem(ROW_DATASETS, "content_sha256", STR)
+    monkeypatch.setitem(ROW_DEFAULTS, "content_sha256", "")
+    keys = [f"c0/img_{i}.png" for i in range(6)]
+    hashes = [f"h{i}" for i in range(6)]
+    feats = np.ones((6, settings.spec.embedding_dim), dtype=np.float32)
+    recs = [Rec(k, 0, 1, 1) for k in keys]
+    for sharded in (False, True):
+        path = tmp_path / f"s{int(sharded)}.h5"
+        writer = (ShardedStoreWriter(path, settings, shard_size=3) if sharded else StoreWriter(path, settings))
+        with writer:
+            for i in (0, 3):
+                writer.write_part(keys[i:i + 3], ["c0"] * 3, [1] * 3, [1] * 3, [OK] * 3, [""] * 3, feats[i:i + 3],
+                                  extra={"content_sha256": hashes[i:i + 3]})
+            writer.commit(recs, CLASSES, complete=True)
+        with FeatureStore.open(path) as store:
+            assert list(store.row_arrays["content_sha256"]) == hashes
+        with h5py.File(path, "r+") as f:  # covered by the digest like the other per-row datasets
+            f["content_sha256"][2] = "forged"
+        with pytest.raises(StoreError, match="metadata checksum mismatch"):
+            FeatureStore.open(path)
