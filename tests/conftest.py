@@ -98,8 +98,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     """moto's S3 server on a free local port; s3fs (and any subprocess) finds it through the environment."""
-    pytest.importorskip("s3fs")
+    s3fs = pytest.importorskip("s3fs")
     moto_server = pytest.importorskip("moto.server")
+    # fsspec keeps one filesystem per set of options, and the endpoint comes from the environment, so a filesystem
+    # cached by an earlier test module would still talk to that module's (stopped) server.
+    s3fs.S3FileSystem.clear_instance_cache()
     port = _free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
