@@ -13,6 +13,7 @@ from embedfit.cli.options import (
     _pca,
 )
 from embedfit.fitting.registry import classifier_names
+from embedfit.progress import StderrSink
 
 
 @app.command()
@@ -122,6 +123,7 @@ def report(
         print_sweep(out, read_sweep(runs[0]))
         out.print(f"report: {path}", soft_wrap=True)
         return
-    path = build_report(runs, output, progress=True)  # checks the output path first, before any work
+    with StderrSink() as sink:
+        path = build_report(runs, output, on_progress=sink)  # checks the output path first, before any work
     print_leaderboard(out, summarize_runs(runs))
     out.print(f"report: {path}", soft_wrap=True)
