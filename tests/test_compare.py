@@ -169,7 +169,7 @@ def test_learning_curve_sizes_train_for_comparable_steps(shared_tree: Path, tmp_
 @pytest.mark.slow
 def test_freeze_and_augment_policies_run_as_arms(shared_tree: Path, tmp_path: Path) -> None:
     result = compare(shared_tree, tmp_path / "out", arms=["finetune"], epochs=1, sizes=(), repeats=1,
-                     val_size=0.5, device="cpu", freeze=["head", "all"], augment=[True, False])
+                     val_size=0.5, device="cpu", freeze=["head", "none"], augment=[True, False])
     names = ["fine-tune (head, augment)", "fine-tune (head, no augment)", "fine-tune (none, augment)",
              "fine-tune (none, no augment)"]
     assert list(result["arms"]) == names

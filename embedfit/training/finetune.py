@@ -49,7 +49,7 @@ class TrainConfig:
         pretrained: False trains from random initialisation.
         weights: Optional state-dict file for the backbone.
         freeze: "head" (backbone frozen), "last:N" (last N blocks trainable) or "none" (nothing frozen, every
-            layer trainable). "all", its old name, is read as "none" with a deprecation note.
+            layer trainable).
         unfreeze_every: Gradual unfreezing: every this many epochs one more block (from the top) becomes trainable.
         epochs: Maximum epochs.
         batch_size: Images per step.
@@ -92,9 +92,6 @@ class TrainConfig:
     validate_epochs: bool = True
 
     def __post_init__(self) -> None:
-        if self.freeze == "all":  # it meant "nothing frozen", the opposite of what it says
-            _log.warning("note: --freeze all is deprecated and means nothing is frozen; write --freeze none")
-            object.__setattr__(self, "freeze", "none")
         if self.freeze not in ("head", "none") and not (self.freeze.startswith("last:") and
                                                          self.freeze[5:].isdigit()):
             raise UsageError(f"`freeze` must be head, last:N or none, got '{self.freeze}'")
@@ -175,7 +172,7 @@ def apply_freeze(model: Classifier, trainable_blocks: int | None) -> list[nn.Mod
 
 
 def _initial_trainable(freeze: str) -> int | None:
-    return 0 if freeze == "head" else None if freeze in ("none", "all") else int(freeze[5:])
+    return 0 if freeze == "head" else None if freeze == "none" else int(freeze[5:])
 
 
 # ---------------------------------------------------------------------------------------------------
