@@ -84,7 +84,10 @@ class ToyEngine:
 @pytest.fixture
 def toys(monkeypatch: pytest.MonkeyPatch) -> None:
     """Register the toys for one test: each registry is a copy, restored afterwards."""
-    classifiers.classifier_names()  # embedfit's own records first, then the copy
+    # embedfit's own entries first, then the copies: entries loaded into a copy would vanish with it, and their
+    # modules, imported by then, would not register them again (later tests' backbones would be unknown)
+    backbones.list_backbones()
+    classifiers.classifier_names()
     monkeypatch.setattr(backbones, "_ENTRIES", dict(backbones._ENTRIES))
     monkeypatch.setattr(classifiers, "_CLASSIFIERS", dict(classifiers._CLASSIFIERS))
     monkeypatch.setattr(engines, "ENGINES", dict(engines.ENGINES))
