@@ -123,8 +123,26 @@ def test_compare_with_a_test_folder_scores_every_arm_on_the_same_images(tmp_path
     assert len(rows) == 6 and set(rows[0]) == {"path", "label", "as-is", "linear probe", "fine-tune", "scratch"}
     # the trained arms' kept models were refit on all 8 training images and scored on the test images
     for arm in ("fine-tune", "scratch"):
-        assert json.loads((out / arm / "model.json").read_text())["refit"]["train_images"] == 8
+        assert json.loads((out / arm / "metrics.json").read_text())["refit"]["train_images"] == 8
         assert len(_val_paths(out / arm)) == 6
+    # the run's evaluation is the test folder, and `predict` reproduces what the comparison recorded
+    from embedfit.prediction import predict
+    from embedfit.report import build_report, summarize_runs
+    from embedfit.runs import read_run
+
+    run = read_run(out / "fine-tune")
+    assert (run.evaluation.scheme, run.evaluation.image_root, run.evaluation.n_train) == \
+        ("held-out", str(test_dir), 8)
+    got = predict(out / "fine-tune", [test_dir / p["path"] for p in run.predictions])
+    want = np.array([[float(p[f"p_{c}"]) for c in got.class_names] for p in run.predictions])
+    assert np.abs(got.proba - want).max() < 1e-4
+    assert got.predicted == [p["predicted"] for p in run.predictions] == [r["fine-tune"] for r in rows]
+    # `report` takes the compare folder; thumbnails come from the test folder, the runs share one evaluation
+    html = build_report([out], tmp_path / "report.html").read_text()
+    assert "(image unavailable)" not in html and "Recommendation: " in html
+    summary = summarize_runs([out / "fine-tune", out / "scratch"])
+    assert {r["group"] for r in summary} == {0} and summary[0]["training_images"] == "8"
+    assert "held-out images" in summary[0]["evaluation"]
     printed = capsys.readouterr().out
     md = (out / "compare.md").read_text()
     for text in (printed, md):
