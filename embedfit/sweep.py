@@ -46,7 +46,7 @@ class SweepConfig:
 
     Attributes:
         backbones: Backbone names; empty: every backbone whose weights are on disk, smallest first.
-        models: Classifiers fitted on each backbone's features (`embedfit.fitting.classifier_names()`).
+        models: Classifiers fitted on each backbone's features (`embedfit.fitting.classifier_names(streaming=False)`).
         layers: Layers to embed from, each swept on every backbone (None: pre-logits).
         pool: Pooling (None: each backbone's own default).
         resolution: Input size for every backbone (None: each one's default).

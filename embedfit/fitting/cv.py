@@ -167,12 +167,12 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
 
     Args:
         store: The training feature store.
-        model: A registered classifier (`registry.classifier_names()`; default: a logistic-regression linear
-            probe with C chosen by inner CV); or any scikit-learn classifier (it gets `config.scale` in front of
-            it) or `Pipeline` (used as given), or "pkg.module:Class" (constructed with default arguments). Its run
-            is named after the class, in lower case. It must save with skops' defaults plus
-            `embedfit.fitting.registry.trusted_types()` (scikit-learn's own classes do); anything else is refused
-            before the CV.
+        model: A registered classifier fitted in memory (`classifier_names(streaming=False)`; default: a
+            logistic-regression linear probe with C chosen by inner CV); or any scikit-learn classifier (it gets
+            `config.scale` in front of it) or `Pipeline` (used as given), or "pkg.module:Class" (constructed with
+            default arguments). Its run is named after the class, in lower case. It must save with skops'
+            defaults plus `embedfit.fitting.registry.trusted_types()` (scikit-learn's own classes do); anything else
+            is refused before the CV.
         config: How to fit and evaluate (`FitConfig`); keyword `options` override its fields (e.g. `cv=3`).
         output: Run directory (default: runs/<store stem>-<model>).
         on_progress: Called with the folds' progress (`embedfit.progress`); else `config.progress` shows it on
