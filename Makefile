@@ -7,7 +7,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR := data/demo
 OUT := runs/demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-all lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,7 +30,13 @@ demo: $(VENV)/.installed
 	$(BIN)/embedfit report runs/train-logreg runs/train-svm runs/train-ridge runs/train-knn -o $(OUT)/report.html
 	@echo "demo done: open $(OUT)/report.html"
 
+# The fast tier (<= 5 minutes on an idle 2-core machine): the main job end to end and the quick checks.
 test: $(VENV)/.installed
+	$(BIN)/ruff check embedfit tests benchmarks data
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Every tier (what CI runs): kills, Ray clusters, S3, fine-tuning, foundation models, ONNX, benchmarks too.
+test-all: $(VENV)/.installed
 	$(BIN)/ruff check embedfit tests benchmarks data
 	$(BIN)/python -m pytest -q
 

@@ -20,6 +20,8 @@ from embedfit.backbones.tv import tv_weights_path
 from embedfit.backbones.weights import _check_published_hash
 from embedfit.errors import UsageError, WeightsUnavailableError
 
+pytestmark = pytest.mark.fast
+
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from embedfit.cli import app, main
 
+pytestmark = pytest.mark.fast
+
 # command -> [(arguments, exit code, text the one-line message must contain)]; {store}, {run}, {tmp} are filled in.
 CASES: dict[str, list[tuple[list[str], int, str]]] = {
     "extract": [
@@ -213,7 +215,8 @@ def test_every_command_is_documented_in_the_readme() -> None:
     assert not missing, f"commands not shown in README.md: {missing}"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("model", ["ridge", "mlp"])
 def test_ctrl_c_during_any_command_says_interrupted(model: str, shared_store: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:

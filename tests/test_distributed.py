@@ -22,6 +22,8 @@ from embedfit.fitting.out_of_core import fit_out_of_core
 from embedfit.runs import load_model
 from embedfit.storage import FeatureStore
 
+pytestmark = pytest.mark.slow
+
 KILL_HOOK = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # the first embedding call on the cluster exits hard, once
 
 

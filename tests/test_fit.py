@@ -25,6 +25,8 @@ from embedfit.report import SECTIONS, build_report
 from embedfit.runs import load_model
 from embedfit.storage import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
 
+pytestmark = pytest.mark.fast
+
 
 def synthetic_store(path: Path, X: np.ndarray, y: np.ndarray, class_names: list[str], *, name: str = "synthetic",
                     status: np.ndarray | None = None, complete: bool = True, tta: str = "none") -> FeatureStore:
@@ -224,6 +226,7 @@ class _Sections(html.parser.HTMLParser):
             self.images += 1
 
 
+@pytest.mark.slow
 def test_report_has_every_section(shared_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fit(shared_store, "logreg", cv=3, output=tmp_path / "logreg")
     fit(shared_store, "ridge", cv=3, output=tmp_path / "ridge")
@@ -238,6 +241,7 @@ def test_report_has_every_section(shared_store: Path, tmp_path: Path, capsys: py
         build_report([tmp_path / "nope"], tmp_path / "x.html")
 
 
+@pytest.mark.slow
 def test_report_escapes_names(tmp_path: Path) -> None:
     X, y = blobs(30)
     s = synthetic_store(tmp_path / "s.h5", X, y, ["<b>a</b>", "b", "c"])

@@ -21,6 +21,8 @@ from embedfit.fitting.device import array_api_ready, resolve_fit_device
 from embedfit.fitting.models import make_pipeline
 from embedfit.fitting.registry import array_api_names, classifier_names
 
+pytestmark = pytest.mark.fast
+
 TENSOR_SCRIPT = r"""
 import json, sys
 import numpy as np, skops.io as sio, torch

@@ -26,6 +26,8 @@ from embedfit.prediction import predict
 from embedfit.runs import Evaluation, load_model, save_run
 from embedfit.storage import FeatureStore
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture
 def store(tmp_path: Path) -> FeatureStore:

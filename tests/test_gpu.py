@@ -12,7 +12,7 @@ from embedfit.extraction.encoder import Encoder
 from embedfit.extraction.local import extract
 from embedfit.storage import FeatureStore
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -13,6 +13,8 @@ import pytest
 
 from embedfit.fitting.cv import fit
 
+pytestmark = pytest.mark.fast
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb"
 
 

@@ -11,6 +11,8 @@ from embedfit.cli import main
 from embedfit.fitting.cv import fit
 from embedfit.prediction import predict
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def run(shared_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -18,6 +18,8 @@ from embedfit.backbones.spec import BackboneInfo
 from embedfit.extraction import engines
 from embedfit.fitting import registry as classifiers
 
+pytestmark = pytest.mark.fast
+
 # --- a toy backbone family: a tiny random CNN (seeded, so every build is the same network) ---
 
 def _build_toy(name: str, *, weights: Path | None, pretrained: bool, resolution: int | None):

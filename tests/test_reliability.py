@@ -22,7 +22,7 @@ from embedfit.extraction.local import extract
 from embedfit.extraction.settings import ExtractSummary
 from embedfit.storage import FAILED, OK, FeatureStore
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(300)]
 
 
 def _base(seed: int = 3, size: int = 128) -> np.ndarray:

@@ -21,6 +21,8 @@ from embedfit.prediction import predict
 from embedfit.runs import load_model, model_binding
 from tests.test_fit import blobs, synthetic_store
 
+pytestmark = pytest.mark.fast
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

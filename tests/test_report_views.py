@@ -31,6 +31,8 @@ from embedfit.report import (
 )
 from embedfit.storage import StoreSettings, StoreWriter
 
+pytestmark = pytest.mark.slow
+
 NAMES = ["a", "b", "c"]
 
 

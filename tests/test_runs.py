@@ -18,6 +18,8 @@ from embedfit.stats import cheapest_within_noise, paired_bootstrap
 from embedfit.storage import FeatureStore
 from embedfit.sweep import SweepConfig, _reusable, recommendation, sweep
 
+pytestmark = pytest.mark.fast
+
 
 def _holdout_store(shared_store: Path, tmp_path: Path) -> Path:
     """A second store with the same classes: a copy of the shared one (a different file, the same images)."""

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.fast
+
 HEAVY = ("torch", "torchvision", "timm", "sklearn")
 
 

@@ -18,6 +18,8 @@ from embedfit.errors import DecodeError, UsageError
 from embedfit.storage import FeatureStore
 from embedfit.transformer import EmbeddingTransformer
 
+pytestmark = pytest.mark.slow
+
 # Checks that apply to an estimator whose input is a list of file paths: scikit-learn skips its numeric-data checks
 # for such estimators (input tag two_d_array=False), so the API checks are run one by one.
 API_CHECKS = [
