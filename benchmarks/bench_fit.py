@@ -30,7 +30,7 @@ if "cuda" in " ".join(sys.argv):  # SciPy reads it once, at import: before anyth
 import numpy as np
 from _common import RESULTS, hardware, save
 
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
 from embedfit.fitting.registry import array_api_names, classifier_names
 
 SEPARATION = 0.007  # class-mean scale: a logistic probe scores ~0.85, like a real 10-class embedding, not 1.0

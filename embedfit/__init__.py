@@ -32,7 +32,7 @@ _LAZY = {
     "predict": "embedfit.prediction",
     "build_report": "embedfit.report",
     "FeatureStore": "embedfit.storage",
-    "EmbeddingTransformer": "embedfit.transformer",
+    "EmbeddingTransformer": "embedfit.embedding_transformer",
 }
 
 __getattr__, __dir__, _names = attach(__name__, _LAZY)

@@ -120,7 +120,7 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
 
 @pytest.fixture(scope="module")
 def places(tmp_path_factory: pytest.TempPathFactory, shared_store: Path) -> dict[str, str]:
-    from embedfit.fitting.cv import fit
+    from embedfit.fitting.evaluate import fit
 
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "empty").mkdir()
@@ -158,7 +158,7 @@ def test_library_errors_name_parameters_and_the_cli_shows_flags(shared_store: Pa
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """From Python a message names the parameter (`test_size`); the same mistake on the command line, the flag."""
     from embedfit.errors import UsageError
-    from embedfit.fitting.cv import FitConfig, fit
+    from embedfit.fitting.evaluate import FitConfig, fit
 
     with pytest.raises(UsageError) as info:
         fit(shared_store, "ridge", config=FitConfig(test_size=1.5), output=tmp_path / "r")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from embedfit.cli import main
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
 from embedfit.fitting.out_of_core import fit_out_of_core
 from embedfit.runs import load_model
 from embedfit.storage import FeatureStore

@@ -15,7 +15,7 @@ from sklearn.model_selection import cross_val_score
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.cli import main
 from embedfit.errors import InputError, ModelFileError, StoreMismatchError, UsageError
-from embedfit.fitting.cv import fit, make_splits
+from embedfit.fitting.evaluate import fit, make_splits
 from embedfit.fitting.models import make_pipeline
 from embedfit.fitting.out_of_core import fit_out_of_core
 from embedfit.fitting.registry import classifier_names, trusted_types
@@ -266,7 +266,7 @@ def test_cli_fit_predict(shared_store: Path, shared_tree: Path, tmp_path: Path,
 
 
 def test_parallel_folds_default_to_the_cores_memory_allows() -> None:
-    from embedfit.fitting.cv import PARALLEL_MIN_VALUES, default_jobs
+    from embedfit.fitting.evaluate import PARALLEL_MIN_VALUES, default_jobs
 
     cores = len(os.sched_getaffinity(0))
     large = np.zeros((PARALLEL_MIN_VALUES // 1000, 1000), dtype=np.float32)

@@ -21,7 +21,7 @@ from test_fit import blobs, synthetic_store
 import embedfit
 from embedfit.cli import main
 from embedfit.errors import ModelFileError, UsageError
-from embedfit.fitting.cv import fit, make_splits
+from embedfit.fitting.evaluate import fit, make_splits
 from embedfit.prediction import predict
 from embedfit.runs import Evaluation, load_model, save_run
 from embedfit.storage import FeatureStore
@@ -152,7 +152,7 @@ def test_a_run_that_predicts_class_indices_is_refused(tmp_path: Path) -> None:
 TENSOR_REFIT = r"""
 import json, sys
 import numpy as np, torch
-from embedfit.fitting.cv import _refit
+from embedfit.fitting.evaluate import _refit
 from embedfit.fitting.models import make_pipeline, name_classes
 from embedfit.fitting.data import load_dataset
 data = load_dataset(sys.argv[1])

@@ -11,7 +11,7 @@ from typing import Any
 import nbformat
 import pytest
 
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
 
 pytestmark = pytest.mark.fast
 

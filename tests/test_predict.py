@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from embedfit.cli import main
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
 from embedfit.prediction import predict
 
 pytestmark = pytest.mark.fast

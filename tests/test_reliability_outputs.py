@@ -16,7 +16,7 @@ import embedfit
 from embedfit.cli import main
 from embedfit.errors import InputError, ModelFileError, OutputError, UsageError, check_output_not_input
 from embedfit.extraction.settings import ExtractConfig, MaxFailures, cap_workers, resolve_device
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
 from embedfit.prediction import predict
 from embedfit.runs import load_model, model_binding
 from tests.test_fit import blobs, synthetic_store

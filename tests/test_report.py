@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from embedfit.extraction.local import extract
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
 from embedfit.report import build_report, read_run, stored_rows
 from embedfit.storage import FeatureStore
 

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.cli.presentation import print_leaderboard
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
 from embedfit.images import ImageRecord
 from embedfit.report import (
     build_report,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from embedfit.errors import OutputError
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
 from embedfit.runs import atomic_write, read_run, staged_dir
 from embedfit.stats import cheapest_within_noise, paired_bootstrap
 from embedfit.storage import FeatureStore

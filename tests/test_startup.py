@@ -56,7 +56,7 @@ def test_a_fit_leaves_skops_and_scikit_learn_as_they_ship(shared_store: Path, tm
     """embedfit saves and loads models through skops' public API only: no global of skops or scikit-learn is
     swapped or rewritten (an upgrade of either would break such a patch unnoticed), nothing is hidden in
     sys.modules, and skops used directly afterwards trusts scikit-learn's estimators by default, as it does alone."""
-    code = ("from embedfit.fitting.cv import fit\n"
+    code = ("from embedfit.fitting.evaluate import fit\n"
             f"fit({str(shared_store)!r}, 'logreg', cv=2, output={str(tmp_path / 'run')!r})\n"
             "from embedfit.runs import load_model\nload_model(" + repr(str(tmp_path / "run")) + ")\n"
             "import sys, sklearn.utils, sklearn.utils.discovery, skops.io as sio\n"

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 # names when imported); a prefixed name imports only its own family.
 FAMILIES: dict[str, tuple[str, ...]] = {
     "embedfit.backbones.lite": (),
-    "embedfit.backbones.tv": (),
+    "embedfit.backbones.torchvision_models": (),
     "embedfit.backbones.timm_models": ("timm:",),
     "embedfit.backbones.foundation": (),
 }

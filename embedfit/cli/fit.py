@@ -48,8 +48,8 @@ def fit(
     """Cross-validate classifiers on stored embeddings and save each as a run directory."""
     from embedfit.cli.presentation import print_fit_results
     from embedfit.errors import check_output_not_input
-    from embedfit.fitting.cv import fit as run_fit
     from embedfit.fitting.device import resolve_fit_device
+    from embedfit.fitting.evaluate import fit as run_fit
     from embedfit.fitting.models import model_label, resolve_model
     from embedfit.fitting.out_of_core import fit_out_of_core
 
