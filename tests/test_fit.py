@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import accuracy_score
 from sklearn.model_selection import cross_val_score
 
 from embedfit.backbones.spec import BackboneSpec
@@ -90,10 +91,27 @@ def test_run_directory_and_reload(store: FeatureStore, tmp_path: Path) -> None:
 def test_every_model_saves_only_allow_listed_types(store: FeatureStore, tmp_path: Path, model: str) -> None:
     import skops.io as sio
 
-    fit(store.path, model, output=tmp_path / model, cv=3)
+    result = fit(store.path, model, output=tmp_path / model, cv=3)
     untrusted = sio.get_untrusted_types(file=tmp_path / model / "model.skops")
     assert set(untrusted) <= set(TRUSTED_TYPES)
-    load_model(tmp_path / model)
+    pipeline, _ = load_model(tmp_path / model)
+    # One label space: what a store loads is what a saved model predicts, and `score` is accuracy.
+    X, y, _ = store.load()
+    assert set(y) == {"a", "b", "c"}
+    np.testing.assert_array_equal(pipeline.predict(X), result.pipeline.predict(X))
+    assert pipeline.score(X, y) == pytest.approx(accuracy_score(y, pipeline.predict(X)))
+    assert pipeline.score(X, y) > 0.5
+
+
+def test_logreg_ships_the_c_its_inner_cv_chose(store: FeatureStore, tmp_path: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    X, y, _ = store.load()
+    chooser = make_pipeline("logreg", n_samples=len(y), n_features=X.shape[1]).fit(X, y)  # LogisticRegressionCV
+    result = fit(store.path, "logreg", output=tmp_path / "run", cv=3)
+    clf = result.pipeline[-1]
+    assert type(clf) is LogisticRegression and clf.C == result.metrics["best_params"]["C"] == chooser[-1].C_
+    np.testing.assert_allclose(result.pipeline.predict_proba(X), chooser.predict_proba(X), rtol=1e-6)
 
 
 class _Exploit:

@@ -40,6 +40,7 @@ def test_analysis_notebook_runs(shared_store: Path, tmp_path: Path, monkeypatch:
     client.execute()
     texts = [o.get("text", "") for c in nb.cells for o in c.get("outputs", [])]
     assert any("ridge, 3-fold CV accuracy" in t for t in texts)
+    assert any("store train.h5 and run train-logreg belong together" in t for t in texts)
 
 
 def _client(nb: nbformat.NotebookNode, cwd: Path) -> Any:

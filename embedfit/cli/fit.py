@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from embedfit.cli.app import app, out
+from embedfit.cli.app import app, err, out
 from embedfit.cli.options import (
     Backend,
     Scale,
@@ -100,6 +100,9 @@ def predict(
     for p, e in zip(preds.paths, preds.errors, strict=True):
         if e:
             out.print(f"  failed: {p}: {e}", markup=False, soft_wrap=True)
+    check = preds.check()  # labelled inputs: their scores, or why the predictions cannot be right
+    if check is not None and (check.warning or check.n_scored):
+        (err if check.warning else out).print(check.summary(), markup=False, soft_wrap=True)
 
 
 @app.command()

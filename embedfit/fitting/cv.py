@@ -33,6 +33,7 @@ from embedfit.fitting.models import (
     model_label,
     name_classes,
     resolve_model,
+    shipped,
     wrap_estimator,
 )
 from embedfit.progress import Progress
@@ -332,10 +333,10 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
         metrics["device_note"] = device_note
     if notes:
         metrics["notes"] = notes
-    if hasattr(final[-1], "best_estimator_"):  # --search, or logreg's inner CV on a GPU
-        best = final[-1].best_params_
-        metrics["best_params"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in best.items()}
-        final.steps[-1] = ("clf", final[-1].best_estimator_)  # ship the model, not the search machinery
+    clf, best = shipped(final[-1])  # the model, not the search machinery; its `score` is accuracy
+    final.steps[-1] = (final.steps[-1][0], clf)
+    if best is not None:
+        metrics["best_params"] = best
     if on_gpu:
         name_classes(final[-1], data.class_names)
     params = {"scale": scale, "pca": pca, "class_weight": class_weight, "search": search, "seed": seed,

@@ -286,6 +286,31 @@ def name_classes(classifier: Any, class_names: list[str]) -> None:
             target.classes_ = np.asarray(class_names)[np.asarray(target.classes_, dtype=int)]
 
 
+def shipped(classifier: Any) -> tuple[Any, dict[str, Any] | None]:
+    """The fitted classifier to save, without its selection machinery, and the parameters the selection chose.
+
+    A search (`GridSearchCV`) ships its best estimator. Logreg's `LogisticRegressionCV` ships as the plain
+    `LogisticRegression` it chose (same C, coefficients and predictions): its `score` would otherwise be the
+    log loss it selected C by, where a scikit-learn classifier's `score` is accuracy.
+    """
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+
+    best = None
+    if hasattr(classifier, "best_estimator_"):
+        best = {k: (list(v) if isinstance(v, tuple) else v) for k, v in classifier.best_params_.items()}
+        classifier = classifier.best_estimator_
+    if isinstance(classifier, LogisticRegressionCV):
+        c = float(np.ravel(classifier.C_)[0])
+        plain = LogisticRegression(C=c, class_weight=classifier.class_weight, solver=classifier.solver,
+                                   max_iter=classifier.max_iter, tol=classifier.tol,
+                                   fit_intercept=classifier.fit_intercept, random_state=classifier.random_state)
+        for name in ("classes_", "coef_", "intercept_", "n_features_in_", "n_iter_", "feature_names_in_"):
+            if hasattr(classifier, name):
+                setattr(plain, name, getattr(classifier, name))
+        classifier, best = plain, {"C": c}
+    return classifier, best
+
+
 def check_savable(estimator: BaseEstimator) -> None:
     """Refuse, before any fitting, an estimator holding types that saving would refuse (`runs.untrusted_types`):
     a model file must load without trusting third-party code."""
