@@ -127,7 +127,7 @@ def sweep(data: str | Path, output: str | Path, config: SweepConfig | None = Non
         UsageError: Unknown backbone, model or metric; no backbone usable offline.
         ExtractionInterrupted: Ctrl-C; finished backbones are saved, a re-run resumes.
     """
-    from embedfit.backbones.registry import check_backbone_name
+    from embedfit.backbones.catalogue import check_name
     from embedfit.fitting.models import check_model_name
 
     try:
@@ -146,7 +146,7 @@ def sweep(data: str | Path, output: str | Path, config: SweepConfig | None = Non
         raise UsageError("no backbone has its weights on disk here (`embedfit backbones` shows where they go); "
                          "name one in `backbones`")
     for name in backbones:
-        check_backbone_name(name)
+        check_name(name)
     if not Path(data).exists():
         raise InputError(f"{data} does not exist")
     if config.test is not None and not Path(config.test).exists():

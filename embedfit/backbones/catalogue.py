@@ -10,15 +10,18 @@ module tree).
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib.util
 import json
 import os
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from embedfit.backbones.spec import BackboneInfo
+from embedfit.backbones.spec import POOLS, BackboneInfo
+from embedfit.errors import UsageError
 
 CATALOGUE_FILE = Path(__file__).with_name("catalogue.json")
 
@@ -79,15 +82,43 @@ def catalogue_infos(pattern: str = "*") -> list[BackboneInfo] | None:
     return infos
 
 
+def unknown_backbone(name: str, known: list[str]) -> UsageError:
+    """The error for a backbone name that is not registered, with the closest of `known` as suggestions."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return UsageError(f"unknown backbone '{name}'{hint} (`embedfit backbones` lists them; any timm model works as "
+                      "timm:NAME)")
+
+
 def check_name(name: str) -> None:
-    """`registry.check_backbone_name` without torch when the shipped table knows the name (the Ray driver's check);
-    otherwise the registry answers, with its suggestions."""
+    """`registry.check_backbone_name` without torch while the shipped table holds the whole registry: a command's
+    first check, before any model library is imported. Once the registry is imported (a caller may have
+    registered a backbone of its own), the registry answers."""
     table = _load()
     if name.startswith("timm:") or (table is not None and name in table["backbones"]):
         return
+    if table is not None and "embedfit.backbones.registry" not in sys.modules:
+        raise unknown_backbone(name, list(table["backbones"]))  # nothing else can be registered in this process
     from embedfit.backbones.registry import check_backbone_name
 
     check_backbone_name(name)
+
+
+def check_request(name: str, *, weights: str | os.PathLike | None = None, pool: str | None = None,
+                  resolution: int | None = None) -> None:
+    """The checks of `create_backbone`'s arguments that need no model (nor torch), so that a command refuses a
+    wrong name, pooling, resolution or weights path at once.
+
+    Raises:
+        UsageError: Unknown name (with suggestions) or pooling, a resolution out of range, a missing weights file.
+    """
+    check_name(name)
+    if pool is not None and pool not in POOLS:
+        raise UsageError(f"unknown pooling '{pool}'; choose one of {', '.join(POOLS)}")
+    if resolution is not None and not 16 <= resolution <= 4096:
+        raise UsageError(f"`resolution` must be between 16 and 4096 pixels, got {resolution}")
+    if weights is not None and not Path(weights).is_file():
+        raise UsageError(f"weights file {weights} does not exist")
 
 
 def list_infos(pattern: str = "*") -> list[BackboneInfo]:

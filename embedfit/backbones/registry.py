@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from embedfit.backbones.spec import DEFAULT_BACKBONE, POOLS, PRE_LOGITS, BackboneInfo, BackboneSpec
+from embedfit.backbones.catalogue import check_request, unknown_backbone
+from embedfit.backbones.spec import DEFAULT_BACKBONE, PRE_LOGITS, BackboneInfo, BackboneSpec
 from embedfit.backbones.weights import _sha256
 from embedfit.errors import UsageError
 
@@ -127,11 +128,7 @@ def check_backbone_name(name: str) -> None:
     _load_families()
     if name in _REGISTRY:
         return
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise UsageError(
-        f"unknown backbone '{name}'{hint} (`embedfit backbones` lists them; any timm model works as timm:NAME)"
-    )
+    raise unknown_backbone(name, list(_REGISTRY))
 
 
 def create_backbone(
@@ -169,13 +166,8 @@ def create_backbone(
 
     check_backbone_name(name)
     pool = pool or default_pool(name)
-    if pool not in POOLS:
-        raise UsageError(f"unknown pooling '{pool}'; choose one of {', '.join(POOLS)}")
-    if resolution is not None and not 16 <= resolution <= 4096:
-        raise UsageError(f"`resolution` must be between 16 and 4096 pixels, got {resolution}")
+    check_request(name, weights=weights, pool=pool, resolution=resolution)
     weights_path = Path(weights) if weights is not None else None
-    if weights_path is not None and not weights_path.is_file():
-        raise UsageError(f"weights file {weights_path} does not exist")
     if name.startswith("timm:"):
         from embedfit.backbones.timm_models import _build_timm
 

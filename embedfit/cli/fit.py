@@ -43,12 +43,12 @@ def fit(
     batch_rows: int = typer.Option(8192, min=1, help="Rows read per step (sgd-logreg, sgd-svm)."),
 ) -> None:
     """Cross-validate classifiers on stored embeddings and save each as a run directory."""
+    # The checks below import neither torch nor scikit-learn (for a zoo name): a mistake is refused at once.
     from embedfit.cli.presentation import print_fit_results
     from embedfit.errors import check_output_not_input
     from embedfit.fitting.cv import fit as run_fit
     from embedfit.fitting.device import resolve_fit_device
-    from embedfit.fitting.models import model_label, resolve_model
-    from embedfit.fitting.out_of_core import OOC_MODELS, fit_out_of_core
+    from embedfit.fitting.models import OOC_MODELS, model_label, resolve_model
 
     chosen = {name: name if name in OOC_MODELS else resolve_model(name) for name in model}  # refused before any fit
     for name in chosen.values():
@@ -66,6 +66,8 @@ def fit(
         connect(ray_address)  # fails in seconds on an address that does not answer
     elif ray_address:
         raise typer.BadParameter("--ray-address needs --backend ray", param_hint="--ray-address")
+    if any(name in OOC_MODELS for name in model):
+        from embedfit.fitting.out_of_core import fit_out_of_core
     results = [fit_out_of_core(store, name, output=output, epochs=epochs, batch_rows=batch_rows,
                                test_size=test_size or 0.2, class_weight=weight, seed=seed) if name in OOC_MODELS else
                run_fit(store, chosen[name], output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,

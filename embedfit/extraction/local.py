@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from embedfit.backbones.catalogue import check_request
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, resolve_device
 from embedfit.extraction.writer import FeatureWriter, settings_if_same_request
 from embedfit.images import scan_images
@@ -41,10 +42,8 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         return with_staged_store(output, config.overwrite,
                                  lambda local: extract(source, local, config, class_names=class_names))
     stored = settings_if_same_request(output, config)
-    if stored is None:
-        from embedfit.backbones.registry import check_backbone_name
-
-        check_backbone_name(config.backbone)  # cheap checks first: a typo should not wait for a big folder scan
+    if stored is None:  # cheap checks first, without torch: a typo should not wait for a big folder scan
+        check_request(config.backbone, weights=config.weights, pool=config.pool, resolution=config.resolution)
     images = scan_images(source, class_names=class_names)
     if stored is not None:  # a re-run: when every image is stored already, no model is needed (nor torch)
         with FeatureWriter(output, stored, images, retry_failed=config.retry_failed,

@@ -20,7 +20,7 @@ _LAZY = {
     "FitConfig": "cv", "FitResult": "cv", "fit": "cv", "make_splits": "cv", "fold_metrics": "cv",
     "default_jobs": "cv",
     "array_api_ready": "device", "resolve_fit_device": "device",
-    "OOC_MODELS": "out_of_core", "fit_out_of_core": "out_of_core",
+    "OOC_MODELS": "models", "fit_out_of_core": "out_of_core",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _LAZY)

@@ -8,11 +8,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, clone
-from sklearn.pipeline import Pipeline
 
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import InputError, UsageError, check_output_dir
@@ -40,6 +38,10 @@ from embedfit.progress import Progress
 from embedfit.runs import save_run
 from embedfit.store import FeatureStore
 
+if TYPE_CHECKING:  # scikit-learn is imported once the arguments are checked: a refusal comes at once
+    from sklearn.base import BaseEstimator
+    from sklearn.pipeline import Pipeline
+
 MAX_REPEATS = 100  # repetitions of the k-fold: beyond this the spread estimate no longer changes, the cost does
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ def _proba(est: Any, X: np.ndarray) -> np.ndarray | None:
 def _fold(pipe: Pipeline, X: Any, y: Any, train: np.ndarray, test: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Fit a clone on `train`, predict `test`. X and y are NumPy arrays, or torch tensors (array API)."""
+    from sklearn.base import clone
+
     with _fitting(X):
         est = clone(pipe).fit(X[train], y[train])
         pred, proba = est.predict(X[test]), _proba(est, X[test])
@@ -76,6 +80,8 @@ def _fold(pipe: Pipeline, X: Any, y: Any, train: np.ndarray, test: np.ndarray
 def _refit(pipe: Pipeline, X: Any, y: Any) -> Pipeline:
     """Fit a clone on everything; a pipeline fitted on tensors comes back with NumPy attributes, so that it
     predicts, saves and loads like any other."""
+    from sklearn.base import clone
+
     with _fitting(X):
         return _numpy(clone(pipe).fit(X, y))
 
@@ -186,8 +192,6 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     test_store, test_size, search = config.test_store, config.test_size, config.search
     class_weight = config.class_weight
     jobs, backend, device, seed = config.jobs, config.backend, config.device, config.seed
-    from joblib import Parallel, delayed, parallel_config
-
     estimator = resolve_model(model)
     custom = not isinstance(estimator, str)
     model = model_label(estimator) if custom else estimator
@@ -284,6 +288,8 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
             progress.advance()
         X_fit, y_fit = X_dev[: len(data.y)], y_dev[: len(data.y)]  # the training rows come first
     else:
+        from joblib import Parallel, delayed, parallel_config
+
         X_fit, y_fit = data.X, data.y
         if jobs is None:
             jobs = default_jobs(X_all, len(splits)) if backend in ("loky", "threading") else -1

@@ -6,15 +6,20 @@ from __future__ import annotations
 import difflib
 import importlib
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
-from sklearn.pipeline import Pipeline
 
 from embedfit.errors import UsageError
 
+if TYPE_CHECKING:  # scikit-learn is imported where a model is built: checking a name needs none of it
+    from sklearn.base import BaseEstimator
+    from sklearn.pipeline import Pipeline
+
 MODELS = ("logreg", "svm", "linear-svm", "knn", "ridge", "lda", "rf", "mlp")
+
+
+OOC_MODELS = ("sgd-logreg", "sgd-svm")  # streamed with partial_fit (`embedfit.fitting.out_of_core`)
 
 
 SCALES = ("standard", "l2", "none")
@@ -140,6 +145,7 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
         UsageError: Unknown options, a `pca` larger than the data allows, or `search` with a one-image class.
     """
     from sklearn.decomposition import PCA
+    from sklearn.pipeline import Pipeline
 
     check_model_name(model)
     class_weight = check_class_weight(class_weight)
@@ -252,6 +258,8 @@ def _check_classifier(estimator: Any, what: str) -> None:
 
 def model_label(estimator: BaseEstimator) -> str:
     """The run's model name for an estimator: its class name in lower case (a Pipeline's: its last step's)."""
+    from sklearn.pipeline import Pipeline
+
     last = estimator[-1] if isinstance(estimator, Pipeline) else estimator
     return type(last).__name__.lower()
 
@@ -262,6 +270,7 @@ def wrap_estimator(estimator: BaseEstimator, *, scale: str = "standard", pca: in
     an explicit `pca`; "auto" means none here) in front of it, so scaling is learned inside each fold."""
     from sklearn.base import clone
     from sklearn.decomposition import PCA
+    from sklearn.pipeline import Pipeline
 
     if isinstance(estimator, Pipeline):
         return clone(estimator)

@@ -15,9 +15,8 @@ from sklearn.pipeline import Pipeline
 
 from embedfit.errors import UsageError
 from embedfit.fitting.cv import FitResult
+from embedfit.fitting.models import OOC_MODELS
 from embedfit.store import OK, FeatureStore
-
-OOC_MODELS = ("sgd-logreg", "sgd-svm")
 
 
 def _blocks(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
