@@ -6,7 +6,6 @@ made with anything else is refused. Broken images are listed with their reason, 
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ import numpy as np
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import StoreMismatchError, UsageError
 from embedfit.images import ImageRecord, collect_images, scan_images
-from embedfit.runs import class_positions, load_model, read_sidecar
+from embedfit.runs import class_positions, load_model, read_sidecar, write_csv
 from embedfit.store import FeatureStore, StoreSettings, check_mixable
 
 
@@ -65,11 +64,8 @@ class Predictions:
         if output.suffix.lower() == ".json":
             output.write_text(json.dumps(rows, indent=2))
         else:
-            # surrogateescape: a file name that is not valid UTF-8 is written as its own bytes, not refused
-            with open(output, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path", "predicted", "error"])
-                writer.writeheader()
-                writer.writerows(rows)
+            fields = list(rows[0]) if rows else ["path", "predicted", "error"]
+            write_csv(output, fields, ([r[k] for k in fields] for r in rows))
         return output
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import csv
 import hashlib
 import html
 import io
@@ -26,7 +25,7 @@ import numpy as np
 
 from embedfit.errors import InputError, ModelFileError, check_output_file, check_output_not_input
 from embedfit.progress import Progress
-from embedfit.runs import read_sidecar
+from embedfit.runs import read_csv, read_sidecar
 
 # Section ids, in order; the last is a prefix: one "mistakes-RUN" section per run.
 SECTIONS = ("leaderboard", "metrics", "confusion", "per-class", "cv-spread", "embedding-map", "mistakes")
@@ -59,8 +58,7 @@ def read_run(path: str | Path) -> Run:
         raise ModelFileError(f"{path / 'metrics.json'} is damaged ({exc})") from None
     predictions: list[dict[str, str]] = []
     if (path / "predictions.csv").is_file():
-        with open(path / "predictions.csv", newline="", encoding="utf-8") as f:
-            predictions = list(csv.DictReader(f))
+        predictions = read_csv(path / "predictions.csv")
     return Run(path, meta, metrics, predictions)
 
 
