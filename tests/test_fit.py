@@ -177,6 +177,28 @@ def test_holdout_store_must_match(store: FeatureStore, tmp_path: Path) -> None:
         fit(store.path, "logreg", test_store=other.path, output=tmp_path / "run2")
 
 
+@pytest.mark.parametrize("model", ["logreg", "svm", "knn", "ridge", "mlp"])
+def test_a_holdout_store_saves_the_evaluated_model(store: FeatureStore, tmp_path: Path, model: str) -> None:
+    """With `test_store` the evaluation trains on every training image: that model is saved, not fitted again."""
+    import csv
+
+    X, y = blobs(60, seed=1)
+    test = synthetic_store(tmp_path / "test.h5", X, y, ["a", "b", "c"])
+    result = fit(store.path, model, test_store=test.path, output=tmp_path / "run")
+    assert result.metrics["evaluation"]["refit"] is False
+    X_test, y_test, _ = test.load()
+    with open(tmp_path / "run" / "predictions.csv", newline="") as f:
+        scored = [row["predicted"] for row in csv.DictReader(f)]
+    saved, _ = load_model(tmp_path / "run")
+    np.testing.assert_array_equal(saved.predict(X_test), scored)  # the scored model is the saved one
+    assert saved.score(X_test, y_test) == result.metrics["scores"]["accuracy"]["mean"]
+    X_train, y_train, _ = store.load()
+    refit = make_pipeline(model, n_samples=len(y_train), n_features=X_train.shape[1]).fit(X_train, y_train)
+    assert np.mean(refit.predict(X_test) == saved.predict(X_test)) >= 0.95  # what the second fit would give
+    # cross-validation still refits on every image: its folds each left some out
+    assert fit(store.path, model, cv=3, output=tmp_path / "cv").metrics["evaluation"]["refit"] is True
+
+
 def test_holdout_store_with_other_tta_is_refused_naming_both(store: FeatureStore, tmp_path: Path) -> None:
     """Flip TTA changes what a feature means: a --tta flip test store cannot score a model trained without it."""
     X, y = blobs(60, seed=1)

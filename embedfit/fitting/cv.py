@@ -68,13 +68,20 @@ def _proba(est: Any, X: np.ndarray) -> np.ndarray | None:
 def _fold(pipe: Pipeline, X: Any, y: Any, train: np.ndarray, test: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Fit a clone on `train`, predict `test`. X and y are NumPy arrays, or torch tensors (array API)."""
+    return _fold_model(pipe, X, y, train, test)[:3]
+
+
+def _fold_model(pipe: Pipeline, X: Any, y: Any, train: np.ndarray, test: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, Pipeline]:
+    """`_fold`, and the fitted pipeline (with NumPy attributes): the final model when `train` is every
+    training row (a hold-out store)."""
     from sklearn.base import clone
 
     with _fitting(X):
         est = clone(pipe).fit(X[train], y[train])
         pred, proba = est.predict(X[test]), _proba(est, X[test])
         classes = est[-1].classes_ if hasattr(est[-1], "classes_") else np.unique(_numpy(y[train]))
-    return _numpy(pred), _numpy(proba), _numpy(classes)
+    return _numpy(pred), _numpy(proba), _numpy(classes), _numpy(est)
 
 
 def _refit(pipe: Pipeline, X: Any, y: Any) -> Pipeline:
@@ -276,6 +283,8 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
                              notes=notes)
     for note in notes:
         log.warning("note: %s", note)
+    # A hold-out store: the evaluation trains on every training image, so its model is the final one.
+    reuse = test_store is not None
     progress = Progress(f"fitting {model}", len(splits), enabled=config.progress,
                         unit="folds" if evaluation["strategy"] == "cv" else "splits")
     if on_gpu:  # copied once; the GPU runs the folds one after the other
@@ -284,7 +293,7 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
         X_dev, y_dev = torch.as_tensor(X_all, device=fit_device), torch.as_tensor(y_all, device=fit_device)
         folds = []
         for tr, te in splits:
-            folds.append(_fold(pipe, X_dev, y_dev, tr, te))
+            folds.append(_fold_model(pipe, X_dev, y_dev, tr, te) if reuse else _fold(pipe, X_dev, y_dev, tr, te))
             progress.advance()
         X_fit, y_fit = X_dev[: len(data.y)], y_dev[: len(data.y)]  # the training rows come first
     else:
@@ -297,19 +306,24 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
             folds = []
             # Folds as they finish, for the progress line (Ray's and Dask's joblib backends return lists only).
             streamed = "generator" if backend in ("loky", "threading", "multiprocessing") else "list"
-            for result in Parallel(return_as=streamed)(delayed(_fold)(pipe, X_all, y_all, tr, te)
-                                                       for tr, te in splits):
+            for result in Parallel(return_as=streamed)(delayed(_fold_model if reuse else _fold)(
+                    pipe, X_all, y_all, tr, te) for tr, te in splits):
                 folds.append(result)
                 progress.advance()
     cv_seconds = time.perf_counter() - t0
 
     per_fold = [fold_metrics(y_all[te], pred, proba, classes, n_classes)
-                for (_, te), (pred, proba, classes) in zip(splits, folds, strict=True)]
+                for (_, te), (pred, proba, classes, *_) in zip(splits, folds, strict=True)]
     t0 = time.perf_counter()
-    progress.status = "refitting on all images"
-    progress.advance(0)
-    # The shipped model predicts class names. Tensors need numeric labels: on a GPU it is relabelled below.
-    final = _refit(pipe, X_fit, y_fit if on_gpu else np.asarray(data.class_names)[y_fit])
+    shipped_model = _evaluated_model(folds[0], X_all[splits[0][1]], data.class_names) if reuse else None
+    if shipped_model is None:
+        progress.status = "refitting on all images"
+        progress.advance(0)
+        # The shipped model predicts class names. Tensors need numeric labels: on a GPU it is relabelled.
+        final = _refit(pipe, X_fit, y_fit if on_gpu else np.asarray(data.class_names)[y_fit])
+        shipped_model = _ship(final, data.class_names if on_gpu else None)
+    final, best = shipped_model
+    evaluation["refit"] = not reuse or final is not folds[0][3]  # False: the evaluated model, saved as it is
     progress.close()
     fit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -319,7 +333,8 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     # Out-of-fold predictions of the first repetition (every image exactly once).
     n_first = len(splits) // max(1, evaluation["repeats"])
     predictions, y_true, y_pred = [], [], []
-    for f, ((_, te), (pred, proba, classes)) in enumerate(zip(splits[:n_first], folds[:n_first], strict=True)):
+    for f, ((_, te), (pred, proba, classes, *_)) in enumerate(zip(splits[:n_first], folds[:n_first],
+                                                                   strict=True)):
         for j, i in enumerate(te):
             local = i if test_store is None else i - len(data.y)
             row = {"path": str(pred_paths[local]), "row": int(pred_rows[local]),
@@ -339,12 +354,8 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
         metrics["device_note"] = device_note
     if notes:
         metrics["notes"] = notes
-    clf, best = shipped(final[-1])  # the model, not the search machinery; its `score` is accuracy
-    final.steps[-1] = (final.steps[-1][0], clf)
     if best is not None:
         metrics["best_params"] = best
-    if on_gpu:
-        name_classes(final[-1], data.class_names)
     params = {"scale": scale, "pca": pca, "class_weight": class_weight, "search": search, "seed": seed,
               "device": fit_device}
     if custom:  # what was fitted, as scikit-learn prints it; class_weight is the estimator's own business
@@ -352,6 +363,28 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     save_run(run_dir, final, model=model, params=params, store=data.store, metrics=metrics,
              predictions=predictions)
     return FitResult(run_dir, model, final, metrics, predictions)
+
+
+def _ship(pipeline: Pipeline, class_names: list[str] | None) -> tuple[Pipeline, dict[str, Any] | None]:
+    """The fitted pipeline as it is saved: its classifier without the selection machinery (`shipped`, whose
+    chosen parameters come back too), relabelled to predict `class_names` when it was fitted on indices."""
+    clf, best = shipped(pipeline[-1])  # its `score` is accuracy
+    pipeline.steps[-1] = (pipeline.steps[-1][0], clf)
+    if class_names is not None:
+        name_classes(clf, class_names)
+    return pipeline, best
+
+
+def _evaluated_model(fold: tuple[Any, ...], X_test: np.ndarray, class_names: list[str]
+                     ) -> tuple[Pipeline, dict[str, Any] | None] | None:
+    """The model a hold-out store was scored with, fitted on indices, relabelled to predict class names: the final
+    model, as it was trained on every training image. None when the relabelled model does not predict the
+    hold-out images as it did (a custom estimator that keeps its labels elsewhere): then the caller refits."""
+    pred, _, _, pipeline = fold
+    pipeline, best = _ship(pipeline, class_names)
+    if not np.array_equal(pipeline.predict(X_test), np.asarray(class_names)[pred]):
+        return None
+    return pipeline, best
 
 
 # Features (rows x dims) below which folds run one after the other: starting joblib's worker processes (each
