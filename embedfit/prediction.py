@@ -193,7 +193,7 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
     predicted = [""] * len(paths)
     proba = None
     if ok.any():
-        labels = class_positions(pipeline.predict(X[ok]), class_names)  # names, or indices in older runs
+        labels = class_positions(pipeline.predict(X[ok]), class_names)
         for i, label in zip(np.flatnonzero(ok), labels, strict=True):
             predicted[i] = class_names[label]
         if hasattr(pipeline, "predict_proba"):
@@ -227,7 +227,7 @@ def input_labels(inputs: Sequence[str | os.PathLike], records: Sequence[ImageRec
 
 def _embed(spec: BackboneSpec, meta: dict[str, Any], records: list[ImageRecord], weights: str | None,
            device: str, batch_size: int | None, workers: int | None) -> tuple[np.ndarray, list[str], list[str]]:
-    from embedfit.backbones.registry import create_backbone
+    from embedfit.backbones.factory import create_backbone
     from embedfit.extraction.encoder import Encoder, iter_embeddings
     from embedfit.extraction.settings import resolve_device
 

@@ -262,7 +262,7 @@ def test_single_holdout_scores_get_a_bootstrap_interval_not_a_zero_spread() -> N
     names = ["a", "b"]
     preds = [{"label": names[i % 2], "predicted": names[i % 2] if i % 10 else names[1 - i % 2]} for i in range(400)]
     run = Run(Path("r"), {}, {"class_names": names, "scores": {"accuracy": {"mean": 0.9, "std": 0.0, "folds": [0.9]}}},
-              preds)
+              preds, None)  # type: ignore[arg-type]  # no evaluation record needed here
     ci = bootstrap_intervals(run)
     assert ci["accuracy"][0] < 0.9 < ci["accuracy"][1] and ci["accuracy"][1] - ci["accuracy"][0] < 0.1
     assert set(ci) == {"accuracy", "balanced_accuracy", "f1_macro"}

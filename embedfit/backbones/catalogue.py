@@ -10,12 +10,10 @@ module tree).
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import importlib.util
 import json
 import os
-import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -82,26 +80,19 @@ def catalogue_infos(pattern: str = "*") -> list[BackboneInfo] | None:
     return infos
 
 
-def unknown_backbone(name: str, known: list[str]) -> UsageError:
-    """The error for a backbone name that is not registered, with the closest of `known` as suggestions."""
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return UsageError(f"unknown backbone '{name}'{hint} (`embedfit backbones` lists them; any timm model works as "
-                      "timm:NAME)")
-
-
 def check_name(name: str) -> None:
-    """`registry.check_backbone_name` without torch while the shipped table holds the whole registry: a command's
-    first check, before any model library is imported. Once the registry is imported (a caller may have
-    registered a backbone of its own), the registry answers."""
+    """`registry.check_backbone_name` without torch when the shipped table knows the name (the Ray driver's check);
+    otherwise the registry answers, with its suggestions."""
     table = _load()
     if name.startswith("timm:") or (table is not None and name in table["backbones"]):
         return
-    if table is not None and "embedfit.backbones.registry" not in sys.modules:
-        raise unknown_backbone(name, list(table["backbones"]))  # nothing else can be registered in this process
-    from embedfit.backbones.registry import check_backbone_name
+    from embedfit.backbones import registry  # imports no family (nor torch)
 
-    check_backbone_name(name)
+    known = registry.registered_so_far()
+    if table is not None and name not in known and not name.startswith(registry.prefixes()):
+        # The shipped families register exactly the table's names (a test checks it): refuse without importing them.
+        raise registry.unknown_backbone(name, sorted({*table["backbones"], *known}))
+    registry.check_backbone_name(name)
 
 
 def check_request(name: str, *, weights: str | os.PathLike | None = None, pool: str | None = None,
@@ -132,8 +123,8 @@ def list_infos(pattern: str = "*") -> list[BackboneInfo]:
 
 
 def build_catalogue() -> dict[str, Any]:
-    """The table, derived from the registry (imports torch, torchvision and timm; builds module trees only)."""
-    from embedfit.backbones.foundation import FOUNDATION
+    """The table, derived from the registry (imports torch, torchvision and timm; builds module trees only).
+    Each family's info says where its weights live (`BackboneInfo.weights_source`)."""
     from embedfit.backbones.registry import backbone_info, list_backbones
 
     entries = {}
@@ -142,19 +133,20 @@ def build_catalogue() -> dict[str, Any]:
         entry: dict[str, Any] = {"family": info.family, "embedding_dim": info.embedding_dim,
                                  "input_size": list(info.input_size), "licence": info.licence, "pool": info.pool,
                                  "params": info.params}
-        if name in FOUNDATION:
-            entry["weights"] = {"kind": "hf", "repo": FOUNDATION[name].hub_id}
-        elif info.weights_file is not None:
-            if info.family == "torchvision":
-                entry["weights"] = {"kind": "torch_hub", "file": info.weights_file.name}
-            else:  # shipped in a package: its path below the package folder
-                package = info.weights_file.parent
-                while not (package / "__init__.py").is_file() and package != package.parent:
-                    package = package.parent
-                entry["weights"] = {"kind": "package", "package": package.name,
-                                    "file": info.weights_file.relative_to(package).as_posix()}
+        if info.weights_source is not None:
+            entry["weights"] = dict(info.weights_source)
         entries[name] = entry
     return {"torchvision": _torchvision_version(), "backbones": entries}
+
+
+def package_source(file: Path | None) -> dict[str, str] | None:
+    """`weights_source` of a weights file shipped in a Python package: the package and the path below it."""
+    if file is None:
+        return None
+    package = file.parent
+    while not (package / "__init__.py").is_file() and package != package.parent:
+        package = package.parent
+    return {"kind": "package", "package": package.name, "file": file.relative_to(package).as_posix()}
 
 
 def write_catalogue(path: Path = CATALOGUE_FILE) -> Path:

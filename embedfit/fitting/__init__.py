@@ -1,10 +1,12 @@
 """Fitting: scikit-learn models on stored embeddings.
 
-    models       the model zoo (`MODELS`) as Pipelines: scaler -> optional PCA -> classifier; any user estimator
+    registry     the classifier registry: one `Classifier` record per model (no scikit-learn imported)
+    zoo          embedfit's own records (logreg, svm, ...)
+    models       a record as a Pipeline: scaler -> optional PCA -> classifier; any user estimator
     data         the rows you can train on (`load_dataset`) and the checks that they can be fitted
     cv           `fit()` with `FitConfig`: cross-validation or hold-out, refit, run directory
     device       fitting on a GPU through scikit-learn's array API
-    out_of_core  `fit_out_of_core()`: SGD models streaming stores larger than memory
+    out_of_core  `fit_out_of_core()`: the streaming records (sgd-logreg, sgd-svm) on stores larger than memory
 
 Loaded lazily: `import embedfit.fitting` imports no scikit-learn until a name is used.
 """
@@ -14,13 +16,15 @@ from __future__ import annotations
 from embedfit._lazy import attach
 
 _LAZY = {
-    "MODELS": "models", "DEFAULT_MODEL": "models", "ARRAY_API_MODELS": "models", "GRIDS": "models",
+    "Classifier": "registry", "Streaming": "registry", "register_classifier": "registry", "get_classifier": "registry",
+    "classifier_names": "registry", "trusted_types": "registry",
+    "DEFAULT_MODEL": "models",
     "make_pipeline": "models", "check_model_name": "models", "resolve_model": "models", "wrap_estimator": "models",
     "Dataset": "data", "load_dataset": "data",
     "FitConfig": "cv", "FitResult": "cv", "fit": "cv", "make_splits": "cv", "fold_metrics": "cv",
     "default_jobs": "cv",
     "array_api_ready": "device", "resolve_fit_device": "device",
-    "OOC_MODELS": "models", "fit_out_of_core": "out_of_core",
+    "fit_out_of_core": "out_of_core",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _LAZY)

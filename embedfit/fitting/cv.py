@@ -3,6 +3,8 @@ hold-out store), refit it on all data, and write a run directory (`embedfit.runs
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -34,8 +36,8 @@ from embedfit.fitting.models import (
     shipped,
     wrap_estimator,
 )
-from embedfit.progress import Progress
-from embedfit.runs import save_run
+from embedfit.progress import OnProgress, Progress, progress_sink
+from embedfit.runs import Evaluation, check_replace, identity_of, save_run
 from embedfit.store import FeatureStore
 
 if TYPE_CHECKING:  # scikit-learn is imported once the arguments are checked: a refusal comes at once
@@ -149,10 +151,10 @@ class FitConfig:
         backend: joblib backend: "loky", "threading", "ray" or "dask".
         ray_address: With backend "ray": the cluster to connect to (`ray.init(address=...)`, e.g.
             "ray://head:10001" or "auto"); None: Ray's default (a local cluster, or the one already connected).
-        device: "cpu", "cuda[:N]", or "auto": the GPU for `ARRAY_API_MODELS` when there is one and SciPy is in
+        device: "cpu", "cuda[:N]", or "auto": the GPU for the array-API classifiers when there is one and SciPy is in
             array-API mode (SCIPY_ARRAY_API=1), else the CPU. On a GPU, folds run one after the other.
         seed: Random state for splits and models.
-        progress: Show folds as they finish (a bar on a terminal, plain lines every ~10 s otherwise).
+        progress: Show folds as they finish on stderr (`embedfit.progress.StderrSink`) when no `on_progress` is given.
     """
 
     scale: str = "standard"
@@ -173,18 +175,22 @@ class FitConfig:
 
 
 def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_MODEL,
-        config: FitConfig | None = None, *, output: str | Path | None = None, **options: Any) -> FitResult:
+        config: FitConfig | None = None, *, output: str | Path | None = None, on_progress: OnProgress | None = None,
+        **options: Any) -> FitResult:
     """Evaluate a classifier on a store's embeddings, refit it on all of them, and write a run directory.
 
     Args:
         store: The training feature store.
-        model: One of `MODELS` (default: a logistic-regression linear probe with C chosen by inner CV); or any
-            scikit-learn classifier (it gets `config.scale` in front of it) or `Pipeline` (used as given), or
-            "pkg.module:Class" (constructed with default arguments). Its run is named after the class, in lower
-            case. It must save with skops' defaults plus `embedfit.runs.TRUSTED_TYPES` (scikit-learn's own
-            classes do); anything else is refused before the CV.
+        model: A registered classifier fitted in memory (`classifier_names(streaming=False)`; default: a
+            logistic-regression linear probe with C chosen by inner CV); or any scikit-learn classifier (it gets
+            `config.scale` in front of it) or `Pipeline` (used as given), or "pkg.module:Class" (constructed with
+            default arguments). Its run is named after the class, in lower case. It must save with skops'
+            defaults plus `embedfit.fitting.registry.trusted_types()` (scikit-learn's own classes do); anything else
+            is refused before the CV.
         config: How to fit and evaluate (`FitConfig`); keyword `options` override its fields (e.g. `cv=3`).
         output: Run directory (default: runs/<store stem>-<model>).
+        on_progress: Called with the folds' progress (`embedfit.progress`); else `config.progress` shows it on
+            stderr.
 
     Returns:
         A `FitResult` with metrics and the fitted pipeline, which predicts class names.
@@ -236,10 +242,9 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     _register_backend(backend, config.ray_address)
     n_classes = len(data.class_names)
     notes = list(data.notes)
-    if (run_dir / "model.json").is_file():
-        notes.append(f"replacing the earlier run in {run_dir}")
 
     t0 = time.perf_counter()
+    group_keys = None
     if test_store is not None:
         test = _aligned_test_set(test_store, data)
         notes += test.notes
@@ -281,50 +286,63 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
                              n_samples=len(data.y), n_features=data.X.shape[1], search=search, array_api=on_gpu,
                              n_train=n_train, min_class=min(int(c[c > 0].min()) for c in train_counts),
                              notes=notes)
+    params = {"scale": scale, "pca": pca, "class_weight": class_weight, "search": search, "seed": seed,
+              "device": fit_device}
+    if custom:  # what was fitted, as scikit-learn prints it; class_weight is the estimator's own business
+        params.update(class_weight=None, estimator=repr(pipe))
+    # What this run answers: refused before the CV when the folder holds a run that answered something else.
+    asked = {k: v for k, v in evaluation.items() if k not in ("test_store", "n_test")}
+    if group_keys is not None:  # which images stay together changes the folds
+        asked["groups"] = hashlib.sha256(json.dumps([str(g) for g in group_keys]).encode()).hexdigest()[:16]
+    identity = identity_of(data=data.store.fingerprint, model=model,
+                           settings={k: v for k, v in params.items() if k != "device"}, evaluation=asked)
+    check_replace(run_dir, identity)
+    if (run_dir / "model.json").is_file():  # the identical command: it replaces its own run
+        notes.append(f"replacing the earlier run in {run_dir}")
     for note in notes:
         log.warning("note: %s", note)
-    # A hold-out store: the evaluation trains on every training image, so its model is the final one.
-    reuse = test_store is not None
-    progress = Progress(f"fitting {model}", len(splits), enabled=config.progress,
-                        unit="folds" if evaluation["strategy"] == "cv" else "splits")
-    if on_gpu:  # copied once; the GPU runs the folds one after the other
-        import torch
+    reuse = test_store is not None  # a hold-out store: the evaluation trains on every training image
+    with progress_sink(on_progress, config.progress) as sink:
+        progress = Progress(f"fitting {model}", len(splits), on_progress=sink,
+                            unit="folds" if evaluation["strategy"] == "cv" else "splits")
+        if on_gpu:  # copied once; the GPU runs the folds one after the other
+            import torch
 
-        X_dev, y_dev = torch.as_tensor(X_all, device=fit_device), torch.as_tensor(y_all, device=fit_device)
-        folds = []
-        for tr, te in splits:
-            folds.append(_fold_model(pipe, X_dev, y_dev, tr, te) if reuse else _fold(pipe, X_dev, y_dev, tr, te))
-            progress.advance()
-        X_fit, y_fit = X_dev[: len(data.y)], y_dev[: len(data.y)]  # the training rows come first
-    else:
-        from joblib import Parallel, delayed, parallel_config
-
-        X_fit, y_fit = data.X, data.y
-        if jobs is None:
-            jobs = default_jobs(X_all, len(splits)) if backend in ("loky", "threading") else -1
-        with parallel_config(backend=backend, n_jobs=jobs):
+            X_dev, y_dev = torch.as_tensor(X_all, device=fit_device), torch.as_tensor(y_all, device=fit_device)
             folds = []
-            # Folds as they finish, for the progress line (Ray's and Dask's joblib backends return lists only).
-            streamed = "generator" if backend in ("loky", "threading", "multiprocessing") else "list"
-            for result in Parallel(return_as=streamed)(delayed(_fold_model if reuse else _fold)(
-                    pipe, X_all, y_all, tr, te) for tr, te in splits):
-                folds.append(result)
+            for tr, te in splits:
+                folds.append((_fold_model if reuse else _fold)(pipe, X_dev, y_dev, tr, te))
                 progress.advance()
-    cv_seconds = time.perf_counter() - t0
+            X_fit, y_fit = X_dev[: len(data.y)], y_dev[: len(data.y)]  # the training rows come first
+        else:
+            from joblib import Parallel, delayed, parallel_config
 
-    per_fold = [fold_metrics(y_all[te], pred, proba, classes, n_classes)
-                for (_, te), (pred, proba, classes, *_) in zip(splits, folds, strict=True)]
-    t0 = time.perf_counter()
-    shipped_model = _evaluated_model(folds[0], X_all[splits[0][1]], data.class_names) if reuse else None
-    if shipped_model is None:
-        progress.status = "refitting on all images"
-        progress.advance(0)
-        # The shipped model predicts class names. Tensors need numeric labels: on a GPU it is relabelled.
-        final = _refit(pipe, X_fit, y_fit if on_gpu else np.asarray(data.class_names)[y_fit])
-        shipped_model = _ship(final, data.class_names if on_gpu else None)
-    final, best = shipped_model
-    evaluation["refit"] = not reuse or final is not folds[0][3]  # False: the evaluated model, saved as it is
-    progress.close()
+            X_fit, y_fit = data.X, data.y
+            if jobs is None:
+                jobs = default_jobs(X_all, len(splits)) if backend in ("loky", "threading") else -1
+            with parallel_config(backend=backend, n_jobs=jobs):
+                folds = []
+                # Folds as they finish, for the progress line (Ray's and Dask's joblib backends return lists only).
+                streamed = "generator" if backend in ("loky", "threading", "multiprocessing") else "list"
+                for result in Parallel(return_as=streamed)(delayed(_fold_model if reuse else _fold)(
+                        pipe, X_all, y_all, tr, te) for tr, te in splits):
+                    folds.append(result)
+                    progress.advance()
+        cv_seconds = time.perf_counter() - t0
+
+        per_fold = [fold_metrics(y_all[te], pred, proba, classes, n_classes)
+                    for (_, te), (pred, proba, classes, *_) in zip(splits, folds, strict=True)]
+        t0 = time.perf_counter()
+        shipped_model = _evaluated_model(folds[0], X_all[splits[0][1]], data.class_names) if reuse else None
+        if shipped_model is None:
+            progress.status = "refitting on all images"
+            progress.advance(0)
+            # The shipped model predicts class names. Tensors need numeric labels: on a GPU it is relabelled.
+            final = _refit(pipe, X_fit, y_fit if on_gpu else np.asarray(data.class_names)[y_fit])
+            shipped_model = _ship(final, data.class_names if on_gpu else None)
+        final, best = shipped_model
+        evaluation["refit"] = not reuse or final is not folds[0][3]  # False: the evaluated model, saved as it is
+        progress.close()
     fit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     final.predict(data.X[: min(len(data.X), 256)])
@@ -356,12 +374,14 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
         metrics["notes"] = notes
     if best is not None:
         metrics["best_params"] = best
-    params = {"scale": scale, "pca": pca, "class_weight": class_weight, "search": search, "seed": seed,
-              "device": fit_device}
-    if custom:  # what was fitted, as scikit-learn prints it; class_weight is the estimator's own business
-        params.update(class_weight=None, estimator=repr(pipe))
-    save_run(run_dir, final, model=model, params=params, store=data.store, metrics=metrics,
-             predictions=predictions)
+    scored = test.store if test_store is not None else data.store
+    record = Evaluation(
+        "held-out" if test_store is not None else "cv" if evaluation["strategy"] == "cv" else "holdout-split",
+        getattr(scored, "url", "") or str(scored.path.resolve()), str(scored.root), len(predictions),
+        max(len(tr) for tr, _ in splits), details=evaluation)
+    metrics["evaluation"] = record.to_dict()  # as metrics.json holds it
+    save_run(run_dir, final, model=model, params=params, store=data.store, metrics=metrics, evaluation=record,
+             predictions=predictions, identity=identity)
     return FitResult(run_dir, model, final, metrics, predictions)
 
 
