@@ -107,7 +107,7 @@ def test_scikit_learn_types_outside_the_list_save_and_load(store: FeatureStore, 
     from embedfit.runs import untrusted_types
 
     X, y, _ = store.load()
-    model = Pipeline([("clf", HistGradientBoostingClassifier(max_iter=5))]).fit(X, np.array(["a", "b", "c"])[y])
+    model = Pipeline([("clf", HistGradientBoostingClassifier(max_iter=5))]).fit(X, y)
     save_run(tmp_path / "run", model, model="hgb", params={}, store=store, metrics={"class_names": ["a", "b", "c"]},
              predictions=[], evaluation=NO_EVALUATION, identity={})
     found = sio.get_untrusted_types(file=tmp_path / "run" / "model.skops")
