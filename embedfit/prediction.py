@@ -207,13 +207,13 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
 def input_labels(inputs: Sequence[str | os.PathLike], records: Sequence[ImageRecord]) -> list[str] | None:
     """The class of each record when the one input is labelled: a CSV with a label column, or a class tree (a
     class per sub-folder, no images beside them, as `extract` reads it); None otherwise."""
-    from embedfit import remote
+    from embedfit import url
     from embedfit.errors import InputError
 
     if len(inputs) != 1:
         return None
-    item = remote.local_or_url(inputs[0])
-    if not remote.is_url(item) and not (Path(item).is_dir() or Path(item).suffix.lower() == ".csv"):
+    item = url.local_or_url(inputs[0])
+    if not url.is_url(item) and not (Path(item).is_dir() or Path(item).suffix.lower() == ".csv"):
         return None
     try:
         source = scan_images(item)
