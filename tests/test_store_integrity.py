@@ -159,29 +159,19 @@ def test_resume_of_a_damaged_store_fails_and_overwrite_recovers(image_tree: Path
         np.testing.assert_allclose(store.features(), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_store_written_without_checksums_still_opens_reads_and_resumes(tmp_path: Path,
+def test_a_store_without_its_metadata_checksum_is_refused_with_a_hint(tmp_path: Path,
                                                                        settings: StoreSettings) -> None:
+    """A store without metadata_sha256 (pre-release embedfit, or the attribute deleted to dodge the check) is not
+    trusted: opening and resuming it fail in one line that says how to re-create it."""
     new = tmp_path / "new.h5"
-    recs, feats = _make_store(new, settings)
-    old = tmp_path / "old.h5"
-    with h5py.File(new, "r") as src, h5py.File(old, "w") as dst:  # the layout of stores before checksums
-        dst.attrs.update({k: v for k, v in src.attrs.items() if k != "metadata_sha256"})
-        for name, ds in src.items():
-            kwargs = {"chunks": (256, ds.shape[1]), "maxshape": (None, ds.shape[1])} if name == "features" else {}
-            dst.create_dataset(name, data=ds[()], dtype=ds.dtype, **kwargs)
-            assert dst[name].fletcher32 is False
-    with FeatureStore.open(old) as store:
-        np.testing.assert_array_equal(store.features(), feats)
-    more = _records(3, "extra")
-    extra = np.ones((3, feats.shape[1]), np.float32)
-    with StoreWriter(old, settings) as writer:
-        assert writer.plan(recs + more).reused == len(recs)
-        _write_part(writer, more, extra)
-        resumed = writer.commit(recs + more, CLASSES, complete=True)
-        assert resumed.complete and len(resumed) == len(recs) + 3
-    with FeatureStore.open(old) as store, h5py.File(old, "r") as f:
-        assert f["features"].fletcher32 and f["labels"].fletcher32
-        np.testing.assert_array_equal(store.features([store.paths.tolist().index(r.key) for r in recs]), feats)
+    recs, _ = _make_store(new, settings)
+    with h5py.File(new, "a") as f:
+        del f.attrs["metadata_sha256"]
+    with pytest.raises(StoreError, match=r"no metadata checksum .*re-extract it with `embedfit extract \.\.\. "
+                                         r"--overwrite`"):
+        FeatureStore.open(new)
+    with pytest.raises(StoreError, match="no metadata checksum"), StoreWriter(new, settings) as writer:
+        writer.plan(recs)
 
 
 # -- 3. locks -------------------------------------------------------------------------------------------

@@ -381,7 +381,9 @@ def shard_problem(shard: Path, entry: dict[str, Any] | None) -> str:
             if entry is None:
                 return ""
             paths = f["paths"]
-            digest = attr(f.attrs, "metadata_sha256") or metadata_digest(read_row_arrays(f))  # older shards: none
+            digest = attr(f.attrs, "metadata_sha256")
+            if digest is None:
+                return "has no metadata checksum (written by a pre-release embedfit, or the attribute was removed)"
             if len(paths) != entry["rows"]:
                 return f"has {len(paths)} rows, the manifest recorded {entry['rows']}"
             if digest != entry["sha256"]:
@@ -456,7 +458,7 @@ class ShardedFeatures:
                     expected = attr(f.attrs, "metadata_sha256")
             except Exception as exc:
                 raise self._fail(name, f"cannot be read ({why(exc)})") from None
-            if expected is not None and metadata_digest(arrays) != expected:
+            if expected is None or metadata_digest(arrays) != expected:
                 raise self._fail(name, "has metadata that no longer matches its digest (changed on disk)")
             keys[name] = arrays["paths"]
         for out0, n, name, src0 in self.maps:

@@ -182,9 +182,13 @@ def metadata_digest(arrays: dict[str, Any], shard_index: str = "") -> str:
 
 
 def verify_metadata(f: h5py.File, arrays: dict[str, Any]) -> None:
-    """Raise OSError when the metadata does not match its digest (files written before digests are trusted)."""
+    """Raise OSError when the metadata has no digest (a pre-release file, or the attribute deleted) or does not
+    match it."""
     expected = attr(f.attrs, "metadata_sha256")
-    if expected is not None and metadata_digest(arrays, attr(f.attrs, "shard_index", "")) != expected:
+    if expected is None:
+        raise OSError("no metadata checksum (metadata_sha256): written by a pre-release embedfit, or the attribute "
+                      "was removed")
+    if metadata_digest(arrays, attr(f.attrs, "shard_index", "")) != expected:
         raise OSError("metadata checksum mismatch (paths, labels, status or shard list changed on disk)")
     if f["features"].shape[0] != len(arrays["paths"]):
         raise OSError(f"{f['features'].shape[0]} feature rows for {len(arrays['paths'])} paths")

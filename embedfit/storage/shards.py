@@ -60,7 +60,6 @@ from embedfit.storage.schema import (
     ensure_space,
     fingerprint,
     library_versions,
-    metadata_digest,
     read_row_arrays,
     shards_dir,
     write_row_datasets,
@@ -324,7 +323,7 @@ class ShardedStoreWriter(StoreWriter):
                 first, last = (paths[0], paths[-1]) if len(paths) else ("", "")
                 index[sources[s].name] = {
                     "rows": len(paths), "first": first, "last": last,
-                    "sha256": attr(shard.attrs, "metadata_sha256") or metadata_digest(read_row_arrays(shard))}
+                    "sha256": attr(shard.attrs, "metadata_sha256")}  # every shard is written with one
         shard_index = json.dumps(index)
         with h5py.File(tmp, "w") as f:
             f.attrs.update(self.settings.attrs())
