@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import csv
 import hashlib
 import html
 import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from embedfit.errors import InputError, ModelFileError, check_output_file, check_output_not_input
+from embedfit.errors import InputError, check_output_file, check_output_not_input
 from embedfit.progress import Progress
-from embedfit.runs import read_sidecar
+from embedfit.runs import read_predictions, read_sidecar
 
 # Section ids, in order; the last is a prefix: one "mistakes-RUN" section per run.
 SECTIONS = ("leaderboard", "metrics", "confusion", "per-class", "cv-spread", "embedding-map", "mistakes")
@@ -51,16 +49,7 @@ def read_run(path: str | Path) -> Run:
     """Load model.json, metrics.json and predictions.csv of a run directory."""
     path = Path(path)
     meta = read_sidecar(path)
-    try:
-        metrics = json.loads((path / "metrics.json").read_text())
-    except FileNotFoundError:
-        raise ModelFileError(f"{path} has no metrics.json; was the run interrupted?") from None
-    except ValueError as exc:
-        raise ModelFileError(f"{path / 'metrics.json'} is damaged ({exc})") from None
-    predictions: list[dict[str, str]] = []
-    if (path / "predictions.csv").is_file():
-        with open(path / "predictions.csv", newline="", encoding="utf-8") as f:
-            predictions = list(csv.DictReader(f))
+    metrics, predictions = read_predictions(path)
     return Run(path, meta, metrics, predictions)
 
 

@@ -238,6 +238,26 @@ def write_predictions_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def read_predictions(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """A run's metrics.json and its predictions.csv rows (out-of-fold for CV, else hold-out; empty when absent).
+
+    Raises:
+        ModelFileError: metrics.json is missing (an interrupted run) or damaged.
+    """
+    run_dir = Path(run_dir)
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except FileNotFoundError:
+        raise ModelFileError(f"{run_dir} has no metrics.json; was the run interrupted?") from None
+    except ValueError as exc:
+        raise ModelFileError(f"{run_dir / 'metrics.json'} is damaged ({exc})") from None
+    predictions: list[dict[str, str]] = []
+    if (run_dir / "predictions.csv").is_file():
+        with open(run_dir / "predictions.csv", newline="", encoding="utf-8") as f:
+            predictions = list(csv.DictReader(f))
+    return metrics, predictions
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
