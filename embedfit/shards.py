@@ -59,6 +59,7 @@ from embedfit.store import (
     _ensure_space,
     _Row,
     _run_provenance,
+    content_hashes,
     library_versions,
 )
 
@@ -106,7 +107,8 @@ def _versions() -> str:
 
 def write_shard(directory: str | os.PathLike, name: str, settings: StoreSettings, keys: Sequence[str],
                 labels: Sequence[str], sizes: Sequence[int], mtimes: Sequence[int], status: Sequence[int],
-                errors: Sequence[str], features: np.ndarray, provenance: dict[str, Any] | None = None) -> Path:
+                errors: Sequence[str], features: np.ndarray, provenance: dict[str, Any] | None = None,
+                content_hash: Sequence[str] | None = None) -> Path:
     """Write one finished shard: locally first, then moved whole into `directory` (absent or complete, never half).
 
     Runs wherever the rows were embedded (a Ray worker, or the local writer thread); needs no lock, because the
@@ -124,6 +126,7 @@ def write_shard(directory: str | os.PathLike, name: str, settings: StoreSettings
         errors: Why each image failed ("" when ok).
         features: (rows, D) embeddings, NaN rows for failures.
         provenance: How the rows were made (device, runtime, decode, engine, host).
+        content_hash: SHA-256 of each image file's bytes ("" when unknown).
 
     Returns:
         The shard's final path.
@@ -153,6 +156,7 @@ def write_shard(directory: str | os.PathLike, name: str, settings: StoreSettings
             _create(f, "file_mtime_ns", np.asarray(mtimes, dtype=np.int64))
             _create(f, "status", np.asarray(status, dtype=np.uint8))
             _create(f, "errors", np.array(list(errors), dtype=_STR))
+            _create(f, "content_hash", content_hashes(content_hash, len(keys)))
             feats = np.asarray(features, dtype=settings.dtype).reshape(len(keys), dim)
             f.create_dataset("features", data=feats, chunks=(max(1, min(_CHUNK_ROWS, len(keys))), dim) if len(keys)
                              else None, fletcher32=bool(len(keys)))
@@ -250,12 +254,12 @@ class ShardedStoreWriter(StoreWriter):
 
     def write_part(self, keys: Sequence[str], labels: Sequence[str], sizes: Sequence[int],
                    mtimes: Sequence[int], status: Sequence[int], errors: Sequence[str],
-                   features: np.ndarray) -> Path:
+                   features: np.ndarray, content_hash: Sequence[str] | None = None) -> Path:
         """Write one batch of results as the run's next shard."""
         name = self.shard_name(self._seq)
         self._seq += 1
         return write_shard(self.parts, name, self.settings, keys, labels, sizes, mtimes, status, errors, features,
-                           {**self.provenance, "shard_size": self.shard_size})
+                           {**self.provenance, "shard_size": self.shard_size}, content_hash)
 
     def commit(self, records: Sequence[Any], class_names: Sequence[str], *, complete: bool,
                attrs: dict[str, Any] | None = None) -> FeatureStore:
@@ -334,6 +338,7 @@ class ShardedStoreWriter(StoreWriter):
             _create(f, "errors", np.array([r.error for r in ordered], dtype=_STR))
             _create(f, "file_size", sizes)
             _create(f, "file_mtime_ns", mtimes)
+            _create(f, "content_hash", content_hashes([r.content_hash for r in ordered], n))
             if not n:  # HDF5 has no empty virtual dataset
                 f.create_dataset("features", shape=(0, dim), dtype=self.settings.dtype, maxshape=(None, dim))
                 return used

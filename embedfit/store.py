@@ -10,6 +10,8 @@ Schema (one HDF5 file, readable with plain h5py; row i of every dataset is one i
     errors       (N,)   utf-8 str           why an image failed, "" when ok
     file_size    (N,)   int64               resume key, with paths and file_mtime_ns
     file_mtime_ns(N,)   int64
+    content_hash (N,)   utf-8 str           SHA-256 of the file's bytes, read once for hashing and decoding; ""
+                                            when unknown (a failed read; rows of stores written before it)
     attrs: schema_version, embedfit_version, spec (BackboneSpec JSON), dtype, tta, precision, device,
            runtime ("torch" or "onnx"), decode ("pil" or "device"), engine ("local" or "ray") (these four
            join the values of every run that made rows, e.g. "onnx+torch"), versions (JSON), created, updated, root,
@@ -151,10 +153,17 @@ def _read_str(ds: h5py.Dataset) -> np.ndarray:
 
 def _read_keys(f: h5py.File) -> dict[str, Any]:
     """The per-row metadata of a store or part file (everything but the features)."""
-    return {"paths": _read_str(f["paths"]), "labels": f["labels"][:],
+    paths = _read_str(f["paths"])
+    return {"paths": paths, "labels": f["labels"][:],
             "class_names": _read_str(f["class_names"]) if "class_names" in f else np.array([], dtype=object),
             "status": f["status"][:], "errors": _read_str(f["errors"]), "file_size": f["file_size"][:],
-            "file_mtime_ns": f["file_mtime_ns"][:]}
+            "file_mtime_ns": f["file_mtime_ns"][:],
+            "content_hash": _read_str(f["content_hash"]) if "content_hash" in f else np.full(len(paths), "", object)}
+
+
+def content_hashes(values: Sequence[str] | None, n: int) -> np.ndarray:
+    """The `content_hash` dataset of `n` rows ("" for each when not known)."""
+    return np.array(list(values) if values is not None else [""] * n, dtype=_STR)
 
 
 def _keys_digest(arrays: dict[str, Any]) -> str:
@@ -163,6 +172,8 @@ def _keys_digest(arrays: dict[str, Any]) -> str:
     h = hashlib.sha256()
     for name in ("paths", "class_names", "errors"):
         h.update(json.dumps([str(s) for s in arrays[name]]).encode())
+    if any(arrays.get("content_hash", ())):  # a store without hashes keeps the digest it was written with
+        h.update(json.dumps([str(s) for s in arrays["content_hash"]]).encode())
     for name, dtype in (("labels", "<i8"), ("status", "u1"), ("file_size", "<i8"), ("file_mtime_ns", "<i8")):
         h.update(np.ascontiguousarray(arrays[name], dtype=dtype).tobytes())
     return h.hexdigest()
@@ -278,6 +289,7 @@ class FeatureStore:
         self.errors: np.ndarray = arrays["errors"]
         self.file_size: np.ndarray = arrays["file_size"]
         self.file_mtime_ns: np.ndarray = arrays["file_mtime_ns"]
+        self.content_hash: np.ndarray = arrays["content_hash"]  # "" where unknown (see the schema)
         self.dim = int(arrays["dim"])
         self._file = file
 
@@ -493,6 +505,7 @@ class _Row:
     mtime_ns: int
     status: int
     error: str
+    content_hash: str = ""
 
 
 @dataclass(frozen=True)
@@ -676,9 +689,10 @@ class StoreWriter:
             names, keys, labels = list(arrays["class_names"]), arrays["paths"], arrays["labels"]
             sizes, mtimes, status, errors = (arrays["file_size"], arrays["file_mtime_ns"], arrays["status"],
                                              arrays["errors"])
+            hashes = arrays["content_hash"]
             for i, key in enumerate(keys):
                 label = names[labels[i]] if labels[i] >= 0 else ""
-                rows[key] = _Row(s, i, label, int(sizes[i]), int(mtimes[i]), int(status[i]), errors[i])
+                rows[key] = _Row(s, i, label, int(sizes[i]), int(mtimes[i]), int(status[i]), errors[i], hashes[i])
         return rows
 
     def plan(self, records: Sequence[Any], *, retry_failed: bool = False) -> ResumePlan:
@@ -702,7 +716,7 @@ class StoreWriter:
     # -- writing ------------------------------------------------------------------------------------
     def write_part(self, keys: Sequence[str], labels: Sequence[str], sizes: Sequence[int],
                    mtimes: Sequence[int], status: Sequence[int], errors: Sequence[str],
-                   features: np.ndarray) -> Path:
+                   features: np.ndarray, content_hash: Sequence[str] | None = None) -> Path:
         """Write one batch of results as an atomic part file (a few hundred images each)."""
         _quiet_hdf5()  # usually called from a background thread
         self.parts.mkdir(parents=True, exist_ok=True)
@@ -716,7 +730,8 @@ class StoreWriter:
         arrays = {"paths": np.array(list(keys), dtype=_STR), "class_names": np.array(classes, dtype=_STR),
                   "labels": np.array([index.get(lb, -1) for lb in labels], dtype=np.int64),
                   "file_size": np.asarray(sizes, dtype=np.int64), "file_mtime_ns": np.asarray(mtimes, dtype=np.int64),
-                  "status": np.asarray(status, dtype=np.uint8), "errors": np.array(list(errors), dtype=_STR)}
+                  "status": np.asarray(status, dtype=np.uint8), "errors": np.array(list(errors), dtype=_STR),
+                  "content_hash": content_hashes(content_hash, len(keys))}
         feats = np.asarray(features, dtype=self.settings.dtype)
         try:
             with _new_file(tmp) as f:
@@ -813,6 +828,7 @@ class StoreWriter:
             "errors": np.array([r.error for r in ordered], dtype=_STR),
             "file_size": np.array([r.size for r in ordered], dtype=np.int64),
             "file_mtime_ns": np.array([r.mtime_ns for r in ordered], dtype=np.int64),
+            "content_hash": content_hashes([r.content_hash for r in ordered], n),
         }
         status = arrays["status"]
         prev = self._previous.attrs if self._previous is not None else {}
@@ -834,7 +850,8 @@ class StoreWriter:
             })
             f.attrs.update({k: v for k, v in _run_provenance(prev, extra, bool(self._part_paths)).items()
                             if v is not None})
-            for key in ("paths", "labels", "class_names", "status", "errors", "file_size", "file_mtime_ns"):
+            for key in ("paths", "labels", "class_names", "status", "errors", "file_size", "file_mtime_ns",
+                        "content_hash"):
                 _create(f, key, arrays[key])
             feats = f.create_dataset("features", shape=(n, dim), dtype=self.settings.dtype,
                                      chunks=(max(1, min(_CHUNK_ROWS, n)), dim), maxshape=(None, dim),

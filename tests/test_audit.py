@@ -126,7 +126,7 @@ def test_outputs(audited: tuple) -> None:
     assert len(rows) == len(result.findings) and {r["kind"] for r in rows} >= {"near_duplicate", "label_issue"}
     meta = json.loads((out / "audit.json").read_text())
     assert meta["counts"] == result.counts and meta["settings"]["threshold"] == 0.95
-    assert meta["settings"]["search"] == "exact"
+    assert meta["settings"]["search"] == "exact" and meta["settings"]["exact_by"] == "content_hash"
 
 
 def test_run_gives_the_out_of_fold_probabilities(planted: dict, tmp_path: Path) -> None:
@@ -168,6 +168,8 @@ def test_fit_warns_then_groups_and_excludes(planted: dict, tmp_path: Path, audit
         result = fit(store, "logreg", output=tmp_path / f"plain{seed}", cv=3, seed=seed)
         warned += [n for n in result.metrics.get("notes", []) if "exact duplicate" in n]
     assert warned and "embedfit audit" in warned[0]
+    held_out = fit(store, "logreg", output=tmp_path / "held", test_store=planted["test"])
+    assert any("grass/grass_001.png = grass/leaked.png" in n for n in held_out.metrics["notes"])
     grouped = fit(store, "logreg", output=tmp_path / "grouped", cv=3, group_duplicates=True)
     assert grouped.metrics["evaluation"]["groups"] is True
     assert not [n for n in grouped.metrics.get("notes", []) if "exact duplicate" in n]
@@ -200,6 +202,23 @@ def test_cli_audit_summary_and_bad_input(planted: dict, tmp_path: Path, capsys: 
     assert main(["audit", str(tmp_path / "nope.h5"), "-o", str(tmp_path / "n")]) == 1
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_content_hash_in_single_file_and_sharded_stores(planted: dict, tmp_path: Path) -> None:
+    """The SHA-256 of each file, computed as it is read for embedding, is stored per row; shards carry it too."""
+    import hashlib
+
+    from embedfit import FeatureStore
+    from embedfit.extraction.local import extract
+
+    store = FeatureStore.open(planted["store"])
+    hashes = dict(zip(store.paths, store.content_hash, strict=True))
+    expected = hashlib.sha256((planted["root"] / "gravel" / "gravel_003.png").read_bytes()).hexdigest()
+    assert hashes["brick/gravel_copy.png"] == hashes["gravel/gravel_003.png"] == expected
+    assert len(set(hashes.values())) == len(hashes) - 1  # only the exact copy shares one
+    sharded = FeatureStore.open(extract(planted["root"], tmp_path / "sharded.h5", workers=0, shard_size=8).store)
+    assert sharded.attrs.get("layout") == "sharded"
+    assert dict(zip(sharded.paths, sharded.content_hash, strict=True)) == hashes
 
 
 def test_exact_copies_of_an_old_store_through_embeddings(planted: dict) -> None:

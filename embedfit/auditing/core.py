@@ -361,9 +361,9 @@ def audit(store: str | os.PathLike | FeatureStore, output: str | os.PathLike | N
     # duplicates
     keys, hashed = content_keys(store, rows)
     if not hashed:
-        notes.append(f"store {store.path} has no content hashes (extracted before embedfit stored them): exact "
-                     "copies were found through identical embeddings only; re-extract with `--overwrite` to "
-                     "compare file contents")
+        notes.append(f"store {store.path} lacks content hashes (rows extracted before embedfit stored them): exact "
+                     "copies were found through identical embeddings only; re-extract it with `embedfit extract "
+                     "... --overwrite` to compare file contents")
     exact = _exact_pairs(keys)
     base = read_normalized(store, rows)
     sims, idx = knn(base, config.neighbors, exact=config.exact)
