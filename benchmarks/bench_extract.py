@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from _common import hardware, jpeg_folder, save
 
-from embedfit.backbones.registry import create_backbone
+from embedfit.backbones.factory import create_backbone
 from embedfit.extraction.encoder import Encoder, _device_batch
 from embedfit.extraction.local import extract
 from embedfit.extraction.reader import ImageDataset, image_loader

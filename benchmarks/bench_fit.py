@@ -31,7 +31,7 @@ import numpy as np
 from _common import RESULTS, hardware, save
 
 from embedfit.fitting.cv import fit
-from embedfit.fitting.models import ARRAY_API_MODELS, MODELS
+from embedfit.fitting.registry import array_api_names, classifier_names
 
 SEPARATION = 0.007  # class-mean scale: a logistic probe scores ~0.85, like a real 10-class embedding, not 1.0
 
@@ -93,7 +93,8 @@ def main() -> None:
         if not found:
             parser.error(f"no bench_extract.py results for {args.device} in {RESULTS}: run it or pass --extract-rate")
         rate = json.loads(found[0].read_text())["rows"][0]["embedfit"]
-    models = args.models.split(",") if args.models else list(MODELS if args.device == "cpu" else ARRAY_API_MODELS)
+    default = classifier_names() if args.device == "cpu" else array_api_names()
+    models = args.models.split(",") if args.models else list(default)
     devices = ["cpu"] if args.device == "cpu" else ["cpu", args.device]
     extract_seconds = args.n / rate
     X, y = features(args.n, args.dim, args.classes)

@@ -102,7 +102,7 @@ def bench_ray(images: int, shard_size: int, memory_images: list[int]) -> dict:
 
 def bench_shards(shards: int, shard_size: int, dim: int = 1280) -> dict:
     """What a sharded store costs without a model: one worker's shard write, the driver's manifest commit, reads."""
-    from embedfit.backbones.registry import create_backbone
+    from embedfit.backbones.factory import create_backbone
     from embedfit.images import ImageRecord
     from embedfit.shards import ShardedStoreWriter, write_shard
     from embedfit.store import OK, FeatureStore, StoreSettings
@@ -153,7 +153,7 @@ def bench_shards(shards: int, shard_size: int, dim: int = 1280) -> dict:
 
 def synthetic_store(path: Path, n: int, classes: int) -> None:
     """A real store of synthetic class-structured features, rows sorted by class like a folder tree."""
-    from embedfit.backbones.registry import create_backbone
+    from embedfit.backbones.factory import create_backbone
     from embedfit.images import ImageRecord
     from embedfit.store import OK, StoreSettings, StoreWriter
 

@@ -112,7 +112,7 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
 
 def _embed(spec: BackboneSpec, meta: dict[str, Any], records: list[ImageRecord], weights: str | None,
            device: str, batch_size: int | None, workers: int | None) -> tuple[np.ndarray, list[str], list[str]]:
-    from embedfit.backbones.registry import create_backbone
+    from embedfit.backbones.factory import create_backbone
     from embedfit.extraction.encoder import Encoder, iter_embeddings
     from embedfit.extraction.settings import resolve_device
 

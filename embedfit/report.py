@@ -24,33 +24,11 @@ import numpy as np
 
 from embedfit.errors import InputError, check_output_file, check_output_not_input
 from embedfit.progress import Progress
-from embedfit.runs import read_predictions, read_sidecar
+from embedfit.runs import Run, read_run
 
 # Section ids, in order; the last is a prefix: one "mistakes-RUN" section per run.
 SECTIONS = ("leaderboard", "metrics", "confusion", "per-class", "cv-spread", "embedding-map", "mistakes")
 _TSNE_MAX = 3000  # t-SNE above this many points takes minutes on a laptop; PCA is always shown
-
-
-@dataclass
-class Run:
-    """A run directory's contents, as the report needs them."""
-
-    path: Path
-    meta: dict[str, Any]
-    metrics: dict[str, Any]
-    predictions: list[dict[str, str]]
-
-    @property
-    def label(self) -> str:
-        return f"{self.meta['spec']['name']} + {self.metrics['model']} ({self.path.name})"
-
-
-def read_run(path: str | Path) -> Run:
-    """Load model.json, metrics.json and predictions.csv of a run directory."""
-    path = Path(path)
-    meta = read_sidecar(path)
-    metrics, predictions = read_predictions(path)
-    return Run(path, meta, metrics, predictions)
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
@@ -82,31 +60,35 @@ class EvaluationSet:
 
 
 def evaluation_set(run: Run) -> EvaluationSet:
-    """What `run` was evaluated on, from its metrics.json `evaluation` section, model.json and predictions."""
-    ev = run.metrics.get("evaluation", {})
-    params = run.meta.get("params", {})
-    seed = params.get("seed")
+    """What `run` was evaluated on, from its evaluation record (`embedfit.runs.Evaluation`) and predictions.
+
+    Runs scored on separate images (a test store for `fit`, a test folder for fine-tuning and `compare`) are
+    one group when the images, their labels and folds are the same, whatever command scored them.
+    """
+    ev = run.evaluation
+    details = ev.details
+    seed = details.get("seed", run.meta.get("params", {}).get("seed"))
     seeded = f" (seed {seed})" if seed is not None else ""
     n = len(run.predictions) or int(np.sum(run.metrics.get("confusion_matrix", [[0]])))
     # The scored images themselves: two runs on the same images, labels and folds evaluate alike.
     rows = sorted(f"{p.get('path')}\t{p.get('label')}\t{p.get('fold')}" for p in run.predictions)
     digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16] if rows else f"n={n}"
-    if run.meta.get("kind") == "torch":
-        data = str(run.meta.get("store", ""))
-        val = params.get("val_size")
+    store = ev.source or str(_predictions_store(run))
+    root = ev.image_root or _image_root_of(Path(store))
+    repeats = int(details.get("repeats", 1) or 1)
+    if ev.scheme == "validation-split":
+        val = details.get("val_size", run.meta.get("params", {}).get("val_size"))
         share = f"{val:.0%} " if isinstance(val, int | float) else ""
-        return EvaluationSet(("finetune", data, digest), f"fine-tuning's own {share}validation split{seeded}", n,
-                             data, data)
-    store = str(_predictions_store(run))
-    root = _image_root_of(Path(store))
-    repeats = int(ev.get("repeats", 1) or 1)
-    if ev.get("strategy") == "cv":
-        scheme = (f"{ev.get('n_splits')}-fold CV" + (f" × {repeats}" if repeats > 1 else "")
-                  + (", grouped" if ev.get("groups") else "") + (", nested search" if ev.get("search") else "")
-                  + seeded)
+        return EvaluationSet(("finetune", root, digest), f"fine-tuning's own {share}validation split{seeded}", n,
+                             store, root)
+    if ev.scheme == "cv":
+        scheme = (f"{details.get('n_splits')}-fold CV" + (f" × {repeats}" if repeats > 1 else "")
+                  + (", grouped" if details.get("groups") else "") + (", nested search" if details.get("search")
+                                                                      else "") + seeded)
         return EvaluationSet(("cv", root, repeats, digest), scheme, n, store, root)
-    if ev.get("test_store"):
-        return EvaluationSet(("test-store", root, digest), "hold-out store", n, store, root)
+    if ev.scheme == "held-out":
+        what = "hold-out store" if details.get("test_store") else "held-out images"  # same key: one group
+        return EvaluationSet(("held-out", root, digest), what, n, store, root)
     scheme = "hold-out split" + (f" × {repeats}" if repeats > 1 else "") + seeded
     return EvaluationSet(("split", root, repeats, digest), scheme, n, store, root)
 
@@ -139,15 +121,15 @@ def _score_key(run: Run) -> float:
 def training_images(run: Run) -> str:
     """What the scored model(s) were trained on: per fold for CV and splits, plus the final model's size."""
     n = int(run.metrics.get("n_samples", 0))
-    ev = run.metrics.get("evaluation", {})
-    if run.meta.get("kind") == "torch" or ev.get("test_store") or not run.predictions:
-        return str(n)
+    ev = run.evaluation
+    if ev.scheme in ("validation-split", "held-out") or not run.predictions:
+        return str(ev.n_train or n)
     per_fold: dict[str, int] = {}
     for p in run.predictions:
         per_fold[p.get("fold", "0")] = per_fold.get(p.get("fold", "0"), 0) + 1
     sizes = sorted({n - k for k in per_fold.values()})
     each = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
-    return f"{each} per {'fold' if ev.get('strategy') == 'cv' else 'split'} (final model {n})"
+    return f"{each} per {'fold' if ev.scheme == 'cv' else 'split'} (final model {n})"
 
 
 def costs(run: Run) -> tuple[float | None, float]:
@@ -209,6 +191,7 @@ def build_report(runs: Sequence[str | Path], output: str | Path, *, title: str =
         return build_sweep_report(runs[0], output)
     check_output_file(output)
     check_output_not_input(output, run_dirs=runs)  # e.g. -o RUN/model.json would replace the sidecar
+    runs, summaries = expand_compare_folders(runs)
     loaded = [read_run(r) for r in runs]
     groups = group_by_evaluation(loaded)
     sections = [("leaderboard", lambda: _leaderboard(groups)), ("metrics", lambda: _metrics(loaded)),
@@ -235,12 +218,41 @@ section {{ margin-bottom: 2em; }} img {{ max-width: 100%; }} .note {{ color: #66
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class="note">{plural(len(loaded), "run")}: {", ".join(html.escape(r.label) for r in loaded)}</p>
+{"".join(f"<pre>{html.escape(text)}</pre>" for text in summaries)}
 {body}
 </body></html>"""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(doc, encoding="utf-8")
     return output
+
+
+COMPARE_FILE = "compare.json"  # written by `embedfit compare` (embedfit.training.compare), next to compare.md
+
+
+def expand_compare_folders(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """Run directories to report on: a `compare` folder stands for the run directories of its trained arms; its
+    compare.md (the table and the recommendation) comes back too, to show above them.
+
+    Raises:
+        InputError: A compare folder holds no run directory (only as-is and probe arms were run).
+    """
+    from embedfit.runs import is_run
+
+    runs: list[Path] = []
+    summaries: list[str] = []
+    for path in map(Path, paths):
+        if not (path / COMPARE_FILE).is_file():
+            runs.append(path)
+            continue
+        found = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and is_run(p))
+        if not found:
+            raise InputError(f"{path} is a comparison without trained arms (no run directory in it); its results "
+                             f"are in {path / 'compare.md'}")
+        runs += found
+        if (path / "compare.md").is_file():
+            summaries.append((path / "compare.md").read_text(encoding="utf-8"))
+    return runs, summaries
 
 
 def _section(sid: str, heading: str, content: str) -> str:
@@ -587,6 +599,9 @@ def _predictions_store(run: Run) -> Path:
 
 
 def _image_root(run: Run) -> Path:
+    """The folder the paths in a run's predictions.csv are relative to: its evaluation's own image source."""
+    if run.evaluation.image_root:
+        return Path(run.evaluation.image_root)
     store_path = _predictions_store(run)
     if store_path.is_file():
         from embedfit.store import FeatureStore

@@ -21,7 +21,6 @@ import hashlib
 import html
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +45,7 @@ class SweepConfig:
 
     Attributes:
         backbones: Backbone names; empty: every backbone whose weights are on disk, smallest first.
-        models: Classifiers fitted on each backbone's features (`embedfit.fitting.MODELS`).
+        models: Classifiers fitted on each backbone's features (`embedfit.fitting.classifier_names()`).
         layers: Layers to embed from, each swept on every backbone (None: pre-logits).
         pool: Pooling (None: each backbone's own default).
         resolution: Input size for every backbone (None: each one's default).
@@ -94,6 +93,10 @@ class SweepResult:
     @property
     def verdict(self) -> str:
         return verdict(self.entries, self.comparisons)
+
+    @property
+    def recommendation(self) -> str:
+        return recommendation(self.entries, self.comparisons)
 
 
 def default_backbones() -> list[str]:
@@ -166,7 +169,6 @@ def sweep(data: str | Path, output: str | Path, config: SweepConfig | None = Non
 
     plan = [(b, layer) for b in backbones for layer in config.layers]
     settings = _fit_settings(config)
-    previous = _previous_entries(folder, settings)
     entries: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     t_start = time.perf_counter()
@@ -188,12 +190,13 @@ def sweep(data: str | Path, output: str | Path, config: SweepConfig | None = Non
             emit(f"{step}: extracting")
             stores = _extract(data, folder, key, backbone, layer, config)
             for model in config.models:
-                entry = previous.get((key, model))
-                if entry is not None and entry["store_fingerprint"] == stores["fingerprint"]:
+                run_dir = folder / "runs" / f"{key}-{model}"
+                if _reusable(run_dir, stores, model, config):
                     emit(f"{step}: {model} already fitted")
                 else:
                     emit(f"{step}: fitting {model}")
-                    entry = _fit(folder, key, backbone, layer, model, stores, config)
+                    _fit(run_dir, model, stores, config)
+                entry = _entry(run_dir, key, backbone, model, stores, config)
                 entries.append(entry)
                 emit(f"{step}: {model} {config.metric} {entry['score']:.3f} ± {entry['score_std']:.3f}")
         except ExtractionInterrupted as exc:
@@ -216,22 +219,41 @@ def sweep(data: str | Path, output: str | Path, config: SweepConfig | None = Non
 
 
 def _fit_settings(config: SweepConfig) -> dict[str, Any]:
-    """What makes a fit reusable on a re-run (with the store's fingerprint)."""
+    """The sweep's evaluation settings, as sweep.json records them."""
     return {"metric": config.metric, "cv": config.cv, "repeats": config.repeats, "seed": config.seed,
             "evaluation": "test" if config.test else "cv"}
 
 
-def _previous_entries(folder: Path, settings: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Finished fits of an earlier run of the same sweep, reusable when their store has not changed."""
-    try:
-        state = json.loads((folder / SWEEP_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    same = {k: v for k, v in state.get("settings", {}).items() if k != "metric"}
-    if same != {k: v for k, v in settings.items() if k != "metric"}:
-        return {}
-    return {(e["backbone"], e["model"]): e for e in state.get("entries", [])
-            if (Path(e["run"]) / "metrics.json").is_file()}
+def _reusable(run_dir: Path, stores: dict[str, Any], model: str, config: SweepConfig) -> bool:
+    """Whether a finished run in the sweep answers what this sweep asks: its identity (data fingerprint, test
+    set, model settings, folds, repeats, seed: `embedfit.runs.identity_of`) is the one `_fit` would record.
+    The metric only chooses which of the run's scores ranks it (`_entry`), so it never needs a refit."""
+    from embedfit.runs import is_run, recorded_identity
+
+    if not is_run(run_dir):
+        return False
+    recorded = recorded_identity(run_dir)
+    wanted = _fit_options(stores, config)
+    return (recorded is not None and recorded.get("model") == model
+            and recorded.get("data") == stores["train_fingerprint"]
+            and recorded.get("evaluation", {}).get("test_store_fingerprint") == stores["test_fingerprint"]
+            and all(recorded.get("evaluation", {}).get(k) == v for k, v in wanted["evaluation"].items())
+            and recorded.get("settings") == wanted["settings"])
+
+
+def _fit_options(stores: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
+    """The `fit` options of every fit in the sweep, and the model settings and evaluation settings they record
+    (the model settings are `FitConfig`'s defaults: a version that changes them refits)."""
+    from embedfit.fitting.cv import FitConfig
+
+    default = FitConfig()
+    settings = {"scale": default.scale, "pca": None if default.pca == "none" else default.pca,
+                "class_weight": default.class_weight, "search": default.search, "seed": config.seed}
+    if stores["test_store"] is not None:
+        return {"options": {"test_store": stores["test_store"], "seed": config.seed}, "settings": settings,
+                "evaluation": {"strategy": "holdout", "seed": config.seed}}
+    return {"options": {"cv": config.cv, "repeats": config.repeats, "seed": config.seed}, "settings": settings,
+            "evaluation": {"strategy": "cv", "n_splits": config.cv, "repeats": config.repeats, "seed": config.seed}}
 
 
 def _extract(data: str | Path, folder: Path, key: str, backbone: str, layer: str | None,
@@ -246,7 +268,8 @@ def _extract(data: str | Path, folder: Path, key: str, backbone: str, layer: str
     train = folder / "stores" / f"{key}.h5"
     extract(data, train, extract_config)
     store = FeatureStore.open(train)
-    out = {"store": train, "fingerprint": store.fingerprint, "spec": store.spec.to_dict(),
+    out = {"store": train, "fingerprint": store.fingerprint, "train_fingerprint": store.fingerprint,
+           "test_fingerprint": None, "spec": store.spec.to_dict(),
            "extract_seconds": float(store.attrs.get("extract_seconds", 0.0)),
            "images": int(store.attrs.get("n_ok", 0)) + int(store.attrs.get("n_failed", 0)), "test_store": None}
     if config.test is not None:
@@ -255,29 +278,41 @@ def _extract(data: str | Path, folder: Path, key: str, backbone: str, layer: str
         test_store = FeatureStore.open(test)
         out["test_store"] = test
         out["fingerprint"] += ":" + test_store.fingerprint
+        out["test_fingerprint"] = test_store.fingerprint
         out["extract_seconds"] += float(test_store.attrs.get("extract_seconds", 0.0))
         out["images"] += int(test_store.attrs.get("n_ok", 0)) + int(test_store.attrs.get("n_failed", 0))
     return out
 
 
-def _fit(folder: Path, key: str, backbone: str, layer: str | None, model: str, stores: dict[str, Any],
-         config: SweepConfig) -> dict[str, Any]:
+def _fit(run_dir: Path, model: str, stores: dict[str, Any], config: SweepConfig) -> None:
+    """Fit one model on one backbone's store into its run directory (replacing a run that no longer answers
+    this sweep: the sweep owns its runs folder)."""
+    import shutil
+
     from embedfit.fitting.cv import fit
 
-    run_dir = folder / "runs" / f"{key}-{model}"
-    result = fit(stores["store"], model, output=run_dir, cv=config.cv, repeats=config.repeats, seed=config.seed,
-                 test_store=stores["test_store"])
-    scores, timing, spec = result.metrics["scores"], result.metrics["timing"], stores["spec"]
-    rows = sorted((p["path"], p["label"], p["predicted"]) for p in result.predictions)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    fit(stores["store"], model, output=run_dir, **_fit_options(stores, config)["options"])
+
+
+def _entry(run_dir: Path, key: str, backbone: str, model: str, stores: dict[str, Any],
+           config: SweepConfig) -> dict[str, Any]:
+    """A leaderboard entry from a finished run (`embedfit.runs.read_run`), scored by the sweep's metric."""
+    from embedfit.runs import read_run
+
+    run = read_run(run_dir)
+    scores, timing, spec = run.metrics["scores"], run.metrics["timing"], stores["spec"]
+    rows = sorted((p["path"], p["label"], p["predicted"]) for p in run.predictions)
     seconds = stores["extract_seconds"]
     return {
         "backbone": key, "name": backbone, "layer": spec["layer"], "pool": spec["pool"],
         "input_size": list(spec["input_size"]), "embedding_dim": spec["embedding_dim"], "model": model,
-        "score": scores[config.metric]["mean"], "score_std": scores[config.metric]["std"],
+        "metric": config.metric, "score": scores[config.metric]["mean"], "score_std": scores[config.metric]["std"],
         "folds": scores[config.metric]["folds"],
         "scores": {m: {"mean": s["mean"], "std": s["std"]} for m, s in scores.items()},
         "evaluation": "test" if stores["test_store"] else "cv", "cv": config.cv, "repeats": config.repeats,
-        "n_samples": result.metrics["n_samples"],
+        "n_samples": run.metrics["n_samples"],
         "extract_seconds": seconds, "images_per_second": stores["images"] / seconds if seconds > 0 else 0.0,
         "fit_seconds": float(timing["cv_seconds"]) + float(timing["fit_seconds"]),
         # The images scored (path, label) identify the pairing; labels and predictions feed the bootstrap.
@@ -304,14 +339,11 @@ def _metric(metric: str, labels: Any, predicted: Any) -> float:
 
 def paired_interval(best: dict[str, Any], other: dict[str, Any], metric: str = "accuracy", *,
                     level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """How much `best` beats `other`, with a `level` interval from the same folds or the same test images.
-
-    Cross-validation: the fold-by-fold differences with a t-interval whose variance carries Nadeau and Bengio's
-    correction (1/J + n_test/n_train), since folds share training images and plain t-intervals are too narrow.
-    A test set: a paired bootstrap over its images.
-    """
+    """How much `best` beats `other`, with a `level` interval from the same folds or the same test images
+    (`embedfit.stats`: a corrected t-interval over CV folds, a paired bootstrap over test images)."""
     import numpy as np
-    from scipy import stats
+
+    from embedfit.stats import bootstrap_metric_difference, corrected_t_interval
 
     diff = best["score"] - other["score"]
     out: dict[str, Any] = {"backbone": other["backbone"], "model": other["model"], "difference": diff}
@@ -319,23 +351,15 @@ def paired_interval(best: dict[str, Any], other: dict[str, Any], metric: str = "
         return {**out, "method": "unpaired (different images)", "low": None, "high": None, "sure": False}
     if best["evaluation"] == "cv" and len(best["folds"]) == len(other["folds"]) > 1:
         d = np.asarray(best["folds"]) - np.asarray(other["folds"])
-        j, k = len(d), int(best.get("cv", len(d)))
-        ratio = 1 / (k - 1)  # test / train share of a k-fold
-        se = math.sqrt((1 / j + ratio) * float(np.var(d, ddof=1)))
-        half = float(stats.t.ppf(0.5 + level / 2, j - 1)) * se
-        low, high = float(d.mean()) - half, float(d.mean()) + half
-        method = f"paired over {j} CV folds (corrected t-interval)"
+        low, high = corrected_t_interval(d, int(best.get("cv", len(d))), level)
+        method = f"paired over {len(d)} CV folds (corrected t-interval)"
     else:
-        rng = np.random.default_rng(seed)
         names = sorted(set(best["labels"]) | set(best["predicted"]) | set(other["predicted"]))
         code = {n: i for i, n in enumerate(names)}
         y = np.array([code[v] for v in best["labels"]])
         pa, pb = np.array([code[v] for v in best["predicted"]]), np.array([code[v] for v in other["predicted"]])
-        boots = []
-        for _ in range(n_boot):
-            idx = rng.integers(0, len(y), len(y))
-            boots.append(_metric(metric, y[idx], pa[idx]) - _metric(metric, y[idx], pb[idx]))
-        low, high = (float(v) for v in np.quantile(boots, [0.5 - level / 2, 0.5 + level / 2]))
+        low, high = bootstrap_metric_difference(y, pa, pb, lambda t, p: _metric(metric, t, p), seed=seed,
+                                                n_boot=n_boot, level=level)
         method = f"paired bootstrap over {len(y)} test images"
     return {**out, "low": low, "high": high, "method": method, "sure": low > 0}
 
@@ -362,16 +386,45 @@ def verdict(entries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, A
             f"(95% CI {c['low']:+.3f} to {c['high']:+.3f}, {c['method']})")
 
 
+def cost_per_image(entry: dict[str, Any]) -> float:
+    """Seconds per image to use an entry: embedding one image (extraction) plus the fit's share."""
+    per_image = 1 / entry["images_per_second"] if entry["images_per_second"] else math.inf
+    return per_image + entry["fit_seconds"] / max(1, entry["n_samples"])
+
+
+def recommendation(entries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, Any]]) -> str:
+    """What to use, in one line, with why: the best entry, or the cheapest per image among the entries whose
+    difference from it is within noise (its interval reaches zero; `embedfit.stats.cheapest_within_noise`)."""
+    from embedfit.stats import cheapest_within_noise, ratio
+
+    if not entries:
+        return "no backbone finished"
+    name = {id(e): f"{e['backbone']} + {e['model']}" for e in entries}
+    best = entries[0]
+    by_name = {name[id(e)]: e for e in entries}
+    # comparisons hold best - other: the other is within noise when that interval reaches zero (low <= 0)
+    high = {f"{c['backbone']} + {c['model']}": (None if c["low"] is None else -c["low"]) for c in comparisons}
+    pick = cheapest_within_noise(name[id(best)], {n: cost_per_image(e) for n, e in by_name.items()},
+                                 {n: e["score"] for n, e in by_name.items()}, high)
+    chosen = by_name[pick]
+    if chosen is best:
+        why = ("the only entry" if len(entries) == 1 else
+               "clearly ahead of the others" if all(c["sure"] for c in comparisons) else
+               "the best score, and no entry within noise of it is cheaper")
+        return f"use {pick}: {why} ({best['score']:.3f})"
+    c = next(c for c in comparisons if f"{c['backbone']} + {c['model']}" == pick)
+    share = ratio(cost_per_image(chosen), cost_per_image(best))
+    return (f"use {pick}: within noise of the best, {name[id(best)]} ({-c['difference']:+.3f}, 95% CI "
+            f"{-c['high']:+.3f} to {-c['low']:+.3f}), at {share} of its cost per image "
+            f"({cost_per_image(chosen) * 1000:.1f} ms vs {cost_per_image(best) * 1000:.1f} ms)")
+
+
 def write_sweep(folder: Path, state: dict[str, Any]) -> None:
     """sweep.json and leaderboard.md, each replaced whole (a kill never leaves half a file)."""
-    _atomic_write(folder / SWEEP_FILE, json.dumps(state, indent=1, default=str) + "\n")
-    _atomic_write(folder / LEADERBOARD_FILE, to_markdown(state))
+    from embedfit.runs.files import atomic_write
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(folder / SWEEP_FILE, json.dumps(state, indent=1, default=str) + "\n")
+    atomic_write(folder / LEADERBOARD_FILE, to_markdown(state))
 
 
 def _cells(e: dict[str, Any]) -> list[str]:
@@ -390,7 +443,7 @@ def to_markdown(state: dict[str, Any]) -> str:
     metric = state["settings"]["metric"]
     entries, comparisons = state["entries"], state["comparisons"]
     lines = [f"# Sweep: {metric} ({state['done']}/{len(state['plan'])} backbones done)", "",
-             f"{verdict(entries, comparisons)}", "",
+             f"{verdict(entries, comparisons)}", "", f"Recommendation: {recommendation(entries, comparisons)}", "",
              "| " + " | ".join(LEADERBOARD_HEADER) + " |", "|" + "---|" * len(LEADERBOARD_HEADER)]
     lines += ["| " + " | ".join(_cells(e)) + " |" for e in entries]
     if comparisons:

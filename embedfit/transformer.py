@@ -27,7 +27,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from embedfit.backbones import DEFAULT_BACKBONE
-from embedfit.backbones.registry import Backbone, create_backbone
+from embedfit.backbones.factory import Backbone, create_backbone
 from embedfit.errors import DecodeError, UsageError
 
 

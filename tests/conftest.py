@@ -70,7 +70,7 @@ def shared_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def lite0():
     """The default backbone, loaded once per session."""
-    from embedfit.backbones.registry import create_backbone
+    from embedfit.backbones.factory import create_backbone
 
     return create_backbone("efficientnet_lite0")
 

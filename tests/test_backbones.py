@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 import embedfit.backbones
+from embedfit.backbones.factory import create_backbone
 from embedfit.backbones.lite import lite_state_dict_to_timm
-from embedfit.backbones.registry import backbone_info, create_backbone, list_backbones
+from embedfit.backbones.registry import backbone_info, list_backbones
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.backbones.tv import tv_weights_path
 from embedfit.backbones.weights import _check_published_hash

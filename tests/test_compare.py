@@ -123,8 +123,26 @@ def test_compare_with_a_test_folder_scores_every_arm_on_the_same_images(tmp_path
     assert len(rows) == 6 and set(rows[0]) == {"path", "label", "as-is", "linear probe", "fine-tune", "scratch"}
     # the trained arms' kept models were refit on all 8 training images and scored on the test images
     for arm in ("fine-tune", "scratch"):
-        assert json.loads((out / arm / "model.json").read_text())["refit"]["train_images"] == 8
+        assert json.loads((out / arm / "metrics.json").read_text())["refit"]["train_images"] == 8
         assert len(_val_paths(out / arm)) == 6
+    # the run's evaluation is the test folder, and `predict` reproduces what the comparison recorded
+    from embedfit.prediction import predict
+    from embedfit.report import build_report, summarize_runs
+    from embedfit.runs import read_run
+
+    run = read_run(out / "fine-tune")
+    assert (run.evaluation.scheme, run.evaluation.image_root, run.evaluation.n_train) == \
+        ("held-out", str(test_dir), 8)
+    got = predict(out / "fine-tune", [test_dir / p["path"] for p in run.predictions])
+    want = np.array([[float(p[f"p_{c}"]) for c in got.class_names] for p in run.predictions])
+    assert np.abs(got.proba - want).max() < 1e-4
+    assert got.predicted == [p["predicted"] for p in run.predictions] == [r["fine-tune"] for r in rows]
+    # `report` takes the compare folder; thumbnails come from the test folder, the runs share one evaluation
+    html = build_report([out], tmp_path / "report.html").read_text()
+    assert "(image unavailable)" not in html and "Recommendation: " in html
+    summary = summarize_runs([out / "fine-tune", out / "scratch"])
+    assert {r["group"] for r in summary} == {0} and summary[0]["training_images"] == "8"
+    assert "held-out images" in summary[0]["evaluation"]
     printed = capsys.readouterr().out
     md = (out / "compare.md").read_text()
     for text in (printed, md):
@@ -169,7 +187,7 @@ def test_learning_curve_sizes_train_for_comparable_steps(shared_tree: Path, tmp_
 @pytest.mark.slow
 def test_freeze_and_augment_policies_run_as_arms(shared_tree: Path, tmp_path: Path) -> None:
     result = compare(shared_tree, tmp_path / "out", arms=["finetune"], epochs=1, sizes=(), repeats=1,
-                     val_size=0.5, device="cpu", freeze=["head", "all"], augment=[True, False])
+                     val_size=0.5, device="cpu", freeze=["head", "none"], augment=[True, False])
     names = ["fine-tune (head, augment)", "fine-tune (head, no augment)", "fine-tune (none, augment)",
              "fine-tune (none, no augment)"]
     assert list(result["arms"]) == names

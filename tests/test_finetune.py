@@ -65,7 +65,7 @@ def test_the_untrained_head_is_never_the_model_kept(split) -> None:
 
 def test_frozen_weights_stay_bit_identical(split) -> None:
     result = train(split, TrainConfig(freeze="last:1", lr_backbone=1e-2, **FAST))
-    from embedfit.backbones.registry import create_backbone
+    from embedfit.backbones.factory import create_backbone
 
     fresh = Classifier(create_backbone(), 3)
     blocks_after = backbone_blocks(result.model.backbone)
@@ -213,11 +213,10 @@ def test_config_validation() -> None:
             TrainConfig(**bad)
 
 
-def test_freeze_all_is_a_deprecated_name_for_none(caplog: pytest.LogCaptureFixture) -> None:
-    """--freeze all meant "nothing frozen"; it is now spelled none, and the old name says so."""
-    with caplog.at_level("WARNING", logger="embedfit"):
-        assert TrainConfig(freeze="all").freeze == "none"
-    assert "deprecated" in caplog.text and "--freeze none" in caplog.text
+def test_freeze_all_is_refused() -> None:
+    """--freeze all (a pre-release name that meant "nothing frozen") is gone: only head, last:N and none."""
+    with pytest.raises(UsageError, match="head, last:N or none, got 'all'"):
+        TrainConfig(freeze="all")
     assert TrainConfig(freeze="none").freeze == "none"
 
 

@@ -16,11 +16,12 @@ from embedfit.backbones.spec import BackboneSpec
 from embedfit.cli import main
 from embedfit.errors import InputError, ModelFileError, StoreMismatchError, UsageError
 from embedfit.fitting.cv import fit, make_splits
-from embedfit.fitting.models import MODELS, make_pipeline
+from embedfit.fitting.models import make_pipeline
+from embedfit.fitting.registry import classifier_names, trusted_types
 from embedfit.images import ImageRecord
 from embedfit.prediction import predict
 from embedfit.report import SECTIONS, build_report
-from embedfit.runs import TRUSTED_TYPES, load_model
+from embedfit.runs import load_model
 from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
 
 
@@ -86,13 +87,13 @@ def test_run_directory_and_reload(store: FeatureStore, tmp_path: Path) -> None:
     assert {"accuracy", "balanced_accuracy", "f1_macro", "log_loss", "roc_auc"} <= set(m["scores"])
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", classifier_names())
 def test_every_model_saves_only_allow_listed_types(store: FeatureStore, tmp_path: Path, model: str) -> None:
     import skops.io as sio
 
     fit(store.path, model, output=tmp_path / model, cv=3)
     untrusted = sio.get_untrusted_types(file=tmp_path / model / "model.skops")
-    assert set(untrusted) <= set(TRUSTED_TYPES)
+    assert set(untrusted) <= set(trusted_types())
     load_model(tmp_path / model)
 
 
@@ -287,7 +288,7 @@ def test_automatic_pca_fits_the_smallest_training_fold(tmp_path: Path) -> None:
     X, y = blobs(100, d=300)
     s = synthetic_store(tmp_path / "s.h5", X, y, ["a", "b", "c"])
     for model, kw in (("svm", {"cv": 2}), ("knn", {"test_size": 0.6}), ("knn", {"test_size": 0.95})):
-        result = fit(s.path, model, output=tmp_path / model, jobs=1, **kw)
+        result = fit(s.path, model, output=tmp_path / f"{model}-{'-'.join(map(str, kw.values()))}", jobs=1, **kw)
         n_train = 50 if "cv" in kw else 100 - int(np.ceil(kw["test_size"] * 100))
         assert result.pipeline["pca"].n_components <= n_train
     with pytest.raises(UsageError, match="`pca` 60 is too many components: at most 50"):
@@ -358,7 +359,7 @@ def test_option_checks(store: FeatureStore, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="`class_weight` must be balanced or none, got 'bal'"):
         fit(store.path, class_weight="bal", output=tmp_path / "r")
     assert fit(store.path, "ridge", cv=3, class_weight="none", output=tmp_path / "r").pipeline[-1].class_weight is None
-    assert "pca" not in fit(store.path, "svm", cv=3, pca="none", output=tmp_path / "r").pipeline.named_steps
+    assert "pca" not in fit(store.path, "svm", cv=3, pca="none", output=tmp_path / "r2").pipeline.named_steps
     with pytest.raises(InputError, match=r"groups file missing\.csv does not exist"):
         fit(store.path, groups="missing.csv", output=tmp_path / "r")
     with pytest.raises(UsageError, match=r"`groups` .* does not combine with `test_size`"):

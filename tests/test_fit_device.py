@@ -18,17 +18,18 @@ import torch
 from embedfit.cli import main
 from embedfit.errors import UsageError
 from embedfit.fitting.device import array_api_ready, resolve_fit_device
-from embedfit.fitting.models import ARRAY_API_MODELS, MODELS, make_pipeline
+from embedfit.fitting.models import make_pipeline
+from embedfit.fitting.registry import array_api_names, classifier_names
 
 TENSOR_SCRIPT = r"""
 import json, sys
 import numpy as np, skops.io as sio, torch
 from sklearn.base import BaseEstimator
-from embedfit.runs import TRUSTED_TYPES
 from embedfit.fitting.cv import _fold, _refit, make_splits
 from embedfit.fitting.device import array_api_ready
 from embedfit.fitting.data import load_dataset
 from embedfit.fitting.models import make_pipeline
+from embedfit.fitting.registry import trusted_types
 
 def tensors_in(obj):
     if isinstance(obj, torch.Tensor):
@@ -69,7 +70,7 @@ for model, kw in [("ridge", {}), ("ridge", {"pca": 8, "scale": "l2"}), ("ridge",
         "accuracy": acc(tensor), "accuracy_cpu": acc(cpu),
         "tensors_left": tensors_in(final),
         "refit_agree": float(np.mean(final.predict(X) == _refit(pipe, X, y).predict(X))),
-        "untrusted": sorted(set(sio.get_untrusted_types(file=path)) - set(TRUSTED_TYPES)),
+        "untrusted": sorted(set(sio.get_untrusted_types(file=path)) - set(trusted_types())),
     })
 print(json.dumps(out))
 """
@@ -96,8 +97,8 @@ def test_array_api_needs_scipy_flag() -> None:
 
 def test_fit_device_rules() -> None:
     assert resolve_fit_device("cpu", "ridge") == ("cpu", None)
-    for model in MODELS:
-        if model not in ARRAY_API_MODELS or not torch.cuda.is_available():
+    for model in classifier_names():
+        if model not in array_api_names() or not torch.cuda.is_available():
             assert resolve_fit_device("auto", model)[0] == "cpu"
     with pytest.raises(UsageError, match="logreg, ridge"):
         resolve_fit_device("cuda", "svm")

@@ -23,7 +23,7 @@ from embedfit.cli import main
 from embedfit.errors import ModelFileError, UsageError
 from embedfit.fitting.cv import fit, make_splits
 from embedfit.prediction import predict
-from embedfit.runs import load_model, save_run
+from embedfit.runs import Evaluation, load_model, save_run
 from embedfit.store import FeatureStore
 
 
@@ -81,6 +81,9 @@ def test_model_as_an_import_path(store: FeatureStore, tmp_path: Path, capsys: py
         fit(store, GaussianNB(), search=True, output=tmp_path / "s")
 
 
+NO_EVALUATION = Evaluation("cv", "", "", 0, 0)  # save_run's record, for runs saved by hand here
+
+
 def test_third_party_types_are_refused_before_the_cv(store: FeatureStore, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"cannot save thirdpartyclassifier safely: .*ThirdPartyClassifier"):
         fit(store, ThirdPartyClassifier(), cv=3, output=tmp_path / "run")
@@ -89,23 +92,24 @@ def test_third_party_types_are_refused_before_the_cv(store: FeatureStore, tmp_pa
     fitted = Pipeline([("clf", ThirdPartyClassifier().fit(np.zeros((2, 1)), [0, 1]))])
     with pytest.raises(ModelFileError, match="ThirdPartyClassifier"):
         save_run(tmp_path / "run2", fitted, model="x", params={}, store=store, metrics={"class_names": ["a"]},
-                 predictions=[])
+                 predictions=[], evaluation=NO_EVALUATION, identity={})
 
 
 def test_scikit_learn_types_outside_the_list_save_and_load(store: FeatureStore, tmp_path: Path) -> None:
-    """HistGradientBoosting's fitted trees hold types outside skops' defaults and TRUSTED_TYPES: scikit-learn
+    """HistGradientBoosting's fitted trees hold types outside skops' defaults and `trusted_types()`: scikit-learn
     classes are accepted by rule. Checked on the saved file, without the (slow) CV."""
     import skops.io as sio
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    from embedfit.runs import TRUSTED_TYPES, untrusted_types
+    from embedfit.fitting.registry import trusted_types
+    from embedfit.runs import untrusted_types
 
     X, y, _ = store.load()
     model = Pipeline([("clf", HistGradientBoostingClassifier(max_iter=5))]).fit(X, np.array(["a", "b", "c"])[y])
     save_run(tmp_path / "run", model, model="hgb", params={}, store=store, metrics={"class_names": ["a", "b", "c"]},
-             predictions=[])
+             predictions=[], evaluation=NO_EVALUATION, identity={})
     found = sio.get_untrusted_types(file=tmp_path / "run" / "model.skops")
-    assert set(found) - set(TRUSTED_TYPES) and untrusted_types(found) == []
+    assert set(found) - set(trusted_types()) and untrusted_types(found) == []
     np.testing.assert_array_equal(load_model(tmp_path / "run")[0].predict(X), model.predict(X))
     assert untrusted_types(["sklearn.feature_selection._univariate_selection.f_classif", "builtins.eval",
                             "os.system", "sklearn.nope.Thing"]) == [
@@ -137,7 +141,8 @@ def test_runs_saved_before_still_predict(tmp_path: Path) -> None:
     store = synthetic_store(tmp_path / "s.h5", X, y, names)
     result = fit(store, "logreg", cv=3, output=tmp_path / "run")
     old = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression())]).fit(X, y)  # indices
-    save_run(tmp_path / "old", old, model="logreg", params={}, store=store, metrics=result.metrics, predictions=[])
+    save_run(tmp_path / "old", old, model="logreg", params={}, store=store, metrics=result.metrics, predictions=[],
+             evaluation=NO_EVALUATION, identity={})
     preds = predict(tmp_path / "old", [store.path])
     X = store.features()
     assert preds.predicted == [names[i] for i in old.predict(X)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from embedfit.backbones.registry import create_backbone
+from embedfit.backbones.factory import create_backbone
 from embedfit.errors import UsageError, WeightsUnavailableError
 
 SMALL = 56  # 4x4 patches of 14 px: quick forwards; the weights file loads at any resolution

@@ -82,7 +82,7 @@ def test_compile_matches_eager(lite0) -> None:
 def test_pretrained_model_on_gpu_still_sees_a_cat(lite0) -> None:
     from skimage import data
 
-    from embedfit.backbones.registry import create_backbone
+    from embedfit.backbones.factory import create_backbone
 
     model = create_backbone("efficientnet_lite0").cuda()
     pre = model.spec.preprocess()

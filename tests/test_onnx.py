@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from embedfit.backbones.registry import Backbone, create_backbone
+from embedfit.backbones.factory import Backbone, create_backbone
 from embedfit.cli import main
 from embedfit.errors import UsageError
 from embedfit.extraction.encoder import Encoder, embed_images

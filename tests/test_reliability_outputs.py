@@ -140,9 +140,10 @@ TAMPER = """
 import json, sys
 import skops.io as sio
 from sklearn.tree._tree import Tree
-from embedfit.runs import TRUSTED_TYPES, model_binding
+from embedfit.fitting.registry import trusted_types
+from embedfit.runs import model_binding
 run = sys.argv[1]
-pipe = sio.load(f"{run}/model.skops", trusted=list(TRUSTED_TYPES))
+pipe = sio.load(f"{run}/model.skops", trusted=list(trusted_types()))
 est = pipe.steps[-1][1]
 for tree in est.estimators_:
     state = tree.tree_.__getstate__()
@@ -339,7 +340,7 @@ def test_a_network_with_another_class_count_is_refused(tmp_path: Path) -> None:
     """A run saved before the hash was recorded: the head's class count is still checked against model.json."""
     import torch
 
-    from embedfit.backbones.registry import create_backbone
+    from embedfit.backbones.factory import create_backbone
     from embedfit.training.finetune import Classifier, load_finetuned
 
     backbone = create_backbone("efficientnet_lite0", pretrained=False)

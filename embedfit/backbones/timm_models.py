@@ -9,11 +9,45 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from embedfit.backbones.registry import BackboneInfo, _Built, _skeleton
+from embedfit.backbones.factory import fx_layer, skeleton
+from embedfit.backbones.registry import BackboneInfo, BuiltBackbone, register_prefix
 from embedfit.backbones.weights import _OFFLINE_WHY, _hf_cached_file, _load_state_dict, offline, unreachable
 from embedfit.errors import UsageError, WeightsUnavailableError
+
+
+class TimmPreLogits(nn.Module):
+    """timm's own pre-logits path: forward_features -> forward_head(pre_logits=True)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+def timm_split_head(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """A timm model's pre-logits trunk and its linear classifier (None when the head is not one linear layer)."""
+    head = model.get_classifier()
+    return TimmPreLogits(model), (head if isinstance(head, nn.Linear) else None)
+
+
+def timm_layer(model: nn.Module, layer: str) -> nn.Module:
+    """Truncate a timm model at graph node `layer` with timm's tracer (it knows timm's leaf modules)."""
+    from timm.models import create_feature_extractor
+
+    return fx_layer(model, layer, create_feature_extractor)
+
+
+def timm_built(model: nn.Module, **fields: Any) -> BuiltBackbone:
+    """The build record of a timm model: timm's head splitting and layer tracing, token pooling for transformers."""
+    from embedfit.backbones.foundation import is_token_model
+
+    return BuiltBackbone(model=model, split_head=timm_split_head, trace_layer=timm_layer,
+                         tokens=is_token_model(model), **fields)
 
 
 def _imagenet_names() -> list[str]:
@@ -40,7 +74,7 @@ def _timm_skeleton(arch: str) -> nn.Module:
     """A timm model's module tree and pretrained config, without real weights."""
     import timm
 
-    return _skeleton(functools.partial(timm.create_model, arch, pretrained=False))
+    return skeleton(functools.partial(timm.create_model, arch, pretrained=False))
 
 
 def _timm_from_cache(arch: str, **kwargs: Any) -> nn.Module:
@@ -78,8 +112,11 @@ def _timm_from_cache(arch: str, **kwargs: Any) -> nn.Module:
     )
 
 
-def _build_timm(arch: str, weights: Path | None, pretrained: bool, resolution: int | None = None) -> _Built:
+def build_timm(name: str, *, weights: Path | None, pretrained: bool, resolution: int | None) -> BuiltBackbone:
+    """Builder of `timm:<model name>`."""
     import timm
+
+    arch = name.removeprefix("timm:")
 
     if not timm.list_models(arch) and arch not in timm.list_models(pretrained=True):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
@@ -101,14 +138,18 @@ def _build_timm(arch: str, weights: Path | None, pretrained: bool, resolution: i
         weights_id = cfg.get("hf_hub_id") or f"{arch}.{cfg.get('tag', '')}"
         weights_file = _hf_cached_file(model)
     class_names = _imagenet_names() if getattr(model, "num_classes", 0) == 1000 else None
-    return _Built(model=model, architecture=f"timm/{arch}", weights=weights_id, weights_file=weights_file,
-                  class_names=class_names, family="timm", **_timm_preprocess(model))
+    return timm_built(model, architecture=f"timm/{arch}", weights=weights_id, weights_file=weights_file,
+                      class_names=class_names, **_timm_preprocess(model))
 
 
-def _timm_info(name: str) -> BackboneInfo:
-    model = _timm_skeleton(name[5:])
+def timm_info(name: str) -> BackboneInfo:
+    """Info of `timm:<model name>` from its module tree."""
+    model = _timm_skeleton(name.removeprefix("timm:"))
     pre = _timm_preprocess(model)
     file = _hf_cached_file(model)
     return BackboneInfo(name, "timm", int(getattr(model, "num_features", 0)), pre["input_size"], file,
                         bool(file and file.is_file()), licence=str(model.pretrained_cfg.get("license") or ""),
                         params=sum(p.numel() for p in model.parameters()))
+
+
+register_prefix("timm:", build_timm, timm_info)

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from embedfit.backbones.registry import BackboneInfo, _Built, _skeleton, register_backbone
+from embedfit.backbones.factory import skeleton
+from embedfit.backbones.registry import BackboneInfo, BuiltBackbone, register_backbone
 from embedfit.backbones.weights import (
     _check_published_hash,
     _fetch_or_explain,
@@ -40,7 +41,10 @@ def tv_weights_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def _build_torchvision(name: str, weights: Path | None, pretrained: bool) -> _Built:
+def build_torchvision(name: str, *, weights: Path | None, pretrained: bool,
+                      resolution: int | None) -> BuiltBackbone:
+    """Builder of a torchvision classifier (a CNN or a ViT at its own size: `resolution` is applied by the factory's
+    preprocessing). The head is the last `nn.Linear`, layers are traced with torchvision's tracer (the defaults)."""
     import torchvision
 
     enum = _tv_weights_enum(name)
@@ -58,23 +62,25 @@ def _build_torchvision(name: str, weights: Path | None, pretrained: bool) -> _Bu
     if weights_file is not None:
         _load_state_dict(model, weights_file)
     t = enum.transforms()
-    return _Built(
+    return BuiltBackbone(
         model=model, architecture=f"torchvision/{name}", weights=weights_id, weights_file=weights_file,
         input_size=(t.crop_size[0], t.crop_size[0]), resize_size=t.resize_size[0],
         interpolation=t.interpolation.value, mean=tuple(t.mean), std=tuple(t.std),
-        class_names=list(enum.meta["categories"]), family="torchvision",
+        class_names=list(enum.meta["categories"]),
     )
 
 
-def _tv_info(name: str) -> BackboneInfo:
+def tv_info(name: str) -> BackboneInfo:
+    """Info of a torchvision classifier from its module tree."""
     import torchvision
 
     t = _tv_weights_enum(name).transforms()
-    model = _skeleton(functools.partial(torchvision.models.get_model, name, weights=None, **_TV_KWARGS.get(name, {})))
+    model = skeleton(functools.partial(torchvision.models.get_model, name, weights=None, **_TV_KWARGS.get(name, {})))
     dim = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].in_features
     path = tv_weights_path(name)
     return BackboneInfo(name, "torchvision", dim, (t.crop_size[0], t.crop_size[0]), path, path.is_file(),
-                        licence="bsd-3-clause", params=int(_tv_weights_enum(name).meta.get("num_params", 0)))
+                        licence="bsd-3-clause", params=int(_tv_weights_enum(name).meta.get("num_params", 0)),
+                        weights_source={"kind": "torch_hub", "file": path.name})
 
 
 def _register_torchvision() -> None:
@@ -82,9 +88,7 @@ def _register_torchvision() -> None:
 
     for name in torchvision.models.list_models(module=torchvision.models):
         if name not in _TV_SKIP:
-            register_backbone(name, functools.partial(_tv_info, name))(
-                functools.partial(_build_torchvision, name)
-            )
+            register_backbone(name, build_torchvision, tv_info)
 
 
 _register_torchvision()

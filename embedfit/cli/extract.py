@@ -50,17 +50,20 @@ def extract(
     max_failures: str | None = typer.Option(None, help="Abort when more than N images fail (10), or more than a "
                                             "share of those to embed (0.2 or 20%); default none."),
     flush_every: int = typer.Option(512, min=1, hidden=True, help="Images per part file (work lost if killed)."),
-    engine: Engine = typer.Option(Engine.local, help="local, or ray to fan out over a Ray cluster."),
-    # named as extract_ray() names them, so that its errors show these flags
+    engine: Engine = typer.Option("local", help="local, or ray to fan out over a Ray cluster."),
+    # named as RayEngine names them, so that its errors show these flags; given only when set
     address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (--engine ray)."),
-    num_workers: int = typer.Option(2, "--ray-workers", min=1, help="Embedding actors, one model each (--engine ray)."),
-    num_gpus_per_worker: float = typer.Option(0.0, min=0.0, help="GPUs per actor (--engine ray)."),
-    cpus_per_worker: int = typer.Option(1, min=1, help="CPUs per actor, = its model's threads (--engine ray)."),
+    num_workers: int | None = typer.Option(None, "--ray-workers", min=1,
+                                           help="Embedding actors, one model each (--engine ray; default 2)."),
+    num_gpus_per_worker: float | None = typer.Option(None, min=0.0, help="GPUs per actor (--engine ray; default 0)."),
+    cpus_per_worker: int | None = typer.Option(None, min=1, help="CPUs per actor, = its model's threads "
+                                               "(--engine ray; default 1)."),
     shard_size: int | None = typer.Option(None, min=1, help="Write a sharded store: a manifest plus one HDF5 file "
                                           "per N images (default: one file; 1024 with --engine ray)."),
 ) -> None:
     """Embed every image under SOURCE into a feature store; re-running resumes."""
     from embedfit.errors import check_output_not_input
+    from embedfit.extraction.engines import create_engine
     from embedfit.extraction.local import extract as run_extract
     from embedfit.extraction.settings import ExtractConfig
 
@@ -74,13 +77,9 @@ def extract(
         max_failures=_max_failures(max_failures), progress=True, flush_every=flush_every,
         shard_size=shard_size,
     )
-    if engine is Engine.ray:
-        from embedfit.extraction.ray import extract_ray
-
-        summary = extract_ray(source, output, config, address=address, num_workers=num_workers,
-                              num_gpus_per_worker=num_gpus_per_worker, cpus_per_worker=cpus_per_worker)
-    else:
-        summary = run_extract(source, output, config)
+    engine_options = {k: v for k, v in dict(address=address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
+                                            num_gpus_per_worker=num_gpus_per_worker).items() if v is not None}
+    summary = run_extract(source, output, config, engine=create_engine(engine.value, **engine_options))
     from embedfit.cli.presentation import print_extract_summary
 
     print_extract_summary(out, summary)

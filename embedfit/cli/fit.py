@@ -14,13 +14,14 @@ from embedfit.cli.options import (
     Scale,
     _pca,
 )
+from embedfit.fitting.registry import classifier_names
 
 
 @app.command()
 def fit(
     store: str = typer.Argument(..., help="Training feature store (.h5), a local path or a URL."),
-    model: list[str] = typer.Option(["logreg"], "-m", "--model", help="svm, linear-svm, logreg, knn, ridge, lda, "
-                                    "rf, mlp, or sgd-logreg / sgd-svm (out-of-core, for stores larger than memory; "
+    model: list[str] = typer.Option(["logreg"], "-m", "--model", help=f"{', '.join(classifier_names())}, "
+                                    "or sgd-logreg / sgd-svm (out-of-core, for stores larger than memory; "
                                     "hold-out evaluation), or any scikit-learn classifier as pkg.module:Class "
                                     "(default arguments, e.g. sklearn.ensemble:HistGradientBoostingClassifier); "
                                     "repeat for several."),

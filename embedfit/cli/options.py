@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from embedfit.backbones.spec import POOLS
+from embedfit.extraction.engines import engine_names
 from embedfit.extraction.settings import DECODERS, PRECISIONS, RUNTIMES, TTAS
 
 
@@ -23,16 +24,12 @@ TTA = _choices("TTA", TTAS)
 Decode = _choices("Decode", DECODERS)
 Runtime = _choices("Runtime", RUNTIMES)
 Pool = _choices("Pool", POOLS)
+Engine = _choices("Engine", engine_names())  # the engine registry's names (no engine is imported)
 
 
 class FeatureDtype(str, Enum):
     float32 = "float32"
     float16 = "float16"
-
-
-class Engine(str, Enum):
-    local = "local"
-    ray = "ray"
 
 
 def _max_failures(value: str | None) -> object:

@@ -48,12 +48,14 @@ def sweep(
 
 def print_sweep(console: Console, state: dict[str, Any]) -> None:
     """The leaderboard, best first, then the verdict and any backbone that failed."""
-    from embedfit.sweep import LEADERBOARD_HEADER, _cells, verdict
+    from embedfit.sweep import LEADERBOARD_HEADER, _cells, recommendation, verdict
 
     table = Table(*LEADERBOARD_HEADER)
     for e in state["entries"]:
         table.add_row(*_cells(e))
     console.print(table)
     console.print(verdict(state["entries"], state["comparisons"]), markup=False, soft_wrap=True)
+    console.print(f"Recommendation: {recommendation(state['entries'], state['comparisons'])}", markup=False,
+                  soft_wrap=True)
     for f in state.get("failures", []):
         console.print(f"  failed: {f['backbone']}: {f['error']}", markup=False, soft_wrap=True)

@@ -89,8 +89,8 @@ def finetune(
     output: Path = typer.Option(Path("runs/finetune"), "-o", "--output", help="Run directory."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "-b", "--backbone", help="Pretrained backbone."),
     weights: Path | None = typer.Option(None, help="State-dict file instead of the default weights."),
-    freeze: str = typer.Option("last:2", help="head, last:N (last N blocks trainable) or none (nothing frozen; "
-                                              "'all' is its deprecated old name)."),
+    freeze: str = typer.Option("last:2", help="head, last:N (last N blocks trainable) or none (nothing "
+                                              "frozen)."),
     unfreeze_every: int = typer.Option(0, min=0, help="Gradual unfreezing: one more block every N epochs."),
     epochs: int = typer.Option(5, min=1), batch_size: int = typer.Option(16, min=1),
     lr_head: float = typer.Option(1e-3, min=0.0), lr_backbone: float = typer.Option(1e-4, min=0.0),

@@ -7,8 +7,9 @@ Stages, each usable alone:
               through a network (extraction, prediction, classification); `embed_decoded`, the same for
               images already decoded in memory (fine-tuning's evaluation, compare)
     writer    `FeatureWriter`: buffers results into crash-safe parts and commits the store; every engine uses it
-    local     `extract()`: the single-machine engine
-    ray       `extract_ray()`: the same on a Ray cluster
+    engines   the engine registry (`register_engine`, `create_engine`) and `ExtractJob`, what an engine gets
+    local     `extract()`, every engine's entry point; `LocalEngine`: this machine
+    ray       `RayEngine`: the same on a Ray cluster (`extract_ray()` for short)
     onnx      ONNX Runtime as a faster CPU engine for a backbone
 
 Loaded lazily: `import embedfit.extraction` does not import torch.
@@ -24,8 +25,9 @@ _LAZY = {
     "Encoder": "encoder", "BatchResult": "encoder", "iter_embeddings": "encoder", "embed_decoded": "encoder",
     "embed_images": "encoder",
     "FeatureWriter": "writer",
-    "extract": "local",
-    "extract_ray": "ray",
+    "ExtractJob": "engines", "create_engine": "engines", "register_engine": "engines",
+    "extract": "local", "LocalEngine": "local",
+    "extract_ray": "ray", "RayEngine": "ray",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _LAZY)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from embedfit.backbones import DEFAULT_BACKBONE
-from embedfit.backbones.registry import Backbone, create_backbone
+from embedfit.backbones.factory import Backbone, create_backbone
 from embedfit.errors import UsageError
 from embedfit.extraction.onnx import OnnxBackbone, resolve_runtime
 from embedfit.extraction.reader import ImageDataset, _Batch, image_loader, worker_niceness

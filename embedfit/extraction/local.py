@@ -1,4 +1,5 @@
-"""The local engine: `extract()` runs reader -> encoder -> `FeatureWriter` on this machine, resumably."""
+"""`extract()`, the one entry point of every engine (staging, name check, scan, resume plan), and the local engine:
+reader -> encoder -> `FeatureWriter` on this machine, resumably."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from embedfit.extraction.engines import Engine, ExtractJob
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, resolve_device
 from embedfit.extraction.writer import FeatureWriter, settings_if_same_request
 from embedfit.images import scan_images
@@ -15,7 +17,8 @@ from embedfit.store import StoreSettings
 
 
 def extract(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig | None = None,
-            *, class_names: Sequence[str] | None = None, **options: Any) -> ExtractSummary:
+            *, class_names: Sequence[str] | None = None, engine: str | Engine = "local",
+            **options: Any) -> ExtractSummary:
     """Embed every image under `source` into the store `output`, resuming whatever is already there.
 
     Args:
@@ -24,6 +27,8 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
             see `embedfit.remote`).
         config: Extraction settings; keyword `options` override its fields (e.g. `batch_size=64`).
         class_names: Use this class list (e.g. the training store's) instead of the folder names.
+        engine: Where to embed: a registered engine name (`engines.engine_names()`: "local", "ray") or an engine
+            object (e.g. `RayEngine(num_workers=4)`).
 
     Returns:
         An `ExtractSummary`; the store is readable with `FeatureStore.open(output)`.
@@ -32,19 +37,29 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         InputError, UsageError, WeightsUnavailableError, StoreError: with a message for the user.
         ExtractionInterrupted: Ctrl-C or `max_failures`; finished work is saved and the run can resume.
     """
+    from embedfit.extraction.engines import create_engine
     from embedfit.remote import is_url, local_or_url, with_staged_store
 
     started = time.perf_counter()
+    engine = create_engine(engine) if isinstance(engine, str) else engine
     config = dataclasses.replace(config or ExtractConfig(), **options)
+    if config.shard_size is None and engine.shard_size:
+        config = dataclasses.replace(config, shard_size=engine.shard_size)
     output = local_or_url(output)
     if is_url(output):  # object storage: run on a local staging copy, uploaded whole when committed
-        return with_staged_store(output, config.overwrite,
-                                 lambda local: extract(source, local, config, class_names=class_names))
+        return with_staged_store(output, config.overwrite, lambda local: _plan_and_run(
+            source, local, output, config, class_names, engine, started))
+    return _plan_and_run(source, output, None, config, class_names, engine, started)
+
+
+def _plan_and_run(source: str | os.PathLike, output: str | os.PathLike, url: str | None, config: ExtractConfig,
+                  class_names: Sequence[str] | None, engine: Engine, started: float) -> ExtractSummary:
+    """What every engine shares before it runs: the name check, the scan, and the resume plan."""
+    from embedfit.backbones.catalogue import check_name
+
     stored = settings_if_same_request(output, config)
     if stored is None:
-        from embedfit.backbones.registry import check_backbone_name
-
-        check_backbone_name(config.backbone)  # cheap checks first: a typo should not wait for a big folder scan
+        check_name(config.backbone)  # cheap checks first (no torch): a typo should not wait for a big folder scan
     images = scan_images(source, class_names=class_names)
     if stored is not None:  # a re-run: when every image is stored already, no model is needed (nor torch)
         with FeatureWriter(output, stored, images, retry_failed=config.retry_failed,
@@ -53,36 +68,49 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
                 writer.commit()  # labels follow the current folders/CSV; vanished files become "missing"
                 writer.summary.device = "no device: nothing to embed"
                 return writer.summary
-    # Only now the model's libraries (torch, timm: seconds to import).
-    from embedfit.backbones.registry import create_backbone
-    from embedfit.extraction.encoder import BatchResult, Encoder, iter_embeddings
+    return engine.run(ExtractJob(source, output, url, config, images, started))
 
-    device = resolve_device(config.device)
-    backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool,
-                               resolution=config.resolution)
-    settings = StoreSettings(backbone.spec, config.dtype, config.tta, config.precision)
-    with FeatureWriter(output, settings, images, overwrite=config.overwrite, retry_failed=config.retry_failed,
-                       flush_every=config.flush_every, shard_size=config.shard_size, started=started) as writer:
-        # After the store checks: a run refused for a mismatching store should not first compile or export a model.
-        encoder = Encoder(backbone, device, precision=config.precision, tta=config.tta,
-                          channels_last=config.channels_last, compile=config.compile, runtime=config.runtime)
-        summary = writer.summary
-        summary.device, summary.runtime = str(device), encoder.runtime
-        summary.startup_seconds = time.perf_counter() - started
-        summary.notes = [encoder.note] if encoder.note else []
-        provenance = {"device": str(device), "decode": config.decode, "runtime": encoder.runtime, "engine": "local"}
-        writer.set_provenance(**provenance)
 
-        start = time.perf_counter()
+class LocalEngine:
+    """This machine: reader workers -> encoder -> `FeatureWriter`, one batch in flight."""
 
-        def add(batch: BatchResult) -> tuple[int, str]:
-            writer.add(batch.records, batch.features, batch.errors, batch.hashes)
-            return len(batch.records), f"{writer.done / max(time.perf_counter() - start, 1e-9):.1f} img/s"
+    name = "local"
+    shard_size: int | None = None  # one file unless `shard_size` is asked for
 
-        # The store decides: complete when every image has a row, so a Ctrl-C that lands after the last batch
-        # still leaves a complete store, and no error.
-        writer.run(iter_embeddings(writer.todo, encoder, batch_size=config.batch_size, workers=config.workers,
-                                   jpeg_draft=config.jpeg_draft, max_pixels=config.max_pixels,
-                                   decode=config.decode), add, config=config, source=source, output=output,
-                   provenance=provenance)
-    return summary
+    def run(self, job: ExtractJob) -> ExtractSummary:
+        """Load the model (only now: torch and timm take seconds to import) and embed `job`'s images."""
+        from embedfit.backbones.factory import create_backbone
+        from embedfit.extraction.encoder import BatchResult, Encoder, iter_embeddings
+
+        config, output, started = job.config, job.output, job.started
+        device = resolve_device(config.device)
+        backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool,
+                                   resolution=config.resolution)
+        settings = StoreSettings(backbone.spec, config.dtype, config.tta, config.precision)
+        with FeatureWriter(output, settings, job.images, overwrite=config.overwrite,
+                           retry_failed=config.retry_failed, flush_every=config.flush_every,
+                           shard_size=config.shard_size, started=started) as writer:
+            # After the store checks: a run refused for a mismatching store should not first compile or export.
+            encoder = Encoder(backbone, device, precision=config.precision, tta=config.tta,
+                              channels_last=config.channels_last, compile=config.compile, runtime=config.runtime)
+            summary = writer.summary
+            summary.device, summary.runtime = str(device), encoder.runtime
+            summary.startup_seconds = time.perf_counter() - started
+            summary.notes = [encoder.note] if encoder.note else []
+            provenance = {"device": str(device), "decode": config.decode, "runtime": encoder.runtime,
+                          "engine": self.name}
+            writer.set_provenance(**provenance)
+
+            start = time.perf_counter()
+
+            def add(batch: BatchResult) -> tuple[int, str]:
+                writer.add(batch.records, batch.features, batch.errors, batch.hashes)
+                return len(batch.records), f"{writer.done / max(time.perf_counter() - start, 1e-9):.1f} img/s"
+
+            # The store decides: complete when every image has a row, so a Ctrl-C that lands after the last batch
+            # still leaves a complete store, and no error.
+            writer.run(iter_embeddings(writer.todo, encoder, batch_size=config.batch_size, workers=config.workers,
+                                       jpeg_draft=config.jpeg_draft, max_pixels=config.max_pixels,
+                                       decode=config.decode), add, config=config, source=job.source,
+                       output=output, provenance=provenance)
+        return summary

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from embedfit.backbones.registry import Backbone
+from embedfit.backbones.factory import Backbone
 from embedfit.errors import UsageError
 from embedfit.extraction.settings import RUNTIMES
 

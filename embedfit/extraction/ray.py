@@ -19,7 +19,6 @@ Ray is optional: `pip install 'embedfit[ray]'`; it is imported only inside the f
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import socket
@@ -28,13 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from embedfit.backbones.catalogue import check_name
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import EmbedfitError, UsageError
+from embedfit.extraction.engines import ExtractJob
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary
-from embedfit.extraction.writer import FeatureWriter, settings_if_same_request
-from embedfit.images import ImageRecord, ImageSource, scan_images
-from embedfit.remote import get_file, is_url, local_or_url, put_file, with_staged_store
+from embedfit.extraction.writer import FeatureWriter
+from embedfit.images import ImageRecord
+from embedfit.remote import get_file, is_url, put_file
 from embedfit.store import StoreSettings
 
 _TEST_KILL_ONCE = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # tests: path of a marker; the first shard's actor exits hard
@@ -116,7 +115,7 @@ class _ShardWorker:
         try:  # a failure is reported by `ready`, in one line naming this node, not as a dead actor
             import torch
 
-            from embedfit.backbones.registry import create_backbone
+            from embedfit.backbones.factory import create_backbone
             from embedfit.extraction.encoder import Encoder
             from embedfit.extraction.settings import resolve_device
 
@@ -193,11 +192,63 @@ def _check_options(config: ExtractConfig, num_gpus_per_worker: float) -> None:
         raise UsageError("`device` cpu contradicts `num_gpus_per_worker`; leave one out")
 
 
+class RayEngine:
+    """The Ray engine: actors embed shards of the images still to embed and write them; the driver commits.
+
+    Args:
+        address: Ray cluster address (see `connect`).
+        num_workers: Embedding actors (one model each).
+        num_gpus_per_worker: GPUs per actor (0 for CPU actors).
+        cpus_per_worker: CPUs Ray reserves per actor; the actor's model runs that many threads.
+        pin_cpus: Pin actor i to this machine's i-th allowed CPU (benchmarks of scaling on one machine).
+
+    Raises:
+        UsageError: Ray missing, or fewer than one worker or CPU.
+    """
+
+    name = "ray"
+    shard_size: int | None = DEFAULT_SHARD_SIZE
+
+    def __init__(self, address: str | None = None, num_workers: int = 2, num_gpus_per_worker: float = 0.0,
+                 cpus_per_worker: int = 1, pin_cpus: bool = False) -> None:
+        _ray()
+        if num_workers < 1 or cpus_per_worker < 1:
+            raise UsageError(f"`num_workers` and `cpus_per_worker` must be at least 1, got {num_workers} and "
+                             f"{cpus_per_worker}")
+        self.address, self.num_workers, self.num_gpus_per_worker = address, num_workers, num_gpus_per_worker
+        self.cpus_per_worker, self.pin_cpus = cpus_per_worker, pin_cpus
+
+    def run(self, job: ExtractJob) -> ExtractSummary:
+        """Start the actors, take the spec from them, plan, hand out the shards, commit the manifest. On object
+        storage (`job.url`) the actors upload their shards next to it."""
+        ray = _ray()
+        config = job.config
+        _check_options(config, self.num_gpus_per_worker)
+        device = "cuda" if self.num_gpus_per_worker > 0 else "cpu"
+        connect(self.address, runtime_env=_runtime_env())
+        actor = ray.remote(_ShardWorker).options(num_cpus=self.cpus_per_worker,
+                                                 num_gpus=self.num_gpus_per_worker or None,
+                                                 max_restarts=-1, max_task_retries=-1)
+        # The actors load their models while the driver waits: the spec comes from them (the driver needs no torch).
+        actors = [actor.remote(config, device, self.cpus_per_worker, i if self.pin_cpus else None)
+                  for i in range(self.num_workers)]
+        try:
+            spec, runtime = _spec_of(ray, actors)
+            ready = time.perf_counter() - job.started
+            summary = _extract_shards(ray, actors, job, spec, runtime,
+                                      f"ray ({self.num_workers} x {device}, {self.cpus_per_worker} CPU each)")
+            summary.startup_seconds = ready
+            return summary
+        finally:
+            _kill(ray, actors)
+
+
 def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig | None = None, *,
                 address: str | None = None, num_workers: int = 2, num_gpus_per_worker: float = 0.0,
                 cpus_per_worker: int = 1, pin_cpus: bool = False, class_names: list[str] | None = None,
                 **options: Any) -> ExtractSummary:
-    """`embedfit.extract` on a Ray cluster: a sharded store written by the workers, same resume, same rows.
+    """`embedfit.extract` on a Ray cluster (`engine=RayEngine(...)`): a sharded store written by the workers,
+    same resume, same rows.
 
     Args:
         source: Image folder or CSV, at the same path on every node (a shared filesystem), or a URL on object
@@ -205,11 +256,7 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
         output: The store's manifest; its shards go to ``<output>.shards/``: on a shared filesystem every node
             can write, or on object storage (``s3://...``), where each worker uploads the shards it writes.
         config: Extraction settings (keyword `options` override fields); `config.shard_size` defaults to 1024.
-        address: Ray cluster address (see `connect`).
-        num_workers: Embedding actors (one model each).
-        num_gpus_per_worker: GPUs per actor (0 for CPU actors).
-        cpus_per_worker: CPUs Ray reserves per actor; the actor's model runs that many threads.
-        pin_cpus: Pin actor i to this machine's i-th allowed CPU (benchmarks of scaling on one machine).
+        address, num_workers, num_gpus_per_worker, cpus_per_worker, pin_cpus: The cluster (see `RayEngine`).
         class_names: Class list to use instead of the folder names.
 
     Raises:
@@ -217,54 +264,11 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
             embedfit.
         ExtractionInterrupted: Ctrl-C or `max_failures`; finished shards are kept and the run can resume.
     """
-    config = dataclasses.replace(config or ExtractConfig(), **options)
-    output = local_or_url(output)
-    cluster = {"address": address, "num_workers": num_workers, "num_gpus_per_worker": num_gpus_per_worker,
-               "cpus_per_worker": cpus_per_worker, "pin_cpus": pin_cpus}
-    if is_url(output):  # object storage: the manifest is staged locally and uploaded when committed; the workers
-        # upload their shards themselves (embedfit.remote), so no filesystem needs to be shared
-        return with_staged_store(output, config.overwrite, lambda local: _extract_ray(
-            source, local, config, class_names=class_names, shards_url=f"{output}.shards", **cluster))
-    return _extract_ray(source, output, config, class_names=class_names, **cluster)
+    from embedfit.extraction.local import extract
 
-
-def _extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig, *,
-                 address: str | None, num_workers: int, num_gpus_per_worker: float, cpus_per_worker: int,
-                 pin_cpus: bool, class_names: list[str] | None, shards_url: str | None = None) -> ExtractSummary:
-    """`extract_ray` on a local manifest path; `shards_url`: where the workers upload shards (object storage)."""
-    started = time.perf_counter()
-    ray = _ray()
-    if num_workers < 1 or cpus_per_worker < 1:
-        raise UsageError(f"`num_workers` and `cpus_per_worker` must be at least 1, got {num_workers} and "
-                         f"{cpus_per_worker}")
-    _check_options(config, num_gpus_per_worker)
-    check_name(config.backbone)
-    images = scan_images(source, class_names=class_names)
-    shard_size = config.shard_size or DEFAULT_SHARD_SIZE
-    stored = settings_if_same_request(output, config)
-    if stored is not None:  # a re-run: when every image is stored already, no cluster is needed
-        with FeatureWriter(output, stored, images, retry_failed=config.retry_failed, shard_size=shard_size,
-                           started=started) as writer:
-            if not writer.todo:
-                writer.commit()
-                writer.summary.device = "no device: nothing to embed"
-                return writer.summary
-    device = "cuda" if num_gpus_per_worker > 0 else "cpu"
-    connect(address, runtime_env=_runtime_env())
-    actor = ray.remote(_ShardWorker).options(num_cpus=cpus_per_worker, num_gpus=num_gpus_per_worker or None,
-                                             max_restarts=-1, max_task_retries=-1)
-    # The actors load their models while the driver waits: the spec comes from them (the driver needs no torch).
-    actors = [actor.remote(config, device, cpus_per_worker, i if pin_cpus else None) for i in range(num_workers)]
-    try:
-        spec, runtime = _spec_of(ray, actors)
-        ready = time.perf_counter() - started
-        summary = _extract_shards(ray, actors, source, output, config, images, spec, shard_size, started,
-                                  f"ray ({num_workers} x {device}, {cpus_per_worker} CPU each)", runtime,
-                                  shards_url)
-        summary.startup_seconds = ready
-        return summary
-    finally:
-        _kill(ray, actors)
+    engine = RayEngine(address=address, num_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker,
+                       cpus_per_worker=cpus_per_worker, pin_cpus=pin_cpus)
+    return extract(source, output, config, class_names=class_names, engine=engine, **options)
 
 
 def _kill(ray: Any, actors: list[Any]) -> None:
@@ -294,19 +298,20 @@ def _spec_of(ray: Any, actors: list[Any]) -> tuple[BackboneSpec, str]:
     return specs[0][1], "+".join(sorted(runtimes))
 
 
-def _extract_shards(ray: Any, actors: list[Any], source: str | os.PathLike, output: str | os.PathLike,
-                    config: ExtractConfig, images: ImageSource, spec: BackboneSpec, shard_size: int, started: float,
-                    device: str, runtime: str, shards_url: str | None) -> ExtractSummary:
+def _extract_shards(ray: Any, actors: list[Any], job: ExtractJob, spec: BackboneSpec, runtime: str,
+                    device: str) -> ExtractSummary:
     """Plan the resume for `spec`, hand the shards to the actors, count what they wrote, commit the manifest.
 
-    With `shards_url` the actors upload their shards there, and each is downloaded into the local shards folder
-    as it is reported, for the manifest (the commit reads the shards' per-row metadata).
+    On object storage (`job.url`) the actors upload their shards to ``<url>.shards``, and each is downloaded into
+    the local shards folder as it is reported, for the manifest (the commit reads the shards' per-row metadata).
     """
     from ray.util import ActorPool
 
+    config, images, shard_size = job.config, job.images, job.config.shard_size or DEFAULT_SHARD_SIZE
+    shards_url = f"{job.url}.shards" if job.url else None
     settings = StoreSettings(spec, config.dtype, config.tta, config.precision)
-    with FeatureWriter(output, settings, images, overwrite=config.overwrite, retry_failed=config.retry_failed,
-                       shard_size=shard_size, started=started) as writer:
+    with FeatureWriter(job.output, settings, images, overwrite=config.overwrite, retry_failed=config.retry_failed,
+                       shard_size=shard_size, started=job.started) as writer:
         summary = writer.summary
         summary.device, summary.runtime = device, runtime
         provenance = {"device": device, "engine": "ray", "decode": config.decode, "runtime": runtime}
@@ -325,6 +330,6 @@ def _extract_shards(ray: Any, actors: list[Any], source: str | os.PathLike, outp
 
         # The actors are stopped before the manifest is committed: no shard is written after it.
         writer.run(ActorPool(actors).map_unordered(lambda a, shard: a.run.remote(*shard, target), shards), add,
-                   config=config, source=source, output=output, provenance=provenance,
+                   config=config, source=job.source, output=job.output, provenance=provenance,
                    stop=lambda: _kill(ray, actors))
     return summary

@@ -1,6 +1,8 @@
 """Fitting: scikit-learn models on stored embeddings.
 
-    models       the model zoo (`MODELS`) as Pipelines: scaler -> optional PCA -> classifier; any user estimator
+    registry     the classifier registry: one `Classifier` record per model (no scikit-learn imported)
+    zoo          embedfit's own records (logreg, svm, ...)
+    models       a record as a Pipeline: scaler -> optional PCA -> classifier; any user estimator
     data         the rows you can train on (`load_dataset`) and the checks that they can be fitted
     cv           `fit()` with `FitConfig`: cross-validation or hold-out, refit, run directory
     device       fitting on a GPU through scikit-learn's array API
@@ -14,7 +16,9 @@ from __future__ import annotations
 from embedfit._lazy import attach
 
 _LAZY = {
-    "MODELS": "models", "DEFAULT_MODEL": "models", "ARRAY_API_MODELS": "models", "GRIDS": "models",
+    "Classifier": "registry", "register_classifier": "registry", "get_classifier": "registry",
+    "classifier_names": "registry", "trusted_types": "registry",
+    "DEFAULT_MODEL": "models",
     "make_pipeline": "models", "check_model_name": "models", "resolve_model": "models", "wrap_estimator": "models",
     "Dataset": "data", "load_dataset": "data",
     "FitConfig": "cv", "FitResult": "cv", "fit": "cv", "make_splits": "cv", "fold_metrics": "cv",

@@ -3,6 +3,8 @@ hold-out store), refit it on all data, and write a run directory (`embedfit.runs
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -36,7 +38,7 @@ from embedfit.fitting.models import (
     wrap_estimator,
 )
 from embedfit.progress import Progress
-from embedfit.runs import save_run
+from embedfit.runs import Evaluation, check_replace, identity_of, save_run
 from embedfit.store import FeatureStore
 
 MAX_REPEATS = 100  # repetitions of the k-fold: beyond this the spread estimate no longer changes, the cost does
@@ -139,7 +141,7 @@ class FitConfig:
         backend: joblib backend: "loky", "threading", "ray" or "dask".
         ray_address: With backend "ray": the cluster to connect to (`ray.init(address=...)`, e.g.
             "ray://head:10001" or "auto"); None: Ray's default (a local cluster, or the one already connected).
-        device: "cpu", "cuda[:N]", or "auto": the GPU for `ARRAY_API_MODELS` when there is one and SciPy is in
+        device: "cpu", "cuda[:N]", or "auto": the GPU for the array-API classifiers when there is one and SciPy is in
             array-API mode (SCIPY_ARRAY_API=1), else the CPU. On a GPU, folds run one after the other.
         seed: Random state for splits and models.
         progress: Show folds as they finish (a bar on a terminal, plain lines every ~10 s otherwise).
@@ -170,11 +172,12 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
 
     Args:
         store: The training feature store.
-        model: One of `MODELS` (default: a logistic-regression linear probe with C chosen by inner CV); or any
-            scikit-learn classifier (it gets `config.scale` in front of it) or `Pipeline` (used as given), or
-            "pkg.module:Class" (constructed with default arguments). Its run is named after the class, in lower
-            case. It must save with skops' defaults plus `embedfit.runs.TRUSTED_TYPES` (scikit-learn's own
-            classes do); anything else is refused before the CV.
+        model: A registered classifier (`registry.classifier_names()`; default: a logistic-regression linear
+            probe with C chosen by inner CV); or any scikit-learn classifier (it gets `config.scale` in front of
+            it) or `Pipeline` (used as given), or "pkg.module:Class" (constructed with default arguments). Its run
+            is named after the class, in lower case. It must save with skops' defaults plus
+            `embedfit.fitting.registry.trusted_types()` (scikit-learn's own classes do); anything else is refused
+            before the CV.
         config: How to fit and evaluate (`FitConfig`); keyword `options` override its fields (e.g. `cv=3`).
         output: Run directory (default: runs/<store stem>-<model>).
 
@@ -233,10 +236,9 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     _register_backend(backend, config.ray_address)
     n_classes = len(data.class_names)
     notes = list(data.notes)
-    if (run_dir / "model.json").is_file():
-        notes.append(f"replacing the earlier run in {run_dir}")
 
     t0 = time.perf_counter()
+    group_keys = None
     if test_store is not None:
         test = _aligned_test_set(test_store, data)
         notes += test.notes
@@ -282,6 +284,21 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
                              n_samples=len(data.y), n_features=data.X.shape[1], search=search, array_api=on_gpu,
                              n_train=n_train, min_class=min(int(c[c > 0].min()) for c in train_counts),
                              notes=notes)
+    params = {"scale": scale, "pca": pca, "class_weight": class_weight, "search": search, "seed": seed,
+              "device": fit_device}
+    if custom:  # what was fitted, as scikit-learn prints it; class_weight is the estimator's own business
+        params.update(class_weight=None, estimator=repr(pipe))
+    # What this run answers: refused before the CV when the folder holds a run that answered something else.
+    asked = {k: v for k, v in evaluation.items() if k not in ("test_store", "n_test")}
+    if group_keys is not None:  # which images stay together changes the folds
+        asked["groups"] = hashlib.sha256(json.dumps([str(g) for g in group_keys]).encode()).hexdigest()[:16]
+    if config.exclude is not None:  # which images were left out changes what was scored
+        asked["rows"] = hashlib.sha256("\n".join(map(str, data.paths)).encode()).hexdigest()[:16]
+    identity = identity_of(data=data.store.fingerprint, model=model,
+                           settings={k: v for k, v in params.items() if k != "device"}, evaluation=asked)
+    check_replace(run_dir, identity)
+    if (run_dir / "model.json").is_file():  # the identical command: it replaces its own run
+        notes.append(f"replacing the earlier run in {run_dir}")
     for note in notes:
         log.warning("note: %s", note)
     progress = Progress(f"fitting {model}", len(splits), enabled=config.progress,
@@ -351,12 +368,14 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
         final.steps[-1] = ("clf", final[-1].best_estimator_)  # ship the model, not the search machinery
     if on_gpu:
         name_classes(final[-1], data.class_names)
-    params = {"scale": scale, "pca": pca, "class_weight": class_weight, "search": search, "seed": seed,
-              "device": fit_device}
-    if custom:  # what was fitted, as scikit-learn prints it; class_weight is the estimator's own business
-        params.update(class_weight=None, estimator=repr(pipe))
-    save_run(run_dir, final, model=model, params=params, store=data.store, metrics=metrics,
-             predictions=predictions)
+    scored = test.store if test_store is not None else data.store
+    record = Evaluation(
+        "held-out" if test_store is not None else "cv" if evaluation["strategy"] == "cv" else "holdout-split",
+        getattr(scored, "url", "") or str(scored.path.resolve()), str(scored.root), len(predictions),
+        max(len(tr) for tr, _ in splits), details=evaluation)
+    metrics["evaluation"] = record.to_dict()  # as metrics.json holds it
+    save_run(run_dir, final, model=model, params=params, store=data.store, metrics=metrics, evaluation=record,
+             predictions=predictions, identity=identity)
     return FitResult(run_dir, model, final, metrics, predictions)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from embedfit.errors import UsageError
-from embedfit.fitting.models import ARRAY_API_MODELS
+from embedfit.fitting.registry import array_api_names
 
 
 def array_api_ready() -> bool:
@@ -32,10 +32,15 @@ def array_api_ready() -> bool:
         return os.environ.get("SCIPY_ARRAY_API") == "1"
 
 
+def _on_tensors(model: str) -> bool:
+    """A registered classifier whose pipeline runs on torch tensors (a user's estimator, named by its class: no)."""
+    return model in array_api_names()
+
+
 def resolve_fit_device(device: str, model: str) -> tuple[str, str | None]:
     """Where to fit `model`: ("cpu", note) or a CUDA device ("cuda", "cuda:1", None).
 
-    "auto" picks the GPU when there is one, the model runs on tensors (`ARRAY_API_MODELS`) and SciPy is in
+    "auto" picks the GPU when there is one, the model runs on tensors (its record's `array_api`) and SciPy is in
     array-API mode, else the CPU (with a note saying why, when a GPU was there). An explicit "cuda" that cannot
     be honoured is an error.
     """
@@ -44,7 +49,7 @@ def resolve_fit_device(device: str, model: str) -> tuple[str, str | None]:
     if device != "auto" and not re.fullmatch(r"cuda(:\d+)?", device):
         raise UsageError(f"unknown fit device '{device}'; use auto, cpu, cuda or cuda:N")
     if device == "auto":
-        if model not in ARRAY_API_MODELS:
+        if not _on_tensors(model):
             return "cpu", None
         if not array_api_ready():  # the GPU cannot be used; say so only when there is one
             note = "fitted on the CPU: fitting on the GPU needs SCIPY_ARRAY_API=1 in the environment"
@@ -52,8 +57,8 @@ def resolve_fit_device(device: str, model: str) -> tuple[str, str | None]:
         import torch
 
         return ("cuda", None) if torch.cuda.is_available() else ("cpu", None)
-    if model not in ARRAY_API_MODELS:
-        raise UsageError(f"{model} cannot be fitted on a GPU (models that can: {', '.join(ARRAY_API_MODELS)}); "
+    if not _on_tensors(model):
+        raise UsageError(f"{model} cannot be fitted on a GPU (models that can: {', '.join(array_api_names())}); "
                          "use `device` cpu")
     from embedfit.extraction.settings import resolve_device
 

@@ -3,7 +3,6 @@ grid search), so preprocessing is learned inside each cross-validation fold."""
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import math
 from typing import Any
@@ -13,9 +12,7 @@ from sklearn.base import BaseEstimator
 from sklearn.pipeline import Pipeline
 
 from embedfit.errors import UsageError
-
-MODELS = ("logreg", "svm", "linear-svm", "knn", "ridge", "lda", "rf", "mlp")
-
+from embedfit.fitting.registry import BuildContext, array_api_names, get_classifier
 
 SCALES = ("standard", "l2", "none")
 
@@ -23,40 +20,12 @@ SCALES = ("standard", "l2", "none")
 DEFAULT_MODEL = "logreg"
 
 
-AUTO_PCA_DIM = 256  # kernel/neighbour models: RBF-SVC and kNN on 1-4k-d features are slow and gain little
-
-
-# Models whose pipelines (scaler, PCA, model, grid search) run on torch tensors through scikit-learn's array API,
-# and so on a GPU. Checked with scikit-learn 1.9: LogisticRegressionCV, LDA(lsqr), SVC, LinearSVC, RF and MLP
-# fail on tensors, and kNN converts them back to NumPy.
-ARRAY_API_MODELS = ("logreg", "ridge")
-
-
-LOGREG_CS = np.logspace(-4, 1, 6)
-
-
-_LOGREG_SOLVER = {"max_iter": 1000, "tol": 1e-3}  # shared by the NumPy and the array-API logreg
-
-
-# Search grids: the hyper-parameters that matter for each model (keys relative to the "clf" step).
-GRIDS: dict[str, dict[str, list[Any]]] = {
-    "logreg": {"C": [0.001, 0.01, 0.1, 1.0, 10.0]},
-    "svm": {"estimator__C": [0.3, 1.0, 3.0, 10.0, 30.0], "estimator__gamma": ["scale", 0.3, 3.0]},
-    "linear-svm": {"C": [0.0001, 0.001, 0.01, 0.1, 1.0]},
-    "knn": {"n_neighbors": [3, 5, 10, 20], "weights": ["uniform", "distance"]},
-    "ridge": {"alpha": [0.1, 1.0, 10.0, 100.0, 1000.0]},
-    "lda": {"shrinkage": ["auto", 0.01, 0.1, 0.5]},
-    "rf": {"max_features": ["sqrt", 0.1], "min_samples_leaf": [1, 3]},
-    "mlp": {"alpha": [1e-4, 1e-3, 1e-2], "hidden_layer_sizes": [(256,), (512,)]},
-}
+AUTO_PCA_DIM = 256  # kernel/neighbour models (`Classifier.pca_first`): RBF-SVC and kNN on 1-4k-d features are slow
 
 
 def check_model_name(model: str) -> None:
-    """Raise a UsageError with suggestions for an unknown model name."""
-    if model not in MODELS:
-        close = difflib.get_close_matches(model, MODELS, n=2, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(f"unknown model '{model}'{hint} (choose from {', '.join(MODELS)})")
+    """Raise a UsageError with suggestions for an unknown model name (no scikit-learn imported)."""
+    get_classifier(model)
 
 
 def check_class_weight(class_weight: str | None) -> str | None:
@@ -68,49 +37,6 @@ def check_class_weight(class_weight: str | None) -> str | None:
     return class_weight
 
 
-def _classifier(model: str, class_weight: str | None, seed: int, n_samples: int, n_train: int,
-                inner_folds: int) -> BaseEstimator:
-    from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-    from sklearn.ensemble import RandomForestClassifier
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeClassifierCV
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.svm import SVC, LinearSVC
-
-    if model == "logreg":  # the linear probe: C chosen by an inner (3-fold) CV on log loss
-        if inner_folds < 2:  # a class with one training image: no inner CV can hold it out
-            return LogisticRegression(C=1.0, class_weight=class_weight, **_LOGREG_SOLVER)
-        return LogisticRegressionCV(Cs=LOGREG_CS, cv=inner_folds, scoring="neg_log_loss",
-                                    class_weight=class_weight, l1_ratios=(0.0,), use_legacy_attributes=False,
-                                    **_LOGREG_SOLVER)
-    if model == "svm":
-        # Calibrated on held-out folds instead of the deprecated SVC(probability=True). Two folds, fitted in
-        # parallel: an ensemble of two SVCs on halves costs half of one SVC on everything (kernel SVMs scale
-        # ~n^2), 3x less than three folds on 10k x 1280 for -1.3 points of accuracy (benchmarks/bench_fit.py).
-        svc = SVC(C=3.0, gamma="scale", class_weight=class_weight, cache_size=1000, tol=1e-3, random_state=seed)
-        return svc if inner_folds < 2 else CalibratedClassifierCV(svc, cv=2, method="sigmoid", n_jobs=-1)
-    if model == "linear-svm":
-        # The dual solver is ~4x faster than the primal at small C. C shrinks as 1/n beyond 1000 images, which
-        # keeps the per-image regularisation fixed (as SGD's alpha does): 10k x 1280 fits in ~3 s, not ~8.
-        return LinearSVC(C=0.01 * min(1.0, 1000 / max(n_samples, 1)), dual=True, tol=1e-2, max_iter=2000,
-                         class_weight=class_weight, random_state=seed)
-    if model == "knn":
-        return KNeighborsClassifier(n_neighbors=max(1, min(10, n_samples // 10, n_train)), weights="distance")
-    if model == "ridge":
-        return RidgeClassifierCV(alphas=np.logspace(-1, 4, 6), class_weight=class_weight)
-    if model == "lda":
-        return LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")
-    if model == "rf":
-        # Quarter-size bootstrap samples on large sets: ~6x faster than full-size ones on 10k x 1280, -2 points
-        # of accuracy; small sets keep full-size ones (speed is no issue there, every image counts).
-        return RandomForestClassifier(n_estimators=200, max_samples=0.25 if n_samples >= 4000 else None, n_jobs=-1,
-                                      class_weight=class_weight, random_state=seed)
-    # Stop after 5 epochs without validation gain (not 10): 30% less time on 10k x 1280, same accuracy.
-    return MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, early_stopping=n_samples >= 100, max_iter=300,
-                         n_iter_no_change=5, random_state=seed)
-
-
 def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: int | str | None = "auto",
                   class_weight: str | None = "balanced", seed: int = 0, n_samples: int = 1000,
                   n_features: int = 1280, search: bool = False, array_api: bool = False,
@@ -119,15 +45,16 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
     """A classifier Pipeline: scaler -> optional PCA -> model (-> grid search when `search`).
 
     Args:
-        model: One of `MODELS`.
+        model: A registered classifier (`registry.classifier_names()`).
         scale: "standard" (z-score), "l2" (unit-norm rows) or "none".
-        pca: Number of components, None or "none" for no PCA, or "auto" (PCA to 256 dims for svm and knn only).
+        pca: Number of components, None or "none" for no PCA, or "auto" (PCA to 256 dims for the classifiers with
+            `pca_first`: svm and knn).
         class_weight: "balanced" or None ("none" is None too; models without class weights ignore it).
         seed: Random state of every randomised step.
         n_samples: Training-set size, to keep PCA and kNN sizes valid on small data.
         n_features: Embedding dimension.
-        search: Wrap the model in a GridSearchCV over `GRIDS[model]` (nested CV when cross-validated).
-        array_api: Build the variant that runs on torch tensors (`ARRAY_API_MODELS` only): logreg's inner CV
+        search: Wrap the model in a GridSearchCV over its record's `grid` (nested CV when cross-validated).
+        array_api: Build the variant that runs on torch tensors (records with `array_api` only): logreg's inner CV
             becomes a GridSearchCV over the same Cs, folds and log loss as LogisticRegressionCV's.
         n_train: Size of the smallest training set the pipeline will be fitted on (e.g. a CV fold's; default
             `n_samples`): PCA and kNN sizes must fit it.
@@ -141,14 +68,14 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
     """
     from sklearn.decomposition import PCA
 
-    check_model_name(model)
+    record = get_classifier(model)
     class_weight = check_class_weight(class_weight)
     n_train = n_samples if n_train is None else n_train
     if pca == "none":  # as on the command line
         pca = None
     if pca == "auto":  # 0.6 n as before, and never more than the smallest training fold (e.g. --cv 2) holds
         pca = (min(AUTO_PCA_DIM, max(1, int(n_samples * 0.6)), n_train)
-               if model in ("svm", "knn") and n_features > AUTO_PCA_DIM else None)
+               if record.pca_first and n_features > AUTO_PCA_DIM else None)
     elif pca is not None:
         if isinstance(pca, str) or int(pca) < 1:
             raise UsageError(f"`pca` must be a positive number of components, 'auto' or 'none', got {pca}")
@@ -167,38 +94,27 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
                              "(add images, or leave out `search`)")
         if min_class is not None:  # the search's training folds hold fewer images of that class
             inner = min(3, min_class - math.ceil(min_class / folds))
-    clf = _classifier(model, class_weight, seed, n_samples, n_train, inner)
-    if notes is not None and inner < 2 and (model == "svm" or (model == "logreg" and not search)):
-        notes.append(f"{model}: the smallest class has 1 image in a training set, too few for an inner CV; "
-                     + ("C is fixed at 1.0" if model == "logreg" else "fitted without probabilities (needs 2 "
-                        "to calibrate them)"))
-    if array_api and model not in ARRAY_API_MODELS:
-        raise UsageError(f"{model} cannot be fitted on torch tensors; array-API models: {', '.join(ARRAY_API_MODELS)}")
-    if array_api and model == "logreg" and not search and inner >= 2:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import GridSearchCV
-
-        clf = GridSearchCV(LogisticRegression(class_weight=class_weight, **_LOGREG_SOLVER),
-                           {"C": list(LOGREG_CS)}, cv=inner, scoring="neg_log_loss")
+    if array_api and not record.array_api:
+        raise UsageError(f"{model} cannot be fitted on torch tensors; array-API models: "
+                         f"{', '.join(array_api_names())}")
+    context = BuildContext(class_weight, seed, n_samples, n_train, inner, search=search, array_api=array_api)
+    clf = record.build(context)
+    if notes is not None:
+        notes.extend(context.notes)
     if search:
         from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
-        grid = GRIDS[model]
-        # The *CV variants tune themselves; under an explicit search use their plain counterparts.
-        if model == "logreg":
-            from sklearn.linear_model import LogisticRegression
-
-            clf = LogisticRegression(max_iter=1000, tol=1e-3, class_weight=class_weight)
-        elif model == "ridge":
-            from sklearn.linear_model import RidgeClassifier
-
-            clf = RidgeClassifier(class_weight=class_weight)
-        elif model == "svm" and inner < 2:  # the uncalibrated SVC: its own parameter names
-            grid = {k.removeprefix("estimator__"): v for k, v in grid.items()}
-        clf = GridSearchCV(clf, grid, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                           scoring="balanced_accuracy")
+        clf = GridSearchCV(clf, _grid_for(clf, record.grid), scoring="balanced_accuracy",
+                           cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
     steps.append(("clf", clf))
     return Pipeline(steps)
+
+
+def _grid_for(estimator: BaseEstimator, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The grid in `estimator`'s parameter names: a wrapper's grid ("estimator__C") for the bare estimator a
+    builder returns when the wrapper cannot be fitted (svm's uncalibrated SVC) loses the prefix."""
+    params = estimator.get_params()
+    return {k if k in params else k.removeprefix("estimator__"): v for k, v in grid.items()}
 
 
 def _scaler(scale: str) -> Any:
@@ -293,15 +209,14 @@ def check_savable(estimator: BaseEstimator) -> None:
 
     sio = skops_io()
 
-    from embedfit.runs import _own_audit, untrusted_types
+    from embedfit.runs.trusted import untrusted_types
 
     try:
-        with _own_audit():
-            found = sio.get_untrusted_types(data=sio.dumps(estimator))
+        found = sio.get_untrusted_types(data=sio.dumps(estimator))
     except Exception:  # skops cannot describe it unfitted: saving checks the fitted model all the same
         return
     refused = untrusted_types(found)
     if refused:
         raise UsageError(f"cannot save {model_label(estimator)} safely: its model file would need "
                          f"{', '.join(refused[:3])}, outside embedfit's allow-list (scikit-learn's classes and "
-                         "runs.TRUSTED_TYPES); use scikit-learn estimators")
+                         "fitting.registry.trusted_types()); use scikit-learn estimators")

@@ -148,7 +148,7 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
     from embedfit.fitting.cv import _metrics, fold_metrics
     from embedfit.fitting.data import Dataset, check_trainable
     from embedfit.fitting.models import name_classes
-    from embedfit.runs import save_run
+    from embedfit.runs import Evaluation, check_replace, identity_of, save_run
 
     if model not in OOC_MODELS:
         raise UsageError(f"unknown out-of-core model '{model}'; choose {' or '.join(OOC_MODELS)}")
@@ -163,6 +163,12 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
     check_trainable(y, names, 2)  # the stratified hold-out needs two images per class
     opts = dict(epochs=epochs, batch_rows=batch_rows, alpha=alpha, class_weight=class_weight,
                 seed=seed)
+    run_dir = Path(output) if output else Path("runs") / f"{store.path.stem}-{model}"
+    params = {"epochs": epochs, "batch_rows": batch_rows, "test_size": test_size, "alpha": alpha,
+              "class_weight": class_weight, "seed": seed, "scale": "standard"}
+    identity = identity_of(data=store.fingerprint, model=model, settings=params,
+                           evaluation={"strategy": "holdout", "test_size": test_size, "seed": seed})
+    check_replace(run_dir, identity)  # before the streamed fits, not after them
 
     t0 = time.perf_counter()
     train, test = train_test_split(rows, test_size=test_size, stratify=y, random_state=seed)
@@ -205,8 +211,9 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
                            "extract_seconds": float(store.attrs.get("extract_seconds", 0.0)),
                            "cv_seconds": cv_seconds, "fit_seconds": fit_seconds,
                            "predict_seconds_per_image": predict_per_image})
-    run_dir = Path(output) if output else Path("runs") / f"{store.path.stem}-{model}"
-    params = {"epochs": epochs, "batch_rows": batch_rows, "test_size": test_size, "alpha": alpha,
-              "class_weight": class_weight, "seed": seed, "scale": "standard"}
-    save_run(run_dir, final, model=model, params=params, store=store, metrics=metrics, predictions=predictions)
+    record = Evaluation("holdout-split", getattr(store, "url", "") or str(store.path.resolve()), str(store.root),
+                        len(predictions), len(train), details=evaluation)
+    metrics["evaluation"] = record.to_dict()  # as metrics.json holds it
+    save_run(run_dir, final, model=model, params=params, store=store, metrics=metrics, evaluation=record,
+             predictions=predictions, identity=identity)
     return FitResult(run_dir, model, final, metrics, predictions)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from embedfit.backbones import DEFAULT_BACKBONE
-from embedfit.backbones.registry import Backbone, create_backbone
+from embedfit.backbones.factory import Backbone, create_backbone
 from embedfit.errors import UsageError
 from embedfit.extraction.settings import resolve_device
 from embedfit.images import collect_images

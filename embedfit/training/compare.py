@@ -32,16 +32,18 @@ from embedfit.errors import UsageError, check_output_dir, check_output_not_input
 from embedfit.extraction.encoder import Encoder, embed_decoded
 from embedfit.extraction.settings import resolve_device
 from embedfit.fitting.models import make_pipeline
+from embedfit.runs import check_replace, identity_of, staged_dir
+from embedfit.stats import N_BOOT, cheapest_within_noise, paired_bootstrap, ratio
 from embedfit.training.classify import class_mapping, has_imagenet_head
 from embedfit.training.finetune import (
     LabeledImages,
-    Split,
     TrainConfig,
     TrainResult,
     decode_labeled,
-    evaluate,
     make_split,
+    run_identity,
     save_trained,
+    scored_proba,
     split_indices,
     subsample,
     train,
@@ -53,7 +55,6 @@ ARM_CHOICES = ("as-is", "probe", "finetune", "scratch")  # what `arms` takes
 _ARM_ALIASES = {"as-is": AS_IS, "asis": AS_IS, "probe": PROBE, "linear-probe": PROBE, "linear probe": PROBE,
                 "finetune": FINETUNE, "fine-tune": FINETUNE, "scratch": SCRATCH}
 ARMS = (AS_IS, PROBE, FINETUNE, SCRATCH)
-N_BOOT = 2000
 
 Progress = Callable[[str], None]
 
@@ -107,34 +108,7 @@ def _plural(n: int, word: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Statistics
-
-
-def _bootstrap(per_split: Sequence[np.ndarray], seed: int, n_boot: int = N_BOOT) -> list[float]:
-    """95% percentile interval of the mean over images (then over splits), resampling images within each split.
-
-    Given per-image differences between two arms on the same images, this is the paired bootstrap.
-    """
-    rng = np.random.default_rng(seed)
-    stats = np.zeros(n_boot)
-    for values in per_split:
-        values = np.asarray(values, dtype=float)
-        for start in range(0, n_boot, 250):  # bounded memory on large test sets
-            stop = min(n_boot, start + 250)
-            stats[start:stop] += values[rng.integers(0, len(values), (stop - start, len(values)))].mean(1)
-    stats /= len(per_split)
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
-def _ratio(a: float, b: float) -> str:
-    """a as a share of b: '1/6', '40%', or 'about the same'."""
-    if b <= 0:
-        return "about the same"
-    r = a / b
-    if r <= 0.67:
-        return f"1/{round(1 / r)}" if r < 0.45 else f"{r:.0%}"
-    return "about the same" if r < 1.5 else f"{r:.1f}x"
+# The recommendation (statistics: embedfit.stats)
 
 
 def recommend(scores: dict[str, dict[str, Any]], comparisons: dict[str, dict[str, Any]], on: str) -> str:
@@ -147,14 +121,16 @@ def recommend(scores: dict[str, dict[str, Any]], comparisons: dict[str, dict[str
         on: What the scores are measured on ("validation", "test").
     """
     best = comparisons["best"]
-    close = [a for a in scores if a == best or comparisons[a]["ci"][1] >= 0]
-    pick = min(close, key=lambda a: (scores[a]["seconds"], -scores[a]["accuracy"]))
+    high = {a: comparisons[a]["ci"][1] for a in scores if a != best}
+    pick = cheapest_within_noise(best, {a: s["seconds"] for a, s in scores.items()},
+                                 {a: s["accuracy"] for a, s in scores.items()}, high)
+    close = [a for a in scores if a == best or high[a] >= 0]
     acc = scores[best]["accuracy"]
     others = sorted((a for a in scores if a != best), key=lambda a: -scores[a]["accuracy"])
     if pick != best:
         c = comparisons[pick]
         cost = ("with no training" if pick == AS_IS else
-                f"at {_ratio(scores[pick]['seconds'], scores[best]['seconds'])} of its time "
+                f"at {ratio(scores[pick]['seconds'], scores[best]['seconds'])} of its time "
                 f"({scores[pick]['seconds']:.0f} s vs {scores[best]['seconds']:.0f} s)")
         return (f"{pick}: within noise of {best} on {on} images ({c['difference']:+.3f}, 95% CI "
                 f"{c['ci'][0]:+.3f} to {c['ci'][1]:+.3f}) {cost}")
@@ -189,6 +165,7 @@ class _Arm:
     epochs_refit: int | None = None
     refit_seconds: float | None = None
     not_applicable: str = ""
+    first: tuple[TrainResult, np.ndarray] | None = None  # the model trained on the first split, its val images
 
 
 def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
@@ -246,206 +223,197 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
     base = finetune or TrainConfig()
     freezes = list(dict.fromkeys(TrainConfig(freeze=f).freeze for f in (freeze or [base.freeze])))
     augments = list(dict.fromkeys(bool(a) for a in augment)) or [True]
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    final = Path(output)
     dev = resolve_device(device)
-    from embedfit.backbones.registry import create_backbone
+    from embedfit.backbones.factory import create_backbone
 
     model = create_backbone(backbone, weights=weights)
     say(f"decoding {data}")
     data_set = decode_labeled(data, model.spec)
     test_set = decode_labeled(test, model.spec, class_names=data_set.class_names) if test is not None else None
     labels, n_classes, names = data_set.labels, len(data_set.class_names), data_set.class_names
-    # The scored validation images must not pick the epoch: train every epoch and keep the last.
-    ft_config = dataclasses.replace(base, backbone=backbone, weights=weights, epochs=epochs, device=device,
-                                    val_size=val_size, early_stopping=False, progress=False)
-    policies: list[_Arm] = []
-    if FINETUNE in chosen:
-        for f in freezes:
-            for a in augments:
-                config = dataclasses.replace(ft_config, freeze=f, augment=base.augment if a else ())
-                policies.append(_Arm(_policy_name(f, a, freezes, augments), config))
-    s_epochs = scratch_epochs or epochs
-    scratch = _Arm(SCRATCH, dataclasses.replace(ft_config, pretrained=False, weights=None, freeze="none",
-                                                unfreeze_every=0, epochs=s_epochs, lr_backbone=ft_config.lr_head))
-    trained = policies + ([scratch] if SCRATCH in chosen else [])
-    results: dict[str, _Arm] = {}
-    if AS_IS in chosen:
-        results[AS_IS] = _Arm(AS_IS)
-    if PROBE in chosen:
-        results[PROBE] = _Arm(PROBE)
-    extra = [name for name in dict.fromkeys(probe_backbones) if name != backbone] if PROBE in chosen else []
-    for name in extra:
-        results[_probe_arm(name)] = _Arm(_probe_arm(name))
-    results.update({arm.name: arm for arm in trained})
+    # What this comparison answers: a folder holding another one is refused (the same command replaces its own).
+    identity = identity_of(
+        data=data_set.fingerprint, model="compare",
+        settings={"backbone": backbone, "weights": weights, "epochs": epochs, "scratch_epochs": scratch_epochs,
+                  "sizes": list(sizes), "arms": chosen, "freeze": freeze, "augment": list(augment),
+                  "finetune": dataclasses.asdict(base), "imagenet_map": str(imagenet_map) if imagenet_map else None,
+                  "probe_backbones": list(probe_backbones)},
+        evaluation={"repeats": repeats, "val_size": val_size, "seed": seed,
+                    "test": test_set.fingerprint if test_set is not None else None})
+    check_replace(final, identity, marker="compare.json", what="comparison")
+    # Built in a staging folder renamed into place at the end: a kill leaves the previous comparison whole.
+    with staged_dir(final) as output:
+        # The scored validation images must not pick the epoch: train every epoch and keep the last.
+        ft_config = dataclasses.replace(base, backbone=backbone, weights=weights, epochs=epochs, device=device,
+                                        val_size=val_size, early_stopping=False, progress=False)
+        policies: list[_Arm] = []
+        if FINETUNE in chosen:
+            for f in freezes:
+                for a in augments:
+                    config = dataclasses.replace(ft_config, freeze=f, augment=base.augment if a else ())
+                    policies.append(_Arm(_policy_name(f, a, freezes, augments), config))
+        s_epochs = scratch_epochs or epochs
+        scratch = _Arm(SCRATCH, dataclasses.replace(ft_config, pretrained=False, weights=None, freeze="none",
+                                                    unfreeze_every=0, epochs=s_epochs, lr_backbone=ft_config.lr_head))
+        trained = policies + ([scratch] if SCRATCH in chosen else [])
+        results: dict[str, _Arm] = {}
+        if AS_IS in chosen:
+            results[AS_IS] = _Arm(AS_IS)
+        if PROBE in chosen:
+            results[PROBE] = _Arm(PROBE)
+        extra = [name for name in dict.fromkeys(probe_backbones) if name != backbone] if PROBE in chosen else []
+        for name in extra:
+            results[_probe_arm(name)] = _Arm(_probe_arm(name))
+        results.update({arm.name: arm for arm in trained})
 
-    # Frozen embeddings do not depend on the split: embed every image once; the as-is arm is the pretrained
-    # head on these same embeddings.
-    X = X_test = proba = proba_test = None
-    mapping = None
-    embed_seconds = 0.0
-    if AS_IS in chosen or PROBE in chosen:
-        say(f"embedding {len(labels)} images" + (f" and {len(test_set.labels)} test images" if test_set else ""))
-        t0 = time.perf_counter()
-        encoder = Encoder(model, dev)
-        X = _embed(encoder, data_set.images)
-        embed_seconds = time.perf_counter() - t0
-        X_test = _embed(encoder, test_set.images) if test_set is not None else None
-    probes: dict[str, tuple[np.ndarray, np.ndarray | None, float]] = {}  # arm -> train and test embeddings, seconds
-    for name in extra:
-        say(f"embedding {len(labels)} images with {name}")
-        t0 = time.perf_counter()
-        other = Encoder(create_backbone(name), dev)
-        X_other = _embed(other, data_set.images)
-        probes[_probe_arm(name)] = (X_other, _embed(other, test_set.images) if test_set is not None else None,
-                                    time.perf_counter() - t0)
-    if AS_IS in chosen:
-        if not has_imagenet_head(model):
-            results[AS_IS].not_applicable = f"{model.spec.short()} has no pretrained ImageNet-1k classifier"
-        else:
-            mapping = class_mapping(names, imagenet_map)
-            if not mapping.applicable:
-                results[AS_IS].not_applicable = mapping.reason
+        # Frozen embeddings do not depend on the split: embed every image once; the as-is arm is the pretrained
+        # head on these same embeddings.
+        X = X_test = proba = proba_test = None
+        mapping = None
+        embed_seconds = 0.0
+        if AS_IS in chosen or PROBE in chosen:
+            say(f"embedding {len(labels)} images" + (f" and {len(test_set.labels)} test images" if test_set else ""))
+            t0 = time.perf_counter()
+            encoder = Encoder(model, dev)
+            X = _embed(encoder, data_set.images)
+            embed_seconds = time.perf_counter() - t0
+            X_test = _embed(encoder, test_set.images) if test_set is not None else None
+        probes: dict[str, tuple[np.ndarray, np.ndarray | None, float]] = {}  # arm -> train and test embeddings, seconds
+        for name in extra:
+            say(f"embedding {len(labels)} images with {name}")
+            t0 = time.perf_counter()
+            other = Encoder(create_backbone(name), dev)
+            X_other = _embed(other, data_set.images)
+            probes[_probe_arm(name)] = (X_other, _embed(other, test_set.images) if test_set is not None else None,
+                                        time.perf_counter() - t0)
+        if AS_IS in chosen:
+            if not has_imagenet_head(model):
+                results[AS_IS].not_applicable = f"{model.spec.short()} has no pretrained ImageNet-1k classifier"
             else:
-                proba = _imagenet_proba(model, X)
-                proba_test = _imagenet_proba(model, X_test) if X_test is not None else None
+                mapping = class_mapping(names, imagenet_map)
+                if not mapping.applicable:
+                    results[AS_IS].not_applicable = mapping.reason
+                else:
+                    proba = _imagenet_proba(model, X)
+                    proba_test = _imagenet_proba(model, X_test) if X_test is not None else None
 
-    splits = [split_indices(labels, n_classes, val_size=val_size, seed=seed + r) for r in range(repeats)]
-    per_class = int(min(np.bincount(labels[tr], minlength=n_classes).min() for tr, _ in splits))
-    wanted = [None if s is None else int(s) for s in sizes]
-    steps = sorted({k for k in wanted if k is not None and 0 < k < per_class})
-    steps += [None] if None in wanted or per_class in wanted else []
-    skipped = sorted({k for k in wanted if k is not None and (k <= 0 or k > per_class)})
-    curve_arm = policies[0] if policies else None
-    curve_runs: dict[Any, dict[str, list[Any]]] = {k: {"probe": [], "finetune": [], "finetune_seconds": [],
-                                                       "epochs": []} for k in steps}
-    if PROBE not in chosen and curve_arm is None:
-        curve_runs = {}
-    batch = ft_config.batch_size
-    full_steps = epochs * math.ceil(len(splits[0][0]) / batch)  # optimizer steps of fine-tuning on the whole split
+        splits = [split_indices(labels, n_classes, val_size=val_size, seed=seed + r) for r in range(repeats)]
+        per_class = int(min(np.bincount(labels[tr], minlength=n_classes).min() for tr, _ in splits))
+        wanted = [None if s is None else int(s) for s in sizes]
+        steps = sorted({k for k in wanted if k is not None and 0 < k < per_class})
+        steps += [None] if None in wanted or per_class in wanted else []
+        skipped = sorted({k for k in wanted if k is not None and (k <= 0 or k > per_class)})
+        curve_arm = policies[0] if policies else None
+        curve_runs: dict[Any, dict[str, list[Any]]] = {k: {"probe": [], "finetune": [], "finetune_seconds": [],
+                                                           "epochs": []} for k in steps}
+        if PROBE not in chosen and curve_arm is None:
+            curve_runs = {}
+        batch = ft_config.batch_size
+        full_steps = epochs * math.ceil(len(splits[0][0]) / batch)  # optimizer steps of fine-tuning on the whole split
 
-    for r, (train_idx, val_idx) in enumerate(splits):
-        split_seed, where = seed + r, f"split {r + 1}/{repeats}"
-        if AS_IS in results and proba is not None:
-            t0 = time.perf_counter()
-            results[AS_IS].pred.append(restricted_predict(proba[val_idx], mapping)[0])
-            results[AS_IS].top1.append(top1_mapped(proba[val_idx], mapping))
-            # the forward pass over the validation images (part of the one embedding pass) plus the mapping
-            results[AS_IS].seconds.append(embed_seconds * len(val_idx) / len(labels) + time.perf_counter() - t0)
-        if PROBE in results:
-            say(f"{where}: linear probe")
-            t0 = time.perf_counter()
-            results[PROBE].pred.append(_probe_fit(X, labels, train_idx, split_seed).predict(X[val_idx]))
-            results[PROBE].seconds.append(embed_seconds + time.perf_counter() - t0)
-        for arm_name, (X_other, _, seconds) in probes.items():
-            say(f"{where}: {arm_name}")
-            t0 = time.perf_counter()
-            results[arm_name].pred.append(_probe_fit(X_other, labels, train_idx, split_seed).predict(X_other[val_idx]))
-            results[arm_name].seconds.append(seconds + time.perf_counter() - t0)
-        split = make_split(data_set, train_idx, val_idx)
-        for arm in trained:
-            config = dataclasses.replace(arm.config, seed=split_seed)
-            result = train(split, config, on_epoch=_epoch_reporter(say, f"{where}: {arm.name}", config.epochs))
-            arm.pred.append(result.val_proba.argmax(1))
-            arm.seconds.append(result.train_seconds)
-            arm.histories.append([e["val_accuracy"] for e in result.epochs[1:]])
-            if r == 0:
-                save_trained(output / _slug(arm.name), result, split, data_path=str(data_set.root))
-        for k in steps if curve_runs else []:
-            if k is None:  # the whole training split: the probe and fine-tune arms above
-                if PROBE in results:
-                    curve_runs[k]["probe"].append(_accuracy(results[PROBE].pred[-1], labels[val_idx]))
-                if curve_arm is not None:
-                    curve_runs[k]["finetune"].append(_accuracy(curve_arm.pred[-1], labels[val_idx]))
-                    curve_runs[k]["finetune_seconds"].append(curve_arm.seconds[-1])
-                    curve_runs[k]["epochs"].append(epochs)
-                continue
-            sub = subsample(labels, train_idx, k, split_seed)
+        for r, (train_idx, val_idx) in enumerate(splits):
+            split_seed, where = seed + r, f"split {r + 1}/{repeats}"
+            if AS_IS in results and proba is not None:
+                t0 = time.perf_counter()
+                results[AS_IS].pred.append(restricted_predict(proba[val_idx], mapping)[0])
+                results[AS_IS].top1.append(top1_mapped(proba[val_idx], mapping))
+                # the forward pass over the validation images (part of the one embedding pass) plus the mapping
+                results[AS_IS].seconds.append(embed_seconds * len(val_idx) / len(labels) + time.perf_counter() - t0)
             if PROBE in results:
-                say(f"{where}: learning curve, {k} per class: linear probe")
-                pred = _probe_fit(X, labels, sub, split_seed).predict(X[val_idx])
-                curve_runs[k]["probe"].append(_accuracy(pred, labels[val_idx]))
-            if curve_arm is not None:
-                # about as many optimizer steps as the whole split gets: small sizes are not starved of training
-                k_epochs = max(1, round(full_steps / math.ceil(len(sub) / batch)))
-                config = dataclasses.replace(curve_arm.config, seed=split_seed, epochs=k_epochs,
-                                             validate_epochs=False)
-                ft = train(make_split(data_set, sub, val_idx), config,
-                           on_epoch=_epoch_reporter(say, f"{where}: learning curve, {k} per class", k_epochs))
-                curve_runs[k]["finetune"].append(ft.val_accuracy)
-                curve_runs[k]["finetune_seconds"].append(ft.train_seconds)
-                curve_runs[k]["epochs"].append(k_epochs)
+                say(f"{where}: linear probe")
+                t0 = time.perf_counter()
+                results[PROBE].pred.append(_probe_fit(X, labels, train_idx, split_seed).predict(X[val_idx]))
+                results[PROBE].seconds.append(embed_seconds + time.perf_counter() - t0)
+            for arm_name, (X_other, _, seconds) in probes.items():
+                say(f"{where}: {arm_name}")
+                t0 = time.perf_counter()
+                probe = _probe_fit(X_other, labels, train_idx, split_seed)
+                results[arm_name].pred.append(probe.predict(X_other[val_idx]))
+                results[arm_name].seconds.append(seconds + time.perf_counter() - t0)
+            split = make_split(data_set, train_idx, val_idx)
+            for arm in trained:
+                config = dataclasses.replace(arm.config, seed=split_seed)
+                result = train(split, config, on_epoch=_epoch_reporter(say, f"{where}: {arm.name}", config.epochs))
+                arm.pred.append(result.val_proba.argmax(1))
+                arm.seconds.append(result.train_seconds)
+                arm.histories.append([e["val_accuracy"] for e in result.epochs[1:]])
+                if r == 0:  # the first split's model and images: what a run without a test set records
+                    arm.first = (result, val_idx)
+            for k in steps if curve_runs else []:
+                if k is None:  # the whole training split: the probe and fine-tune arms above
+                    if PROBE in results:
+                        curve_runs[k]["probe"].append(_accuracy(results[PROBE].pred[-1], labels[val_idx]))
+                    if curve_arm is not None:
+                        curve_runs[k]["finetune"].append(_accuracy(curve_arm.pred[-1], labels[val_idx]))
+                        curve_runs[k]["finetune_seconds"].append(curve_arm.seconds[-1])
+                        curve_runs[k]["epochs"].append(epochs)
+                    continue
+                sub = subsample(labels, train_idx, k, split_seed)
+                if PROBE in results:
+                    say(f"{where}: learning curve, {k} per class: linear probe")
+                    pred = _probe_fit(X, labels, sub, split_seed).predict(X[val_idx])
+                    curve_runs[k]["probe"].append(_accuracy(pred, labels[val_idx]))
+                if curve_arm is not None:
+                    # about as many optimizer steps as the whole split gets: small sizes are not starved of training
+                    k_epochs = max(1, round(full_steps / math.ceil(len(sub) / batch)))
+                    config = dataclasses.replace(curve_arm.config, seed=split_seed, epochs=k_epochs,
+                                                 validate_epochs=False)
+                    ft = train(make_split(data_set, sub, val_idx), config,
+                               on_epoch=_epoch_reporter(say, f"{where}: learning curve, {k} per class", k_epochs))
+                    curve_runs[k]["finetune"].append(ft.val_accuracy)
+                    curve_runs[k]["finetune_seconds"].append(ft.train_seconds)
+                    curve_runs[k]["epochs"].append(k_epochs)
 
-    # Refit the trained arms on every training image, at the epoch count that scored best on validation (the
-    # mean over splits): the model kept is not the one that saw 1 - val_size of the images.
-    all_train = np.arange(len(labels))
-    test_split = (Split([], np.zeros(0, int), test_set.images, test_set.labels, test_set.keys, names, test_set.root,
-                        test_set.failed) if test_set is not None else None)
-    for arm in trained:
-        mean_curve = np.nanmean(np.array(arm.histories, dtype=float), axis=0)
-        arm.epochs_refit = int(np.nanargmax(mean_curve)) + 1
-        if arm.name == SCRATCH and test_set is None:
-            continue  # a scratch model is a baseline to score, not a model to keep
-        say(f"refit {arm.name} on all {len(labels)} training images, {_plural(arm.epochs_refit, 'epoch')}")
-        full = make_split(data_set, all_train, np.zeros(0, int))  # no validation images: nothing is chosen here
-        config = dataclasses.replace(arm.config, seed=seed, epochs=arm.epochs_refit, validate_epochs=False)
-        refit = train(full, config, on_epoch=_epoch_reporter(say, f"refit {arm.name}", arm.epochs_refit))
-        arm.refit_seconds = refit.train_seconds
-        run_dir = output / _slug(arm.name)
-        if test_split is not None:
-            t0 = time.perf_counter()
-            test_proba = evaluate(refit.model, test_set.images, test_set.labels, refit.model.backbone.spec,
-                                  resolve_device(device))
-            arm.test_seconds = time.perf_counter() - t0
-            arm.test_pred = test_proba.argmax(1)
-            save_trained(run_dir, dataclasses.replace(refit, val_accuracy=_accuracy(arm.test_pred, test_set.labels)),
-                         test_split, data_path=str(data_set.root))
-            _note_refit(run_dir, refit, len(labels), scored="the test images")
-        else:
-            torch.save(refit.model.state_dict(), run_dir / "model.pt")
-            _note_refit(run_dir, refit, len(labels), scored="the first split's validation images, by the model "
-                                                            "trained on that split")
-    if test_set is not None:
-        say(f"scoring every arm on {len(test_set.labels)} test images")
-        if AS_IS in results and proba_test is not None:
-            results[AS_IS].test_pred = restricted_predict(proba_test, mapping)[0]
-            results[AS_IS].test_top1 = top1_mapped(proba_test, mapping)
-        if PROBE in results:
-            results[PROBE].test_pred = _probe_fit(X, labels, all_train, seed).predict(X_test)
-        for arm_name, (X_other, X_other_test, _) in probes.items():
-            results[arm_name].test_pred = _probe_fit(X_other, labels, all_train, seed).predict(X_other_test)
+        # Refit the trained arms on every training image, at the epoch count that scored best on validation (the
+        # mean over splits): the model kept is not the one that saw 1 - val_size of the images.
+        all_train = np.arange(len(labels))
+        for arm in trained:
+            mean_curve = np.nanmean(np.array(arm.histories, dtype=float), axis=0)
+            arm.epochs_refit = int(np.nanargmax(mean_curve)) + 1
+            _save_arm(output, arm, data_set, test_set, splits[0], say=say, device=device, seed=seed)
+        if test_set is not None:
+            say(f"scoring every arm on {len(test_set.labels)} test images")
+            if AS_IS in results and proba_test is not None:
+                results[AS_IS].test_pred = restricted_predict(proba_test, mapping)[0]
+                results[AS_IS].test_top1 = top1_mapped(proba_test, mapping)
+            if PROBE in results:
+                results[PROBE].test_pred = _probe_fit(X, labels, all_train, seed).predict(X_test)
+            for arm_name, (X_other, X_other_test, _) in probes.items():
+                results[arm_name].test_pred = _probe_fit(X_other, labels, all_train, seed).predict(X_other_test)
 
-    result = _summarize(results, splits, labels, names, test_set, mapping, seed)
-    train_images = len(splits[0][0])
-    curve = [{"per_class": per_class if k is None else k, "all": k is None,
-              "train_images": train_images if k is None else k * n_classes,
-              "epochs": c["epochs"][0] if c["epochs"] else None,
-              "probe_mean": _mean(c["probe"]), "probe_std": _std(c["probe"]),
-              "finetune_mean": _mean(c["finetune"]), "finetune_std": _std(c["finetune"]),
-              "finetune_seconds": _mean(c["finetune_seconds"]), "probe_runs": c["probe"],
-              "finetune_runs": c["finetune"]} for k, c in curve_runs.items()]
-    files = ["compare.json", "compare.md"]
-    result.update({
-        "data": str(data), "backbone": model.spec.short(), "classes": names, "images": len(labels),
-        "excluded": _failures(data_set), "train_images": train_images, "val_images": len(splits[0][1]),
-        "repeats": repeats, "seeds": [seed + r for r in range(repeats)], "epochs": epochs,
-        "scratch_epochs": s_epochs if SCRATCH in chosen else None,
-        "scratch_budget": ("--scratch-epochs" if scratch_epochs else
-                           "matched to fine-tuning's optimizer steps (same images and batch size: same epochs)"),
-        "device": str(dev), "learning_curve": curve,
-        "learning_curve_arm": curve_arm.name if curve_arm is not None else None,
-        "learning_curve_skipped": [{"per_class": k, "reason": f"the training split has {per_class} images per class"
-                                    if k > per_class else "not a positive size"} for k in skipped],
-    })
-    if test_set is not None:
-        result["test"] = {"data": str(test), "images": len(test_set.labels), "excluded": _failures(test_set)}
-        _write_test_predictions(output / "test_predictions.csv", test_set, names, results)
-        files.append("test_predictions.csv")
-    if curve and _plot_curve(result, output / "learning_curve.png"):
-        files.append("learning_curve.png")
-    result["files"] = [str(output / f) for f in files]
-    (output / "compare.json").write_text(json.dumps(result, indent=2))
-    (output / "compare.md").write_text(to_markdown(result))
+        result = _summarize(results, splits, labels, names, test_set, mapping, seed)
+        train_images = len(splits[0][0])
+        curve = [{"per_class": per_class if k is None else k, "all": k is None,
+                  "train_images": train_images if k is None else k * n_classes,
+                  "epochs": c["epochs"][0] if c["epochs"] else None,
+                  "probe_mean": _mean(c["probe"]), "probe_std": _std(c["probe"]),
+                  "finetune_mean": _mean(c["finetune"]), "finetune_std": _std(c["finetune"]),
+                  "finetune_seconds": _mean(c["finetune_seconds"]), "probe_runs": c["probe"],
+                  "finetune_runs": c["finetune"]} for k, c in curve_runs.items()]
+        files = ["compare.json", "compare.md"]
+        result.update({
+            "data": str(data), "backbone": model.spec.short(), "classes": names, "images": len(labels),
+            "excluded": _failures(data_set), "train_images": train_images, "val_images": len(splits[0][1]),
+            "repeats": repeats, "seeds": [seed + r for r in range(repeats)], "epochs": epochs,
+            "scratch_epochs": s_epochs if SCRATCH in chosen else None,
+            "scratch_budget": ("--scratch-epochs" if scratch_epochs else
+                               "matched to fine-tuning's optimizer steps (same images and batch size: same epochs)"),
+            "device": str(dev), "learning_curve": curve,
+            "learning_curve_arm": curve_arm.name if curve_arm is not None else None,
+            "learning_curve_skipped": [{"per_class": k, "reason": f"the training split has {per_class} images per class"
+                                        if k > per_class else "not a positive size"} for k in skipped],
+        })
+        if test_set is not None:
+            result["test"] = {"data": str(test), "images": len(test_set.labels), "excluded": _failures(test_set)}
+            _write_test_predictions(output / "test_predictions.csv", test_set, names, results)
+            files.append("test_predictions.csv")
+        if curve and _plot_curve(result, output / "learning_curve.png"):
+            files.append("learning_curve.png")
+        result["files"] = [str(final / f) for f in files]
+        result["identity"] = identity
+        (output / "compare.json").write_text(json.dumps(result, indent=2))
+        (output / "compare.md").write_text(to_markdown(result))
     return result
 
 
@@ -457,17 +425,55 @@ def _epoch_reporter(say: Progress, where: str, epochs: int) -> Callable[[dict[st
     return report
 
 
-def _note_refit(run_dir: Path, refit: TrainResult, n_images: int, scored: str) -> None:
-    """Say in the run directory's model.json and metrics.json what model.pt is and what scored it."""
-    note = {"train_images": n_images, "epochs": refit.config.epochs, "train_seconds": refit.train_seconds,
-            "note": f"model.pt was refit on all {n_images} training images for "
-                    f"{_plural(refit.config.epochs, 'epoch')}; the scores are on {scored}"}
-    for name in ("model.json", "metrics.json"):
-        doc = json.loads((run_dir / name).read_text())
-        doc["refit"] = note
-        if name == "model.json":
-            doc["params"]["epochs"] = refit.config.epochs
-        (run_dir / name).write_text(json.dumps(doc, indent=2))
+def _save_arm(output: Path, arm: _Arm, data_set: LabeledImages, test_set: LabeledImages | None,
+              first_split: tuple[np.ndarray, np.ndarray], *, say: Progress, device: str, seed: int) -> None:
+    """Write a trained arm's run directory once: the model refit on every training image, scored on the test
+    images; without a test set, the first split's validation scores (by the model trained on that split) next
+    to the refit model, and said so in its evaluation record. Scratch without a test set keeps the first
+    split's model: a baseline to score, not a model to keep."""
+    from embedfit.runs import SAVED_MODEL, Evaluation
+
+    n = len(data_set.labels)
+    data, root = str(data_set.root), str(data_set.root)
+    first, val_idx = arm.first
+    n_first = len(first_split[0])
+    if arm.name == SCRATCH and test_set is None:
+        evaluation = Evaluation("validation-split", data, root, len(val_idx), n_first, SAVED_MODEL,
+                                {"val_size": arm.config.val_size, "seed": seed, "split": 1})
+        save_trained(output / _slug(arm.name), first, evaluation=evaluation,
+                     keys=[data_set.keys[i] for i in val_idx], labels=data_set.labels[val_idx],
+                     proba=first.val_proba, data=data, data_fingerprint=data_set.fingerprint,
+                     identity=run_identity(first.config, data_set.fingerprint, evaluation=evaluation.details),
+                     n_excluded=len(data_set.failed))
+        return
+    say(f"refit {arm.name} on all {n} training images, {_plural(arm.epochs_refit, 'epoch')}")
+    full = make_split(data_set, np.arange(n), np.zeros(0, int))  # no validation images: nothing is chosen here
+    config = dataclasses.replace(arm.config, seed=seed, epochs=arm.epochs_refit, validate_epochs=False)
+    refit = train(full, config, on_epoch=_epoch_reporter(say, f"refit {arm.name}", arm.epochs_refit))
+    arm.refit_seconds = refit.train_seconds
+    note = {"train_images": n, "epochs": arm.epochs_refit, "train_seconds": refit.train_seconds}
+    if test_set is not None:
+        t0 = time.perf_counter()
+        # predict's own path (the files, decoded as `embedfit predict` does): the scores are what it reproduces
+        proba = scored_proba(refit.model, test_set.paths, resolve_device(device))
+        arm.test_seconds = time.perf_counter() - t0
+        arm.test_pred = np.where(np.isnan(proba).any(1), -1, np.nan_to_num(proba).argmax(1)) if len(proba) \
+            else np.zeros(0, int)
+        ok = arm.test_pred >= 0
+        evaluation = Evaluation("held-out", str(test_set.root), str(test_set.root), int(ok.sum()), n, SAVED_MODEL,
+                                {"test": str(test_set.root), "test_fingerprint": test_set.fingerprint})
+        keys, truth, proba = [k for k, good in zip(test_set.keys, ok, strict=True) if good], \
+            test_set.labels[ok], proba[ok]
+    else:
+        evaluation = Evaluation("validation-split", data, root, len(val_idx), n_first,
+                                f"the model trained on split 1 ({n_first} images); model.pt is refit on all {n} "
+                                f"training images for {_plural(arm.epochs_refit, 'epoch')}",
+                                {"val_size": arm.config.val_size, "seed": seed, "split": 1})
+        keys, truth, proba = [data_set.keys[i] for i in val_idx], data_set.labels[val_idx], first.val_proba
+    save_trained(output / _slug(arm.name), refit, evaluation=evaluation, keys=keys, labels=truth, proba=proba,
+                 data=data, data_fingerprint=data_set.fingerprint,
+                 identity=run_identity(refit.config, data_set.fingerprint, evaluation=evaluation.details),
+                 n_excluded=len(data_set.failed), extra={"refit": note})
 
 
 def _accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -510,7 +516,7 @@ def _summarize(results: dict[str, _Arm], splits: list[tuple[np.ndarray, np.ndarr
         runs = [float(h.mean()) for h in hits]
         entry: dict[str, Any] = {
             "applicable": True, "accuracy": float(np.mean(runs)), "accuracy_std": float(np.std(runs)),
-            "accuracy_ci": _bootstrap(hits, seed), "accuracy_runs": runs, "seconds": float(np.mean(arm.seconds)),
+            "accuracy_ci": paired_bootstrap(hits, seed), "accuracy_runs": runs, "seconds": float(np.mean(arm.seconds)),
         }
         if name == AS_IS:
             top1 = [float((t == labels[v]).mean()) for t, (_, v) in zip(arm.top1, splits, strict=True)]
@@ -532,7 +538,7 @@ def _summarize(results: dict[str, _Arm], splits: list[tuple[np.ndarray, np.ndarr
         correct[name] = hits
         if test_set is not None:
             t_hits = (arm.test_pred == test_set.labels).astype(float)
-            entry["test"] = {"accuracy": float(t_hits.mean()), "accuracy_ci": _bootstrap([t_hits], seed),
+            entry["test"] = {"accuracy": float(t_hits.mean()), "accuracy_ci": paired_bootstrap([t_hits], seed),
                              "images": len(t_hits)}
             if name == AS_IS:
                 entry["test"]["top1_mapped"] = _accuracy(arm.test_top1, test_set.labels)
@@ -555,7 +561,7 @@ def _summarize(results: dict[str, _Arm], splits: list[tuple[np.ndarray, np.ndarr
             continue
         diffs = [a - b for a, b in zip(correct[name], correct[best], strict=True)]
         comparisons[name] = {"difference": float(np.mean([d.mean() for d in diffs])),
-                             "ci": _bootstrap(diffs, seed + 1)}
+                             "ci": paired_bootstrap(diffs, seed + 1)}
     out["comparisons"] = {"on": on, "method": f"paired bootstrap, {N_BOOT} draws: the same images resampled for "
                           "both arms" + (", within each split" if on == "validation" else ""),
                           "vs": best, "arms": {n: c for n, c in comparisons.items() if n != "best"}}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as _dt
+import hashlib
 import json
 import logging
 import time
@@ -25,14 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from embedfit._version import __version__
 from embedfit.backbones import DEFAULT_BACKBONE
+from embedfit.backbones.factory import Backbone, create_backbone
 from embedfit.backbones.foundation import TokenPool
-from embedfit.backbones.registry import Backbone, _TimmPreLogits, create_backbone
+from embedfit.backbones.timm_models import TimmPreLogits
 from embedfit.errors import InputError, ModelFileError, UsageError, check_output_dir, check_output_not_input
 from embedfit.extraction.settings import resolve_device
 from embedfit.images import ImageRecord, decode_image, scan_images
-from embedfit.store import library_versions
 
 AUGMENTATIONS = ("flip", "rotate", "scale", "crop", "color")
 
@@ -48,7 +47,7 @@ class TrainConfig:
         pretrained: False trains from random initialisation.
         weights: Optional state-dict file for the backbone.
         freeze: "head" (backbone frozen), "last:N" (last N blocks trainable) or "none" (nothing frozen, every
-            layer trainable). "all", its old name, is read as "none" with a deprecation note.
+            layer trainable).
         unfreeze_every: Gradual unfreezing: every this many epochs one more block (from the top) becomes trainable.
         epochs: Maximum epochs.
         batch_size: Images per step.
@@ -91,9 +90,6 @@ class TrainConfig:
     validate_epochs: bool = True
 
     def __post_init__(self) -> None:
-        if self.freeze == "all":  # it meant "nothing frozen", the opposite of what it says
-            _log.warning("note: --freeze all is deprecated and means nothing is frozen; write --freeze none")
-            object.__setattr__(self, "freeze", "none")
         if self.freeze not in ("head", "none") and not (self.freeze.startswith("last:") and
                                                          self.freeze[5:].isdigit()):
             raise UsageError(f"`freeze` must be head, last:N or none, got '{self.freeze}'")
@@ -133,7 +129,7 @@ def backbone_blocks(backbone: Backbone) -> list[nn.Module]:
     Stage containers (timm's `blocks`, torchvision's `features`, `layers`, `stages`) are expanded one level so
     that "last:N" counts blocks, not whole networks.
     """
-    root = backbone.trunk.model if isinstance(backbone.trunk, _TimmPreLogits | TokenPool) else backbone.trunk
+    root = backbone.trunk.model if isinstance(backbone.trunk, TimmPreLogits | TokenPool) else backbone.trunk
     classifier = root.get_classifier() if hasattr(root, "get_classifier") else None
     blocks: list[nn.Module] = []
     # A transformer's class token and position embeddings sit on the model itself: they go with its first block
@@ -174,7 +170,7 @@ def apply_freeze(model: Classifier, trainable_blocks: int | None) -> list[nn.Mod
 
 
 def _initial_trainable(freeze: str) -> int | None:
-    return 0 if freeze == "head" else None if freeze in ("none", "all") else int(freeze[5:])
+    return 0 if freeze == "head" else None if freeze == "none" else int(freeze[5:])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,6 +241,8 @@ class LabeledImages:
     class_names: list[str]
     root: Path
     failed: list[str] = field(default_factory=list)
+    paths: list[Any] = field(default_factory=list)  # the files, in order: scored again through `predict`'s path
+    fingerprint: str = ""  # of the files (key, label, size, mtime) the images came from
 
 
 @dataclass
@@ -259,6 +257,9 @@ class Split:
     class_names: list[str]
     root: Path
     failed: list[str] = field(default_factory=list)
+    val_paths: list[Any] = field(default_factory=list)
+    fingerprint: str = ""
+    n_images: int = 0  # readable images the split was drawn from
 
 
 def decode_labeled(data: str | Path, spec: Any, *, class_names: Sequence[str] | None = None) -> LabeledImages:
@@ -278,17 +279,19 @@ def decode_labeled(data: str | Path, spec: Any, *, class_names: Sequence[str] | 
         keep = [j for j, i in enumerate(ok) if source.records[i].label >= 0]
         images, ok = [images[j] for j in keep], [ok[j] for j in keep]
     labels = np.array([source.records[i].label for i in ok], dtype=int)
+    kept = [source.records[i] for i in ok]
+    files = [(r.key, int(r.label), r.size, r.mtime_ns) for r in kept]
+    found = LabeledImages(images, labels, [r.key for r in kept], source.class_names, source.root, failed,
+                          [r.path for r in kept], hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16])
     if class_names is not None:
         if not len(labels):
             raise InputError(f"{data}: no readable labeled images")
-        return LabeledImages(images, labels, [source.records[i].key for i in ok], source.class_names, source.root,
-                             failed)
+        return found
     counts = np.bincount(labels, minlength=len(source.class_names))
     if (counts[counts > 0] < 2).any() or (counts > 0).sum() < 2:
         raise InputError(f"{data}: need at least two classes with two or more readable images each, "
                          f"found {dict(zip(source.class_names, counts.tolist(), strict=True))}")
-    return LabeledImages(images, labels, [source.records[i].key for i in ok], source.class_names, source.root,
-                         failed)
+    return found
 
 
 def split_indices(labels: np.ndarray, n_classes: int, *, val_size: float = 0.2, seed: int = 0,
@@ -313,7 +316,8 @@ def subsample(labels: np.ndarray, index: np.ndarray, per_class: int, seed: int) 
 def make_split(data: LabeledImages, train: np.ndarray, val: np.ndarray) -> Split:
     """The `Split` of decoded images for given train and validation indices."""
     return Split([data.images[i] for i in train], data.labels[train], [data.images[i] for i in val],
-                 data.labels[val], [data.keys[i] for i in val], data.class_names, data.root, data.failed)
+                 data.labels[val], [data.keys[i] for i in val], data.class_names, data.root, data.failed,
+                 [data.paths[i] for i in val], data.fingerprint, len(data.labels))
 
 
 def load_split(data: str | Path, spec: Any, *, val_size: float = 0.2, seed: int = 0,
@@ -388,6 +392,13 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
     backbone = create_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
     spec = backbone.spec
     split = data if isinstance(data, Split) else load_split(data, spec, val_size=config.val_size, seed=config.seed)
+    if output is not None:  # what this run answers; a folder holding another answer is refused before training
+        from embedfit.runs import check_replace
+
+        identity = run_identity(config, split.fingerprint,
+                                evaluation={"scheme": "validation-split", "val_size": config.val_size,
+                                            "seed": config.seed, "images": split.n_images})
+        check_replace(output, identity)
     model = Classifier(backbone, len(split.class_names), config.dropout).to(device)
     trainable = _initial_trainable(config.freeze) if config.pretrained else None
     frozen = apply_freeze(model, trainable)
@@ -463,7 +474,17 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
     result = TrainResult(model, config, split.class_names, history, best, train_seconds, optimizer=optimizer,
                          precision="bf16" if amp is not None else "fp32", val_proba=best_proba)
     if output is not None:
-        result.run_dir = save_trained(output, result, split, data_path=str(getattr(split, "root", "")))
+        from embedfit.runs import Evaluation
+
+        proba = scored_proba(model, split.val_paths, device)
+        ok = ~np.isnan(proba).any(1) if len(proba) else np.zeros(0, bool)
+        evaluation = Evaluation("validation-split", str(split.root), str(split.root), int(ok.sum()),
+                                len(split.train_labels), details={"val_size": config.val_size, "seed": config.seed})
+        result.run_dir = save_trained(output, result, evaluation=evaluation,
+                                      keys=[k for k, good in zip(split.val_keys, ok, strict=True) if good],
+                                      labels=split.val_labels[ok], proba=proba[ok], data=str(split.root),
+                                      data_fingerprint=split.fingerprint, identity=identity,
+                                      n_excluded=len(split.failed))
     return result
 
 
@@ -479,62 +500,76 @@ def _progress(loader: Any, enabled: bool, label: str) -> Any:
 # Run directories
 
 
-def save_trained(run_dir: str | Path, result: TrainResult, split: Split, *, data_path: str) -> Path:
-    """Write model.pt (state dict), model.json, metrics.json and predictions.csv of the validation split."""
-    from embedfit.fitting.cv import fold_metrics
-    from embedfit.runs import model_binding, write_predictions_csv
+def run_identity(config: TrainConfig, data_fingerprint: str, *, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """What a fine-tuning or scratch run answers (`embedfit.runs.identity_of`): the images, the settings that
+    change the model (not where it ran or how progress shows), and how it is scored."""
+    from embedfit.runs import identity_of
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    spec = result.model.backbone.spec
-    device = next(result.model.parameters()).device
-    t0 = time.perf_counter()
-    proba = evaluate(result.model, split.val_images, split.val_labels, spec, device)
-    per_image = (time.perf_counter() - t0) / max(1, len(split.val_images))
-    pred = proba.argmax(1)
-    n = len(result.class_names)
-    scores = fold_metrics(split.val_labels, pred, proba, np.arange(n), n)
-    name = "finetune" if result.config.pretrained else "scratch"
-    torch.save(result.model.state_dict(), run_dir / "model.pt")
-    meta = {
-        "kind": "torch", "model": name, "params": {**dataclasses.asdict(result.config),
-                                                   "augment": list(result.config.augment)},
-        "spec": spec.to_dict(), "settings": {"dtype": "float32", "tta": "none", "precision": result.precision},
-        "class_names": result.class_names, **model_binding(run_dir / "model.pt", result.class_names),
-        "store": data_path, "store_fingerprint": "",
-        "versions": library_versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "embedfit_version": __version__,
-    }
-    (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("device", "progress")}
+    return identity_of(data=data_fingerprint, model="finetune" if config.pretrained else "scratch",
+                       settings=settings, evaluation=evaluation)
+
+
+def scored_proba(model: Classifier, paths: Sequence[Any], device: torch.device) -> np.ndarray:
+    """Class probabilities for image files through `predict`'s path (`head_outputs`), so that a run's recorded
+    predictions are the ones `embedfit predict` gives on its model. Files that no longer decode: NaN rows."""
+    # Few files: decoding in this process is faster than starting worker processes (the result is the same).
+    logits, _ = head_outputs(model.backbone, model.head, paths, device, workers=0 if len(paths) < 256 else None)
+    return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+
+
+def save_trained(run_dir: str | Path, result: TrainResult, *, evaluation: Any, keys: Sequence[str],
+                 labels: np.ndarray, proba: np.ndarray, data: str, data_fingerprint: str, identity: dict[str, Any],
+                 n_excluded: int = 0, extra: dict[str, Any] | None = None) -> Path:
+    """Write a torch run (model.pt, a state dict, and the rest of the contract) through `embedfit.runs.write_run`.
+
+    Args:
+        run_dir: The run directory.
+        result: The trained model and its history.
+        evaluation: The `embedfit.runs.Evaluation` of the scores.
+        keys: The scored images (paths relative to `evaluation.image_root`).
+        labels: Their true classes.
+        proba: Class probabilities per scored image (`scored_proba` for the saved model).
+        data: The training images' folder or CSV.
+        data_fingerprint: Of the training images.
+        identity: What the run answers (`run_identity`).
+        n_excluded: Training images that could not be read.
+        extra: More metrics.json entries (compare's note on the refit).
+    """
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    p, r, f1, support = precision_recall_fscore_support(split.val_labels, pred, labels=np.arange(n), zero_division=0)
+    from embedfit.fitting.cv import fold_metrics
+    from embedfit.runs import Sidecar, write_run
+
+    spec = result.model.backbone.spec
+    n = len(result.class_names)
+    pred = proba.argmax(1) if len(proba) else np.zeros(0, int)
+    scores = fold_metrics(labels, pred, proba, np.arange(n), n)
+    name = "finetune" if result.config.pretrained else "scratch"
+    p, r, f1, support = precision_recall_fscore_support(labels, pred, labels=np.arange(n), zero_division=0)
     metrics = {
-        "model": name, "backbone": spec.short(), "store": data_path, "n_samples": len(split.train_labels),
-        "n_excluded": len(split.failed), "n_classes": n, "class_names": result.class_names,
-        "n_train": len(split.train_labels),
-        # fine-tuning's own validation split (model.json kind "torch" tells it from fit's --test-size hold-out)
-        "evaluation": {"strategy": "holdout", "n_splits": 1, "repeats": 1, "groups": False, "search": False,
-                       "val_size": result.config.val_size, "seed": result.config.seed, "n_val": len(split.val_labels)},
+        "model": name, "backbone": spec.short(), "store": data, "n_samples": evaluation.n_train,
+        "n_excluded": n_excluded, "n_classes": n, "class_names": result.class_names, "n_train": evaluation.n_train,
         "scores": {k: {"mean": v, "std": 0.0, "folds": [v]} for k, v in scores.items()},
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),
                           "support": int(support[i])} for i, c in enumerate(result.class_names)},
-        "confusion_matrix": confusion_matrix(split.val_labels, pred, labels=np.arange(n)).tolist(),
-        "timing": {"extract_seconds": 0.0, "train_seconds": result.train_seconds,
-                   "predict_seconds_per_image": per_image},
+        "confusion_matrix": confusion_matrix(labels, pred, labels=np.arange(n)).tolist(),
+        "timing": {"extract_seconds": 0.0, "train_seconds": result.train_seconds},
         # epoch 0 (the untrained head) has no training loss: null keeps the file strict JSON
         "epochs": [{k: None if isinstance(v, float) and np.isnan(v) else v for k, v in e.items()}
                    for e in result.epochs],
+        **(extra or {}),
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    rows = []
-    for i, key in enumerate(split.val_keys):
-        rows.append({"path": key, "row": -1, "label": result.class_names[split.val_labels[i]],
-                     "predicted": result.class_names[pred[i]], "correct": bool(pred[i] == split.val_labels[i]),
-                     "fold": 0, **{f"p_{c}": round(float(v), 6) for c, v in zip(result.class_names, proba[i],
-                                                                               strict=True)}})
-    write_predictions_csv(run_dir / "predictions.csv", rows)
-    return run_dir
+    rows = [{"path": key, "row": -1, "label": result.class_names[labels[i]],
+             "predicted": result.class_names[pred[i]], "correct": bool(pred[i] == labels[i]), "fold": 0,
+             **{f"p_{c}": round(float(v), 6) for c, v in zip(result.class_names, proba[i], strict=True)}}
+            for i, key in enumerate(keys)]
+    sidecar = Sidecar(name, {**dataclasses.asdict(result.config), "augment": list(result.config.augment)}, spec,
+                      {"dtype": "float32", "tta": "none", "precision": result.precision}, result.class_names,
+                      data, data_fingerprint, identity)
+    sidecar.add_flavor("torch", "model.pt")
+    return write_run(run_dir, sidecar, lambda path: torch.save(result.model.state_dict(), path),
+                     metrics=metrics, evaluation=evaluation, predictions=rows)
 
 
 def _first_sentence(exc: BaseException) -> str:
@@ -566,7 +601,7 @@ class FinetunedModel:
         """
         logits, errors = head_outputs(self.model.backbone, self.model.head, paths, self.device,
                                       batch_size=batch_size, workers=workers)
-        return torch.softmax(torch.from_numpy(logits), dim=1).numpy().astype(np.float64), errors
+        return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy(), errors
 
 
 def head_outputs(backbone: Backbone, head: nn.Module, paths: Sequence[str | Path], device: torch.device, *,
