@@ -93,7 +93,7 @@ def main() -> None:
         if not found:
             parser.error(f"no bench_extract.py results for {args.device} in {RESULTS}: run it or pass --extract-rate")
         rate = json.loads(found[0].read_text())["rows"][0]["embedfit"]
-    default = classifier_names() if args.device == "cpu" else array_api_names()
+    default = classifier_names(streaming=False) if args.device == "cpu" else array_api_names()
     models = args.models.split(",") if args.models else list(default)
     devices = ["cpu"] if args.device == "cpu" else ["cpu", args.device]
     extract_seconds = args.n / rate

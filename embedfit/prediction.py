@@ -99,7 +99,7 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
     predicted = [""] * len(paths)
     proba = None
     if ok.any():
-        labels = class_positions(pipeline.predict(X[ok]), class_names)  # names, or indices in older runs
+        labels = class_positions(pipeline.predict(X[ok]), class_names)
         for i, label in zip(np.flatnonzero(ok), labels, strict=True):
             predicted[i] = class_names[label]
         if hasattr(pipeline, "predict_proba"):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from embedfit.errors import InputError, check_output_file, check_output_not_input
-from embedfit.progress import Progress
+from embedfit.progress import OnProgress, Progress
 from embedfit.runs import Run, read_run
 
 # Section ids, in order; the last is a prefix: one "mistakes-RUN" section per run.
@@ -171,14 +171,15 @@ def summarize_runs(runs: Sequence[str | Path | Run]) -> list[dict[str, Any]]:
 
 
 def build_report(runs: Sequence[str | Path], output: str | Path, *, title: str = "embedfit report",
-                 progress: bool = False) -> Path:
+                 on_progress: OnProgress | None = None) -> Path:
     """Write a self-contained HTML report comparing `runs`; returns its path.
 
     Args:
         runs: Run directories (or one sweep folder).
         output: The HTML file.
         title: Its title.
-        progress: Show the sections as they are drawn (the embedding map's t-SNE takes a while on large stores).
+        on_progress: Called with the sections as they are drawn (`embedfit.progress`; the embedding map's t-SNE
+            takes a while on large stores).
     """
     import matplotlib
 
@@ -199,7 +200,7 @@ def build_report(runs: Sequence[str | Path], output: str | Path, *, title: str =
                 ("fold spread", lambda: _cv_spread(groups)), ("embedding maps", lambda: _embedding_map(loaded)),
                 *((f"mistakes of {r.label}", lambda r=r: _mistakes(r, len(loaded) > 1)) for r in loaded)]
     parts = []
-    with Progress("report", len(sections), enabled=progress, unit="sections") as shown:
+    with Progress("report", len(sections), unit="sections", on_progress=on_progress) as shown:
         for name, draw in sections:
             shown.advance(0, name)
             parts.append(draw())

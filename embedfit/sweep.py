@@ -23,12 +23,13 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from embedfit.errors import EmbedfitError, ExtractionInterrupted, InputError, UsageError, check_output_file
+from embedfit.progress import OnProgress, note, progress_sink, within
 
 SWEEP_FILE = "sweep.json"
 
@@ -45,7 +46,7 @@ class SweepConfig:
 
     Attributes:
         backbones: Backbone names; empty: every backbone whose weights are on disk, smallest first.
-        models: Classifiers fitted on each backbone's features (`embedfit.fitting.classifier_names()`).
+        models: Classifiers fitted on each backbone's features (`embedfit.fitting.classifier_names(streaming=False)`).
         layers: Layers to embed from, each swept on every backbone (None: pre-logits).
         pool: Pooling (None: each backbone's own default).
         resolution: Input size for every backbone (None: each one's default).
@@ -57,7 +58,8 @@ class SweepConfig:
         device: Extraction device.
         batch_size: Extraction batch size (None: by device).
         workers: Decoding processes (None: by device).
-        progress: Show the extraction progress bar.
+        progress: Show the steps, extractions and fits on stderr (`embedfit.progress.StderrSink`) when `sweep` is
+            given no `on_progress`.
     """
 
     backbones: tuple[str, ...] = ()
@@ -114,14 +116,15 @@ def candidate_key(backbone: str, layer: str | None) -> str:
 
 
 def sweep(data: str | Path, output: str | Path, config: SweepConfig | None = None, *,
-          on_event: Callable[[str], None] | None = None, **options: Any) -> SweepResult:
+          on_progress: OnProgress | None = None, **options: Any) -> SweepResult:
     """Extract every backbone into its store, fit every model on identical splits, rank them.
 
     Args:
         data: Labeled image folder (class per sub-folder) or CSV.
         output: The sweep folder (created; a re-run reuses its stores and finished fits).
         config: What to sweep; keyword `options` override its fields.
-        on_event: Called with one line per step ("[2/3] efficientnet_lite1: extracting"), for progress.
+        on_progress: Called with a note per step ("[2/3] efficientnet_lite1: extracting") and the progress of
+            each extraction and fit within it (`embedfit.progress`); else `config.progress` shows them on stderr.
 
     Returns:
         A `SweepResult`; `sweep.json` and `leaderboard.md` in `output` hold the same.
@@ -130,14 +133,21 @@ def sweep(data: str | Path, output: str | Path, config: SweepConfig | None = Non
         UsageError: Unknown backbone, model or metric; no backbone usable offline.
         ExtractionInterrupted: Ctrl-C; finished backbones are saved, a re-run resumes.
     """
-    from embedfit.backbones.registry import check_backbone_name
-    from embedfit.fitting.models import check_model_name
-
     try:
         config = dataclasses.replace(config or SweepConfig(), **options)
     except TypeError as exc:
         raise UsageError(f"unknown sweep option: {exc}") from None
-    emit = on_event or (lambda _line: None)
+    with progress_sink(on_progress, config.progress) as sink:
+        return _sweep(data, output, config, sink)
+
+
+def _sweep(data: str | Path, output: str | Path, config: SweepConfig, on_progress: OnProgress | None) -> SweepResult:
+    from embedfit.backbones.registry import check_backbone_name
+    from embedfit.fitting.models import check_model_name
+
+    def emit(line: str) -> None:
+        note(on_progress, line)
+
     if config.metric not in METRICS:
         raise UsageError(f"unknown metric '{config.metric}'; choose one of {', '.join(METRICS)}")
     if not config.models:
@@ -188,14 +198,14 @@ def sweep(data: str | Path, output: str | Path, config: SweepConfig | None = Non
         step = f"[{i + 1}/{len(plan)}] {key}"
         try:
             emit(f"{step}: extracting")
-            stores = _extract(data, folder, key, backbone, layer, config)
+            stores = _extract(data, folder, key, backbone, layer, config, within(on_progress, step))
             for model in config.models:
                 run_dir = folder / "runs" / f"{key}-{model}"
                 if _reusable(run_dir, stores, model, config):
                     emit(f"{step}: {model} already fitted")
                 else:
                     emit(f"{step}: fitting {model}")
-                    _fit(run_dir, model, stores, config)
+                    _fit(run_dir, model, stores, config, within(on_progress, step))
                 entry = _entry(run_dir, key, backbone, model, stores, config)
                 entries.append(entry)
                 emit(f"{step}: {model} {config.metric} {entry['score']:.3f} ± {entry['score_std']:.3f}")
@@ -257,16 +267,15 @@ def _fit_options(stores: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
 
 
 def _extract(data: str | Path, folder: Path, key: str, backbone: str, layer: str | None,
-             config: SweepConfig) -> dict[str, Any]:
+             config: SweepConfig, on_progress: OnProgress | None) -> dict[str, Any]:
     from embedfit.extraction.local import extract
     from embedfit.extraction.settings import ExtractConfig
     from embedfit.store import FeatureStore
 
     extract_config = ExtractConfig(backbone=backbone, layer=layer, pool=config.pool, resolution=config.resolution,
-                                   device=config.device, batch_size=config.batch_size, workers=config.workers,
-                                   progress=config.progress)
+                                   device=config.device, batch_size=config.batch_size, workers=config.workers)
     train = folder / "stores" / f"{key}.h5"
-    extract(data, train, extract_config)
+    extract(data, train, extract_config, on_progress=on_progress)
     store = FeatureStore.open(train)
     out = {"store": train, "fingerprint": store.fingerprint, "train_fingerprint": store.fingerprint,
            "test_fingerprint": None, "spec": store.spec.to_dict(),
@@ -274,7 +283,7 @@ def _extract(data: str | Path, folder: Path, key: str, backbone: str, layer: str
            "images": int(store.attrs.get("n_ok", 0)) + int(store.attrs.get("n_failed", 0)), "test_store": None}
     if config.test is not None:
         test = folder / "stores" / f"{key}.test.h5"
-        extract(config.test, test, extract_config, class_names=store.class_names)
+        extract(config.test, test, extract_config, class_names=store.class_names, on_progress=on_progress)
         test_store = FeatureStore.open(test)
         out["test_store"] = test
         out["fingerprint"] += ":" + test_store.fingerprint
@@ -284,7 +293,8 @@ def _extract(data: str | Path, folder: Path, key: str, backbone: str, layer: str
     return out
 
 
-def _fit(run_dir: Path, model: str, stores: dict[str, Any], config: SweepConfig) -> None:
+def _fit(run_dir: Path, model: str, stores: dict[str, Any], config: SweepConfig,
+         on_progress: OnProgress | None) -> None:
     """Fit one model on one backbone's store into its run directory (replacing a run that no longer answers
     this sweep: the sweep owns its runs folder)."""
     import shutil
@@ -293,7 +303,7 @@ def _fit(run_dir: Path, model: str, stores: dict[str, Any], config: SweepConfig)
 
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    fit(stores["store"], model, output=run_dir, **_fit_options(stores, config)["options"])
+    fit(stores["store"], model, output=run_dir, on_progress=on_progress, **_fit_options(stores, config)["options"])
 
 
 def _entry(run_dir: Path, key: str, backbone: str, model: str, stores: dict[str, Any],

@@ -40,6 +40,7 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         ([], 2, "Missing argument"),
         (["{tmp}/nope.h5"], 1, "does not exist"),
         (["{store}", "--model", "svn"], 2, "did you mean svm"),
+        (["{store}", "--model", "sgd-logrg"], 2, "did you mean sgd-logreg"),
         (["{store}", "--cv", "1"], 2, "--cv"),
         (["{store}", "--cv", "20", "-o", "{tmp}/r"], 1, "fewer than the 20 CV folds"),
         (["{store}", "--test-size", "2"], 2, "--test-size"),
@@ -103,6 +104,7 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         (["{tmp}/empty", "-o", "{tmp}/sw"], 1, "no images found"),
         (["{tmp}", "-o", "{tmp}/sw", "-b", "resnet5"], 2, "did you mean resnet50"),
         (["{tmp}", "-o", "{tmp}/sw", "-m", "svn"], 2, "did you mean svm"),
+        (["{tmp}", "-o", "{tmp}/sw", "-m", "sgd-logreg"], 2, "fit_out_of_core"),
         (["{tmp}", "-o", "{tmp}/sw", "--cv", "1"], 2, "--cv"),
     ],
     "report": [

@@ -82,21 +82,6 @@ def test_compare_runs_every_arm_on_identical_splits(shared_tree: Path, tmp_path:
     assert printed.out.rstrip().splitlines()[-1].startswith("Recommendation: ")
 
 
-def test_progress_is_plain_lines_at_most_every_few_seconds_off_a_terminal() -> None:
-    import io
-
-    from rich.console import Console
-
-    from embedfit.cli.train import _Progress
-
-    stream = io.StringIO()
-    with _Progress(Console(file=stream), every=0) as progress:
-        progress("split 1/3: fine-tune: epoch 1/3")
-    with _Progress(Console(file=stream), every=60) as progress:
-        progress("split 2/3: not shown: too soon")
-    assert stream.getvalue().count("\n") == 1 and "s] split 1/3: fine-tune: epoch 1/3" in stream.getvalue()
-
-
 @pytest.mark.slow
 def test_compare_with_a_test_folder_scores_every_arm_on_the_same_images(tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:

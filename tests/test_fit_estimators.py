@@ -134,8 +134,8 @@ def test_saved_models_predict_class_names(tmp_path: Path, model: str) -> None:
         assert [names[i] for i in preds.proba.argmax(1)] == list(pred)
 
 
-def test_runs_saved_before_still_predict(tmp_path: Path) -> None:
-    """A run whose model predicts class indices (as every run did before) keeps working with predict."""
+def test_a_run_that_predicts_class_indices_is_refused(tmp_path: Path) -> None:
+    """Runs predict class names; a model that predicts indices (pre-release embedfit) is refused with a hint."""
     X, y = blobs(90)
     names = ["zebra", "ant", "moth"]
     store = synthetic_store(tmp_path / "s.h5", X, y, names)
@@ -143,10 +143,8 @@ def test_runs_saved_before_still_predict(tmp_path: Path) -> None:
     old = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression())]).fit(X, y)  # indices
     save_run(tmp_path / "old", old, model="logreg", params={}, store=store, metrics=result.metrics, predictions=[],
              evaluation=NO_EVALUATION, identity={})
-    preds = predict(tmp_path / "old", [store.path])
-    X = store.features()
-    assert preds.predicted == [names[i] for i in old.predict(X)]
-    np.testing.assert_allclose(preds.proba, old.predict_proba(X))
+    with pytest.raises(ModelFileError, match=r"predicts class indices.*refit the run"):
+        predict(tmp_path / "old", [store.path])
 
 
 TENSOR_REFIT = r"""

@@ -1,6 +1,6 @@
-"""The three registries (backbone families, classifiers, engines): entries from outside the package are used end to
-end; the registries import none of their entries; a skeleton built without initialisation leaves other threads'
-models initialised."""
+"""The three registries (backbone families, classifiers, engines): entries from outside the package (a family, an
+in-memory and a streaming classifier, an engine) are used end to end; the registries import none of their entries; a
+skeleton built without initialisation leaves other threads' models initialised."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from embedfit.backbones import registry as backbones
@@ -35,12 +36,19 @@ def _toy_info(name: str) -> BackboneInfo:
     return BackboneInfo(name, "toy", 6, (32, 32), None, True, params=4 * 6 + 4 + 6 * 3 * 9 + 6)
 
 
-# --- a toy classifier ---
+# --- a toy classifier, and a toy streaming one (fitted out of core) ---
 
 def _build_centroid(ctx: classifiers.BuildContext):
     from sklearn.neighbors import NearestCentroid
 
     return NearestCentroid()
+
+
+def _build_perceptron(ctx: classifiers.StreamContext):
+    from sklearn.linear_model import Perceptron
+
+    return Perceptron(penalty="l2", alpha=ctx.alpha, eta0=1.0 / ctx.n_features, class_weight=ctx.class_weight,
+                      random_state=ctx.seed)
 
 
 # --- a toy engine: everything in this process, no reader workers ---
@@ -76,18 +84,28 @@ class ToyEngine:
 @pytest.fixture
 def toys(monkeypatch: pytest.MonkeyPatch) -> None:
     """Register the toys for one test: each registry is a copy, restored afterwards."""
-    classifiers.classifier_names()  # embedfit's own records first, then the copy
+    # embedfit's own entries first, then the copies: entries loaded into a copy would vanish with it, and their
+    # modules, imported by then, would not register them again (later tests' backbones would be unknown)
+    backbones.list_backbones()
+    classifiers.classifier_names()
     monkeypatch.setattr(backbones, "_ENTRIES", dict(backbones._ENTRIES))
     monkeypatch.setattr(classifiers, "_CLASSIFIERS", dict(classifiers._CLASSIFIERS))
     monkeypatch.setattr(engines, "ENGINES", dict(engines.ENGINES))
     backbones.register_backbone("toy_cnn", _build_toy, _toy_info)
     classifiers.register_classifier(classifiers.Classifier(
         "toy-centroid", _build_centroid, {"metric": ["euclidean", "manhattan"]}, types=("toy.CentroidState",)))
+    classifiers.register_classifier(classifiers.Classifier(
+        "toy-perceptron", stream=classifiers.Streaming(_build_perceptron, calibrate=True),
+        types=("toy.PerceptronState",)))
     engines.register_engine("toy", ToyEngine)
 
 
-def test_a_toy_family_classifier_and_engine_work_end_to_end(toys: None, image_tree: Path, tmp_path: Path) -> None:
-    from embedfit import extract, fit, predict
+def test_a_toy_family_classifier_and_engine_work_end_to_end(toys: None, image_tree: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from embedfit import extract, fit, fit_out_of_core, predict
+    from embedfit.cli import main
+    from embedfit.errors import UsageError
+    from embedfit.runs import load_model
     from embedfit.store import FeatureStore
 
     engine = ToyEngine()
@@ -104,6 +122,28 @@ def test_a_toy_family_classifier_and_engine_work_end_to_end(toys: None, image_tr
     assert "toy.CentroidState" in classifiers.trusted_types()
     preds = predict(tmp_path / "run", [image_tree], device="cpu")  # re-embeds with the toy family
     assert len(preds.paths) == 12 and set(preds.predicted) <= {"brick", "grass", "gravel"}
+
+    # the streaming toy: the command line sends it out of core because its record streams, 4 rows at a time
+    assert "toy-perceptron" in classifiers.classifier_names(streaming=True)
+    code = main(["fit", str(tmp_path / "toy.h5"), "-m", "toy-perceptron", "--epochs", "3", "--batch-rows", "4",
+                 "-o", str(tmp_path / "ooc")])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "ooc" / "metrics.json").read_text())
+    assert metrics["model"] == "toy-perceptron" and metrics["evaluation"]["out_of_core"] is True
+    assert "log_loss" in metrics["scores"]  # `calibrate`: temperature-scaled probabilities over its decisions
+    assert "toy.PerceptronState" in classifiers.trusted_types()
+    assert set(classifiers.CALIBRATION_TYPES) <= set(classifiers.trusted_types())
+    pipeline, meta = load_model(tmp_path / "ooc")  # through the allow-list
+    assert meta["model"] == "toy-perceptron" and meta["params"]["batch_rows"] == 4
+    assert type(pipeline[-1].estimator.estimator).__name__ == "Perceptron"
+    preds = predict(tmp_path / "ooc", [image_tree], device="cpu")
+    assert len(preds.paths) == 12 and preds.proba is not None and preds.proba.shape == (12, 3)
+    np.testing.assert_allclose(preds.proba.sum(axis=1), 1.0, rtol=1e-6)
+    # each record is fitted its own way only, with a one-line pointer to the other
+    with pytest.raises(UsageError, match="streams the store"):
+        fit(tmp_path / "toy.h5", "toy-perceptron", cv=2)
+    with pytest.raises(UsageError, match=r"fitted in memory.*toy-perceptron"):
+        fit_out_of_core(tmp_path / "toy.h5", "toy-centroid")
 
     assert "toy_cnn" in backbones.list_backbones("toy*")
     assert backbones.backbone_info("toy_cnn").family == "toy"
@@ -127,10 +167,12 @@ def test_the_registries_import_none_of_their_entries() -> None:
             "from embedfit.extraction.engines import engine_names\n"
             "from embedfit.fitting.registry import classifier_names, trusted_types\n"
             "check_backbone_name('timm:resnet18'); names = classifier_names(); types = trusted_types()\n"
-            "print(json.dumps([engine_names(), names, sorted(sys.modules)]))")
+            "streaming = classifier_names(streaming=True)\n"
+            "print(json.dumps([engine_names(), names, streaming, sorted(sys.modules)]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    engine_list, names, modules = json.loads(out.stdout)
+    engine_list, names, streaming, modules = json.loads(out.stdout)
     assert engine_list == ["local", "ray"] and names[0] == "logreg" and "svm" in names
+    assert streaming == ["sgd-logreg", "sgd-svm"] and set(streaming) <= set(names)
     assert not {"torch", "sklearn", "timm", "torchvision", "ray"} & set(modules)
     assert not {"embedfit.extraction.local", "embedfit.extraction.ray", "embedfit.backbones.tv"} & set(modules)
 

@@ -119,18 +119,13 @@ def test_a_model_file_from_another_run_is_refused(tmp_path: Path) -> None:
     (three / "model.skops").write_bytes((two / "model.skops").read_bytes())
     with pytest.raises(ModelFileError, match="SHA-256 differs"):
         load_model(three)
-    # a run written before the hash was recorded still loads, and the class count is checked on the estimator
-    meta = json.loads((three / "model.json").read_text())
+    # a run without the binding (pre-release embedfit, or model.json edited) is refused, not trusted
+    meta = json.loads((two / "model.json").read_text())
     for key in ("model_sha256", "n_classes", "class_names_sha256"):
-        del meta[key]
-    (three / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelFileError, match=r"predicts 2 classes .*but its model\.json lists 3"):
-        load_model(three)
-    old = json.loads((two / "model.json").read_text())
-    for key in ("model_sha256", "n_classes", "class_names_sha256"):
-        del old[key]
-    (two / "model.json").write_text(json.dumps(old))
-    assert load_model(two)[1]["class_names"] == ["a", "b"]
+        broken = {k: v for k, v in meta.items() if k != key}
+        (two / "model.json").write_text(json.dumps(broken))
+        with pytest.raises(ModelFileError, match=r"does not bind the model file.*refit the run"):
+            load_model(two)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -337,7 +332,7 @@ def test_finetune_into_a_file_fails_before_training(image_tree: Path, tmp_path: 
 
 
 def test_a_network_with_another_class_count_is_refused(tmp_path: Path) -> None:
-    """A run saved before the hash was recorded: the head's class count is still checked against model.json."""
+    """model.json bound to its model.pt, but the network's head has another class count: checked after loading."""
     import torch
 
     from embedfit.backbones.factory import create_backbone
@@ -348,7 +343,7 @@ def test_a_network_with_another_class_count_is_refused(tmp_path: Path) -> None:
     run_dir.mkdir()
     torch.save(Classifier(backbone, 2).state_dict(), run_dir / "model.pt")
     meta = {"kind": "torch", "spec": backbone.spec.to_dict(), "params": {}, "class_names": ["a", "b", "c"],
-            "embedfit_version": embedfit.__version__}
+            "embedfit_version": embedfit.__version__, **model_binding(run_dir / "model.pt", ["a", "b", "c"])}
     (run_dir / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelFileError, match=r"2-class head but its model\.json lists 3 class names"):
         load_finetuned(run_dir, device="cpu")

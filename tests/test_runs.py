@@ -92,7 +92,7 @@ def test_a_sweep_rerun_with_another_metric_ranks_by_that_metric(tmp_path: Path) 
     options = dict(backbones=("efficientnet_lite0",), models=("logreg", "knn"), cv=3, device="cpu", workers=0)
     sweep(data, out, **options)
     lines: list[str] = []
-    again = sweep(data, out, metric="balanced_accuracy", on_event=lines.append, **options)
+    again = sweep(data, out, metric="balanced_accuracy", on_progress=lambda e: lines.append(e.line()), **options)
     assert sum("already fitted" in line for line in lines) == 2  # no refit: the runs hold every metric
     for entry in again.entries:
         run = read_run(entry["run"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from embedfit.cli import main
+from embedfit.progress import ProgressEvent
 from embedfit.sweep import SweepConfig, paired_interval, read_sweep, sweep
 
 # Two feature sets from one backbone (pre-logits and an inner stage): a sweep of two entries for one model load.
@@ -17,7 +18,7 @@ CONFIG = SweepConfig(backbones=("efficientnet_lite0",), layers=(None, "blocks.5"
 
 def test_sweep_ranks_on_identical_folds_and_resumes(shared_tree: Path, tmp_path: Path) -> None:
     events: list[str] = []
-    result = sweep(shared_tree, tmp_path / "sw", CONFIG, on_event=events.append)
+    result = sweep(shared_tree, tmp_path / "sw", CONFIG, on_progress=lambda e: events.append(e.line()))
     assert [e["backbone"] for e in result.entries] and len(result.entries) == 2
     a, b = result.entries
     assert a["score"] >= b["score"] and a["rows"] == b["rows"] and len(a["folds"]) == len(b["folds"]) == 3
@@ -35,19 +36,19 @@ def test_sweep_ranks_on_identical_folds_and_resumes(shared_tree: Path, tmp_path:
     # A re-run reuses the stores and the finished fits.
     mtime = (Path(a["run"]) / "metrics.json").stat().st_mtime_ns
     events.clear()
-    again = sweep(shared_tree, tmp_path / "sw", CONFIG, on_event=events.append)
+    again = sweep(shared_tree, tmp_path / "sw", CONFIG, on_progress=lambda e: events.append(e.line()))
     assert "[1/2] efficientnet_lite0: ridge already fitted" in events
     assert (Path(a["run"]) / "metrics.json").stat().st_mtime_ns == mtime
     assert [e["score"] for e in again.entries] == [e["score"] for e in result.entries]
 
 
 def test_an_interrupted_sweep_keeps_finished_backbones(shared_tree: Path, tmp_path: Path) -> None:
-    def stop_at_second(line: str) -> None:
-        if line.startswith("[2/2]"):
+    def stop_at_second(event: ProgressEvent) -> None:
+        if event.what.startswith("[2/2]"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sweep(shared_tree, tmp_path / "sw", CONFIG, on_event=stop_at_second)
+        sweep(shared_tree, tmp_path / "sw", CONFIG, on_progress=stop_at_second)
     state = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert state["done"] == 1 and not state["complete"]
     assert [e["backbone"] for e in state["entries"]] == ["efficientnet_lite0"]

@@ -15,16 +15,18 @@ from embedfit.cli.options import (
     _pca,
 )
 from embedfit.fitting.registry import classifier_names
+from embedfit.progress import StderrSink
 
 
 @app.command()
 def fit(
     store: str = typer.Argument(..., help="Training feature store (.h5), a local path or a URL."),
-    model: list[str] = typer.Option(["logreg"], "-m", "--model", help=f"{', '.join(classifier_names())}, "
-                                    "or sgd-logreg / sgd-svm (out-of-core, for stores larger than memory; "
-                                    "hold-out evaluation), or any scikit-learn classifier as pkg.module:Class "
-                                    "(default arguments, e.g. sklearn.ensemble:HistGradientBoostingClassifier); "
-                                    "repeat for several."),
+    model: list[str] = typer.Option(["logreg"], "-m", "--model",
+                                    help=f"{', '.join(classifier_names(streaming=False))}, or "
+                                    f"{' / '.join(classifier_names(streaming=True))} (out-of-core, for stores larger "
+                                    "than memory; hold-out evaluation), or any scikit-learn classifier as "
+                                    "pkg.module:Class (default arguments, e.g. "
+                                    "sklearn.ensemble:HistGradientBoostingClassifier); repeat for several."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Run directory (default runs/STORE-MODEL)."),
     scale: Scale = typer.Option(Scale.standard, help="Feature scaling inside the pipeline."),
     pca: str = typer.Option("auto", help="PCA components, 'auto' (256 for svm/knn) or 'none'."),
@@ -44,8 +46,8 @@ def fit(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N; logreg and ridge fit on a GPU (needs "
                                "SCIPY_ARRAY_API=1 in the environment)."),
     seed: int = typer.Option(0, help="Random seed."),
-    epochs: int = typer.Option(5, min=1, help="Passes over the data (sgd-logreg, sgd-svm)."),
-    batch_rows: int = typer.Option(8192, min=1, help="Rows read per step (sgd-logreg, sgd-svm)."),
+    epochs: int = typer.Option(5, min=1, help="Passes over the data (out-of-core models)."),
+    batch_rows: int = typer.Option(8192, min=1, help="Rows read per step (out-of-core models)."),
 ) -> None:
     """Cross-validate classifiers on stored embeddings and save each as a run directory."""
     from embedfit.cli.presentation import print_fit_results
@@ -53,12 +55,12 @@ def fit(
     from embedfit.fitting.cv import fit as run_fit
     from embedfit.fitting.device import resolve_fit_device
     from embedfit.fitting.models import model_label, resolve_model
-    from embedfit.fitting.out_of_core import OOC_MODELS, fit_out_of_core
+    from embedfit.fitting.out_of_core import fit_out_of_core
 
-    chosen = {name: name if name in OOC_MODELS else resolve_model(name) for name in model}  # refused before any fit
+    streaming = classifier_names(streaming=True)  # the registry's streaming records go to fit_out_of_core
+    chosen = {name: resolve_model(name) for name in model if name not in streaming}  # refused before any fit
     for name in chosen.values():
-        if not (isinstance(name, str) and name in OOC_MODELS):
-            resolve_fit_device(device, name if isinstance(name, str) else model_label(name))
+        resolve_fit_device(device, name if isinstance(name, str) else model_label(name))
     if len(model) > 1 and output is not None:
         raise typer.BadParameter("-o names one run directory; leave it out to fit several models",
                                  param_hint="--output")
@@ -73,7 +75,7 @@ def fit(
     elif ray_address:
         raise typer.BadParameter("--ray-address needs --backend ray", param_hint="--ray-address")
     results = [fit_out_of_core(store, name, output=output, epochs=epochs, batch_rows=batch_rows,
-                               test_size=test_size or 0.2, class_weight=weight, seed=seed) if name in OOC_MODELS else
+                               test_size=test_size or 0.2, class_weight=weight, seed=seed) if name in streaming else
                run_fit(store, chosen[name], output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,
                        groups=groups, group_duplicates=group_duplicates, exclude=exclude, test_store=test_store,
                        test_size=test_size, search=search,
@@ -136,6 +138,7 @@ def report(
         print_sweep(out, read_sweep(runs[0]))
         out.print(f"report: {path}", soft_wrap=True)
         return
-    path = build_report(runs, output, progress=True)  # checks the output path first, before any work
+    with StderrSink() as sink:
+        path = build_report(runs, output, on_progress=sink)  # checks the output path first, before any work
     print_leaderboard(out, summarize_runs(runs))
     out.print(f"report: {path}", soft_wrap=True)

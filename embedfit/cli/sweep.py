@@ -9,8 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from embedfit.cli.app import app, err, out
+from embedfit.cli.app import app, out
 from embedfit.cli.options import Pool
+from embedfit.progress import StderrSink
 
 
 @app.command()
@@ -38,9 +39,9 @@ def sweep(
 
     config = SweepConfig(backbones=tuple(backbones), models=tuple(models), layers=tuple(layers) or (None,),
                          pool=pool.value if pool else None, resolution=resolution, test=test, metric=metric, cv=cv,
-                         repeats=repeats, seed=seed, device=device, batch_size=batch_size,
-                         progress=err.is_terminal)
-    result = run_sweep(data, output, config, on_event=lambda line: err.print(line, markup=False, soft_wrap=True))
+                         repeats=repeats, seed=seed, device=device, batch_size=batch_size)
+    with StderrSink() as sink:
+        result = run_sweep(data, output, config, on_progress=sink)
     print_sweep(out, read_sweep(output))
     out.print(f"sweep: {output}/leaderboard.md, {output}/sweep.json ({result.seconds:.0f} s); "
               f"embedfit report {output} draws it", soft_wrap=True)

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from embedfit.backbones.spec import DEFAULT_BACKBONE
 from embedfit.cli.app import app, err, out
@@ -17,6 +13,7 @@ from embedfit.cli.options import (
     _path_str,
     args_backbone,
 )
+from embedfit.progress import StderrSink
 
 
 @app.command()
@@ -72,8 +69,9 @@ def _train_command(data: Path, output: Path, pretrained: bool, **options: object
     from embedfit.training.finetune import TrainConfig, train
 
     augment = tuple(a for a in str(options.pop("augment")).split(",") if a and a != "none")
-    config = TrainConfig(pretrained=pretrained, augment=augment, progress=err.is_terminal, **options)
-    result = train(data, config, output=output)
+    config = TrainConfig(pretrained=pretrained, augment=augment, **options)
+    with StderrSink() as sink:
+        result = train(data, config, output=output, on_progress=sink)
     table = Table("epoch", "train loss", "val accuracy", "seconds")
     for e in result.epochs:
         loss = "-" if e["epoch"] == 0 else f"{e['train_loss']:.4f}"  # epoch 0: the untrained head
@@ -157,43 +155,14 @@ def compare(
     switch = {"on": True, "off": False}
     if not augment or any(a.strip() not in switch for a in augment.split(",")):
         raise typer.BadParameter(f"expected on, off or on,off, got '{augment}'", param_hint="--augment")
-    with _Progress(err) as progress:
+    with StderrSink() as sink:
         result = run_compare(data, output, backbone=args_backbone(backbone[0]), weights=_path_str(weights),
                              probe_backbones=[args_backbone(b) for b in backbone[1:]],
                              epochs=epochs, scratch_epochs=scratch_epochs, sizes=steps, repeats=repeats,
                              val_size=val_size, device=device, seed=seed, arms=parse_arms(arms),
                              freeze=[f.strip() for f in freeze.split(",") if f.strip()],
                              augment=[switch[a.strip()] for a in augment.split(",")], test=test,
-                             imagenet_map=_path_str(imagenet_map), progress=progress)
+                             imagenet_map=_path_str(imagenet_map), on_progress=sink)
     out.print(f"results: {', '.join(result['files'])}", soft_wrap=True, markup=False)
     out.print(to_markdown(result), markup=False, soft_wrap=True, end="")
 
-
-class _Progress:
-    """Progress of a long run on stderr: a live status line in a terminal, otherwise a plain line at most every
-    `every` seconds (logs and CI get a heartbeat without a flood)."""
-
-    def __init__(self, console: Console, every: float = 10.0) -> None:
-        self.console, self.every = console, every
-        self.start = self.last = 0.0
-        self.status: Any = None
-
-    def __enter__(self) -> _Progress:
-        self.start = self.last = time.monotonic()  # the first line after `every` s: a quick error stays one line
-        if self.console.is_terminal:
-            self.status = self.console.status("starting")
-            self.status.__enter__()
-        return self
-
-    def __call__(self, message: str) -> None:
-        now = time.monotonic()
-        line = f"[{now - self.start:5.0f} s] {message}"
-        if self.status is not None:
-            self.status.update(Text(line))
-        elif now - self.last >= self.every:
-            self.console.print(line, markup=False, soft_wrap=True, highlight=False)
-            self.last = now
-
-    def __exit__(self, *exc: object) -> None:
-        if self.status is not None:
-            self.status.__exit__(*exc)

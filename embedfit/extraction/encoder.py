@@ -25,6 +25,7 @@ from embedfit.extraction.onnx import OnnxBackbone, resolve_runtime
 from embedfit.extraction.reader import ImageDataset, _Batch, image_loader, worker_niceness
 from embedfit.extraction.settings import DECODERS, default_batch_size, default_workers, resolve_device
 from embedfit.images import DEFAULT_MAX_PIXELS, ImageRecord
+from embedfit.progress import OnProgress, Progress
 
 
 class Encoder:
@@ -254,15 +255,17 @@ def iter_embeddings(records: Sequence[ImageRecord], encoder: Encoder, *, batch_s
 @torch.inference_mode()
 def embed_decoded(images: Sequence[Any], encoder: Encoder, *, batch_size: int = 32,
                   head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  preprocess: Callable[[Any], torch.Tensor] | None = None) -> np.ndarray:
+                  preprocess: Callable[[Any], torch.Tensor] | None = None,
+                  on_progress: OnProgress | None = None) -> np.ndarray:
     """Images already decoded in memory (PIL images or uint8 tensors (3, H, W)) -> float32 outputs (N, D).
 
     The in-memory counterpart of `iter_embeddings`, for images decoded once and used many times (fine-tuning's
     validation images, compare's arms): each batch is preprocessed on the host and goes through `encoder.embed`,
     one batch in flight. `head` runs on each batch's embeddings on the device (a trained classifier head);
-    `preprocess` replaces the encoder's spec preprocessing.
+    `preprocess` replaces the encoder's spec preprocessing; `on_progress` hears of each batch (`embedfit.progress`).
     """
     pre = encoder.spec.preprocess() if preprocess is None else preprocess
+    progress = Progress("embedding", len(images), unit="images", on_progress=on_progress)
     out: list[np.ndarray] = []
     in_flight: torch.Tensor | None = None
     for start in range(0, len(images), batch_size):
@@ -271,9 +274,12 @@ def embed_decoded(images: Sequence[Any], encoder: Encoder, *, batch_size: int = 
             y = head(y).float()
         if in_flight is not None:
             out.append(in_flight.cpu().numpy())
+            progress.advance(len(out[-1]))
         in_flight = y
     if in_flight is not None:
         out.append(in_flight.cpu().numpy())
+        progress.advance(len(out[-1]))
+    progress.close()
     return np.concatenate(out) if out else np.zeros((0, 0 if head else encoder.spec.embedding_dim), np.float32)
 
 

@@ -25,6 +25,7 @@ from embedfit.errors import UsageError
 if TYPE_CHECKING:
     from embedfit.extraction.settings import ExtractConfig, ExtractSummary
     from embedfit.images import ImageSource
+    from embedfit.progress import OnProgress
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ExtractJob:
         config: The extraction settings (`shard_size` already defaulted to the engine's).
         images: The scanned images.
         started: `time.perf_counter()` when `extract()` began (for start-up and total times).
+        on_progress: Where the engine's `FeatureWriter.run` reports the images (`embedfit.progress`).
     """
 
     source: str | os.PathLike
@@ -46,6 +48,7 @@ class ExtractJob:
     config: ExtractConfig
     images: ImageSource
     started: float
+    on_progress: OnProgress | None = None
 
 
 class Engine(Protocol):

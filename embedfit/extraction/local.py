@@ -13,12 +13,13 @@ from embedfit.extraction.engines import Engine, ExtractJob
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, resolve_device
 from embedfit.extraction.writer import FeatureWriter, settings_if_same_request
 from embedfit.images import scan_images
+from embedfit.progress import OnProgress
 from embedfit.store import StoreSettings
 
 
 def extract(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig | None = None,
             *, class_names: Sequence[str] | None = None, engine: str | Engine = "local",
-            **options: Any) -> ExtractSummary:
+            on_progress: OnProgress | None = None, **options: Any) -> ExtractSummary:
     """Embed every image under `source` into the store `output`, resuming whatever is already there.
 
     Args:
@@ -29,6 +30,8 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         class_names: Use this class list (e.g. the training store's) instead of the folder names.
         engine: Where to embed: a registered engine name (`engines.engine_names()`: "local", "ray") or an engine
             object (e.g. `RayEngine(num_workers=4)`).
+        on_progress: Called with the images' progress (`embedfit.progress`); else `config.progress` shows it on
+            stderr.
 
     Returns:
         An `ExtractSummary`; the store is readable with `FeatureStore.open(output)`.
@@ -48,12 +51,13 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
     output = local_or_url(output)
     if is_url(output):  # object storage: run on a local staging copy, uploaded whole when committed
         return with_staged_store(output, config.overwrite, lambda local: _plan_and_run(
-            source, local, output, config, class_names, engine, started))
-    return _plan_and_run(source, output, None, config, class_names, engine, started)
+            source, local, output, config, class_names, engine, started, on_progress))
+    return _plan_and_run(source, output, None, config, class_names, engine, started, on_progress)
 
 
 def _plan_and_run(source: str | os.PathLike, output: str | os.PathLike, url: str | None, config: ExtractConfig,
-                  class_names: Sequence[str] | None, engine: Engine, started: float) -> ExtractSummary:
+                  class_names: Sequence[str] | None, engine: Engine, started: float,
+                  on_progress: OnProgress | None) -> ExtractSummary:
     """What every engine shares before it runs: the name check, the scan, and the resume plan."""
     from embedfit.backbones.catalogue import check_name
 
@@ -68,7 +72,7 @@ def _plan_and_run(source: str | os.PathLike, output: str | os.PathLike, url: str
                 writer.commit()  # labels follow the current folders/CSV; vanished files become "missing"
                 writer.summary.device = "no device: nothing to embed"
                 return writer.summary
-    return engine.run(ExtractJob(source, output, url, config, images, started))
+    return engine.run(ExtractJob(source, output, url, config, images, started, on_progress))
 
 
 class LocalEngine:
@@ -112,5 +116,5 @@ class LocalEngine:
             writer.run(iter_embeddings(writer.todo, encoder, batch_size=config.batch_size, workers=config.workers,
                                        jpeg_draft=config.jpeg_draft, max_pixels=config.max_pixels,
                                        decode=config.decode), add, config=config, source=job.source,
-                       output=output, provenance=provenance)
+                       output=output, provenance=provenance, on_progress=job.on_progress)
         return summary

@@ -331,5 +331,5 @@ def _extract_shards(ray: Any, actors: list[Any], job: ExtractJob, spec: Backbone
         # The actors are stopped before the manifest is committed: no shard is written after it.
         writer.run(ActorPool(actors).map_unordered(lambda a, shard: a.run.remote(*shard, target), shards), add,
                    config=config, source=job.source, output=job.output, provenance=provenance,
-                   stop=lambda: _kill(ray, actors))
+                   stop=lambda: _kill(ray, actors), on_progress=job.on_progress)
     return summary

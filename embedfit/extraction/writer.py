@@ -22,6 +22,7 @@ import numpy as np
 from embedfit.errors import EmbedfitError, ExtractionInterrupted
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, MaxFailures
 from embedfit.images import ImageRecord, ImageSource
+from embedfit.progress import OnProgress, Progress, progress_sink
 from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
 
 _MAX_FAILURES_LISTED = 20
@@ -151,7 +152,7 @@ class FeatureWriter:
 
     def run(self, results: Iterable[T], add: Callable[[T], tuple[int, str]], *, config: ExtractConfig,
             source: object, output: object, provenance: dict[str, Any],
-            stop: Callable[[], None] = lambda: None) -> None:
+            stop: Callable[[], None] = lambda: None, on_progress: OnProgress | None = None) -> None:
         """An engine's loop and its ending, the same for every engine: hand each result to `add` (which records it
         and returns the images it covered and a progress note), stop at the failure limit or a Ctrl-C, then
         commit and raise what stopped the run (`raise_for_stop`).
@@ -164,24 +165,24 @@ class FeatureWriter:
             output: The store, named in the messages.
             provenance: How this run makes rows, recorded by the commit.
             stop: Stops the engine's workers; runs before any commit, so nothing is written after it.
+            on_progress: Where the images' progress goes (`embedfit.progress`); else stderr when
+                `config.progress`.
 
         Raises:
             ExtractionInterrupted: Ctrl-C or the failure limit; what was done is committed.
         """
-        from embedfit.progress import Progress
-
-        progress = Progress("embedding", len(self.todo), enabled=config.progress, unit="images")
         stop_reason = ""
         try:
             try:
-                with _StopOnSigint() as sigint:
+                with _StopOnSigint() as sigint, progress_sink(on_progress, config.progress) as sink:
+                    progress = Progress("embedding", len(self.todo), unit="images", on_progress=sink)
                     for result in results:
                         progress.advance(*add(result))
                         stop_reason = self.stop_reason(config.max_failures, source, sigint)
                         if stop_reason:
                             break
+                    progress.close()
             finally:
-                progress.close()
                 stop()
         except KeyboardInterrupt:
             stop_reason = "interrupted"

@@ -6,7 +6,7 @@
     data         the rows you can train on (`load_dataset`) and the checks that they can be fitted
     cv           `fit()` with `FitConfig`: cross-validation or hold-out, refit, run directory
     device       fitting on a GPU through scikit-learn's array API
-    out_of_core  `fit_out_of_core()`: SGD models streaming stores larger than memory
+    out_of_core  `fit_out_of_core()`: the streaming records (sgd-logreg, sgd-svm) on stores larger than memory
 
 Loaded lazily: `import embedfit.fitting` imports no scikit-learn until a name is used.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 from embedfit._lazy import attach
 
 _LAZY = {
-    "Classifier": "registry", "register_classifier": "registry", "get_classifier": "registry",
+    "Classifier": "registry", "Streaming": "registry", "register_classifier": "registry", "get_classifier": "registry",
     "classifier_names": "registry", "trusted_types": "registry",
     "DEFAULT_MODEL": "models",
     "make_pipeline": "models", "check_model_name": "models", "resolve_model": "models", "wrap_estimator": "models",
@@ -24,7 +24,7 @@ _LAZY = {
     "FitConfig": "cv", "FitResult": "cv", "fit": "cv", "make_splits": "cv", "fold_metrics": "cv",
     "default_jobs": "cv",
     "array_api_ready": "device", "resolve_fit_device": "device",
-    "OOC_MODELS": "out_of_core", "fit_out_of_core": "out_of_core",
+    "fit_out_of_core": "out_of_core",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _LAZY)

@@ -37,7 +37,7 @@ from embedfit.fitting.models import (
     resolve_model,
     wrap_estimator,
 )
-from embedfit.progress import Progress
+from embedfit.progress import OnProgress, Progress, progress_sink
 from embedfit.runs import Evaluation, check_replace, identity_of, save_run
 from embedfit.store import FeatureStore
 
@@ -144,7 +144,7 @@ class FitConfig:
         device: "cpu", "cuda[:N]", or "auto": the GPU for the array-API classifiers when there is one and SciPy is in
             array-API mode (SCIPY_ARRAY_API=1), else the CPU. On a GPU, folds run one after the other.
         seed: Random state for splits and models.
-        progress: Show folds as they finish (a bar on a terminal, plain lines every ~10 s otherwise).
+        progress: Show folds as they finish on stderr (`embedfit.progress.StderrSink`) when no `on_progress` is given.
     """
 
     scale: str = "standard"
@@ -167,19 +167,22 @@ class FitConfig:
 
 
 def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_MODEL,
-        config: FitConfig | None = None, *, output: str | Path | None = None, **options: Any) -> FitResult:
+        config: FitConfig | None = None, *, output: str | Path | None = None, on_progress: OnProgress | None = None,
+        **options: Any) -> FitResult:
     """Evaluate a classifier on a store's embeddings, refit it on all of them, and write a run directory.
 
     Args:
         store: The training feature store.
-        model: A registered classifier (`registry.classifier_names()`; default: a logistic-regression linear
-            probe with C chosen by inner CV); or any scikit-learn classifier (it gets `config.scale` in front of
-            it) or `Pipeline` (used as given), or "pkg.module:Class" (constructed with default arguments). Its run
-            is named after the class, in lower case. It must save with skops' defaults plus
-            `embedfit.fitting.registry.trusted_types()` (scikit-learn's own classes do); anything else is refused
-            before the CV.
+        model: A registered classifier fitted in memory (`classifier_names(streaming=False)`; default: a
+            logistic-regression linear probe with C chosen by inner CV); or any scikit-learn classifier (it gets
+            `config.scale` in front of it) or `Pipeline` (used as given), or "pkg.module:Class" (constructed with
+            default arguments). Its run is named after the class, in lower case. It must save with skops'
+            defaults plus `embedfit.fitting.registry.trusted_types()` (scikit-learn's own classes do); anything else
+            is refused before the CV.
         config: How to fit and evaluate (`FitConfig`); keyword `options` override its fields (e.g. `cv=3`).
         output: Run directory (default: runs/<store stem>-<model>).
+        on_progress: Called with the folds' progress (`embedfit.progress`); else `config.progress` shows it on
+            stderr.
 
     Returns:
         A `FitResult` with metrics and the fitted pipeline, which predicts class names.
@@ -301,39 +304,40 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
         notes.append(f"replacing the earlier run in {run_dir}")
     for note in notes:
         log.warning("note: %s", note)
-    progress = Progress(f"fitting {model}", len(splits), enabled=config.progress,
-                        unit="folds" if evaluation["strategy"] == "cv" else "splits")
-    if on_gpu:  # copied once; the GPU runs the folds one after the other
-        import torch
+    with progress_sink(on_progress, config.progress) as sink:
+        progress = Progress(f"fitting {model}", len(splits), on_progress=sink,
+                            unit="folds" if evaluation["strategy"] == "cv" else "splits")
+        if on_gpu:  # copied once; the GPU runs the folds one after the other
+            import torch
 
-        X_dev, y_dev = torch.as_tensor(X_all, device=fit_device), torch.as_tensor(y_all, device=fit_device)
-        folds = []
-        for tr, te in splits:
-            folds.append(_fold(pipe, X_dev, y_dev, tr, te))
-            progress.advance()
-        X_fit, y_fit = X_dev[: len(data.y)], y_dev[: len(data.y)]  # the training rows come first
-    else:
-        X_fit, y_fit = data.X, data.y
-        if jobs is None:
-            jobs = default_jobs(X_all, len(splits)) if backend in ("loky", "threading") else -1
-        with parallel_config(backend=backend, n_jobs=jobs):
+            X_dev, y_dev = torch.as_tensor(X_all, device=fit_device), torch.as_tensor(y_all, device=fit_device)
             folds = []
-            # Folds as they finish, for the progress line (Ray's and Dask's joblib backends return lists only).
-            streamed = "generator" if backend in ("loky", "threading", "multiprocessing") else "list"
-            for result in Parallel(return_as=streamed)(delayed(_fold)(pipe, X_all, y_all, tr, te)
-                                                       for tr, te in splits):
-                folds.append(result)
+            for tr, te in splits:
+                folds.append(_fold(pipe, X_dev, y_dev, tr, te))
                 progress.advance()
-    cv_seconds = time.perf_counter() - t0
+            X_fit, y_fit = X_dev[: len(data.y)], y_dev[: len(data.y)]  # the training rows come first
+        else:
+            X_fit, y_fit = data.X, data.y
+            if jobs is None:
+                jobs = default_jobs(X_all, len(splits)) if backend in ("loky", "threading") else -1
+            with parallel_config(backend=backend, n_jobs=jobs):
+                folds = []
+                # Folds as they finish, for the progress line (Ray's and Dask's joblib backends return lists only).
+                streamed = "generator" if backend in ("loky", "threading", "multiprocessing") else "list"
+                for result in Parallel(return_as=streamed)(delayed(_fold)(pipe, X_all, y_all, tr, te)
+                                                           for tr, te in splits):
+                    folds.append(result)
+                    progress.advance()
+        cv_seconds = time.perf_counter() - t0
 
-    per_fold = [fold_metrics(y_all[te], pred, proba, classes, n_classes)
-                for (_, te), (pred, proba, classes) in zip(splits, folds, strict=True)]
-    t0 = time.perf_counter()
-    progress.status = "refitting on all images"
-    progress.advance(0)
-    # The shipped model predicts class names. Tensors need numeric labels: on a GPU it is relabelled below.
-    final = _refit(pipe, X_fit, y_fit if on_gpu else np.asarray(data.class_names)[y_fit])
-    progress.close()
+        per_fold = [fold_metrics(y_all[te], pred, proba, classes, n_classes)
+                    for (_, te), (pred, proba, classes) in zip(splits, folds, strict=True)]
+        t0 = time.perf_counter()
+        progress.status = "refitting on all images"
+        progress.advance(0)
+        # The shipped model predicts class names. Tensors need numeric labels: on a GPU it is relabelled below.
+        final = _refit(pipe, X_fit, y_fit if on_gpu else np.asarray(data.class_names)[y_fit])
+        progress.close()
     fit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     final.predict(data.X[: min(len(data.X), 256)])

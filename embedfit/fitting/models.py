@@ -12,7 +12,7 @@ from sklearn.base import BaseEstimator
 from sklearn.pipeline import Pipeline
 
 from embedfit.errors import UsageError
-from embedfit.fitting.registry import BuildContext, array_api_names, get_classifier
+from embedfit.fitting.registry import BuildContext, Classifier, array_api_names, get_classifier
 
 SCALES = ("standard", "l2", "none")
 
@@ -24,8 +24,17 @@ AUTO_PCA_DIM = 256  # kernel/neighbour models (`Classifier.pca_first`): RBF-SVC 
 
 
 def check_model_name(model: str) -> None:
-    """Raise a UsageError with suggestions for an unknown model name (no scikit-learn imported)."""
-    get_classifier(model)
+    """Raise a UsageError with suggestions for an unknown model name, or for a model fitted out of core only (no
+    scikit-learn imported)."""
+    _in_memory(model)
+
+
+def _in_memory(model: str) -> Classifier:
+    record = get_classifier(model)
+    if record.build is None:
+        raise UsageError(f"{model} streams the store instead of loading it: fit it with "
+                         "embedfit.fit_out_of_core (`embedfit fit -m` does so)")
+    return record
 
 
 def check_class_weight(class_weight: str | None) -> str | None:
@@ -45,7 +54,7 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
     """A classifier Pipeline: scaler -> optional PCA -> model (-> grid search when `search`).
 
     Args:
-        model: A registered classifier (`registry.classifier_names()`).
+        model: A registered classifier fitted in memory (`registry.classifier_names(streaming=False)`).
         scale: "standard" (z-score), "l2" (unit-norm rows) or "none".
         pca: Number of components, None or "none" for no PCA, or "auto" (PCA to 256 dims for the classifiers with
             `pca_first`: svm and knn).
@@ -64,11 +73,12 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
         notes: Receives a line for each setting changed to fit small data.
 
     Raises:
-        UsageError: Unknown options, a `pca` larger than the data allows, or `search` with a one-image class.
+        UsageError: Unknown options, a streaming model, a `pca` larger than the data allows, or `search` with a
+            one-image class.
     """
     from sklearn.decomposition import PCA
 
-    record = get_classifier(model)
+    record = _in_memory(model)
     class_weight = check_class_weight(class_weight)
     n_train = n_samples if n_train is None else n_train
     if pca == "none":  # as on the command line
@@ -130,7 +140,8 @@ def resolve_model(model: str | BaseEstimator) -> str | BaseEstimator:
     constructed with its default arguments (e.g. "sklearn.ensemble:HistGradientBoostingClassifier").
 
     Raises:
-        UsageError: An unknown name, a class that cannot be imported or constructed, or no classifier.
+        UsageError: An unknown name or one fitted out of core only, a class that cannot be imported or
+            constructed, or no classifier.
     """
     if not isinstance(model, str):
         _check_classifier(model, type(model).__name__)

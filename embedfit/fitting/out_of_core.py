@@ -1,4 +1,5 @@
-"""Out-of-core fitting: SGD linear models on stores larger than memory (`fit_out_of_core`; no Ray needed).
+"""Out-of-core fitting: the streaming classifiers (`Classifier.stream`: sgd-logreg, sgd-svm, or any registered
+one) on stores larger than memory (`fit_out_of_core`; no Ray needed).
 
 Feature chunks stream through `partial_fit`; the result is the same run directory as `embedfit.fit`.
 """
@@ -15,9 +16,8 @@ from sklearn.pipeline import Pipeline
 
 from embedfit.errors import UsageError
 from embedfit.fitting.cv import FitResult
+from embedfit.fitting.registry import StreamContext, Streaming, classifier_names, get_classifier
 from embedfit.store import OK, FeatureStore
-
-OOC_MODELS = ("sgd-logreg", "sgd-svm")
 
 
 def _blocks(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
@@ -29,7 +29,7 @@ def _stream(store: FeatureStore, blocks: list[np.ndarray], mix: int, rng: np.ran
     """Yield (rows, features) batches of `mix` blocks each; shuffled block order and rows when `rng` is given.
 
     Blocks are contiguous runs of rows, so each read is one HDF5 span; mixing several random blocks per batch
-    keeps a store sorted by class (the usual folder order) from feeding SGD one class at a time.
+    keeps a store sorted by class (the usual folder order) from feeding the model one class at a time.
     """
     order = rng.permutation(len(blocks)) if rng is not None else np.arange(len(blocks))
     for i in range(0, len(order), mix):
@@ -42,10 +42,11 @@ def _stream(store: FeatureStore, blocks: list[np.ndarray], mix: int, rng: np.ran
 
 
 def _calibration_rows(y: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (into `y`) of a stratified calibration block of about `size` rows, and of the rest (for SGD).
+    """Positions (into `y`) of a stratified calibration block of about `size` rows, and of the rest (to train on).
 
     Every class gives the same share of its rows, at least one, so the block holds every class. A class with a
-    single row lends it to both sides: the calibration needs every class, and SGD cannot learn a class it never sees.
+    single row lends it to both sides: the calibration needs every class, and the model cannot learn a class it
+    never sees.
     """
     share = size / len(y)
     cal, fit = [], []
@@ -57,26 +58,19 @@ def _calibration_rows(y: np.ndarray, size: int, rng: np.random.Generator) -> tup
     return np.sort(np.concatenate(cal)), np.sort(np.concatenate(fit))
 
 
-def _sgd_fit(store: FeatureStore, rows: np.ndarray, model: str, *, epochs: int, batch_rows: int, alpha: float,
-             class_weight: str | None, seed: int) -> Pipeline:
-    """StandardScaler (partial_fit, one pass) then SGDClassifier (partial_fit, `epochs` shuffled passes).
+def _stream_fit(store: FeatureStore, rows: np.ndarray, model: str, stream: Streaming, *, epochs: int,
+                batch_rows: int, alpha: float, class_weight: str | None, seed: int) -> Pipeline:
+    """StandardScaler (partial_fit, one pass) then the record's estimator (partial_fit, `epochs` shuffled passes).
 
-    The SGD step is constant, 2 / n_features: after standardisation a row's squared norm is about n_features, so each
-    update moves a margin by at most about 2 (times its class weight), whatever the dimension. (scikit-learn's
-    "optimal" schedule assumes rows of norm ~1; on 1280-d features its first steps are ~1000x too large and drive
-    margins and intercepts into the thousands.) Averaging starts after the first pass, so the average leaves out
-    the iterates still close to zero.
-
-    sgd-logreg then gets its probabilities from a temperature-scaled softmax over the SGD decision values
+    With `stream.calibrate`, the probabilities are a temperature-scaled softmax over the decision values
     (`CalibratedClassifierCV(method="temperature")` on the frozen model), fitted on a stratified calibration
-    block of about 10% of `rows` (at most `batch_rows` minus one per class) that SGD never trains on; it is
+    block of about 10% of `rows` (at most `batch_rows` minus one per class) that the model never trains on; it is
     collected during the scaler pass, so it costs no extra read. The OvR sigmoids SGDClassifier would normalise
     instead are under-confident for an SGD model stopped after a few passes, and uniform when all of them
     saturate; the softmax keeps the decision function's argmax, so `predict` is the argmax of `predict_proba`.
     """
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.frozen import FrozenEstimator
-    from sklearn.linear_model import SGDClassifier
     from sklearn.preprocessing import StandardScaler
     from sklearn.utils.class_weight import compute_class_weight
 
@@ -86,10 +80,10 @@ def _sgd_fit(store: FeatureStore, rows: np.ndarray, model: str, *, epochs: int, 
     rng = np.random.default_rng(seed)
     cal = np.empty(0, dtype=rows.dtype)
     fit_rows = rows
-    if model == "sgd-logreg":
+    if stream.calibrate:
         if len(present) > batch_rows:  # the calibration block holds one row per class or more
             raise UsageError(f"`batch_rows` must be at least the number of classes ({len(present)}) for "
-                             f"sgd-logreg, got {batch_rows}")
+                             f"{model}, got {batch_rows}")
         at_cal, at_fit = _calibration_rows(y_all, min(batch_rows - len(present), len(rows) // 10), rng)
         cal, fit_rows = rows[at_cal], rows[at_fit]
     scaler = StandardScaler()
@@ -103,14 +97,12 @@ def _sgd_fit(store: FeatureStore, rows: np.ndarray, model: str, *, epochs: int, 
     weights = None
     if class_weight == "balanced":  # partial_fit refuses "balanced": compute it once from the in-memory labels
         weights = dict(zip(present.tolist(), compute_class_weight("balanced", classes=present, y=y_fit), strict=True))
-    clf = SGDClassifier(loss="log_loss" if model == "sgd-logreg" else "hinge", alpha=alpha, class_weight=weights,
-                        learning_rate="constant", eta0=2.0 / store.dim,
-                        average=max(1, len(fit_rows) if epochs > 1 else len(fit_rows) // 2), random_state=seed)
+    clf = stream.build(StreamContext(store.dim, len(fit_rows), epochs, weights, alpha, seed))
     blocks = _blocks(fit_rows, max(1, batch_rows // mix))
     for _ in range(epochs):
         for batch_rows_idx, X in _stream(store, blocks, mix, rng):
             clf.partial_fit(scaler.transform(X), store.labels[batch_rows_idx], classes=present)
-    if model != "sgd-logreg":
+    if not stream.calibrate:
         return Pipeline([("scale", scaler), ("clf", clf)])
     every = np.arange(len(cal))  # one "split": the frozen model scores every calibration row
     calibrated = CalibratedClassifierCV(FrozenEstimator(clf), method="temperature", cv=[(every, every)])
@@ -122,7 +114,7 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
                     output: str | os.PathLike | None = None, epochs: int = 5, batch_rows: int = 8192,
                     test_size: float = 0.2, alpha: float = 1e-4, class_weight: str | None = "balanced",
                     seed: int = 0) -> FitResult:
-    """Fit a linear classifier on a store larger than memory, streaming feature chunks through `partial_fit`.
+    """Fit a streaming classifier on a store larger than memory, feeding feature chunks to its `partial_fit`.
 
     Only the store's metadata (labels, paths) is held in memory; features are read `batch_rows` at a time. A
     stratified hold-out share is evaluated (one streamed fit), then the model is refit on every image and saved as
@@ -131,12 +123,13 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
 
     Args:
         store: The training feature store.
-        model: "sgd-logreg" (logistic loss, has probabilities) or "sgd-svm" (hinge loss).
+        model: A registered classifier with `stream` (`classifier_names(streaming=True)`): "sgd-logreg"
+            (logistic loss, calibrated probabilities) or "sgd-svm" (hinge loss, no probabilities).
         output: Run directory (default: runs/<store stem>-<model>).
         epochs: Passes over the data (shuffled chunk order each pass).
         batch_rows: Rows per `partial_fit` call (the memory bound: batch_rows x dim float32).
         test_size: Hold-out share for the evaluation.
-        alpha: SGD regularisation strength.
+        alpha: Regularisation strength.
         class_weight: "balanced" or None.
         seed: Random state for the split and the shuffles.
 
@@ -150,8 +143,10 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
     from embedfit.fitting.models import name_classes
     from embedfit.runs import Evaluation, check_replace, identity_of, save_run
 
-    if model not in OOC_MODELS:
-        raise UsageError(f"unknown out-of-core model '{model}'; choose {' or '.join(OOC_MODELS)}")
+    stream = get_classifier(model).stream
+    if stream is None:
+        raise UsageError(f"{model} is fitted in memory (`embedfit.fit`); out-of-core models: "
+                         f"{', '.join(classifier_names(streaming=True))}")
     if epochs < 1 or batch_rows < 1:
         raise UsageError(f"`epochs` and `batch_rows` must be at least 1, got {epochs} and {batch_rows}")
     if not 0 < test_size < 1:
@@ -172,12 +167,12 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
 
     t0 = time.perf_counter()
     train, test = train_test_split(rows, test_size=test_size, stratify=y, random_state=seed)
-    pipe = _sgd_fit(store, np.sort(train), model, **opts)
+    pipe = _stream_fit(store, np.sort(train), model, stream, **opts)
     test = np.sort(test)
     pred, proba = [], []
     for _, X in _stream(store, _blocks(test, batch_rows), 1, None):
         pred.append(pipe.predict(X))
-        if model == "sgd-logreg":  # a column for every class name, 0 for those without images
+        if hasattr(pipe, "predict_proba"):  # a column for every class name, 0 for those without images
             proba.append(np.zeros((len(X), len(names))))
             proba[-1][:, pipe.classes_] = pipe.predict_proba(X)
     pred_a = np.concatenate(pred)
@@ -186,7 +181,7 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
     cv_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    final = _sgd_fit(store, rows, model, **opts)
+    final = _stream_fit(store, rows, model, stream, **opts)
     name_classes(final[-1], names)  # fitted on indices (partial_fit needs every class up front); ships names
     fit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()

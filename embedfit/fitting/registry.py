@@ -3,7 +3,8 @@
 A `Classifier` record holds the name, a builder, the search grid, whether the model runs on torch tensors through
 scikit-learn's array API, whether PCA goes first, and the types its saved model may hold beyond skops' defaults.
 `make_pipeline` wraps what the builder returns (scaler, PCA, grid search); `trusted_types()` is the union of the
-records' types, the allow-list the run directory loads models with.
+records' types, the allow-list the run directory loads models with. A record with `stream` instead of `build` is
+fitted out of core: `fit_out_of_core` streams the store through the `partial_fit` of what `stream.build` returns.
 
 `SHIPPED` names the module of embedfit's own records, imported on the first lookup, in the manner of timm's
 `_registry.py`: the names are checked without scikit-learn (the builders import it when called). Adding a
@@ -34,6 +35,15 @@ PIPELINE_TYPES = (
 )
 
 
+# What a CalibratedClassifierCV holds once fitted: svm's, and the one `fit_out_of_core` puts around a `Streaming`
+# model with `calibrate`.
+CALIBRATION_TYPES = (
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.calibration._TemperatureScaling",
+)
+
+
 @dataclass
 class BuildContext:
     """What a builder may adapt the classifier to.
@@ -60,25 +70,76 @@ class BuildContext:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Classifier:
-    """One classifier of the model zoo.
+@dataclass
+class StreamContext:
+    """What a streaming builder may adapt the classifier to (`Streaming.build`).
 
     Attributes:
-        name: The name `fit` and the command line take.
-        build: `BuildContext -> estimator` (imports scikit-learn when called).
+        n_features: Embedding dimension.
+        n_samples: Rows it will be trained on.
+        epochs: Passes over those rows it will get.
+        class_weight: Weight per class index (`partial_fit` takes no "balanced": it is computed from the labels),
+            or None.
+        alpha: Regularisation strength.
+        seed: Random state.
+    """
+
+    n_features: int
+    n_samples: int
+    epochs: int
+    class_weight: dict[int, float] | None
+    alpha: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """How a classifier streams a store larger than memory (`fit_out_of_core`).
+
+    A first pass fits a `StandardScaler` with `partial_fit`; then the estimator `build` returns gets
+    `partial_fit(X, y, classes=...)` on standardised, shuffled chunks for `epochs` passes.
+
+    Attributes:
+        build: `StreamContext -> estimator` with `partial_fit` (imports scikit-learn when called).
+        calibrate: Its probabilities are a temperature-scaled softmax over its `decision_function`, fitted on a
+            block of rows it never trains on (`CALIBRATION_TYPES` join `trusted_types`). Otherwise it has the
+            probabilities of its own `predict_proba`, or none.
+    """
+
+    build: Callable[[StreamContext], BaseEstimator]
+    calibrate: bool = False
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """One classifier of the model zoo: fitted in memory (`build`) or streamed out of core (`stream`).
+
+    Attributes:
+        name: The name `fit` (or `fit_out_of_core`) and the command line take.
+        build: `BuildContext -> estimator` (imports scikit-learn when called); None for a streaming record.
         grid: Search grid, keys relative to the estimator `build` returns under `search`.
         array_api: Its pipeline runs on torch tensors through scikit-learn's array API (and so on a GPU).
         pca_first: `pca="auto"` puts PCA to `AUTO_PCA_DIM` dimensions in front (kernel and neighbour models).
         types: Types its saved model holds beyond skops' defaults (the load allow-list, `trusted_types`).
+        stream: How it streams a store larger than memory; such a record has no `build` (`embedfit fit` sends
+            its name to `fit_out_of_core`).
+
+    Raises:
+        UsageError: Neither or both of `build` and `stream`.
     """
 
     name: str
-    build: Callable[[BuildContext], BaseEstimator]
+    build: Callable[[BuildContext], BaseEstimator] | None = None
     grid: dict[str, list[Any]] = field(default_factory=dict)
     array_api: bool = False
     pca_first: bool = False
     types: tuple[str, ...] = ()
+    stream: Streaming | None = None
+
+    def __post_init__(self) -> None:
+        if (self.build is None) == (self.stream is None):
+            raise UsageError(f"classifier '{self.name}' needs either `build` (fitted in memory) or `stream` "
+                             "(fitted out of core), not both or neither")
 
 
 _CLASSIFIERS: dict[str, Classifier] = {}
@@ -94,10 +155,15 @@ def _load() -> None:
     importlib.import_module(SHIPPED)  # registers embedfit's own records (once: later imports are cached)
 
 
-def classifier_names() -> tuple[str, ...]:
-    """The registered names, embedfit's own first in their order."""
+def classifier_names(*, streaming: bool | None = None) -> tuple[str, ...]:
+    """The registered names, embedfit's own first in their order.
+
+    Args:
+        streaming: True: only those fitted out of core (`Classifier.stream`); False: only those fitted in memory;
+            None: all.
+    """
     _load()
-    return tuple(_CLASSIFIERS)
+    return tuple(n for n, c in _CLASSIFIERS.items() if streaming is None or (c.stream is not None) == streaming)
 
 
 def get_classifier(name: str) -> Classifier:
@@ -121,6 +187,9 @@ def array_api_names() -> tuple[str, ...]:
 
 def trusted_types() -> tuple[str, ...]:
     """Every type a model file of a registered classifier may hold beyond skops' defaults: the union of the
-    records' `types` and `PIPELINE_TYPES`, sorted. Loading a run trusts these (and scikit-learn's own classes)."""
+    records' `types`, `PIPELINE_TYPES` and (for streaming records that calibrate) `CALIBRATION_TYPES`, sorted.
+    Loading a run trusts these (and scikit-learn's own classes)."""
     _load()
-    return tuple(sorted({*PIPELINE_TYPES, *(t for c in _CLASSIFIERS.values() for t in c.types)}))
+    calibrated = any(c.stream is not None and c.stream.calibrate for c in _CLASSIFIERS.values())
+    return tuple(sorted({*PIPELINE_TYPES, *(CALIBRATION_TYPES if calibrated else ()),
+                         *(t for c in _CLASSIFIERS.values() for t in c.types)}))

@@ -1,11 +1,18 @@
-"""embedfit's own classifiers, one record each (`registry.Classifier`); the builders import scikit-learn when
-called, so registering them costs nothing."""
+"""embedfit's own classifiers, one record each (`registry.Classifier`): fitted in memory, or streamed out of core
+(sgd-logreg, sgd-svm). The builders import scikit-learn when called, so registering them costs nothing."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from embedfit.fitting.registry import BuildContext, Classifier, register_classifier
+from embedfit.fitting.registry import (
+    CALIBRATION_TYPES,
+    BuildContext,
+    Classifier,
+    StreamContext,
+    Streaming,
+    register_classifier,
+)
 
 LOGREG_CS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]  # logreg's inner CV (numpy.logspace(-4, 1, 6))
 
@@ -94,8 +101,21 @@ def _mlp(ctx: BuildContext) -> Any:
                          n_iter_no_change=5, random_state=ctx.seed)
 
 
-_CALIBRATION = ("sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration",
-                "sklearn.calibration._TemperatureScaling")
+def _sgd(loss: str) -> Any:
+    def build(ctx: StreamContext) -> Any:
+        # A constant step of 2 / n_features: after standardisation a row's squared norm is about n_features, so
+        # each update moves a margin by at most about 2 (times its class weight), whatever the dimension.
+        # (scikit-learn's "optimal" schedule assumes rows of norm ~1; on 1280-d features its first steps are ~1000x
+        # too large and drive margins and intercepts into the thousands.) Averaging starts after the first pass,
+        # so the average leaves out the iterates still close to zero.
+        from sklearn.linear_model import SGDClassifier
+
+        return SGDClassifier(loss=loss, alpha=ctx.alpha, class_weight=ctx.class_weight, learning_rate="constant",
+                             eta0=2.0 / ctx.n_features,
+                             average=max(1, ctx.n_samples if ctx.epochs > 1 else ctx.n_samples // 2),
+                             random_state=ctx.seed)
+
+    return build
 
 
 # Array API, checked with scikit-learn 1.9: logreg (as a grid search) and ridge run on tensors; LogisticRegressionCV,
@@ -103,7 +123,7 @@ _CALIBRATION = ("sklearn.calibration._CalibratedClassifier", "sklearn.calibratio
 for _record in (
     Classifier("logreg", _logreg, {"C": [0.001, 0.01, 0.1, 1.0, 10.0]}, array_api=True),
     Classifier("svm", _svm, {"estimator__C": [0.3, 1.0, 3.0, 10.0, 30.0], "estimator__gamma": ["scale", 0.3, 3.0]},
-               pca_first=True, types=_CALIBRATION),
+               pca_first=True, types=CALIBRATION_TYPES),
     Classifier("linear-svm", _linear_svm, {"C": [0.0001, 0.001, 0.01, 0.1, 1.0]}),
     Classifier("knn", _knn, {"n_neighbors": [3, 5, 10, 20], "weights": ["uniform", "distance"]}, pca_first=True,
                types=("sklearn.metrics._dist_metrics.EuclideanDistance64", "sklearn.neighbors._kd_tree.KDTree",
@@ -114,5 +134,9 @@ for _record in (
                types=("sklearn.tree._tree.Tree",)),
     Classifier("mlp", _mlp, {"alpha": [1e-4, 1e-3, 1e-2], "hidden_layer_sizes": [(256,), (512,)]},
                types=("sklearn.neural_network._stochastic_optimizers.AdamOptimizer",)),
+    # Out of core (`fit_out_of_core`). SGD's own one-vs-rest probabilities saturate to 0/1 on large stores (uniform
+    # rows, argmax(proba) != predict): sgd-logreg's are calibrated instead (docs/scaling.md).
+    Classifier("sgd-logreg", stream=Streaming(_sgd("log_loss"), calibrate=True)),
+    Classifier("sgd-svm", stream=Streaming(_sgd("hinge"))),
 ):
     register_classifier(_record)

@@ -239,16 +239,10 @@ def is_run(path: str | Path) -> bool:
 
 
 def class_positions(labels: Any, class_names: list[str]) -> np.ndarray:
-    """Positions in the run's `class_names` of labels a loaded model gives (`predict`'s output or `classes_`).
-
-    Models fitted by this version predict class names; runs saved before predict class indices, which are
-    their own positions (so old runs keep working with `embedfit predict` and this helper).
-    """
-    labels = np.asarray(labels)
-    if labels.dtype.kind in "iu":
-        return labels.astype(int)
+    """Positions in the run's `class_names` of the class names a loaded model gives (`predict`'s output or
+    `classes_`)."""
     where = {name: i for i, name in enumerate(class_names)}
-    return np.array([where[str(label)] for label in labels], dtype=int)
+    return np.array([where[str(label)] for label in np.asarray(labels)], dtype=int)
 
 
 def save_run(run_dir: str | Path, pipeline: Pipeline, *, model: str, params: dict[str, Any], store: FeatureStore,
@@ -298,14 +292,15 @@ def model_binding(model_path: str | Path, class_names: list[str]) -> dict[str, A
 def check_model_file(run_dir: str | Path, meta: dict[str, Any], model_path: str | Path) -> None:
     """Refuse a model file that is not the one model.json was written with.
 
-    Runs written before the binding was recorded have no `model_sha256`; they are checked after loading instead
-    (the estimator's classes against the class names).
-
     Raises:
-        ModelFileError: The file's SHA-256 differs from the recorded one.
+        ModelFileError: model.json records no binding (a pre-release run), or the file's SHA-256 differs from the
+            recorded one.
     """
     recorded = meta.get("model_sha256")
-    if recorded is not None and file_sha256(model_path) != recorded:
+    if not isinstance(recorded, str):
+        raise ModelFileError(f"{Path(run_dir) / 'model.json'} records no model_sha256 (a run written by a "
+                             "pre-release embedfit, or an edited file): refit the run")
+    if file_sha256(model_path) != recorded:
         raise ModelFileError(f"{model_path} is not the model file {Path(run_dir) / 'model.json'} was written with "
                              "(its SHA-256 differs): it was replaced or modified; restore it or refit the run")
 
@@ -315,10 +310,14 @@ def _check_binding(run_dir: Path, meta: dict[str, Any]) -> None:
     names = meta.get("class_names")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         raise ModelFileError(f"{run_dir / 'model.json'} is damaged: class_names must be a list of distinct names")
-    if "n_classes" in meta and meta["n_classes"] != len(names):
+    if not all(key in meta for key in ("model_sha256", "n_classes", "class_names_sha256")):
+        raise ModelFileError(f"{run_dir / 'model.json'} does not bind the model file (no model_sha256, n_classes or "
+                             "class_names_sha256: a run written by a pre-release embedfit, or an edited file); "
+                             "refit the run")
+    if meta["n_classes"] != len(names):
         raise ModelFileError(f"{run_dir / 'model.json'} lists {len(names)} class names but the model has "
                              f"{meta['n_classes']} classes; restore model.json or refit the run")
-    if "model_sha256" in meta and meta.get("class_names_sha256") != _names_digest(meta["model_sha256"], names):
+    if meta["class_names_sha256"] != _names_digest(meta["model_sha256"], names):
         raise ModelFileError(f"the class names in {run_dir / 'model.json'} were changed after the model was saved "
                              "(predictions would carry the wrong labels); restore them or refit the run")
 
@@ -376,7 +375,7 @@ def model_file(run_dir: str | Path, kind: str) -> tuple[dict[str, Any], Path]:
 def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
     """Load a run's pipeline without running untrusted code: only skops, only allow-listed types.
 
-    The pipeline predicts class names (runs saved by earlier versions: class indices; `class_positions` maps both).
+    The pipeline predicts class names.
 
     Raises:
         ModelFileError: Missing files, a file that is not a skops archive (e.g. a pickle), or a skops file

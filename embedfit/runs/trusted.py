@@ -56,10 +56,10 @@ def check_fitted(pipeline: Any, *, class_names: Sequence[str], n_features: int, 
         ModelFileError: The classes differ from the run's class names, or some fitted state is out of range.
     """
     classes = np.asarray(getattr(pipeline, "classes_", []))
-    # Runs predict class names (older runs: indices into model.json's class names).
-    same = (np.array_equal(classes, np.arange(len(class_names))) if classes.dtype.kind in "iu"
-            else classes.dtype.kind in "UO" and sorted(map(str, classes)) == sorted(class_names))
-    if not same:
+    if classes.dtype.kind in "iu":
+        raise ModelFileError(f"{path} predicts class indices, not class names (a run written by a pre-release "
+                             "embedfit): refit the run")
+    if classes.dtype.kind not in "UO" or sorted(map(str, classes)) != sorted(class_names):
         raise ModelFileError(f"{path} predicts {len(classes)} classes ({', '.join(map(str, classes[:3]))}, ...) "
                              f"but its model.json lists {len(class_names)} other class names: the files come from "
                              "different runs; refit the run")

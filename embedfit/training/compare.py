@@ -20,7 +20,7 @@ import json
 import math
 import numbers
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from embedfit.errors import UsageError, check_output_dir, check_output_not_input
 from embedfit.extraction.encoder import Encoder, embed_decoded
 from embedfit.extraction.settings import resolve_device
 from embedfit.fitting.models import make_pipeline
+from embedfit.progress import OnProgress, note, within
 from embedfit.runs import check_replace, identity_of, staged_dir
 from embedfit.stats import N_BOOT, cheapest_within_noise, paired_bootstrap, ratio
 from embedfit.training.classify import class_mapping, has_imagenet_head
@@ -56,9 +57,6 @@ _ARM_ALIASES = {"as-is": AS_IS, "asis": AS_IS, "probe": PROBE, "linear-probe": P
                 "finetune": FINETUNE, "fine-tune": FINETUNE, "scratch": SCRATCH}
 ARMS = (AS_IS, PROBE, FINETUNE, SCRATCH)
 
-Progress = Callable[[str], None]
-
-
 MAX_REPEATS = 100  # seeded splits; more says nothing new about the spread and only costs hours
 
 
@@ -76,8 +74,8 @@ def _probe_arm(backbone: str) -> str:
     return f"{PROBE} ({backbone})"
 
 
-def _embed(encoder: Encoder, images: list[Any], batch_size: int = 16) -> np.ndarray:
-    return embed_decoded(images, encoder, batch_size=batch_size)
+def _embed(encoder: Encoder, images: list[Any], on_progress: OnProgress | None, batch_size: int = 16) -> np.ndarray:
+    return embed_decoded(images, encoder, batch_size=batch_size, on_progress=on_progress)
 
 
 def _imagenet_proba(model: Any, X: np.ndarray) -> np.ndarray:
@@ -156,7 +154,8 @@ class _Arm:
     name: str
     config: TrainConfig | None = None
     pred: list[np.ndarray] = dataclasses.field(default_factory=list)
-    seconds: list[float] = dataclasses.field(default_factory=list)
+    seconds: list[float] = dataclasses.field(default_factory=list)  # fitting (training) per split
+    embedding_seconds: float | None = None  # the frozen-embedding pass it scores on (as-is, probes), timed apart
     histories: list[list[float]] = dataclasses.field(default_factory=list)
     top1: list[np.ndarray] = dataclasses.field(default_factory=list)  # as-is: plain top-1, mapped
     test_pred: np.ndarray | None = None
@@ -174,7 +173,7 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
             finetune: TrainConfig | None = None, arms: Sequence[str] | str = ARM_CHOICES,
             freeze: Sequence[str] | None = None, augment: Sequence[bool] = (True,),
             test: str | Path | None = None, imagenet_map: str | Path | None = None,
-            progress: Progress | None = None, probe_backbones: Sequence[str] = ()) -> dict[str, Any]:
+            on_progress: OnProgress | None = None, probe_backbones: Sequence[str] = ()) -> dict[str, Any]:
     """Run the chosen arms on the same seeded stratified splits; write compare.json, compare.md, the learning
     curve and run directories, and end with a recommendation.
 
@@ -201,7 +200,8 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
             config's augmentations, False none.
         test: A labeled folder or CSV of held-out images with the same classes: every arm is scored on it.
         imagenet_map: A ``class,imagenet_class`` CSV for the as-is arm instead of reading the class names.
-        progress: Called with a line of progress (arm, split, epoch) as the comparison runs.
+        on_progress: Called with the comparison's progress (`embedfit.progress`): a note as each arm starts on
+            each split, and the images of each embedding pass and the batches of each epoch as they go.
         probe_backbones: More backbones for the linear probe, one arm each ("linear probe (NAME)") on the same
             splits, so that the comparison also answers which backbone to probe (`embedfit sweep` does that at
             scale). Their images are decoded once at `backbone`'s resize size.
@@ -209,7 +209,10 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
     Returns:
         The comparison as written to compare.json.
     """
-    say = progress or (lambda _message: None)
+
+    def say(message: str) -> None:
+        note(on_progress, message)
+
     chosen = parse_arms(arms)
     if not 1 <= repeats <= MAX_REPEATS:
         raise UsageError(f"`repeats` must be between 1 and {MAX_REPEATS}, got {repeats}")
@@ -272,21 +275,29 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
         X = X_test = proba = proba_test = None
         mapping = None
         embed_seconds = 0.0
+        embedding_seconds: dict[str, float] = {}  # per backbone: its one frozen-embedding pass of the training images
         if AS_IS in chosen or PROBE in chosen:
             say(f"embedding {len(labels)} images" + (f" and {len(test_set.labels)} test images" if test_set else ""))
             t0 = time.perf_counter()
             encoder = Encoder(model, dev)
-            X = _embed(encoder, data_set.images)
+            X = _embed(encoder, data_set.images, within(on_progress, backbone))
             embed_seconds = time.perf_counter() - t0
-            X_test = _embed(encoder, test_set.images) if test_set is not None else None
+            X_test = _embed(encoder, test_set.images, within(on_progress, f"{backbone}, test images")) \
+                if test_set is not None else None
+            embedding_seconds[backbone] = embed_seconds
+            for name in (AS_IS, PROBE):
+                if name in results:
+                    results[name].embedding_seconds = embed_seconds
         probes: dict[str, tuple[np.ndarray, np.ndarray | None, float]] = {}  # arm -> train and test embeddings, seconds
         for name in extra:
             say(f"embedding {len(labels)} images with {name}")
             t0 = time.perf_counter()
             other = Encoder(create_backbone(name), dev)
-            X_other = _embed(other, data_set.images)
-            probes[_probe_arm(name)] = (X_other, _embed(other, test_set.images) if test_set is not None else None,
-                                        time.perf_counter() - t0)
+            X_other = _embed(other, data_set.images, within(on_progress, name))
+            embedding_seconds[name] = results[_probe_arm(name)].embedding_seconds = time.perf_counter() - t0
+            probes[_probe_arm(name)] = (X_other, _embed(other, test_set.images, within(on_progress,
+                                                                                     f"{name}, test images"))
+                                        if test_set is not None else None, embedding_seconds[name])
         if AS_IS in chosen:
             if not has_imagenet_head(model):
                 results[AS_IS].not_applicable = f"{model.spec.short()} has no pretrained ImageNet-1k classifier"
@@ -318,23 +329,23 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
                 t0 = time.perf_counter()
                 results[AS_IS].pred.append(restricted_predict(proba[val_idx], mapping)[0])
                 results[AS_IS].top1.append(top1_mapped(proba[val_idx], mapping))
-                # the forward pass over the validation images (part of the one embedding pass) plus the mapping
-                results[AS_IS].seconds.append(embed_seconds * len(val_idx) / len(labels) + time.perf_counter() - t0)
+                # no training: mapping the embedding pass's ImageNet probabilities onto the classes
+                results[AS_IS].seconds.append(time.perf_counter() - t0)
             if PROBE in results:
                 say(f"{where}: linear probe")
                 t0 = time.perf_counter()
                 results[PROBE].pred.append(_probe_fit(X, labels, train_idx, split_seed).predict(X[val_idx]))
-                results[PROBE].seconds.append(embed_seconds + time.perf_counter() - t0)
-            for arm_name, (X_other, _, seconds) in probes.items():
+                results[PROBE].seconds.append(time.perf_counter() - t0)  # fitting only: embedding is timed apart
+            for arm_name, (X_other, _, _) in probes.items():
                 say(f"{where}: {arm_name}")
                 t0 = time.perf_counter()
                 probe = _probe_fit(X_other, labels, train_idx, split_seed)
                 results[arm_name].pred.append(probe.predict(X_other[val_idx]))
-                results[arm_name].seconds.append(seconds + time.perf_counter() - t0)
+                results[arm_name].seconds.append(time.perf_counter() - t0)
             split = make_split(data_set, train_idx, val_idx)
             for arm in trained:
                 config = dataclasses.replace(arm.config, seed=split_seed)
-                result = train(split, config, on_epoch=_epoch_reporter(say, f"{where}: {arm.name}", config.epochs))
+                result = train(split, config, on_progress=within(on_progress, f"{where}: {arm.name}"))
                 arm.pred.append(result.val_proba.argmax(1))
                 arm.seconds.append(result.train_seconds)
                 arm.histories.append([e["val_accuracy"] for e in result.epochs[1:]])
@@ -360,7 +371,7 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
                     config = dataclasses.replace(curve_arm.config, seed=split_seed, epochs=k_epochs,
                                                  validate_epochs=False)
                     ft = train(make_split(data_set, sub, val_idx), config,
-                               on_epoch=_epoch_reporter(say, f"{where}: learning curve, {k} per class", k_epochs))
+                               on_progress=within(on_progress, f"{where}: learning curve, {k} per class"))
                     curve_runs[k]["finetune"].append(ft.val_accuracy)
                     curve_runs[k]["finetune_seconds"].append(ft.train_seconds)
                     curve_runs[k]["epochs"].append(k_epochs)
@@ -371,7 +382,7 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
         for arm in trained:
             mean_curve = np.nanmean(np.array(arm.histories, dtype=float), axis=0)
             arm.epochs_refit = int(np.nanargmax(mean_curve)) + 1
-            _save_arm(output, arm, data_set, test_set, splits[0], say=say, device=device, seed=seed)
+            _save_arm(output, arm, data_set, test_set, splits[0], on_progress=on_progress, device=device, seed=seed)
         if test_set is not None:
             say(f"scoring every arm on {len(test_set.labels)} test images")
             if AS_IS in results and proba_test is not None:
@@ -400,6 +411,7 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
             "scratch_budget": ("--scratch-epochs" if scratch_epochs else
                                "matched to fine-tuning's optimizer steps (same images and batch size: same epochs)"),
             "device": str(dev), "learning_curve": curve,
+            "embedding_seconds": embedding_seconds,
             "learning_curve_arm": curve_arm.name if curve_arm is not None else None,
             "learning_curve_skipped": [{"per_class": k, "reason": f"the training split has {per_class} images per class"
                                         if k > per_class else "not a positive size"} for k in skipped],
@@ -417,16 +429,9 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
     return result
 
 
-def _epoch_reporter(say: Progress, where: str, epochs: int) -> Callable[[dict[str, float]], None]:
-    def report(entry: dict[str, float]) -> None:
-        acc = entry["val_accuracy"]
-        score = "" if np.isnan(acc) else f", validation accuracy {acc:.3f}"
-        say(f"{where}: epoch {int(entry['epoch'])}/{epochs} ({entry['seconds']:.0f} s{score})")
-    return report
-
-
 def _save_arm(output: Path, arm: _Arm, data_set: LabeledImages, test_set: LabeledImages | None,
-              first_split: tuple[np.ndarray, np.ndarray], *, say: Progress, device: str, seed: int) -> None:
+              first_split: tuple[np.ndarray, np.ndarray], *, on_progress: OnProgress | None, device: str,
+              seed: int) -> None:
     """Write a trained arm's run directory once: the model refit on every training image, scored on the test
     images; without a test set, the first split's validation scores (by the model trained on that split) next
     to the refit model, and said so in its evaluation record. Scratch without a test set keeps the first
@@ -446,12 +451,12 @@ def _save_arm(output: Path, arm: _Arm, data_set: LabeledImages, test_set: Labele
                      identity=run_identity(first.config, data_set.fingerprint, evaluation=evaluation.details),
                      n_excluded=len(data_set.failed))
         return
-    say(f"refit {arm.name} on all {n} training images, {_plural(arm.epochs_refit, 'epoch')}")
+    note(on_progress, f"refit {arm.name} on all {n} training images, {_plural(arm.epochs_refit, 'epoch')}")
     full = make_split(data_set, np.arange(n), np.zeros(0, int))  # no validation images: nothing is chosen here
     config = dataclasses.replace(arm.config, seed=seed, epochs=arm.epochs_refit, validate_epochs=False)
-    refit = train(full, config, on_epoch=_epoch_reporter(say, f"refit {arm.name}", arm.epochs_refit))
+    refit = train(full, config, on_progress=within(on_progress, f"refit {arm.name}"))
     arm.refit_seconds = refit.train_seconds
-    note = {"train_images": n, "epochs": arm.epochs_refit, "train_seconds": refit.train_seconds}
+    refit_note = {"train_images": n, "epochs": arm.epochs_refit, "train_seconds": refit.train_seconds}
     if test_set is not None:
         t0 = time.perf_counter()
         # predict's own path (the files, decoded as `embedfit predict` does): the scores are what it reproduces
@@ -473,7 +478,7 @@ def _save_arm(output: Path, arm: _Arm, data_set: LabeledImages, test_set: Labele
     save_trained(output / _slug(arm.name), refit, evaluation=evaluation, keys=keys, labels=truth, proba=proba,
                  data=data, data_fingerprint=data_set.fingerprint,
                  identity=run_identity(refit.config, data_set.fingerprint, evaluation=evaluation.details),
-                 n_excluded=len(data_set.failed), extra={"refit": note})
+                 n_excluded=len(data_set.failed), extra={"refit": refit_note})
 
 
 def _accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -517,6 +522,7 @@ def _summarize(results: dict[str, _Arm], splits: list[tuple[np.ndarray, np.ndarr
         entry: dict[str, Any] = {
             "applicable": True, "accuracy": float(np.mean(runs)), "accuracy_std": float(np.std(runs)),
             "accuracy_ci": paired_bootstrap(hits, seed), "accuracy_runs": runs, "seconds": float(np.mean(arm.seconds)),
+            "embedding_seconds": arm.embedding_seconds,
         }
         if name == AS_IS:
             top1 = [float((t == labels[v]).mean()) for t, (_, v) in zip(arm.top1, splits, strict=True)]
@@ -549,7 +555,9 @@ def _summarize(results: dict[str, _Arm], splits: list[tuple[np.ndarray, np.ndarr
             correct[name] = [t_hits]
         arms[name] = entry
     out: dict[str, Any] = {"arms": arms, "notes": notes, "scored_on": on}
-    scored = {n: {"accuracy": (a["test"]["accuracy"] if on == "test" else a["accuracy"]), "seconds": a["seconds"]}
+    # An arm's cost: its embedding pass (once, as-is and probes) plus its fitting on a split.
+    scored = {n: {"accuracy": (a["test"]["accuracy"] if on == "test" else a["accuracy"]),
+                  "seconds": a["seconds"] + (a["embedding_seconds"] or 0.0)}
               for n, a in arms.items() if a["applicable"]}
     if not scored:
         out.update(comparisons={}, recommendation="no arm could be scored")
@@ -604,7 +612,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     if test:
         head += " test accuracy | test 95% CI |"
         rule += " --- | --- |"
-    lines += [head + " wall time per split (s) |", rule + " --- |"]
+    lines += [head + " fitting per split (s) |", rule + " --- |"]
     for name, arm in result["arms"].items():
         if not arm["applicable"]:
             lines.append(f"| {name} | not applicable: {arm['reason']} | |" + (" | |" if test else "") + " |")
@@ -613,6 +621,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         if test:
             cells += f" {arm['test']['accuracy']:.3f} | {_ci(arm['test']['accuracy_ci'])} |"
         lines.append(cells + f" {arm['seconds']:.1f} |")
+    embedded = result.get("embedding_seconds") or {}
+    if embedded:
+        lines += ["", f"Embedding the {result['images']} images once for as-is and the probe (frozen features, timed "
+                  "apart from fitting): " + ", ".join(f"{n} {s:.1f} s" for n, s in embedded.items())
+                  + ". Fine-tuning and scratch embed inside their training. The recommendation weighs each arm's "
+                  "embedding plus its fitting."]
     as_is = result["arms"].get(AS_IS)
     if as_is and as_is["applicable"]:
         mapping = as_is["mapping"]

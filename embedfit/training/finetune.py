@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from embedfit.backbones.timm_models import TimmPreLogits
 from embedfit.errors import InputError, ModelFileError, UsageError, check_output_dir, check_output_not_input
 from embedfit.extraction.settings import resolve_device
 from embedfit.images import ImageRecord, decode_image, scan_images
+from embedfit.progress import OnProgress, Progress, note, progress_sink, within
 
 AUGMENTATIONS = ("flip", "rotate", "scale", "crop", "color")
 
@@ -63,7 +64,8 @@ class TrainConfig:
             the last (for comparisons where the validation images also give the reported score).
         device: "auto", "cpu", "cuda", ...
         seed: Seed for the split, initialisation, shuffling and augmentation.
-        progress: Show a progress bar per epoch.
+        progress: Show the epochs' progress on stderr (`embedfit.progress.StderrSink`) when `train` is given no
+            `on_progress`.
         validate_epochs: Score the validation images after every epoch (and the untrained head as epoch 0);
             False scores only the final model (needs early_stopping=False; saves time in learning curves).
     """
@@ -350,13 +352,13 @@ class TrainResult:
 
 
 def evaluate(model: Classifier, images: list[Any], labels: np.ndarray, spec: Any, device: torch.device,
-             batch_size: int = 32) -> np.ndarray:
+             batch_size: int = 32, on_progress: OnProgress | None = None) -> np.ndarray:
     """Class probabilities for decoded images, with the eval-time preprocessing.
 
     The images go through extraction's forward path (`Encoder.embed` on `model.backbone`, fp32, PyTorch), the
     trained head on the embeddings, as `FinetunedModel.predict_proba_paths` does for image files. The model is
     left in eval mode, on its device, with the same parameter tensors (`train` sets train mode each epoch).
-    `labels` is not read (the caller scores the probabilities against it).
+    `labels` is not read (the caller scores the probabilities against it); `on_progress` hears of the images.
     """
     from embedfit.extraction.encoder import Encoder, embed_decoded
 
@@ -364,12 +366,13 @@ def evaluate(model: Classifier, images: list[Any], labels: np.ndarray, spec: Any
     # channels_last=False: converting would swap the memory format of the parameters being trained.
     encoder = Encoder(model.backbone, device, channels_last=False, runtime="torch")
     proba = embed_decoded(images, encoder, batch_size=batch_size, preprocess=spec.preprocess(),
-                          head=lambda z: torch.softmax(model.head(model.dropout(z)).float(), dim=1))
+                          head=lambda z: torch.softmax(model.head(model.dropout(z)).float(), dim=1),
+                          on_progress=on_progress)
     return proba if len(proba) else np.zeros((0, 0))
 
 
 def train(data: str | Path | Split, config: TrainConfig | None = None, *, output: str | Path | None = None,
-          on_epoch: Callable[[dict[str, float]], None] | None = None, **options: Any) -> TrainResult:
+          on_progress: OnProgress | None = None, **options: Any) -> TrainResult:
     """Fine-tune (or, with pretrained=False, train from scratch) a classifier on a labeled image folder.
 
     Args:
@@ -377,12 +380,19 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
             may be empty: then nothing is scored and the last epoch is kept).
         config: Training settings; keyword `options` override its fields.
         output: Run directory to write (none when omitted).
-        on_epoch: Called with each epoch's history entry as it finishes (for progress reports).
+        on_progress: Called with the batches of each epoch, the validation images, and a note as each epoch ends
+            (`embedfit.progress`); else `config.progress` shows them on stderr.
 
     Returns:
         A `TrainResult` with the best-validation model and the per-epoch history.
     """
     config = dataclasses.replace(config or TrainConfig(), **options)
+    with progress_sink(on_progress, config.progress) as sink:
+        return _train(data, config, output, sink)
+
+
+def _train(data: str | Path | Split, config: TrainConfig, output: str | Path | None,
+           on_progress: OnProgress | None) -> TrainResult:
     if output is not None:  # before minutes of training, not after
         check_output_dir(output)
         check_output_not_input(output, [] if isinstance(data, Split) else [data])
@@ -391,6 +401,8 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
     device = resolve_device(config.device)
     backbone = create_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
     spec = backbone.spec
+    if not isinstance(data, Split):
+        note(on_progress, f"decoding {data}")
     split = data if isinstance(data, Split) else load_split(data, spec, val_size=config.val_size, seed=config.seed)
     if output is not None:  # what this run answers; a folder holding another answer is refused before training
         from embedfit.runs import check_replace
@@ -416,10 +428,11 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else None
     last_proba: list[np.ndarray | None] = [None]
 
-    def val_accuracy(score: bool = True) -> float:
+    def val_accuracy(epoch: int, score: bool = True) -> float:
         if not score or not len(split.val_images):
             return float("nan")
-        proba = evaluate(model, split.val_images, split.val_labels, spec, device)
+        proba = evaluate(model, split.val_images, split.val_labels, spec, device,
+                         on_progress=within(on_progress, f"epoch {epoch}/{config.epochs}: validating"))
         last_proba[0] = proba
         return float((proba.argmax(1) == split.val_labels).mean())
 
@@ -427,7 +440,7 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
         return sum(all(p.requires_grad for p in b.parameters()) for b in backbone_blocks(model.backbone))
 
     history: list[dict[str, float]] = [{"epoch": 0, "train_loss": float("nan"),
-                                        "val_accuracy": val_accuracy(config.validate_epochs),
+                                        "val_accuracy": val_accuracy(0, config.validate_epochs),
                                         "seconds": 0.0, "trainable_blocks": n_trainable()}]
     # Epoch 0 (the untrained head) is the baseline in the history, never the model kept: on a small or
     # imbalanced validation split it can out-score the first trained epochs by chance.
@@ -443,7 +456,8 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
         for block in frozen:  # frozen BatchNorm keeps its running statistics
             block.eval()
         losses = []
-        for x, y in _progress(loader, config.progress, f"epoch {epoch}/{config.epochs}"):
+        batches = Progress(f"epoch {epoch}/{config.epochs}", len(loader), unit="batches", on_progress=on_progress)
+        for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             if amp is not None:
@@ -454,12 +468,15 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
             loss.backward()
             optimizer.step()
             losses.append(loss.detach().item())
-        acc = val_accuracy(config.validate_epochs or epoch == config.epochs)
+            batches.advance(status=f"loss {np.mean(losses):.3f}")
+        batches.close()
+        acc = val_accuracy(epoch, config.validate_epochs or epoch == config.epochs)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": acc,
                         "seconds": time.perf_counter() - t0, "trainable_blocks": n_trainable(),
                         "steps": len(loader)})
-        if on_epoch is not None:
-            on_epoch(history[-1])
+        score = "" if np.isnan(acc) else f", validation accuracy {acc:.3f}"
+        note(on_progress, f"epoch {epoch}/{config.epochs} done in {history[-1]['seconds']:.0f} s, train loss "
+                          f"{history[-1]['train_loss']:.4f}{score}")
         if not config.early_stopping or np.isnan(acc):
             best, best_proba = acc, last_proba[0]
         elif acc > best:
@@ -486,14 +503,6 @@ def train(data: str | Path | Split, config: TrainConfig | None = None, *, output
                                       data_fingerprint=split.fingerprint, identity=identity,
                                       n_excluded=len(split.failed))
     return result
-
-
-def _progress(loader: Any, enabled: bool, label: str) -> Any:
-    if not enabled:
-        return loader
-    from rich.progress import track
-
-    return track(loader, description=label, transient=True)
 
 
 # ---------------------------------------------------------------------------------------------------
