@@ -375,7 +375,8 @@ def shard_problem(shard: Path, entry: dict[str, Any] | None) -> str:
             if entry is None:
                 return ""
             paths = f["paths"]
-            digest = attr(f.attrs, "metadata_sha256") or metadata_digest(read_row_arrays(f))  # older shards: none
+            # Shards written before digests have none: the manifest recorded one computed from their rows.
+            digest = attr(f.attrs, "metadata_sha256") or metadata_digest(read_row_arrays(f), present=f)
             if len(paths) != entry["rows"]:
                 return f"has {len(paths)} rows, the manifest recorded {entry['rows']}"
             if digest != entry["sha256"]:
@@ -447,10 +448,10 @@ class ShardedFeatures:
             try:
                 with h5py.File(self.folder / name, "r") as f:
                     arrays = read_row_arrays(f)
-                    expected = attr(f.attrs, "metadata_sha256")
+                    expected, present = attr(f.attrs, "metadata_sha256"), set(f)
             except Exception as exc:
                 raise self._fail(name, f"cannot be read ({why(exc)})") from None
-            if expected is not None and metadata_digest(arrays) != expected:
+            if expected is not None and metadata_digest(arrays, present=present) != expected:
                 raise self._fail(name, "has metadata that no longer matches its digest (changed on disk)")
             keys[name] = arrays["paths"]
         for out0, n, name, src0 in self.maps:

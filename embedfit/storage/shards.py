@@ -324,7 +324,8 @@ class ShardedStoreWriter(StoreWriter):
                 first, last = (paths[0], paths[-1]) if len(paths) else ("", "")
                 index[sources[s].name] = {
                     "rows": len(paths), "first": first, "last": last,
-                    "sha256": attr(shard.attrs, "metadata_sha256") or metadata_digest(read_row_arrays(shard))}
+                    "sha256": (attr(shard.attrs, "metadata_sha256")
+                               or metadata_digest(read_row_arrays(shard), present=shard))}
         shard_index = json.dumps(index)
         with h5py.File(tmp, "w") as f:
             f.attrs.update(self.settings.attrs())
