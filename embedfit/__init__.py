@@ -33,7 +33,7 @@ _LAZY = {
     "build_report": "embedfit.report",
     "audit": "embedfit.auditing",
     "FeatureStore": "embedfit.storage",
-    "EmbeddingTransformer": "embedfit.transformer",
+    "EmbeddingTransformer": "embedfit.embedding_transformer",
 }
 
 __getattr__, __dir__, _names = attach(__name__, _LAZY)

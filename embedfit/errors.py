@@ -165,6 +165,19 @@ def check_output_not_input(output: str | os.PathLike, inputs: Iterable[str | os.
     return Path(output)
 
 
+def check_inputs_exist(inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse a local input path that does not exist, as a command's first check, before any model library is
+    imported (URLs on object storage are checked where they are read).
+
+    Raises:
+        InputError: One of `inputs` does not exist.
+    """
+    for given in inputs:
+        path = Path(given)
+        if "://" not in str(given) and not (path.exists() or path.is_symlink()):
+            raise InputError(f"{given} does not exist")
+
+
 def _cannot_write_in(folder: Path) -> str:
     """Why nothing can be created in `folder` ("" when it can): tried, since permission bits do not tell root,
     read-only mounts or special file systems apart."""

@@ -254,7 +254,7 @@ def _reusable(run_dir: Path, stores: dict[str, Any], model: str, config: SweepCo
 def _fit_options(stores: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
     """The `fit` options of every fit in the sweep, and the model settings and evaluation settings they record
     (the model settings are `FitConfig`'s defaults: a version that changes them refits)."""
-    from embedfit.fitting.cv import FitConfig
+    from embedfit.fitting.evaluate import FitConfig
 
     default = FitConfig()
     settings = {"scale": default.scale, "pca": None if default.pca == "none" else default.pca,
@@ -299,7 +299,7 @@ def _fit(run_dir: Path, model: str, stores: dict[str, Any], config: SweepConfig,
     this sweep: the sweep owns its runs folder)."""
     import shutil
 
-    from embedfit.fitting.cv import fit
+    from embedfit.fitting.evaluate import fit
 
     if run_dir.exists():
         shutil.rmtree(run_dir)

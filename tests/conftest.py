@@ -16,6 +16,18 @@ os.environ["EMBEDFIT_OFFLINE"] = "1"  # never reach for a network in tests
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+TIERS = ("fast", "slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test module names its tier (`pytestmark = pytest.mark.fast` or `slow`): `make test` runs the tests not
+    marked slow (a test of a fast module may be marked slow itself), `make test-all` and CI run every tier."""
+    untiered = sorted({item.path.name for item in items if not any(item.get_closest_marker(t) for t in TIERS)})
+    if untiered:
+        raise pytest.UsageError(f"test modules without a tier (pytestmark = pytest.mark.fast or slow): "
+                                f"{', '.join(untiered)}")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point every model cache at an empty temp folder, so tests see a fresh machine."""

@@ -16,6 +16,8 @@ from PIL import Image
 
 from embedfit.cli import main
 
+pytestmark = pytest.mark.slow  # ~2.5 min on the shared 2-core machine: two extractions per module, audits
+
 
 def _reencoded(src: Path, dst: Path, scale: float, quality: int) -> None:
     with Image.open(src) as im:
@@ -142,8 +144,8 @@ def test_run_gives_the_out_of_fold_probabilities(planted: dict, tmp_path: Path) 
 
 def test_group_duplicates_keeps_each_cluster_in_one_fold(planted: dict) -> None:
     from embedfit.auditing import duplicate_groups
-    from embedfit.fitting.cv import make_splits
     from embedfit.fitting.data import load_dataset
+    from embedfit.fitting.evaluate import make_splits
 
     data = load_dataset(planted["store"])
     groups = duplicate_groups(data.store, data.rows)

@@ -12,6 +12,8 @@ import pytest
 from embedfit.cli import main
 from embedfit.storage import FeatureStore
 
+pytestmark = pytest.mark.fast
+
 
 def test_extract_then_info(image_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (image_tree / "brick" / "broken.jpg").write_bytes(b"\xff\xd8\xff")

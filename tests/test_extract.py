@@ -17,6 +17,8 @@ from embedfit.extraction.settings import ExtractConfig
 from embedfit.images import decode_image, scan_images
 from embedfit.storage import FAILED, MISSING, OK, FeatureStore, StoreWriter
 
+pytestmark = pytest.mark.fast
+
 
 def _direct(backbone, paths: list[Path]) -> np.ndarray:
     """The reference: decode, preprocess, stack, one plain forward pass, no embedfit engine."""

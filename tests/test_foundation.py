@@ -12,6 +12,8 @@ import torch
 from embedfit.backbones.factory import create_backbone
 from embedfit.errors import UsageError, WeightsUnavailableError
 
+pytestmark = pytest.mark.slow
+
 SMALL = 56  # 4x4 patches of 14 px: quick forwards; the weights file loads at any resolution
 
 

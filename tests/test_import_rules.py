@@ -8,7 +8,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import embedfit
+
+pytestmark = pytest.mark.fast
 
 ROOT = Path(embedfit.__file__).parent
 SCOPE = ("embedfit.storage", "embedfit.url", "embedfit.images")

@@ -24,7 +24,7 @@ from embedfit.errors import StoreError
 from embedfit.extraction.local import extract
 from embedfit.storage import FeatureStore
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from embedfit.extraction.onnx import _cache_key, cache_dir, onnx_available, reso
 from embedfit.extraction.settings import default_workers
 from embedfit.storage import FeatureStore
 
-pytestmark = pytest.mark.skipif(not onnx_available(), reason="needs embedfit[onnx]")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not onnx_available(), reason="needs embedfit[onnx]")]
 CPU = torch.device("cpu")
 
 

@@ -14,6 +14,8 @@ from embedfit.images import ImageRecord
 from embedfit.runs import load_model
 from embedfit.storage import FeatureStore, StoreSettings, StoreWriter
 
+pytestmark = pytest.mark.fast
+
 ROWS, DIM, CLASSES = 20000, 1280, 10
 
 

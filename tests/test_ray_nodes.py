@@ -24,7 +24,7 @@ from conftest import write_tree
 
 from embedfit.storage import FeatureStore
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 _DRIVER = textwrap.dedent("""
     import json, os, socket, sys, threading, time

@@ -18,6 +18,8 @@ from embedfit.backbones.spec import BackboneInfo
 from embedfit.extraction import engines
 from embedfit.fitting import registry as classifiers
 
+pytestmark = pytest.mark.fast
+
 # --- a toy backbone family: a tiny random CNN (seeded, so every build is the same network) ---
 
 def _build_toy(name: str, *, weights: Path | None, pretrained: bool, resolution: int | None):
@@ -174,7 +176,8 @@ def test_the_registries_import_none_of_their_entries() -> None:
     assert engine_list == ["local", "ray"] and names[0] == "logreg" and "svm" in names
     assert streaming == ["sgd-logreg", "sgd-svm"] and set(streaming) <= set(names)
     assert not {"torch", "sklearn", "timm", "torchvision", "ray"} & set(modules)
-    assert not {"embedfit.extraction.local", "embedfit.extraction.ray", "embedfit.backbones.tv"} & set(modules)
+    assert not {"embedfit.extraction.local", "embedfit.extraction.ray",
+                "embedfit.backbones.torchvision_models"} & set(modules)
 
 
 def test_a_skeleton_leaves_a_model_built_meanwhile_in_another_thread_initialised() -> None:

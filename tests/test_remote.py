@@ -12,6 +12,8 @@ from PIL import Image
 
 from embedfit.errors import DecodeError, StoreError, UsageError
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 

@@ -18,6 +18,8 @@ from embedfit.extraction.local import extract
 from embedfit.storage import FeatureStore
 from embedfit.storage.shards import shards_dir
 
+pytestmark = pytest.mark.fast
+
 
 def _shards(out: Path) -> list[Path]:
     return sorted(shards_dir(out).glob("shard-*.h5"))

@@ -21,6 +21,8 @@ from embedfit.extraction.settings import ExtractConfig, transfer_batch_size
 from embedfit.images import decode_image, scan_images
 from embedfit.storage import FeatureStore
 
+pytestmark = pytest.mark.slow
+
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

@@ -23,7 +23,7 @@ from embedfit.errors import StoreError, UsageError, check_output_file
 from embedfit.extraction.local import extract
 from embedfit.storage import OK, FeatureStore, ShardedStoreWriter, StoreSettings, shards_dir
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(300)]
 CLASSES = ["c0", "c1"]
 
 

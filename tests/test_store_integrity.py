@@ -23,7 +23,7 @@ from embedfit.errors import StoreError, StoreLockedError
 from embedfit.extraction.local import extract
 from embedfit.storage import OK, FeatureStore, StoreSettings, StoreWriter
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(300)]
 CLASSES = ["c0", "c1"]
 
 
@@ -227,7 +227,7 @@ def test_closing_a_writer_leaves_the_lock_file_so_two_writers_never_both_lock(tm
     must then be refused, which it would not be if the closing writer had unlinked the file in between."""
     out = tmp_path / "feats.h5"
     _make_store(out, settings, n=4)
-    lock_file = out.with_name("feats.h5.lock")
+    lock_file = out.with_name(".feats.h5.embedfit-lock")  # hidden, and named for what it is
     holder = StoreWriter(out, settings)
     fd = os.open(lock_file, os.O_RDWR)  # the second writer has opened the lock file (POSIX locks are flocks)...
     try:
@@ -240,6 +240,7 @@ def test_closing_a_writer_leaves_the_lock_file_so_two_writers_never_both_lock(tm
         os.close(fd)
     with StoreWriter(out, settings):  # free again
         pass
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["feats.h5"]
 
 
 # -- 4. part files ----------------------------------------------------------------------------------------

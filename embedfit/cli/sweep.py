@@ -34,6 +34,9 @@ def sweep(
     seed: int = typer.Option(0, help="Random seed of the folds and models."),
 ) -> None:
     """Extract each backbone once, fit every model on identical folds, and rank them with a paired interval."""
+    from embedfit.errors import check_inputs_exist
+
+    check_inputs_exist([data, *([test] if test else [])])  # before torch: a wrong path is refused at once
     from embedfit.sweep import SweepConfig, read_sweep
     from embedfit.sweep import sweep as run_sweep
 

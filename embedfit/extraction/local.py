@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from embedfit.backbones.catalogue import check_request
 from embedfit.extraction.engines import Engine, ExtractJob
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, resolve_device
 from embedfit.extraction.writer import FeatureWriter, settings_if_same_request
@@ -60,11 +61,10 @@ def _plan_and_run(source: str | os.PathLike, output: str | os.PathLike, url: str
                   class_names: Sequence[str] | None, engine: Engine, started: float,
                   on_progress: OnProgress | None) -> ExtractSummary:
     """What every engine shares before it runs: the name check, the scan, and the resume plan."""
-    from embedfit.backbones.catalogue import check_name
 
     stored = settings_if_same_request(output, config)
-    if stored is None:
-        check_name(config.backbone)  # cheap checks first (no torch): a typo should not wait for a big folder scan
+    if stored is None:  # cheap checks first, without torch: a typo should not wait for a big folder scan
+        check_request(config.backbone, weights=config.weights, pool=config.pool, resolution=config.resolution)
     images = scan_images(source, class_names=class_names)
     if stored is not None:  # a re-run: when every image is stored already, no model is needed (nor torch)
         with FeatureWriter(output, stored, images, retry_failed=config.retry_failed,

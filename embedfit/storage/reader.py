@@ -311,9 +311,15 @@ class FeatureStore:
             yield idx, self.features(idx)
 
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(X, y, paths) of the embedded images: the usual entry point for scikit-learn."""
+        """(X, y, paths) of the embedded images: the usual entry point for scikit-learn.
+
+        `y` holds class names ("" for unlabelled images), the labels a saved model predicts, so that
+        `pipeline.score(X, y)` and `accuracy_score(y, pipeline.predict(X))` compare like with like; the class
+        indices are `labels[ok_rows()]`.
+        """
         rows = self.ok_rows()
-        return self.features(rows), self.labels[rows], self.paths[rows]
+        names = np.array([*self.class_names, ""], dtype=object)  # label -1 (unlabelled) picks the trailing ""
+        return self.features(rows), names[self.labels[rows]].astype(str), self.paths[rows]
 
     def summary(self) -> dict[str, Any]:
         """Counts and provenance, for `embedfit info` and reports."""

@@ -14,8 +14,8 @@ keeps the old file's permission bits). While extraction runs, results go to smal
 the old store intact plus finished parts, which the next run reuses after checking them in full: a damaged part is
 deleted, with a warning, and its images embedded again.
 
-Concurrency: a lock file (`<store>.lock`, never deleted) keeps a second writer out; it is an OS lock that dies with
-its holder and that forked children (DataLoader workers) do not keep.
+Concurrency: a lock file (`lock_file`: the hidden `.<store>.embedfit-lock`, never deleted) keeps a second writer
+out; it is an OS lock that dies with its holder and that forked children (DataLoader workers) do not keep.
 """
 
 from __future__ import annotations
@@ -137,6 +137,14 @@ def run_provenance(previous: Any, current: dict[str, Any], produced: bool) -> di
     return out
 
 
+def lock_file(path: Path) -> Path:
+    """The file whose OS lock keeps a second writer of the store `path` out: `.feats.h5.embedfit-lock` beside
+    `feats.h5`, hidden and named for what it is. It stays after the writer closes: deleting a lock file that
+    another writer has just opened lets two writers lock two different files of one name, and a lock kept
+    elsewhere (a per-machine folder) would no longer keep out a writer on another host of a shared filesystem."""
+    return path.with_name(f".{path.name}.embedfit-lock")
+
+
 class StoreWriter:
     """Crash-safe, resumable writer for one store; use as a context manager.
 
@@ -188,7 +196,7 @@ class StoreWriter:
         # filelock takes an OS lock (flock on POSIX) that dies with its holder, SIGKILL included, and closes its
         # descriptor in forked children (DataLoader workers), which would otherwise keep the lock alive after
         # the main process is killed. No soft-lock fallback: a marker file would outlive a killed writer.
-        lock = FileLock(self.path.with_name(self.path.name + ".lock"), timeout=0, thread_local=False,
+        lock = FileLock(lock_file(self.path), timeout=0, thread_local=False,
                         fallback_to_soft=False, preserve_lock_file=True)
         try:
             lock.acquire()

@@ -14,7 +14,6 @@ images at the epoch count that scored best on validation), and the recommendatio
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -579,12 +578,12 @@ def _summarize(results: dict[str, _Arm], splits: list[tuple[np.ndarray, np.ndarr
 
 def _write_test_predictions(path: Path, test_set: LabeledImages, names: list[str], results: dict[str, _Arm]) -> None:
     scored = {n: a for n, a in results.items() if a.test_pred is not None}
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", *scored])
-        for i, key in enumerate(test_set.keys):
-            writer.writerow([key, names[test_set.labels[i]],
-                             *(names[int(a.test_pred[i])] if a.test_pred[i] >= 0 else "" for a in scored.values())])
+    from embedfit.runs import write_csv  # every cell escaped against formula injection
+
+    write_csv(path, ["path", "label", *scored], ([key, names[test_set.labels[i]],
+                                                  *(names[int(a.test_pred[i])] if a.test_pred[i] >= 0 else ""
+                                                    for a in scored.values())]
+                                                 for i, key in enumerate(test_set.keys)))
 
 
 # ---------------------------------------------------------------------------------------------------
