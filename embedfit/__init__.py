@@ -31,6 +31,7 @@ _LAZY = {
     "decode_image": "embedfit.images", "scan_images": "embedfit.images",
     "predict": "embedfit.prediction",
     "build_report": "embedfit.report",
+    "audit": "embedfit.auditing",
     "FeatureStore": "embedfit.storage",
     "EmbeddingTransformer": "embedfit.embedding_transformer",
 }

@@ -45,3 +45,14 @@ def test_bench_extract_rounds_report_medians(tmp_path: Path) -> None:
     assert row["bound"] == "shared cores"
     assert all(r["bound_images_per_second"] < min(r["compute_ceiling"], r["input_ceiling"]) for r in rounds)
     assert not list((BENCH / "results").glob("*_test.json"))
+
+
+def test_bench_audit_reports_recall_time_and_memory(tmp_path: Path) -> None:
+    env = {**os.environ, "EMBEDFIT_BENCH_RESULTS": str(tmp_path / "results")}
+    proc = subprocess.run([sys.executable, "bench_audit.py", "--n", "3000", "--dim", "64", "--pairs", "30",
+                           "--tag", "_test"], cwd=BENCH, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "results" / "audit_3000_test.json").read_text())
+    assert result["search"] == "exact" and result["planted_pairs"] == 30 and result["recall"] == 1.0
+    assert result["audit_seconds"] > 0 and result["peak_rss_gb"] > 0
+    assert not list(BENCH.glob("tmp*"))  # the synthetic store is removed

@@ -99,7 +99,7 @@ def test_cpu_jpeg_decoder_leaves_damaged_files_to_pil(tmp_path: Path, lite0) -> 
     records = scan_images(tmp_path).records
     dataset = ImageDataset(records, lite0.spec)
     for i, record in enumerate(records):
-        _, image, error = dataset[i]
+        _, image, error, _ = dataset[i]
         try:
             expected = lite0.spec.preprocess()(decode_image(record.path, draft_size=dataset.draft)), ""
         except Exception as exc:
@@ -223,7 +223,7 @@ def test_device_decoder_rejects_unknown_names() -> None:
 def test_dataset_returns_bytes_only_for_plain_jpegs(odd_jpegs: Path, lite0) -> None:
     records = scan_images(odd_jpegs).records
     ds = ImageDataset(records, lite0.spec, raw_jpeg=True)
-    kinds = {records[i].key: (None if t is None else t.dim()) for i, t, _ in (ds[i] for i in range(len(ds)))}
+    kinds = {records[i].key: (None if t is None else t.dim()) for i, t, _, _ in (ds[i] for i in range(len(ds)))}
     assert kinds["plain_0.jpg"] == 1 and kinds["cmyk.jpg"] == 3 and kinds["photo.png"] == 3
     assert kinds["truncated.jpg"] is None and kinds["text.jpg"] is None
 

@@ -8,6 +8,8 @@ import typer
 
 from embedfit.cli.app import app, err, out
 from embedfit.cli.options import (
+    EXCLUDE,
+    GROUP_DUPLICATES,
     Backend,
     Scale,
     _pca,
@@ -31,6 +33,8 @@ def fit(
     cv: int = typer.Option(5, min=2, help="Stratified k-fold folds."),
     repeats: int = typer.Option(1, min=1, max=100, help="Repetitions of the k-fold (at most 100)."),
     groups: str | None = typer.Option(None, help="CSV (path,group) or regex on paths: keep groups within folds."),
+    group_duplicates: bool = GROUP_DUPLICATES,
+    exclude: Path | None = EXCLUDE,
     test_store: str | None = typer.Option(None, help="Evaluate on this store instead of CV."),
     test_size: float | None = typer.Option(None, min=0.0, max=1.0, help="Evaluate on a hold-out share instead."),
     search: bool = typer.Option(False, help="Grid-search hyper-parameters (nested CV)."),
@@ -61,7 +65,8 @@ def fit(
         raise typer.BadParameter("-o names one run directory; leave it out to fit several models",
                                  param_hint="--output")
     if output is not None:
-        check_output_not_input(output, [store, *([test_store] if test_store else []), *([groups] if groups else [])])
+        check_output_not_input(output, [store, *([test_store] if test_store else []), *([groups] if groups else []),
+                                        *([exclude] if exclude else [])])
     weight = None if class_weight == "none" else class_weight
     if backend is Backend.ray:
         from embedfit.extraction.ray import connect
@@ -74,7 +79,8 @@ def fit(
     results = [fit_out_of_core(store, name, output=output, epochs=epochs, batch_rows=batch_rows,
                                test_size=test_size or 0.2, class_weight=weight, seed=seed) if name in streaming else
                run_fit(store, chosen[name], output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,
-                       groups=groups, test_store=test_store, test_size=test_size, search=search,
+                       groups=groups, group_duplicates=group_duplicates, exclude=exclude, test_store=test_store,
+                       test_size=test_size, search=search,
                        class_weight=weight, jobs=jobs, backend=backend.value, ray_address=ray_address,
                        device=device, seed=seed, progress=True)
                for name in model]
@@ -112,14 +118,22 @@ def predict(
 
 @app.command()
 def report(
-    runs: list[Path] = typer.Argument(..., help="Run directories to report on and compare, or one sweep folder."),
+    runs: list[Path] = typer.Argument(..., help="Run directories to report on and compare, one sweep folder, or "
+                                      "one audit folder."),
     output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file to write."),
 ) -> None:
     """Write a self-contained HTML report (metrics, confusion, embedding map, mistakes) and print a leaderboard;
-    given a sweep folder, its leaderboard and accuracy against extraction cost."""
+    given a sweep folder, its leaderboard and accuracy against extraction cost; given an audit folder, its findings
+    with thumbnails and a fixes CSV to hand back to `fit --exclude`."""
+    from embedfit.auditing import build_audit_report, is_audit_folder
     from embedfit.cli.presentation import print_leaderboard
     from embedfit.report import build_report, summarize_runs
     from embedfit.sweep import is_sweep_folder
+
+    if len(runs) == 1 and is_audit_folder(runs[0]):
+        path = build_audit_report(runs[0], output)
+        out.print(f"report: {path}; default fixes: {runs[0] / 'fixes.csv'}", soft_wrap=True)
+        return
 
     if len(runs) == 1 and is_sweep_folder(runs[0]):  # a sweep folder: its leaderboard and cost plot
         from embedfit.cli.sweep import print_sweep

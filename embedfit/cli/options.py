@@ -73,3 +73,10 @@ def args_backbone(name: str) -> str:
 
     check_name(name)  # without torch: a typo is refused at once
     return name
+
+
+# Options that evaluation commands share, defined once: what an audit feeds back into how a classifier is scored.
+GROUP_DUPLICATES: Any = typer.Option(False, help="Keep each cluster of exact and near-duplicates within one CV "
+                                     "fold (see `embedfit audit`).")
+EXCLUDE: Any = typer.Option(None, help="CSV with path,action columns (audit.csv, or the fixes CSV of `embedfit "
+                            "report AUDIT_DIR`): leave out the images marked 'exclude'.")

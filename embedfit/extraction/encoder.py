@@ -11,7 +11,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,7 @@ class BatchResult:
     records: list[ImageRecord]
     features: np.ndarray
     errors: list[str]
+    hashes: list[str] = field(default_factory=list)  # SHA-256 of each file's bytes ("" unknown): `content_hash`
 
     @property
     def n_failed(self) -> int:
@@ -232,7 +233,7 @@ def iter_embeddings(records: Sequence[ImageRecord], encoder: Encoder, *, batch_s
         feats = np.full((len(batch.index), dim), np.nan, dtype=np.float32)
         if out is not None:
             feats[pos] = out.cpu().numpy()
-        return BatchResult([dataset.records[i] for i in batch.index], feats, batch.errors)
+        return BatchResult([dataset.records[i] for i in batch.index], feats, batch.errors, batch.hashes)
 
     prepared: Iterator[tuple[_Batch, torch.Tensor | None, list[int]]] = (
         (batch, *_device_batch(batch, encoder, dataset)) for loaded in loader for batch in loaded.split(batch_size))

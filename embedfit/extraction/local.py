@@ -109,7 +109,7 @@ class LocalEngine:
             start = time.perf_counter()
 
             def add(batch: BatchResult) -> tuple[int, str]:
-                writer.add(batch.records, batch.features, batch.errors)
+                writer.add(batch.records, batch.features, batch.errors, batch.hashes)
                 return len(batch.records), f"{writer.done / max(time.perf_counter() - start, 1e-9):.1f} img/s"
 
             # The store decides: complete when every image has a row, so a Ctrl-C that lands after the last batch

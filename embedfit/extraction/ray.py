@@ -151,7 +151,7 @@ class _ShardWorker:
         import numpy as np
 
         from embedfit.extraction.encoder import iter_embeddings
-        from embedfit.storage import FAILED, OK
+        from embedfit.storage import CONTENT_HASH, FAILED, OK
         from embedfit.storage.shards import write_shard
 
         marker = os.environ.get(_TEST_KILL_ONCE)
@@ -167,7 +167,8 @@ class _ShardWorker:
         args = (name, settings, [r.key for r in records],
                 [class_names[r.label] if r.label >= 0 else "" for r in records], [r.size for r in records],
                 [r.mtime_ns for r in records], [FAILED if e else OK for e in errors], errors,
-                np.concatenate([b.features for b in batches]), {**provenance, "runtime": self.encoder.runtime})
+                np.concatenate([b.features for b in batches]), {**provenance, "runtime": self.encoder.runtime},
+                {CONTENT_HASH: [h for b in batches for h in b.hashes]})
         if is_url(folder):  # the store is on object storage: written here, uploaded whole (one PUT)
             with tempfile.TemporaryDirectory(prefix="embedfit-shard-") as local:
                 put_file(write_shard(local, *args), f"{folder}/{name}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import logging
 import multiprocessing
@@ -17,7 +18,8 @@ import signal
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +34,9 @@ log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
-    """Records -> (index, uint8 tensor or None, error message); decoding errors are data, not exceptions.
+    """Records -> (index, uint8 tensor or None, error message, SHA-256 of the file's bytes); decoding errors are
+    data, not exceptions. Each file is read once: the bytes are hashed (the store's `content_hash`, which finds
+    exact duplicates) and decoded from memory.
 
     With `raw_jpeg`, plain JPEG files come back undecoded, as a 1-D uint8 tensor of the file's bytes, for
     decoding on the model's device; everything else is decoded here as usual.
@@ -61,6 +65,24 @@ class ImageDataset(Dataset):
         check_regular_file(os.fspath(path))
         return path
 
+    def read(self, i: int) -> tuple[str | os.PathLike[str] | bytes, str]:
+        """Record `i`'s bytes and their SHA-256 hex digest; a file that cannot be read (or is empty) comes back as
+        its path with no digest, for the decoder to word the reason.
+
+        Raises:
+            DecodeError: An object on object storage cannot be read.
+        """
+        source = self.source(i)
+        if not isinstance(source, (bytes, bytearray)):
+            try:
+                data = Path(source).read_bytes()
+            except OSError:
+                return source, ""
+            if not data:
+                return source, ""
+            source = data
+        return source, hashlib.sha256(source).hexdigest()
+
     def decode(self, i: int, source: str | os.PathLike[str] | bytes | None = None) -> tuple[torch.Tensor | None, str]:
         """Decode and preprocess record `i` on the CPU: (uint8 tensor, "") or (None, reason).
 
@@ -80,16 +102,16 @@ class ImageDataset(Dataset):
         except Exception as exc:  # a preprocessing failure must not stop the run either
             return None, f"{type(exc).__name__}: {exc}"
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str]:
         try:
-            source = self.source(i)
+            source, digest = self.read(i)
         except DecodeError as exc:
-            return i, None, str(exc)
+            return i, None, str(exc), ""
         if self.raw_jpeg:
             data = plain_jpeg_bytes(source, self.max_pixels)
             if data is not None:
-                return i, data, ""
-        return (i, *self.decode(i, source))
+                return i, data, "", digest
+        return (i, *self.decode(i, source), digest)
 
 
 def plain_jpeg_bytes(path: str | os.PathLike | bytes,
@@ -162,6 +184,7 @@ class _Batch:
     image_pos: list[int]
     jpegs: list[torch.Tensor]  # raw bytes, the positions in `jpeg_pos`
     jpeg_pos: list[int]
+    hashes: list[str] = field(default_factory=list)  # SHA-256 of each file's bytes ("" unknown), per position
 
     def pin_memory(self) -> _Batch:  # called by the DataLoader's pinning thread
         if self.images is not None:
@@ -180,15 +203,16 @@ class _Batch:
             yield _Batch(self.index[start:stop], self.errors[start:stop],
                          self.images[rows[0]:rows[-1] + 1] if rows else None,  # type: ignore[index]
                          [self.image_pos[r] - start for r in rows],
-                         [self.jpegs[r] for r in jpegs], [self.jpeg_pos[r] - start for r in jpegs])
+                         [self.jpegs[r] for r in jpegs], [self.jpeg_pos[r] - start for r in jpegs],
+                         self.hashes[start:stop])
 
 
-def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> _Batch:
+def _collate(batch: list[tuple[int, torch.Tensor | None, str, str]]) -> _Batch:
     images = [(p, b[1]) for p, b in enumerate(batch) if b[1] is not None and b[1].dim() == 3]
     jpegs = [(p, b[1]) for p, b in enumerate(batch) if b[1] is not None and b[1].dim() == 1]
     return _Batch([b[0] for b in batch], [b[2] for b in batch],
                   torch.stack([t for _, t in images]) if images else None, [p for p, _ in images],
-                  [t for _, t in jpegs], [p for p, _ in jpegs])
+                  [t for _, t in jpegs], [p for p, _ in jpegs], [b[3] for b in batch])
 
 
 def image_loader(dataset: ImageDataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:

@@ -23,7 +23,7 @@ from embedfit.errors import EmbedfitError, ExtractionInterrupted
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, MaxFailures
 from embedfit.images import ImageRecord, ImageSource
 from embedfit.progress import OnProgress, Progress, progress_sink
-from embedfit.storage import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
+from embedfit.storage import CONTENT_HASH, FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
 
 _MAX_FAILURES_LISTED = 20
 T = TypeVar("T")
@@ -91,7 +91,7 @@ class FeatureWriter:
         self.todo: list[ImageRecord] = plan.todo
         self.summary = ExtractSummary(Path(output), total=len(images.records), skipped=len(images.skipped),
                                       skips=images.skipped[:10], reused=plan.reused)
-        self._pending: list[tuple[Sequence[ImageRecord], np.ndarray, Sequence[str]]] = []
+        self._pending: list[tuple[Sequence[ImageRecord], np.ndarray, Sequence[str], Sequence[str]]] = []
         self._buffered = 0
         self._futures: list[Future] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -125,13 +125,15 @@ class FeatureWriter:
         self.summary.embedded += rows - len(failures)
         self.summary.failures += list(failures)[: max(0, _MAX_FAILURES_LISTED - len(self.summary.failures))]
 
-    def add(self, records: Sequence[ImageRecord], features: np.ndarray, errors: Sequence[str]) -> None:
-        """Take one batch of results: row i of `features` (NaN when failed) and `errors[i]` belong to `records[i]`."""
+    def add(self, records: Sequence[ImageRecord], features: np.ndarray, errors: Sequence[str],
+            hashes: Sequence[str] | None = None) -> None:
+        """Take one batch of results: row i of `features` (NaN when failed), `errors[i]` and `hashes[i]` (the
+        file's SHA-256, the store's `content_hash`; None: unknown) belong to `records[i]`."""
         failed = [(r.key, e) for r, e in zip(records, errors, strict=True) if e]
         self.summary.failed += len(failed)
         self.summary.embedded += len(records) - len(failed)
         self.summary.failures += failed[: max(0, _MAX_FAILURES_LISTED - len(self.summary.failures))]
-        self._pending.append((records, features, errors))
+        self._pending.append((records, features, errors, list(hashes) if hashes else [""] * len(records)))
         self._buffered += len(records)
         if self._buffered >= self.flush_every:
             self.flush(final=False)
@@ -205,18 +207,21 @@ class FeatureWriter:
             return
         records = [r for batch in self._pending for r in batch[0]]
         errors = [e for batch in self._pending for e in batch[2]]
+        hashes = [h for batch in self._pending for h in batch[3]]
         features = np.concatenate([batch[1] for batch in self._pending])
         self._pending.clear()
         self._buffered = 0
         step = self.flush_every if self.sharded else len(records)
         cut = len(records) if final else len(records) // step * step
         if cut < len(records):
-            self._pending.append((records[cut:], features[cut:], errors[cut:]))
+            self._pending.append((records[cut:], features[cut:], errors[cut:], hashes[cut:]))
             self._buffered = len(records) - cut
         for start in range(0, cut, step):
-            self._write(records[start:start + step], features[start:start + step], errors[start:start + step])
+            self._write(records[start:start + step], features[start:start + step], errors[start:start + step],
+                        hashes[start:start + step])
 
-    def _write(self, records: Sequence[ImageRecord], features: np.ndarray, errors: Sequence[str]) -> None:
+    def _write(self, records: Sequence[ImageRecord], features: np.ndarray, errors: Sequence[str],
+               hashes: Sequence[str]) -> None:
         names = self.images.class_names
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedfit-writer")
@@ -225,7 +230,7 @@ class FeatureWriter:
         self._futures.append(self._pool.submit(
             self._store.write_part, [r.key for r in records], [names[r.label] if r.label >= 0 else "" for r in records],
             [r.size for r in records], [r.mtime_ns for r in records], [FAILED if e else OK for e in errors], errors,
-            features))
+            features, {CONTENT_HASH: hashes}))
 
     def commit(self, *, complete: bool = True, **attrs: Any) -> FeatureStore:
         """Flush, wait for every part, and merge them into the store (atomically replaced).

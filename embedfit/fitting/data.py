@@ -29,13 +29,30 @@ class Dataset:
     notes: list[str] = field(default_factory=list)  # what a user should know about the data (printed by the CLI)
 
 
-def load_dataset(store: FeatureStore | str | Path) -> Dataset:
-    """Load the labeled, embedded images of a store and check they can be fitted."""
+def load_dataset(store: FeatureStore | str | Path, exclude: str | Path | None = None) -> Dataset:
+    """Load the labeled, embedded images of a store and check they can be fitted.
+
+    Args:
+        store: The feature store.
+        exclude: A CSV with `path,action` columns (an audit.csv, or the fixes CSV of `embedfit report AUDIT_DIR`):
+            the images marked "exclude" are left out.
+    """
     store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
     if not store.class_names or (store.labels < 0).all():
         raise InputError(f"store {store.path} has no labels: extract from a class-per-subfolder tree or a CSV "
                          "with a label column to fit a classifier")
-    rows = np.flatnonzero((store.status == 0) & (store.labels >= 0))
+    usable = (store.status == 0) & (store.labels >= 0)
+    notes = []
+    if exclude is not None:
+        from embedfit.auditing import read_exclusions
+
+        marked = read_exclusions(exclude)
+        left_out = np.isin(store.paths, np.array(sorted(marked), dtype=object))
+        unknown = len(marked) - int(left_out.sum())
+        notes.append(f"{int((left_out & usable).sum())} image(s) left out as marked in {exclude}"
+                     + (f" ({unknown} marked path(s) are not in the store)" if unknown else ""))
+        usable &= ~left_out
+    rows = np.flatnonzero(usable)
     X = store.features(rows)
     if not np.isfinite(X).all():
         bad = rows[~np.isfinite(X).all(axis=1)]
@@ -43,7 +60,7 @@ def load_dataset(store: FeatureStore | str | Path) -> Dataset:
                          f"{store.paths[bad[0]]}; re-extract it with "
                          "`embedfit extract ... --precision fp32 --overwrite`")
     y = store.labels[rows]
-    class_names, notes = list(store.class_names), []
+    class_names = list(store.class_names)
     if not store.complete:
         notes.append(f"store {store.path} is incomplete (an interrupted extract): only {store.n_ok} images are "
                      "embedded so far; re-run embedfit extract to finish it")

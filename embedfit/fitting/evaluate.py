@@ -142,6 +142,10 @@ class FitConfig:
         cv: Folds of stratified k-fold cross-validation.
         repeats: Repetitions of the k-fold (or of the `test_size` split) with different shuffles.
         groups: Group key per image (array), a CSV of path,group, or a regex on paths; keeps groups within folds.
+        group_duplicates: Keep each cluster of exact and near-duplicates (`embedfit.auditing.duplicate_groups`)
+            within one CV fold (combined with `groups` when both are given).
+        exclude: A CSV with `path,action` columns (an audit.csv or the fixes CSV of an audit's report): the images
+            marked "exclude" are left out.
         test_store: Evaluate on this store instead of CV (same backbone required).
         test_size: Evaluate on a stratified hold-out share instead of CV.
         search: Grid-search the model's hyper-parameters (nested inside the outer CV).
@@ -162,6 +166,8 @@ class FitConfig:
     cv: int = 5
     repeats: int = 1
     groups: str | np.ndarray | None = None
+    group_duplicates: bool = False
+    exclude: str | Path | None = None
     test_store: str | Path | FeatureStore | None = None
     test_size: float | None = None
     search: bool = False
@@ -220,13 +226,16 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     holdout = test_store is not None or test_size is not None
     if holdout and groups is not None:
         raise UsageError("`groups` keeps groups within CV folds; it does not combine with `test_size` or `test_store`")
+    if holdout and config.group_duplicates:
+        raise UsageError("`group_duplicates` keeps duplicates within CV folds; it does not combine with `test_size` "
+                         "or `test_store`")
     if test_store is not None and repeats != 1:
         raise UsageError("`repeats` needs CV or `test_size`; a `test_store` is one fixed split")
     if not 1 <= repeats <= MAX_REPEATS:
         raise UsageError(f"`repeats` must be between 1 and {MAX_REPEATS}, got {repeats}")
     if jobs == 0:
         raise UsageError("`jobs` must be a positive number or -1 (all cores)")
-    data = load_dataset(store)
+    data = load_dataset(store, config.exclude)
     spec = data.store.spec
     run_dir = Path(output) if output else Path("runs") / f"{data.store.path.stem}-{model}"
     check_output_dir(run_dir)  # before the CV, not after it
@@ -257,6 +266,8 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     else:
         X_all, y_all, pred_paths, pred_rows = data.X, data.y, data.paths, data.rows
         group_keys = groups if isinstance(groups, np.ndarray) else groups_from(groups, data.paths)
+        if config.group_duplicates:
+            group_keys = _with_duplicates(data, group_keys)
         if test_size is not None:
             from sklearn.model_selection import StratifiedShuffleSplit
 
@@ -270,6 +281,8 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
             splits = make_splits(data.y, cv=cv, repeats=repeats, groups=group_keys, seed=seed)
             evaluation = {"strategy": "cv", "n_splits": cv, "repeats": repeats,
                           "groups": group_keys is not None, "search": search, "seed": seed}
+    if not config.group_duplicates and config.exclude is None:  # an audited store has either
+        notes += _duplicate_warning(data, splits, evaluation, test if test_store is not None else None)
     # Sizes that must fit every training set: PCA and kNN sizes, inner CV folds, lda's images per class.
     n_train = min(len(tr) for tr, _ in splits)
     train_counts = [np.bincount(y_all[tr]) for tr, _ in splits]
@@ -294,6 +307,8 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     asked = {k: v for k, v in evaluation.items() if k not in ("test_store", "n_test")}
     if group_keys is not None:  # which images stay together changes the folds
         asked["groups"] = hashlib.sha256(json.dumps([str(g) for g in group_keys]).encode()).hexdigest()[:16]
+    if config.exclude is not None:  # which images were left out changes what was scored
+        asked["rows"] = hashlib.sha256("\n".join(map(str, data.paths)).encode()).hexdigest()[:16]
     identity = identity_of(data=data.store.fingerprint, model=model,
                            settings={k: v for k, v in params.items() if k != "device"}, evaluation=asked)
     check_replace(run_dir, identity)
@@ -383,6 +398,45 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     save_run(run_dir, final, model=model, params=params, store=data.store, metrics=metrics, evaluation=record,
              predictions=predictions, identity=identity)
     return FitResult(run_dir, model, final, metrics, predictions)
+
+
+def _with_duplicates(data: Dataset, group_keys: np.ndarray | None) -> np.ndarray:
+    """Group keys that also keep every duplicate cluster together (merged with the user's groups)."""
+    from embedfit.auditing import duplicate_groups
+
+    clusters = duplicate_groups(data.store, data.rows)
+    if group_keys is None:
+        return clusters
+    from embedfit.auditing import components
+
+    pairs = []  # a user group and a duplicate cluster that share an image become one group
+    for keys in (clusters, group_keys):
+        first: dict[Any, int] = {}
+        pairs += [(first.setdefault(k, i), i) for i, k in enumerate(keys)]
+    return components(len(clusters), pairs)
+
+
+def _duplicate_warning(data: Dataset, splits: list[tuple[np.ndarray, np.ndarray]], evaluation: dict[str, Any],
+                       test: Dataset | None) -> list[str]:
+    """A one-line note when identical images sit on both sides of a split (they inflate the score)."""
+    from embedfit.auditing import content_keys, exact_duplicates_across
+
+    keys, _ = content_keys(data.store, data.rows, data.X)
+    if test is not None:
+        pairs = exact_duplicates_across(keys, other_keys=content_keys(test.store, test.rows, test.X)[0])
+        where = "in the training store and the test store"
+        example = (data.paths[pairs[0][0]], test.paths[pairs[0][1]]) if pairs else None
+    else:
+        folds = np.full(len(data.y), -1)
+        for f, (_, te) in enumerate(splits[: len(splits) // max(1, evaluation["repeats"])]):
+            folds[te] = f
+        pairs = exact_duplicates_across(keys, folds)
+        where = "on both sides of a split"
+        example = (data.paths[pairs[0][0]], data.paths[pairs[0][1]]) if pairs else None
+    if not pairs:
+        return []
+    return [f"{len(pairs)} exact duplicate image(s) sit {where} (e.g. {example[0]} = {example[1]}), which inflates "
+            f"the score: run `embedfit audit {data.store.path}`, then fit with `group_duplicates` or `exclude`"]
 
 
 def _ship(pipeline: Pipeline, class_names: list[str] | None) -> tuple[Pipeline, dict[str, Any] | None]:

@@ -16,6 +16,7 @@ Example:
 
 from embedfit.storage.reader import FeatureStore
 from embedfit.storage.schema import (
+    CONTENT_HASH,
     FAILED,
     MISSING,
     OK,
@@ -31,6 +32,6 @@ from embedfit.storage.writer import ResumePlan, StoreWriter
 open_store = FeatureStore.open
 """Open any store for reading (`FeatureStore.open`)."""
 
-__all__ = ["FAILED", "MISSING", "OK", "STATUS_NAMES", "FeatureStore", "ResumePlan", "ShardedStoreWriter",
-           "StoreSettings", "StoreWriter", "check_mixable", "library_versions", "open_store", "shard_size_of",
-           "shards_dir", "write_shard"]
+__all__ = ["CONTENT_HASH", "FAILED", "MISSING", "OK", "STATUS_NAMES", "FeatureStore", "ResumePlan",
+           "ShardedStoreWriter", "StoreSettings", "StoreWriter", "check_mixable", "library_versions", "open_store",
+           "shard_size_of", "shards_dir", "write_shard"]

@@ -455,10 +455,10 @@ class ShardedFeatures:
             try:
                 with h5py.File(self.folder / name, "r") as f:
                     arrays = read_row_arrays(f)
-                    expected = attr(f.attrs, "metadata_sha256")
+                    expected, present = attr(f.attrs, "metadata_sha256"), set(f)
             except Exception as exc:
                 raise self._fail(name, f"cannot be read ({why(exc)})") from None
-            if expected is None or metadata_digest(arrays) != expected:
+            if expected is None or metadata_digest(arrays, present=present) != expected:
                 raise self._fail(name, "has metadata that no longer matches its digest (changed on disk)")
             keys[name] = arrays["paths"]
         for out0, n, name, src0 in self.maps:

@@ -10,6 +10,9 @@ One HDF5 file, readable with plain h5py; row i of every per-row dataset is one i
     errors       (N,)   utf-8 str           why an image failed, "" when ok
     file_size    (N,)   int64               resume key, with paths and file_mtime_ns
     file_mtime_ns(N,)   int64
+    content_hash (N,)   utf-8 str           SHA-256 of the file's bytes (read once, for hashing and decoding;
+                                            `embedfit audit` finds exact copies by it); "" when unknown (a file
+                                            that could not be read, rows of stores written before it)
     attrs: schema_version, embedfit_version, spec (BackboneSpec JSON), dtype, tta, precision, device,
            runtime ("torch" or "onnx"), decode ("pil" or "device"), engine ("local" or "ray") (these four
            join the values of every run that made rows, e.g. "onnx+torch"), versions (JSON), created, updated, root,
@@ -40,7 +43,7 @@ import os
 import platform
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,10 +63,11 @@ STR = h5py.string_dtype("utf-8")
 CHUNK_ROWS = 256  # ~1.3 MB chunks at D=1280 float32: fast sequential reads, small partial reads
 LAYOUT = "sharded"  # the `layout` attribute of a sharded store's manifest
 
+CONTENT_HASH = "content_hash"
 ROW_DATASETS: dict[str, Any] = {"paths": STR, "labels": np.int64, "status": np.uint8, "errors": STR,
-                                "file_size": np.int64, "file_mtime_ns": np.int64}
+                                "file_size": np.int64, "file_mtime_ns": np.int64, CONTENT_HASH: STR}
 """Every per-row dataset but `features`, with its dtype; the first six are in every store ever written."""
-ROW_DEFAULTS: dict[str, Any] = {}
+ROW_DEFAULTS: dict[str, Any] = {CONTENT_HASH: ""}
 """The value of a per-row dataset added after stores existed, for the rows of files that lack it."""
 # The digest's order for the original datasets, fixed so that stores written before stay verifiable.
 _DIGEST_STR, _DIGEST_NUM = ("paths", "class_names", "errors"), ("labels", "status", "file_size", "file_mtime_ns")
@@ -163,17 +167,24 @@ def read_row_arrays(f: h5py.File) -> dict[str, Any]:
     return out
 
 
-def metadata_digest(arrays: dict[str, Any], shard_index: str = "") -> str:
+def metadata_digest(arrays: dict[str, Any], shard_index: str = "", present: Container[str] | None = None) -> str:
     """SHA-256 of the per-row metadata (and of a manifest's shard index). HDF5 cannot checksum variable-length
     strings (paths, errors, class names live in its global heap, which has no checksum), so this attribute covers
-    them, and the numbers too."""
+    them, and the numbers too.
+
+    Args:
+        arrays: The per-row arrays (`read_row_arrays`, `row_arrays`).
+        shard_index: A manifest's shard index (JSON).
+        present: The datasets the file holds (an open `h5py.File` will do), when checking a file that may predate
+            some `ROW_DATASETS` entries: those it lacks were not in the digest it was written with. None: all.
+    """
     h = hashlib.sha256()
     for name in _DIGEST_STR:
         h.update(json.dumps([str(s) for s in arrays[name]]).encode())
     for name in _DIGEST_NUM:
         h.update(np.ascontiguousarray(arrays[name], dtype=ROW_DATASETS[name]).tobytes())
     for name, dtype in ROW_DATASETS.items():  # datasets added later, after the original ones
-        if name not in _DIGEST_STR + _DIGEST_NUM:
+        if name not in _DIGEST_STR + _DIGEST_NUM and (present is None or name in present):
             h.update(json.dumps([str(s) for s in arrays[name]]).encode() if dtype is STR
                      else np.ascontiguousarray(arrays[name], dtype=dtype).tobytes())
     if shard_index:
@@ -188,7 +199,7 @@ def verify_metadata(f: h5py.File, arrays: dict[str, Any]) -> None:
     if expected is None:
         raise OSError("no metadata checksum (metadata_sha256): written by a pre-release embedfit, or the attribute "
                       "was removed")
-    if metadata_digest(arrays, attr(f.attrs, "shard_index", "")) != expected:
+    if metadata_digest(arrays, attr(f.attrs, "shard_index", ""), f) != expected:
         raise OSError("metadata checksum mismatch (paths, labels, status or shard list changed on disk)")
     if f["features"].shape[0] != len(arrays["paths"]):
         raise OSError(f"{f['features'].shape[0]} feature rows for {len(arrays['paths'])} paths")
