@@ -31,6 +31,7 @@ import numpy as np
 
 from embedfit.auditing.search import EXACT_MAX_ROWS, knn, read_normalized
 from embedfit.errors import InputError, OutputError, UsageError, check_output_dir
+from embedfit.runs import csv_value, read_csv, write_csv
 from embedfit.storage import CONTENT_HASH, FeatureStore, check_mixable
 
 log = logging.getLogger("embedfit")
@@ -190,7 +191,8 @@ def read_exclusions(path: str | os.PathLike) -> set[str]:
         if not reader.fieldnames or not {"path", "action"} <= set(reader.fieldnames):
             raise InputError(f"exclusions file {path} needs 'path' and 'action' columns (mark rows to leave out "
                              "with action 'exclude')")
-        return {row["path"] for row in reader if (row.get("action") or "").strip().lower() == "exclude"}
+        # cells as embedfit's CSV writer escaped them (a path starting with '=' reads back with a leading "'")
+        return {csv_value(row["path"]) for row in reader if (row.get("action") or "").strip().lower() == "exclude"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -483,10 +485,7 @@ def write_audit(out_dir: str | os.PathLike, result: AuditResult) -> Path:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / ".audit.csv.tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(result.findings)
+        write_csv(tmp, COLUMNS, ([row.get(c, "") for c in COLUMNS] for row in result.findings))
         os.replace(tmp, out_dir / "audit.csv")
         tmp = out_dir / ".audit.json.tmp"
         tmp.write_text(json.dumps({"counts": result.counts, "settings": result.settings, "notes": result.notes},
@@ -508,8 +507,7 @@ def read_audit(folder: str | os.PathLike) -> AuditResult:
         raise InputError(f"{folder} is not an audit folder (no audit.json and audit.csv): run `embedfit audit`")
     try:
         meta = json.loads((folder / "audit.json").read_text())
-        with open(folder / "audit.csv", newline="", encoding="utf-8") as f:
-            findings: list[dict[str, Any]] = list(csv.DictReader(f))
+        findings: list[dict[str, Any]] = list(read_csv(folder / "audit.csv"))
         for row in findings:
             row["score"] = float(row["score"])
         return AuditResult(findings, meta["counts"], meta["settings"], meta.get("notes", []), folder)

@@ -10,7 +10,6 @@ beside the audit as fixes.csv, for those who edit it by hand.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import os
@@ -19,6 +18,7 @@ from typing import Any
 
 from embedfit.auditing.core import KINDS, AuditResult, read_audit
 from embedfit.errors import OutputError, check_output_file
+from embedfit.runs import write_csv
 
 MAX_PER_KIND = 200  # findings shown per kind (all of them are in audit.csv and fixes.csv)
 THUMB = 160
@@ -143,10 +143,7 @@ def build_audit_report(folder: str | os.PathLike, output: str | os.PathLike) -> 
     fixes = Path(folder) / "fixes.csv"
     try:
         output.write_text(page, encoding="utf-8")
-        with open(fixes, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["path", "action"])
-            writer.writeheader()
-            writer.writerows(default_fixes(result))
+        write_csv(fixes, ["path", "action"], ([row["path"], row["action"]] for row in default_fixes(result)))
     except OSError as exc:
         raise OutputError(f"cannot write the audit page: {exc.strerror or exc}") from None
     return output
