@@ -115,9 +115,20 @@ def main() -> None:
     for wnid in classes:
         for lemma in nouns[wnid][0]:
             by_word.setdefault(lemma.lower(), []).append(wnid)
+    depth: dict[str, int] = {}
+
+    def depth_of(wnid: str) -> int:  # steps below `entity` on the shortest path
+        if wnid not in depth:
+            depth[wnid] = 1 + min((depth_of(p) for p in nouns[wnid][1]), default=-1)
+        return depth[wnid]
+
+    def related(a: str, b: str) -> bool:  # a common hypernym at least 6 below `entity`: a bird and a bird, not
+        common = closure([a], lambda w: nouns[w][1]) & closure([b], lambda w: nouns[w][1])  # a drug and a pot
+        return max((depth_of(w) for w in common), default=0) >= 6
+
     synonyms = {}
     for wnid, (lemmas, _, _) in sorted(nouns.items()):
-        shared = sorted({c for lemma in lemmas for c in by_word.get(lemma.lower(), ())})
+        shared = sorted({c for lemma in lemmas for c in by_word.get(lemma.lower(), ()) if related(wnid, c)})
         if wnid not in keep and shared and len(lemmas) > 1:  # a lone shared word adds no new name
             synonyms[wnid] = [lemmas, shared]
 

@@ -18,7 +18,8 @@ them the way a person would:
    to the first and the group keeps the rest. Any other sharing (two groups that overlap, two names of one
    class) is a conflict, and a conflict or a name found nowhere leaves that class unmapped.
 5. Only when none of that finds a name: another WordNet sense of a class's word, with its own synonyms
-   ("rooster": WordNet's "cock, rooster" shares "cock" with the class "cock"); the plural of a name that is
+   ("rooster": WordNet's "cock, rooster" shares "cock" with the class "cock"; only a sense near the class in
+   the hierarchy, so "grass" does not read as the drug "pot"); the plural of a name that is
    a class only in the plural ("binocular": "binoculars"); the same head noun, when one class alone ends in
    it ("stop sign": the class "street sign"); a close spelling ("dalmation": "dalmatian"). Each such reading
    gets a note.
@@ -209,7 +210,7 @@ class ImageNetHierarchy:
                 classes = self._heads.get(form)  # type: ignore[attr-defined]
                 if classes and len(classes) == 1:  # "other dogs" ends like 20 classes: no reading
                     return _Match(indices=classes, kind=HEAD, wnids=tuple(self.wnids[i] for i in sorted(classes)))
-        if found is None and spelling and len(key) >= 5:
+        if found is None and spelling and len(key) >= 8:  # "gravel" is not a misspelt "gavel"
             close = difflib.get_close_matches(key, self._spelled, n=1, cutoff=_SPELLING_CUTOFF)  # type: ignore[attr-defined]
             match = self.resolve(close[0], spelling=False) if close else None
             if match is not None:
