@@ -167,6 +167,7 @@ def test_as_is_arm_names_unmapped_classes_and_takes_an_explicit_map(tmp_path: Pa
     assert "learning_curve.png" not in printed and not (out / "learning_curve.png").exists()  # no curve: none
     mapping = tmp_path / "map.csv"
     mapping.write_text("class,imagenet_class\nbrick,stone wall\ngrass,lawn mower\ngravel,n09421951\n")
+    out = tmp_path / "mapped"  # another question: another folder (the first one would be refused)
     assert main(["compare", str(tree), "-o", str(out), "--arms", "as-is,probe", "--imagenet-map", str(mapping),
                  "--sizes", "all", "--repeats", "1", "--val-size", "0.5", "--device", "cpu"]) == 0
     result = json.loads((out / "compare.json").read_text())
