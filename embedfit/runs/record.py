@@ -33,7 +33,7 @@ from embedfit._version import __version__
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import ModelFileError, OutputError
 from embedfit.runs.files import json_default, staged_dir
-from embedfit.runs.trusted import _own_audit, check_fitted, skops_io, trusted_types, untrusted_types
+from embedfit.runs.trusted import check_fitted, skops_io, trusted_types, untrusted_types
 from embedfit.store import library_versions
 
 if TYPE_CHECKING:
@@ -263,8 +263,7 @@ def save_run(run_dir: str | Path, pipeline: Pipeline, *, model: str, params: dic
 
     def save(path: Path) -> None:
         sio.dump(pipeline, path)
-        with _own_audit():
-            untrusted = untrusted_types(sio.get_untrusted_types(file=path))
+        untrusted = untrusted_types(sio.get_untrusted_types(file=path))
         if untrusted:  # our own pipelines must only contain allow-listed types
             raise ModelFileError(f"refusing to save a model containing unvetted types: {sorted(untrusted)}")
 
@@ -387,8 +386,7 @@ def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
 
     meta, path = model_file(run_dir, "sklearn")
     try:
-        with _own_audit():
-            untrusted = set(sio.get_untrusted_types(file=path))
+        untrusted = set(sio.get_untrusted_types(file=path))
     except Exception as exc:  # a pickle, a joblib file or garbage: never unpickle it
         raise ModelFileError(f"{path} is not a skops model file ({type(exc).__name__}); refusing to load it") \
             from None
@@ -397,8 +395,7 @@ def load_model(run_dir: str | Path) -> tuple[Pipeline, dict[str, Any]]:
         raise ModelFileError(f"{path} contains types outside embedfit's allow-list: {sorted(unexpected)[:3]}; "
                              "refusing to load it")
     try:
-        with _own_audit():
-            pipeline = sio.load(path, trusted=sorted(untrusted))
+        pipeline = sio.load(path, trusted=sorted(untrusted))
     except Exception as exc:
         raise ModelFileError(f"cannot load {path}: {exc}") from None
     check_fitted(pipeline, class_names=list(meta["class_names"]),

@@ -3,11 +3,8 @@ allow-list (`embedfit.fitting.registry.trusted_types()`), and the fitted state t
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import importlib
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,75 +15,16 @@ from embedfit.fitting.registry import trusted_types
 
 
 def skops_io() -> Any:
-    """`skops.io`, imported in a fraction of its usual time: without torch, and without scikit-learn's estimator list.
+    """`skops.io`, imported on first use (saving or loading a scikit-learn model), as skops ships it.
 
-    At import, skops lists scikit-learn's estimators (`all_estimators`, which walks and imports every scikit-learn
-    package, pytest included, ~0.6 s) for its default trust list, and walking `sklearn.externals.array_api_compat.
-    torch` imports torch (seconds). While torch is not loaded, that one package is hidden for the import and restored
-    at once. And the estimator list becomes `_SklearnTypeNames`, built on first use by any other caller of skops in
-    this process (so its behaviour is unchanged), while embedfit's own checks (`_own_audit`) go without it: they
-    trust every class defined in scikit-learn themselves (`untrusted_types`), a superset of that list.
+    Importing skops lists scikit-learn's estimators for its default trust list (`all_estimators`, whose package walk
+    imports torch through `sklearn.externals.array_api_compat.torch` and pytest through `sklearn.utils._testing`):
+    seconds that `fit` pays once per process. embedfit does not patch skops or scikit-learn to skip it (an upgrade of
+    either, or another thread, would break such a patch unnoticed); docs/upstream.md proposes the fixes upstream.
     """
-    if "skops.io" in sys.modules:
-        return sys.modules["skops.io"]
-    import sklearn.utils
+    import skops.io
 
-    blocked = "sklearn.externals.array_api_compat.torch"
-    hide = "torch" not in sys.modules and blocked not in sys.modules
-    if hide:
-        sys.modules[blocked] = None  # type: ignore[assignment]
-    listing = sklearn.utils.all_estimators
-    sklearn.utils.all_estimators = lambda *args, **kwargs: []  # type: ignore[assignment]
-    try:
-        import skops.io
-        import skops.io._general
-        import skops.io._trusted_types
-    finally:
-        sklearn.utils.all_estimators = listing
-        if hide and sys.modules.get(blocked, 0) is None:
-            del sys.modules[blocked]
-    names = _SklearnTypeNames()
-    for module in (skops.io._general, skops.io._trusted_types):
-        if getattr(module, "SKLEARN_ESTIMATOR_TYPE_NAMES", None) == []:
-            module.SKLEARN_ESTIMATOR_TYPE_NAMES = names
     return skops.io
-
-
-_OWN_AUDIT = contextvars.ContextVar("embedfit_own_skops_audit", default=False)
-
-
-@contextlib.contextmanager
-def _own_audit() -> Iterator[None]:
-    """embedfit's own skops calls: skops' default list of scikit-learn estimators is not needed (see `skops_io`)."""
-    token = _OWN_AUDIT.set(True)
-    try:
-        yield
-    finally:
-        _OWN_AUDIT.reset(token)
-
-
-class _SklearnTypeNames(Sequence[str]):
-    """skops' `SKLEARN_ESTIMATOR_TYPE_NAMES`, computed as skops does on first use; empty inside `_own_audit`."""
-
-    def __init__(self) -> None:
-        self._names: list[str] | None = None
-
-    def _get(self) -> list[str]:
-        if self._names is None:
-            from sklearn.utils import all_estimators
-            from skops.io._utils import get_type_name
-
-            self._names = [n for _, cls in all_estimators() if (n := get_type_name(cls)).startswith("sklearn.")]
-        return self._names
-
-    def __add__(self, other: Sequence[str]) -> list[str]:  # skops: `SKLEARN_ESTIMATOR_TYPE_NAMES + [...]`
-        return list(other) if _OWN_AUDIT.get() else self._get() + list(other)
-
-    def __getitem__(self, index: Any) -> Any:
-        return self._get()[index]
-
-    def __len__(self) -> int:
-        return len(self._get())
 
 
 def untrusted_types(types: list[str]) -> list[str]:
