@@ -73,7 +73,7 @@ def test_compare_runs_every_arm_on_identical_splits(shared_tree: Path, tmp_path:
     assert _val_paths(out / "fine-tune") == _val_paths(out / "scratch")
     assert len(_val_paths(out / "fine-tune")) == 12
     assert json.loads((out / "scratch" / "model.json").read_text())["model"] == "scratch"
-    assert json.loads((out / "fine-tune" / "model.json").read_text())["refit"]["train_images"] == 24
+    assert json.loads((out / "fine-tune" / "metrics.json").read_text())["refit"]["train_images"] == 24
     assert (out / "learning_curve.png").stat().st_size > 0
     printed = capsys.readouterr()
     assert "linear probe" in printed.out and "not applicable" in printed.out

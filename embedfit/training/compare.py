@@ -473,10 +473,9 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
     # Only the trained arms need the images decoded in memory; frozen embeddings read the files through
     # extraction's loop, which reports broken files itself.
     decode = FINETUNE in chosen or SCRATCH in chosen
-    say(f"{'decoding' if decode else 'scanning'} {data}")
-    data_set = decode_labeled(data, model.spec, decode=decode)
-    test_set = decode_labeled(test, model.spec, class_names=data_set.class_names, decode=decode) \
-        if test is not None else None
+    data_set = decode_labeled(data, model.spec, decode=decode, on_progress=on_progress)
+    test_set = decode_labeled(test, model.spec, class_names=data_set.class_names, decode=decode,
+                              on_progress=on_progress) if test is not None else None
     n_classes, names = len(data_set.class_names), data_set.class_names
     # What this comparison answers: a folder holding another one is refused (the same command replaces its own).
     identity = identity_of(

@@ -266,7 +266,7 @@ class Split:
 
 
 def decode_labeled(data: str | Path, spec: Any, *, class_names: Sequence[str] | None = None,
-                   decode: bool = True) -> LabeledImages:
+                   decode: bool = True, on_progress: OnProgress | None = None) -> LabeledImages:
     """Scan and decode a labeled image folder (or CSV); broken files are skipped and listed in `failed`.
 
     Args:
@@ -276,11 +276,14 @@ def decode_labeled(data: str | Path, spec: Any, *, class_names: Sequence[str] | 
             checks (two classes with two images each) apply only when this is None.
         decode: False scans only (no `images`, nothing in `failed`): for callers that read the files through
             extraction's loop (`iter_embeddings`), which reports broken files itself.
+        on_progress: Hears "decoding DATA" once the folder was found to hold labeled images (a refusal is the
+            only line a bad folder gives).
     """
     source = scan_images(data, class_names=class_names)
     if not source.class_names:
         raise InputError(f"{data} has no class sub-folders (or label column): training needs labels")
     if decode:
+        note(on_progress, f"decoding {data}")
         images, ok, failed = _decode_resized(source.records, spec.resize_size)
     else:
         images, ok, failed = [], list(range(len(source.records))), []
@@ -338,9 +341,10 @@ def make_split(data: LabeledImages, train: np.ndarray, val: np.ndarray) -> Split
 
 
 def load_split(data: str | Path, spec: Any, *, val_size: float = 0.2, seed: int = 0,
-               per_class: int | None = None) -> Split:
-    """Scan, stratify and decode a labeled image folder; `per_class` caps training images per class."""
-    decoded = decode_labeled(data, spec)
+               per_class: int | None = None, on_progress: OnProgress | None = None) -> Split:
+    """Scan, stratify and decode a labeled image folder; `per_class` caps training images per class;
+    `on_progress` hears when decoding starts."""
+    decoded = decode_labeled(data, spec, on_progress=on_progress)
     train, val = split_indices(decoded.labels, len(decoded.class_names), val_size=val_size, seed=seed,
                                per_class=per_class)
     return make_split(decoded, train, val)
@@ -416,9 +420,8 @@ def _train(data: str | Path | Split, config: TrainConfig, output: str | Path | N
     device = resolve_device(config.device)
     backbone = create_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
     spec = backbone.spec
-    if not isinstance(data, Split):
-        note(on_progress, f"decoding {data}")
-    split = data if isinstance(data, Split) else load_split(data, spec, val_size=config.val_size, seed=config.seed)
+    split = data if isinstance(data, Split) else load_split(data, spec, val_size=config.val_size, seed=config.seed,
+                                                            on_progress=on_progress)
     if output is not None:  # what this run answers; a folder holding another answer is refused before training
         from embedfit.runs import check_replace
 
