@@ -7,7 +7,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR := data/demo
 OUT := runs/demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-all lint bench notebook clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	# torch pinned again here: otherwise pip may resolve the extras against other torch releases (GBs of downloads).
-	$(BIN)/pip install -q -e '.[test]' $(TORCH)
+	$(BIN)/pip install -q -e '.[test,notebook]' $(TORCH)
 	touch $@
 
 # The main job end to end: images -> feature stores -> classifiers (5-fold CV) -> predictions -> HTML report.
@@ -30,7 +30,23 @@ demo: $(VENV)/.installed
 	$(BIN)/embedfit report runs/train-logreg runs/train-svm runs/train-ridge runs/train-knn -o $(OUT)/report.html
 	@echo "demo done: open $(OUT)/report.html"
 
+# The analysis notebook on your own store and run, executed with papermill into NB_OUT (and an HTML copy):
+#   make notebook STORE=feats.h5 RUN=runs/feats-logreg
+NB_OUT ?= runs/analysis.ipynb
+notebook: $(VENV)/.installed
+	@test -n "$(STORE)" && test -n "$(RUN)" || { echo "usage: make notebook STORE=feats.h5 RUN=runs/feats-logreg [NB_OUT=runs/analysis.ipynb]"; exit 2; }
+	@mkdir -p $(dir $(NB_OUT))
+	$(BIN)/papermill notebooks/analysis.ipynb $(NB_OUT) --cwd notebooks -p STORE $(abspath $(STORE)) -p RUN $(abspath $(RUN))
+	$(BIN)/jupyter nbconvert --to html $(NB_OUT)
+	@echo "notebook done: open $(NB_OUT:.ipynb=.html)"
+
+# The fast tier (<= 5 minutes on an idle 2-core machine): the main job end to end and the quick checks.
 test: $(VENV)/.installed
+	$(BIN)/ruff check embedfit tests benchmarks data
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Every tier (what CI runs): kills, Ray clusters, S3, fine-tuning, foundation models, ONNX, benchmarks too.
+test-all: $(VENV)/.installed
 	$(BIN)/ruff check embedfit tests benchmarks data
 	$(BIN)/python -m pytest -q
 

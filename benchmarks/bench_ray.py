@@ -104,8 +104,8 @@ def bench_shards(shards: int, shard_size: int, dim: int = 1280) -> dict:
     """What a sharded store costs without a model: one worker's shard write, the driver's manifest commit, reads."""
     from embedfit.backbones.factory import create_backbone
     from embedfit.images import ImageRecord
-    from embedfit.shards import ShardedStoreWriter, write_shard
-    from embedfit.store import OK, FeatureStore, StoreSettings
+    from embedfit.storage import OK, FeatureStore, StoreSettings
+    from embedfit.storage.shards import ShardedStoreWriter, write_shard
 
     spec = create_backbone("efficientnet_lite0").spec  # provenance only; features are random
     rng = np.random.default_rng(0)
@@ -155,7 +155,7 @@ def synthetic_store(path: Path, n: int, classes: int) -> None:
     """A real store of synthetic class-structured features, rows sorted by class like a folder tree."""
     from embedfit.backbones.factory import create_backbone
     from embedfit.images import ImageRecord
-    from embedfit.store import OK, StoreSettings, StoreWriter
+    from embedfit.storage import OK, StoreSettings, StoreWriter
 
     spec = create_backbone("efficientnet_lite0").spec  # provenance only; the features are synthetic (1280-d)
     names = [f"c{c:02d}" for c in range(classes)]
@@ -177,7 +177,7 @@ def bench_ooc(n: int, classes: int, epochs: int, batch_rows: int) -> dict:
     from sklearn.preprocessing import StandardScaler
 
     from embedfit.fitting.out_of_core import fit_out_of_core
-    from embedfit.store import FeatureStore
+    from embedfit.storage import FeatureStore
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "synthetic.h5"

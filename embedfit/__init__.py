@@ -31,8 +31,8 @@ _LAZY = {
     "decode_image": "embedfit.images", "scan_images": "embedfit.images",
     "predict": "embedfit.prediction",
     "build_report": "embedfit.report",
-    "FeatureStore": "embedfit.store",
-    "EmbeddingTransformer": "embedfit.transformer",
+    "FeatureStore": "embedfit.storage",
+    "EmbeddingTransformer": "embedfit.embedding_transformer",
 }
 
 __getattr__, __dir__, _names = attach(__name__, _LAZY)

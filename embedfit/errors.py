@@ -69,12 +69,18 @@ def check_output_file(path: str | os.PathLike, param: str = "output") -> Path:
     `param` is the name of the parameter that gave `path`, as messages name it (the CLI shows its flag).
 
     Raises:
-        UsageError: `path` is a folder.
+        UsageError: `path` is a folder, or it is (or links to) an existing feature store, model file or image
+            (`artifact_kind`), which an output of another kind must never clobber.
         OutputError: Its folder exists but is not writable, or a file stands where a folder would be made.
     """
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"`{param}` {path} is a folder; give a file name")
+    artifact = artifact_kind(path)
+    if artifact and (artifact != "image" or path.is_symlink()):  # a plot may replace its own earlier image
+        shown = path if path.resolve() == path.absolute() else f"{path} (a link to {path.resolve()})"
+        raise UsageError(f"`{param}` {shown} is an existing {artifact}; write to another file so it is not "
+                         "overwritten")
     existing = _nearest_existing(path.parent)
     if not existing.is_dir():
         raise OutputError(f"cannot write {path}: {existing} is a file, not a folder")
@@ -82,6 +88,33 @@ def check_output_file(path: str | os.PathLike, param: str = "output") -> Path:
     if problem:
         raise OutputError(f"cannot write {path}: {problem} in {existing}")
     return path
+
+
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def artifact_kind(path: str | os.PathLike) -> str:
+    """What embedfit artifact `path` is, symlinks followed: "feature store", "model file", "run directory" or
+    "image", else "" (also when nothing is there). Told by content and layout, not by the link's own name, so an
+    output such as ``-o link.csv`` that points at a store is caught."""
+    from embedfit.images import has_image_extension
+
+    target = Path(path).resolve()
+    if target.is_dir():
+        return "run directory" if (target / "model.json").is_file() else ""
+    if not target.is_file():
+        return ""
+    try:
+        with open(target, "rb") as f:  # a regular file (is_file): opening it cannot block
+            head = f.read(8)
+    except OSError:
+        return ""
+    if head == _HDF5_MAGIC:
+        return "feature store"
+    if (target.parent / "model.json").is_file() and target.name in ("model.skops", "model.pt", "model.json",
+                                                                      "metrics.json"):
+        return "model file"
+    return "image" if has_image_extension(target.name) else ""
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "run directory") -> Path:
@@ -114,7 +147,7 @@ def check_output_not_input(output: str | os.PathLike, inputs: Iterable[str | os.
     Raises:
         UsageError: The output is, or would overwrite, one of the command's inputs.
     """
-    from embedfit.images import _has_image_extension
+    from embedfit.images import has_image_extension
 
     target = Path(output).resolve()
     for given in inputs:
@@ -122,7 +155,7 @@ def check_output_not_input(output: str | os.PathLike, inputs: Iterable[str | os.
         if target == source:
             raise UsageError(f"`{param}` {output} is also an input of this command ({given}); "
                              "choose another output so the input is not overwritten")
-        if source.is_dir() and target.is_relative_to(source) and _has_image_extension(target.name):
+        if source.is_dir() and target.is_relative_to(source) and has_image_extension(target.name):
             raise UsageError(f"`{param}` {output} is an image file inside the input folder {given}; "
                              "choose another output so no input image is overwritten")
     for run in run_dirs:
@@ -130,6 +163,19 @@ def check_output_not_input(output: str | os.PathLike, inputs: Iterable[str | os.
             raise UsageError(f"`{param}` {output} lies inside the run directory {run}, which this command reads; "
                              "write it elsewhere so the run is not damaged")
     return Path(output)
+
+
+def check_inputs_exist(inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse a local input path that does not exist, as a command's first check, before any model library is
+    imported (URLs on object storage are checked where they are read).
+
+    Raises:
+        InputError: One of `inputs` does not exist.
+    """
+    for given in inputs:
+        path = Path(given)
+        if "://" not in str(given) and not (path.exists() or path.is_symlink()):
+            raise InputError(f"{given} does not exist")
 
 
 def _cannot_write_in(folder: Path) -> str:

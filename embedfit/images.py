@@ -139,7 +139,7 @@ def decode_image(
         fp = io.BytesIO(bytes(data))
     elif isinstance(source, (str, os.PathLike)):
         fp = os.fsdecode(source)
-        _check_regular_file(fp)
+        check_regular_file(fp)
     else:
         raise UsageError(f"decode_image expects a path or bytes (or a binary file object), got {type(source).__name__}")
 
@@ -185,10 +185,11 @@ def _check_decode_args(max_pixels: int | None, draft_size: tuple[int, int] | Non
         raise UsageError(f"`draft_size` must be a (width, height) pair of positive integers, got {draft_size!r}")
 
 
-def _check_regular_file(path: str) -> None:
-    """Turn the common non-image paths into clear reasons before Pillow sees them.
+def check_regular_file(path: str) -> None:
+    """Turn the common non-image paths into clear reasons (`DecodeError`) before anything opens them.
 
-    Also stops a FIFO or device named ``x.jpg`` from blocking the reader forever.
+    Also stops a FIFO, socket or device named ``x.jpg`` from blocking the reader forever: every reader of a local
+    image file calls this before its first `open`.
     """
     try:
         st = os.stat(path)
@@ -411,7 +412,7 @@ def scan_images(source: str | os.PathLike[str], *, class_names: Sequence[str] | 
     walked, not taken for an image; broken symlinks with an image extension are kept.
 
     ``source`` may also be an object-storage URL (``s3://bucket/prefix``, ``gs://``, ``az://``; see
-    `embedfit.remote`): the same rules apply to the listing, and the resume key of each object is its size
+    `embedfit.url`): the same rules apply to the listing, and the resume key of each object is its size
     and last-modified time from the listing.
 
     A ``.csv`` file needs a header with a ``path`` column and may have a ``label`` column of class
@@ -440,7 +441,7 @@ def scan_images(source: str | os.PathLike[str], *, class_names: Sequence[str] | 
         >>> src.kind, src.class_names, src.records[0].key  # doctest: +SKIP
         ('folder', ['cat', 'dog'], 'cat/001.jpg')
     """
-    from embedfit.remote import is_url, local_or_url
+    from embedfit.url import is_url, local_or_url
 
     given = _check_class_names(class_names)
     shown = local_or_url(source)
@@ -490,7 +491,8 @@ def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
     return names
 
 
-def _has_image_extension(name: str) -> bool:
+def has_image_extension(name: str) -> bool:
+    """Whether a file name has one of `IMAGE_EXTENSIONS` (any case)."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -553,7 +555,7 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[tuple[str, o
             name = entry.name
             key = prefix + name
             if name.startswith("."):
-                if _has_image_extension(name) and not _is_dir(entry):
+                if has_image_extension(name) and not _is_dir(entry):
                     why = "AppleDouble metadata file (._*)" if name.startswith("._") else "hidden file"
                     skipped.append((_printable(key), why))
                 continue
@@ -573,7 +575,7 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[tuple[str, o
                 if not prefix:
                     first_level.append(name)
                 stack.append((entry.path, key + "/", ancestors | {ident}))
-            elif _has_image_extension(name):
+            elif has_image_extension(name):
                 if _utf8_ok(key):
                     found.append((key, entry))
                 else:
@@ -596,18 +598,43 @@ def _scan_folder(root: Path, given: list[str] | None, labeled: bool = True) -> I
 
 
 def _scan_remote(url: str, given: list[str] | None, labeled: bool) -> ImageSource:
-    """`_scan_folder` / `_scan_csv` for a URL: one listing of the prefix (`embedfit.remote.scan_remote`)."""
-    from embedfit import remote
+    """`_scan_folder` / `_scan_csv` for a URL: one listing of the prefix (`embedfit.url.list_prefix`), with the
+    same rules as for local folders: hidden names and ``__MACOSX`` are skipped, extensions match case-insensitively.
+    """
+    from embedfit import url as remote
 
-    kind, root, found, first_level, skipped = remote.scan_remote(url)
-    if kind == "csv":
-        return _scan_csv(root, given)
+    is_file, root, entries = remote.list_prefix(url)
+    if is_file:
+        if root.lower().endswith(".csv"):
+            return _scan_csv(root, given)
+        raise InputError(f"{remote.redact(url)} is not a folder or a .csv file; expected a folder of images or a CSV "
+                         "list")
+    if not entries:
+        raise InputError(f"{remote.redact(url)} does not exist (no objects under this prefix)")
+    found: list[tuple[str, typing.Callable[[int], ImageRecord]]] = []
+    first_level: set[str] = set()
+    skipped: list[tuple[str, str]] = []
 
     def make(key: str, size: int, mtime_ns: int, label: int) -> ImageRecord:
         return ImageRecord(path=remote.join(root + "/", key), key=key, label=label, size=size, mtime_ns=mtime_ns)
 
-    return _label_tree(remote.redact(root), [(key, functools.partial(make, key, size, mtime))
-                                             for key, size, mtime in found], first_level, skipped, given, labeled)
+    for key, info in entries:
+        parts = key.split("/")
+        if "/" in key and not parts[0].startswith(".") and parts[0] != "__MACOSX":
+            first_level.add(parts[0])
+        if any(p.startswith(".") for p in parts):
+            if has_image_extension(parts[-1]) and parts[-1].startswith("."):
+                skipped.append((key, "AppleDouble metadata file (._*)" if parts[-1].startswith("._") else
+                                "hidden file"))
+            continue
+        if "__MACOSX" in parts[:-1]:
+            folder = "/".join(parts[:parts.index("__MACOSX") + 1]) + "/"
+            if (folder, "macOS archive metadata folder") not in skipped:
+                skipped.append((folder, "macOS archive metadata folder"))
+            continue
+        if has_image_extension(parts[-1]):
+            found.append((key, functools.partial(make, key, int(info.get("size") or 0), remote.mtime_ns(info))))
+    return _label_tree(remote.redact(root), found, sorted(first_level), skipped, given, labeled)
 
 
 def _label_tree(root: Path | str, found: list[tuple[str, typing.Callable[[int], ImageRecord]]],
@@ -665,7 +692,7 @@ def _check_distinct_classes(root: Path, classes: list[str]) -> None:
 
 def _scan_csv(csv_path: Path | str, given: list[str] | None) -> ImageSource:
     """Read a CSV list of images (``path`` column, optional ``label`` column), local or a URL."""
-    from embedfit import remote
+    from embedfit import url as remote
 
     on_remote = remote.is_url(csv_path)
     base: Path | str = remote.join(str(csv_path), "..") if on_remote else Path(csv_path).parent
@@ -739,7 +766,7 @@ def _scan_csv(csv_path: Path | str, given: list[str] | None) -> ImageSource:
 
 def _csv_row_path(base: Path | str, raw_path: str) -> tuple[Path | str, str]:
     """(path or URL to open, key) for one CSV row: relative to the CSV's folder, local or on object storage."""
-    from embedfit import remote
+    from embedfit import url as remote
 
     if remote.is_url(raw_path):  # a URL row: used as is, keyed without credentials
         url = remote.local_or_url(raw_path)
@@ -762,12 +789,12 @@ def _csv_row_path(base: Path | str, raw_path: str) -> tuple[Path | str, str]:
 def collect_images(inputs: Sequence[str | os.PathLike]) -> list[ImageRecord]:
     """Image files, folders (every image at any depth) and CSV lists -> unlabeled records keyed by path.
 
-    Each may be a local path or a URL on object storage (`embedfit.remote`).
+    Each may be a local path or a URL on object storage (`embedfit.url`).
 
     Raises:
         InputError: An input does not exist, or there are no images at all.
     """
-    from embedfit import remote
+    from embedfit import url as remote
 
     records: list[ImageRecord] = []
     for item in inputs:

@@ -6,7 +6,6 @@ made with anything else is refused. Broken images are listed with their reason, 
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Sequence
@@ -18,9 +17,9 @@ import numpy as np
 
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import StoreMismatchError, UsageError
-from embedfit.images import ImageRecord, collect_images
-from embedfit.runs import class_positions, load_model, read_sidecar
-from embedfit.store import FeatureStore, StoreSettings, check_mixable
+from embedfit.images import ImageRecord, collect_images, scan_images
+from embedfit.runs import class_positions, load_model, read_sidecar, write_csv
+from embedfit.storage import FeatureStore, StoreSettings, check_mixable
 
 
 @dataclass
@@ -32,10 +31,18 @@ class Predictions:
     proba: np.ndarray | None
     class_names: list[str]
     errors: list[str] = field(default_factory=list)
+    labels: list[str] | None = None  # the inputs' own classes ("" unlabelled): a store's, a class tree's, a CSV's
 
     @property
     def n_failed(self) -> int:
         return sum(1 for e in self.errors if e)
+
+    def check(self) -> LabelCheck | None:
+        """How the predictions compare with the inputs' own labels; None when the inputs carry none."""
+        if self.labels is None:
+            return None
+        ok = [i for i, (label, e) in enumerate(zip(self.labels, self.errors, strict=True)) if label and not e]
+        return check_labels([self.labels[i] for i in ok], [self.predicted[i] for i in ok], self.class_names)
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -57,12 +64,96 @@ class Predictions:
         if output.suffix.lower() == ".json":
             output.write_text(json.dumps(rows, indent=2))
         else:
-            # surrogateescape: a file name that is not valid UTF-8 is written as its own bytes, not refused
-            with open(output, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path", "predicted", "error"])
-                writer.writeheader()
-                writer.writerows(rows)
+            fields = list(rows[0]) if rows else ["path", "predicted", "error"]
+            write_csv(output, fields, ([r[k] for k in fields] for r in rows))
         return output
+
+
+@dataclass
+class LabelCheck:
+    """The predictions of labelled inputs against their labels (`check_labels`).
+
+    Attributes:
+        warning: One line when no label of the inputs is a class of the model (the predictions cannot be right).
+        n_scored: Images whose label is one of the model's classes; the scores are over them.
+        accuracy: Share of them predicted right (None when none are scored).
+        balanced_accuracy: Mean recall over their classes.
+        confused: (true class, predicted class, images) for the most frequent mistakes, most first.
+        unknown: Input classes the model does not know, and their image count (left out of the scores).
+    """
+
+    warning: str | None = None
+    n_scored: int = 0
+    accuracy: float | None = None
+    balanced_accuracy: float | None = None
+    confused: list[tuple[str, str, int]] = field(default_factory=list)
+    unknown: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: the scores and the top mistakes, or the warning."""
+        if self.warning:
+            return f"warning: {self.warning}"
+        line = (f"accuracy {self.accuracy:.3f}, balanced accuracy {self.balanced_accuracy:.3f} on {self.n_scored} "
+                "labelled images")
+        if self.confused:
+            line += "; most confused: " + ", ".join(f"{t} -> {p} ({n})" for t, p, n in self.confused)
+        if self.unknown:
+            line += (f"; {sum(self.unknown.values())} images of {len(self.unknown)} classes the model does not "
+                     f"know left out ({_few(self.unknown)})")
+        return line
+
+
+def _few(names: Sequence[str], n: int = 3) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def no_shared_class(labels: Sequence[str], class_names: Sequence[str]) -> str | None:
+    """A one-line warning when none of `labels` (the inputs' classes) is among `class_names` (the model's)."""
+    found = sorted(set(labels) - {""})
+    if not found or set(found) & set(class_names):
+        return None
+    return (f"none of the inputs' {len(found)} classes ({_few(found)}) is among the model's {len(class_names)} "
+            f"({_few(list(class_names))}): these predictions cannot be right; was the model trained on other data?")
+
+
+def check_labels(labels: Sequence[str], predicted: Sequence[str], class_names: Sequence[str],
+                 top: int = 3) -> LabelCheck:
+    """Score predictions against the inputs' labels, or say why they cannot be right.
+
+    Args:
+        labels: The true class of each image (labelled images only).
+        predicted: The model's class for each of them.
+        class_names: The model's classes.
+        top: How many of the most frequent mistakes to name.
+    """
+    known = set(class_names)
+    if not labels:
+        return LabelCheck()
+    warning = no_shared_class(labels, class_names)
+    if warning:
+        return LabelCheck(warning=warning)
+    from collections import Counter
+
+    scored = [(t, p) for t, p in zip(labels, predicted, strict=True) if t in known]
+    hits = [t == p for t, p in scored]
+    recall = {c: np.mean([h for (t, _), h in zip(scored, hits, strict=True) if t == c]) for c in {t for t, _ in scored}}
+    mistakes = Counter((t, p) for t, p in scored if t != p).most_common(top)
+    return LabelCheck(n_scored=len(scored), accuracy=float(np.mean(hits)),
+                      balanced_accuracy=float(np.mean(list(recall.values()))),
+                      confused=[(t, p, n) for (t, p), n in mistakes],
+                      unknown=dict(sorted(Counter(t for t in labels if t not in known).items())))
+
+
+def mismatches(run: str | os.PathLike, store: FeatureStore) -> list[str]:
+    """Why a store's images and a run's model do not belong together: different features (backbone spec,
+    preprocessing, test-time augmentation) or no class in common; [] when they do."""
+    meta = read_sidecar(run)
+    found = StoreSettings(BackboneSpec.from_dict(meta["spec"]), **meta["settings"]).differences(
+        store.settings, same_store=False)
+    problems = [f"the store's features differ from the model's ({'; '.join(found[:3])})"] if found else []
+    warning = no_shared_class(store.class_names, meta["class_names"])
+    return problems + ([warning] if warning else [])
 
 
 def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weights: str | None = None,
@@ -93,8 +184,11 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
         X = store.features()
         errors = [str(e) if s != 0 else "" for e, s in zip(store.errors, store.status, strict=True)]
         paths = [str(p) for p in store.paths]
+        truth = [store.class_names[i] if i >= 0 else "" for i in store.labels]
     else:
-        X, errors, paths = _embed(spec, meta, collect_images(inputs), weights, device, batch_size, workers)
+        records = collect_images(inputs)
+        truth = input_labels(inputs, records)
+        X, errors, paths = _embed(spec, meta, records, weights, device, batch_size, workers)
     ok = np.array([not e for e in errors], dtype=bool)
     predicted = [""] * len(paths)
     proba = None
@@ -107,7 +201,28 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
             full = np.zeros((int(ok.sum()), len(class_names)))
             full[:, class_positions(pipeline.classes_, class_names)] = pipeline.predict_proba(X[ok])
             proba[ok] = full
-    return Predictions(paths, predicted, proba, class_names, errors)
+    return Predictions(paths, predicted, proba, class_names, errors, truth)
+
+
+def input_labels(inputs: Sequence[str | os.PathLike], records: Sequence[ImageRecord]) -> list[str] | None:
+    """The class of each record when the one input is labelled: a CSV with a label column, or a class tree (a
+    class per sub-folder, no images beside them, as `extract` reads it); None otherwise."""
+    from embedfit import url
+    from embedfit.errors import InputError
+
+    if len(inputs) != 1:
+        return None
+    item = url.local_or_url(inputs[0])
+    if not url.is_url(item) and not (Path(item).is_dir() or Path(item).suffix.lower() == ".csv"):
+        return None
+    try:
+        source = scan_images(item)
+    except InputError:  # one object on object storage, or nothing a labelled scan accepts
+        return None
+    if not source.class_names or any(why.startswith("loose file") for _, why in source.skipped):
+        return None  # images beside the sub-folders: they are how the images are filed, not classes
+    by_path = {str(r.path): source.class_names[r.label] for r in source.records if r.label >= 0}
+    return [by_path.get(str(r.path), "") for r in records]
 
 
 def _embed(spec: BackboneSpec, meta: dict[str, Any], records: list[ImageRecord], weights: str | None,
@@ -149,4 +264,5 @@ def _predict_torch(run: str | os.PathLike, inputs: Sequence[str | os.PathLike]) 
     records = collect_images(inputs)
     proba, errors = model.predict_proba_paths([r.path for r in records])
     predicted = ["" if e else model.class_names[int(np.argmax(p))] for p, e in zip(proba, errors, strict=True)]
-    return Predictions([r.key for r in records], predicted, proba, list(model.class_names), list(errors))
+    return Predictions([r.key for r in records], predicted, proba, list(model.class_names), list(errors),
+                       input_labels(inputs, records))

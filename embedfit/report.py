@@ -3,9 +3,11 @@
 The HTML report has one section per view, each with a stable id: leaderboard (backbone × classifier with scores,
 training-set sizes and costs, one table per evaluation set: runs scored on different images are never ranked
 together), metrics, confusion (counts and row-normalised), per-class, cv-spread (fold scores per run),
-embedding-map (PCA and t-SNE of each store's embeddings, one map per store, mistakes marked) and mistakes (the
-most confident out-of-fold errors as thumbnails). Images are inlined as base64 PNG/JPEG: the file can be mailed as
-it is.
+confused (the most-confused class pairs and the worst classes, first: what a user with many classes needs),
+embedding-map (PCA and t-SNE of each store's embeddings, one map per store, mistakes marked; large stores are
+subsampled) and mistakes (the most confident out-of-fold errors as thumbnails that open larger on a click).
+Single hold-out splits show a bootstrap interval over their images instead of a spread over folds. Images are
+inlined as base64 PNG/JPEG: the file can be mailed as it is.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from embedfit.progress import OnProgress, Progress
 from embedfit.runs import Run, read_run
 
 # Section ids, in order; the last is a prefix: one "mistakes-RUN" section per run.
-SECTIONS = ("leaderboard", "metrics", "confusion", "per-class", "cv-spread", "embedding-map", "mistakes")
+SECTIONS = ("leaderboard", "metrics", "confused", "confusion", "per-class", "cv-spread", "embedding-map", "mistakes")
 _TSNE_MAX = 3000  # t-SNE above this many points takes minutes on a laptop; PCA is always shown
+MANY_CLASSES = 20  # above this, matrices and legends stop being readable: pairs, rankings and sorted tables lead
+MAP_POINTS = 5000  # the map draws at most this many points (every mistake, then a stratified sample)
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
@@ -97,7 +101,7 @@ def _image_root_of(store_path: Path) -> str:
     """The folder a store's image paths are relative to (the store's own path when it cannot be read)."""
     if store_path.is_file():
         from embedfit.errors import EmbedfitError
-        from embedfit.store import FeatureStore
+        from embedfit.storage import FeatureStore
 
         with contextlib.suppress(EmbedfitError):
             return str(FeatureStore.open(store_path).root)
@@ -196,7 +200,8 @@ def build_report(runs: Sequence[str | Path], output: str | Path, *, title: str =
     loaded = [read_run(r) for r in runs]
     groups = group_by_evaluation(loaded)
     sections = [("leaderboard", lambda: _leaderboard(groups)), ("metrics", lambda: _metrics(loaded)),
-                ("confusion matrices", lambda: _confusion(loaded)), ("per-class scores", lambda: _per_class(loaded)),
+                ("most-confused pairs", lambda: _confused(loaded)), ("confusion matrices", lambda: _confusion(loaded)),
+                ("per-class scores", lambda: _per_class(loaded)),
                 ("fold spread", lambda: _cv_spread(groups)), ("embedding maps", lambda: _embedding_map(loaded)),
                 *((f"mistakes of {r.label}", lambda r=r: _mistakes(r, len(loaded) > 1)) for r in loaded)]
     parts = []
@@ -214,8 +219,13 @@ table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }}
 section {{ margin-bottom: 2em; }} img {{ max-width: 100%; }} .note {{ color: #666; }}
-.thumbs {{ display: flex; flex-wrap: wrap; gap: 10px; }} .thumbs figure {{ margin: 0; width: 140px; font-size: 12px; }}
-.thumbs img {{ image-rendering: pixelated; }}
+td {{ max-width: 24em; overflow-wrap: anywhere; }}
+.thumbs {{ display: flex; flex-wrap: wrap; gap: 10px; }}
+.thumbs figure {{ margin: 0; width: 140px; font-size: 12px; }}
+.thumbs img {{ width: 140px; height: auto; cursor: zoom-in; }}
+.thumbs img.big {{ position: fixed; inset: 0; margin: auto; width: auto; max-width: 90vw; max-height: 90vh;
+  z-index: 10; cursor: zoom-out; box-shadow: 0 0 0 100vmax rgba(0, 0, 0, 0.6); }}
+.name {{ display: block; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class="note">{plural(len(loaded), "run")}: {", ".join(html.escape(r.label) for r in loaded)}</p>
@@ -261,9 +271,15 @@ def _section(sid: str, heading: str, content: str) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A table; long cells wrap anywhere (CSS) and keep their full text on hover."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value: Any) -> str:
+    text = html.escape(str(value))
+    return f'<td title="{text}">{text}</td>' if len(str(value)) > 30 else f"<td>{text}</td>"
 
 
 def _png(fig: Any) -> str:
@@ -275,8 +291,46 @@ def _png(fig: Any) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _fmt(score: dict[str, float] | None) -> str:
-    return "—" if score is None else f"{score['mean']:.3f} ± {score['std']:.3f}"
+def _fmt(score: dict[str, float] | None, interval: tuple[float, float] | None = None) -> str:
+    """mean ± std over folds; one split: the score alone, or with its bootstrap interval (never "± 0.000")."""
+    if score is None:
+        return "—"
+    if len(score.get("folds", [])) == 1:
+        return f"{score['mean']:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+    return f"{score['mean']:.3f} ± {score['std']:.3f}"
+
+
+BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "f1_macro")
+
+
+def bootstrap_intervals(run: Run, n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """95% percentile-bootstrap intervals of accuracy, balanced accuracy and macro F1 over a single hold-out
+    split's images (its predictions.csv); {} for runs scored on several folds (their spread says more)."""
+    scores = run.metrics["scores"]
+    if not run.predictions or len(scores.get("accuracy", {}).get("folds", [])) != 1:
+        return {}
+    names = {c: i for i, c in enumerate(run.metrics["class_names"])}
+    known = [p for p in run.predictions if p["label"] in names and p["predicted"] in names]
+    if not known:
+        return {}
+    k = len(names)
+    codes = np.array([names[p["label"]] * k + names[p["predicted"]] for p in known])
+    rng = np.random.default_rng(seed)
+    # each resample's confusion matrix from its multinomial counts of the observed (true, predicted) pairs
+    pairs, counts = np.unique(codes, return_counts=True)
+    draws = rng.multinomial(len(codes), counts / counts.sum(), size=n_boot)
+    cms = np.zeros((n_boot, k * k))
+    cms[:, pairs] = draws
+    cms = cms.reshape(n_boot, k, k)
+    diag, true, pred = np.diagonal(cms, axis1=1, axis2=2), cms.sum(axis=2), cms.sum(axis=1)
+    recall = np.divide(diag, true, out=np.zeros_like(diag), where=true > 0)
+    precision = np.divide(diag, pred, out=np.zeros_like(diag), where=pred > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(diag), where=precision + recall > 0)
+    present = (true > 0) | (pred > 0)  # scikit-learn's macro average: the labels seen in either
+    values = {"accuracy": diag.sum(axis=1) / len(codes),
+              "balanced_accuracy": (recall * (true > 0)).sum(axis=1) / np.maximum((true > 0).sum(axis=1), 1),
+              "f1_macro": (f1 * present).sum(axis=1) / np.maximum(present.sum(axis=1), 1)}
+    return {m: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for m, v in values.items()}
 
 
 def _seconds(value: float | None) -> str:
@@ -294,15 +348,17 @@ def _leaderboard(groups: list[tuple[EvaluationSet, list[Run]]]) -> str:
         for rank, r in enumerate(members, start=1):
             s = r.metrics["scores"]
             extract, train = costs(r)
-            rows.append([rank, r.metrics.get("backbone", ""), r.metrics["model"], _fmt(s.get("accuracy")),
-                         _fmt(s.get("balanced_accuracy")), _fmt(s.get("f1_macro")), training_images(r),
+            ci = bootstrap_intervals(r)
+            rows.append([rank, r.metrics.get("backbone", ""), r.metrics["model"],
+                         *(_fmt(s.get(m), ci.get(m)) for m in BOOTSTRAP_METRICS), training_images(r),
                          _seconds(extract), _seconds(train), _seconds((extract or 0.0) + train), r.path.name])
         described = html.escape(ev.describe([evaluation_set(r).store for r in members]))
         heading = f"<h3>Evaluation set {g}</h3>" if len(groups) > 1 else ""
         blocks.append(f'{heading}<p>Evaluated on {described}.</p>' + _table(
             ["#", "backbone", "classifier", "accuracy", "balanced accuracy", "macro F1", "training images",
              "extract s", "train s", "total s", "run"], rows))
-    note = ('<p class="note">Scores are mean ± std over the evaluation folds (or repeated splits). Extraction is '
+    note = ('<p class="note">Scores are mean ± std over the evaluation folds (or repeated splits); a single hold-out '
+            "split shows its score and a 95% bootstrap interval over its images, [low, high]. Extraction is "
             "paid once per store and shared by every classifier fitted on it; train s is the evaluation plus the "
             "final fit. Fine-tuning extracts nothing (—): it runs the backbone on the images every epoch, and its "
             "train s is its whole cost.</p>")
@@ -314,23 +370,62 @@ def _metrics(runs: list[Run]) -> str:
     rows = []
     for r in runs:
         ev = evaluation_set(r)
-        rows.append([r.label, *(_fmt(r.metrics["scores"].get(m)) for m in names), ev.describe([ev.store]),
+        ci = bootstrap_intervals(r)
+        rows.append([r.label, *(_fmt(r.metrics["scores"].get(m), ci.get(m)) for m in names), ev.describe([ev.store]),
                      training_images(r)])
     return _section("metrics", "Metrics", _table(["run", *names, "evaluated on", "training images"], rows))
 
 
+def confused_pairs(cm: np.ndarray, names: Sequence[str], top: int = 10) -> list[tuple[str, str, int, float]]:
+    """The most frequent mistakes: (true class, predicted class, images, share of the true class), most first."""
+    off = cm.astype(float).copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:top]
+    support = np.maximum(cm.sum(axis=1), 1)
+    return [(names[i], names[j], int(off[i, j]), float(off[i, j] / support[i]))
+            for i, j in (np.unravel_index(o, off.shape) for o in order) if off[i, j] > 0]
+
+
+def _confused(runs: list[Run]) -> str:
+    blocks = []
+    for r in runs:
+        cm, names = np.array(r.metrics["confusion_matrix"]), r.metrics["class_names"]
+        pairs = confused_pairs(cm, names)
+        worst = sorted(r.metrics["per_class"].items(), key=lambda kv: (kv[1]["f1"], kv[0]))[:10]
+        heading = f"<h3>{html.escape(r.label)}</h3>" if len(runs) > 1 else ""
+        table = (_table(["true class", "predicted as", "images", "share of the class"],
+                        [[t, p, n, f"{share:.0%}"] for t, p, n, share in pairs]) if pairs else
+                 '<p class="note">No mistakes.</p>')
+        blocks.append(f"{heading}<h4>Most-confused pairs</h4>{table}<h4>Worst classes (lowest F1)</h4>"
+                      + _table(["class", "F1", "recall", "precision", "images"],
+                               [[c, f"{v['f1']:.3f}", f"{v['recall']:.3f}", f"{v['precision']:.3f}", v["support"]]
+                                for c, v in worst]))
+    return _section("confused", "Most-confused pairs and worst classes", "\n".join(blocks))
+
+
 def confusion_figure(cm: np.ndarray, names: Sequence[str]) -> Any:
-    """Counts and row-normalised confusion matrices side by side (a matplotlib Figure)."""
+    """Counts and row-normalised confusion matrices side by side (a matplotlib Figure); above `MANY_CLASSES`
+    only the row-normalised one (the counts matrix is nearly empty), sized so that each class keeps a readable row
+    (its labels shrink to fit; beyond 60 classes the pairs table names them instead)."""
     import matplotlib.pyplot as plt
 
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    size = max(4.0, 0.45 * len(names) + 2)
+    many = len(names) > MANY_CLASSES
+    size = max(4.0, 0.45 * len(names) + 2) if not many else min(14.0, 0.12 * len(names) + 4)
+    panels = ((norm, "row-normalised (recall)"),) if many else ((cm, "counts"), (norm, "row-normalised (recall)"))
     # constrained layout keeps each panel's "true" label clear of the other panel's tick labels
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
-    for ax, mat, what in ((axes[0], cm, "counts"), (axes[1], norm, "row-normalised (recall)")):
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * size + 1, size), layout="constrained",
+                             squeeze=False)
+    fontsize = 10 if not many else max(4.0, min(8.0, 72 * 0.8 * size / len(names) * 0.8))
+    for ax, (mat, what) in zip(axes[0], panels, strict=True):
         ax.imshow(mat, cmap="Blues")
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        ax.set_yticks(range(len(names)), names)
+        if len(names) <= 60:
+            ax.set_xticks(range(len(names)), names, rotation=90 if many else 45, ha="center" if many else "right",
+                          fontsize=fontsize)
+            ax.set_yticks(range(len(names)), names, fontsize=fontsize)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(what)
@@ -345,7 +440,11 @@ def _confusion(runs: list[Run]) -> str:
     blocks = []
     for r in runs:
         fig = confusion_figure(np.array(r.metrics["confusion_matrix"], dtype=float), r.metrics["class_names"])
-        blocks.append(f"<h3>{html.escape(r.label)}</h3>{_png(fig)}")
+        n = len(r.metrics["class_names"])
+        note = ("" if n <= MANY_CLASSES else f'<p class="note">{n} classes: the row-normalised matrix only'
+                + (", without class labels (too many to read); the most-confused pairs above name them"
+                   if n > 60 else "") + ".</p>")
+        blocks.append(f"<h3>{html.escape(r.label)}</h3>{_png(fig)}{note}")
     return _section("confusion", "Confusion matrices", "\n".join(blocks))
 
 
@@ -354,6 +453,8 @@ def per_class_figure(per: dict[str, dict[str, float]]) -> Any:
     (up to 15 classes) and the legend sits outside, right of the plot."""
     import matplotlib.pyplot as plt
 
+    if len(per) > MANY_CLASSES:
+        return _per_class_ranked(per)
     names = list(per)
     x = np.arange(len(names))
     values = [per[c][m] for c in names for m in ("precision", "recall", "f1")]
@@ -373,15 +474,31 @@ def per_class_figure(per: dict[str, dict[str, float]]) -> Any:
     return fig
 
 
+def _per_class_ranked(per: dict[str, dict[str, float]]) -> Any:
+    """Many classes: F1 per class as horizontal bars, worst at the top, the height growing with the class count."""
+    import matplotlib.pyplot as plt
+
+    ranked = sorted(per, key=lambda c: (per[c]["f1"], c))
+    fig, ax = plt.subplots(figsize=(7, 0.16 * len(ranked) + 1.2), layout="constrained")
+    ax.barh(np.arange(len(ranked)), [per[c]["f1"] for c in ranked], color="tab:blue")
+    ax.set_yticks(np.arange(len(ranked)), ranked, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1 (worst class first)")
+    ax.margins(y=0.005)
+    return fig
+
+
 def _per_class(runs: list[Run]) -> str:
     blocks = []
     for r in runs:
         per = r.metrics["per_class"]
         rows = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]]
-                for c, v in per.items()]
+                for c, v in sorted(per.items(), key=lambda kv: (kv[1]["f1"], kv[0]))]  # worst first
         blocks.append(f"<h3>{html.escape(r.label)}</h3>{_png(per_class_figure(per))}"
                       + _table(["class", "precision", "recall", "F1", "support"], rows))
-    return _section("per-class", "Per-class precision, recall and F1", "\n".join(blocks))
+    note = '<p class="note">Tables are sorted by F1, worst class first.</p>'
+    return _section("per-class", "Per-class precision, recall and F1", "\n".join(blocks) + note)
 
 
 def spread_figure(folds: Sequence[Sequence[float]], labels: Sequence[str]) -> Any:
@@ -405,15 +522,21 @@ def spread_figure(folds: Sequence[Sequence[float]], labels: Sequence[str]) -> An
 
 
 def _cv_spread(groups: list[tuple[EvaluationSet, list[Run]]]) -> str:
-    ordered = [r for _, members in groups for r in members]
-    labels = []
-    for g, (_, members) in enumerate(groups, start=1):
-        labels += [f"{r.meta['spec']['name']}\n{r.metrics['model']}" + (f"\n(set {g})" if len(groups) > 1 else "")
-                   for r in members]
+    spread = [(g, r) for g, (_, members) in enumerate(groups, start=1) for r in members
+              if len(r.metrics["scores"]["balanced_accuracy"]["folds"]) > 1]
+    single = [r for _, members in groups for r in members if len(r.metrics["scores"]["balanced_accuracy"]["folds"]) < 2]
+    left_out = ("" if not single else f'<p class="note">{html.escape(", ".join(r.label for r in single))}: one '
+                "hold-out split, so no spread over folds to draw; its leaderboard scores carry a bootstrap interval "
+                "over the hold-out images instead.</p>")
+    if not spread:
+        return _section("cv-spread", "Score spread over folds", left_out)
+    ordered = [r for _, r in spread]
+    labels = [f"{r.meta['spec']['name']}\n{r.metrics['model']}" + (f"\n(set {g})" if len(groups) > 1 else "")
+              for g, r in spread]
     fig = spread_figure([r.metrics["scores"]["balanced_accuracy"]["folds"] for r in ordered], labels)
     note = ("" if len(groups) == 1 else '<p class="note">"set N" is the evaluation set of the leaderboard: runs '
             "of different sets were scored on different images.</p>")
-    return _section("cv-spread", "Score spread over folds", _png(fig) + note)
+    return _section("cv-spread", "Score spread over folds", _png(fig) + note + left_out)
 
 
 def _embedding_map(runs: list[Run]) -> str:
@@ -454,7 +577,7 @@ def _store_map(store_path: Path, runs: list[Run], *, titled: bool) -> str:
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
-    from embedfit.store import FeatureStore
+    from embedfit.storage import FeatureStore
 
     title = (f"<h3>{html.escape(str(store_path))} ({plural(len(runs), 'run')}: "
              f"{html.escape(', '.join(r.label for r in runs))})</h3>" if titled else "")
@@ -469,9 +592,15 @@ def _store_map(store_path: Path, runs: list[Run], *, titled: bool) -> str:
             t[0] += p["correct"] not in ("True", "true", "1")
             t[1] += 1
     rows, stored = stored_rows(list(predicted.values()), store)
+    n_all = len(rows)
+    if n_all > MAP_POINTS:  # every mistake, then an even share of each class: a readable map, not a blob
+        keep = map_sample([tally[p["path"]][0] > 0 for p in rows], [p["label"] for p in rows], MAP_POINTS)
+        rows, stored = [rows[i] for i in keep], [stored[i] for i in keep]
     if not rows:
         return title + ('<p class="note">Not available: none of the predicted images has an embedding in '
                         f"{html.escape(str(store_path))} any more.</p>")
+    order = np.argsort(stored)  # HDF5 reads rows in increasing order
+    rows, stored = [rows[i] for i in order], [stored[i] for i in order]
     X = store.features(stored)
     changed_runs = [r for r in runs if (f := recorded_fingerprint(r, store_path)) and f != store.fingerprint]
     which = "" if len(runs) == 1 else " of " + ", ".join(r.path.name for r in changed_runs)
@@ -491,10 +620,12 @@ def _store_map(store_path: Path, runs: list[Run], *, titled: bool) -> str:
     fig, axes = plt.subplots(1, len(maps), figsize=(5.5 * len(maps) + 2, 5), squeeze=False, layout="constrained")
     colours = class_colours(len(names))
     every = "misclassified" if len(runs) == 1 else "misclassified by every run that predicted it"
+    dot = 12 if len(X) <= 1000 else 4  # small, translucent dots once points overlap
     for ax, (what, Z) in zip(axes[0], maps, strict=True):
         for c, name in enumerate(names):
             m = y == c
-            ax.scatter(Z[m, 0], Z[m, 1], s=12, color=colours[c], label=name, alpha=0.85)
+            ax.scatter(Z[m, 0], Z[m, 1], s=dot, color=colours[c], label=name, alpha=0.85 if dot > 4 else 0.5,
+                       linewidths=0)
         ax.scatter(Z[wrong_all, 0], Z[wrong_all, 1], s=50, facecolors="none", edgecolors="k", linewidths=1.2,
                    label=every)
         if wrong_some.any():
@@ -502,13 +633,40 @@ def _store_map(store_path: Path, runs: list[Run], *, titled: bool) -> str:
                        linewidths=0.8, linestyle="--", label="misclassified by some runs")
         ax.set_title(what)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=8, markerscale=1.5,
-               ncols=1 if len(names) <= 25 else 2)
+    if len(names) > MANY_CLASSES:  # nobody tells 100 hues apart: keep only the rings' entries
+        handles, labels = handles[len(names):], labels[len(names):]
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, markerscale=1.5 if dot > 4 else 3)
     circled = ("circled points were misclassified out of fold" if len(runs) == 1 else
                "black rings: misclassified by every run that predicted the image; grey dashed rings: by some of them")
-    note = (f'<p class="note">Embeddings of {plural(len(X), "image")} from {html.escape(str(store_path))}, coloured by '
-            f"class; {circled}.{html.escape(changed)}</p>")
+    shown = (f"{plural(len(X), 'image')}" if n_all == len(X) else
+             f"{len(X)} of {n_all} images (every misclassified one, then an even share of each class)")
+    colour = ("coloured by class" if len(names) <= MANY_CLASSES else
+              f"coloured by class ({len(names)} classes: too many colours to tell apart, so no colour legend; the "
+              "most-confused pairs name the classes that mix)")
+    tsne = ("" if len(maps) > 1 or len(X) <= 10 else
+            f" t-SNE is left out above {_TSNE_MAX} images (it would take minutes); PCA is shown alone.")
+    note = (f'<p class="note">Embeddings of {shown} from {html.escape(str(store_path))}, {colour}; '
+            f"{circled}.{html.escape(changed)}{tsne}</p>")
     return title + _png(fig) + note
+
+
+def map_sample(wrong: Sequence[bool], labels: Sequence[str], limit: int, seed: int = 0) -> list[int]:
+    """At most `limit` indices, sorted: every wrong one (up to `limit`), then an equal share of each class's right
+    ones at random."""
+    rng = np.random.default_rng(seed)
+    wrong_i = [i for i, w in enumerate(wrong) if w][:limit]
+    by_class: dict[str, list[int]] = {}
+    for i, (w, label) in enumerate(zip(wrong, labels, strict=True)):
+        if not w:
+            by_class.setdefault(label, []).append(i)
+    room = limit - len(wrong_i)
+    chosen = list(wrong_i)
+    for k, members in enumerate(sorted(by_class.values(), key=len)):  # small classes first: they keep all theirs
+        share = room // (len(by_class) - k) if len(by_class) > k else 0
+        take = members if len(members) <= share else list(rng.choice(members, share, replace=False))
+        chosen += take
+        room -= len(take)
+    return sorted(int(i) for i in chosen)
 
 
 def class_colours(n: int) -> list[Any]:
@@ -528,7 +686,7 @@ def stored_rows(predictions: Sequence[dict[str, str]], store: Any) -> tuple[list
     By path, not by the row numbers saved at fit time: a store re-extracted since then (images added, changed
     or removed) numbers its rows differently.
     """
-    from embedfit.store import OK
+    from embedfit.storage import OK
 
     index = {key: i for i, key in enumerate(store.paths) if store.status[i] == OK}
     kept = [p for p in predictions if p["path"] in index]
@@ -536,6 +694,7 @@ def stored_rows(predictions: Sequence[dict[str, str]], store: Any) -> tuple[list
 
 
 THUMB_SIZE = 96  # px, the longer side of a mistake's thumbnail
+ZOOM_SIZE = 384  # px, the longer side of the image a thumbnail opens to (it is shown at 140 px until clicked)
 
 
 def thumbnail(image: Any, size: int = THUMB_SIZE) -> tuple[Any, str]:
@@ -566,14 +725,15 @@ def _mistakes(run: Run, name_run: bool = False, top: int = 12) -> str:
     figures = []
     for p in wrong[:top]:
         conf = p.get(f"p_{p['predicted']}")
-        caption = (f"{html.escape(p['path'])}<br>true <b>{html.escape(p['label'])}</b>, predicted "
-                   f"<b>{html.escape(p['predicted'])}</b>" + (f" ({float(conf):.2f})" if conf else ""))
+        caption = (_name(p["path"]) + _name(p["label"], "true ")
+                   + _name(p["predicted"], "predicted ", f" ({float(conf):.2f})" if conf else ""))
         path = Path(p["path"]) if Path(p["path"]).is_absolute() else root / p["path"]
         try:
-            image, fmt = thumbnail(decode_image(path))
+            image, fmt = thumbnail(decode_image(path), ZOOM_SIZE)
             buf = io.BytesIO()
             image.save(buf, format=fmt.upper(), **({"quality": 85} if fmt == "jpeg" else {}))
-            src = (f'<img alt="thumbnail" width="{image.width}" height="{image.height}" '
+            src = (f'<img alt="thumbnail" width="{image.width}" height="{image.height}" title="click to enlarge" '
+                   f'onclick="this.classList.toggle(\'big\')" '
                    f'src="data:image/{fmt};base64,{base64.b64encode(buf.getvalue()).decode()}">')
         except Exception:  # the file moved or broke since extraction: show the caption alone
             src = '<p class="note">(image unavailable)</p>'
@@ -585,12 +745,20 @@ def _mistakes(run: Run, name_run: bool = False, top: int = 12) -> str:
                     f'<div class="thumbs">{"".join(figures)}</div>')
 
 
+def _name(text: str, before: str = "", after: str = "") -> str:
+    """A line holding a name (in bold after a `before` word), cut with an ellipsis where it is too long; the full
+    name on hover."""
+    escaped = html.escape(text)
+    shown = f"{before}<b>{escaped}</b>{after}" if before else escaped + after
+    return f'<span class="name" title="{escaped}">{shown}</span>'
+
+
 def _predictions_store(run: Run) -> Path:
     """The store whose rows predictions.csv refers to: the hold-out store when there was one."""
     recorded = str(run.metrics.get("evaluation", {}).get("test_store") or run.meta.get("store", ""))
-    if "://" in recorded:  # on object storage: its local copy (embedfit.remote)
+    if "://" in recorded:  # on object storage: its local copy (embedfit.url)
         from embedfit.errors import EmbedfitError
-        from embedfit.store import FeatureStore
+        from embedfit.storage import FeatureStore
 
         try:
             return FeatureStore.open(recorded).path
@@ -605,7 +773,7 @@ def _image_root(run: Run) -> Path:
         return Path(run.evaluation.image_root)
     store_path = _predictions_store(run)
     if store_path.is_file():
-        from embedfit.store import FeatureStore
+        from embedfit.storage import FeatureStore
 
         return FeatureStore.open(store_path).root
     return store_path if store_path.is_dir() else Path(".")

@@ -277,7 +277,7 @@ def _estimate_extraction(plan: Sequence[tuple[str, str | None]], records: Sequen
     from embedfit.backbones.factory import create_backbone
     from embedfit.extraction.encoder import Encoder, iter_embeddings
     from embedfit.extraction.settings import ExtractConfig, default_batch_size, resolve_device
-    from embedfit.store import FeatureStore
+    from embedfit.storage import FeatureStore
 
     device = resolve_device(config.device)
     batch = config.batch_size or default_batch_size(device)
@@ -356,7 +356,7 @@ def _reusable(run_dir: Path, stores: dict[str, Any], model: str, config: SweepCo
 def _fit_options(stores: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
     """The `fit` options of every fit in the sweep, and the model settings and evaluation settings they record
     (the model settings are `FitConfig`'s defaults: a version that changes them refits)."""
-    from embedfit.fitting.cv import FitConfig
+    from embedfit.fitting.evaluate import FitConfig
 
     default = FitConfig()
     settings = {"scale": default.scale, "pca": None if default.pca == "none" else default.pca,
@@ -372,7 +372,7 @@ def _extract(data: str | Path, folder: Path, key: str, backbone: str, layer: str
              config: SweepConfig, on_progress: OnProgress | None) -> dict[str, Any]:
     from embedfit.extraction.local import extract
     from embedfit.extraction.settings import ExtractConfig
-    from embedfit.store import FeatureStore
+    from embedfit.storage import FeatureStore
 
     extract_config = ExtractConfig(backbone=backbone, layer=layer, pool=config.pool, resolution=config.resolution,
                                    device=config.device, batch_size=config.batch_size, workers=config.workers)
@@ -401,7 +401,7 @@ def _fit(run_dir: Path, model: str, stores: dict[str, Any], config: SweepConfig,
     this sweep: the sweep owns its runs folder)."""
     import shutil
 
-    from embedfit.fitting.cv import fit
+    from embedfit.fitting.evaluate import fit
 
     if run_dir.exists():
         shutil.rmtree(run_dir)

@@ -16,6 +16,18 @@ os.environ["EMBEDFIT_OFFLINE"] = "1"  # never reach for a network in tests
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+TIERS = ("fast", "slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test module names its tier (`pytestmark = pytest.mark.fast` or `slow`): `make test` runs the tests not
+    marked slow (a test of a fast module may be marked slow itself), `make test-all` and CI run every tier."""
+    untiered = sorted({item.path.name for item in items if not any(item.get_closest_marker(t) for t in TIERS)})
+    if untiered:
+        raise pytest.UsageError(f"test modules without a tier (pytestmark = pytest.mark.fast or slow): "
+                                f"{', '.join(untiered)}")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point every model cache at an empty temp folder, so tests see a fresh machine."""
@@ -98,8 +110,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     """moto's S3 server on a free local port; s3fs (and any subprocess) finds it through the environment."""
-    pytest.importorskip("s3fs")
+    s3fs = pytest.importorskip("s3fs")
     moto_server = pytest.importorskip("moto.server")
+    # fsspec keeps one filesystem per set of options, and the endpoint comes from the environment, so a filesystem
+    # cached by an earlier test module would still talk to that module's (stopped) server.
+    s3fs.S3FileSystem.clear_instance_cache()
     port = _free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -16,9 +16,11 @@ from embedfit.backbones.factory import create_backbone
 from embedfit.backbones.lite import lite_state_dict_to_timm
 from embedfit.backbones.registry import backbone_info, list_backbones
 from embedfit.backbones.spec import BackboneSpec
-from embedfit.backbones.tv import tv_weights_path
+from embedfit.backbones.torchvision_models import tv_weights_path
 from embedfit.backbones.weights import _check_published_hash
 from embedfit.errors import UsageError, WeightsUnavailableError
+
+pytestmark = pytest.mark.fast
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from embedfit.cli import main
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
+
+pytestmark = pytest.mark.fast
 
 
 def test_extract_then_info(image_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,6 +8,8 @@ import pytest
 
 from embedfit.cli import app, main
 
+pytestmark = pytest.mark.fast
+
 # command -> [(arguments, exit code, text the one-line message must contain)]; {store}, {run}, {tmp} are filled in.
 CASES: dict[str, list[tuple[list[str], int, str]]] = {
     "extract": [
@@ -118,7 +120,7 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
 
 @pytest.fixture(scope="module")
 def places(tmp_path_factory: pytest.TempPathFactory, shared_store: Path) -> dict[str, str]:
-    from embedfit.fitting.cv import fit
+    from embedfit.fitting.evaluate import fit
 
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "empty").mkdir()
@@ -156,7 +158,7 @@ def test_library_errors_name_parameters_and_the_cli_shows_flags(shared_store: Pa
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """From Python a message names the parameter (`test_size`); the same mistake on the command line, the flag."""
     from embedfit.errors import UsageError
-    from embedfit.fitting.cv import FitConfig, fit
+    from embedfit.fitting.evaluate import FitConfig, fit
 
     with pytest.raises(UsageError) as info:
         fit(shared_store, "ridge", config=FitConfig(test_size=1.5), output=tmp_path / "r")
@@ -213,7 +215,8 @@ def test_every_command_is_documented_in_the_readme() -> None:
     assert not missing, f"commands not shown in README.md: {missing}"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("model", ["ridge", "mlp"])
 def test_ctrl_c_during_any_command_says_interrupted(model: str, shared_store: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:

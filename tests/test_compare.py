@@ -17,6 +17,8 @@ from embedfit.errors import UsageError
 from embedfit.training.compare import _single_class, _tick_labels, compare, parse_arms, recommend
 from embedfit.training.finetune import TrainConfig
 
+pytestmark = pytest.mark.slow
+
 
 def _val_paths(run_dir: Path) -> list[str]:
     with open(run_dir / "predictions.csv", newline="") as f:

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.fast
+
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "make_demo.py"
 CLASSES = ["brick", "grass", "gravel", "moon", "stars", "tissue"]
 PER_CLASS = 4  # train per class; test gets half

@@ -15,7 +15,9 @@ from embedfit.errors import ExtractionInterrupted, StoreError, StoreLockedError,
 from embedfit.extraction.local import extract
 from embedfit.extraction.settings import ExtractConfig
 from embedfit.images import decode_image, scan_images
-from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreWriter
+from embedfit.storage import FAILED, MISSING, OK, FeatureStore, StoreWriter
+
+pytestmark = pytest.mark.fast
 
 
 def _direct(backbone, paths: list[Path]) -> np.ndarray:
@@ -141,7 +143,7 @@ def test_parts_from_a_killed_run_are_resumed(image_tree: Path, tmp_path: Path, l
     out = tmp_path / "feats.h5"
     reference = extract(image_tree, tmp_path / "ref.h5", workers=0)
     ref = FeatureStore.open(reference.store)
-    from embedfit.store import StoreSettings
+    from embedfit.storage import StoreSettings
 
     records = scan_images(image_tree).records
     with StoreWriter(out, StoreSettings(lite0.spec)) as writer:
@@ -159,7 +161,7 @@ def test_parts_from_a_killed_run_are_resumed(image_tree: Path, tmp_path: Path, l
 
 
 def test_second_writer_is_refused(image_tree: Path, tmp_path: Path, lite0) -> None:
-    from embedfit.store import StoreSettings
+    from embedfit.storage import StoreSettings
 
     out = tmp_path / "feats.h5"
     with StoreWriter(out, StoreSettings(lite0.spec)), pytest.raises(StoreLockedError, match="another"):

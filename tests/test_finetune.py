@@ -25,6 +25,8 @@ from embedfit.training.finetune import (
     train,
 )
 
+pytestmark = pytest.mark.slow
+
 FAST = dict(epochs=2, batch_size=8, val_size=0.5, augment=("flip",), device="cpu")
 
 

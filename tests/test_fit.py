@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import accuracy_score
 from sklearn.model_selection import cross_val_score
 
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.cli import main
 from embedfit.errors import InputError, ModelFileError, StoreMismatchError, UsageError
-from embedfit.fitting.cv import fit, make_splits
+from embedfit.fitting.evaluate import fit, make_splits
 from embedfit.fitting.models import make_pipeline
 from embedfit.fitting.out_of_core import fit_out_of_core
 from embedfit.fitting.registry import classifier_names, trusted_types
@@ -23,7 +24,9 @@ from embedfit.images import ImageRecord
 from embedfit.prediction import predict
 from embedfit.report import SECTIONS, build_report
 from embedfit.runs import load_model
-from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
+from embedfit.storage import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
+
+pytestmark = pytest.mark.fast
 
 
 def synthetic_store(path: Path, X: np.ndarray, y: np.ndarray, class_names: list[str], *, name: str = "synthetic",
@@ -93,12 +96,28 @@ def test_every_model_saves_only_allow_listed_types(store: FeatureStore, tmp_path
     import skops.io as sio
 
     if model in classifier_names(streaming=True):
-        fit_out_of_core(store.path, model, output=tmp_path / model, epochs=2, batch_rows=32)
+        result = fit_out_of_core(store.path, model, output=tmp_path / model, epochs=2, batch_rows=32)
     else:
-        fit(store.path, model, output=tmp_path / model, cv=3)
+        result = fit(store.path, model, output=tmp_path / model, cv=3)
     untrusted = sio.get_untrusted_types(file=tmp_path / model / "model.skops")
     assert set(untrusted) <= set(trusted_types())
-    load_model(tmp_path / model)
+    pipeline, _ = load_model(tmp_path / model)
+    # One label space: what a store loads is what a saved model predicts, and `score` is accuracy.
+    X, y, _ = store.load()
+    assert set(y) == {"a", "b", "c"}
+    np.testing.assert_array_equal(pipeline.predict(X), result.pipeline.predict(X))
+    assert pipeline.score(X, y) == pytest.approx(accuracy_score(y, pipeline.predict(X)))
+
+
+def test_logreg_ships_the_c_its_inner_cv_chose(store: FeatureStore, tmp_path: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    X, y, _ = store.load()
+    chooser = make_pipeline("logreg", n_samples=len(y), n_features=X.shape[1]).fit(X, y)  # LogisticRegressionCV
+    result = fit(store.path, "logreg", output=tmp_path / "run", cv=3)
+    clf = result.pipeline[-1]
+    assert type(clf) is LogisticRegression and clf.C == result.metrics["best_params"]["C"] == chooser[-1].C_
+    np.testing.assert_allclose(result.pipeline.predict_proba(X), chooser.predict_proba(X), rtol=1e-6)
 
 
 class _Exploit:
@@ -164,6 +183,28 @@ def test_holdout_store_must_match(store: FeatureStore, tmp_path: Path) -> None:
         fit(store.path, "logreg", test_store=other.path, output=tmp_path / "run2")
 
 
+@pytest.mark.parametrize("model", ["logreg", "svm", "knn", "ridge", "mlp"])
+def test_a_holdout_store_saves_the_evaluated_model(store: FeatureStore, tmp_path: Path, model: str) -> None:
+    """With `test_store` the evaluation trains on every training image: that model is saved, not fitted again."""
+    import csv
+
+    X, y = blobs(60, seed=1)
+    test = synthetic_store(tmp_path / "test.h5", X, y, ["a", "b", "c"])
+    result = fit(store.path, model, test_store=test.path, output=tmp_path / "run")
+    assert result.metrics["evaluation"]["refit"] is False
+    X_test, y_test, _ = test.load()
+    with open(tmp_path / "run" / "predictions.csv", newline="") as f:
+        scored = [row["predicted"] for row in csv.DictReader(f)]
+    saved, _ = load_model(tmp_path / "run")
+    np.testing.assert_array_equal(saved.predict(X_test), scored)  # the scored model is the saved one
+    assert saved.score(X_test, y_test) == result.metrics["scores"]["accuracy"]["mean"]
+    X_train, y_train, _ = store.load()
+    refit = make_pipeline(model, n_samples=len(y_train), n_features=X_train.shape[1]).fit(X_train, y_train)
+    assert np.mean(refit.predict(X_test) == saved.predict(X_test)) >= 0.95  # what the second fit would give
+    # cross-validation still refits on every image: its folds each left some out
+    assert fit(store.path, model, cv=3, output=tmp_path / "cv").metrics["evaluation"]["refit"] is True
+
+
 def test_holdout_store_with_other_tta_is_refused_naming_both(store: FeatureStore, tmp_path: Path) -> None:
     """Flip TTA changes what a feature means: a --tta flip test store cannot score a model trained without it."""
     X, y = blobs(60, seed=1)
@@ -224,6 +265,7 @@ class _Sections(html.parser.HTMLParser):
             self.images += 1
 
 
+@pytest.mark.slow
 def test_report_has_every_section(shared_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fit(shared_store, "logreg", cv=3, output=tmp_path / "logreg")
     fit(shared_store, "ridge", cv=3, output=tmp_path / "ridge")
@@ -238,6 +280,7 @@ def test_report_has_every_section(shared_store: Path, tmp_path: Path, capsys: py
         build_report([tmp_path / "nope"], tmp_path / "x.html")
 
 
+@pytest.mark.slow
 def test_report_escapes_names(tmp_path: Path) -> None:
     X, y = blobs(30)
     s = synthetic_store(tmp_path / "s.h5", X, y, ["<b>a</b>", "b", "c"])
@@ -262,7 +305,7 @@ def test_cli_fit_predict(shared_store: Path, shared_tree: Path, tmp_path: Path,
 
 
 def test_parallel_folds_default_to_the_cores_memory_allows() -> None:
-    from embedfit.fitting.cv import PARALLEL_MIN_VALUES, default_jobs
+    from embedfit.fitting.evaluate import PARALLEL_MIN_VALUES, default_jobs
 
     cores = len(os.sched_getaffinity(0))
     large = np.zeros((PARALLEL_MIN_VALUES // 1000, 1000), dtype=np.float32)

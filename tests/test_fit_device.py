@@ -21,11 +21,13 @@ from embedfit.fitting.device import array_api_ready, resolve_fit_device
 from embedfit.fitting.models import make_pipeline
 from embedfit.fitting.registry import array_api_names, classifier_names
 
+pytestmark = pytest.mark.fast
+
 TENSOR_SCRIPT = r"""
 import json, sys
 import numpy as np, skops.io as sio, torch
 from sklearn.base import BaseEstimator
-from embedfit.fitting.cv import _fold, _refit, make_splits
+from embedfit.fitting.evaluate import _fold, _refit, make_splits
 from embedfit.fitting.device import array_api_ready
 from embedfit.fitting.data import load_dataset
 from embedfit.fitting.models import make_pipeline

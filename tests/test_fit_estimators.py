@@ -21,10 +21,12 @@ from test_fit import blobs, synthetic_store
 import embedfit
 from embedfit.cli import main
 from embedfit.errors import ModelFileError, UsageError
-from embedfit.fitting.cv import fit, make_splits
+from embedfit.fitting.evaluate import fit, make_splits
 from embedfit.prediction import predict
 from embedfit.runs import Evaluation, load_model, save_run
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
+
+pytestmark = pytest.mark.fast
 
 
 @pytest.fixture
@@ -105,7 +107,7 @@ def test_scikit_learn_types_outside_the_list_save_and_load(store: FeatureStore, 
     from embedfit.runs import untrusted_types
 
     X, y, _ = store.load()
-    model = Pipeline([("clf", HistGradientBoostingClassifier(max_iter=5))]).fit(X, np.array(["a", "b", "c"])[y])
+    model = Pipeline([("clf", HistGradientBoostingClassifier(max_iter=5))]).fit(X, y)
     save_run(tmp_path / "run", model, model="hgb", params={}, store=store, metrics={"class_names": ["a", "b", "c"]},
              predictions=[], evaluation=NO_EVALUATION, identity={})
     found = sio.get_untrusted_types(file=tmp_path / "run" / "model.skops")
@@ -150,7 +152,7 @@ def test_a_run_that_predicts_class_indices_is_refused(tmp_path: Path) -> None:
 TENSOR_REFIT = r"""
 import json, sys
 import numpy as np, torch
-from embedfit.fitting.cv import _refit
+from embedfit.fitting.evaluate import _refit
 from embedfit.fitting.models import make_pipeline, name_classes
 from embedfit.fitting.data import load_dataset
 data = load_dataset(sys.argv[1])

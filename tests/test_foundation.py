@@ -12,6 +12,8 @@ import torch
 from embedfit.backbones.factory import create_backbone
 from embedfit.errors import UsageError, WeightsUnavailableError
 
+pytestmark = pytest.mark.slow
+
 SMALL = 56  # 4x4 patches of 14 px: quick forwards; the weights file loads at any resolution
 
 
@@ -64,7 +66,7 @@ def test_dinov2_pools_layers_and_resolution_from_a_weights_file(dinov2_file: Pat
 
 def test_store_records_pool_layer_and_resolution(dinov2_file: Path, image_tree: Path, tmp_path: Path) -> None:
     from embedfit.extraction.local import extract
-    from embedfit.store import FeatureStore
+    from embedfit.storage import FeatureStore
 
     out = tmp_path / "dino.h5"
     extract(image_tree, out, backbone="dinov2_vits14", weights=str(dinov2_file), layer="-4", pool="cls+mean",

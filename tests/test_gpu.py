@@ -10,9 +10,9 @@ import torch
 
 from embedfit.extraction.encoder import Encoder
 from embedfit.extraction.local import extract
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -96,7 +96,7 @@ def test_pretrained_model_on_gpu_still_sees_a_cat(lite0) -> None:
 
 GPU_FIT = r"""
 import json, sys
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
 from embedfit.fitting.data import load_dataset
 from embedfit.runs import load_model
 data, out = load_dataset(sys.argv[1]), {}

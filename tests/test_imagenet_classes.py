@@ -25,6 +25,8 @@ from embedfit.training.imagenet_classes import (
     top1_mapped,
 )
 
+pytestmark = pytest.mark.fast
+
 DATA = Path(embedfit.__file__).parent / "data" / "imagenet_hierarchy.json.gz"
 DOGS = set(range(151, 269))  # ImageNet-1k's 118 dog breeds
 FELINES = set(range(281, 294))  # tabby ... cheetah

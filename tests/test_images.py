@@ -28,6 +28,8 @@ from embedfit.images import (
     scan_images,
 )
 
+pytestmark = pytest.mark.fast
+
 WHITE = (255, 255, 255)
 
 

@@ -22,9 +22,9 @@ from conftest import write_tree
 from embedfit.cli import main
 from embedfit.errors import StoreError
 from embedfit.extraction.local import extract
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(folder: Path, reference: Fe
 
 def test_second_writer_is_refused_while_readers_read(folder: Path, reference: FeatureStore, tmp_path: Path) -> None:
     """This process holds the store's writer lock; an `embedfit extract` in another process must be refused."""
-    from embedfit.store import StoreWriter
+    from embedfit.storage import StoreWriter
 
     out = tmp_path / "feats.h5"
     shutil.copy(reference.path, out)

@@ -11,7 +11,9 @@ from typing import Any
 import nbformat
 import pytest
 
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
+
+pytestmark = pytest.mark.fast
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb"
 
@@ -40,6 +42,7 @@ def test_analysis_notebook_runs(shared_store: Path, tmp_path: Path, monkeypatch:
     client.execute()
     texts = [o.get("text", "") for c in nb.cells for o in c.get("outputs", [])]
     assert any("ridge, 3-fold CV accuracy" in t for t in texts)
+    assert any("store train.h5 and run train-logreg belong together" in t for t in texts)
 
 
 def _client(nb: nbformat.NotebookNode, cwd: Path) -> Any:
@@ -74,3 +77,26 @@ def test_notebook_says_clearly_when_the_store_is_missing(tmp_path: Path, monkeyp
     nb.cells.insert(index + 1, nbformat.v4.new_code_cell(f"STORE = {str(tmp_path / 'nope.h5')!r}"))
     with pytest.raises(CellExecutionError, match=r"feature store .*nope\.h5 does not exist: set STORE"):
         _client(nb, tmp_path).execute()
+
+
+@pytest.mark.timeout(300)
+def test_make_notebook_runs_it_on_a_users_store_and_run(shared_store: Path, tmp_path: Path) -> None:
+    """`make notebook STORE=... RUN=...` as a user runs it, through papermill (the `[notebook]` extra)."""
+    import subprocess
+
+    pytest.importorskip("papermill")
+    run = fit(shared_store, "ridge", cv=3, output=tmp_path / "my-run").run_dir
+    root = NOTEBOOK.parents[1]
+    out = tmp_path / "out" / "analysis.ipynb"
+    env = {**os.environ, "MPLBACKEND": "Agg", "JUPYTER_PLATFORM_DIRS": "1"}
+    # The Makefile's own recipe, with this interpreter's environment instead of .venv.
+    recipe = subprocess.run(["make", "-n", "-s", "-C", str(root), "notebook", f"STORE={shared_store}",
+                             f"RUN={run}", f"NB_OUT={out}", "BIN=" + str(Path(sys.executable).parent),
+                             "VENV=" + str(tmp_path)], capture_output=True, text=True, env=env)
+    papermill = next(line for line in recipe.stdout.splitlines() if "papermill" in line)
+    assert f"-p RUN {run}" in papermill and f"-p STORE {shared_store}" in papermill
+    out.parent.mkdir()
+    done = subprocess.run(papermill, shell=True, cwd=root, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    texts = [o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", [])]
+    assert any("belong together" in t for t in texts) and any("ridge, 3-fold CV accuracy" in t for t in texts)

@@ -17,9 +17,9 @@ from embedfit.extraction.encoder import Encoder, embed_images
 from embedfit.extraction.local import extract
 from embedfit.extraction.onnx import _cache_key, cache_dir, onnx_available, resolve_runtime
 from embedfit.extraction.settings import default_workers
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
 
-pytestmark = pytest.mark.skipif(not onnx_available(), reason="needs embedfit[onnx]")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not onnx_available(), reason="needs embedfit[onnx]")]
 CPU = torch.device("cpu")
 
 

@@ -12,7 +12,9 @@ from embedfit.backbones.spec import BackboneSpec
 from embedfit.fitting.out_of_core import fit_out_of_core
 from embedfit.images import ImageRecord
 from embedfit.runs import load_model
-from embedfit.store import FeatureStore, StoreSettings, StoreWriter
+from embedfit.storage import FeatureStore, StoreSettings, StoreWriter
+
+pytestmark = pytest.mark.fast
 
 ROWS, DIM, CLASSES = 20000, 1280, 10
 

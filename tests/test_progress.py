@@ -13,6 +13,8 @@ import pytest
 from embedfit.cli import main
 from embedfit.progress import Progress, ProgressEvent, StderrSink, note, within
 
+pytestmark = pytest.mark.fast
+
 
 def test_plain_lines_say_time_left_and_notes_always_show() -> None:
     stream = io.StringIO()

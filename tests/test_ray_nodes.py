@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from conftest import write_tree
 
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 _DRIVER = textwrap.dedent("""
     import json, os, socket, sys, threading, time

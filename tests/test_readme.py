@@ -13,6 +13,8 @@ import pytest
 
 from embedfit.cli import app, main
 
+pytestmark = pytest.mark.fast
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(bash|python)\n(.*?)```", README, flags=re.S)

@@ -18,6 +18,8 @@ from embedfit.backbones.spec import BackboneInfo
 from embedfit.extraction import engines
 from embedfit.fitting import registry as classifiers
 
+pytestmark = pytest.mark.fast
+
 # --- a toy backbone family: a tiny random CNN (seeded, so every build is the same network) ---
 
 def _build_toy(name: str, *, weights: Path | None, pretrained: bool, resolution: int | None):
@@ -66,7 +68,7 @@ class ToyEngine:
         from embedfit.backbones.factory import create_backbone
         from embedfit.extraction.encoder import Encoder, iter_embeddings
         from embedfit.extraction.writer import FeatureWriter
-        from embedfit.store import StoreSettings
+        from embedfit.storage import StoreSettings
 
         self.jobs.append(job)
         c = job.config
@@ -106,7 +108,7 @@ def test_a_toy_family_classifier_and_engine_work_end_to_end(toys: None, image_tr
     from embedfit.cli import main
     from embedfit.errors import UsageError
     from embedfit.runs import load_model
-    from embedfit.store import FeatureStore
+    from embedfit.storage import FeatureStore
 
     engine = ToyEngine()
     summary = extract(image_tree, tmp_path / "toy.h5", backbone="toy_cnn", engine=engine)
@@ -174,7 +176,8 @@ def test_the_registries_import_none_of_their_entries() -> None:
     assert engine_list == ["local", "ray"] and names[0] == "logreg" and "svm" in names
     assert streaming == ["sgd-logreg", "sgd-svm"] and set(streaming) <= set(names)
     assert not {"torch", "sklearn", "timm", "torchvision", "ray"} & set(modules)
-    assert not {"embedfit.extraction.local", "embedfit.extraction.ray", "embedfit.backbones.tv"} & set(modules)
+    assert not {"embedfit.extraction.local", "embedfit.extraction.ray",
+                "embedfit.backbones.torchvision_models"} & set(modules)
 
 
 def test_a_skeleton_leaves_a_model_built_meanwhile_in_another_thread_initialised() -> None:

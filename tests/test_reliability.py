@@ -20,9 +20,9 @@ from PIL import Image
 from embedfit.cli import main
 from embedfit.extraction.local import extract
 from embedfit.extraction.settings import ExtractSummary
-from embedfit.store import FAILED, OK, FeatureStore
+from embedfit.storage import FAILED, OK, FeatureStore
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(300)]
 
 
 def _base(seed: int = 3, size: int = 128) -> np.ndarray:
@@ -340,7 +340,7 @@ def _make_readonly(directory: Path):
 def test_store_from_another_backbone_class_set_is_refused_naming_both(tmp_path: Path, shared_store: Path) -> None:
     """A hold-out store must match the training store's backbone and classes; the message names both sides."""
     from embedfit.errors import StoreMismatchError
-    from embedfit.fitting.cv import fit
+    from embedfit.fitting.evaluate import fit
 
     odd = tmp_path / "holdout"
     shutil.copytree(Path(FeatureStore.open(shared_store).root), odd)
@@ -356,7 +356,7 @@ def test_joblib_file_in_place_of_a_model_is_refused_and_not_run(tmp_path: Path, 
     """`embedfit predict` on a run whose model file was swapped for a crafted joblib dump: refused, nothing runs."""
     import joblib
 
-    from embedfit.fitting.cv import fit
+    from embedfit.fitting.evaluate import fit
 
     run = fit(shared_store, "ridge", cv=3, output=tmp_path / "run").run_dir
     marker = tmp_path / "executed"

@@ -16,10 +16,12 @@ import embedfit
 from embedfit.cli import main
 from embedfit.errors import InputError, ModelFileError, OutputError, UsageError, check_output_not_input
 from embedfit.extraction.settings import ExtractConfig, MaxFailures, cap_workers, resolve_device
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
 from embedfit.prediction import predict
 from embedfit.runs import load_model, model_binding
 from tests.test_fit import blobs, synthetic_store
+
+pytestmark = pytest.mark.fast
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +70,7 @@ def test_outputs_that_are_inputs_are_refused(run: tuple[Path, Path], tmp_path: P
         for argv in attacks:
             assert main(argv) == 2, argv
             err = _one_line_error(capsys)
-            assert "is also an input" in err or "inside the run directory" in err, err
+            assert "is also an input" in err or "inside the run directory" in err or "is an existing" in err, err
     finally:
         os.chdir(cwd)
     assert {p: p.read_bytes() for p in before} == before  # nothing the user had is lost
@@ -347,3 +349,30 @@ def test_a_network_with_another_class_count_is_refused(tmp_path: Path) -> None:
     (run_dir / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelFileError, match=r"2-class head but its model\.json lists 3 class names"):
         load_finetuned(run_dir, device="cpu")
+
+
+FORMULAS = ['=HYPERLINK("http://evil.example","click")', "+1+1", "-2+3", "@SUM(A1)", "\tx", "'quoted"]
+
+
+def test_csv_cells_are_escaped_against_formula_injection(tmp_path: Path) -> None:
+    """Class folders named like formulas (OWASP: leading =, +, -, @, tab, CR): every CSV embedfit writes shows
+    them as text in a spreadsheet, and embedfit reads its own files back to the same names."""
+    import csv
+
+    from embedfit.report import build_report, read_run
+    from embedfit.runs import csv_value
+
+    X, y = blobs(n=72, d=8, k=len(FORMULAS))
+    store = synthetic_store(tmp_path / "s.h5", X, y, FORMULAS).path
+    run_dir = fit(store, "ridge", output=tmp_path / "run", cv=3).run_dir
+    predict(run_dir, [store]).write(tmp_path / "predicted.csv")
+    for written in (run_dir / "predictions.csv", tmp_path / "predicted.csv"):
+        with open(written, newline="", encoding="utf-8") as f:
+            cells = [cell for row in csv.reader(f) for cell in row]
+        assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], written
+        assert {csv_value(c) for c in cells} >= set(FORMULAS)  # the label column, back as written
+    rows = read_run(run_dir).predictions
+    assert {r["label"] for r in rows} == set(FORMULAS) and all(r["path"].rsplit("/", 1)[0] in FORMULAS for r in rows)
+    assert all(isinstance(r["row"], str) and not r["row"].startswith("'") for r in rows)  # numbers stay numbers
+    build_report([run_dir], tmp_path / "report.html")
+    assert "&quot;http://evil.example&quot;" in (tmp_path / "report.html").read_text()

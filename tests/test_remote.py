@@ -12,6 +12,8 @@ from PIL import Image
 
 from embedfit.errors import DecodeError, StoreError, UsageError
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
@@ -67,7 +69,7 @@ def test_url_where_a_local_path_is_due_is_refused(tmp_path: Path, capsys: pytest
 
 
 def test_local_or_url() -> None:
-    from embedfit.remote import local_or_url, redact
+    from embedfit.url import local_or_url, redact
 
     assert local_or_url("file:///tmp/a%20b/x.h5") == "/tmp/a b/x.h5"
     assert local_or_url("s3://bucket/x.h5") == "s3://bucket/x.h5"
@@ -126,7 +128,7 @@ def test_scan_folder_and_csv_on_s3(bucket: tuple[object, str], image_tree: Path,
 
 
 def test_remote_store_changed_meanwhile_is_not_overwritten(bucket: tuple[object, str]) -> None:
-    from embedfit.remote import staged_store
+    from embedfit.storage.objects import staged_store
 
     fs, name = bucket
     url = f"s3://{name}/feats.h5"
@@ -145,7 +147,7 @@ def test_extract_fit_predict_report_on_s3(bucket: tuple[object, str], image_tree
     """The whole loop on object storage: images and store in the bucket, resumed, read back by every command."""
     from embedfit.cli import main
     from embedfit.extraction.local import extract
-    from embedfit.store import FAILED, FeatureStore
+    from embedfit.storage import FAILED, FeatureStore
 
     fs, name = bucket
     _upload_tree(fs, image_tree, f"{name}/images")
@@ -201,7 +203,7 @@ def test_a_sharded_store_travels_with_its_shards(bucket: tuple[object, str], ima
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A sharded store on S3: the shards go up before the manifest, and a reader on a fresh machine gets them."""
     from embedfit.extraction.local import extract
-    from embedfit.store import FeatureStore
+    from embedfit.storage import FeatureStore
 
     fs, name = bucket
     url = f"s3://{name}/feats.h5"
@@ -240,7 +242,7 @@ def test_ray_engine_reads_images_from_and_writes_its_store_to_s3(bucket: tuple[o
     import sys
     import tempfile
 
-    from embedfit.store import FeatureStore
+    from embedfit.storage import FeatureStore
 
     pytest.importorskip("ray")
     fs, name = bucket

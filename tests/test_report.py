@@ -6,11 +6,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from embedfit.extraction.local import extract
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
 from embedfit.report import build_report, read_run, stored_rows
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
+
+pytestmark = pytest.mark.fast
 
 
 def test_map_follows_paths_after_the_store_changed(image_tree: Path, tmp_path: Path) -> None:

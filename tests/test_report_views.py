@@ -19,17 +19,24 @@ from rich.console import Console
 
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.cli.presentation import print_leaderboard
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
 from embedfit.images import ImageRecord
 from embedfit.report import (
+    ZOOM_SIZE,
+    Run,
+    bootstrap_intervals,
     build_report,
+    confused_pairs,
     confusion_figure,
+    map_sample,
     per_class_figure,
     spread_figure,
     summarize_runs,
     thumbnail,
 )
-from embedfit.store import StoreSettings, StoreWriter
+from embedfit.storage import StoreSettings, StoreWriter
+
+pytestmark = pytest.mark.slow
 
 NAMES = ["a", "b", "c"]
 
@@ -174,11 +181,12 @@ def test_mistake_thumbnails_are_scaled_up_and_counted_in_words(tmp_path: Path) -
         Image.fromarray(rng.integers(0, 255, (25, 25, 3), dtype=np.uint8)).save(images / NAMES[c] / f"img_{i:04d}.png")
     run = fit(store, "ridge", cv=3, output=tmp_path / "run", jobs=1).run_dir
     html = build_report([run], tmp_path / "r.html").read_text()
-    thumbs = re.findall(r'alt="thumbnail" width="(\d+)" height="(\d+)" src="data:image/png;base64,([^"]+)"', html)
+    thumbs = re.findall(r'alt="thumbnail" width="(\d+)" height="(\d+)"[^>]*? src="data:image/png;base64,([^"]+)"',
+                        html)
     assert thumbs
-    for w, h, data in thumbs:
+    for w, h, data in thumbs:  # embedded at the size a click opens it to (CSS shows it smaller until then)
         image = Image.open(io.BytesIO(base64.b64decode(data)))
-        assert image.size == (int(w), int(h)) == (96, 96)
+        assert image.size == (int(w), int(h)) == (ZOOM_SIZE, ZOOM_SIZE)
         # nearest-neighbour: each source pixel became a block of equal pixels (no blur between them)
         assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) <= 25 * 25
 
@@ -240,3 +248,31 @@ def test_fold_spread_legend_names_the_mean_marker() -> None:
     fig = spread_figure([[0.8, 0.9, 0.85], [0.7, 0.75, 0.9]], ["x\nridge", "x\nlda"])
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["mean", "median", "one fold"]
 
+
+
+def test_map_sample_keeps_every_mistake_and_an_even_share_of_each_class() -> None:
+    labels = ["big"] * 90_000 + ["small"] * 300 + ["mid"] * 9_700
+    wrong = [i % 100 == 0 for i in range(len(labels))]
+    keep = map_sample(wrong, labels, 5000)
+    assert len(keep) == 5000 and keep == sorted(set(keep))
+    assert {i for i, w in enumerate(wrong) if w} <= set(keep)  # 1000 mistakes, all drawn
+    kept = [labels[i] for i in keep if not wrong[i]]
+    assert kept.count("small") == 297 and abs(kept.count("big") - kept.count("mid")) <= 1  # small keeps all its own
+
+
+def test_single_holdout_scores_get_a_bootstrap_interval_not_a_zero_spread() -> None:
+    names = ["a", "b"]
+    preds = [{"label": names[i % 2], "predicted": names[i % 2] if i % 10 else names[1 - i % 2]} for i in range(400)]
+    run = Run(Path("r"), {}, {"class_names": names, "scores": {"accuracy": {"mean": 0.9, "std": 0.0, "folds": [0.9]}}},
+              preds, None)  # type: ignore[arg-type]  # no evaluation record needed here
+    ci = bootstrap_intervals(run)
+    assert ci["accuracy"][0] < 0.9 < ci["accuracy"][1] and ci["accuracy"][1] - ci["accuracy"][0] < 0.1
+    assert set(ci) == {"accuracy", "balanced_accuracy", "f1_macro"}
+    run.metrics["scores"]["accuracy"]["folds"] = [0.9, 0.9]  # several folds: their spread, no interval
+    assert bootstrap_intervals(run) == {}
+
+
+def test_confused_pairs_are_the_largest_off_diagonal_counts() -> None:
+    cm = np.array([[8, 2, 0], [5, 5, 0], [0, 1, 9]])
+    assert confused_pairs(cm, ["lobster", "crayfish", "lotus"]) == [
+        ("crayfish", "lobster", 5, 0.5), ("lobster", "crayfish", 2, 0.2), ("lotus", "crayfish", 1, 0.1)]

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 
 from embedfit.errors import OutputError
-from embedfit.fitting.cv import fit
+from embedfit.fitting.evaluate import fit
 from embedfit.runs import atomic_write, read_run, staged_dir
 from embedfit.stats import cheapest_within_noise, paired_bootstrap
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
 from embedfit.sweep import SweepConfig, _reusable, recommendation, sweep
+
+pytestmark = pytest.mark.fast
 
 
 def _holdout_store(shared_store: Path, tmp_path: Path) -> Path:

@@ -19,7 +19,9 @@ from embedfit.extraction.local import extract
 from embedfit.extraction.reader import ImageDataset, _Batch, decode_jpeg_cpu, plain_jpeg_bytes
 from embedfit.extraction.settings import ExtractConfig, transfer_batch_size
 from embedfit.images import decode_image, scan_images
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
+
+pytestmark = pytest.mark.slow
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

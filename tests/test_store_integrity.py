@@ -21,9 +21,9 @@ import pytest
 from embedfit.cli import main
 from embedfit.errors import StoreError, StoreLockedError
 from embedfit.extraction.local import extract
-from embedfit.store import OK, FeatureStore, StoreSettings, StoreWriter
+from embedfit.storage import OK, FeatureStore, StoreSettings, StoreWriter
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(300)]
 CLASSES = ["c0", "c1"]
 
 
@@ -194,7 +194,7 @@ def test_forked_child_of_a_killed_writer_does_not_keep_the_lock(tmp_path: Path, 
     _make_store(out, settings, n=4)
     script = textwrap.dedent("""
         import os, sys, time
-        from embedfit.store import FeatureStore, StoreWriter
+        from embedfit.storage import FeatureStore, StoreWriter
         writer = StoreWriter(sys.argv[1], FeatureStore.open(sys.argv[1]).settings)
         child = os.fork()
         if child == 0:
@@ -227,7 +227,7 @@ def test_closing_a_writer_leaves_the_lock_file_so_two_writers_never_both_lock(tm
     must then be refused, which it would not be if the closing writer had unlinked the file in between."""
     out = tmp_path / "feats.h5"
     _make_store(out, settings, n=4)
-    lock_file = out.with_name("feats.h5.lock")
+    lock_file = out.with_name(".feats.h5.embedfit-lock")  # hidden, and named for what it is
     holder = StoreWriter(out, settings)
     fd = os.open(lock_file, os.O_RDWR)  # the second writer has opened the lock file (POSIX locks are flocks)...
     try:
@@ -240,6 +240,7 @@ def test_closing_a_writer_leaves_the_lock_file_so_two_writers_never_both_lock(tm
         os.close(fd)
     with StoreWriter(out, settings):  # free again
         pass
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["feats.h5"]
 
 
 # -- 4. part files ----------------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ def test_write_failure_inside_hdf5_during_commit_is_one_store_error(tmp_path: Pa
     script = textwrap.dedent("""
         import resource, signal, sys
         from embedfit.errors import StoreError
-        from embedfit.store import FeatureStore, StoreWriter
+        from embedfit.storage import FeatureStore, StoreWriter
         out, keys = sys.argv[1], FeatureStore.open(sys.argv[1]).paths
         recs = [type("Rec", (), {"key": k, "label": int(k[1]), "size": 1000 + int(k[-8:-4]),
                                  "mtime_ns": 10**18 + int(k[-8:-4])}) for k in keys]

@@ -11,6 +11,8 @@ from embedfit.cli import main
 from embedfit.progress import ProgressEvent
 from embedfit.sweep import SweepConfig, paired_interval, read_sweep, sweep
 
+pytestmark = pytest.mark.fast
+
 # Two feature sets from one backbone (pre-logits and an inner stage): a sweep of two entries for one model load.
 CONFIG = SweepConfig(backbones=("efficientnet_lite0",), layers=(None, "blocks.5"), models=("ridge",), cv=3,
                      workers=0)

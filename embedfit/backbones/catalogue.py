@@ -18,7 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from embedfit.backbones.spec import BackboneInfo
+from embedfit.backbones.spec import POOLS, BackboneInfo
+from embedfit.errors import UsageError
 
 CATALOGUE_FILE = Path(__file__).with_name("catalogue.json")
 
@@ -85,9 +86,30 @@ def check_name(name: str) -> None:
     table = _load()
     if name.startswith("timm:") or (table is not None and name in table["backbones"]):
         return
-    from embedfit.backbones.registry import check_backbone_name
+    from embedfit.backbones import registry  # imports no family (nor torch)
 
-    check_backbone_name(name)
+    known = registry.registered_so_far()
+    if table is not None and name not in known and not name.startswith(registry.prefixes()):
+        # The shipped families register exactly the table's names (a test checks it): refuse without importing them.
+        raise registry.unknown_backbone(name, sorted({*table["backbones"], *known}))
+    registry.check_backbone_name(name)
+
+
+def check_request(name: str, *, weights: str | os.PathLike | None = None, pool: str | None = None,
+                  resolution: int | None = None) -> None:
+    """The checks of `create_backbone`'s arguments that need no model (nor torch), so that a command refuses a
+    wrong name, pooling, resolution or weights path at once.
+
+    Raises:
+        UsageError: Unknown name (with suggestions) or pooling, a resolution out of range, a missing weights file.
+    """
+    check_name(name)
+    if pool is not None and pool not in POOLS:
+        raise UsageError(f"unknown pooling '{pool}'; choose one of {', '.join(POOLS)}")
+    if resolution is not None and not 16 <= resolution <= 4096:
+        raise UsageError(f"`resolution` must be between 16 and 4096 pixels, got {resolution}")
+    if weights is not None and not Path(weights).is_file():
+        raise UsageError(f"weights file {weights} does not exist")
 
 
 def list_infos(pattern: str = "*") -> list[BackboneInfo]:

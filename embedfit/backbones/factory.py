@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from embedfit.backbones.catalogue import check_request
 from embedfit.backbones.registry import get_backbone
-from embedfit.backbones.spec import DEFAULT_BACKBONE, POOLS, PRE_LOGITS, BackboneSpec
+from embedfit.backbones.spec import DEFAULT_BACKBONE, PRE_LOGITS, BackboneSpec
 from embedfit.backbones.weights import _sha256
 from embedfit.errors import UsageError
 
@@ -96,13 +97,8 @@ def create_backbone(
 
     entry = get_backbone(name)
     pool = pool or default_pool(name)
-    if pool not in POOLS:
-        raise UsageError(f"unknown pooling '{pool}'; choose one of {', '.join(POOLS)}")
-    if resolution is not None and not 16 <= resolution <= 4096:
-        raise UsageError(f"`resolution` must be between 16 and 4096 pixels, got {resolution}")
+    check_request(name, weights=weights, pool=pool, resolution=resolution)
     weights_path = Path(weights) if weights is not None else None
-    if weights_path is not None and not weights_path.is_file():
-        raise UsageError(f"weights file {weights_path} does not exist")
     built = entry.build(name, weights=weights_path, pretrained=pretrained, resolution=resolution)
     if resolution is not None and built.input_size != (resolution, resolution):
         ratio = built.resize_size / min(built.input_size)

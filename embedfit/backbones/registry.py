@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 # names when imported); a prefixed name imports only its own family.
 FAMILIES: dict[str, tuple[str, ...]] = {
     "embedfit.backbones.lite": (),
-    "embedfit.backbones.tv": (),
+    "embedfit.backbones.torchvision_models": (),
     "embedfit.backbones.timm_models": ("timm:",),
     "embedfit.backbones.foundation": (),
 }
@@ -147,11 +147,21 @@ def get_backbone(name: str) -> BackboneEntry:
     _load_families()
     if name in _ENTRIES:
         return _ENTRIES[name]
-    close = difflib.get_close_matches(name, list(_ENTRIES), n=3, cutoff=0.6)
+    raise unknown_backbone(name, list(_ENTRIES))
+
+
+def unknown_backbone(name: str, known: list[str]) -> UsageError:
+    """The error for a backbone name that is not registered, with the closest of `known` as suggestions."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise UsageError(
+    return UsageError(
         f"unknown backbone '{name}'{hint} (`embedfit backbones` lists them; any timm model works as timm:NAME)"
     )
+
+
+def registered_so_far() -> list[str]:
+    """The names registered in this process until now, without importing any family."""
+    return list(_ENTRIES)
 
 
 def check_backbone_name(name: str) -> None:

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     _show_library_notes()
     try:
         if any("://" in a for a in argv):  # object-storage URLs: unsupported ones, or where a path is due, fail now
-            from embedfit.remote import check_cli_urls
+            from embedfit.url import check_cli_urls
 
             check_cli_urls(argv, typer.main.get_command(app))
         result = app(args=argv, prog_name="embedfit", standalone_mode=False)

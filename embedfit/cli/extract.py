@@ -23,7 +23,7 @@ from embedfit.cli.options import (
 
 @app.command()
 def extract(
-    # str, not Path: Path would collapse the '//' of an s3:// URL into a local path (embedfit.remote)
+    # str, not Path: Path would collapse the '//' of an s3:// URL into a local path (embedfit.url)
     source: str = typer.Argument(..., help="Image folder (class per subfolder, or flat) or CSV (path,label); "
                                  "a local path or a URL such as s3://bucket/prefix."),
     output: str = typer.Option(..., "-o", "--output", help="HDF5 feature store to create or resume "
@@ -89,12 +89,16 @@ def extract(
 def info(
     store: str = typer.Argument(..., help="Feature store (.h5), a local path or a URL."),
     failed: bool = typer.Option(False, "--failed", help="List every failed image with its reason."),
+    verify: bool = typer.Option(False, "--verify", help="Read the whole store: every checksum, every shard's keys."),
 ) -> None:
     """Show what a feature store holds: backbone, counts per class and status, provenance."""
     from embedfit.cli.presentation import print_store_info
-    from embedfit.store import FeatureStore
+    from embedfit.storage import FeatureStore
 
-    print_store_info(out, FeatureStore.open(store), list_failed=failed)
+    opened = FeatureStore.open(store)
+    if verify:
+        out.print(f"verified: {opened.verify()} rows, every checksum and key")
+    print_store_info(out, opened, list_failed=failed)
 
 
 @app.command()

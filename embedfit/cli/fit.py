@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from embedfit.cli.app import app, out
+from embedfit.cli.app import app, err, out
 from embedfit.cli.options import (
     Backend,
     Scale,
@@ -46,12 +46,12 @@ def fit(
     batch_rows: int = typer.Option(8192, min=1, help="Rows read per step (out-of-core models)."),
 ) -> None:
     """Cross-validate classifiers on stored embeddings and save each as a run directory."""
+    # The checks below import neither torch nor scikit-learn (for a zoo name): a mistake is refused at once.
     from embedfit.cli.presentation import print_fit_results
     from embedfit.errors import check_output_not_input
-    from embedfit.fitting.cv import fit as run_fit
     from embedfit.fitting.device import resolve_fit_device
+    from embedfit.fitting.evaluate import fit as run_fit
     from embedfit.fitting.models import model_label, resolve_model
-    from embedfit.fitting.out_of_core import fit_out_of_core
 
     streaming = classifier_names(streaming=True)  # the registry's streaming records go to fit_out_of_core
     chosen = {name: resolve_model(name) for name in model if name not in streaming}  # refused before any fit
@@ -69,6 +69,8 @@ def fit(
         connect(ray_address)  # fails in seconds on an address that does not answer
     elif ray_address:
         raise typer.BadParameter("--ray-address needs --backend ray", param_hint="--ray-address")
+    if any(name in streaming for name in model):
+        from embedfit.fitting.out_of_core import fit_out_of_core
     results = [fit_out_of_core(store, name, output=output, epochs=epochs, batch_rows=batch_rows,
                                test_size=test_size or 0.2, class_weight=weight, seed=seed) if name in streaming else
                run_fit(store, chosen[name], output=output, scale=scale.value, pca=_pca(pca), cv=cv, repeats=repeats,
@@ -103,6 +105,9 @@ def predict(
     for p, e in zip(preds.paths, preds.errors, strict=True):
         if e:
             out.print(f"  failed: {p}: {e}", markup=False, soft_wrap=True)
+    check = preds.check()  # labelled inputs: their scores, or why the predictions cannot be right
+    if check is not None and (check.warning or check.n_scored):
+        (err if check.warning else out).print(check.summary(), markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -69,7 +69,7 @@ def _path_str(path: Path | None) -> str | None:
 
 
 def args_backbone(name: str) -> str:
-    from embedfit.backbones.registry import check_backbone_name
+    from embedfit.backbones.catalogue import check_name
 
-    check_backbone_name(name)
+    check_name(name)  # without torch: a typo is refused at once
     return name

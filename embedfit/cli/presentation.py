@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from embedfit.store import FAILED, FeatureStore
+from embedfit.storage import FAILED, FeatureStore
 
 if TYPE_CHECKING:
     from embedfit.extraction.settings import ExtractSummary

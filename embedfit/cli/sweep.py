@@ -36,6 +36,9 @@ def sweep(
                                              help="Budget: backbones estimated not to fit are skipped and named."),
 ) -> None:
     """Extract each backbone once, fit every model on identical folds, and rank them with a paired interval."""
+    from embedfit.errors import check_inputs_exist
+
+    check_inputs_exist([data, *([test] if test else [])])  # before torch: a wrong path is refused at once
     from embedfit.sweep import SweepConfig, read_sweep
     from embedfit.sweep import sweep as run_sweep
 

@@ -31,7 +31,10 @@ def classify(
     device: str = typer.Option("auto"),
 ) -> None:
     """Classify images with the pretrained ImageNet model as-is (top classes and probabilities)."""
-    from embedfit.errors import UsageError, check_output_file, check_output_not_input
+    from embedfit.errors import UsageError, check_inputs_exist, check_output_file, check_output_not_input
+
+    check_inputs_exist([*images, *([imagenet_map] if imagenet_map else [])])
+    backbone = args_backbone(backbone)
     from embedfit.training.classify import class_mapping
     from embedfit.training.classify import classify as run_classify
 
@@ -42,7 +45,7 @@ def classify(
     mapping = class_mapping(names, _path_str(imagenet_map))
     if mapping is not None and not mapping.applicable:
         raise UsageError(mapping.reason)
-    rows = run_classify(images, args_backbone(backbone), top=top, weights=_path_str(weights), device=device,
+    rows = run_classify(images, backbone, top=top, weights=_path_str(weights), device=device,
                         mapping=mapping)
     if mapping is not None:
         for cls, found, how in zip(mapping.class_names, mapping.imagenet_names, mapping.matched, strict=True):
@@ -66,6 +69,9 @@ def classify(
 
 
 def _train_command(data: Path, output: Path, pretrained: bool, **options: object) -> None:
+    from embedfit.errors import check_inputs_exist
+
+    check_inputs_exist([data])  # before torch: a wrong path is refused at once
     from embedfit.training.finetune import TrainConfig, train
 
     augment = tuple(a for a in str(options.pop("augment")).split(",") if a and a != "none")
@@ -147,9 +153,10 @@ def compare(
                                              help="Budget: the arms estimated to fit run, the others are skipped."),
 ) -> None:
     """As-is vs linear probe vs fine-tuning vs scratch on identical splits, ending in a recommendation."""
-    from embedfit.training.compare import compare as run_compare
-    from embedfit.training.compare import parse_arms, to_markdown
+    from embedfit.errors import check_inputs_exist
 
+    check_inputs_exist([data, *([test] if test else []), *([imagenet_map] if imagenet_map else [])])
+    names = [args_backbone(b) for b in backbone]  # all before torch: a mistake is refused at once
     parts = [s.strip() for s in sizes.split(",") if s.strip()]
     bad = [s for s in parts if s != "all" and not (s.isdigit() and int(s) > 0)]
     if bad:
@@ -159,9 +166,11 @@ def compare(
     switch = {"on": True, "off": False}
     if not augment or any(a.strip() not in switch for a in augment.split(",")):
         raise typer.BadParameter(f"expected on, off or on,off, got '{augment}'", param_hint="--augment")
+    from embedfit.training.compare import compare as run_compare
+    from embedfit.training.compare import parse_arms, to_markdown
+
     with StderrSink() as sink:
-        result = run_compare(data, output, backbone=args_backbone(backbone[0]), weights=_path_str(weights),
-                             probe_backbones=[args_backbone(b) for b in backbone[1:]],
+        result = run_compare(data, output, backbone=names[0], weights=_path_str(weights), probe_backbones=names[1:],
                              epochs=epochs, scratch_epochs=scratch_epochs, sizes=steps, repeats=repeats,
                              val_size=val_size, device=device, seed=seed, arms=parse_arms(arms),
                              freeze=[f.strip() for f in freeze.split(",") if f.strip()],

@@ -9,12 +9,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from embedfit.backbones.catalogue import check_request
 from embedfit.extraction.engines import Engine, ExtractJob
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, resolve_device
 from embedfit.extraction.writer import FeatureWriter, settings_if_same_request
 from embedfit.images import scan_images
 from embedfit.progress import OnProgress
-from embedfit.store import StoreSettings
+from embedfit.storage import StoreSettings
 
 
 def extract(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig | None = None,
@@ -25,7 +26,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
     Args:
         source: A class-per-subfolder tree, a flat folder, or a CSV with `path` (and `label`) columns.
         output: The HDF5 store to create or complete: a local path or a URL on object storage (``s3://...``;
-            see `embedfit.remote`).
+            see `embedfit.url`).
         config: Extraction settings; keyword `options` override its fields (e.g. `batch_size=64`).
         class_names: Use this class list (e.g. the training store's) instead of the folder names.
         engine: Where to embed: a registered engine name (`engines.engine_names()`: "local", "ray") or an engine
@@ -41,7 +42,8 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         ExtractionInterrupted: Ctrl-C or `max_failures`; finished work is saved and the run can resume.
     """
     from embedfit.extraction.engines import create_engine
-    from embedfit.remote import is_url, local_or_url, with_staged_store
+    from embedfit.storage.objects import with_staged_store
+    from embedfit.url import is_url, local_or_url
 
     started = time.perf_counter()
     engine = create_engine(engine) if isinstance(engine, str) else engine
@@ -59,11 +61,10 @@ def _plan_and_run(source: str | os.PathLike, output: str | os.PathLike, url: str
                   class_names: Sequence[str] | None, engine: Engine, started: float,
                   on_progress: OnProgress | None) -> ExtractSummary:
     """What every engine shares before it runs: the name check, the scan, and the resume plan."""
-    from embedfit.backbones.catalogue import check_name
 
     stored = settings_if_same_request(output, config)
-    if stored is None:
-        check_name(config.backbone)  # cheap checks first (no torch): a typo should not wait for a big folder scan
+    if stored is None:  # cheap checks first, without torch: a typo should not wait for a big folder scan
+        check_request(config.backbone, weights=config.weights, pool=config.pool, resolution=config.resolution)
     images = scan_images(source, class_names=class_names)
     if stored is not None:  # a re-run: when every image is stored already, no model is needed (nor torch)
         with FeatureWriter(output, stored, images, retry_failed=config.retry_failed,

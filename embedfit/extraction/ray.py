@@ -4,7 +4,7 @@ The driver never loads a model, nor torch: it scans the input, starts the actors
 GPU Ray granted it, with as many intra-op threads as CPUs), takes the backbone's spec from them (they must all
 agree), plans the resume with the same `FeatureWriter` as a local run and cuts the images still to embed into
 shards of `shard_size` images with fixed names. Each actor takes shard after shard: it decodes on a background
-thread while it embeds (the local engine's `iter_embeddings` loop), writes the shard itself (`embedfit.shards`:
+thread while it embeds (the local engine's `iter_embeddings` loop), writes the shard itself (`embedfit.storage.shards`:
 locally, then moved whole into ``<store>.shards/``) and returns only counts and failure reasons. The driver never
 sees a feature; at the end it writes the manifest (`FeatureWriter.commit`). So the store is a sharded store with
 the schema, provenance, resume behaviour and row order of a local run. A re-run whose images are all stored
@@ -33,8 +33,8 @@ from embedfit.extraction.engines import ExtractJob
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary
 from embedfit.extraction.writer import FeatureWriter
 from embedfit.images import ImageRecord
-from embedfit.remote import get_file, is_url, put_file
-from embedfit.store import StoreSettings
+from embedfit.storage import StoreSettings
+from embedfit.url import get_file, is_url, put_file
 
 _TEST_KILL_ONCE = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # tests: path of a marker; the first shard's actor exits hard
 DEFAULT_SHARD_SIZE = 1024
@@ -151,8 +151,8 @@ class _ShardWorker:
         import numpy as np
 
         from embedfit.extraction.encoder import iter_embeddings
-        from embedfit.shards import write_shard
-        from embedfit.store import FAILED, OK
+        from embedfit.storage import FAILED, OK
+        from embedfit.storage.shards import write_shard
 
         marker = os.environ.get(_TEST_KILL_ONCE)
         if marker and not Path(marker).exists():  # test hook: die mid-run once, as a preempted worker would

@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from embedfit.errors import DecodeError
 from embedfit.extraction.settings import cap_workers, prefetch_factor, transfer_batch_size
-from embedfit.images import DEFAULT_MAX_PIXELS, ImageRecord, decode_image
-from embedfit.remote import is_url, read_bytes
+from embedfit.images import DEFAULT_MAX_PIXELS, ImageRecord, check_regular_file, decode_image
+from embedfit.url import is_url, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,14 @@ class ImageDataset(Dataset):
 
     def source(self, i: int) -> str | os.PathLike[str] | bytes:
         """What to decode for record `i`: its path, or for an object on object storage its bytes, read through
-        this worker's own fsspec filesystem (`embedfit.remote.read_bytes`; a failed read is a `DecodeError`)."""
+        this worker's own fsspec filesystem (`embedfit.url.read_bytes`; a failed read is a `DecodeError`).
+
+        A local path is checked to be a regular file first: a FIFO or device named ``x.jpg`` would block the
+        first `open` forever (`DecodeError` "not a regular file", without opening it)."""
         path = self.records[i].path
         if isinstance(path, str) and is_url(path):
             return read_bytes(path, self.records[i].size if self.records[i].size > 0 else None)
+        check_regular_file(os.fspath(path))
         return path
 
     def decode(self, i: int, source: str | os.PathLike[str] | bytes | None = None) -> tuple[torch.Tensor | None, str]:
@@ -202,6 +207,23 @@ def image_loader(dataset: ImageDataset, batch_size: int, workers: int, device: t
     )
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the process that started it dies (SIGKILL included).
+
+    DataLoader's own watchdog only looks between items, so a worker stuck in a system call (a read from a hung
+    network mount) would otherwise outlive a killed `extract`. Elsewhere, the watchdog is all there is.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the request was made
+        os._exit(1)
+
+
 @functools.cache
 def _forkserver() -> multiprocessing.context.BaseContext:
     """Workers that read object storage start from a fork server, not a fork of this process.
@@ -231,6 +253,7 @@ def worker_niceness(device: torch.device) -> int:
 def _worker_init(_: int, niceness: int = 0) -> None:
     # Ctrl-C is handled once, by the main process, which then stops the workers cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     torch.set_num_threads(1)
     if niceness and hasattr(os, "nice"):  # POSIX only
         with contextlib.suppress(OSError):

@@ -120,7 +120,7 @@ class ExtractConfig:
             embed (float 0-1, "0.2") or a percentage ("20%"); see `MaxFailures`. Stored parsed, as a `MaxFailures`.
         flush_every: Images per part file (the most work a killed run loses).
         shard_size: Write a sharded store (a manifest plus one HDF5 file per this many images,
-            `embedfit.shards`); None keeps one file (an existing sharded store stays sharded).
+            `embedfit.storage.shards`); None keeps one file (an existing sharded store stays sharded).
         progress: Show a progress bar.
     """
 

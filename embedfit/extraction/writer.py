@@ -23,7 +23,7 @@ from embedfit.errors import EmbedfitError, ExtractionInterrupted
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, MaxFailures
 from embedfit.images import ImageRecord, ImageSource
 from embedfit.progress import OnProgress, Progress, progress_sink
-from embedfit.store import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
+from embedfit.storage import FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
 
 _MAX_FAILURES_LISTED = 20
 T = TypeVar("T")
@@ -61,7 +61,7 @@ class FeatureWriter:
         overwrite: Start the store afresh instead of resuming.
         retry_failed: Embed again the images an earlier run recorded as failed.
         flush_every: Images per part file (the most work a killed run loses).
-        shard_size: Write a sharded store (`embedfit.shards`) of this many images per shard; None keeps the
+        shard_size: Write a sharded store (`embedfit.storage.shards`) of this many images per shard; None keeps the
             store's layout (a new store is one file, an existing sharded store stays sharded).
         started: `time.perf_counter()` when the run began, if before the writer (the run's `seconds` count from it).
 
@@ -73,7 +73,7 @@ class FeatureWriter:
     def __init__(self, output: str | os.PathLike, settings: StoreSettings, images: ImageSource, *,
                  overwrite: bool = False, retry_failed: bool = False, flush_every: int = 512,
                  shard_size: int | None = None, started: float | None = None) -> None:
-        from embedfit.shards import ShardedStoreWriter, shard_size_of
+        from embedfit.storage.shards import ShardedStoreWriter, shard_size_of
 
         self._start = time.perf_counter() if started is None else started
         self.images = images

@@ -4,7 +4,7 @@
     zoo          embedfit's own records (logreg, svm, ...)
     models       a record as a Pipeline: scaler -> optional PCA -> classifier; any user estimator
     data         the rows you can train on (`load_dataset`) and the checks that they can be fitted
-    cv           `fit()` with `FitConfig`: cross-validation or hold-out, refit, run directory
+    evaluate     `fit()` with `FitConfig`: cross-validation or hold-out, refit, run directory
     device       fitting on a GPU through scikit-learn's array API
     out_of_core  `fit_out_of_core()`: the streaming records (sgd-logreg, sgd-svm) on stores larger than memory
 
@@ -21,8 +21,8 @@ _LAZY = {
     "DEFAULT_MODEL": "models",
     "make_pipeline": "models", "check_model_name": "models", "resolve_model": "models", "wrap_estimator": "models",
     "Dataset": "data", "load_dataset": "data",
-    "FitConfig": "cv", "FitResult": "cv", "fit": "cv", "make_splits": "cv", "fold_metrics": "cv",
-    "default_jobs": "cv",
+    "FitConfig": "evaluate", "FitResult": "evaluate", "fit": "evaluate", "make_splits": "evaluate",
+    "fold_metrics": "evaluate", "default_jobs": "evaluate",
     "array_api_ready": "device", "resolve_fit_device": "device",
     "fit_out_of_core": "out_of_core",
 }

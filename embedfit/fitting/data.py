@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from embedfit.errors import InputError, StoreMismatchError, UsageError
-from embedfit.store import FeatureStore, check_mixable
+from embedfit.storage import FeatureStore, check_mixable
 
 
 @dataclass

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
 
 from embedfit.errors import UsageError
 from embedfit.fitting.registry import array_api_names
@@ -111,6 +110,8 @@ def _numpy(obj: Any) -> Any:
     """Tensors inside `obj` (an array, a fitted estimator, or containers of them) as NumPy arrays, in place."""
     if hasattr(obj, "__dlpack__") and not isinstance(obj, np.ndarray):  # a tensor, possibly on a GPU
         return obj.detach().cpu().numpy() if hasattr(obj, "detach") else np.asarray(obj)
+    from sklearn.base import BaseEstimator
+
     if isinstance(obj, BaseEstimator):
         for name, value in vars(obj).items():
             setattr(obj, name, _numpy(value))

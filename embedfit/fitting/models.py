@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
-from sklearn.pipeline import Pipeline
 
 from embedfit.errors import UsageError
 from embedfit.fitting.registry import BuildContext, Classifier, array_api_names, get_classifier
+
+if TYPE_CHECKING:  # scikit-learn is imported where a model is built: checking a name needs none of it
+    from sklearn.base import BaseEstimator
+    from sklearn.pipeline import Pipeline
+
+
+
 
 SCALES = ("standard", "l2", "none")
 
@@ -77,6 +82,7 @@ def make_pipeline(model: str = DEFAULT_MODEL, *, scale: str = "standard", pca: i
             one-image class.
     """
     from sklearn.decomposition import PCA
+    from sklearn.pipeline import Pipeline
 
     record = _in_memory(model)
     class_weight = check_class_weight(class_weight)
@@ -179,6 +185,8 @@ def _check_classifier(estimator: Any, what: str) -> None:
 
 def model_label(estimator: BaseEstimator) -> str:
     """The run's model name for an estimator: its class name in lower case (a Pipeline's: its last step's)."""
+    from sklearn.pipeline import Pipeline
+
     last = estimator[-1] if isinstance(estimator, Pipeline) else estimator
     return type(last).__name__.lower()
 
@@ -189,6 +197,7 @@ def wrap_estimator(estimator: BaseEstimator, *, scale: str = "standard", pca: in
     an explicit `pca`; "auto" means none here) in front of it, so scaling is learned inside each fold."""
     from sklearn.base import clone
     from sklearn.decomposition import PCA
+    from sklearn.pipeline import Pipeline
 
     if isinstance(estimator, Pipeline):
         return clone(estimator)
@@ -211,6 +220,31 @@ def name_classes(classifier: Any, class_names: list[str]) -> None:
     for target in (classifier, getattr(classifier, "_label_binarizer", None)):
         if hasattr(target, "classes_"):
             target.classes_ = np.asarray(class_names)[np.asarray(target.classes_, dtype=int)]
+
+
+def shipped(classifier: Any) -> tuple[Any, dict[str, Any] | None]:
+    """The fitted classifier to save, without its selection machinery, and the parameters the selection chose.
+
+    A search (`GridSearchCV`) ships its best estimator. Logreg's `LogisticRegressionCV` ships as the plain
+    `LogisticRegression` it chose (same C, coefficients and predictions): its `score` would otherwise be the
+    log loss it selected C by, where a scikit-learn classifier's `score` is accuracy.
+    """
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+
+    best = None
+    if hasattr(classifier, "best_estimator_"):
+        best = {k: (list(v) if isinstance(v, tuple) else v) for k, v in classifier.best_params_.items()}
+        classifier = classifier.best_estimator_
+    if isinstance(classifier, LogisticRegressionCV):
+        c = float(np.ravel(classifier.C_)[0])
+        plain = LogisticRegression(C=c, class_weight=classifier.class_weight, solver=classifier.solver,
+                                   max_iter=classifier.max_iter, tol=classifier.tol,
+                                   fit_intercept=classifier.fit_intercept, random_state=classifier.random_state)
+        for name in ("classes_", "coef_", "intercept_", "n_features_in_", "n_iter_", "feature_names_in_"):
+            if hasattr(classifier, name):
+                setattr(plain, name, getattr(classifier, name))
+        classifier, best = plain, {"C": c}
+    return classifier, best
 
 
 def check_savable(estimator: BaseEstimator) -> None:

@@ -15,9 +15,9 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from embedfit.errors import UsageError
-from embedfit.fitting.cv import FitResult
+from embedfit.fitting.evaluate import FitResult
 from embedfit.fitting.registry import StreamContext, Streaming, classifier_names, get_classifier
-from embedfit.store import OK, FeatureStore
+from embedfit.storage import OK, FeatureStore
 
 
 def _blocks(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
@@ -138,8 +138,8 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
     """
     from sklearn.model_selection import train_test_split
 
-    from embedfit.fitting.cv import _metrics, fold_metrics
     from embedfit.fitting.data import Dataset, check_trainable
+    from embedfit.fitting.evaluate import _metrics, fold_metrics
     from embedfit.fitting.models import name_classes
     from embedfit.runs import Evaluation, check_replace, identity_of, save_run
 

@@ -22,7 +22,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,12 +34,12 @@ from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import ModelFileError, OutputError
 from embedfit.runs.files import json_default, staged_dir
 from embedfit.runs.trusted import check_fitted, skops_io, trusted_types, untrusted_types
-from embedfit.store import library_versions
+from embedfit.storage import library_versions
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
 
-    from embedfit.store import FeatureStore
+    from embedfit.storage import FeatureStore
 
 SIDECAR, METRICS, PREDICTIONS = "model.json", "metrics.json", "predictions.csv"
 SAVED_MODEL = "the saved model"
@@ -228,8 +228,7 @@ def read_run(path: str | Path) -> Run:
         raise ModelFileError(f"{path / METRICS} is damaged ({exc})") from None
     predictions: list[dict[str, str]] = []
     if (path / PREDICTIONS).is_file():
-        with open(path / PREDICTIONS, newline="", encoding="utf-8") as f:
-            predictions = list(csv.DictReader(f))
+        predictions = read_csv(path / PREDICTIONS)
     return Run(path, meta, metrics, predictions, Evaluation.from_record(metrics, meta))
 
 
@@ -324,10 +323,40 @@ def _check_binding(run_dir: Path, meta: dict[str, Any]) -> None:
 
 def write_predictions_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     fields = list(rows[0]) if rows else ["path", "row", "label", "predicted", "correct", "fold"]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, fields, ([r.get(k, "") for k in fields] for r in rows))
+
+
+# OWASP's rule against CSV injection: a spreadsheet runs a cell that starts with one of these as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell that a spreadsheet shows as text rather than running: text starting with a formula
+    character (`=`, `+`, `-`, `@`, tab, CR) gets a leading `'`, and so does text already starting with `'`, so
+    that `csv_value` gives the text back exactly. Numbers stay numbers (-0.5 is no formula)."""
+    if isinstance(value, str) and value.startswith((*_FORMULA_START, "'")):
+        return "'" + value
+    return value
+
+
+def csv_value(cell: str) -> str:
+    """The text a `csv_cell` came from."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
+def write_csv(path: str | Path, fields: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV file the way every embedfit CSV is written: UTF-8 (a file name that is not valid UTF-8 as its
+    own bytes, not refused), and every cell, header included, through `csv_cell`."""
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.writer(f)
+        writer.writerow([csv_cell(name) for name in fields])
+        writer.writerows([csv_cell(v) for v in row] for row in rows)
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV file that `write_csv` wrote, as the text that was written (`csv_value`)."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return [{csv_value(k): csv_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def read_sidecar(run_dir: str | Path) -> dict[str, Any]:

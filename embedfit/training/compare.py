@@ -14,7 +14,6 @@ images at the epoch count that scored best on validation), and the recommendatio
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -163,7 +162,7 @@ def embed_labeled(sets: Sequence[LabeledImages], encoder: Encoder, *, stores: Se
 
 def _open_stores(paths: Sequence[str | Path], spec: Any) -> list[Any]:
     """Open the stores and refuse one whose features another backbone, preprocessing or TTA made."""
-    from embedfit.store import FeatureStore, StoreSettings, check_mixable
+    from embedfit.storage import FeatureStore, StoreSettings, check_mixable
 
     opened = []
     for path in paths:
@@ -876,12 +875,12 @@ def _summarize(results: dict[str, _Arm], splits: list[tuple[np.ndarray, np.ndarr
 
 def _write_test_predictions(path: Path, test_set: LabeledImages, names: list[str], results: dict[str, _Arm]) -> None:
     scored = {n: a for n, a in results.items() if a.test_pred is not None}
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", *scored])
-        for i, key in enumerate(test_set.keys):
-            writer.writerow([key, names[test_set.labels[i]],
-                             *(names[int(a.test_pred[i])] if a.test_pred[i] >= 0 else "" for a in scored.values())])
+    from embedfit.runs import write_csv  # every cell escaped against formula injection
+
+    write_csv(path, ["path", "label", *scored], ([key, names[test_set.labels[i]],
+                                                  *(names[int(a.test_pred[i])] if a.test_pred[i] >= 0 else ""
+                                                    for a in scored.values())]
+                                                 for i, key in enumerate(test_set.keys)))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -565,7 +565,7 @@ def save_trained(run_dir: str | Path, result: TrainResult, *, evaluation: Any, k
     """
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    from embedfit.fitting.cv import fold_metrics
+    from embedfit.fitting.evaluate import fold_metrics
     from embedfit.runs import Sidecar, write_run
 
     spec = result.model.backbone.spec

@@ -10,11 +10,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, clone
-from sklearn.pipeline import Pipeline
 
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import InputError, UsageError, check_output_dir
@@ -35,11 +33,16 @@ from embedfit.fitting.models import (
     model_label,
     name_classes,
     resolve_model,
+    shipped,
     wrap_estimator,
 )
 from embedfit.progress import OnProgress, Progress, progress_sink
 from embedfit.runs import Evaluation, check_replace, identity_of, save_run
-from embedfit.store import FeatureStore
+from embedfit.storage import FeatureStore
+
+if TYPE_CHECKING:  # scikit-learn is imported once the arguments are checked: a refusal comes at once
+    from sklearn.base import BaseEstimator
+    from sklearn.pipeline import Pipeline
 
 MAX_REPEATS = 100  # repetitions of the k-fold: beyond this the spread estimate no longer changes, the cost does
 
@@ -67,16 +70,27 @@ def _proba(est: Any, X: np.ndarray) -> np.ndarray | None:
 def _fold(pipe: Pipeline, X: Any, y: Any, train: np.ndarray, test: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Fit a clone on `train`, predict `test`. X and y are NumPy arrays, or torch tensors (array API)."""
+    return _fold_model(pipe, X, y, train, test)[:3]
+
+
+def _fold_model(pipe: Pipeline, X: Any, y: Any, train: np.ndarray, test: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, Pipeline]:
+    """`_fold`, and the fitted pipeline (with NumPy attributes): the final model when `train` is every
+    training row (a hold-out store)."""
+    from sklearn.base import clone
+
     with _fitting(X):
         est = clone(pipe).fit(X[train], y[train])
         pred, proba = est.predict(X[test]), _proba(est, X[test])
         classes = est[-1].classes_ if hasattr(est[-1], "classes_") else np.unique(_numpy(y[train]))
-    return _numpy(pred), _numpy(proba), _numpy(classes)
+    return _numpy(pred), _numpy(proba), _numpy(classes), _numpy(est)
 
 
 def _refit(pipe: Pipeline, X: Any, y: Any) -> Pipeline:
     """Fit a clone on everything; a pipeline fitted on tensors comes back with NumPy attributes, so that it
     predicts, saves and loads like any other."""
+    from sklearn.base import clone
+
     with _fitting(X):
         return _numpy(clone(pipe).fit(X, y))
 
@@ -191,8 +205,6 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     test_store, test_size, search = config.test_store, config.test_size, config.search
     class_weight = config.class_weight
     jobs, backend, device, seed = config.jobs, config.backend, config.device, config.seed
-    from joblib import Parallel, delayed, parallel_config
-
     estimator = resolve_model(model)
     custom = not isinstance(estimator, str)
     model = model_label(estimator) if custom else estimator
@@ -289,6 +301,7 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
         notes.append(f"replacing the earlier run in {run_dir}")
     for note in notes:
         log.warning("note: %s", note)
+    reuse = test_store is not None  # a hold-out store: the evaluation trains on every training image
     with progress_sink(on_progress, config.progress) as sink:
         progress = Progress(f"fitting {model}", len(splits), on_progress=sink,
                             unit="folds" if evaluation["strategy"] == "cv" else "splits")
@@ -298,10 +311,12 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
             X_dev, y_dev = torch.as_tensor(X_all, device=fit_device), torch.as_tensor(y_all, device=fit_device)
             folds = []
             for tr, te in splits:
-                folds.append(_fold(pipe, X_dev, y_dev, tr, te))
+                folds.append((_fold_model if reuse else _fold)(pipe, X_dev, y_dev, tr, te))
                 progress.advance()
             X_fit, y_fit = X_dev[: len(data.y)], y_dev[: len(data.y)]  # the training rows come first
         else:
+            from joblib import Parallel, delayed, parallel_config
+
             X_fit, y_fit = data.X, data.y
             if jobs is None:
                 jobs = default_jobs(X_all, len(splits)) if backend in ("loky", "threading") else -1
@@ -309,19 +324,24 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
                 folds = []
                 # Folds as they finish, for the progress line (Ray's and Dask's joblib backends return lists only).
                 streamed = "generator" if backend in ("loky", "threading", "multiprocessing") else "list"
-                for result in Parallel(return_as=streamed)(delayed(_fold)(pipe, X_all, y_all, tr, te)
-                                                           for tr, te in splits):
+                for result in Parallel(return_as=streamed)(delayed(_fold_model if reuse else _fold)(
+                        pipe, X_all, y_all, tr, te) for tr, te in splits):
                     folds.append(result)
                     progress.advance()
         cv_seconds = time.perf_counter() - t0
 
         per_fold = [fold_metrics(y_all[te], pred, proba, classes, n_classes)
-                    for (_, te), (pred, proba, classes) in zip(splits, folds, strict=True)]
+                    for (_, te), (pred, proba, classes, *_) in zip(splits, folds, strict=True)]
         t0 = time.perf_counter()
-        progress.status = "refitting on all images"
-        progress.advance(0)
-        # The shipped model predicts class names. Tensors need numeric labels: on a GPU it is relabelled below.
-        final = _refit(pipe, X_fit, y_fit if on_gpu else np.asarray(data.class_names)[y_fit])
+        shipped_model = _evaluated_model(folds[0], X_all[splits[0][1]], data.class_names) if reuse else None
+        if shipped_model is None:
+            progress.status = "refitting on all images"
+            progress.advance(0)
+            # The shipped model predicts class names. Tensors need numeric labels: on a GPU it is relabelled.
+            final = _refit(pipe, X_fit, y_fit if on_gpu else np.asarray(data.class_names)[y_fit])
+            shipped_model = _ship(final, data.class_names if on_gpu else None)
+        final, best = shipped_model
+        evaluation["refit"] = not reuse or final is not folds[0][3]  # False: the evaluated model, saved as it is
         progress.close()
     fit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -331,7 +351,8 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     # Out-of-fold predictions of the first repetition (every image exactly once).
     n_first = len(splits) // max(1, evaluation["repeats"])
     predictions, y_true, y_pred = [], [], []
-    for f, ((_, te), (pred, proba, classes)) in enumerate(zip(splits[:n_first], folds[:n_first], strict=True)):
+    for f, ((_, te), (pred, proba, classes, *_)) in enumerate(zip(splits[:n_first], folds[:n_first],
+                                                                   strict=True)):
         for j, i in enumerate(te):
             local = i if test_store is None else i - len(data.y)
             row = {"path": str(pred_paths[local]), "row": int(pred_rows[local]),
@@ -351,12 +372,8 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
         metrics["device_note"] = device_note
     if notes:
         metrics["notes"] = notes
-    if hasattr(final[-1], "best_estimator_"):  # --search, or logreg's inner CV on a GPU
-        best = final[-1].best_params_
-        metrics["best_params"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in best.items()}
-        final.steps[-1] = ("clf", final[-1].best_estimator_)  # ship the model, not the search machinery
-    if on_gpu:
-        name_classes(final[-1], data.class_names)
+    if best is not None:
+        metrics["best_params"] = best
     scored = test.store if test_store is not None else data.store
     record = Evaluation(
         "held-out" if test_store is not None else "cv" if evaluation["strategy"] == "cv" else "holdout-split",
@@ -366,6 +383,28 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
     save_run(run_dir, final, model=model, params=params, store=data.store, metrics=metrics, evaluation=record,
              predictions=predictions, identity=identity)
     return FitResult(run_dir, model, final, metrics, predictions)
+
+
+def _ship(pipeline: Pipeline, class_names: list[str] | None) -> tuple[Pipeline, dict[str, Any] | None]:
+    """The fitted pipeline as it is saved: its classifier without the selection machinery (`shipped`, whose
+    chosen parameters come back too), relabelled to predict `class_names` when it was fitted on indices."""
+    clf, best = shipped(pipeline[-1])  # its `score` is accuracy
+    pipeline.steps[-1] = (pipeline.steps[-1][0], clf)
+    if class_names is not None:
+        name_classes(clf, class_names)
+    return pipeline, best
+
+
+def _evaluated_model(fold: tuple[Any, ...], X_test: np.ndarray, class_names: list[str]
+                     ) -> tuple[Pipeline, dict[str, Any] | None] | None:
+    """The model a hold-out store was scored with, fitted on indices, relabelled to predict class names: the final
+    model, as it was trained on every training image. None when the relabelled model does not predict the
+    hold-out images as it did (a custom estimator that keeps its labels elsewhere): then the caller refits."""
+    pred, _, _, pipeline = fold
+    pipeline, best = _ship(pipeline, class_names)
+    if not np.array_equal(pipeline.predict(X_test), np.asarray(class_names)[pred]):
+        return None
+    return pipeline, best
 
 
 # Features (rows x dims) below which folds run one after the other: starting joblib's worker processes (each

@@ -14,9 +14,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import estimator_checks
 
+from embedfit.embedding_transformer import EmbeddingTransformer
 from embedfit.errors import DecodeError, UsageError
-from embedfit.store import FeatureStore
-from embedfit.transformer import EmbeddingTransformer
+from embedfit.storage import FeatureStore
+
+pytestmark = pytest.mark.slow
 
 # Checks that apply to an estimator whose input is a list of file paths: scikit-learn skips its numeric-data checks
 # for such estimators (input tag two_d_array=False), so the API checks are run one by one.
@@ -85,7 +87,7 @@ def test_grid_search_embeds_each_image_once(shared_tree: Path, shared_store: Pat
     same results as without it."""
     from sklearn.model_selection import GridSearchCV
 
-    from embedfit.transformer import clear_embedding_cache, embedding_cache_info
+    from embedfit.embedding_transformer import clear_embedding_cache, embedding_cache_info
 
     store = FeatureStore.open(shared_store)
     keep = np.concatenate([np.flatnonzero(store.labels == c)[:4] for c in range(3)])  # 12 images, 4 per class
@@ -111,7 +113,7 @@ def test_grid_search_embeds_each_image_once(shared_tree: Path, shared_store: Pat
 def test_cache_sees_changed_files_and_settings(image_tree: Path) -> None:
     from PIL import Image
 
-    from embedfit.transformer import clear_embedding_cache, embedding_cache_info
+    from embedfit.embedding_transformer import clear_embedding_cache, embedding_cache_info
 
     clear_embedding_cache()
     paths = sorted(str(p) for p in image_tree.rglob("*.png"))[:2]

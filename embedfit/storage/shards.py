@@ -2,27 +2,29 @@
 
 Layout (``feats.h5`` is what users name; everything else sits beside it):
 
-    feats.h5             the manifest: the store schema of `embedfit.store` with every attribute and every per-row
-                         dataset (paths, labels, status, ...) as real datasets, and `features` as an HDF5 *virtual
-                         dataset* (VDS) whose rows point into the shards; attrs add layout="sharded", shards (JSON
-                         list of file names), shard_size
-    feats.h5.shards/     shard-<run>-<seq>.h5: the part-file schema of `embedfit.store` (paths, class_names, labels,
-                         file_size, file_mtime_ns, status, errors, features) plus provenance attributes
+    feats.h5             the manifest: the store schema (`embedfit.storage.schema`) with every attribute and every
+                         per-row dataset as real datasets, and `features` as an HDF5 *virtual dataset* (VDS) whose
+                         rows point into the shards; attrs add layout="sharded", shard_size, shards (JSON list of
+                         file names) and shard_index (per shard: rows, first and last key, metadata_sha256), which
+                         the manifest's own metadata_sha256 covers
+    feats.h5.shards/     shard-<run>-<seq>.h5: the part-file schema (every per-row dataset, features, the metadata
+                         digest) plus provenance attributes
 
-Why virtual datasets rather than a reader over shards: every reader in embedfit (`FeatureStore`, so `info`, `fit`
-in memory and out of core, `predict`, `report`, the notebook, `EmbeddingTransformer`) and any plain `h5py` user
-reads ``f["features"][a:b]`` from the manifest and gets rows from the shards, sorted by path like a single file,
-with no code of ours in the read path. HDF5 resolves the shard names relative to the manifest's folder, so the
-store moves as one folder pair. The costs: HDF5 fills rows of a missing shard silently with the fill value (so
-`FeatureStore.open` checks every shard exists, `check_shards`), and a read spanning many shards opens each file
-(cheap: HDF5 keeps them open for the life of the manifest handle).
+The pair is one unit: embedfit finds the shards beside the manifest under its *current* name (``renamed.h5`` reads
+``renamed.h5.shards/``), checks each one against the manifest's shard_index when the store opens (per shard, not per
+row), and reads features through its own map of the VDS (`embedfit.storage.reader.ShardedFeatures`), so a missing
+shard is an error, never rows of NaN. A plain `h5py` reader goes through the VDS, whose source names are
+``feats.h5.shards/<shard>`` relative to the manifest's folder: it reads the pair moved or copied together to any
+folder, but after a rename only through embedfit (HDF5 would fill a missing source with NaN).
 
 Writing: a shard is written to a local temporary file (``$EMBEDFIT_SHARD_TMP`` or the system temp dir), then copied
 next to its final name and renamed, so a shard is either absent or complete, also on NFS/Lustre. Names are fixed
 before the work starts (run id + sequence), so a shard written twice (a retried Ray task) replaces itself. The
 driver (or the local writer thread) never touches features: `commit` reads the shards' per-row metadata only,
 keeps the newest row per image key (shards in name order = time order), and writes the manifest atomically.
-Shards no longer referenced by the committed manifest are deleted afterwards.
+Shards no longer referenced by the committed manifest are deleted afterwards. A resume checks the shards the
+manifest names like a reader does; a missing or damaged one is left out (a damaged one deleted) and its images
+are embedded again.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import functools
-import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,40 +47,35 @@ import numpy as np
 
 from embedfit._version import __version__
 from embedfit.errors import StoreError
-from embedfit.store import (
-    _CHUNK_ROWS,
-    _STR,
+from embedfit.storage.reader import FeatureStore, shard_problem
+from embedfit.storage.schema import (
+    CHUNK_ROWS,
     FAILED,
+    LAYOUT,
     MISSING,
     OK,
     SCHEMA_VERSION,
-    FeatureStore,
     StoreSettings,
-    StoreWriter,
-    _attr,
-    _create,
-    _ensure_space,
-    _Row,
-    _run_provenance,
+    attr,
+    ensure_space,
+    fingerprint,
     library_versions,
+    metadata_digest,
+    read_row_arrays,
+    shards_dir,
+    write_row_datasets,
 )
+from embedfit.storage.writer import Row, StoreWriter, arrays_of, part_arrays, run_provenance
 
-LAYOUT = "sharded"
 SHARD_TMP_ENV = "EMBEDFIT_SHARD_TMP"  # local scratch for shards being written (default: the system temp dir)
-
-
-def shards_dir(path: str | os.PathLike) -> Path:
-    """The folder beside a store that holds its shards: ``feats.h5`` -> ``feats.h5.shards``."""
-    path = Path(path)
-    return path.with_name(path.name + ".shards")
-
+log = logging.getLogger("embedfit")
 
 def shard_size_of(path: str | os.PathLike) -> int | None:
     """The shard size of the sharded store at `path`, also one killed before its first manifest; None for a
     single-file store, or when there is none."""
     try:
         with h5py.File(path, "r") as f:
-            return int(f.attrs["shard_size"]) if _attr(f.attrs, "layout") == LAYOUT else None
+            return int(f.attrs["shard_size"]) if attr(f.attrs, "layout") == LAYOUT else None
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError):
@@ -89,16 +87,6 @@ def shard_size_of(path: str | os.PathLike) -> int | None:
     return None
 
 
-def check_shards(path: Path, attrs: dict[str, Any]) -> None:
-    """Refuse a manifest whose shards are not all there: HDF5 would read a missing shard's rows as NaN."""
-    folder = shards_dir(path)
-    missing = [n for n in json.loads(attrs.get("shards", "[]")) if not (folder / n).is_file()]
-    if missing:
-        raise StoreError(f"sharded store {path} is missing {len(missing)} shard file(s) in {folder} (first: "
-                         f"{missing[0]}); copy the whole {folder.name} folder with the store, or rebuild it with "
-                         "`embedfit extract ... --overwrite`")
-
-
 @functools.lru_cache(maxsize=1)
 def _versions() -> str:
     return json.dumps(library_versions())
@@ -106,7 +94,8 @@ def _versions() -> str:
 
 def write_shard(directory: str | os.PathLike, name: str, settings: StoreSettings, keys: Sequence[str],
                 labels: Sequence[str], sizes: Sequence[int], mtimes: Sequence[int], status: Sequence[int],
-                errors: Sequence[str], features: np.ndarray, provenance: dict[str, Any] | None = None) -> Path:
+                errors: Sequence[str], features: np.ndarray, provenance: dict[str, Any] | None = None,
+                extra: dict[str, Sequence[Any]] | None = None) -> Path:
     """Write one finished shard: locally first, then moved whole into `directory` (absent or complete, never half).
 
     Runs wherever the rows were embedded (a Ray worker, or the local writer thread); needs no lock, because the
@@ -124,6 +113,7 @@ def write_shard(directory: str | os.PathLike, name: str, settings: StoreSettings
         errors: Why each image failed ("" when ok).
         features: (rows, D) embeddings, NaN rows for failures.
         provenance: How the rows were made (device, runtime, decode, engine, host).
+        extra: Values of per-row datasets beyond the original six (`schema.ROW_DATASETS`), by name.
 
     Returns:
         The shard's final path.
@@ -132,29 +122,21 @@ def write_shard(directory: str | os.PathLike, name: str, settings: StoreSettings
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / name
     dim = settings.spec.embedding_dim
-    _ensure_space(directory, len(keys), dim, np.dtype(settings.dtype).itemsize, sum(len(k) for k in keys) * 2)
+    ensure_space(directory, len(keys), dim, np.dtype(settings.dtype).itemsize, sum(len(k) for k in keys) * 2)
     scratch = os.environ.get(SHARD_TMP_ENV) or tempfile.gettempdir()
     fd, local = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=scratch)
     os.close(fd)
     tmp = directory / f".{name}.{os.getpid()}.tmp"
-    classes = sorted({lb for lb in labels if lb})
-    index = {c: i for i, c in enumerate(classes)}
+    arrays = part_arrays(keys, labels, sizes, mtimes, status, errors, extra)
     try:
         with h5py.File(local, "w") as f:
             f.attrs.update(settings.attrs())
             f.attrs.update({"schema_version": SCHEMA_VERSION, "embedfit_version": __version__,
                             "versions": _versions(), "created": _now(), "host": os.uname().nodename})
             f.attrs.update({k: str(v) for k, v in (provenance or {}).items() if v is not None})
-            # Checksummed like a single-file store (Fletcher-32 on every numeric dataset, per chunk).
-            _create(f, "paths", np.array(list(keys), dtype=_STR))
-            _create(f, "class_names", np.array(classes, dtype=_STR))
-            _create(f, "labels", np.array([index.get(lb, -1) for lb in labels], dtype=np.int64))
-            _create(f, "file_size", np.asarray(sizes, dtype=np.int64))
-            _create(f, "file_mtime_ns", np.asarray(mtimes, dtype=np.int64))
-            _create(f, "status", np.asarray(status, dtype=np.uint8))
-            _create(f, "errors", np.array(list(errors), dtype=_STR))
+            write_row_datasets(f, arrays)  # checksummed like a single-file store, with the metadata digest
             feats = np.asarray(features, dtype=settings.dtype).reshape(len(keys), dim)
-            f.create_dataset("features", data=feats, chunks=(max(1, min(_CHUNK_ROWS, len(keys))), dim) if len(keys)
+            f.create_dataset("features", data=feats, chunks=(max(1, min(CHUNK_ROWS, len(keys))), dim) if len(keys)
                              else None, fletcher32=bool(len(keys)))
         # Copy under a temporary name beside the target, then rename: atomic on the shared filesystem too.
         shutil.copyfile(local, tmp)
@@ -195,35 +177,52 @@ class ShardedStoreWriter(StoreWriter):
 
     def __init__(self, path: str | os.PathLike, settings: StoreSettings, *, overwrite: bool = False,
                  shard_size: int = 4096) -> None:
-        import time
-
         self.path = Path(path)
         self.settings = settings
         self.parts = shards_dir(self.path)
         self.shard_size = shard_size
         self.provenance: dict[str, Any] = {}  # written into each shard this writer writes
-        self._lock_file: Any = None
+        self._lock: Any = None
+        self._previous: FeatureStore | None = None
         self._seq = 0
         self._run_id = f"{time.time_ns():020d}-{os.getpid()}"
         self._overwrite = overwrite
+        self._part_paths, self._stale_parts = [], []
         self._acquire_lock()
         try:
             if self.path.is_dir():
                 raise StoreError(f"output {self.path} is a directory; give a file name such as feats.h5")
             self._remove_stale_temp_files()
-            self._previous = None if overwrite or not self.path.exists() else FeatureStore.open(self.path)
+            # The manifest alone: its shards are checked below, where a bad one is repaired rather than fatal.
+            self._previous = (None if overwrite or not self.path.exists()
+                              else FeatureStore.open(self.path, check_shards=False))
             if self._previous is not None and self._previous.attrs.get("layout") != LAYOUT:
                 raise StoreError(f"{self.path} is a single-file store; resume it without `shard_size` (or with "
                                  "the local engine), or pass `overwrite` to rebuild it as a sharded store")
             if self._previous is not None:
                 self._check(self._previous.settings, str(self.path))
-            self._part_paths, self._stale_parts = [], []
+                self._drop_bad_shards(json.loads(self._previous.attrs.get("shard_index") or "{}"))
             for shard in self._sources():
                 with h5py.File(shard, "r") as f:
                     self._check(StoreSettings.from_attrs(f.attrs), f"shard {shard.name}")
         except BaseException:
             self.close()
             raise
+
+    def _drop_bad_shards(self, index: dict[str, dict[str, Any]]) -> None:
+        """Leave out the shards that are missing, unreadable or not the ones the manifest recorded (deleting the
+        files), so that their images are embedded again, as a killed run's damaged part would be. Shards written
+        after the manifest (a killed run's) only need to open."""
+        for shard in self._sources():
+            problem = shard_problem(shard, index.get(shard.name))
+            if problem:
+                log.warning("shard %s %s; it is deleted and its images will be embedded again", shard, problem)
+                with contextlib.suppress(OSError):
+                    shard.unlink()
+        lost = [n for n in index if not (self.parts / n).is_file()]
+        if lost:
+            log.warning("%d shard(s) of %s are missing (first: %s); their images will be embedded again",
+                        len(lost), self.path, lost[0])
 
     @property
     def run_id(self) -> str:
@@ -248,14 +247,23 @@ class ShardedStoreWriter(StoreWriter):
             shards = [s for s in shards if s.name.startswith(f"shard-{self._run_id}-")]
         return shards
 
+    def _source_arrays(self, s: int, source: Path) -> dict[str, Any]:
+        """The per-row arrays of shard `s` (every source is a shard; the manifest only says which rows count)."""
+        try:
+            with h5py.File(source, "r") as f:
+                return read_row_arrays(f)
+        except Exception as exc:
+            raise StoreError(f"cannot read shard {source} ({exc}); re-run the same command: a damaged or "
+                             "missing shard is left out and its images are embedded again") from None
+
     def write_part(self, keys: Sequence[str], labels: Sequence[str], sizes: Sequence[int],
                    mtimes: Sequence[int], status: Sequence[int], errors: Sequence[str],
-                   features: np.ndarray) -> Path:
+                   features: np.ndarray, extra: dict[str, Sequence[Any]] | None = None) -> Path:
         """Write one batch of results as the run's next shard."""
         name = self.shard_name(self._seq)
         self._seq += 1
         return write_shard(self.parts, name, self.settings, keys, labels, sizes, mtimes, status, errors, features,
-                           {**self.provenance, "shard_size": self.shard_size})
+                           {**self.provenance, "shard_size": self.shard_size}, extra)
 
     def commit(self, records: Sequence[Any], class_names: Sequence[str], *, complete: bool,
                attrs: dict[str, Any] | None = None) -> FeatureStore:
@@ -268,7 +276,7 @@ class ShardedStoreWriter(StoreWriter):
         sources = self._sources()
         rows, keys, names, complete = self._rows_to_commit(records, class_names, complete)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        _ensure_space(self.path.parent, len(keys), 0, 0, sum(len(k) + len(rows[k].error) for k in keys) * 2)
+        ensure_space(self.path.parent, len(keys), 0, 0, sum(len(k) + len(rows[k].error) for k in keys) * 2)
         produced = any(s.name.startswith(f"shard-{self._run_id}-") for s in sources)
         try:
             used = self._write_manifest(tmp, keys, rows, names, complete, attrs or {}, sources, produced)
@@ -289,22 +297,15 @@ class ShardedStoreWriter(StoreWriter):
         self._previous = FeatureStore.open(self.path)
         return self._previous
 
-    def _write_manifest(self, tmp: Path, keys: list[str], rows: dict[str, _Row], names: list[str], complete: bool,
+    def _write_manifest(self, tmp: Path, keys: list[str], rows: dict[str, Row], names: list[str], complete: bool,
                         extra: dict[str, Any], sources: list[Path], produced: bool) -> list[int]:
         """Write the manifest file; return the indices (into `sources`) of the shards it references."""
         n, dim = len(keys), self.settings.spec.embedding_dim
-        index = {c: i for i, c in enumerate(names)}
         ordered = [rows[k] for k in keys]
-        status = np.array([r.status for r in ordered], dtype=np.uint8)
-        labels = np.array([index[r.label] if r.label else -1 for r in ordered], dtype=np.int64)
-        sizes = np.array([r.size for r in ordered], dtype=np.int64)
-        mtimes = np.array([r.mtime_ns for r in ordered], dtype=np.int64)
+        arrays = arrays_of(keys, ordered, names)
+        status = arrays["status"]
         prev = self._previous.attrs if self._previous is not None else {}
         now = _now()
-        fingerprint = hashlib.sha256()
-        for part in (self.settings.spec.to_json(), "\n".join(keys), labels.tobytes(), status.tobytes(),
-                     sizes.tobytes(), mtimes.tobytes()):
-            fingerprint.update(part.encode() if isinstance(part, str) else part)
         used = sorted({r.source for r in ordered})
         # Rows are sorted by key; consecutive rows of one shard in shard order become one VDS mapping (a fresh
         # run's shards hold contiguous key ranges, so that is one mapping per shard).
@@ -315,25 +316,29 @@ class ShardedStoreWriter(StoreWriter):
                 runs[-1] = (*last[:3], last[3] + 1)
             else:
                 runs.append((r.source, r.row, i, 1))
+        shapes, index = {}, {}
+        for s in used:  # what each shard is, recorded so that a reader can tell it is still the same file
+            with h5py.File(sources[s], "r") as shard:
+                paths = shard["paths"].asstr()
+                shapes[s] = shard["features"].shape
+                first, last = (paths[0], paths[-1]) if len(paths) else ("", "")
+                index[sources[s].name] = {
+                    "rows": len(paths), "first": first, "last": last,
+                    "sha256": attr(shard.attrs, "metadata_sha256") or metadata_digest(read_row_arrays(shard))}
+        shard_index = json.dumps(index)
         with h5py.File(tmp, "w") as f:
             f.attrs.update(self.settings.attrs())
             f.attrs.update({
                 "schema_version": SCHEMA_VERSION, "embedfit_version": __version__,
                 "versions": _versions(), "created": prev.get("created", now), "updated": now,
                 "complete": complete, "n_ok": int((status == OK).sum()), "n_failed": int((status == FAILED).sum()),
-                "n_missing": int((status == MISSING).sum()), "fingerprint": fingerprint.hexdigest(),
+                "n_missing": int((status == MISSING).sum()), "fingerprint": fingerprint(self.settings, arrays),
                 "merged_parts": "[]", "extract_seconds": float(prev.get("extract_seconds", 0.0)),
                 "layout": LAYOUT, "shard_size": int(self.shard_size),
-                "shards": json.dumps([sources[i].name for i in used]),
+                "shards": json.dumps([sources[i].name for i in used]), "shard_index": shard_index,
             })
-            f.attrs.update({k: v for k, v in _run_provenance(prev, extra, produced).items() if v is not None})
-            _create(f, "paths", np.array(keys, dtype=_STR))
-            _create(f, "labels", labels)
-            _create(f, "class_names", np.array(names, dtype=_STR))
-            _create(f, "status", status)
-            _create(f, "errors", np.array([r.error for r in ordered], dtype=_STR))
-            _create(f, "file_size", sizes)
-            _create(f, "file_mtime_ns", mtimes)
+            f.attrs.update({k: v for k, v in run_provenance(prev, extra, produced).items() if v is not None})
+            write_row_datasets(f, arrays, shard_index)
             if not n:  # HDF5 has no empty virtual dataset
                 f.create_dataset("features", shape=(0, dim), dtype=self.settings.dtype, maxshape=(None, dim))
                 return used
@@ -341,11 +346,10 @@ class ShardedStoreWriter(StoreWriter):
             vsources: dict[int, h5py.VirtualSource] = {}
             for s, first, out, length in runs:
                 if s not in vsources:
-                    with h5py.File(sources[s], "r") as shard:
-                        shape = shard["features"].shape
-                    # Relative to the manifest's folder: HDF5 looks there first, so the pair can be moved.
-                    vsources[s] = h5py.VirtualSource(f"{self.parts.name}/{sources[s].name}", "features", shape=shape)
+                    # Relative to the manifest's folder, for plain h5py readers of the pair moved together
+                    # (embedfit itself resolves shards beside the manifest under its current name).
+                    vsources[s] = h5py.VirtualSource(f"{self.parts.name}/{sources[s].name}", "features",
+                                                     shape=shapes[s])
                 layout[out:out + length] = vsources[s][first:first + length]
             f.create_virtual_dataset("features", layout, fillvalue=np.nan)
         return used
-

@@ -1,0 +1,36 @@
+"""Feature stores: the one place that knows how features are laid out on disk and on object storage.
+
+| module | owns |
+| --- | --- |
+| `schema` | datasets, attributes and digests of every store file (single file, part, shard, manifest) |
+| `reader` | `FeatureStore.open()`: local or object storage x single file or sharded; `verify()` |
+| `writer` | the writer contract (plan -> write part -> commit / abort) and the single-file writer |
+| `shards` | sharded stores: `write_shard` (where the rows are) and `ShardedStoreWriter` (the manifest) |
+| `objects` | stores on object storage: the self-healing read cache and the staged write |
+
+Example:
+    >>> from embedfit.storage import FeatureStore            # doctest: +SKIP
+    >>> with FeatureStore.open("feats.h5") as store:         # doctest: +SKIP
+    ...     X, y, paths = store.load()
+"""
+
+from embedfit.storage.reader import FeatureStore
+from embedfit.storage.schema import (
+    FAILED,
+    MISSING,
+    OK,
+    STATUS_NAMES,
+    StoreSettings,
+    check_mixable,
+    library_versions,
+    shards_dir,
+)
+from embedfit.storage.shards import ShardedStoreWriter, shard_size_of, write_shard
+from embedfit.storage.writer import ResumePlan, StoreWriter
+
+open_store = FeatureStore.open
+"""Open any store for reading (`FeatureStore.open`)."""
+
+__all__ = ["FAILED", "MISSING", "OK", "STATUS_NAMES", "FeatureStore", "ResumePlan", "ShardedStoreWriter",
+           "StoreSettings", "StoreWriter", "check_mixable", "library_versions", "open_store", "shard_size_of",
+           "shards_dir", "write_shard"]

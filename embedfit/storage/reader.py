@@ -1,0 +1,501 @@
+"""The reader: one `FeatureStore.open()` for every store, local or on object storage, one file or sharded.
+
+`FeatureStore.open(path)` dispatches: a URL is read through a local copy (`embedfit.storage.objects`, downloaded
+again once if the cached copy does not match what was recorded); a sharded store's manifest is checked against its
+shards, at a cost per shard, not per row (each shard present under the manifest's *current* name, with the
+metadata digest, row count and first and last key recorded at commit). `FeatureStore.verify()` is the full check
+(every key, every checksum). Features of a sharded store are read through embedfit's own map of the manifest's
+virtual dataset, from the shards beside the manifest as it is named now: reading NaN for a missing shard is
+impossible here, and a renamed or copied pair reads the same features.
+
+Readers never need the writer's lock: a `FeatureStore` holds its file open, so a store replaced by a concurrent
+`extract` keeps serving the rows its metadata describes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from embedfit.backbones.spec import BackboneSpec
+from embedfit.errors import StoreError, StoreMismatchError
+from embedfit.storage.schema import (
+    LAYOUT,
+    OK,
+    SCHEMA_VERSION,
+    STATUS_NAMES,
+    StoreSettings,
+    attr,
+    damaged,
+    metadata_digest,
+    quiet_hdf5,
+    read_row_arrays,
+    read_str,
+    shard_names,
+    shards_dir,
+    verify_metadata,
+    why,
+)
+
+
+def _read_rows(ds: h5py.Dataset, rows: Sequence[int] | np.ndarray | slice | None, dtype: Any,
+               chunk_rows: int) -> np.ndarray:
+    if rows is None or isinstance(rows, slice):
+        sel = range(len(ds))[rows or slice(None)]
+        out = np.empty((len(sel), ds.shape[1]), dtype=dtype)
+        for i in range(0, len(sel), chunk_rows):
+            part = sel[i:i + chunk_rows]
+            out[i:i + len(part)] = ds[part.start:part.stop:part.step] if len(part) else 0
+        return out
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), ds.shape[1]), dtype=dtype)
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    for i in range(0, len(rows), chunk_rows):
+        idx = sorted_rows[i:i + chunk_rows]
+        block = ds[idx[0]:idx[-1] + 1]
+        out[order[i:i + chunk_rows]] = block[idx - idx[0]]
+    return out
+
+
+class FeatureStore:
+    """Read access to a finished store: metadata in memory, features read in chunks on demand.
+
+    The store file stays open from `open()` to `close()`, so every read comes from the file the metadata was read
+    from, even if an `extract` replaces the store meanwhile (the replaced file stays readable while open). Use it as
+    a context manager, or call `close()`; a store that is simply dropped is closed when it is garbage-collected.
+
+    Example:
+        >>> with FeatureStore.open("feats.h5") as store:            # doctest: +SKIP
+        ...     X, y = store.features(store.ok_rows()), store.labels[store.ok_rows()]
+    """
+
+    def __init__(self, path: Path, attrs: dict[str, Any], arrays: dict[str, np.ndarray],
+                 file: h5py.File | None = None) -> None:
+        self.path = path
+        self.attrs = attrs
+        self.settings = StoreSettings.from_attrs(attrs)
+        self.spec: BackboneSpec = self.settings.spec
+        self.paths: np.ndarray = arrays["paths"]
+        self.labels: np.ndarray = arrays["labels"]
+        self.class_names: list[str] = list(arrays["class_names"])
+        self.status: np.ndarray = arrays["status"]
+        self.errors: np.ndarray = arrays["errors"]
+        self.file_size: np.ndarray = arrays["file_size"]
+        self.file_mtime_ns: np.ndarray = arrays["file_mtime_ns"]
+        self.dim = int(arrays["dim"])
+        self.row_arrays: dict[str, np.ndarray] = {k: v for k, v in arrays.items() if k != "dim"}  # every dataset
+        self.url = ""  # the URL a store on object storage was opened from (`path` is then the local copy)
+        self._file = file
+        self._shards: ShardedFeatures | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, check_shards: bool = True) -> FeatureStore:
+        """Open a store for reading, wherever it is and however it is laid out; it stays open until `close()`.
+
+        Args:
+            path: A local path or a URL on object storage.
+            check_shards: Check a sharded store's shards (per shard: present, digest, rows, key range). False opens
+                the manifest alone, for a resume that repairs them; reading features still refuses a bad shard.
+
+        Raises:
+            StoreError: The file is missing, not an embedfit store, damaged, an interrupted extraction that never
+                committed (with how to resume), or a sharded store whose shards are missing or do not belong.
+        """
+        if isinstance(path, str) and "://" in path:  # object storage: a cached local copy
+            from embedfit.url import local_or_url, redact
+
+            path = local_or_url(path)
+            if "://" in path:
+                from embedfit.storage.objects import cached_copy
+
+                try:
+                    store = cls._open_local(cached_copy(path), check_shards)
+                except StoreError:  # the cached copy, not the object, may be what is damaged: fetch it once more
+                    store = cls._open_local(cached_copy(path, refresh=True), check_shards)
+                store.url = redact(path)
+                return store
+        return cls._open_local(Path(path), check_shards)
+
+    @classmethod
+    def _open_local(cls, path: Path, check_shards: bool = True) -> FeatureStore:
+        if not path.exists():
+            parts, shards = path.with_name(path.name + ".parts"), shards_dir(path)
+            if (parts.is_dir() and any(parts.glob("part-*.h5"))) or (shards.is_dir() and any(shards.glob("*.h5"))):
+                raise StoreError(f"{path} is not finished: an extraction was interrupted before its first save; "
+                                 "re-run the same `embedfit extract` command to resume")
+            raise StoreError(f"feature store {path} does not exist")
+        if path.is_dir():
+            raise StoreError(f"{path} is a directory, not a feature store")
+        quiet_hdf5()
+        f = None
+        try:
+            f = h5py.File(path, "r")
+            if "schema_version" not in f.attrs or "features" not in f:
+                raise StoreError(f"{path} is an HDF5 file but not an embedfit feature store")
+            attrs = {k: attr(f.attrs, k) for k in f.attrs}
+            arrays = read_row_arrays(f)
+            arrays["dim"] = f["features"].shape[1]
+            verify_metadata(f, arrays)
+            if int(attrs["schema_version"]) > SCHEMA_VERSION:
+                raise StoreError(f"{path} uses store schema {attrs['schema_version']}; this embedfit reads up to "
+                                 f"{SCHEMA_VERSION}: upgrade embedfit")
+            store = cls(path, attrs, arrays, f)
+            if attrs.get("layout") == LAYOUT and f["features"].is_virtual:
+                store._shards = ShardedFeatures(path, f["features"], attrs)
+                if check_shards:
+                    store._shards.check(arrays["paths"])
+        except BaseException as exc:
+            if f is not None:
+                f.close()
+            if isinstance(exc, StoreError):
+                raise
+            if isinstance(exc, Exception):  # h5py raises OSError, KeyError, ValueError... on foreign or damaged files
+                raise StoreError(f"cannot read feature store {path}: {why(exc)}; if it is a damaged store, "
+                                 "re-extract it with `embedfit extract ... --overwrite`") from None
+            raise
+        return store
+
+    def close(self) -> None:
+        """Release the file. Metadata stays usable; `features()` then reopens the path, and refuses if the store
+        there no longer holds the same rows."""
+        if self._shards is not None:
+            self._shards.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open HDF5 files cannot be pickled; the copy reopens the path (and checks it is still this store).
+        return {**self.__dict__, "_file": None, "_shards": None}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return (f"FeatureStore('{self.url or self.path}', {self.spec.short()}, {self.n_ok} ok / {len(self)} images, "
+                f"{len(self.class_names)} classes{'' if self.complete else ', INCOMPLETE'})")
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete", False))
+
+    @property
+    def n_ok(self) -> int:
+        return int((self.status == OK).sum())
+
+    @property
+    def root(self) -> Path:
+        return Path(self.attrs.get("root", "."))
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.attrs.get("fingerprint", ""))
+
+    def ok_rows(self) -> np.ndarray:
+        """Indices of rows whose image was embedded."""
+        return np.flatnonzero(self.status == OK)
+
+    def image_path(self, row: int) -> Path:
+        """Absolute path of the image behind a row (as it was at extraction time)."""
+        key = Path(str(self.paths[row]))
+        return key if key.is_absolute() else self.root / key
+
+    def features(self, rows: Sequence[int] | np.ndarray | slice | None = None, *,
+                 dtype: Any = np.float32, chunk_rows: int = 16384) -> np.ndarray:
+        """Read features (all rows, a slice or an index array) as one array, in chunks.
+
+        Index arrays are read as contiguous spans, which is much faster in HDF5 than point selection.
+
+        Raises:
+            StoreError: The features are damaged (a checksum does not match), or the store was closed and the path
+                now holds a different store.
+        """
+        quiet_hdf5()
+        try:
+            try:
+                with self._features_dataset() as ds:
+                    return _read_rows(ds, rows, dtype, chunk_rows)
+            except ShardGone:
+                # A later commit of the same rows (a resume with nothing new, a retried shard) removed a shard this
+                # store had not opened yet: read through the manifest now at the path, if it holds the same rows.
+                if not self._reopen():
+                    raise
+                with self._features_dataset() as ds:
+                    return _read_rows(ds, rows, dtype, chunk_rows)
+        except OSError as exc:  # a Fletcher-32 mismatch reads as "filter returned failure during read"
+            raise StoreError(damaged(self.path, "features", exc)) from None
+
+    def _reopen(self) -> bool:
+        """Hold the file now at the path instead, if it is this store (same fingerprint); False otherwise."""
+        try:
+            fresh = type(self)._open_local(self.path)
+        except StoreError:
+            return False
+        if fresh.fingerprint != self.fingerprint or not fresh.fingerprint:
+            fresh.close()
+            return False
+        self.close()
+        self._file, self._shards = fresh._file, fresh._shards
+        return True
+
+    @contextlib.contextmanager
+    def _features_dataset(self) -> Iterator[Any]:
+        # A held handle keeps a replaced store readable (the old inode; a sharded store's shards are read through
+        # `ShardedFeatures`, which refuses a shard that is gone rather than reading NaN).
+        if self._file is not None:
+            yield self._shards if self._shards is not None else self._file["features"]
+            return
+        # Closed: read what the path holds now, but only if it is still this store, so that rows never silently
+        # come from other images.
+        try:
+            f = h5py.File(self.path, "r")
+        except Exception as exc:
+            raise StoreError(f"cannot read feature store {self.path}: {why(exc)}") from None
+        with f:
+            same = str(attr(f.attrs, "fingerprint", "")) == self.fingerprint and len(f["paths"]) == len(self)
+            if same and not self.fingerprint:  # stores without a fingerprint: compare the keys themselves
+                same = np.array_equal(read_str(f["paths"]), self.paths)
+            if not same:
+                raise StoreError(f"feature store {self.path} was replaced after it was opened; open it again")
+            if attr(f.attrs, "layout") == LAYOUT and f["features"].is_virtual:
+                shards = ShardedFeatures(self.path, f["features"], self.attrs)
+                try:
+                    yield shards
+                finally:
+                    shards.close()
+            else:
+                yield f["features"]
+
+    def verify(self) -> int:
+        """The full check: every feature chunk's checksum, and for a sharded store every shard's own metadata
+        digest and every row's key against the shard row it is read from. Costs a read of the whole store.
+
+        Returns:
+            The number of rows checked.
+
+        Raises:
+            StoreError: Naming what does not match and what to do.
+        """
+        quiet_hdf5()
+        if self._shards is not None:
+            self._shards.verify(self.paths)
+        with self._features_dataset() as ds:
+            for start in range(0, len(self), 16384):
+                try:
+                    ds[start:min(len(self), start + 16384)]
+                except OSError as exc:
+                    raise StoreError(damaged(self.path, "features", exc)) from None
+        return len(self)
+
+    def iter_batches(self, batch_rows: int = 8192, rows: np.ndarray | None = None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (row indices, features) batches, for out-of-core fitting (`partial_fit`)."""
+        rows = self.ok_rows() if rows is None else np.asarray(rows)
+        for i in range(0, len(rows), batch_rows):
+            idx = rows[i:i + batch_rows]
+            yield idx, self.features(idx)
+
+    def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(X, y, paths) of the embedded images: the usual entry point for scikit-learn.
+
+        `y` holds class names ("" for unlabelled images), the labels a saved model predicts, so that
+        `pipeline.score(X, y)` and `accuracy_score(y, pipeline.predict(X))` compare like with like; the class
+        indices are `labels[ok_rows()]`.
+        """
+        rows = self.ok_rows()
+        names = np.array([*self.class_names, ""], dtype=object)  # label -1 (unlabelled) picks the trailing ""
+        return self.features(rows), names[self.labels[rows]].astype(str), self.paths[rows]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and provenance, for `embedfit info` and reports."""
+        counts = {name: int((self.status == code).sum()) for code, name in STATUS_NAMES.items()}
+        by_status = {c: {name: int(((self.labels == i) & (self.status == code)).sum())
+                         for code, name in STATUS_NAMES.items()} for i, c in enumerate(self.class_names)}
+        per_class = {c: n["ok"] for c, n in by_status.items()}
+        spec = self.spec
+        return {
+            "path": self.url or str(self.path), **({"local_copy": str(self.path)} if self.url else {}),
+            "backbone": spec.short(), "images": len(self), **counts,
+            "classes": per_class, "class_status": by_status, "architecture": spec.architecture,
+            "weights": spec.weights + (f" (sha256 {spec.weights_sha256[:12]})" if spec.weights_sha256 else ""),
+            "preprocessing": (f"resize {spec.resize_size} {spec.interpolation}, crop {spec.input_size[0]}x"
+                              f"{spec.input_size[1]}, mean {_fmt(spec.mean)}, std {_fmt(spec.std)}"),
+            "dtype": self.settings.dtype, "tta": self.settings.tta,
+            "precision": self.settings.precision, "device": self.attrs.get("device"),
+            "runtime": self.attrs.get("runtime", "torch"), "decode": self.attrs.get("decode", "pil"),
+            "engine": self.attrs.get("engine", "local"), "source_kind": self.attrs.get("source_kind"),
+            "fingerprint": self.attrs.get("fingerprint"),
+            "complete": self.complete, "created": self.attrs.get("created"), "updated": self.attrs.get("updated"),
+            "root": self.attrs.get("root"), "extract_seconds": float(self.attrs.get("extract_seconds", 0.0)),
+            "versions": json.loads(self.attrs.get("versions", "{}")),
+        }
+
+    def check_compatible(self, spec: BackboneSpec, what: str = "the model") -> None:
+        """Refuse to combine this store with a model/store made by a different backbone or preprocessing."""
+        diffs = self.spec.differences(spec)
+        if diffs:
+            raise StoreMismatchError(
+                f"store {self.path} has {self.spec.short()} features but {what} expects {spec.short()} "
+                f"({'; '.join(diffs[:3])})"
+            )
+
+
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+
+
+class ShardGone(StoreError):
+    """A shard of an open sharded store is no longer there (or no longer the file recorded)."""
+
+
+def _repair_hint(folder: Path) -> str:
+    return (f"re-run the same `embedfit extract` command to re-embed its rows, or copy the whole {folder.name} "
+            "folder with the store")
+
+
+def shard_problem(shard: Path, entry: dict[str, Any] | None) -> str:
+    """Why the shard file at `shard` is not the one a manifest recorded as `entry` ("" when it is): absent,
+    unreadable, or another metadata digest, row count or key range. Reads two keys and one attribute, whatever its
+    size; `entry` None (a manifest written before shard digests) checks only that it opens."""
+    if not shard.is_file():
+        return "is missing"
+    try:
+        with h5py.File(shard, "r") as f:
+            if entry is None:
+                return ""
+            paths = f["paths"]
+            digest = attr(f.attrs, "metadata_sha256") or metadata_digest(read_row_arrays(f))  # older shards: none
+            if len(paths) != entry["rows"]:
+                return f"has {len(paths)} rows, the manifest recorded {entry['rows']}"
+            if digest != entry["sha256"]:
+                return "has another metadata digest than the manifest recorded (another shard's file?)"
+            if len(paths) and (paths.asstr()[0], paths.asstr()[-1]) != (entry["first"], entry["last"]):
+                return f"holds keys {paths.asstr()[0]}..{paths.asstr()[-1]}, not {entry['first']}..{entry['last']}"
+    except Exception as exc:  # truncated, or not HDF5 at all
+        return f"cannot be read ({why(exc)})"
+    return ""
+
+
+class ShardedFeatures:
+    """The `features` of a sharded store, read from its shards by embedfit rather than through HDF5's virtual
+    dataset: the shards are looked up beside the manifest under its current name (`shards_dir`), so a renamed or
+    copied pair reads the same rows, and a shard that is gone is an error, never rows of NaN (HDF5's fill value).
+
+    It behaves like the dataset for the reads `FeatureStore` makes (`len`, `shape`, `dtype`, `[a:b]`, `[a:b:s]`).
+    At most `max_open` shard files are held open at once.
+
+    Args:
+        manifest: The manifest's path as opened.
+        vds: The manifest's virtual `features` dataset (only its mapping is read).
+        attrs: The manifest's attributes (`shards`, `shard_index`).
+    """
+
+    def __init__(self, manifest: Path, vds: h5py.Dataset, attrs: dict[str, Any], max_open: int = 64) -> None:
+        self.manifest = manifest
+        self.folder = shards_dir(manifest)
+        self.shape, self.dtype = vds.shape, vds.dtype
+        self.names = shard_names(attrs)
+        index = json.loads(attrs.get("shard_index") or "{}")
+        self.index: dict[str, dict[str, Any]] = index
+        maps = []  # (first output row, rows, shard name, first shard row)
+        for m in vds.virtual_sources():
+            (out0, _), (out1, _) = m.vspace.get_select_bounds()
+            (src0, _), _ = m.src_space.get_select_bounds()
+            maps.append((out0, out1 - out0 + 1, os.path.basename(m.file_name), src0))
+        maps.sort()
+        self.maps = maps
+        self._starts = np.array([m[0] for m in maps], dtype=np.int64)
+        self._open: OrderedDict[str, h5py.File] = OrderedDict()
+        self._max_open = max_open
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _fail(self, name: str, problem: str) -> StoreError:
+        return StoreError(f"sharded store {self.manifest}: shard {name} {problem}; {_repair_hint(self.folder)}")
+
+    def check(self, paths: np.ndarray) -> None:
+        """The open-time check, per shard: present, and the digest, rows and key range recorded at commit."""
+        named = set(self.names)
+        for _, _, name, _ in self.maps:
+            if name not in named:
+                raise self._fail(name, "is read by the manifest's features but not listed in its `shards`")
+        for name in self.names:
+            problem = shard_problem(self.folder / name, self.index.get(name) if self.index else None)
+            if problem:
+                raise self._fail(name, problem)
+        covered = sum(m[1] for m in self.maps)
+        if covered != len(paths):
+            raise StoreError(f"sharded store {self.manifest}: its features map {covered} rows for {len(paths)} "
+                             "keys; re-extract it with `embedfit extract ... --overwrite`")
+
+    def verify(self, paths: np.ndarray) -> None:
+        """The full check: each shard's metadata against its own digest, every row's key against the manifest's."""
+        keys: dict[str, np.ndarray] = {}
+        for name in self.names:
+            try:
+                with h5py.File(self.folder / name, "r") as f:
+                    arrays = read_row_arrays(f)
+                    expected = attr(f.attrs, "metadata_sha256")
+            except Exception as exc:
+                raise self._fail(name, f"cannot be read ({why(exc)})") from None
+            if expected is not None and metadata_digest(arrays) != expected:
+                raise self._fail(name, "has metadata that no longer matches its digest (changed on disk)")
+            keys[name] = arrays["paths"]
+        for out0, n, name, src0 in self.maps:
+            if not np.array_equal(keys[name][src0:src0 + n], paths[out0:out0 + n]):
+                bad = next(i for i in range(n) if keys[name][src0 + i] != paths[out0 + i])
+                raise self._fail(name, f"holds {keys[name][src0 + bad]} where the manifest has {paths[out0 + bad]} "
+                                 f"(row {out0 + bad})")
+
+    def _shard(self, name: str) -> h5py.File:
+        f = self._open.get(name)
+        if f is not None:
+            self._open.move_to_end(name)
+            return f
+        problem = shard_problem(self.folder / name, self.index.get(name) if self.index else None)
+        if problem:  # e.g. deleted since the store was opened, by a commit that no longer needs it
+            raise ShardGone(str(self._fail(name, problem)))
+        if len(self._open) >= self._max_open:
+            self._open.popitem(last=False)[1].close()
+        f = self._open[name] = h5py.File(self.folder / name, "r")
+        return f
+
+    def __getitem__(self, sel: slice) -> np.ndarray:
+        start, stop, step = sel.indices(len(self))
+        lo, hi = start, max(start, stop)
+        out = np.empty((hi - lo, self.shape[1]), dtype=self.dtype)
+        first = max(0, int(np.searchsorted(self._starts, lo, side="right")) - 1)
+        for out0, n, name, src0 in self.maps[first:]:
+            if out0 >= hi:
+                break
+            a, b = max(lo, out0), min(hi, out0 + n)
+            if a >= b:
+                continue
+            try:
+                out[a - lo:b - lo] = self._shard(name)["features"][src0 + a - out0:src0 + b - out0]
+            except OSError as exc:  # a checksum mismatch in the shard's features
+                raise self._fail(name, f"is damaged ({why(exc)})") from None
+        return out[::step] if step != 1 else out
+
+    def close(self) -> None:
+        """Close the shard files held open."""
+        while self._open:
+            self._open.popitem()[1].close()
