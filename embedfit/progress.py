@@ -64,15 +64,16 @@ class ProgressEvent:
         unit = f" {self.unit}" if self.unit else ""
         status = f", {self.status}" if self.status else ""
         left = self.seconds_left
-        eta = f", about {_duration(left)} left" if left is not None and self.done < (self.total or 0) else ""
-        return f"{self.what}: {self.done}{of}{unit} in {_duration(self.seconds)}{status}{eta}"
+        eta = f", about {duration(left)} left" if left is not None and self.done < (self.total or 0) else ""
+        return f"{self.what}: {self.done}{of}{unit} in {duration(self.seconds)}{status}{eta}"
 
 
 OnProgress = Callable[[ProgressEvent], None]
 """The one type of a progress callback: every long function takes one as `on_progress`."""
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds as a person reads them: "42 s", "12 min", "1.5 h"."""
     if seconds < 100:
         return f"{seconds:.0f} s"
     if seconds < 6000:

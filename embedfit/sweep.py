@@ -16,6 +16,7 @@ bootstrap on the test set).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import html
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from embedfit.errors import EmbedfitError, ExtractionInterrupted, InputError, UsageError, check_output_file
-from embedfit.progress import OnProgress, note, progress_sink, within
+from embedfit.progress import OnProgress, duration, note, progress_sink, within
 
 SWEEP_FILE = "sweep.json"
 
@@ -60,6 +61,9 @@ class SweepConfig:
         workers: Decoding processes (None: by device).
         progress: Show the steps, extractions and fits on stderr (`embedfit.progress.StderrSink`) when `sweep` is
             given no `on_progress`.
+        max_minutes: A budget: each backbone's extraction is estimated from a measured batch before the long
+            part (its fitting from the backbones fitted before it); a backbone that would not fit in what is left
+            is skipped and named. None runs every backbone.
     """
 
     backbones: tuple[str, ...] = ()
@@ -76,6 +80,7 @@ class SweepConfig:
     batch_size: int | None = None
     workers: int | None = None
     progress: bool = False
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -160,6 +165,8 @@ def _sweep(data: str | Path, output: str | Path, config: SweepConfig, on_progres
                          "name one in `backbones`")
     for name in backbones:
         check_backbone_name(name)
+    if config.max_minutes is not None and not config.max_minutes > 0:
+        raise UsageError(f"`max_minutes` must be a positive number of minutes, got {config.max_minutes}")
     if not Path(data).exists():
         raise InputError(f"{data} does not exist")
     if config.test is not None and not Path(config.test).exists():
@@ -167,10 +174,10 @@ def _sweep(data: str | Path, output: str | Path, config: SweepConfig, on_progres
     from embedfit.images import scan_images
 
     # Input mistakes are the data's, not one backbone's: refuse them before the first extraction.
-    if not scan_images(data).class_names:
+    source = scan_images(data)
+    if not source.class_names:
         raise InputError(f"{data} has no classes (class sub-folders or a label column): a sweep fits classifiers")
-    if config.test is not None:
-        scan_images(config.test)
+    n_test = len(scan_images(config.test).records) if config.test is not None else 0
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"`output` {folder} is a file; give a folder for the sweep")
@@ -181,7 +188,17 @@ def _sweep(data: str | Path, output: str | Path, config: SweepConfig, on_progres
     settings = _fit_settings(config)
     entries: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
+    skipped: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+    # The cost, before the long part: a measured batch per backbone still to extract; fitting is timed on the
+    # first backbone and counted for the others from then on.
+    extract_estimate = _estimate_extraction(plan, source.records, len(source.records) + n_test, folder, config,
+                                            on_progress)
+    fit_seconds: list[float] = []  # per backbone fitted so far: its models' fitting
+    names = {candidate_key(b, layer): b for b, layer in plan}
+    for line in _estimate_lines(extract_estimate, names, config, time.perf_counter() - t_start):
+        emit(line)
+    budget = None if config.max_minutes is None else 60 * config.max_minutes
 
     def save(done: int) -> None:
         comparisons = compare_entries(entries, config.metric)
@@ -190,25 +207,46 @@ def _sweep(data: str | Path, output: str | Path, config: SweepConfig, on_progres
             "settings": settings, "plan": [candidate_key(b, layer) for b, layer in plan], "done": done,
             "complete": done == len(plan), "entries": rank(entries, config.metric), "comparisons": comparisons,
             "failures": failures, "seconds": time.perf_counter() - t_start,
+            "estimate": {"extract_seconds": {k: round(v, 2) for k, v in extract_estimate.items()},
+                         "fit_seconds_per_backbone": round(sum(fit_seconds) / len(fit_seconds), 1)
+                         if fit_seconds else None,
+                         "method": "one measured batch per backbone still to extract (decoding in the main "
+                                   "process), fitting as the backbones fitted before"},
+            "max_minutes": config.max_minutes, "skipped": skipped,
         })
 
     save(0)
     for i, (backbone, layer) in enumerate(plan):
         key = candidate_key(backbone, layer)
         step = f"[{i + 1}/{len(plan)}] {key}"
+        if budget is not None:
+            need = extract_estimate[key] + (sum(fit_seconds) / len(fit_seconds) if fit_seconds else 0.0)
+            spent = time.perf_counter() - t_start
+            if spent + need > budget:
+                skipped.append({"backbone": key, "estimated_seconds": round(need, 1),
+                                "reason": f"estimated {duration(need)} with {duration(spent)} spent, over the "
+                                          f"{duration(budget)} budget (`max_minutes`)"})
+                emit(f"{step}: skipped: {skipped[-1]['reason']}")
+                save(i + 1)
+                continue
         try:
             emit(f"{step}: extracting")
             stores = _extract(data, folder, key, backbone, layer, config, within(on_progress, step))
+            fitted = 0.0
             for model in config.models:
                 run_dir = folder / "runs" / f"{key}-{model}"
                 if _reusable(run_dir, stores, model, config):
                     emit(f"{step}: {model} already fitted")
                 else:
                     emit(f"{step}: fitting {model}")
+                    t0 = time.perf_counter()
                     _fit(run_dir, model, stores, config, within(on_progress, step))
+                    fitted += time.perf_counter() - t0
                 entry = _entry(run_dir, key, backbone, model, stores, config)
                 entries.append(entry)
                 emit(f"{step}: {model} {config.metric} {entry['score']:.3f} ± {entry['score_std']:.3f}")
+            if fitted:
+                fit_seconds.append(fitted)
         except ExtractionInterrupted as exc:
             save(i)
             if exc.exit_code == 130:
@@ -220,12 +258,76 @@ def _sweep(data: str | Path, output: str | Path, config: SweepConfig, on_progres
             failures.append({"backbone": key, "error": str(exc)})
             emit(f"{step}: failed: {exc}")
         save(i + 1)
+    if skipped and not entries and not failures:
+        raise UsageError(f"no backbone fits the {config.max_minutes:g}-minute budget (`max_minutes`): the cheapest, "
+                         f"{min(skipped, key=lambda s: s['estimated_seconds'])['backbone']}, is estimated at "
+                         f"{duration(min(s['estimated_seconds'] for s in skipped))}")
     if failures and not entries:
         raise InputError(f"every backbone failed, e.g. {failures[0]['backbone']}: {failures[0]['error']} "
                          f"(details in {folder / SWEEP_FILE})")
     ranked = rank(entries, config.metric)
     return SweepResult(folder, ranked, compare_entries(entries, config.metric), failures,
                        time.perf_counter() - t_start)
+
+
+def _estimate_extraction(plan: Sequence[tuple[str, str | None]], records: Sequence[Any], n_images: int,
+                         folder: Path, config: SweepConfig, on_progress: OnProgress | None) -> dict[str, float]:
+    """Seconds to extract each planned backbone: its images not yet in its store times the seconds per image of
+    a measured batch (the third one, when there are three: the first ones pay for warm-up)."""
+    from embedfit.backbones.factory import create_backbone
+    from embedfit.extraction.encoder import Encoder, iter_embeddings
+    from embedfit.extraction.settings import ExtractConfig, default_batch_size, resolve_device
+    from embedfit.storage import FeatureStore
+
+    device = resolve_device(config.device)
+    batch = config.batch_size or default_batch_size(device)
+    sample = list(records[:3 * batch])
+    seconds: dict[str, float] = {}
+    for backbone, layer in plan:
+        key = candidate_key(backbone, layer)
+        stored = 0
+        for name in (f"{key}.h5", f"{key}.test.h5"):
+            if (folder / "stores" / name).exists():
+                with contextlib.suppress(EmbedfitError, OSError), FeatureStore.open(folder / "stores" / name) as st:
+                    stored += int(st.attrs.get("n_ok", 0)) + int(st.attrs.get("n_failed", 0))
+        left = max(0, n_images - stored)
+        if not left or not sample:
+            seconds[key] = 0.0
+            continue
+        note(on_progress, f"{key}: timing one batch")
+        try:
+            cfg = ExtractConfig(backbone=backbone, layer=layer, pool=config.pool, resolution=config.resolution)
+            model = create_backbone(backbone, layer=layer, pool=config.pool, resolution=config.resolution)
+            encoder = Encoder(model, device, precision=cfg.precision, tta=cfg.tta, channels_last=cfg.channels_last,
+                              runtime=cfg.runtime)
+            marks = [time.perf_counter()]
+            for _ in iter_embeddings(sample, encoder, batch_size=batch, workers=0):
+                marks.append(time.perf_counter())
+        except EmbedfitError:  # the loop says why this backbone cannot run, where it runs
+            seconds[key] = 0.0
+            continue
+        # One batch stays in flight, so the first result comes once the second batch is queued: the gap between
+        # the first two results is one whole batch (the third) decoded and embedded, past the warm-up.
+        took, n = (marks[2] - marks[1], batch) if len(marks) > 3 else (marks[-1] - marks[0], len(sample))
+        seconds[key] = left * took / max(1, n)
+    return seconds
+
+
+def _estimate_lines(extract: dict[str, float], names: dict[str, str], config: SweepConfig,
+                    spent: float) -> list[str]:
+    """The estimate as printed before the long part, and on a CPU the fast answer first."""
+    each = ", ".join(f"{k} {duration(s)}" for k, s in extract.items())
+    out = [f"estimate: extraction about {duration(spent + sum(extract.values()))} ({each}); fitting "
+           f"{len(config.models)} model{'s' if len(config.models) != 1 else ''} per backbone is timed on the first "
+           "and added from then on"]
+    if len(extract) > 1 and config.device in ("auto", "cpu"):
+        from embedfit.extraction.settings import resolve_device
+
+        if resolve_device(config.device).type == "cpu":
+            cheapest = min(extract, key=lambda k: extract[k])
+            out.append(f"on a CPU: -b {names[cheapest]} alone gives a first answer (about "
+                       f"{duration(extract[cheapest])}); --max-minutes caps the sweep")
+    return out
 
 
 def _fit_settings(config: SweepConfig) -> dict[str, Any]:
@@ -464,6 +566,8 @@ def to_markdown(state: dict[str, Any]) -> str:
                          + (" — sure" if c["sure"] else ""))
     for f in state.get("failures", []):
         lines.append(f"- failed: {f['backbone']}: {f['error']}")
+    for k in state.get("skipped", []):
+        lines.append(f"- skipped: {k['backbone']}: {k['reason']}")
     return "\n".join(lines) + "\n"
 
 

@@ -49,8 +49,9 @@ def test_compare_runs_every_arm_on_identical_splits(shared_tree: Path, tmp_path:
     result = json.loads((out / "compare.json").read_text())
     assert list(result["arms"]) == ["as-is", "linear probe", "fine-tune", "scratch"]
     as_is = result["arms"]["as-is"]
-    # textures are not ImageNet classes, and the reason names them
-    assert as_is["applicable"] is False and "'brick'" in as_is["reason"] and "`imagenet_map`" in as_is["reason"]
+    # textures are not ImageNet classes, and compare.md names them once
+    assert as_is["applicable"] is False and "`imagenet_map`" in as_is["reason"]
+    assert "brick" in result["unmapped"]
     for name in ("linear probe", "fine-tune", "scratch"):
         arm = result["arms"][name]
         assert len(arm["accuracy_runs"]) == 2 and arm["seconds"] > 0
@@ -74,7 +75,7 @@ def test_compare_runs_every_arm_on_identical_splits(shared_tree: Path, tmp_path:
     assert _val_paths(out / "fine-tune") == _val_paths(out / "scratch")
     assert len(_val_paths(out / "fine-tune")) == 12
     assert json.loads((out / "scratch" / "model.json").read_text())["model"] == "scratch"
-    assert json.loads((out / "fine-tune" / "model.json").read_text())["refit"]["train_images"] == 24
+    assert json.loads((out / "fine-tune" / "metrics.json").read_text())["refit"]["train_images"] == 24
     assert (out / "learning_curve.png").stat().st_size > 0
     printed = capsys.readouterr()
     assert "linear probe" in printed.out and "not applicable" in printed.out
@@ -145,13 +146,15 @@ def test_as_is_arm_names_unmapped_classes_and_takes_an_explicit_map(tmp_path: Pa
                  "--val-size", "0.5", "--device", "cpu"]) == 0
     result = json.loads((out / "compare.json").read_text())
     assert list(result["arms"]) == ["as-is"]
-    assert "'brick'" in result["arms"]["as-is"]["reason"] and "'grass'" in result["arms"]["as-is"]["reason"]
+    assert "`imagenet_map`" in result["arms"]["as-is"]["reason"]  # the names are listed once, outside the table
+    assert result["unmapped"] == ["brick", "grass", "gravel"]
     assert result["excluded"] == [{"path": "brick/broken.jpg", "reason": result["excluded"][0]["reason"]}]
     printed = capsys.readouterr().out
     assert "brick/broken.jpg" in printed and "not applicable" in printed
     assert "learning_curve.png" not in printed and not (out / "learning_curve.png").exists()  # no curve: none
     mapping = tmp_path / "map.csv"
     mapping.write_text("class,imagenet_class\nbrick,stone wall\ngrass,lawn mower\ngravel,n09421951\n")
+    out = tmp_path / "mapped"  # another question: another folder (the first one would be refused)
     assert main(["compare", str(tree), "-o", str(out), "--arms", "as-is,probe", "--imagenet-map", str(mapping),
                  "--sizes", "all", "--repeats", "1", "--val-size", "0.5", "--device", "cpu"]) == 0
     result = json.loads((out / "compare.json").read_text())
@@ -237,3 +240,47 @@ def test_each_backbone_adds_a_probe_arm_on_the_same_splits(tmp_path: Path) -> No
     for arm in result["arms"].values():
         assert arm["applicable"] and len(arm["accuracy_runs"]) == 2 and len(arm["accuracy_ci"]) == 2
     assert "linear probe (efficientnet_lite1)" in (out / "compare.md").read_text()
+
+
+def test_compare_reuses_a_store_and_scores_the_classes_that_map(tmp_path: Path) -> None:
+    """Frozen embeddings come from the store that holds the very files; 'widgets' names no ImageNet class, so
+    as-is scores the cats only and says so; the estimate is recorded."""
+    from embedfit.extraction import extract
+
+    tree = _photos(tmp_path / "photos", names=("cats", "widgets"), n=4)
+    store = tmp_path / "photos.h5"
+    extract(tree, store, device="cpu", workers=0)
+    lines: list[str] = []
+    result = compare(tree, tmp_path / "cmp", arms="as-is,probe", sizes=[None], repeats=1, val_size=0.5,
+                     device="cpu", stores=[store], on_progress=lambda e: lines.append(e.line()))
+    assert result["stores"]["images_reused"] == 8
+    as_is = result["arms"]["as-is"]
+    assert as_is["coverage"]["classes"] == 1 and as_is["coverage"]["class_names"] == ["cats"]
+    assert result["unmapped"] == ["widgets"]
+    assert "as-is" not in result["comparisons"].get("arms", {})  # not paired with arms that answer every class
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "as-is (1 of 2 classes)" in md and md.count("widgets") == 1  # listed once, outside the table
+    estimate = next(i for i, line in enumerate(lines) if line.startswith("estimate: about"))
+    assert estimate < lines.index("split 1/1: linear probe")  # printed before the long part
+    assert result["estimate"]["total_seconds"] >= 0 and result["skipped"] == []
+
+
+def test_max_minutes_skips_the_arms_over_budget(tmp_path: Path) -> None:
+    tree = _photos(tmp_path / "photos", n=4)
+    lines: list[str] = []
+    result = compare(tree, tmp_path / "cmp", arms="probe,finetune", epochs=1, sizes=[None], repeats=1,
+                     val_size=0.5, device="cpu", max_minutes=0.001, on_progress=lambda e: lines.append(e.line()))
+    skipped = [s["arm"] for s in result["skipped"]]
+    assert "fine-tune" in skipped and "fine-tune" not in result["arms"]
+    # the estimate splits as the results do: the one embedding pass apart from each arm's fitting
+    estimate = result["estimate"]
+    assert estimate["fitting_seconds"]["fine-tune"] > 0 and estimate["fitting_seconds"]["linear probe"] == 0
+    assert estimate["seconds"]["linear probe"] == estimate["embedding_seconds"]["efficientnet_lite0"]
+    assert estimate["seconds"]["fine-tune"] == estimate["fitting_seconds"]["fine-tune"]
+    # a pass the budget stopped is not recorded as an arm's embedding
+    assert ("linear probe" in skipped) == ("efficientnet_lite0" not in result["embedding_seconds"])
+    # the embedding pass reports through the sink inside its backbone, so time left and the heartbeat work there
+    assert any(line.startswith("efficientnet_lite0: embedding: ") and "/8 images" in line for line in lines)
+    assert not (tmp_path / "cmp" / "fine-tune").exists()
+    assert any("--arms as-is,probe" in line for line in lines)  # on a CPU: the fast answer first
+    assert "Skipped (over the 0.001-minute budget)" in (tmp_path / "cmp" / "compare.md").read_text()

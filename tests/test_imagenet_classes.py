@@ -147,6 +147,40 @@ def test_an_unmappable_name_makes_the_mapping_not_applicable():
 
 
 @pytest.mark.parametrize(
+    ("name", "index", "kind"),
+    [
+        ("rooster", 7, "synonym"),  # WordNet's "cock, rooster": another sense of the class "cock"
+        ("roosters", 7, "synonym"),
+        ("binocular", 447, "class"),  # ImageNet has only the plural "binoculars"
+        ("stop_sign", 919, "head noun"),  # "street sign" alone ends in "sign"
+        ("Dalmation", 251, "spelling"),  # the common misspelling of "dalmatian"
+        ("golden retreiver", 207, "spelling"),
+    ],
+)
+def test_synonyms_plurals_head_nouns_and_spellings(name, index, kind):
+    m = map_classes([name])
+    assert m.applicable and m.indices == ((index,),)
+    assert m.matched[0].startswith(kind)
+    if kind != "class":  # a looser reading is worth a look
+        assert any(note.startswith(f"{name!r} read as {index} ") for note in m.notes)
+
+
+def test_looser_readings_do_not_invent_classes():
+    m = map_classes(["water_lilly", "other dogs", "widget box", "ants"])
+    assert m.unmapped == ("water_lilly", "other dogs", "widget box")  # ImageNet has no water lily
+
+
+def test_the_classes_that_map_form_an_applicable_subset():
+    m = map_classes(["rooster", "water_lilly", "ants", "pismire", "bees"])
+    assert not m.applicable
+    assert m.mapped == ("rooster", "bees")  # 'ants' and 'pismire' share class 310
+    sub = m.subset()
+    assert sub.applicable and sub.class_names == ("rooster", "bees") and sub.indices == ((7,), (309,))
+    pred, _ = restricted_predict(np.eye(1000)[[7, 309]], sub)
+    assert pred.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
     ("names", "pair", "shared"),
     [
         (["ants", "pismire"], ("ants", "pismire"), {310}),  # two names of one class

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def test_fit_and_extract_report_progress_when_piped(shared_store: Path, image_tr
     assert "fitting logreg: 1/3 folds" in err and "fitting logreg: 3/3 folds" in err and " left" in err
     assert main(["report", str(tmp_path / "run"), "-o", str(tmp_path / "report.html")]) == 0
     err = capsys.readouterr().err
-    assert "report: 1/7 sections" in err and "embedding maps" in err
+    assert re.search(r"report: 1/\d+ sections", err) and "embedding maps" in err
     assert main(["extract", str(image_tree), "-o", str(tmp_path / "f.h5"), "--workers", "0", "--batch-size", "4"]) == 0
     err = capsys.readouterr().err
     assert "embedding: 4/12 images" in err and "img/s, about " in err

@@ -33,13 +33,19 @@ def test_sweep_ranks_on_identical_folds_and_resumes(shared_tree: Path, tmp_path:
     state = read_sweep(tmp_path / "sw")
     assert state["complete"] and state["done"] == 2
     assert "| efficientnet_lite0 | ridge |" in (tmp_path / "sw" / "leaderboard.md").read_text()
-    assert events[0] == "[1/2] efficientnet_lite0: extracting"
+    # the cost, measured on a batch and printed before the long part
+    first = events.index("[1/2] efficientnet_lite0: extracting")
+    assert any(e.startswith("estimate: extraction about ") for e in events[:first])
+    assert set(state["estimate"]["extract_seconds"]) == {"efficientnet_lite0", "efficientnet_lite0@blocks.5"}
+    assert all(s > 0 for s in state["estimate"]["extract_seconds"].values())
+    assert state["estimate"]["fit_seconds_per_backbone"] > 0 and state["skipped"] == []
 
     # A re-run reuses the stores and the finished fits.
     mtime = (Path(a["run"]) / "metrics.json").stat().st_mtime_ns
     events.clear()
     again = sweep(shared_tree, tmp_path / "sw", CONFIG, on_progress=lambda e: events.append(e.line()))
     assert "[1/2] efficientnet_lite0: ridge already fitted" in events
+    assert not any("timing one batch" in e for e in events)  # the stores hold every image: nothing to measure
     assert (Path(a["run"]) / "metrics.json").stat().st_mtime_ns == mtime
     assert [e["score"] for e in again.entries] == [e["score"] for e in result.entries]
 
@@ -61,6 +67,19 @@ def test_a_backbone_without_weights_fails_alone(shared_tree: Path, tmp_path: Pat
                    layers=(None,))
     assert [e["backbone"] for e in result.entries] == ["efficientnet_lite0"]
     assert result.failures[0]["backbone"] == "resnet18" and "torch hub cache" in result.failures[0]["error"]
+
+
+def test_max_minutes_skips_the_backbones_over_budget(shared_tree: Path, tmp_path: Path) -> None:
+    """A budget below any backbone's measured extraction skips each one, names it, and says so."""
+    from embedfit.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"no backbone fits the 0\.001-minute budget"):
+        sweep(shared_tree, tmp_path / "sw", CONFIG, max_minutes=0.001)
+    state = read_sweep(tmp_path / "sw")
+    assert [s["backbone"] for s in state["skipped"]] == ["efficientnet_lite0", "efficientnet_lite0@blocks.5"]
+    assert all("`max_minutes`" in s["reason"] and s["estimated_seconds"] > 0 for s in state["skipped"])
+    assert "- skipped: efficientnet_lite0: estimated" in (tmp_path / "sw" / "leaderboard.md").read_text()
+    assert not list((tmp_path / "sw" / "stores").glob("*.h5"))  # nothing was extracted
 
 
 def test_paired_intervals() -> None:

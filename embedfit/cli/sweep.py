@@ -32,6 +32,8 @@ def sweep(
     device: str = typer.Option("auto", help="Extraction device: auto, cpu, cuda, cuda:N or mps."),
     batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass (default: by device)."),
     seed: int = typer.Option(0, help="Random seed of the folds and models."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", min=0.01,
+                                             help="Budget: backbones estimated not to fit are skipped and named."),
 ) -> None:
     """Extract each backbone once, fit every model on identical folds, and rank them with a paired interval."""
     from embedfit.errors import check_inputs_exist
@@ -42,7 +44,8 @@ def sweep(
 
     config = SweepConfig(backbones=tuple(backbones), models=tuple(models), layers=tuple(layers) or (None,),
                          pool=pool.value if pool else None, resolution=resolution, test=test, metric=metric, cv=cv,
-                         repeats=repeats, seed=seed, device=device, batch_size=batch_size)
+                         repeats=repeats, seed=seed, device=device, batch_size=batch_size,
+                         max_minutes=max_minutes)
     with StderrSink() as sink:
         result = run_sweep(data, output, config, on_progress=sink)
     print_sweep(out, read_sweep(output))
@@ -63,3 +66,5 @@ def print_sweep(console: Console, state: dict[str, Any]) -> None:
                   soft_wrap=True)
     for f in state.get("failures", []):
         console.print(f"  failed: {f['backbone']}: {f['error']}", markup=False, soft_wrap=True)
+    for k in state.get("skipped", []):
+        console.print(f"  skipped: {k['backbone']}: {k['reason']}", markup=False, soft_wrap=True)

@@ -147,6 +147,10 @@ def compare(
     imagenet_map: Path | None = typer.Option(None, "--imagenet-map",
                                              help="CSV of class,imagenet_class rows for the as-is arm."),
     device: str = typer.Option("auto"), seed: int = typer.Option(0),
+    stores: list[Path] = typer.Option([], "--store", help="Feature store holding some of the training or test "
+                                      "images (embedfit extract's): they are not embedded again; repeat for several."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", min=0.01,
+                                             help="Budget: the arms estimated to fit run, the others are skipped."),
 ) -> None:
     """As-is vs linear probe vs fine-tuning vs scratch on identical splits, ending in a recommendation."""
     from embedfit.errors import check_inputs_exist
@@ -171,7 +175,8 @@ def compare(
                              val_size=val_size, device=device, seed=seed, arms=parse_arms(arms),
                              freeze=[f.strip() for f in freeze.split(",") if f.strip()],
                              augment=[switch[a.strip()] for a in augment.split(",")], test=test,
-                             imagenet_map=_path_str(imagenet_map), on_progress=sink)
+                             imagenet_map=_path_str(imagenet_map), on_progress=sink,
+                             stores=[str(s) for s in stores], max_minutes=max_minutes)
     out.print(f"results: {', '.join(result['files'])}", soft_wrap=True, markup=False)
     out.print(to_markdown(result), markup=False, soft_wrap=True, end="")
 

@@ -260,7 +260,7 @@ def embed_decoded(images: Sequence[Any], encoder: Encoder, *, batch_size: int = 
     """Images already decoded in memory (PIL images or uint8 tensors (3, H, W)) -> float32 outputs (N, D).
 
     The in-memory counterpart of `iter_embeddings`, for images decoded once and used many times (fine-tuning's
-    validation images, compare's arms): each batch is preprocessed on the host and goes through `encoder.embed`,
+    validation images): each batch is preprocessed on the host and goes through `encoder.embed`,
     one batch in flight. `head` runs on each batch's embeddings on the device (a trained classifier head);
     `preprocess` replaces the encoder's spec preprocessing; `on_progress` hears of each batch (`embedfit.progress`).
     """

@@ -18,8 +18,9 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,10 @@ import torch
 
 from embedfit.backbones import DEFAULT_BACKBONE
 from embedfit.errors import UsageError, check_output_dir, check_output_not_input
-from embedfit.extraction.encoder import Encoder, embed_decoded
+from embedfit.extraction.encoder import Encoder, iter_embeddings
 from embedfit.extraction.settings import resolve_device
 from embedfit.fitting.models import make_pipeline
-from embedfit.progress import OnProgress, note, within
+from embedfit.progress import OnProgress, Progress, duration, note, within
 from embedfit.runs import check_replace, identity_of, staged_dir
 from embedfit.stats import N_BOOT, cheapest_within_noise, paired_bootstrap, ratio
 from embedfit.training.classify import class_mapping, has_imagenet_head
@@ -39,6 +40,7 @@ from embedfit.training.finetune import (
     LabeledImages,
     TrainConfig,
     TrainResult,
+    check_labeled,
     decode_labeled,
     make_split,
     run_identity,
@@ -73,8 +75,113 @@ def _probe_arm(backbone: str) -> str:
     return f"{PROBE} ({backbone})"
 
 
-def _embed(encoder: Encoder, images: list[Any], on_progress: OnProgress | None, batch_size: int = 16) -> np.ndarray:
-    return embed_decoded(images, encoder, batch_size=batch_size, on_progress=on_progress)
+# ---------------------------------------------------------------------------------------------------
+# Frozen embeddings: extraction's loop, and the stores that already hold them
+
+
+def _file_id(rec: Any) -> tuple[str, int, int]:
+    """What makes a store row this very file: its absolute path (or URL), size and modification time."""
+    path = str(rec.path)
+    return (path if "://" in path else os.path.abspath(path)), int(rec.size), int(rec.mtime_ns)
+
+
+def _stored_rows(stores: Sequence[Any]) -> dict[tuple[str, int, int], tuple[int, int]]:
+    """(path, size, mtime) -> (store, row) for every embedded row of the stores (the first store wins)."""
+    found: dict[tuple[str, int, int], tuple[int, int]] = {}
+    for s, store in enumerate(stores):
+        for row in store.ok_rows():
+            path = str(store.image_path(int(row)))
+            key = (path if "://" in path else os.path.abspath(path), int(store.file_size[row]),
+                   int(store.file_mtime_ns[row]))
+            found.setdefault(key, (s, int(row)))
+    return found
+
+
+def embed_labeled(sets: Sequence[LabeledImages], encoder: Encoder, *, stores: Sequence[Any] = (),
+                  on_rate: Callable[[float, int], bool] | None = None, on_progress: OnProgress | None = None
+                  ) -> tuple[list[np.ndarray], list[dict[int, str]], int]:
+    """Frozen embeddings of labeled image sets, read from `stores` where they hold the very file (same path,
+    size and modification time, embedded with the same backbone) and embedded otherwise through extraction's
+    loop (`iter_embeddings`: decoding workers, batching, ONNX Runtime where the encoder uses it).
+
+    Args:
+        sets: The image sets (training, test), with their scanned records.
+        encoder: The encoder of the backbone the stores were checked against.
+        stores: Open `FeatureStore`s.
+        on_rate: Called once, after the first measured batch, with the seconds per image and the number of images
+            still to embed; returning False stops the embedding there (the caller's budget leaves no arm that
+            needs it).
+        on_progress: Hears of each embedded batch (`embedfit.progress`): images, rate and time left.
+
+    Returns:
+        Per set the features (N, D) (NaN rows where a file does not decode, or where embedding stopped), the
+        reasons per failed image index, and how many images came from the stores.
+    """
+    dim = encoder.spec.embedding_dim
+    feats = [np.full((len(s.keys), dim), np.nan, dtype=np.float32) for s in sets]
+    errors: list[dict[int, str]] = [{} for _ in sets]
+    known = _stored_rows(stores) if stores else {}
+    todo: list[tuple[int, int]] = []
+    from_store: dict[int, list[tuple[int, int, int]]] = {}  # store -> (set, image, row)
+    for k, s in enumerate(sets):
+        for i, rec in enumerate(s.records):
+            hit = known.get(_file_id(rec))
+            if hit is None:
+                todo.append((k, i))
+            else:
+                from_store.setdefault(hit[0], []).append((k, i, hit[1]))
+    for s, hits in from_store.items():
+        rows = np.array([row for _, _, row in hits])
+        order = np.argsort(rows)
+        block = stores[s].features(rows[order])
+        for j, o in enumerate(order):
+            k, i, _ = hits[o]
+            feats[k][i] = block[j]
+    records = [sets[k].records[i] for k, i in todo]
+    done, started, first = 0, time.perf_counter(), None
+    with Progress("embedding", len(records), unit="images", on_progress=on_progress) as progress:
+        for batch in iter_embeddings(records, encoder):
+            for j, reason in enumerate(batch.errors):
+                k, i = todo[done + j]
+                feats[k][i] = batch.features[j]
+                if reason:
+                    errors[k][i] = reason
+            done += len(batch.errors)
+            now = time.perf_counter()
+            progress.advance(len(batch.errors), f"{done / max(now - started, 1e-9):.1f} img/s")
+            if on_rate is not None and first is not None:  # the second batch: decoding workers are up to speed
+                rate = (now - first[0]) / (done - first[1])
+                if not on_rate(rate, len(records) - done):
+                    break
+                on_rate = None
+            first = first or (now, done)
+    if on_rate is not None:  # one batch or none: what was measured
+        on_rate((time.perf_counter() - started) / max(done, 1) if done else 0.0, 0)
+    return feats, errors, sum(len(h) for h in from_store.values())
+
+
+def _open_stores(paths: Sequence[str | Path], spec: Any) -> list[Any]:
+    """Open the stores and refuse one whose features another backbone, preprocessing or TTA made."""
+    from embedfit.storage import FeatureStore, StoreSettings, check_mixable
+
+    opened = []
+    for path in paths:
+        store = FeatureStore.open(path)
+        check_mixable(store.settings, StoreSettings(spec), f"store {path}", "the comparison's backbone")
+        opened.append(store)
+    return opened
+
+
+def _drop_failed(data: LabeledImages, failed: dict[int, str]) -> LabeledImages:
+    """`data` without the images that did not decode, each listed in `failed` as extraction words it."""
+    if not failed:
+        return data
+    keep = [i for i in range(len(data.keys)) if i not in failed]
+    return dataclasses.replace(
+        data, images=[data.images[i] for i in keep] if data.images else [], labels=data.labels[keep],
+        keys=[data.keys[i] for i in keep], paths=[data.paths[i] for i in keep],
+        records=[data.records[i] for i in keep],
+        failed=[*data.failed, *(f"{data.keys[i]}: {reason}" for i, reason in sorted(failed.items()))])
 
 
 def _imagenet_proba(model: Any, X: np.ndarray) -> np.ndarray:
@@ -82,6 +189,124 @@ def _imagenet_proba(model: Any, X: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         head = model.head.to("cpu").eval()
         return torch.softmax(head(torch.from_numpy(X)).double(), dim=1).numpy()
+
+
+def _top1(proba: np.ndarray, mapping: Any, to_label: np.ndarray) -> np.ndarray:
+    """`top1_mapped` in the data's labels (-1: none of the classes the mapping scores)."""
+    top = top1_mapped(proba, mapping)
+    return np.where(top >= 0, to_label[np.maximum(top, 0)], -1)
+
+
+def _unmapped_reason(mapping: Any) -> str:
+    """Why no class could be scored as-is, without the list of names (compare.md lists them once)."""
+    if mapping.source != "class names":
+        return mapping.reason
+    return (f"none of the {len(mapping.class_names)} classes maps onto ImageNet classes on its own (listed below); "
+            "rename the folders or give an `imagenet_map` CSV")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cost, estimated before the long part
+
+
+def _step_seconds(config: TrainConfig, data: LabeledImages, on_progress: OnProgress | None) -> float:
+    """Seconds per training image of one measured batch with `config` (its freeze policy, augmentation)."""
+    n = min(config.batch_size, len(data.labels))
+    what = f"timing one training batch ({n} images, {'scratch' if not config.pretrained else config.freeze})"
+    note(on_progress, what)
+    batch = make_split(data, np.arange(n), np.zeros(0, int))
+    result = train(batch, dataclasses.replace(config, epochs=1, validate_epochs=False),
+                   on_progress=within(on_progress, what))
+    return result.epochs[1]["seconds"] / n
+
+
+@dataclasses.dataclass
+class _Cost:
+    """The arms' estimated seconds from the measured batches, split as the results are (each frozen backbone's
+    one embedding pass apart from each arm's fitting), and the budget's choice of arms."""
+
+    order: list[str]
+    frozen: dict[str, str]  # arm -> the backbone whose one embedding pass it scores on (as-is, probes)
+    n: int
+    n_test: int
+    n_val: int
+    repeats: int
+    curve_sizes: int
+    curve_arm: str | None
+    epochs: dict[str, int]
+    step_seconds: dict[str, float]
+    test: bool
+    device: Any
+    budget: float | None
+    embedding: dict[str, float] = dataclasses.field(default_factory=dict)  # per backbone
+    fitting: dict[str, float] = dataclasses.field(default_factory=dict)  # per arm
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # per arm: what running it adds
+    chosen: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    spent: float = 0.0
+    reused: int = 0
+
+    def plan(self, per_image: float, left: int, spent: float) -> None:
+        """Estimate each arm from `per_image` (embedding) and the training steps; keep the arms that fit."""
+        self.spent = spent
+        # a forward pass costs about a third of a training step (forward + backward) where none was measured
+        infer = per_image or min(self.step_seconds.values(), default=0.0) / 3
+        n_train = self.n - self.n_val
+        first = next(iter(self.frozen.values()), None)
+        for backbone in dict.fromkeys(self.frozen.values()):
+            # the first backbone's images still to embed were counted; another one's, at about its speed
+            self.embedding[backbone] = left * per_image if backbone == first else (self.n + self.n_test) * infer
+        for arm in self.order:
+            if arm in self.step_seconds:
+                step, e = self.step_seconds[arm], self.epochs[arm]
+                per_split = e * (n_train * step + self.n_val * infer)
+                curve = self.curve_sizes * e * n_train * step if arm == self.curve_arm else 0.0
+                refit = e * self.n * step + self.n_test * infer if (self.test or arm != SCRATCH) else 0.0
+                self.fitting[arm] = self.repeats * (per_split + curve) + refit
+            else:  # as-is maps probabilities, a probe fits a linear model: seconds next to the embedding pass
+                self.fitting[arm] = 0.0
+        total, paid = spent, set()
+        for arm in self.order:
+            backbone = self.frozen.get(arm)
+            self.seconds[arm] = self.fitting[arm] + (self.embedding[backbone] if backbone and backbone not in paid
+                                                     else 0.0)
+            if self.budget is None or total + self.seconds[arm] <= self.budget:
+                self.chosen.append(arm)
+                total += self.seconds[arm]
+                paid.add(backbone)
+            else:
+                self.skipped.append({"arm": arm, "estimated_seconds": round(self.seconds[arm], 1),
+                                     "reason": f"estimated {duration(self.seconds[arm])}, over the "
+                                               f"{duration(self.budget)} budget (`max_minutes`)"})
+
+    def total(self) -> float:
+        return self.spent + sum(self.seconds[a] for a in self.chosen)
+
+    def lines(self) -> list[str]:
+        """The estimate as printed before the long part: the total, embedding and fitting apart, what the budget
+        skips, and on a CPU the fast answer."""
+        parts = [f"embedding {b} {duration(s)}" for b, s in self.embedding.items()]
+        fits = [f"{a} {duration(self.fitting[a])}" for a in self.order if a in self.step_seconds]
+        if fits:
+            parts.append("fitting " + ", ".join(fits))
+        out = [f"estimate: about {duration(self.total())} in all" + (f" ({'; '.join(parts)})" if parts else "")]
+        fast = [a for a in (AS_IS, PROBE) if a in self.order]
+        if self.device.type == "cpu" and self.step_seconds:
+            quick = f" (about {duration(self.spent + sum(self.seconds[a] for a in fast))})" if fast else ""
+            out.append(f"on a CPU the trained arms take most of it: --arms as-is,probe gives the fast answer "
+                       f"first{quick}; --max-minutes caps the run")
+        if self.skipped:
+            out.append("skipped (over the budget): " + ", ".join(s["arm"] for s in self.skipped))
+        return out
+
+    def to_dict(self, took: float) -> dict[str, Any]:
+        return {"seconds": {a: round(s, 1) for a, s in self.seconds.items()},
+                "embedding_seconds": {b: round(s, 1) for b, s in self.embedding.items()},
+                "fitting_seconds": {a: round(s, 1) for a, s in self.fitting.items()},
+                "total_seconds": round(self.total(), 1), "took_seconds": round(took, 1),
+                "budget_seconds": self.budget,
+                "method": "one measured embedding batch and one measured training batch per trained arm; an arm's "
+                          "seconds are its fitting plus the embedding pass it is the first to need"}
 
 
 def _probe_fit(X: np.ndarray, y: np.ndarray, train: np.ndarray, seed: int) -> Any:
@@ -164,6 +389,8 @@ class _Arm:
     refit_seconds: float | None = None
     not_applicable: str = ""
     first: tuple[TrainResult, np.ndarray] | None = None  # the model trained on the first split, its val images
+    covered: np.ndarray | None = None  # a partial as-is: per training image, whether its class maps
+    test_covered: np.ndarray | None = None
 
 
 def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
@@ -172,7 +399,8 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
             finetune: TrainConfig | None = None, arms: Sequence[str] | str = ARM_CHOICES,
             freeze: Sequence[str] | None = None, augment: Sequence[bool] = (True,),
             test: str | Path | None = None, imagenet_map: str | Path | None = None,
-            on_progress: OnProgress | None = None, probe_backbones: Sequence[str] = ()) -> dict[str, Any]:
+            on_progress: OnProgress | None = None, probe_backbones: Sequence[str] = (),
+            stores: Sequence[str | Path] = (), max_minutes: float | None = None) -> dict[str, Any]:
     """Run the chosen arms on the same seeded stratified splits; write compare.json, compare.md, the learning
     curve and run directories, and end with a recommendation.
 
@@ -203,7 +431,13 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
             each split, and the images of each embedding pass and the batches of each epoch as they go.
         probe_backbones: More backbones for the linear probe, one arm each ("linear probe (NAME)") on the same
             splits, so that the comparison also answers which backbone to probe (`embedfit sweep` does that at
-            scale). Their images are decoded once at `backbone`'s resize size.
+            scale).
+        stores: Feature stores (`embedfit extract`'s) that may hold the training and test images already: an image
+            whose very file (path, size, modification time) a store holds, embedded with `backbone` (same spec
+            and test-time augmentation), is read from it instead of being embedded again.
+        max_minutes: A budget: the run time of every arm is estimated from a first measured batch before the long
+            part starts; the arms that fit (in the order as-is, probe, fine-tune, scratch) run and the others are
+            named as skipped. None runs every arm.
 
     Returns:
         The comparison as written to compare.json.
@@ -220,8 +454,12 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
         raise UsageError(f"`sizes` must be positive numbers of images per class (or None for all), got {bad[0]!r}")
     if scratch_epochs is not None and scratch_epochs < 1:
         raise UsageError(f"`scratch_epochs` must be at least 1, got {scratch_epochs}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise UsageError(f"`max_minutes` must be a positive number of minutes, got {max_minutes}")
     check_output_dir(output, "results folder")  # before minutes of training, not after
-    check_output_not_input(output, [data, *([test] if test else []), *([weights] if weights else [])])
+    check_output_not_input(output, [data, *([test] if test else []), *([weights] if weights else []),
+                                    *(str(s) for s in stores)])
+    started = time.perf_counter()
     base = finetune or TrainConfig()
     freezes = list(dict.fromkeys(TrainConfig(freeze=f).freeze for f in (freeze or [base.freeze])))
     augments = list(dict.fromkeys(bool(a) for a in augment)) or [True]
@@ -230,17 +468,21 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
     from embedfit.backbones.factory import create_backbone
 
     model = create_backbone(backbone, weights=weights)
-    say(f"decoding {data}")
-    data_set = decode_labeled(data, model.spec)
-    test_set = decode_labeled(test, model.spec, class_names=data_set.class_names) if test is not None else None
-    labels, n_classes, names = data_set.labels, len(data_set.class_names), data_set.class_names
+    opened = _open_stores(stores, model.spec)
+    # Only the trained arms need the images decoded in memory; frozen embeddings read the files through
+    # extraction's loop, which reports broken files itself.
+    decode = FINETUNE in chosen or SCRATCH in chosen
+    data_set = decode_labeled(data, model.spec, decode=decode, on_progress=on_progress)
+    test_set = decode_labeled(test, model.spec, class_names=data_set.class_names, decode=decode,
+                              on_progress=on_progress) if test is not None else None
+    n_classes, names = len(data_set.class_names), data_set.class_names
     # What this comparison answers: a folder holding another one is refused (the same command replaces its own).
     identity = identity_of(
         data=data_set.fingerprint, model="compare",
         settings={"backbone": backbone, "weights": weights, "epochs": epochs, "scratch_epochs": scratch_epochs,
                   "sizes": list(sizes), "arms": chosen, "freeze": freeze, "augment": list(augment),
                   "finetune": dataclasses.asdict(base), "imagenet_map": str(imagenet_map) if imagenet_map else None,
-                  "probe_backbones": list(probe_backbones)},
+                  "probe_backbones": list(probe_backbones), "max_minutes": max_minutes},
         evaluation={"repeats": repeats, "val_size": val_size, "seed": seed,
                     "test": test_set.fingerprint if test_set is not None else None})
     check_replace(final, identity, marker="compare.json", what="comparison")
@@ -259,15 +501,25 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
         scratch = _Arm(SCRATCH, dataclasses.replace(ft_config, pretrained=False, weights=None, freeze="none",
                                                     unfreeze_every=0, epochs=s_epochs, lr_backbone=ft_config.lr_head))
         trained = policies + ([scratch] if SCRATCH in chosen else [])
-        results: dict[str, _Arm] = {}
-        if AS_IS in chosen:
-            results[AS_IS] = _Arm(AS_IS)
-        if PROBE in chosen:
-            results[PROBE] = _Arm(PROBE)
         extra = [name for name in dict.fromkeys(probe_backbones) if name != backbone] if PROBE in chosen else []
-        for name in extra:
-            results[_probe_arm(name)] = _Arm(_probe_arm(name))
-        results.update({arm.name: arm for arm in trained})
+        order = [a for a in (AS_IS, PROBE) if a in chosen] + [_probe_arm(n) for n in extra] + [a.name for a in trained]
+        n_val = max(n_classes, round(val_size * len(data_set.keys)))
+        steps_wanted = len([s for s in sizes if s is not None]) if policies else 0
+        # The cost, before the long part: one measured training batch per distinct trained setting now, and the
+        # first measured embedding batch below; the budget then picks the arms that fit.
+        step_seconds = {a.name: _step_seconds(a.config, data_set, on_progress) for a in trained}
+        frozen = {**{a: backbone for a in (AS_IS, PROBE) if a in chosen}, **{_probe_arm(n): n for n in extra}}
+        cost = _Cost(order=order, frozen=frozen, n=len(data_set.keys), n_test=len(test_set.keys) if test_set else 0,
+                     n_val=n_val,
+                     repeats=repeats, curve_sizes=steps_wanted, curve_arm=policies[0].name if policies else None,
+                     epochs={a.name: a.config.epochs for a in trained}, step_seconds=step_seconds,
+                     test=test_set is not None, device=dev, budget=None if max_minutes is None else 60 * max_minutes)
+
+        def on_rate(per_image: float, left: int) -> bool:
+            cost.plan(per_image, left, time.perf_counter() - started)
+            for line in cost.lines():
+                say(line)
+            return any(a in cost.chosen for a in (AS_IS, PROBE))
 
         # Frozen embeddings do not depend on the split: embed every image once; the as-is arm is the pretrained
         # head on these same embeddings.
@@ -276,37 +528,67 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
         embed_seconds = 0.0
         embedding_seconds: dict[str, float] = {}  # per backbone: its one frozen-embedding pass of the training images
         if AS_IS in chosen or PROBE in chosen:
-            say(f"embedding {len(labels)} images" + (f" and {len(test_set.labels)} test images" if test_set else ""))
+            n_todo = len(data_set.keys) + (len(test_set.keys) if test_set else 0)
+            say(f"embedding {n_todo} images" + (" (the stores hold those they already have)" if opened else ""))
             t0 = time.perf_counter()
-            encoder = Encoder(model, dev)
-            X = _embed(encoder, data_set.images, within(on_progress, backbone))
+            encoder = Encoder(model, dev, runtime="auto")
+            sets = [data_set, *([test_set] if test_set is not None else [])]
+            feats, failed, reused = embed_labeled(sets, encoder, stores=opened, on_rate=on_rate,
+                                                  on_progress=within(on_progress, backbone))
             embed_seconds = time.perf_counter() - t0
-            X_test = _embed(encoder, test_set.images, within(on_progress, f"{backbone}, test images")) \
-                if test_set is not None else None
             embedding_seconds[backbone] = embed_seconds
-            for name in (AS_IS, PROBE):
-                if name in results:
-                    results[name].embedding_seconds = embed_seconds
+            keep = [np.array([i not in f for i in range(len(s.keys))], dtype=bool) for s, f in zip(sets, failed,
+                                                                                                  strict=True)]
+            data_set = check_labeled(_drop_failed(data_set, failed[0]), data, training=True)
+            X = feats[0][keep[0]]
+            if test_set is not None:
+                test_set = check_labeled(_drop_failed(test_set, failed[1]), test, training=False)
+                X_test = feats[1][keep[1]]
+            cost.reused = reused
+        else:
+            on_rate(0.0, 0)
+        chosen = [a for a in chosen if a in cost.chosen]
+        if AS_IS not in chosen and PROBE not in chosen:  # the budget stopped the pass: no arm scores on it
+            embedding_seconds.pop(backbone, None)
+        trained = [a for a in trained if a.name in cost.chosen]
+        policies = [a for a in policies if a.name in cost.chosen]
+        extra = [name for name in extra if _probe_arm(name) in cost.chosen] if PROBE in chosen else []
+        results: dict[str, _Arm] = {}
+        for name in (AS_IS, PROBE):
+            if name in chosen:
+                results[name] = _Arm(name, embedding_seconds=embed_seconds)
+        for name in extra:
+            results[_probe_arm(name)] = _Arm(_probe_arm(name))
+        results.update({arm.name: arm for arm in trained})
+        labels = data_set.labels
         probes: dict[str, tuple[np.ndarray, np.ndarray | None, float]] = {}  # arm -> train and test embeddings, seconds
         for name in extra:
             say(f"embedding {len(labels)} images with {name}")
             t0 = time.perf_counter()
-            other = Encoder(create_backbone(name), dev)
-            X_other = _embed(other, data_set.images, within(on_progress, name))
+            other = Encoder(create_backbone(name), dev, runtime="auto")
+            got, _, _ = embed_labeled([data_set, *([test_set] if test_set is not None else [])], other,
+                                      on_progress=within(on_progress, name))
             embedding_seconds[name] = results[_probe_arm(name)].embedding_seconds = time.perf_counter() - t0
-            probes[_probe_arm(name)] = (X_other, _embed(other, test_set.images, within(on_progress,
-                                                                                     f"{name}, test images"))
-                                        if test_set is not None else None, embedding_seconds[name])
+            probes[_probe_arm(name)] = (got[0], got[1] if test_set is not None else None, embedding_seconds[name])
+        covered = test_covered = None  # a partial as-is: the images of the classes that map
         if AS_IS in chosen:
             if not has_imagenet_head(model):
                 results[AS_IS].not_applicable = f"{model.spec.short()} has no pretrained ImageNet-1k classifier"
             else:
                 mapping = class_mapping(names, imagenet_map)
-                if not mapping.applicable:
-                    results[AS_IS].not_applicable = mapping.reason
+                if not mapping.mapped:
+                    results[AS_IS].not_applicable = _unmapped_reason(mapping)
                 else:
+                    # the classes that map are scored when some do not: the arm answers for them, said so
+                    scored = mapping if mapping.applicable else mapping.subset()
+                    to_label = np.array([names.index(c) for c in scored.class_names])
+                    covered = np.isin(labels, to_label)
                     proba = _imagenet_proba(model, X)
                     proba_test = _imagenet_proba(model, X_test) if X_test is not None else None
+                    if test_set is not None:
+                        test_covered = np.isin(test_set.labels, to_label)
+                    if not mapping.applicable:
+                        results[AS_IS].covered, results[AS_IS].test_covered = covered, test_covered
 
         splits = [split_indices(labels, n_classes, val_size=val_size, seed=seed + r) for r in range(repeats)]
         per_class = int(min(np.bincount(labels[tr], minlength=n_classes).min() for tr, _ in splits))
@@ -326,8 +608,8 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
             split_seed, where = seed + r, f"split {r + 1}/{repeats}"
             if AS_IS in results and proba is not None:
                 t0 = time.perf_counter()
-                results[AS_IS].pred.append(restricted_predict(proba[val_idx], mapping)[0])
-                results[AS_IS].top1.append(top1_mapped(proba[val_idx], mapping))
+                results[AS_IS].pred.append(to_label[restricted_predict(proba[val_idx], scored)[0]])
+                results[AS_IS].top1.append(_top1(proba[val_idx], scored, to_label))
                 # no training: mapping the embedding pass's ImageNet probabilities onto the classes
                 results[AS_IS].seconds.append(time.perf_counter() - t0)
             if PROBE in results:
@@ -341,7 +623,7 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
                 probe = _probe_fit(X_other, labels, train_idx, split_seed)
                 results[arm_name].pred.append(probe.predict(X_other[val_idx]))
                 results[arm_name].seconds.append(time.perf_counter() - t0)
-            split = make_split(data_set, train_idx, val_idx)
+            split = make_split(data_set, train_idx, val_idx) if trained else None  # decoded only for them
             for arm in trained:
                 config = dataclasses.replace(arm.config, seed=split_seed)
                 result = train(split, config, on_progress=within(on_progress, f"{where}: {arm.name}"))
@@ -385,14 +667,17 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
         if test_set is not None:
             say(f"scoring every arm on {len(test_set.labels)} test images")
             if AS_IS in results and proba_test is not None:
-                results[AS_IS].test_pred = restricted_predict(proba_test, mapping)[0]
-                results[AS_IS].test_top1 = top1_mapped(proba_test, mapping)
+                results[AS_IS].test_pred = to_label[restricted_predict(proba_test, scored)[0]]
+                results[AS_IS].test_top1 = _top1(proba_test, scored, to_label)
             if PROBE in results:
                 results[PROBE].test_pred = _probe_fit(X, labels, all_train, seed).predict(X_test)
             for arm_name, (X_other, X_other_test, _) in probes.items():
                 results[arm_name].test_pred = _probe_fit(X_other, labels, all_train, seed).predict(X_other_test)
 
         result = _summarize(results, splits, labels, names, test_set, mapping, seed)
+        result.update(estimate=cost.to_dict(time.perf_counter() - started), max_minutes=max_minutes,
+                      skipped=cost.skipped, stores={"paths": [str(s) for s in stores], "images_reused": cost.reused},
+                      unmapped=list(mapping.unmapped) if mapping is not None else [])
         train_images = len(splits[0][0])
         curve = [{"per_class": per_class if k is None else k, "all": k is None,
                   "train_images": train_images if k is None else k * n_classes,
@@ -516,15 +801,24 @@ def _summarize(results: dict[str, _Arm], splits: list[tuple[np.ndarray, np.ndarr
         if arm.not_applicable:
             arms[name] = {"applicable": False, "reason": arm.not_applicable}
             continue
-        hits = [(p == labels[v]).astype(float) for p, (_, v) in zip(arm.pred, splits, strict=True)]
+        # a partial as-is answers for the images of the classes that map, and only those are scored
+        part = [np.ones(len(v), bool) if arm.covered is None else arm.covered[v] for _, v in splits]
+        hits = [(p == labels[v])[m].astype(float) for p, (_, v), m in zip(arm.pred, splits, part, strict=True)]
         runs = [float(h.mean()) for h in hits]
         entry: dict[str, Any] = {
             "applicable": True, "accuracy": float(np.mean(runs)), "accuracy_std": float(np.std(runs)),
             "accuracy_ci": paired_bootstrap(hits, seed), "accuracy_runs": runs, "seconds": float(np.mean(arm.seconds)),
             "embedding_seconds": arm.embedding_seconds,
         }
+        if arm.covered is not None:
+            shown = sorted({names[c] for c in labels[arm.covered]})
+            entry["coverage"] = {"classes": len(shown), "of_classes": len(names), "class_names": shown,
+                                 "images": int(sum(m.sum() for m in part)), "of_images": int(sum(map(len, part)))}
+            notes.append(f"{name} scores {len(shown)} of {len(names)} classes ({entry['coverage']['images']} of "
+                         f"{entry['coverage']['of_images']} validation images): the others do not map onto "
+                         "ImageNet classes, so it is left out of the paired comparison and the recommendation")
         if name == AS_IS:
-            top1 = [float((t == labels[v]).mean()) for t, (_, v) in zip(arm.top1, splits, strict=True)]
+            top1 = [float((t == labels[v])[m].mean()) for t, (_, v), m in zip(arm.top1, splits, part, strict=True)]
             entry.update(scoring="restricted to the data's classes", train_images=0,
                          top1_mapped=float(np.mean(top1)), top1_mapped_runs=top1, mapping=mapping.to_dict(),
                          imagenet_classes={c: list(n) for c, n in zip(mapping.class_names, mapping.imagenet_names,
@@ -540,24 +834,27 @@ def _summarize(results: dict[str, _Arm], splits: list[tuple[np.ndarray, np.ndarr
             entry["single_class"] = singles
             notes.append(f"{name} predicted a single class ('{singles[0]}') for every validation image in "
                          f"{len(singles)} of {_plural(len(splits), 'split')}")
-        correct[name] = hits
+        if arm.covered is None:
+            correct[name] = hits
         if test_set is not None:
-            t_hits = (arm.test_pred == test_set.labels).astype(float)
+            t_part = np.ones(len(test_set.labels), bool) if arm.test_covered is None else arm.test_covered
+            t_hits = (arm.test_pred == test_set.labels)[t_part].astype(float)
             entry["test"] = {"accuracy": float(t_hits.mean()), "accuracy_ci": paired_bootstrap([t_hits], seed),
                              "images": len(t_hits)}
             if name == AS_IS:
-                entry["test"]["top1_mapped"] = _accuracy(arm.test_top1, test_set.labels)
+                entry["test"]["top1_mapped"] = _accuracy(arm.test_top1[t_part], test_set.labels[t_part])
             single = _single_class(arm.test_pred, test_set.labels, names)
             if single is not None:
                 entry["test"]["single_class"] = single
                 notes.append(f"{name} predicted a single class ('{single}') for every test image")
-            correct[name] = [t_hits]
+            if arm.covered is None:
+                correct[name] = [t_hits]
         arms[name] = entry
     out: dict[str, Any] = {"arms": arms, "notes": notes, "scored_on": on}
     # An arm's cost: its embedding pass (once, as-is and probes) plus its fitting on a split.
     scored = {n: {"accuracy": (a["test"]["accuracy"] if on == "test" else a["accuracy"]),
                   "seconds": a["seconds"] + (a["embedding_seconds"] or 0.0)}
-              for n, a in arms.items() if a["applicable"]}
+              for n, a in arms.items() if n in correct}
     if not scored:
         out.update(comparisons={}, recommendation="no arm could be scored")
         return out
@@ -616,7 +913,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         if not arm["applicable"]:
             lines.append(f"| {name} | not applicable: {arm['reason']} | |" + (" | |" if test else "") + " |")
             continue
-        cells = f"| {name} | {arm['accuracy']:.3f} ± {arm['accuracy_std']:.3f} | {_ci(arm['accuracy_ci'])} |"
+        cover = arm.get("coverage")
+        label = f"{name} ({cover['classes']} of {cover['of_classes']} classes)" if cover else name
+        cells = f"| {label} | {arm['accuracy']:.3f} ± {arm['accuracy_std']:.3f} | {_ci(arm['accuracy_ci'])} |"
         if test:
             cells += f" {arm['test']['accuracy']:.3f} | {_ci(arm['test']['accuracy_ci'])} |"
         lines.append(cells + f" {arm['seconds']:.1f} |")
@@ -626,6 +925,18 @@ def to_markdown(result: dict[str, Any]) -> str:
                   "apart from fitting): " + ", ".join(f"{n} {s:.1f} s" for n, s in embedded.items())
                   + ". Fine-tuning and scratch embed inside their training. The recommendation weighs each arm's "
                   "embedding plus its fitting."]
+    if result.get("unmapped"):
+        lines += ["", f"Classes with no ImageNet class of their own ({len(result['unmapped'])}; the as-is arm leaves "
+                  "them out): " + ", ".join(result["unmapped"])]
+    if result.get("skipped"):
+        lines += ["", f"Skipped (over the {result['max_minutes']:g}-minute budget):"]
+        lines += [f"- {s['arm']}: {s['reason']}" for s in result["skipped"]]
+    estimate = result.get("estimate")
+    if estimate:
+        split = [f"embedding {b} {duration(s)}" for b, s in estimate.get("embedding_seconds", {}).items()]
+        split += [f"fitting {a} {duration(s)}" for a, s in estimate.get("fitting_seconds", {}).items() if s]
+        lines += ["", f"Estimated before the long part: {duration(estimate['total_seconds'])}"
+                  + (f" ({', '.join(split)})" if split else "") + f"; took {duration(estimate['took_seconds'])}."]
     as_is = result["arms"].get(AS_IS)
     if as_is and as_is["applicable"]:
         mapping = as_is["mapping"]
@@ -633,7 +944,8 @@ def to_markdown(result: dict[str, Any]) -> str:
                   f"its plain top-1 over all 1000 ImageNet classes, mapped, scores {as_is['top1_mapped']:.3f} on "
                   "validation" + (f" and {as_is['test']['top1_mapped']:.3f} on test" if test else "") + ".",
                   f"ImageNet classes used ({mapping['source']}):"]
-        for cls, m in mapping["classes"].items():
+        for cls, m in ((c, m) for c, m in mapping["classes"].items() if c in as_is["imagenet_classes"]
+                       and (not as_is.get("coverage") or c in as_is["coverage"]["class_names"])):
             shown = ", ".join(f"'{x.split(', ')[0]}'" for x in as_is["imagenet_classes"][cls][:4])
             more = len(m["imagenet"]) - 4
             lines.append(f"- {cls}: {shown}{f' (+{more} more)' if more > 0 else ''} ({m['matched']})")

@@ -245,6 +245,7 @@ class LabeledImages:
     failed: list[str] = field(default_factory=list)
     paths: list[Any] = field(default_factory=list)  # the files, in order: scored again through `predict`'s path
     fingerprint: str = ""  # of the files (key, label, size, mtime) the images came from
+    records: list[ImageRecord] = field(default_factory=list)  # the scanned records behind `keys`, in order
 
 
 @dataclass
@@ -264,7 +265,8 @@ class Split:
     n_images: int = 0  # readable images the split was drawn from
 
 
-def decode_labeled(data: str | Path, spec: Any, *, class_names: Sequence[str] | None = None) -> LabeledImages:
+def decode_labeled(data: str | Path, spec: Any, *, class_names: Sequence[str] | None = None,
+                   decode: bool = True, on_progress: OnProgress | None = None) -> LabeledImages:
     """Scan and decode a labeled image folder (or CSV); broken files are skipped and listed in `failed`.
 
     Args:
@@ -272,27 +274,43 @@ def decode_labeled(data: str | Path, spec: Any, *, class_names: Sequence[str] | 
         spec: The backbone's spec (decoding shrinks images to its resize size).
         class_names: The label space to use (a test set's, given the training set's classes); the training
             checks (two classes with two images each) apply only when this is None.
+        decode: False scans only (no `images`, nothing in `failed`): for callers that read the files through
+            extraction's loop (`iter_embeddings`), which reports broken files itself.
+        on_progress: Hears "decoding DATA" once the folder was found to hold labeled images (a refusal is the
+            only line a bad folder gives).
     """
     source = scan_images(data, class_names=class_names)
     if not source.class_names:
         raise InputError(f"{data} has no class sub-folders (or label column): training needs labels")
-    images, ok, failed = _decode_resized(source.records, spec.resize_size)
+    if decode:
+        note(on_progress, f"decoding {data}")
+        images, ok, failed = _decode_resized(source.records, spec.resize_size)
+    else:
+        images, ok, failed = [], list(range(len(source.records))), []
     if class_names is not None:  # a test set: unlabeled CSV rows cannot be scored
         keep = [j for j, i in enumerate(ok) if source.records[i].label >= 0]
-        images, ok = [images[j] for j in keep], [ok[j] for j in keep]
+        images, ok = [images[j] for j in keep] if decode else [], [ok[j] for j in keep]
     labels = np.array([source.records[i].label for i in ok], dtype=int)
     kept = [source.records[i] for i in ok]
     files = [(r.key, int(r.label), r.size, r.mtime_ns) for r in kept]
     found = LabeledImages(images, labels, [r.key for r in kept], source.class_names, source.root, failed,
-                          [r.path for r in kept], hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16])
-    if class_names is not None:
+                          [r.path for r in kept], hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16],
+                          kept)
+    return check_labeled(found, data, training=class_names is None)
+
+
+def check_labeled(found: LabeledImages, data: str | Path, *, training: bool) -> LabeledImages:
+    """`found` when it can be trained on (two classes with two readable images each) or, for a test set
+    (`training` False), scored (one image); an InputError otherwise."""
+    labels = found.labels
+    if not training:
         if not len(labels):
             raise InputError(f"{data}: no readable labeled images")
         return found
-    counts = np.bincount(labels, minlength=len(source.class_names))
+    counts = np.bincount(labels, minlength=len(found.class_names))
     if (counts[counts > 0] < 2).any() or (counts > 0).sum() < 2:
         raise InputError(f"{data}: need at least two classes with two or more readable images each, "
-                         f"found {dict(zip(source.class_names, counts.tolist(), strict=True))}")
+                         f"found {dict(zip(found.class_names, counts.tolist(), strict=True))}")
     return found
 
 
@@ -323,9 +341,10 @@ def make_split(data: LabeledImages, train: np.ndarray, val: np.ndarray) -> Split
 
 
 def load_split(data: str | Path, spec: Any, *, val_size: float = 0.2, seed: int = 0,
-               per_class: int | None = None) -> Split:
-    """Scan, stratify and decode a labeled image folder; `per_class` caps training images per class."""
-    decoded = decode_labeled(data, spec)
+               per_class: int | None = None, on_progress: OnProgress | None = None) -> Split:
+    """Scan, stratify and decode a labeled image folder; `per_class` caps training images per class;
+    `on_progress` hears when decoding starts."""
+    decoded = decode_labeled(data, spec, on_progress=on_progress)
     train, val = split_indices(decoded.labels, len(decoded.class_names), val_size=val_size, seed=seed,
                                per_class=per_class)
     return make_split(decoded, train, val)
@@ -401,9 +420,8 @@ def _train(data: str | Path | Split, config: TrainConfig, output: str | Path | N
     device = resolve_device(config.device)
     backbone = create_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
     spec = backbone.spec
-    if not isinstance(data, Split):
-        note(on_progress, f"decoding {data}")
-    split = data if isinstance(data, Split) else load_split(data, spec, val_size=config.val_size, seed=config.seed)
+    split = data if isinstance(data, Split) else load_split(data, spec, val_size=config.val_size, seed=config.seed,
+                                                            on_progress=on_progress)
     if output is not None:  # what this run answers; a folder holding another answer is refused before training
         from embedfit.runs import check_replace
 

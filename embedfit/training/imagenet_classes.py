@@ -16,7 +16,15 @@ them the way a person would:
    could also have meant a group ("plane": the carpenter's tool, not the aircraft).
 4. When one user class names a class and another a group containing it ("tabby" and "cats"), the class goes
    to the first and the group keeps the rest. Any other sharing (two groups that overlap, two names of one
-   class) is a conflict, and a conflict or a name found nowhere makes the mapping not applicable.
+   class) is a conflict, and a conflict or a name found nowhere leaves that class unmapped.
+5. Only when none of that finds a name: another WordNet sense of a class's word, with its own synonyms
+   ("rooster": WordNet's "cock, rooster" shares "cock" with the class "cock"; only a sense near the class in
+   the hierarchy, so "grass" does not read as the drug "pot"); the plural of a name that is
+   a class only in the plural ("binocular": "binoculars"); the same head noun, when one class alone ends in
+   it ("stop sign": the class "street sign"); a close spelling ("dalmation": "dalmatian"). Each such reading
+   gets a note.
+
+The as-is arm of `compare` scores the classes that map when some do not (`ClassMapping.subset`).
 
 `load_imagenet_map_csv` reads an explicit mapping instead (``class,imagenet_class`` rows), and
 `restricted_predict` / `top1_mapped` turn a pretrained model's (N, 1000) ImageNet probabilities into
@@ -53,7 +61,10 @@ _DATA = "data/imagenet_hierarchy.json.gz"  # inside the embedfit package
 # How a name matched, best first: an ImageNet class, a group of classes (a synset above them), or a narrower
 # name (a synset below one class).
 CLASS, GROUP, NARROWER = "class", "group", "narrower"
-_KINDS = (CLASS, GROUP, NARROWER)
+# Readings tried only when those find nothing: another sense of a class's word, the same head noun, a spelling.
+SYNONYM, HEAD, SPELLING = "synonym", "head noun", "spelling"
+_KINDS = (CLASS, GROUP, NARROWER, SYNONYM)
+_SPELLING_CUTOFF = 0.88  # difflib ratio: "dalmation" -> "dalmatian" (0.89), not "crane" -> "crate"
 
 _WNID = re.compile(r"n\d{8}")
 _DROPPED = re.compile(r"['’.]")  # "potter's wheel" = "potters wheel", "St. Bernard" = "St Bernard"
@@ -88,11 +99,14 @@ class ImageNetHierarchy:
         lemmas: Every synset's WordNet lemmas (``"Golden_retriever"``), for the classes, the synsets above them
             and those below them.
         parents: Every synset's hypernyms among those synsets.
+        synonyms: Other synsets that share a word with a class: wnid -> (lemmas, the classes' wnids).
     """
 
     wnids: tuple[str, ...] = dataclasses.field(repr=False)
     lemmas: Mapping[str, tuple[str, ...]] = dataclasses.field(repr=False)
     parents: Mapping[str, tuple[str, ...]] = dataclasses.field(repr=False)
+    synonyms: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = dataclasses.field(repr=False,
+                                                                                        default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.wnids) != NUM_CLASSES or len(set(self.wnids)) != NUM_CLASSES:
@@ -125,9 +139,21 @@ class ImageNetHierarchy:
                 for form in (key, _compact(key)):
                     ranks = keys.setdefault(form, {}).setdefault(k, {})
                     ranks[wnid] = min(rank, ranks.get(wnid, rank))
+        synonym_of: dict[str, frozenset[int]] = {}
+        for wnid, (lemmas, classes) in self.synonyms.items():
+            synonym_of[wnid] = frozenset(index[c] for c in classes if c in index)
+            for lemma in lemmas:
+                key = _normalize(lemma)
+                for form in (key, _compact(key)):
+                    keys.setdefault(form, {}).setdefault(SYNONYM, {})[wnid] = 2
+        heads: dict[str, set[int]] = {}  # the last word of every class lemma -> those classes
+        for wnid in self.wnids:
+            for lemma in self.lemmas[wnid]:
+                heads.setdefault(_normalize(lemma).rpartition(" ")[2], set()).add(index[wnid])
         set_ = object.__setattr__  # frozen: the derived indexes are set once, here
         set_(self, "_index", index)
-        set_(self, "_covers", {w: frozenset(c) for w, c in covers.items() if w in kind})
+        set_(self, "_covers", {**synonym_of, **{w: frozenset(c) for w, c in covers.items() if w in kind}})
+        set_(self, "_heads", {h: frozenset(c) for h, c in heads.items()})
         set_(self, "_kind", kind)
         set_(self, "_keys", keys)
         set_(self, "_names", tuple(self.name(wnid) for wnid in self.wnids))
@@ -148,8 +174,17 @@ class ImageNetHierarchy:
         return self._covers.get(wnid, frozenset())  # type: ignore[attr-defined]
 
     def kind(self, wnid: str) -> str | None:
-        """`CLASS`, `GROUP` (a synset above classes), `NARROWER` (below a class), or None (not in the data)."""
+        """`CLASS`, `GROUP` (a synset above classes), `NARROWER` (below a class), `SYNONYM` (another sense of a
+        class's word), or None (not in the data)."""
+        if wnid in self.synonyms:
+            return SYNONYM
         return self._kind.get(wnid)  # type: ignore[attr-defined]
+
+    def name_of(self, wnid: str) -> str:
+        """`name` for the synsets of the hierarchy and for the synonym senses."""
+        if wnid in self.synonyms:
+            return ", ".join(lemma.replace("_", " ") for lemma in self.synonyms[wnid][0])
+        return self.name(wnid)
 
     def lookup(self, key: str) -> dict[str, dict[str, int]]:
         """The synsets whose lemma, full name or wnid normalises to `key`: ``{kind: {wnid: rank}}``.
@@ -163,12 +198,28 @@ class ImageNetHierarchy:
         """The known names closest in spelling to `name` (for "did you mean" messages)."""
         return difflib.get_close_matches(_normalize(name), self._spelled, n=n, cutoff=0.75)  # type: ignore[attr-defined]
 
-    def resolve(self, name: str) -> _Match | None:
+    def resolve(self, name: str, *, spelling: bool = True) -> _Match | None:
         """What one user class name names, or None when nothing: see the module docstring for the order."""
         key = _normalize(name)
         if not key:
             return None
-        forms = _unique(f for form in [key, *_singulars(key)] for f in (form, _ALIASES.get(form, form)))
+        found = self._resolve_key(key)
+        if found is None and " " in key:  # "stop sign": the one class whose name ends in the same noun ("street sign")
+            head = key.rpartition(" ")[2]
+            for form in [head, *_singulars(head)]:
+                classes = self._heads.get(form)  # type: ignore[attr-defined]
+                if classes and len(classes) == 1:  # "other dogs" ends like 20 classes: no reading
+                    return _Match(indices=classes, kind=HEAD, wnids=tuple(self.wnids[i] for i in sorted(classes)))
+        if found is None and spelling and len(key) >= 8:  # "gravel" is not a misspelt "gavel"
+            close = difflib.get_close_matches(key, self._spelled, n=1, cutoff=_SPELLING_CUTOFF)  # type: ignore[attr-defined]
+            match = self.resolve(close[0], spelling=False) if close else None
+            if match is not None:
+                return dataclasses.replace(match, kind=SPELLING, spelled=close[0])
+        return found
+
+    def _resolve_key(self, key: str) -> _Match | None:
+        plurals = [key + "s", key + "es"]  # "binocular": ImageNet says "binoculars"
+        forms = _unique(f for form in [key, *_singulars(key), *plurals] for f in (form, _ALIASES.get(form, form)))
         for form in _unique([*forms, *map(_compact, forms)]):
             found = self.lookup(form)
             for kind in _KINDS:
@@ -197,6 +248,7 @@ class _Match:
     kind: str
     wnids: tuple[str, ...]
     shadowed: tuple[str, ...] = ()
+    spelled: str = ""  # a `SPELLING` match: the name it was read as
 
 
 @functools.lru_cache(maxsize=1)
@@ -214,6 +266,8 @@ def load_imagenet() -> ImageNetHierarchy:
             wnids=tuple(doc["classes"]),
             lemmas={wnid: tuple(lemmas) for wnid, (lemmas, _) in synsets.items()},
             parents={wnid: tuple(parents) for wnid, (_, parents) in synsets.items()},
+            synonyms={wnid: (tuple(lemmas), tuple(classes))
+                      for wnid, (lemmas, classes) in doc.get("synonyms", {}).items()},
         )
     except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
         raise InputError(f"cannot read embedfit's ImageNet class data ({_DATA}): {exc}; reinstall embedfit") from exc
@@ -294,6 +348,20 @@ class ClassMapping:
         """`to_dict` as a JSON string."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    @property
+    def mapped(self) -> tuple[str, ...]:
+        """The classes that map onto ImageNet classes no other class shares: what a partial as-is can score."""
+        clashing = {c for a, b, _ in self.conflicts for c in (a, b)}
+        return tuple(c for c in self.class_names if c not in self.unmapped and c not in clashing)
+
+    def subset(self) -> ClassMapping:
+        """The mapping restricted to `mapped` (applicable whenever one class maps), notes and source kept."""
+        keep = [i for i, c in enumerate(self.class_names) if c in self.mapped]
+        return dataclasses.replace(
+            self, class_names=tuple(self.class_names[i] for i in keep), indices=tuple(self.indices[i] for i in keep),
+            imagenet_names=tuple(self.imagenet_names[i] for i in keep),
+            matched=tuple(self.matched[i] for i in keep), unmapped=(), conflicts=())
+
     def lookup_table(self) -> np.ndarray:
         """ImageNet index -> class index (-1 for an ImageNet class no class maps to), shape (1000,).
 
@@ -349,10 +417,16 @@ def map_classes(class_names: Sequence[str], imagenet: ImageNetHierarchy | None =
             if near:
                 notes.append(f"{name!r} names no ImageNet class; close: {_quoted(near)}")
             continue
-        what = " / ".join(f"{imagenet.name(w)!r} ({w})" for w in m.wnids)
+        what = " / ".join(f"{imagenet.name_of(w)!r} ({w})" for w in m.wnids)
+        shown = _shown(sorted(m.indices), imagenet.names.__getitem__)
         matched.append({CLASS: f"class {what}", GROUP: f"group {what}: {_classes(len(m.indices))}",
-                        NARROWER: f"narrower {what}: a kind of {_shown(sorted(m.indices), imagenet.names.__getitem__)}"
-                        }[m.kind])
+                        NARROWER: f"narrower {what}: a kind of {shown}",
+                        SYNONYM: f"synonym {what}: another sense of {shown}",
+                        HEAD: f"head noun: {shown}",
+                        SPELLING: f"spelling {m.spelled!r}: {shown}"}[m.kind])
+        if m.kind in (SYNONYM, HEAD, SPELLING):
+            notes.append(f"{name!r} read as {shown} ({m.kind}{f' {m.spelled!r}' if m.spelled else ''}): "
+                         "check it, or use --imagenet-map to choose")
         if m.kind == CLASS and len(m.indices) > 1:
             notes.append(f"{name!r} names {len(m.indices)} ImageNet classes: {what}")
         if m.shadowed:
