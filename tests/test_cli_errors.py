@@ -109,6 +109,16 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         (["{tmp}", "-o", "{tmp}/sw", "-m", "sgd-logreg"], 2, "fit_out_of_core"),
         (["{tmp}", "-o", "{tmp}/sw", "--cv", "1"], 2, "--cv"),
     ],
+    "audit": [
+        ([], 2, "Missing argument"),
+        (["{tmp}/nope.h5", "-o", "{tmp}/au"], 1, "does not exist"),
+        (["{tmp}/not_a_store.h5", "-o", "{tmp}/au"], 1, "cannot read feature store"),
+        (["{store}", "-o", "{tmp}/au", "--threshold", "2"], 2, "--threshold"),
+        (["{store}", "-o", "{tmp}/au", "--neighbors", "0"], 2, "--neighbors"),
+        (["{store}", "-o", "{tmp}/au", "--test-store", "{store}"], 2, "is the audited store itself"),
+        (["{store}", "-o", "{tmp}/au", "--run", "{tmp}/norun"], 1, "does not exist"),
+        (["{store}", "-o", "{store}"], 2, "is also an input"),
+    ],
     "report": [
         ([], 2, "Missing argument"),
         (["{tmp}/norun"], 1, "does not exist"),
