@@ -208,7 +208,7 @@ def _sweep(data: str | Path, output: str | Path, config: SweepConfig, on_progres
             "complete": done == len(plan), "entries": rank(entries, config.metric), "comparisons": comparisons,
             "failures": failures, "seconds": time.perf_counter() - t_start,
             "estimate": {"extract_seconds": {k: round(v, 2) for k, v in extract_estimate.items()},
-                         "fit_seconds_per_backbone": round(sum(fit_seconds) / len(fit_seconds), 1)
+                         "fit_seconds_per_backbone": round(sum(fit_seconds) / len(fit_seconds), 4)
                          if fit_seconds else None,
                          "method": "one measured batch per backbone still to extract (decoding in the main "
                                    "process), fitting as the backbones fitted before"},

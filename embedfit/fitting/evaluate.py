@@ -387,8 +387,7 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
         metrics["device_note"] = device_note
     if notes:
         metrics["notes"] = notes
-    if best is not None:
-        metrics["best_params"] = best
+    metrics["best_params"] = best  # what an inner search chose (logreg's C, --search); None when nothing was chosen
     scored = test.store if test_store is not None else data.store
     record = Evaluation(
         "held-out" if test_store is not None else "cv" if evaluation["strategy"] == "cv" else "holdout-split",

@@ -209,6 +209,7 @@ def fit_out_of_core(store: str | os.PathLike | FeatureStore, model: str = "sgd-l
     record = Evaluation("holdout-split", getattr(store, "url", "") or str(store.path.resolve()), str(store.root),
                         len(predictions), len(train), details=evaluation)
     metrics["evaluation"] = record.to_dict()  # as metrics.json holds it
+    metrics["best_params"] = None  # a streaming model searches nothing: the same keys as an in-memory run
     save_run(run_dir, final, model=model, params=params, store=store, metrics=metrics, evaluation=record,
              predictions=predictions, identity=identity)
     return FitResult(run_dir, model, final, metrics, predictions)
