@@ -88,6 +88,14 @@ def lite0():
 
 
 @pytest.fixture(scope="session")
+def settings(lite0):
+    """The default backbone's `StoreSettings`, for tests that write stores with `StoreWriter` directly."""
+    from embedfit.storage import StoreSettings
+
+    return StoreSettings(lite0.spec)
+
+
+@pytest.fixture(scope="session")
 def shared_store(shared_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished store of `shared_tree` with the default backbone (do not modify)."""
     from embedfit.extraction.local import extract

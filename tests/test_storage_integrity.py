@@ -12,11 +12,11 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import h5py
 import numpy as np
 import pytest
+from test_store_integrity import CLASSES, Rec, _records, _write_part
 
 from embedfit.cli import main
 from embedfit.errors import StoreError, UsageError, check_output_file
@@ -24,33 +24,15 @@ from embedfit.extraction.local import extract
 from embedfit.storage import OK, FeatureStore, ShardedStoreWriter, StoreSettings, shards_dir
 
 pytestmark = [pytest.mark.fast, pytest.mark.timeout(300)]
-CLASSES = ["c0", "c1"]
-
-
-class Rec(NamedTuple):
-    """What a writer's `plan`/`commit` read from a scanned image (embedfit.images.ImageRecord's fields)."""
-
-    key: str
-    label: int
-    size: int
-    mtime_ns: int
-
-
-@pytest.fixture(scope="module")
-def settings(lite0) -> StoreSettings:
-    return StoreSettings(lite0.spec)
 
 
 def _sharded(path: Path, settings: StoreSettings, n: int = 30, shard: int = 10) -> tuple[list[Rec], np.ndarray]:
     """A complete sharded store of n synthetic rows, `shard` per shard; returns its records and features."""
-    recs = sorted((Rec(f"c{i % 2}/img_{i:04d}.png", i % 2, 1000 + i, 10**18 + i) for i in range(n)),
-                  key=lambda r: r.key)
+    recs = _records(n, "img")
     feats = np.random.default_rng(0).standard_normal((n, settings.spec.embedding_dim)).astype(np.float32)
     with ShardedStoreWriter(path, settings, shard_size=shard) as writer:
         for i in range(0, n, shard):
-            part = recs[i:i + shard]
-            writer.write_part([r.key for r in part], [CLASSES[r.label] for r in part], [r.size for r in part],
-                              [r.mtime_ns for r in part], [OK] * len(part), [""] * len(part), feats[i:i + shard])
+            _write_part(writer, recs[i:i + shard], feats[i:i + shard])
         writer.commit(recs, CLASSES, complete=True)
     return recs, feats
 

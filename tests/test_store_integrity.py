@@ -36,11 +36,6 @@ class Rec(NamedTuple):
     mtime_ns: int
 
 
-@pytest.fixture(scope="module")
-def settings(lite0) -> StoreSettings:
-    return StoreSettings(lite0.spec)
-
-
 def _records(n: int, prefix: str) -> list[Rec]:
     return sorted((Rec(f"c{i % 2}/{prefix}_{i:04d}.png", i % 2, 1000 + i, 10**18 + i) for i in range(n)),
                   key=lambda r: r.key)
