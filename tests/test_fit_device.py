@@ -28,7 +28,7 @@ import json, sys
 import numpy as np, skops.io as sio, torch
 from sklearn.base import BaseEstimator
 from embedfit.fitting.evaluate import _fold, _refit, make_splits
-from embedfit.fitting.device import array_api_ready
+from embedfit.fitting.device import array_api_ready, on_device
 from embedfit.fitting.data import load_dataset
 from embedfit.fitting.models import make_pipeline
 from embedfit.fitting.registry import trusted_types
@@ -46,11 +46,11 @@ def tensors_in(obj):
 
 data = load_dataset(sys.argv[1])
 X, y = data.X, data.y
-Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
 splits = make_splits(y, cv=3, repeats=1, groups=None, seed=0)
 out = {"ready": array_api_ready(), "cases": []}
 for model, kw in [("ridge", {}), ("ridge", {"pca": 8, "scale": "l2"}), ("ridge", {"search": True}),
                   ("logreg", {}), ("logreg", {"pca": 8})]:
+    Xt, yt = on_device(X, y, model, "cpu")  # as fit() copies them to a GPU
     pipe = make_pipeline(model, n_samples=len(y), n_features=X.shape[1], array_api=True, **kw)
     reference = make_pipeline(model, n_samples=len(y), n_features=X.shape[1], **kw)  # the CPU pipeline
     tensor = [_fold(pipe, Xt, yt, tr, te) for tr, te in splits]

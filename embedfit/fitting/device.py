@@ -68,6 +68,17 @@ def resolve_fit_device(device: str, model: str) -> tuple[str, str | None]:
     return device, None
 
 
+def on_device(X: np.ndarray, y: np.ndarray, model: str, device: str) -> tuple[Any, Any]:
+    """X and y as torch tensors on `device`, copied once for every fold; y stays a NumPy array for a classifier
+    whose record says `labels_on_host` (scikit-learn moves what it needs)."""
+    import torch
+
+    from embedfit.fitting.registry import get_classifier
+
+    labels = y if get_classifier(model).labels_on_host else torch.as_tensor(y, device=device)
+    return torch.as_tensor(X, device=device), labels
+
+
 def _cuda_present() -> bool:
     """Whether a CUDA GPU is there, without importing torch (seconds) unless something already has."""
     if "torch" in sys.modules:

@@ -24,7 +24,7 @@ from embedfit.fitting.data import (
     groups_from,
     load_dataset,
 )
-from embedfit.fitting.device import _fitting, _numpy, resolve_fit_device
+from embedfit.fitting.device import _fitting, _numpy, on_device, resolve_fit_device
 from embedfit.fitting.models import (
     DEFAULT_MODEL,
     check_class_weight,
@@ -321,9 +321,7 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
         progress = Progress(f"fitting {model}", len(splits), on_progress=sink,
                             unit="folds" if evaluation["strategy"] == "cv" else "splits")
         if on_gpu:  # copied once; the GPU runs the folds one after the other
-            import torch
-
-            X_dev, y_dev = torch.as_tensor(X_all, device=fit_device), torch.as_tensor(y_all, device=fit_device)
+            X_dev, y_dev = on_device(X_all, y_all, model, fit_device)
             folds = []
             for tr, te in splits:
                 folds.append((_fold_model if reuse else _fold)(pipe, X_dev, y_dev, tr, te))

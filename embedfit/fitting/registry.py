@@ -119,6 +119,9 @@ class Classifier:
         build: `BuildContext -> estimator` (imports scikit-learn when called); None for a streaming record.
         grid: Search grid, keys relative to the estimator `build` returns under `search`.
         array_api: Its pipeline runs on torch tensors through scikit-learn's array API (and so on a GPU).
+        labels_on_host: With `array_api`, its labels stay a NumPy array while the features go to the GPU (the
+            estimator moves what it needs itself). Ridge's class weights come from `compute_sample_weight`, which
+            converts the labels with NumPy and so fails on a CUDA tensor (scikit-learn 1.9.1).
         pca_first: `pca="auto"` puts PCA to `AUTO_PCA_DIM` dimensions in front (kernel and neighbour models).
         types: Types its saved model holds beyond skops' defaults (the load allow-list, `trusted_types`).
         stream: How it streams a store larger than memory; such a record has no `build` (`embedfit fit` sends
@@ -132,6 +135,7 @@ class Classifier:
     build: Callable[[BuildContext], BaseEstimator] | None = None
     grid: dict[str, list[Any]] = field(default_factory=dict)
     array_api: bool = False
+    labels_on_host: bool = False
     pca_first: bool = False
     types: tuple[str, ...] = ()
     stream: Streaming | None = None

@@ -128,7 +128,7 @@ for _record in (
     Classifier("knn", _knn, {"n_neighbors": [3, 5, 10, 20], "weights": ["uniform", "distance"]}, pca_first=True,
                types=("sklearn.metrics._dist_metrics.EuclideanDistance64", "sklearn.neighbors._kd_tree.KDTree",
                       "sklearn.neighbors._ball_tree.BallTree")),
-    Classifier("ridge", _ridge, {"alpha": [0.1, 1.0, 10.0, 100.0, 1000.0]}, array_api=True),
+    Classifier("ridge", _ridge, {"alpha": [0.1, 1.0, 10.0, 100.0, 1000.0]}, array_api=True, labels_on_host=True),
     Classifier("lda", _lda, {"shrinkage": ["auto", 0.01, 0.1, 0.5]}),
     Classifier("rf", _rf, {"max_features": ["sqrt", 0.1], "min_samples_leaf": [1, 3]},
                types=("sklearn.tree._tree.Tree",)),
