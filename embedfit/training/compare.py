@@ -546,7 +546,9 @@ def compare(data: str | Path, output: str | Path, config: CompareConfig | None =
                   "probe_backbones": list(probe_backbones), "max_minutes": max_minutes},
         evaluation={"repeats": repeats, "val_size": val_size, "seed": seed,
                     "test": test_set.fingerprint if test_set is not None else None,
-                    "group_duplicates": group_duplicates})  # an exclusion changes the data's fingerprint
+                    # only when asked: a comparison made before the option keeps its identity (an exclusion
+                    # changes the data's fingerprint)
+                    **({"group_duplicates": True} if group_duplicates else {})})
     check_replace(final, identity, marker="compare.json", what="comparison")
     # Built in a staging folder renamed into place at the end: a kill leaves the previous comparison whole.
     with staged_dir(final) as output:
