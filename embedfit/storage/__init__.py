@@ -7,6 +7,7 @@
 | `writer` | the writer contract (plan -> write part -> commit / abort) and the single-file writer |
 | `shards` | sharded stores: `write_shard` (where the rows are) and `ShardedStoreWriter` (the manifest) |
 | `objects` | stores on object storage: the self-healing read cache and the staged write |
+| `collection` | a store of stores: `collect()` writes one, `FeatureStore.open()` reads it as one store |
 
 Example:
     >>> from embedfit.storage import FeatureStore            # doctest: +SKIP
@@ -14,6 +15,7 @@ Example:
     ...     X, y, paths = store.load()
 """
 
+from embedfit.storage.collection import StoreCollection, collect, is_collection
 from embedfit.storage.reader import FeatureStore
 from embedfit.storage.schema import (
     CONTENT_HASH,
@@ -33,5 +35,5 @@ open_store = FeatureStore.open
 """Open any store for reading (`FeatureStore.open`)."""
 
 __all__ = ["CONTENT_HASH", "FAILED", "MISSING", "OK", "STATUS_NAMES", "FeatureStore", "ResumePlan",
-           "ShardedStoreWriter", "StoreSettings", "StoreWriter", "check_mixable", "library_versions", "open_store",
-           "shard_size_of", "shards_dir", "write_shard"]
+           "ShardedStoreWriter", "StoreCollection", "StoreSettings", "StoreWriter", "check_mixable", "collect",
+           "is_collection", "library_versions", "open_store", "shard_size_of", "shards_dir", "write_shard"]

@@ -102,14 +102,20 @@ class FeatureStore:
         """Open a store for reading, wherever it is and however it is laid out; it stays open until `close()`.
 
         Args:
-            path: A local path or a URL on object storage.
+            path: A local path or a URL on object storage; a ``.json`` file is a collection of stores, read as
+                one (`embedfit.storage.collection.StoreCollection`).
             check_shards: Check a sharded store's shards (per shard: present, digest, rows, key range). False opens
                 the manifest alone, for a resume that repairs them; reading features still refuses a bad shard.
 
         Raises:
             StoreError: The file is missing, not an embedfit store, damaged, an interrupted extraction that never
-                committed (with how to resume), or a sharded store whose shards are missing or do not belong.
+                committed (with how to resume), or a sharded store whose shards are missing or do not belong; a
+                collection with a member missing, changed or swapped since it was collected.
         """
+        from embedfit.storage.collection import is_collection, open_collection
+
+        if is_collection(path):  # a store of stores (`embedfit.storage.collection`)
+            return open_collection(path, check_shards=check_shards)
         if isinstance(path, str) and "://" in path:  # object storage: a cached local copy
             from embedfit.url import local_or_url, redact
 
