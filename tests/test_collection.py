@@ -228,3 +228,35 @@ def test_predict_audit_and_test_store_accept_a_collection(parts: dict, shared_st
     assert found.settings and (tmp_path / "audit" / "audit.csv").is_file()
     assert main(["extract", str(tmp_path / "images"), "-o", str(tmp_path / "x.json")]) == 2
     assert "collection of stores" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# object storage (moto's S3 server)
+
+
+def test_a_collection_on_s3_reads_moved_and_names_a_missing_member(bucket: tuple, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    fs, name = bucket
+    X = np.concatenate([_store(tmp_path / "2019.h5", ["cats/0.jpg", "dogs/0.jpg"], ["cats", "dogs"],
+                               root="s3://photos/2019", seed=1),
+                        _store(tmp_path / "2020.h5", ["dogs/0.jpg", "fish/0.jpg"], ["dogs", "fish"],
+                               root="s3://photos/2020", seed=2)])
+    fs.put(str(tmp_path / "2019.h5"), f"{name}/feats/2019.h5")
+    fs.put(str(tmp_path / "2020.h5"), f"{name}/feats/parts/2020.h5")
+    url = f"s3://{name}/feats/all.collection.json"
+    assert main(["collect", url, f"s3://{name}/feats/2019.h5", f"s3://{name}/feats/parts/2020.h5"]) == 0
+    assert [m["path"] for m in json.loads(fs.cat(url))["members"]] == ["2019.h5", "parts/2020.h5"]
+    fs.copy(f"{name}/feats", f"{name}/copy", recursive=True)  # the folder moved: members found beside it
+    with FeatureStore.open(f"s3://{name}/copy/all.collection.json") as store:
+        np.testing.assert_array_equal(store.features(), X)
+        assert list(store.paths) == ["2019/cats/0.jpg", "2019/dogs/0.jpg", "2020/dogs/0.jpg", "2020/fish/0.jpg"]
+        assert store.url == f"s3://{name}/copy/all.collection.json"
+        assert all(m.url.startswith(f"s3://{name}/copy/") for m in store.members)
+        local = store.path
+    with FeatureStore.open(local) as again:  # its local copy names the members by URL (report, notebook reopen it)
+        np.testing.assert_array_equal(again.features(), X)
+    fs.rm(f"{name}/copy/parts/2020.h5")
+    err = _one_line_error(["info", f"s3://{name}/copy/all.collection.json"], capsys)
+    assert "member parts/2020.h5 is missing" in err
+    err = _one_line_error(["collect", url, str(tmp_path / "2019.h5")], capsys, code=2)
+    assert "is a local file" in err
