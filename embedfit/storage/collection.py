@@ -365,8 +365,9 @@ def _merged_rows(members: Sequence[FeatureStore], names: Sequence[str]) -> tuple
     paths, labels = [], []
     for m, member_root in zip(members, roots, strict=True):
         prefix = _prefix(member_root, root)
-        paths.append(m.paths if not prefix else
-                     np.array([k if _absolute(k) else prefix + k for k in m.paths], dtype=object))
+        # Absolute keys (a CSV's absolute paths, URLs) already name one file each; the test is inlined: per row.
+        paths.append(m.paths if not prefix else np.array(
+            [k if k[:1] == "/" or "://" in k else prefix + k for k in m.paths.tolist()], dtype=object))
         mapping = np.array([index[c] for c in m.class_names] + [-1], dtype=np.int64)  # label -1 stays -1
         labels.append(mapping[m.labels])
     arrays: dict[str, Any] = {"paths": _concat(paths, object), "labels": _concat(labels, np.int64),
@@ -379,12 +380,6 @@ def _merged_rows(members: Sequence[FeatureStore], names: Sequence[str]) -> tuple
 
 def _concat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate(parts) if parts else np.array([], dtype=dtype)
-
-
-def _absolute(key: str) -> bool:
-    from embedfit.url import is_url
-
-    return key.startswith("/") or is_url(key)
 
 
 def _common_root(roots: Sequence[str]) -> str | None:
