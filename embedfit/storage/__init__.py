@@ -3,11 +3,11 @@
 | module | owns |
 | --- | --- |
 | `schema` | datasets, attributes and digests of every store file (single file, part, shard, manifest) |
-| `reader` | `FeatureStore.open()`: local or object storage x single file or sharded; `verify()` |
+| `reader` | `FeatureStore.open()`: local or object storage x single file, sharded or a collection; `verify()` |
 | `writer` | the writer contract (plan -> write part -> commit / abort) and the single-file writer |
 | `shards` | sharded stores: `write_shard` (where the rows are) and `ShardedStoreWriter` (the manifest) |
 | `objects` | stores on object storage: the self-healing read cache and the staged write |
-| `collection` | a store of stores: `collect()` writes one, `FeatureStore.open()` reads it as one store |
+| `collection` | a store of stores: its format and rules; `collect()` writes one (`reader` reads it as one store) |
 
 Example:
     >>> from embedfit.storage import FeatureStore            # doctest: +SKIP
@@ -15,8 +15,8 @@ Example:
     ...     X, y, paths = store.load()
 """
 
-from embedfit.storage.collection import StoreCollection, collect, is_collection
-from embedfit.storage.reader import FeatureStore
+from embedfit.storage.collection import collect
+from embedfit.storage.reader import FeatureStore, StoreCollection, is_collection
 from embedfit.storage.schema import (
     CONTENT_HASH,
     FAILED,
