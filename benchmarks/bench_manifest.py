@@ -24,7 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +34,7 @@ CLASSES = 10
 MTIME0 = 1_700_000_000_000_000_000
 
 
-def _spec(dim: int):  # noqa: ANN202 (embedfit imported lazily, in the processes that use it)
+def _spec(dim: int) -> Any:
     from embedfit.backbones.spec import BackboneSpec
 
     return BackboneSpec("bench", "bench/none", "random", "", (224, 224), 256, "bilinear", (0.5,) * 3, (0.5,) * 3, dim)
@@ -56,6 +58,7 @@ def generate(folder: Path, rows: int, shard_size: int, dim: int) -> None:
     settings = StoreSettings(_spec(dim), "float16")
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     rng = np.random.default_rng(0)
     names = [f"class_{c:02d}" for c in range(CLASSES)]
     for seq, start in enumerate(range(0, rows, shard_size)):
@@ -66,6 +69,7 @@ def generate(folder: Path, rows: int, shard_size: int, dim: int) -> None:
         feats = rng.standard_normal((len(keys), dim)).astype(np.float16)
         feats[failed] = np.nan
         hashes = [f"{(start + i) * 2654435761 % (1 << 64):064x}" for i in range(len(keys))]
+        (tmp / f"listing-{seq:08d}.txt").write_text("\n".join(keys))  # the input shard's listing, as a CSV block
         write_shard(tmp, f"shard-bench-{seq:08d}.h5", settings, keys, [names[c] for c in labels], sizes, mtimes,
                     status, errors, feats, {"engine": "ray"}, {CONTENT_HASH: hashes})
     tmp.rename(folder)
@@ -73,34 +77,45 @@ def generate(folder: Path, rows: int, shard_size: int, dim: int) -> None:
 
 def drive(src: Path, store: Path, rows: int, shard_size: int, dim: int) -> dict:
     """The driver's part, timed; runs in its own process (see `main`)."""
-    from embedfit.images import ImageRecord
-    from embedfit.storage import FAILED, StoreSettings
+    from embedfit.storage import StoreSettings
+    from embedfit.storage.manifest import Listing, ListingBlock, PlanCounts
     from embedfit.storage.shards import ShardedStoreWriter
 
     t0 = time.perf_counter()
     settings = StoreSettings(_spec(dim), "float16")
-    class_names = [f"class_{c:02d}" for c in range(CLASSES)]
-    root = store.parent / "images"
-    keys, labels, sizes, mtimes = listing(0, rows, rows)  # the scan the driver holds today
-    records = [ImageRecord(root / k, k, int(lb), int(s), int(m))
-               for k, lb, s, m in zip(keys, labels.tolist(), sizes.tolist(), mtimes.tolist(), strict=True)]
-    del keys, labels, sizes, mtimes
+
+    def blocks() -> Iterator[ListingBlock]:  # the input's listing, one input shard at a time, never all of it
+        for seq, start in enumerate(range(0, rows, shard_size)):
+            idx = np.arange(start, min(rows, start + shard_size))
+            keys = np.array((src / f"listing-{seq:08d}.txt").read_text().split("\n"), dtype=object)
+            yield ListingBlock(keys, idx * CLASSES // rows, 1000 + idx % 50_000, MTIME0 + idx)
+
+    scan = Listing(blocks, [f"class_{c:02d}" for c in range(CLASSES)])
+    plan_s = 0.0
     with ShardedStoreWriter(store, settings, shard_size=shard_size) as writer:
-        todo = sorted(writer.plan(records).todo, key=lambda r: r.key)
-        shards = [(writer.shard_name(i // shard_size), todo[i:i + shard_size]) for i in range(0, len(todo), shard_size)]
-        t_plan = time.perf_counter() - t0
         writer.parts.mkdir(parents=True, exist_ok=True)
-        for seq, (name, items) in enumerate(shards):  # a worker's rename lands the shard; its summary comes back
+        counts, embedded, failed, shards = PlanCounts(), 0, 0, 0
+        t = time.perf_counter()
+        for seq, (name, todo) in enumerate(writer.plan_shards(scan, counts)):
+            plan_s += time.perf_counter() - t
+            # A worker embeds `todo`, writes the shard and renames it into place; its summary comes back.
             os.link(src / f"shard-bench-{seq:08d}.h5", writer.parts / name)
-            summary = {"name": name, "rows": len(items)}
+            summary = {"name": name, "rows": len(todo), "failures": int(((np.arange(len(todo)) + seq * shard_size)
+                                                                         % 500 == 499).sum())}
+            embedded += summary["rows"] - summary["failures"]
+            failed += summary["failures"]
+            shards += 1
+            t = time.perf_counter()
+        plan_s += time.perf_counter() - t
         t_commit = time.perf_counter()
-        store_ = writer.commit(records, class_names, complete=True)
+        result = writer.commit_listing(scan, complete=True)
         commit_s = time.perf_counter() - t_commit
-        n, failed = len(store_), int((store_.status == FAILED).sum())
     seconds = time.perf_counter() - t0
-    hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0].split()[1]
-    return {"rows": n, "failed": failed, "shards": len(shards), "driver_seconds": seconds, "plan_seconds": t_plan,
-            "commit_seconds": commit_s, "peak_rss_mb": int(hwm) / 1024}
+    with open("/proc/self/status") as status:  # VmHWM: this process's peak RSS (ru_maxrss may be the parent's)
+        hwm = next(ln for ln in status if ln.startswith("VmHWM")).split()[1]
+    assert result.rows == rows and result.complete and result.n_failed == failed, result
+    return {"rows": result.rows, "failed": result.n_failed, "shards": shards, "driver_seconds": seconds,
+            "plan_seconds": plan_s, "commit_seconds": commit_s, "peak_rss_mb": int(hwm) / 1024}
 
 
 def main() -> None:
