@@ -114,25 +114,26 @@ def _read_shard(path: Path) -> dict[str, Any]:
     Errors are read only where a row failed: the other rows' are empty."""
     try:
         with h5py.File(path, "r") as f:
-            out: dict[str, Any] = {"paths": f["paths"].asstr()[:] if len(f["paths"]) else np.array([], dtype=object)}
-            n = len(out["paths"])
-            names = np.array([*(f["class_names"].asstr()[:] if "class_names" in f else []), ""], dtype=object)
-            out["label_names"] = names[f["labels"][:]] if n else np.array([], dtype=object)  # -1 -> ""
-            out["status"] = f["status"][:]
+            sets = {name: f[name] for name in f}  # one lookup each: h5py's cost is per call as much as per row
+            n = len(sets["paths"])
+            out: dict[str, Any] = {"paths": sets["paths"].asstr()[:] if n else np.array([], dtype=object)}
+            names = np.array([*(sets["class_names"].asstr()[:] if "class_names" in sets else []), ""], dtype=object)
+            out["label_names"] = names[sets["labels"][:]] if n else np.array([], dtype=object)  # -1 -> ""
+            out["status"] = sets["status"][:]
             out["errors"] = np.full(n, "", dtype=object)
             bad = np.flatnonzero(out["status"] != OK)
             if len(bad):
-                out["errors"][bad] = f["errors"].asstr()[bad] if len(bad) < n else f["errors"].asstr()[:]
+                out["errors"][bad] = sets["errors"].asstr()[bad] if len(bad) < n else sets["errors"].asstr()[:]
             for name, dtype in ROW_DATASETS.items():
                 if name in ("paths", "labels", "status", "errors"):
                     continue
-                if name not in f:
+                if name not in sets:
                     out[name] = np.full(n, ROW_DEFAULTS[name], dtype=object if dtype is STR else dtype)
                 elif dtype is STR:
-                    out[name] = f[name].asstr()[:] if n else np.array([], dtype=object)
+                    out[name] = sets[name].asstr()[:] if n else np.array([], dtype=object)
                 else:
-                    out[name] = f[name][:]
-            out["shape"] = f["features"].shape
+                    out[name] = sets[name][:]
+            out["shape"] = sets["features"].shape
             out["info"] = ShardInfo(n, out["paths"][0] if n else "", out["paths"][-1] if n else "",
                                     attr(f.attrs, "metadata_sha256") or "")
             return out
@@ -166,6 +167,7 @@ def merged_rows(sources: Sequence[Path], infos: dict[str, ShardInfo],
         info = infos.get(path.name) or shard_info(path)
         if info.rows:
             firsts.append((info.first, s))
+    expected = {s: first for first, s in firsts}
     firsts.sort()
     columns = _columns()
     active: dict[int, tuple[dict[str, Any], int]] = {}  # source -> (arrays, next row)
@@ -173,13 +175,13 @@ def merged_rows(sources: Sequence[Path], infos: dict[str, ShardInfo],
     while p < len(firsts) or active:
         if not active:
             s = firsts[p][1]
-            active[s] = (_load(sources, s, on_shard), 0)
+            active[s] = (_load(sources, s, on_shard, expected[s]), 0)
             p += 1
         while True:  # the merge may emit every key <= bound: no shard still to come starts below it
             bound = min(a["paths"][-1] for a, _ in active.values())
             if p < len(firsts) and firsts[p][0] <= bound:
                 s = firsts[p][1]
-                active[s] = (_load(sources, s, on_shard), 0)
+                active[s] = (_load(sources, s, on_shard, expected[s]), 0)
                 p += 1
                 continue
             break
@@ -209,23 +211,27 @@ def merged_rows(sources: Sequence[Path], infos: dict[str, ShardInfo],
         yield {c: v[order] for c, v in block.items()}
 
 
-def _load(sources: Sequence[Path], s: int, on_shard: Callable[[int, dict[str, Any]], None]) -> dict[str, Any]:
+def _load(sources: Sequence[Path], s: int, on_shard: Callable[[int, dict[str, Any]], None],
+          first: str) -> dict[str, Any]:
     arrays = _read_shard(sources[s])
+    if arrays["info"].first != first:  # the merge's order rests on it: a shard that is not what was recorded
+        raise StoreError(f"shard {sources[s]} starts at key {arrays['info'].first!r}, not {first!r} as recorded; "
+                         "re-run the same command: a damaged shard is left out and its images are embedded again")
     on_shard(s, arrays)
     return arrays
 
 
 class _ListingCursor:
     """Walks a `Listing` alongside the merge: `upto(bound)` returns the listing's rows with keys <= bound that
-    were not returned before (None for the bound: every remaining row)."""
+    were not returned before; `rest()` the others."""
 
     def __init__(self, listing: Listing) -> None:
         self._blocks = iter(listing.blocks())
         self._buffer: list[ListingBlock] = []
         self._done = False
 
-    def upto(self, bound: str | None) -> ListingBlock:
-        while not self._done and (bound is None or not self._buffer or self._buffer[-1].keys[-1] <= bound):
+    def upto(self, bound: str) -> ListingBlock:
+        while not self._done and (not self._buffer or self._buffer[-1].keys[-1] <= bound):
             block = next(self._blocks, None)
             if block is None:
                 self._done = True
@@ -236,9 +242,20 @@ class _ListingCursor:
         whole = self._buffer[0] if len(self._buffer) == 1 else ListingBlock(
             *(np.concatenate([getattr(b, c) for b in self._buffer]) for c in ("keys", "labels", "sizes", "mtimes")),
             None if self._buffer[0].items is None else np.concatenate([b.items for b in self._buffer]))
-        cut = len(whole) if bound is None else int(np.searchsorted(whole.keys, bound, side="right"))
+        cut = int(np.searchsorted(whole.keys, bound, side="right"))
         self._buffer = [whole.take(slice(cut, None))] if cut < len(whole) else []
         return whole.take(slice(0, cut))
+
+    def rest(self) -> Iterator[ListingBlock]:
+        """The rows not returned yet, block by block (after the last stored key: never gathered into one)."""
+        yield from self._buffer
+        self._buffer = []
+        while not self._done:
+            block = next(self._blocks, None)
+            if block is None:
+                self._done = True
+            elif len(block):
+                yield block
 
 
 def _joined(listing: Listing, rows: Iterator[dict[str, Any]]) -> Iterator[tuple[ListingBlock, dict[str, Any],
@@ -246,12 +263,11 @@ def _joined(listing: Listing, rows: Iterator[dict[str, Any]]) -> Iterator[tuple[
     """(listing rows, stored rows, for each listing row the index of its stored row or -1), in key order; every
     listing row and every stored row comes exactly once."""
     cursor = _ListingCursor(listing)
-    empty = {c: np.array([], dtype=object) for c in ("paths",)}
+    empty = {"paths": np.array([], dtype=object)}
     for block in rows:
         listed = cursor.upto(block["paths"][-1])
         yield listed, block, _positions(listed.keys, block["paths"])
-    listed = cursor.upto(None)
-    if len(listed):
+    for listed in cursor.rest():
         yield listed, empty, np.full(len(listed), -1, dtype=np.int64)
 
 

@@ -189,6 +189,7 @@ class ShardedStoreWriter(StoreWriter):
         self._lock: Any = None
         self._previous: FeatureStore | None = None
         self._committed: dict[str, Any] = {}  # the attributes of this writer's last manifest
+        self._planned: dict[str, ShardInfo] = {}  # key ranges of the shards `plan_shards` handed out
         self._seq = 0
         self._run_id = f"{time.time_ns():020d}-{os.getpid()}"
         self._overwrite = overwrite
@@ -276,20 +277,26 @@ class ShardedStoreWriter(StoreWriter):
         the listing streams by: a driver hands them out without ever holding the plan. `counts` is complete once
         the shards are exhausted."""
         seq, pending = 0, []
+
+        def shard(name: str, block: ListingBlock) -> tuple[str, ListingBlock]:
+            # Its key range is known here: the commit orders the shards by it without opening them first.
+            self._planned[name] = ShardInfo(len(block), str(block.keys[0]), str(block.keys[-1]), "")
+            return name, block
+
         for block in plan_blocks(listing, self._sources(), self._index_infos(), counts, retry_failed=retry_failed):
             pending.append(block)
             while sum(map(len, pending)) >= self.shard_size:
                 whole = _concat(pending)
-                yield self.shard_name(seq), whole.take(slice(0, self.shard_size))
+                yield shard(self.shard_name(seq), whole.take(slice(0, self.shard_size)))
                 seq += 1
                 pending = [whole.take(slice(self.shard_size, None))]
         if sum(map(len, pending)):
-            yield self.shard_name(seq), _concat(pending)
+            yield shard(self.shard_name(seq), _concat(pending))
 
     def _index_infos(self) -> dict[str, ShardInfo]:
         """First and last keys (and more) of the shards the previous manifest recorded."""
         index = json.loads(self._previous.attrs.get("shard_index") or "{}") if self._previous is not None else {}
-        return {name: ShardInfo(**entry) for name, entry in index.items()}
+        return {**self._planned, **{name: ShardInfo(**entry) for name, entry in index.items()}}
 
     def commit(self, records: Sequence[Any], class_names: Sequence[str], *, complete: bool,
                attrs: dict[str, Any] | None = None) -> FeatureStore:
