@@ -34,6 +34,15 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         ([], 2, "Missing argument"),
         (["{tmp}/nope.h5"], 1, "does not exist"),
         (["{tmp}/not_a_store.h5"], 1, "cannot read feature store"),
+        (["{tmp}/nope.json"], 1, "collection"),
+    ],
+    "collect": [
+        ([], 2, "Missing argument"),
+        (["{tmp}/c.json"], 2, "Missing argument"),
+        (["{tmp}/c.h5", "{store}"], 2, "must be a .json file name"),
+        (["{tmp}/c.json", "{tmp}/nope.h5"], 1, "does not exist"),
+        (["{tmp}/c.json", "{store}", "{store}"], 2, "given twice"),
+        (["{tmp}/c.json", "{tmp}/not_a_store.h5"], 1, "cannot read feature store"),
     ],
     "backbones": [
         (["a", "b"], 2, "unexpected extra argument"),
