@@ -24,6 +24,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from h5py import h5d, h5s
 
 from embedfit.errors import StoreError
 from embedfit.storage.schema import (
@@ -111,35 +112,97 @@ def shard_info(path: Path) -> ShardInfo:
 
 def _read_shard(path: Path) -> dict[str, Any]:
     """A shard's per-row metadata as arrays (labels as class names), its features' shape and its `ShardInfo`.
-    Errors are read only where a row failed: the other rows' are empty."""
+
+    One HDF5 read per dataset, opened by name (no group listing). Paths and class names are decoded to str in one
+    go; errors and content hashes stay UTF-8 bytes, as read: the merge only copies them (h5py writes bytes as they
+    are, `_json_items` hashes them as their str would be). Errors are read only where a row failed: the other
+    rows' are empty."""
     try:
         with h5py.File(path, "r") as f:
-            sets = {name: f[name] for name in f}  # one lookup each: h5py's cost is per call as much as per row
-            n = len(sets["paths"])
-            out: dict[str, Any] = {"paths": sets["paths"].asstr()[:] if n else np.array([], dtype=object)}
-            names = np.array([*(sets["class_names"].asstr()[:] if "class_names" in sets else []), ""], dtype=object)
-            out["label_names"] = names[sets["labels"][:]] if n else np.array([], dtype=object)  # -1 -> ""
-            out["status"] = sets["status"][:]
-            out["errors"] = np.full(n, "", dtype=object)
+            fid = f.id
+
+            def dataset(name: str) -> Any:
+                try:
+                    return h5d.open(fid, name.encode())
+                except KeyError:
+                    return None
+
+            def read(d: Any) -> np.ndarray:
+                out = np.empty(d.shape, dtype=d.dtype)
+                if out.size:
+                    d.read(h5s.ALL, h5s.ALL, out)
+                return out
+
+            paths = _decoded(read(dataset("paths")))
+            n = len(paths)
+            out: dict[str, Any] = {"paths": paths}
+            names = dataset("class_names")
+            names = np.array([*(_decoded(read(names)).tolist() if names is not None else []), ""], dtype=object)
+            out["label_names"] = names[read(dataset("labels"))]  # -1 -> ""
+            out["status"] = read(dataset("status"))
+            out["errors"] = np.full(n, b"", dtype=object)
             bad = np.flatnonzero(out["status"] != OK)
             if len(bad):
-                out["errors"][bad] = sets["errors"].asstr()[bad] if len(bad) < n else sets["errors"].asstr()[:]
+                d = dataset("errors")
+                if len(bad) == n:
+                    out["errors"] = read(d)
+                else:  # a point selection: HDF5 reads only these strings
+                    space = d.get_space()
+                    space.select_elements(bad.reshape(-1, 1).astype(np.uint64))
+                    picked = np.empty(len(bad), dtype=d.dtype)
+                    d.read(h5s.create_simple((len(bad),)), space, picked)
+                    out["errors"][bad] = picked
             for name, dtype in ROW_DATASETS.items():
                 if name in ("paths", "labels", "status", "errors"):
                     continue
-                if name not in sets:
-                    out[name] = np.full(n, ROW_DEFAULTS[name], dtype=object if dtype is STR else dtype)
-                elif dtype is STR:
-                    out[name] = sets[name].asstr()[:] if n else np.array([], dtype=object)
+                d = dataset(name)
+                if d is None:
+                    default = ROW_DEFAULTS[name]
+                    out[name] = np.full(n, default.encode() if isinstance(default, str) else default,
+                                        dtype=object if dtype is STR else dtype)
                 else:
-                    out[name] = sets[name][:]
-            out["shape"] = sets["features"].shape
-            out["info"] = ShardInfo(n, out["paths"][0] if n else "", out["paths"][-1] if n else "",
+                    out[name] = read(d)
+            out["shape"] = dataset("features").shape
+            out["info"] = ShardInfo(n, paths[0] if n else "", paths[-1] if n else "",
                                     attr(f.attrs, "metadata_sha256") or "")
             return out
     except Exception as exc:
         raise StoreError(f"cannot read shard {path} ({why(exc)}); re-run the same command: a damaged or missing "
                          "shard is left out and its images are embedded again") from None
+
+
+def _decoded(raw: np.ndarray) -> np.ndarray:
+    """UTF-8 bytes (a variable-length string dataset read without `asstr`) as an object array of str: one decode
+    of the joined bytes, not one per string (paths hold no newline; a value that does is decoded alone)."""
+    items = raw.tolist()
+    joined = b"\n".join(items)
+    if joined.count(b"\n") == len(items) - 1:
+        strs = joined.decode().split("\n") if items else []
+    else:
+        strs = [b.decode() for b in items]
+    out = np.empty(len(strs), dtype=object)
+    out[:] = strs
+    return out
+
+
+# Bytes that JSON writes as they are (`json.dumps` escapes '"', '\\', control and non-ASCII characters).
+_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+
+
+def _json_items(values: np.ndarray) -> bytes:
+    """``json.dumps(list)[1:-1]`` of str or UTF-8 bytes values as UTF-8 (the metadata digest's pieces), joined in
+    one go when every value is plain printable ASCII, the usual case; otherwise by `json.dumps` itself."""
+    items = values.tolist()
+    if not items:
+        return b""
+    try:
+        whole = b"".join(items) if isinstance(items[0], bytes) else "".join(items).encode()
+    except TypeError:  # str and bytes mixed
+        whole = None
+    if whole is not None and not whole.translate(None, _PLAIN):
+        inner = b'", "'.join(items) if isinstance(items[0], bytes) else '", "'.join(items).encode()
+        return b'"' + inner + b'"'
+    return json.dumps([v.decode() if isinstance(v, bytes) else str(v) for v in items])[1:-1].encode()
 
 
 def _columns() -> tuple[str, ...]:
@@ -275,6 +338,8 @@ def _positions(keys: np.ndarray, stored: np.ndarray) -> np.ndarray:
     """For each of the sorted `keys`, its index in the sorted `stored`, or -1."""
     if not len(keys) or not len(stored):
         return np.full(len(keys), -1, dtype=np.int64)
+    if len(keys) == len(stored) and keys[0] == stored[0] and (keys == stored).all():  # a fresh run's shard
+        return np.arange(len(keys), dtype=np.int64)
     pos = np.searchsorted(stored, keys)
     found = stored[np.minimum(pos, len(stored) - 1)] == keys
     return np.where(found, pos, -1)
@@ -336,7 +401,7 @@ class _Spill:
 
     def add(self, values: np.ndarray) -> None:
         if len(values):
-            self.file.write((b"" if self.first else b", ") + json.dumps(values.tolist())[1:-1].encode())
+            self.file.write((b"" if self.first else b", ") + _json_items(values))
             self.first = False
 
     def hash_into(self, h: Any) -> None:
@@ -428,12 +493,12 @@ def write_manifest(f: h5py.File, listing: Listing, sources: Sequence[Path], info
                 status = status.copy()
                 errors = errors.copy()
                 status[gone] = MISSING
-                errors[gone] = _VANISHED
+                errors[gone] = _VANISHED.encode()  # errors stay bytes, as read (`_read_shard`)
             values = {"paths": rows["paths"], "labels": labels, "status": status, "errors": errors,
                       **{c: rows[c] for c in ROW_DATASETS if c not in ("paths", "labels", "status", "errors")}}
             out0 = result.rows + pending_rows
             m = len(rows["paths"])
-            paths_hash.update((b"" if not out0 else b", ") + json.dumps(rows["paths"].tolist())[1:-1].encode())
+            paths_hash.update((b"" if not out0 else b", ") + _json_items(rows["paths"]))
             fp.update((("\n" if out0 else "") + "\n".join(rows["paths"].tolist())).encode())
             for name, spill in spills.items():
                 spill.add(values[name])
