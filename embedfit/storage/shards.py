@@ -44,6 +44,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from h5py import h5d, h5p, h5s, h5t
 
 from embedfit._version import __version__
 from embedfit.errors import StoreError
@@ -374,17 +375,24 @@ class ShardedStoreWriter(StoreWriter):
                 f.create_dataset("features", shape=(0, dim), dtype=self.settings.dtype, maxshape=(None, dim))
                 return result
             # Rows are sorted by key; consecutive rows of one shard become one mapping (a fresh run's shards hold
-            # consecutive key ranges, so that is one mapping per shard).
-            layout = h5py.VirtualLayout(shape=(result.rows, dim), dtype=self.settings.dtype)
-            vsources: dict[int, h5py.VirtualSource] = {}
+            # consecutive key ranges, so that is one mapping per shard). What `create_virtual_dataset` makes, built
+            # with h5py's low-level calls: its `VirtualSource` slices deep-copy themselves, per mapping.
+            dcpl = h5p.create(h5p.DATASET_CREATE)
+            dcpl.set_layout(h5d.VIRTUAL)
+            dcpl.set_fill_value(np.array([np.nan]))
+            vspace = h5s.create_simple((result.rows, dim))
+            spaces: dict[int, Any] = {}
             for s, first, out, length in runs:
-                if s not in vsources:
-                    # Relative to the manifest's folder, for plain h5py readers of the pair moved together
-                    # (embedfit itself resolves shards beside the manifest under its current name).
-                    vsources[s] = h5py.VirtualSource(f"{self.parts.name}/{sources[s].name}", "features",
-                                                     shape=result.shapes[s])
-                layout[out:out + length] = vsources[s][first:first + length]
-            f.create_virtual_dataset("features", layout, fillvalue=np.nan)
+                if s not in spaces:
+                    spaces[s] = h5s.create_simple(result.shapes[s])
+                vspace.select_hyperslab((out, 0), (length, dim))
+                spaces[s].select_hyperslab((first, 0), (length, dim))
+                # Relative to the manifest's folder, for plain h5py readers of the pair moved together
+                # (embedfit itself resolves shards beside the manifest under its current name).
+                dcpl.set_virtual(vspace, os.fsencode(f"{self.parts.name}/{sources[s].name}"), b"features",
+                                 spaces[s])
+            h5d.create(f.id, b"features", h5t.py_create(np.dtype(self.settings.dtype), logical=1),
+                       h5s.create_simple((result.rows, dim)), dcpl=dcpl)
         return result
 
 
