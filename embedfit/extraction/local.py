@@ -88,6 +88,7 @@ class LocalEngine:
         from embedfit.extraction.encoder import BatchResult, Encoder, iter_embeddings
 
         config, output, started = job.config, job.output, job.started
+        scanned = time.perf_counter() - started  # the store checks, the scan and the resume plan
         device = resolve_device(config.device)
         backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool,
                                    resolution=config.resolution)
@@ -101,6 +102,7 @@ class LocalEngine:
             summary = writer.summary
             summary.device, summary.runtime = str(device), encoder.runtime
             summary.startup_seconds = time.perf_counter() - started
+            summary.startup_phases = {"scan": scanned, "model load": summary.startup_seconds - scanned}
             summary.notes = [encoder.note] if encoder.note else []
             provenance = {"device": str(device), "decode": config.decode, "runtime": encoder.runtime,
                           "engine": self.name}
