@@ -3,6 +3,7 @@ out-of-core SGD fitting (no Ray needed)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -100,10 +101,8 @@ def _warm(ray) -> dict[str, int]:
     pids = {}
     for a in ray.util.list_named_actors(all_namespaces=True):
         if a["namespace"] == WARM_NAMESPACE:
-            try:
+            with contextlib.suppress(ValueError, ray.exceptions.RayActorError):  # stopped since listed
                 pids[a["name"]] = ray.get(ray.get_actor(a["name"], namespace=WARM_NAMESPACE).info.remote())["pid"]
-            except (ValueError, ray.exceptions.RayActorError):  # stopped since listed
-                pass
     return pids
 
 
@@ -205,6 +204,19 @@ def test_a_stale_ray_cluster_file_fails_in_seconds(shared_tree: Path, tmp_path: 
     run = _embedfit("extract", str(shared_tree), "-o", str(tmp_path / "f.h5"), "--engine", "ray", "--ray-address",
                     dead, env={"RAY_TMPDIR": str(ray_tmp)})
     assert run.returncode == 2 and "no Ray cluster answers" in run.stderr, run.stderr
+
+
+@pytest.mark.ray
+def test_warm_actors_need_a_long_lived_cluster(shared_tree: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    env = {"RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp"), "RAY_ADDRESS": ""}  # no cluster runs here
+    run = _embedfit("ray", "stop-workers", env=env)
+    assert run.returncode == 2 and "no Ray cluster runs on this machine" in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    run = _embedfit("extract", str(shared_tree), "-o", str(tmp_path / "f.h5"), "--engine", "ray", "--ray-keep-warm",
+                    "60", env=env)
+    assert run.returncode == 2 and "--ray-keep-warm needs a long-lived Ray cluster" in run.stderr, run.stderr
+    assert not (tmp_path / "f.h5").exists()
 
 
 @pytest.mark.ray

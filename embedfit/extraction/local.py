@@ -84,11 +84,11 @@ class LocalEngine:
 
     def run(self, job: ExtractJob) -> ExtractSummary:
         """Load the model (only now: torch and timm take seconds to import) and embed `job`'s images."""
+        scanned = time.perf_counter() - job.started  # the store checks, the scan and the resume plan
         from embedfit.backbones.factory import create_backbone
         from embedfit.extraction.encoder import BatchResult, Encoder, iter_embeddings
 
         config, output, started = job.config, job.output, job.started
-        scanned = time.perf_counter() - started  # the store checks, the scan and the resume plan
         device = resolve_device(config.device)
         backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, pool=config.pool,
                                    resolution=config.resolution)

@@ -29,6 +29,7 @@ Ray is optional: `pip install 'embedfit[ray]'`; it is imported only inside the f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -55,9 +56,10 @@ MIN_SHARD = 64  # images: below this a shard's fixed costs (its file, the decode
 SHARDS_PER_ACTOR = 4  # a small run is cut finer than `shard_size`, so that every actor has work to the end
 WARM_NAMESPACE = "embedfit"  # Ray namespace of the warm actors a run leaves on a long-lived cluster
 DEFAULT_KEEP_WARM = 600.0  # seconds a warm actor waits idle for the next run before it exits
-# What an actor embeds with: two configs that agree on these (and on its resources) make the same rows.
-_ACTOR_FIELDS = ("backbone", "weights", "layer", "pool", "resolution", "device", "batch_size", "precision", "tta",
-                 "channels_last", "jpeg_draft", "decode", "compile", "runtime", "max_pixels")
+# The settings only the driver uses (each call brings the store's settings); every other field of `ExtractConfig`,
+# a new one included, names a warm actor: two runs share actors only when those agree.
+_DRIVER_FIELDS = ("workers", "dtype", "overwrite", "retry_failed", "max_failures", "flush_every", "shard_size",
+                  "progress")
 
 
 def _ray() -> Any:
@@ -442,7 +444,8 @@ def _start_actors(ray: Any, config: ExtractConfig, device: str, n: int, cpus: in
 def _warm_name(config: ExtractConfig, device: str, cpus: int, gpus: float, pin: bool) -> str:
     """The name prefix of the warm actors for these settings: a digest of everything that makes an actor embed
     differently (the model settings, its weights file, resources, embedfit's code, the `EMBEDFIT_*` settings)."""
-    identity: dict[str, Any] = {f: getattr(config, f) for f in _ACTOR_FIELDS}
+    identity: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                                if f.name not in _DRIVER_FIELDS}
     if config.weights and not is_url(config.weights) and os.path.exists(config.weights):
         st = os.stat(config.weights)  # the same path with other weights in it is another model
         identity["weights_file"] = [st.st_size, st.st_mtime_ns]
