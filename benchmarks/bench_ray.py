@@ -129,12 +129,14 @@ def _whole(folder: Path, out: Path, engine: str, env: dict[str, str]) -> dict:
     return {"wall": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
-def bench_startup(counts: list[int], workers: int, cpus: int, repeats: int, cold_only: bool) -> dict:
+def bench_startup(counts: list[int], workers: int, cpus: int, repeats: int, cold_only: bool,
+                  before: str | None = None) -> dict:
     """Whole commands, as a user runs them, against the local engine: Ray on a cluster the run starts itself (the
     default without `--ray-address`), then on a long-lived cluster its first run (new actors) and a second run
     with the same settings (the first run's warm actors), each on a fresh store. Every Ray run's start-up is
-    broken down by phase (`ExtractSummary.startup_phases`). `cold_only` skips the long-lived cluster (for a
-    build without warm actors: the "before" figures)."""
+    broken down by phase (`ExtractSummary.startup_phases`). `cold_only` skips the long-lived cluster; `before`
+    (a folder holding another build's `embedfit` package) adds that build's run on its own cluster, right after
+    this build's, so that a busy machine moves both alike."""
     import ray
 
     engine = (f"from embedfit.extraction.ray import RayEngine; engine = RayEngine(address={{address!r}}, "
@@ -155,6 +157,9 @@ def bench_startup(counts: list[int], workers: int, cpus: int, repeats: int, cold
                 row: dict = {"images": n, "repeat": rep}
                 row["local"] = _whole(folder, tmp / f"l{n}-{rep}.h5", "engine = 'local'", {})
                 row["ray_own_cluster"] = _whole(folder, tmp / f"r{n}-{rep}.h5", engine.format(address=None), own)
+                if before:
+                    row["ray_own_cluster_before"] = _whole(folder, tmp / f"b{n}-{rep}.h5", engine.format(address=None),
+                                                           {**own, "PYTHONPATH": before})
                 if address:
                     row["ray_cold_actors"] = _whole(folder, tmp / f"c{n}-{rep}.h5", engine.format(address=address), {})
                     row["ray_warm_actors"] = _whole(folder, tmp / f"w{n}-{rep}.h5", engine.format(address=address), {})
@@ -325,6 +330,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each command for --part startup")
     parser.add_argument("--cold-only", action="store_true",
                         help="--part startup without the long-lived cluster (a build without warm actors)")
+    parser.add_argument("--before", help="--part startup: a folder with another build's embedfit package (e.g. "
+                        "`git archive REV embedfit | tar -x -C DIR`), run on its own cluster beside this one")
     parser.add_argument("--name", default="ray_startup", help="results file of --part startup")
     parser.add_argument("--shards", type=int, default=100, help="shards for --part shards")
     parser.add_argument("--images", type=int, default=1000)
@@ -341,7 +348,8 @@ def main() -> None:
         print(f"wrote {save('ray', bench_ray(args.images, args.shard_size, counts))}")
     if args.part in ("startup", "all"):
         counts = [int(n) for n in args.counts.split(",") if n]
-        print(f"wrote {save(args.name, bench_startup(counts, args.workers, args.cpus, args.repeats, args.cold_only))}")
+        result = bench_startup(counts, args.workers, args.cpus, args.repeats, args.cold_only, args.before)
+        print(f"wrote {save(args.name, result)}")
     if args.part in ("shards", "all"):
         print(f"wrote {save('shards', bench_shards(args.shards, args.shard_size))}")
     if args.part in ("ooc", "all"):
