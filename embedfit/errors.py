@@ -91,12 +91,13 @@ def check_output_file(path: str | os.PathLike, param: str = "output") -> Path:
 
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_COLLECTION_MARK = b'"format": "embedfit-collection"'  # the first key `collect` writes
 
 
 def artifact_kind(path: str | os.PathLike) -> str:
-    """What embedfit artifact `path` is, symlinks followed: "feature store", "model file", "run directory" or
-    "image", else "" (also when nothing is there). Told by content and layout, not by the link's own name, so an
-    output such as ``-o link.csv`` that points at a store is caught."""
+    """What embedfit artifact `path` is, symlinks followed: "feature store", "store collection", "model file", "run
+    directory" or "image", else "" (also when nothing is there). Told by content and layout, not by the link's own
+    name, so an output such as ``-o link.csv`` that points at a store is caught."""
     from embedfit.images import has_image_extension
 
     target = Path(path).resolve()
@@ -106,11 +107,13 @@ def artifact_kind(path: str | os.PathLike) -> str:
         return ""
     try:
         with open(target, "rb") as f:  # a regular file (is_file): opening it cannot block
-            head = f.read(8)
+            head = f.read(256)
     except OSError:
         return ""
-    if head == _HDF5_MAGIC:
+    if head[:8] == _HDF5_MAGIC:
         return "feature store"
+    if head.lstrip().startswith(b"{") and _COLLECTION_MARK in head:  # `embedfit.storage.collection`
+        return "store collection"
     if (target.parent / "model.json").is_file() and target.name in ("model.skops", "model.pt", "model.json",
                                                                       "metrics.json"):
         return "model file"

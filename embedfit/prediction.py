@@ -19,7 +19,7 @@ from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import StoreMismatchError, UsageError
 from embedfit.images import ImageRecord, collect_images, scan_images
 from embedfit.runs import class_positions, load_model, read_sidecar, write_csv
-from embedfit.storage import FeatureStore, StoreSettings, check_mixable
+from embedfit.storage import FeatureStore, StoreSettings, check_mixable, is_collection
 
 
 @dataclass
@@ -158,7 +158,7 @@ def mismatches(run: str | os.PathLike, store: FeatureStore) -> list[str]:
 
 def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weights: str | None = None,
             device: str = "auto", batch_size: int | None = None, workers: int | None = None) -> Predictions:
-    """Predict classes for images, folders, or one feature store (.h5).
+    """Predict classes for images, folders, or one feature store (.h5, or a collection of stores, .json).
 
     Args:
         run: A run directory written by `embedfit fit` (or `finetune`).
@@ -177,7 +177,7 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
     pipeline, meta = load_model(run)
     spec = BackboneSpec.from_dict(meta["spec"])
     class_names = list(meta["class_names"])
-    if len(inputs) == 1 and str(inputs[0]).endswith((".h5", ".hdf5")):
+    if len(inputs) == 1 and is_store_name(inputs[0]):
         store = FeatureStore.open(inputs[0])
         model_settings = StoreSettings(spec, **meta["settings"])
         check_mixable(store.settings, model_settings, f"store {store.path}", f"the model in {run}")
@@ -202,6 +202,11 @@ def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, weig
             full[:, class_positions(pipeline.classes_, class_names)] = pipeline.predict_proba(X[ok])
             proba[ok] = full
     return Predictions(paths, predicted, proba, class_names, errors, truth)
+
+
+def is_store_name(path: str | os.PathLike) -> bool:
+    """True when a `predict` input names a feature store (.h5, .hdf5) or a collection of stores (.json)."""
+    return str(path).lower().endswith((".h5", ".hdf5")) or is_collection(path)
 
 
 def input_labels(inputs: Sequence[str | os.PathLike], records: Sequence[ImageRecord]) -> list[str] | None:
@@ -257,7 +262,7 @@ def _predict_torch(run: str | os.PathLike, inputs: Sequence[str | os.PathLike]) 
         from embedfit.training.finetune import load_finetuned
     except ImportError:
         raise UsageError(f"{run} holds a fine-tuned network, which this installation cannot load") from None
-    if any(str(i).endswith((".h5", ".hdf5")) for i in inputs):
+    if any(is_store_name(i) for i in inputs):
         raise UsageError(f"{run} is a fine-tuned network, which predicts from images: give image files or "
                          "folders, not a feature store")
     model = load_finetuned(run)

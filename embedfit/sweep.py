@@ -64,6 +64,12 @@ class SweepConfig:
         max_minutes: A budget: each backbone's extraction is estimated from a measured batch before the long
             part (its fitting from the backbones fitted before it); a backbone that would not fit in what is left
             is skipped and named. None runs every backbone.
+        group_duplicates: Keep each cluster of exact and near-duplicates within one CV fold, for every entry. The
+            clusters are found once (`embedfit.auditing.duplicate_groups`: content hashes, and near-duplicates in
+            the first backbone's embeddings that extracts) and used as every fit's groups, so that every entry is
+            still scored on the same folds. Not with `test`.
+        exclude: A CSV with `path,action` columns (an audit.csv, or the fixes CSV of an audit's report): the images
+            marked "exclude" are left out of every fit.
     """
 
     backbones: tuple[str, ...] = ()
@@ -81,6 +87,8 @@ class SweepConfig:
     workers: int | None = None
     progress: bool = False
     max_minutes: float | None = None
+    group_duplicates: bool = False
+    exclude: str | Path | None = None
 
 
 @dataclass
@@ -171,6 +179,12 @@ def _sweep(data: str | Path, output: str | Path, config: SweepConfig, on_progres
         raise InputError(f"{data} does not exist")
     if config.test is not None and not Path(config.test).exists():
         raise InputError(f"test data {config.test} does not exist")
+    if config.group_duplicates and config.test is not None:
+        raise UsageError("`group_duplicates` keeps duplicates within CV folds; it does not combine with `test`")
+    if config.exclude is not None:
+        from embedfit.auditing import read_exclusions
+
+        read_exclusions(config.exclude)  # a missing or malformed file is refused before the first extraction
     from embedfit.images import scan_images
 
     # Input mistakes are the data's, not one backbone's: refuse them before the first extraction.
@@ -189,6 +203,10 @@ def _sweep(data: str | Path, output: str | Path, config: SweepConfig, on_progres
     entries: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     skipped: list[dict[str, Any]] = []
+    # The sweep's duplicate clusters (path -> group), found on the first store extracted: every fit gets the same
+    # groups, so every entry is scored on the same folds (each backbone's own near-duplicates would differ).
+    groups: dict[str, str] | None = None
+    grouping: dict[str, Any] | None = None
     t_start = time.perf_counter()
     # The cost, before the long part: a measured batch per backbone still to extract; fitting is timed on the
     # first backbone and counted for the others from then on.
@@ -212,7 +230,7 @@ def _sweep(data: str | Path, output: str | Path, config: SweepConfig, on_progres
                          if fit_seconds else None,
                          "method": "one measured batch per backbone still to extract (decoding in the main "
                                    "process), fitting as the backbones fitted before"},
-            "max_minutes": config.max_minutes, "skipped": skipped,
+            "max_minutes": config.max_minutes, "skipped": skipped, "duplicates": grouping,
         })
 
     save(0)
@@ -232,15 +250,18 @@ def _sweep(data: str | Path, output: str | Path, config: SweepConfig, on_progres
         try:
             emit(f"{step}: extracting")
             stores = _extract(data, folder, key, backbone, layer, config, within(on_progress, step))
+            if config.group_duplicates and groups is None:
+                emit(f"{step}: finding duplicate clusters")
+                groups, grouping = _duplicate_clusters(stores, key, config)
             fitted = 0.0
             for model in config.models:
                 run_dir = folder / "runs" / f"{key}-{model}"
-                if _reusable(run_dir, stores, model, config):
+                if _reusable(run_dir, stores, model, config, groups):
                     emit(f"{step}: {model} already fitted")
                 else:
                     emit(f"{step}: fitting {model}")
                     t0 = time.perf_counter()
-                    _fit(run_dir, model, stores, config, within(on_progress, step))
+                    _fit(run_dir, model, stores, config, groups, within(on_progress, step))
                     fitted += time.perf_counter() - t0
                 entry = _entry(run_dir, key, backbone, model, stores, config)
                 entries.append(entry)
@@ -333,19 +354,42 @@ def _estimate_lines(extract: dict[str, float], names: dict[str, str], config: Sw
 def _fit_settings(config: SweepConfig) -> dict[str, Any]:
     """The sweep's evaluation settings, as sweep.json records them."""
     return {"metric": config.metric, "cv": config.cv, "repeats": config.repeats, "seed": config.seed,
-            "evaluation": "test" if config.test else "cv"}
+            "evaluation": "test" if config.test else "cv", "group_duplicates": config.group_duplicates,
+            "exclude": str(config.exclude) if config.exclude is not None else None}
 
 
-def _reusable(run_dir: Path, stores: dict[str, Any], model: str, config: SweepConfig) -> bool:
+def _duplicate_clusters(stores: dict[str, Any], key: str, config: SweepConfig
+                        ) -> tuple[dict[str, str], dict[str, Any]]:
+    """The duplicate clusters of the images a fit uses (`embedfit.auditing.duplicate_groups` on this backbone's
+    store) as path -> group key, and what sweep.json records of them."""
+    import numpy as np
+
+    from embedfit.auditing import duplicate_groups
+    from embedfit.fitting.data import usable_rows
+    from embedfit.storage import FeatureStore
+
+    with FeatureStore.open(stores["store"]) as store:
+        rows, _ = usable_rows(store, config.exclude)
+        found = duplicate_groups(store, rows)
+        paths = store.paths[rows]
+    sizes = np.bincount(found)
+    clustered = sizes[found] > 1
+    return ({str(p): f"g{g}" for p, g in zip(paths, found, strict=True)},
+            {"from": key, "clusters": int((sizes > 1).sum()), "images": int(clustered.sum())})
+
+
+def _reusable(run_dir: Path, stores: dict[str, Any], model: str, config: SweepConfig,
+              groups: dict[str, str] | None = None) -> bool:
     """Whether a finished run in the sweep answers what this sweep asks: its identity (data fingerprint, test
-    set, model settings, folds, repeats, seed: `embedfit.runs.identity_of`) is the one `_fit` would record.
+    set, model settings, folds, repeats, seed, the images left out and the groups kept together:
+    `embedfit.runs.identity_of`) is the one `_fit` would record.
     The metric only chooses which of the run's scores ranks it (`_entry`), so it never needs a refit."""
     from embedfit.runs import is_run, recorded_identity
 
     if not is_run(run_dir):
         return False
     recorded = recorded_identity(run_dir)
-    wanted = _fit_options(stores, config)
+    wanted = _fit_options(stores, config, groups)
     return (recorded is not None and recorded.get("model") == model
             and recorded.get("data") == stores["train_fingerprint"]
             and recorded.get("evaluation", {}).get("test_store_fingerprint") == stores["test_fingerprint"]
@@ -353,19 +397,38 @@ def _reusable(run_dir: Path, stores: dict[str, Any], model: str, config: SweepCo
             and recorded.get("settings") == wanted["settings"])
 
 
-def _fit_options(stores: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
+def _fit_options(stores: dict[str, Any], config: SweepConfig, groups: dict[str, str] | None = None
+                 ) -> dict[str, Any]:
     """The `fit` options of every fit in the sweep, and the model settings and evaluation settings they record
-    (the model settings are `FitConfig`'s defaults: a version that changes them refits)."""
-    from embedfit.fitting.evaluate import FitConfig
+    (the model settings are `FitConfig`'s defaults: a version that changes them refits). With `exclude` or
+    duplicate `groups` (path -> group key), the images kept and their group keys, in the store's row order,
+    and what fit's identity records of them (`selection_identity`)."""
+    import numpy as np
+
+    from embedfit.fitting.evaluate import FitConfig, selection_identity
 
     default = FitConfig()
     settings = {"scale": default.scale, "pca": None if default.pca == "none" else default.pca,
                 "class_weight": default.class_weight, "search": default.search, "seed": config.seed}
+    keys = None
+    selected: dict[str, Any] = {"rows": None}
+    if groups is not None or config.exclude is not None:
+        from embedfit.fitting.data import usable_rows
+        from embedfit.storage import FeatureStore
+
+        with FeatureStore.open(stores["store"]) as store:
+            paths = store.paths[usable_rows(store, config.exclude)[0]]
+        # an image the clusters do not know (not embedded by the first backbone) is a group of its own
+        keys = None if groups is None else np.array([groups.get(str(p), f"own:{p}") for p in paths])
+        selected.update(selection_identity(paths, keys, excluded=config.exclude is not None))
+    chosen = {"exclude": config.exclude, **({"groups": keys} if keys is not None else {})}
     if stores["test_store"] is not None:
-        return {"options": {"test_store": stores["test_store"], "seed": config.seed}, "settings": settings,
-                "evaluation": {"strategy": "holdout", "seed": config.seed}}
-    return {"options": {"cv": config.cv, "repeats": config.repeats, "seed": config.seed}, "settings": settings,
-            "evaluation": {"strategy": "cv", "n_splits": config.cv, "repeats": config.repeats, "seed": config.seed}}
+        return {"options": {"test_store": stores["test_store"], "seed": config.seed, **chosen},
+                "settings": settings, "evaluation": {"strategy": "holdout", "seed": config.seed, **selected}}
+    return {"options": {"cv": config.cv, "repeats": config.repeats, "seed": config.seed, **chosen},
+            "settings": settings,
+            "evaluation": {"strategy": "cv", "n_splits": config.cv, "repeats": config.repeats, "seed": config.seed,
+                           "groups": False, **selected}}
 
 
 def _extract(data: str | Path, folder: Path, key: str, backbone: str, layer: str | None,
@@ -395,7 +458,7 @@ def _extract(data: str | Path, folder: Path, key: str, backbone: str, layer: str
     return out
 
 
-def _fit(run_dir: Path, model: str, stores: dict[str, Any], config: SweepConfig,
+def _fit(run_dir: Path, model: str, stores: dict[str, Any], config: SweepConfig, groups: dict[str, str] | None,
          on_progress: OnProgress | None) -> None:
     """Fit one model on one backbone's store into its run directory (replacing a run that no longer answers
     this sweep: the sweep owns its runs folder)."""
@@ -405,7 +468,8 @@ def _fit(run_dir: Path, model: str, stores: dict[str, Any], config: SweepConfig,
 
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    fit(stores["store"], model, output=run_dir, on_progress=on_progress, **_fit_options(stores, config)["options"])
+    fit(stores["store"], model, output=run_dir, on_progress=on_progress,
+        **_fit_options(stores, config, groups)["options"])
 
 
 def _entry(run_dir: Path, key: str, backbone: str, model: str, stores: dict[str, Any],

@@ -283,6 +283,8 @@ def test_report_page_and_fixes_csv(audited: tuple, planted: dict, tmp_path: Path
     card = text[text.index('<h2 id="exact_duplicate">'):text.index('<h2 id="near_duplicate">')]
     assert card.count("data:image/jpeg;base64,") == 2 and "Download fixes.csv" in text
     assert "relabel:brick" in text  # a flipped image can be relabelled to its suggested class
+    # the page's own CSV writer escapes formula cells as write_csv does (run in Chromium: test_report_browser.py)
+    assert "function csvCell(v){\n  v=String(v); if(/^[=+\\-@\\t\\r']/.test(v)) v=\"'\"+v;" in text
     with open(out / "fixes.csv", newline="") as f:
         fixes = {r["path"]: r["action"] for r in csv.DictReader(f)}
     assert fixes["gravel/gravel_003.png"] == "exclude" and fixes["grass/brick_004.jpg"] == "keep"

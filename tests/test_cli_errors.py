@@ -34,6 +34,15 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         ([], 2, "Missing argument"),
         (["{tmp}/nope.h5"], 1, "does not exist"),
         (["{tmp}/not_a_store.h5"], 1, "cannot read feature store"),
+        (["{tmp}/nope.json"], 1, "collection"),
+    ],
+    "collect": [
+        ([], 2, "Missing argument"),
+        (["{tmp}/c.json"], 2, "Missing argument"),
+        (["{tmp}/c.h5", "{store}"], 2, "must be a .json file name"),
+        (["{tmp}/c.json", "{tmp}/nope.h5"], 1, "does not exist"),
+        (["{tmp}/c.json", "{store}", "{store}"], 2, "given twice"),
+        (["{tmp}/c.json", "{tmp}/not_a_store.h5"], 1, "cannot read feature store"),
     ],
     "backbones": [
         (["a", "b"], 2, "unexpected extra argument"),
@@ -58,6 +67,9 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         (["{store}", "--model", "sklearn.linear_model:Nope"], 2, "has no 'Nope'"),
         (["{store}", "--model", "sklearn.linear_model:Ridge"], 2, "not a scikit-learn classifier"),
         (["{store}", "--model", "sklearn.pipeline:Pipeline"], 2, "cannot construct Pipeline()"),
+        (["{store}", "--exclude", "{tmp}/nope.csv", "-o", "{tmp}/r"], 1, "exclusions file"),
+        (["{store}", "--exclude", "{tmp}/bad.csv", "-o", "{tmp}/r"], 1, "needs 'path' and 'action' columns"),
+        (["{store}", "--group-duplicates", "--test-size", "0.3", "-o", "{tmp}/r"], 2, "does not combine"),
     ],
     "predict": [
         ([], 2, "Missing argument"),
@@ -99,6 +111,8 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         (["{tmp}/empty"], 1, "no images found"),
         (["{tmp}", "--epochs", "0"], 2, "--epochs"),
         (["{tmp}", "-b", "resnet5"], 2, "did you mean resnet50"),
+        (["{tmp}", "--exclude", "{tmp}/nope.csv"], 1, "nope.csv does not exist"),
+        (["{tmp}", "--exclude", "{tmp}/bad.csv"], 1, "needs 'path' and 'action' columns"),
     ],
     "sweep": [
         ([], 2, "Missing argument"),
@@ -108,6 +122,9 @@ CASES: dict[str, list[tuple[list[str], int, str]]] = {
         (["{tmp}", "-o", "{tmp}/sw", "-m", "svn"], 2, "did you mean svm"),
         (["{tmp}", "-o", "{tmp}/sw", "-m", "sgd-logreg"], 2, "fit_out_of_core"),
         (["{tmp}", "-o", "{tmp}/sw", "--cv", "1"], 2, "--cv"),
+        (["{tmp}", "-o", "{tmp}/sw", "--exclude", "{tmp}/nope.csv"], 1, "nope.csv does not exist"),
+        (["{tmp}", "-o", "{tmp}/sw", "--exclude", "{tmp}/bad.csv"], 1, "needs 'path' and 'action' columns"),
+        (["{tmp}", "-o", "{tmp}/sw", "--group-duplicates", "--test", "{tmp}"], 2, "does not combine with --test"),
     ],
     "audit": [
         ([], 2, "Missing argument"),
@@ -136,6 +153,7 @@ def places(tmp_path_factory: pytest.TempPathFactory, shared_store: Path) -> dict
     (tmp / "empty").mkdir()
     (tmp / "not_a_store.h5").write_bytes(b"garbage" * 100)
     (tmp / "a.jpg").write_bytes(b"")
+    (tmp / "bad.csv").write_text("path,label\na.jpg,cat\n")  # an exclusions file without an action column
     run = fit(shared_store, "ridge", cv=3, output=tmp / "run").run_dir
     return {"tmp": str(tmp), "store": str(shared_store), "run": str(run)}
 

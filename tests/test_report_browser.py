@@ -70,9 +70,9 @@ def _report(tmp_path: Path, k: int, *, holdout: bool) -> Path:
     return build_report([run], tmp_path / "report.html")
 
 
-def _in_chromium(page: Path, tmp_path: Path) -> dict:
+def _in_chromium(page: Path, tmp_path: Path, checks: str = CHECKS) -> dict:
     checked = tmp_path / "checked.html"
-    checked.write_text(page.read_text().replace("</body>", CHECKS + "</body>"))
+    checked.write_text(page.read_text().replace("</body>", checks + "</body>"))
     dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
                           "--virtual-time-budget=10000", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
                           checked.as_uri()], capture_output=True, text=True, timeout=120)
@@ -97,3 +97,51 @@ def test_the_report_reads_well_in_a_browser(tmp_path: Path, monkeypatch: pytest.
     if k > 20:
         assert "no colour legend" in seen["text"] and "without class labels" in seen["text"]  # 100 labels: none
         assert seen["tallest"] > 100 * 12  # the per-class chart grows with the class count
+
+
+# The audit page's "Download fixes.csv", clicked: the CSV handed to the Blob is carried out (the download itself is
+# left out: headless Chromium would save it somewhere of its own).
+FIXES = """<script>
+window.addEventListener("load", () => {
+  let csv = null;
+  const RealBlob = window.Blob;
+  window.Blob = function (parts, options) { csv = parts.join(""); return new RealBlob(parts, options); };
+  HTMLAnchorElement.prototype.click = function () {};
+  document.querySelector("button").click();
+  const pre = document.createElement("pre");
+  pre.id = "checks";
+  pre.textContent = JSON.stringify({csv: csv});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium; .ci/run installs it)")
+def test_the_audit_pages_fixes_csv_is_formula_escaped(tmp_path: Path) -> None:
+    """A class folder named like a formula: the page's fixes CSV escapes it as embedfit's CSV writer does (a
+    leading "'"), and `fit --exclude` reads the downloaded file back to the very paths."""
+    import shutil
+
+    from conftest import write_tree
+
+    from embedfit import audit
+    from embedfit.auditing import build_audit_report, read_exclusions
+    from embedfit.extraction.local import extract
+    from embedfit.fitting.data import load_dataset
+
+    root = write_tree(tmp_path / "tree", per_class=3, seed=1)
+    (root / "brick").rename(root / "=HYPERLINK(1)")
+    shutil.copy(root / "=HYPERLINK(1)" / "brick_000.jpg", root / "=HYPERLINK(1)" / "brick_copy.jpg")
+    store = extract(root, tmp_path / "f.h5", workers=0).store
+    result = audit(store, tmp_path / "audit", imagenet="off")
+    (dup,) = result.of_kind("exact_duplicate")
+    assert dup["path"] == "=HYPERLINK(1)/brick_copy.jpg"  # the copy: excluded by default
+    seen = _in_chromium(build_audit_report(tmp_path / "audit", tmp_path / "audit.html"), tmp_path, FIXES)
+    lines = seen["csv"].splitlines()
+    assert lines[0] == '"path","action"'
+    assert '"\'=HYPERLINK(1)/brick_copy.jpg","exclude"' in lines
+    assert not [line for line in lines if line.startswith('"=')]  # no cell a spreadsheet would run
+    downloaded = tmp_path / "fixes.csv"
+    downloaded.write_text(seen["csv"])
+    assert read_exclusions(downloaded) == {"=HYPERLINK(1)/brick_copy.jpg"}
+    assert "=HYPERLINK(1)/brick_copy.jpg" not in load_dataset(store, exclude=downloaded).paths

@@ -12,10 +12,12 @@ from embedfit.auditing.core import (
     AuditConfig,
     AuditResult,
     audit,
+    cluster_duplicates,
     components,
     content_keys,
     duplicate_groups,
     exact_duplicates_across,
+    exclusion_note,
     is_audit_folder,
     read_audit,
     read_exclusions,
@@ -24,6 +26,5 @@ from embedfit.auditing.core import (
 from embedfit.auditing.page import build_audit_report
 
 __all__ = ["KINDS", "NEAR_DUPLICATE_THRESHOLD", "AuditConfig", "AuditResult", "audit", "build_audit_report",
-           "components",
-           "content_keys", "duplicate_groups", "exact_duplicates_across", "is_audit_folder", "read_audit",
-           "read_exclusions", "write_audit"]
+           "cluster_duplicates", "components", "content_keys", "duplicate_groups", "exact_duplicates_across",
+           "exclusion_note", "is_audit_folder", "read_audit", "read_exclusions", "write_audit"]

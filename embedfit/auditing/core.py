@@ -121,7 +121,7 @@ def components(n: int, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
     return np.array([find(a) for a in range(n)])
 
 
-def _exact_pairs(keys: np.ndarray) -> list[tuple[int, int]]:
+def _exact_pairs(keys: Sequence[Any]) -> list[tuple[int, int]]:
     """Each copy paired with the first row of its content (rows are in path order)."""
     first: dict[Any, int] = {}
     pairs = []
@@ -159,10 +159,27 @@ def duplicate_groups(store: str | os.PathLike | FeatureStore, rows: np.ndarray |
     store = _open(store)
     rows = store.ok_rows() if rows is None else np.asarray(rows)
     keys, _ = content_keys(store, rows)
-    base = read_normalized(store, rows)
-    sims, idx = knn(base, neighbors)
-    pairs = _exact_pairs(keys) + [(a, b) for a, b, _ in _near_pairs(sims, idx, threshold)]
-    return components(len(rows), pairs)
+    return cluster_duplicates(keys, read_normalized(store, rows), threshold=threshold, neighbors=neighbors)
+
+
+def cluster_duplicates(keys: Sequence[Any], normalized: np.ndarray | None, *,
+                       threshold: float = NEAR_DUPLICATE_THRESHOLD, neighbors: int = NEIGHBORS) -> np.ndarray:
+    """A group id per image: images with equal `keys` (content hashes) and, given their embeddings, images whose
+    cosine similarity is at least `threshold` share one (connected components: a chain of copies is one group).
+
+    Args:
+        keys: A content key per image (the store's `content_hash`, or the SHA-256 of the file's bytes); None or ""
+            where unknown (such an image is grouped by its embedding only).
+        normalized: L2-normalised embeddings, one row per image (`search.normalize`); None groups by content only.
+        threshold: Near-duplicate cosine similarity.
+        neighbors: Nearest neighbours searched per image.
+    """
+    known = [k if k else ("unknown", i) for i, k in enumerate(keys)]  # an unknown key equals no other
+    pairs = _exact_pairs(known)
+    if normalized is not None and len(normalized):
+        sims, idx = knn(normalized, neighbors)
+        pairs += [(a, b) for a, b, _ in _near_pairs(sims, idx, threshold)]
+    return components(len(known), pairs)
 
 
 def exact_duplicates_across(keys: np.ndarray, folds: np.ndarray | None = None, other_keys: np.ndarray | None = None
@@ -193,6 +210,13 @@ def read_exclusions(path: str | os.PathLike) -> set[str]:
                              "with action 'exclude')")
         # cells as embedfit's CSV writer escaped them (a path starting with '=' reads back with a leading "'")
         return {csv_value(row["path"]) for row in reader if (row.get("action") or "").strip().lower() == "exclude"}
+
+
+def exclusion_note(path: str | os.PathLike, left_out: int, unknown: int, where: str = "the store") -> str:
+    """The note on what an exclusions file (`read_exclusions`) left out: `left_out` images, and `unknown` marked
+    paths that are not in `where`."""
+    return (f"{left_out} image(s) left out as marked in {path}"
+            + (f" ({unknown} marked path(s) are not in {where})" if unknown else ""))
 
 
 # ---------------------------------------------------------------------------------------------------

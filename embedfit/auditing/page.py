@@ -18,7 +18,7 @@ from typing import Any
 
 from embedfit.auditing.core import KINDS, AuditResult, read_audit
 from embedfit.errors import OutputError, check_output_file
-from embedfit.runs import write_csv
+from embedfit.runs import FORMULA_START, write_csv
 
 MAX_PER_KIND = 200  # findings shown per kind (all of them are in audit.csv and fixes.csv)
 THUMB = 160
@@ -87,16 +87,25 @@ body{font-family:system-ui,sans-serif;margin:2em;color:#222}h2{margin-top:1.6em}
 td,th{padding:2px 10px;border-bottom:1px solid #ddd;text-align:left}button{font-size:15px;padding:6px 14px}
 """
 
+# Cells escaped as `embedfit.runs.csv_cell` escapes them (a leading "'" before a formula character or a "'"), so
+# that a spreadsheet shows a path such as "=HYPERLINK(...).jpg" as text and `read_exclusions` reads it back.
+_FORMULA = "".join({"\t": "\\t", "\r": "\\r", "-": "\\-"}.get(c, c) for c in (*FORMULA_START, "'"))
 _SCRIPT = """
-function fixes(){
+function csvCell(v){
+  v=String(v); if(/^[FORMULA]/.test(v)) v="'"+v;
+  return '"'+v.replace(/"/g,'""')+'"';
+}
+function fixesCsv(){
   const rows=[["path","action"]], seen=new Set();
   document.querySelectorAll("select[data-path]").forEach(s=>{
     const p=s.dataset.path; if(seen.has(p)) return; seen.add(p); rows.push([p,s.value]);});
-  const csv=rows.map(r=>r.map(v=>'"'+String(v).replace(/"/g,'""')+'"').join(",")).join("\\n")+"\\n";
-  const a=document.createElement("a");
-  a.href=URL.createObjectURL(new Blob([csv],{type:"text/csv"})); a.download="fixes.csv"; a.click();
+  return rows.map(r=>r.map(csvCell).join(",")).join("\\n")+"\\n";
 }
-"""
+function fixes(){
+  const a=document.createElement("a");
+  a.href=URL.createObjectURL(new Blob([fixesCsv()],{type:"text/csv"})); a.download="fixes.csv"; a.click();
+}
+""".replace("FORMULA", _FORMULA)
 
 
 def build_audit_report(folder: str | os.PathLike, output: str | os.PathLike) -> Path:

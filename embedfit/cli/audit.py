@@ -11,7 +11,8 @@ from embedfit.cli.app import app, out
 
 @app.command()
 def audit(
-    store: str = typer.Argument(..., help="Feature store (.h5) to audit, a local path or a URL."),
+    store: str = typer.Argument(..., help="Feature store (.h5) or collection (.json) to audit, a local path or "
+                                "a URL."),
     output: Path = typer.Option(Path("audit"), "-o", "--output", help="Folder for audit.csv and audit.json."),
     test_store: str | None = typer.Option(None, help="Hold-out store to check for images leaked from STORE."),
     run: Path | None = typer.Option(None, help="A CV run of `embedfit fit` on STORE: use its out-of-fold "

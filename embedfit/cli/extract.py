@@ -1,4 +1,4 @@
-"""Commands over feature stores: extract, info, backbones."""
+"""Commands over feature stores: extract, info, collect, backbones."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def extract(
 
 @app.command()
 def info(
-    store: str = typer.Argument(..., help="Feature store (.h5), a local path or a URL."),
+    store: str = typer.Argument(..., help="Feature store (.h5) or collection (.json), a local path or a URL."),
     failed: bool = typer.Option(False, "--failed", help="List every failed image with its reason."),
     verify: bool = typer.Option(False, "--verify", help="Read the whole store: every checksum, every shard's keys."),
 ) -> None:
@@ -103,6 +103,19 @@ def info(
     if verify:
         out.print(f"verified: {opened.verify()} rows, every checksum and key")
     print_store_info(out, opened, list_failed=failed)
+
+
+@app.command()
+def collect(
+    output: str = typer.Argument(..., help="Collection file to write (.json), a local path or a URL."),
+    members: list[str] = typer.Argument(..., help="Member stores (.h5), local paths or URLs, in row order."),
+) -> None:
+    """Combine stores into one collection, read as one store by every command (same backbone and settings)."""
+    from embedfit.storage import collect as run_collect
+
+    collection = run_collect(output, members)
+    out.print(f"{output}: {len(collection.members)} member stores, {len(collection)} images ({collection.n_ok} ok), "
+              f"{len(collection.class_names)} classes, {collection.settings.describe()}", soft_wrap=True, markup=False)
 
 
 @app.command()

@@ -20,7 +20,8 @@ from embedfit.progress import StderrSink
 
 @app.command()
 def fit(
-    store: str = typer.Argument(..., help="Training feature store (.h5), a local path or a URL."),
+    store: str = typer.Argument(..., help="Training feature store (.h5) or collection (.json), a local path or a "
+                                "URL."),
     model: list[str] = typer.Option(["logreg"], "-m", "--model",
                                     help=f"{', '.join(classifier_names(streaming=False))}, or "
                                     f"{' / '.join(classifier_names(streaming=True))} (out-of-core, for stores larger "
@@ -90,8 +91,8 @@ def fit(
 @app.command()
 def predict(
     run: Path = typer.Argument(..., help="Run directory from `embedfit fit` or `embedfit finetune`."),
-    inputs: list[str] = typer.Argument(..., help="Images, folders, CSV lists, or one feature store (.h5); local "
-                                       "paths or URLs such as s3://bucket/new/."),
+    inputs: list[str] = typer.Argument(..., help="Images, folders, CSV lists, or one feature store (.h5) or "
+                                       "collection (.json); local paths or URLs such as s3://bucket/new/."),
     output: Path = typer.Option(Path("predictions.csv"), "-o", "--output", help="CSV, or JSON by suffix."),
     weights: Path | None = typer.Option(None, help="Backbone weights file, if the model was built with one."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),

@@ -76,7 +76,12 @@ def args_backbone(name: str) -> str:
 
 
 # Options that evaluation commands share, defined once: what an audit feeds back into how a classifier is scored.
-GROUP_DUPLICATES: Any = typer.Option(False, help="Keep each cluster of exact and near-duplicates within one CV "
-                                     "fold (see `embedfit audit`).")
+GROUP_DUPLICATES: Any = typer.Option(False, help="Keep each cluster of exact and near-duplicate images (see "
+                                     "`embedfit audit`) on one side of every split, so that no copy is scored by "
+                                     "a model trained on its twin: fit and sweep keep a cluster within one CV fold "
+                                     "(sweep: the same folds for every backbone), compare within the training or "
+                                     "the validation images of each split (every arm). fit and sweep: not with "
+                                     "a hold-out (--test-size, --test-store; sweep's --test).")
 EXCLUDE: Any = typer.Option(None, help="CSV with path,action columns (audit.csv, or the fixes CSV of `embedfit "
-                            "report AUDIT_DIR`): leave out the images marked 'exclude'.")
+                            "report AUDIT_DIR`): leave out the training images marked 'exclude' (paths as the "
+                            "store or folder keys them) from every model (fit, sweep) or every arm (compare).")

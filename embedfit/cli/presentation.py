@@ -53,6 +53,9 @@ def print_store_info(console: Console, store: FeatureStore, *, list_failed: bool
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         console.print(f" {key:<{width}}  {value}", markup=False, highlight=False, soft_wrap=True)
+    for member in s.get("members", []):  # a collection (`embedfit.storage.collection`)
+        console.print(f" member  {member['path']}: {member['images']} images, {member['ok']} ok"
+                      + ("" if member["complete"] else ", INCOMPLETE"), markup=False, highlight=False, soft_wrap=True)
     if s["class_status"]:
         shown = [st for st in ("ok", "failed", "missing") if st == "ok" or s[st]]  # columns that are not all 0
         classes = Table("class", *shown)

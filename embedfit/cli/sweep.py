@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from embedfit.cli.app import app, out
-from embedfit.cli.options import Pool
+from embedfit.cli.options import EXCLUDE, GROUP_DUPLICATES, Pool
 from embedfit.progress import StderrSink
 
 
@@ -34,18 +34,21 @@ def sweep(
     seed: int = typer.Option(0, help="Random seed of the folds and models."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", min=0.01,
                                              help="Budget: backbones estimated not to fit are skipped and named."),
+    group_duplicates: bool = GROUP_DUPLICATES,
+    exclude: Path | None = EXCLUDE,
 ) -> None:
     """Extract each backbone once, fit every model on identical folds, and rank them with a paired interval."""
     from embedfit.errors import check_inputs_exist
 
-    check_inputs_exist([data, *([test] if test else [])])  # before torch: a wrong path is refused at once
+    # before torch: a wrong path is refused at once
+    check_inputs_exist([data, *([test] if test else []), *([exclude] if exclude else [])])
     from embedfit.sweep import SweepConfig, read_sweep
     from embedfit.sweep import sweep as run_sweep
 
     config = SweepConfig(backbones=tuple(backbones), models=tuple(models), layers=tuple(layers) or (None,),
                          pool=pool.value if pool else None, resolution=resolution, test=test, metric=metric, cv=cv,
                          repeats=repeats, seed=seed, device=device, batch_size=batch_size,
-                         max_minutes=max_minutes)
+                         max_minutes=max_minutes, group_duplicates=group_duplicates, exclude=exclude)
     with StderrSink() as sink:
         result = run_sweep(data, output, config, on_progress=sink)
     print_sweep(out, read_sweep(output))

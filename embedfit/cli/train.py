@@ -10,6 +10,8 @@ from rich.table import Table
 from embedfit.backbones.spec import DEFAULT_BACKBONE
 from embedfit.cli.app import app, err, out
 from embedfit.cli.options import (
+    EXCLUDE,
+    GROUP_DUPLICATES,
     _path_str,
     args_backbone,
 )
@@ -151,11 +153,14 @@ def compare(
                                       "images (embedfit extract's): they are not embedded again; repeat for several."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", min=0.01,
                                              help="Budget: the arms estimated to fit run, the others are skipped."),
+    group_duplicates: bool = GROUP_DUPLICATES,
+    exclude: Path | None = EXCLUDE,
 ) -> None:
     """As-is vs linear probe vs fine-tuning vs scratch on identical splits, ending in a recommendation."""
     from embedfit.errors import check_inputs_exist
 
-    check_inputs_exist([data, *([test] if test else []), *([imagenet_map] if imagenet_map else [])])
+    check_inputs_exist([data, *([test] if test else []), *([imagenet_map] if imagenet_map else []),
+                        *([exclude] if exclude else [])])
     names = [args_backbone(b) for b in backbone]  # all before torch: a mistake is refused at once
     parts = [s.strip() for s in sizes.split(",") if s.strip()]
     bad = [s for s in parts if s != "all" and not (s.isdigit() and int(s) > 0)]
@@ -166,17 +171,18 @@ def compare(
     switch = {"on": True, "off": False}
     if not augment or any(a.strip() not in switch for a in augment.split(",")):
         raise typer.BadParameter(f"expected on, off or on,off, got '{augment}'", param_hint="--augment")
+    from embedfit.training.compare import CompareConfig, parse_arms, to_markdown
     from embedfit.training.compare import compare as run_compare
-    from embedfit.training.compare import parse_arms, to_markdown
 
+    config = CompareConfig(backbone=names[0], weights=_path_str(weights), probe_backbones=names[1:], epochs=epochs,
+                           scratch_epochs=scratch_epochs, sizes=steps, repeats=repeats, val_size=val_size,
+                           device=device, seed=seed, arms=parse_arms(arms),
+                           freeze=[f.strip() for f in freeze.split(",") if f.strip()],
+                           augment=[switch[a.strip()] for a in augment.split(",")], test=test,
+                           imagenet_map=_path_str(imagenet_map), stores=[str(s) for s in stores],
+                           max_minutes=max_minutes, group_duplicates=group_duplicates, exclude=exclude)
     with StderrSink() as sink:
-        result = run_compare(data, output, backbone=names[0], weights=_path_str(weights), probe_backbones=names[1:],
-                             epochs=epochs, scratch_epochs=scratch_epochs, sizes=steps, repeats=repeats,
-                             val_size=val_size, device=device, seed=seed, arms=parse_arms(arms),
-                             freeze=[f.strip() for f in freeze.split(",") if f.strip()],
-                             augment=[switch[a.strip()] for a in augment.split(",")], test=test,
-                             imagenet_map=_path_str(imagenet_map), on_progress=sink,
-                             stores=[str(s) for s in stores], max_minutes=max_minutes)
+        result = run_compare(data, output, config, on_progress=sink)
     out.print(f"results: {', '.join(result['files'])}", soft_wrap=True, markup=False)
     out.print(to_markdown(result), markup=False, soft_wrap=True, end="")
 

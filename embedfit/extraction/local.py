@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from embedfit.backbones.catalogue import check_request
+from embedfit.errors import UsageError
 from embedfit.extraction.engines import Engine, ExtractJob
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary, resolve_device
 from embedfit.extraction.writer import FeatureWriter, settings_if_same_request
@@ -42,6 +43,7 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
         ExtractionInterrupted: Ctrl-C or `max_failures`; finished work is saved and the run can resume.
     """
     from embedfit.extraction.engines import create_engine
+    from embedfit.storage import is_collection
     from embedfit.storage.objects import with_staged_store
     from embedfit.url import is_url, local_or_url
 
@@ -51,6 +53,9 @@ def extract(source: str | os.PathLike, output: str | os.PathLike, config: Extrac
     if config.shard_size is None and engine.shard_size:
         config = dataclasses.replace(config, shard_size=engine.shard_size)
     output = local_or_url(output)
+    if is_collection(output):
+        raise UsageError(f"`output` {output} is a .json name, which is a collection of stores: extract into a store "
+                         "(.h5), then combine stores with `embedfit collect`")
     if is_url(output):  # object storage: run on a local staging copy, uploaded whole when committed
         return with_staged_store(output, config.overwrite, lambda local: _plan_and_run(
             source, local, output, config, class_names, engine, started, on_progress))

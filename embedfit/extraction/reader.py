@@ -33,6 +33,50 @@ from embedfit.url import is_url, read_bytes
 log = logging.getLogger(__name__)
 
 
+def record_source(record: ImageRecord) -> str | os.PathLike[str] | bytes:
+    """What to decode for a record: its path, or for an object on object storage its bytes, read through this
+    process's own fsspec filesystem (`embedfit.url.read_bytes`; a failed read is a `DecodeError`).
+
+    A local path is checked to be a regular file first: a FIFO or device named ``x.jpg`` would block the first
+    `open` forever (`DecodeError` "not a regular file", without opening it)."""
+    path = record.path
+    if isinstance(path, str) and is_url(path):
+        return read_bytes(path, record.size if record.size > 0 else None)
+    check_regular_file(os.fspath(path))
+    return path
+
+
+def read_record(record: ImageRecord) -> tuple[str | os.PathLike[str] | bytes, str]:
+    """A record's bytes and their SHA-256 hex digest (what a store keeps as `content_hash`); a file that cannot be
+    read (or is empty) comes back as its path with no digest, for the decoder to word the reason.
+
+    Raises:
+        DecodeError: An object on object storage cannot be read, or the path is not a regular file.
+    """
+    source = record_source(record)
+    if not isinstance(source, (bytes, bytearray)):
+        try:
+            data = Path(source).read_bytes()
+        except OSError:
+            return source, ""
+        if not data:
+            return source, ""
+        source = data
+    return source, hashlib.sha256(source).hexdigest()
+
+
+def file_hashes(records: Sequence[ImageRecord]) -> list[str]:
+    """Each record's `content_hash` (the SHA-256 of its file's bytes, as extraction stores it), read without
+    decoding; "" where the file cannot be read."""
+    hashes = []
+    for record in records:
+        try:
+            hashes.append(read_record(record)[1])
+        except DecodeError:
+            hashes.append("")
+    return hashes
+
+
 class ImageDataset(Dataset):
     """Records -> (index, uint8 tensor or None, error message, SHA-256 of the file's bytes); decoding errors are
     data, not exceptions. Each file is read once: the bytes are hashed (the store's `content_hash`, which finds
@@ -54,34 +98,12 @@ class ImageDataset(Dataset):
         return len(self.records)
 
     def source(self, i: int) -> str | os.PathLike[str] | bytes:
-        """What to decode for record `i`: its path, or for an object on object storage its bytes, read through
-        this worker's own fsspec filesystem (`embedfit.url.read_bytes`; a failed read is a `DecodeError`).
-
-        A local path is checked to be a regular file first: a FIFO or device named ``x.jpg`` would block the
-        first `open` forever (`DecodeError` "not a regular file", without opening it)."""
-        path = self.records[i].path
-        if isinstance(path, str) and is_url(path):
-            return read_bytes(path, self.records[i].size if self.records[i].size > 0 else None)
-        check_regular_file(os.fspath(path))
-        return path
+        """What to decode for record `i` (`record_source`)."""
+        return record_source(self.records[i])
 
     def read(self, i: int) -> tuple[str | os.PathLike[str] | bytes, str]:
-        """Record `i`'s bytes and their SHA-256 hex digest; a file that cannot be read (or is empty) comes back as
-        its path with no digest, for the decoder to word the reason.
-
-        Raises:
-            DecodeError: An object on object storage cannot be read.
-        """
-        source = self.source(i)
-        if not isinstance(source, (bytes, bytearray)):
-            try:
-                data = Path(source).read_bytes()
-            except OSError:
-                return source, ""
-            if not data:
-                return source, ""
-            source = data
-        return source, hashlib.sha256(source).hexdigest()
+        """Record `i`'s bytes and their SHA-256 hex digest (`read_record`)."""
+        return read_record(self.records[i])
 
     def decode(self, i: int, source: str | os.PathLike[str] | bytes | None = None) -> tuple[torch.Tensor | None, str]:
         """Decode and preprocess record `i` on the CPU: (uint8 tensor, "") or (None, reason).

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from embedfit.extraction.settings import ExtractConfig, ExtractSummary, MaxFailu
 from embedfit.images import ImageRecord, ImageSource
 from embedfit.progress import OnProgress, Progress, progress_sink
 from embedfit.storage import CONTENT_HASH, FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
+
+if TYPE_CHECKING:
+    from embedfit.storage.manifest import ManifestResult
 
 _MAX_FAILURES_LISTED = 20
 T = TypeVar("T")
@@ -232,7 +235,7 @@ class FeatureWriter:
             [r.size for r in records], [r.mtime_ns for r in records], [FAILED if e else OK for e in errors], errors,
             features, {CONTENT_HASH: hashes}))
 
-    def commit(self, *, complete: bool = True, **attrs: Any) -> FeatureStore:
+    def commit(self, *, complete: bool = True, **attrs: Any) -> FeatureStore | ManifestResult:
         """Flush, wait for every part, and merge them into the store (atomically replaced).
 
         Args:
@@ -240,7 +243,8 @@ class FeatureWriter:
             attrs: Provenance of this run (device, decode, runtime, engine); `None` values are left out.
 
         Returns:
-            The committed store; `summary` is final.
+            The committed store (a sharded store's counts, `ManifestResult`, which is not read back); `summary`
+            is final.
         """
         self.flush()
         for future in self._futures:
@@ -249,15 +253,22 @@ class FeatureWriter:
         self.summary.seconds = time.perf_counter() - self._start
         previous = self._store.previous
         prior = float(previous.attrs.get("extract_seconds", 0.0)) if previous is not None else 0.0
-        store = self._store.commit(self.images.records, self.images.class_names, complete=complete, attrs={
-            **attrs, "root": str(self.images.root), "source_kind": self.images.kind,
-            "extract_seconds": prior + self.summary.seconds})
+        attrs = {**attrs, "root": str(self.images.root), "source_kind": self.images.kind,
+                 "extract_seconds": prior + self.summary.seconds}
+        if self.sharded:  # streamed over the shards; the manifest is not read back (`ManifestResult`)
+            from embedfit.storage.manifest import Listing
+
+            result = self._store.commit_listing(Listing.of(self.images.records, self.images.class_names),
+                                                complete=complete, attrs=attrs)
+            self.summary.complete, self.summary.missing = result.complete, result.n_missing
+            return result
+        store = self._store.commit(self.images.records, self.images.class_names, complete=complete, attrs=attrs)
         self.summary.complete = store.complete
         self.summary.missing = int((store.status == MISSING).sum())
         return store
 
 
-def raise_for_stop(stop_reason: str, store: FeatureStore, output: object) -> None:
+def raise_for_stop(stop_reason: str, store: FeatureStore | ManifestResult, output: object) -> None:
     """After the commit: the error a stopped run ends with, if any (both engines end the same way).
 
     Interrupted (exit 130) unless the store came out complete anyway (a Ctrl-C after the last batch); stopped by the

@@ -41,18 +41,7 @@ def load_dataset(store: FeatureStore | str | Path, exclude: str | Path | None = 
     if not store.class_names or (store.labels < 0).all():
         raise InputError(f"store {store.path} has no labels: extract from a class-per-subfolder tree or a CSV "
                          "with a label column to fit a classifier")
-    usable = (store.status == 0) & (store.labels >= 0)
-    notes = []
-    if exclude is not None:
-        from embedfit.auditing import read_exclusions
-
-        marked = read_exclusions(exclude)
-        left_out = np.isin(store.paths, np.array(sorted(marked), dtype=object))
-        unknown = len(marked) - int(left_out.sum())
-        notes.append(f"{int((left_out & usable).sum())} image(s) left out as marked in {exclude}"
-                     + (f" ({unknown} marked path(s) are not in the store)" if unknown else ""))
-        usable &= ~left_out
-    rows = np.flatnonzero(usable)
+    rows, notes = usable_rows(store, exclude)
     X = store.features(rows)
     if not np.isfinite(X).all():
         bad = rows[~np.isfinite(X).all(axis=1)]
@@ -72,6 +61,21 @@ def load_dataset(store: FeatureStore | str | Path, exclude: str | Path | None = 
         y = np.searchsorted(keep, y)  # labels renumbered over the classes kept
         class_names = [class_names[c] for c in keep]
     return Dataset(X, y, store.paths[rows], rows, class_names, store, len(store) - len(rows), notes)
+
+
+def usable_rows(store: FeatureStore, exclude: str | Path | None = None) -> tuple[np.ndarray, list[str]]:
+    """The rows of a store a classifier is fitted on (embedded, labelled, and not marked "exclude" in the
+    `exclude` CSV: `embedfit.auditing.read_exclusions`), and a note on what `exclude` left out."""
+    usable = (store.status == 0) & (store.labels >= 0)
+    notes = []
+    if exclude is not None:
+        from embedfit.auditing import exclusion_note, read_exclusions
+
+        marked = read_exclusions(exclude)
+        left_out = np.isin(store.paths, np.array(sorted(marked), dtype=object))
+        notes.append(exclusion_note(exclude, int((left_out & usable).sum()), len(marked) - int(left_out.sum())))
+        usable &= ~left_out
+    return np.flatnonzero(usable), notes
 
 
 def check_trainable(y: np.ndarray, class_names: Sequence[str], n_splits: int | None) -> None:

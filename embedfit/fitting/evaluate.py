@@ -132,6 +132,18 @@ def make_splits(y: np.ndarray, *, cv: int, repeats: int, groups: np.ndarray | No
     return list(RepeatedStratifiedKFold(n_splits=cv, n_repeats=repeats, random_state=seed).split(dummy, y))
 
 
+def selection_identity(paths: np.ndarray, group_keys: np.ndarray | None, *, excluded: bool) -> dict[str, str]:
+    """What a run's identity records about which images were scored and which stay together (`identity_of`'s
+    evaluation): "groups", a digest of the group keys (they change the folds), and with an exclusions file "rows",
+    a digest of the paths kept. `sweep` asks the same of a run it would reuse."""
+    out = {}
+    if group_keys is not None:
+        out["groups"] = hashlib.sha256(json.dumps([str(g) for g in group_keys]).encode()).hexdigest()[:16]
+    if excluded:
+        out["rows"] = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:16]
+    return out
+
+
 @dataclass(frozen=True)
 class FitConfig:
     """How to fit and evaluate a model (the `embedfit fit` options, one field each).
@@ -305,10 +317,7 @@ def fit(store: str | Path | FeatureStore, model: str | BaseEstimator = DEFAULT_M
         params.update(class_weight=None, estimator=repr(pipe))
     # What this run answers: refused before the CV when the folder holds a run that answered something else.
     asked = {k: v for k, v in evaluation.items() if k not in ("test_store", "n_test")}
-    if group_keys is not None:  # which images stay together changes the folds
-        asked["groups"] = hashlib.sha256(json.dumps([str(g) for g in group_keys]).encode()).hexdigest()[:16]
-    if config.exclude is not None:  # which images were left out changes what was scored
-        asked["rows"] = hashlib.sha256("\n".join(map(str, data.paths)).encode()).hexdigest()[:16]
+    asked.update(selection_identity(data.paths, group_keys, excluded=config.exclude is not None))
     identity = identity_of(data=data.store.fingerprint, model=model,
                            settings={k: v for k, v in params.items() if k != "device"}, evaluation=asked)
     check_replace(run_dir, identity)

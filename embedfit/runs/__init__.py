@@ -6,6 +6,7 @@ saved scikit-learn model may contain and the checks of a loaded one; `files` com
 
 from embedfit.runs.files import atomic_write, json_default, replace_dir, staged_dir
 from embedfit.runs.record import (
+    FORMULA_START,
     METRICS,
     MODEL_FILES,
     PREDICTIONS,
@@ -37,6 +38,7 @@ from embedfit.runs.record import (
 from embedfit.runs.trusted import check_fitted, skops_io, untrusted_types
 
 __all__ = [
+    "FORMULA_START",
     "METRICS",
     "MODEL_FILES",
     "PREDICTIONS",

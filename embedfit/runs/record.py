@@ -327,14 +327,16 @@ def write_predictions_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 # OWASP's rule against CSV injection: a spreadsheet runs a cell that starts with one of these as a formula.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# What a spreadsheet may run as a formula at the start of a cell; `csv_cell` escapes these and "'" (the audit page's
+# JavaScript CSV writer escapes the same, from this tuple).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def csv_cell(value: Any) -> Any:
     """A value as a CSV cell that a spreadsheet shows as text rather than running: text starting with a formula
     character (`=`, `+`, `-`, `@`, tab, CR) gets a leading `'`, and so does text already starting with `'`, so
     that `csv_value` gives the text back exactly. Numbers stay numbers (-0.5 is no formula)."""
-    if isinstance(value, str) and value.startswith((*_FORMULA_START, "'")):
+    if isinstance(value, str) and value.startswith((*FORMULA_START, "'")):
         return "'" + value
     return value
 

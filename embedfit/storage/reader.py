@@ -1,4 +1,5 @@
-"""The reader: one `FeatureStore.open()` for every store, local or on object storage, one file or sharded.
+"""The reader: one `FeatureStore.open()` for every store, local or on object storage, one file, sharded, or a
+collection of stores (`StoreCollection`; the format and its rules: `embedfit.storage.collection`).
 
 `FeatureStore.open(path)` dispatches: a URL is read through a local copy (`embedfit.storage.objects`, downloaded
 again once if the cached copy does not match what was recorded); a sharded store's manifest is checked against its
@@ -15,8 +16,11 @@ Readers never need the writer's lock: a `FeatureStore` holds its file open, so a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import posixpath
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,14 +30,17 @@ import h5py
 import numpy as np
 
 from embedfit.backbones.spec import BackboneSpec
-from embedfit.errors import StoreError, StoreMismatchError
+from embedfit.errors import EmbedfitError, StoreError, StoreMismatchError
 from embedfit.storage.schema import (
+    FAILED,
     LAYOUT,
+    MISSING,
     OK,
     SCHEMA_VERSION,
     STATUS_NAMES,
     StoreSettings,
     attr,
+    check_mixable,
     damaged,
     metadata_digest,
     quiet_hdf5,
@@ -102,14 +109,18 @@ class FeatureStore:
         """Open a store for reading, wherever it is and however it is laid out; it stays open until `close()`.
 
         Args:
-            path: A local path or a URL on object storage.
+            path: A local path or a URL on object storage; a ``.json`` file is a collection of stores, read as
+                one (`embedfit.storage.collection.StoreCollection`).
             check_shards: Check a sharded store's shards (per shard: present, digest, rows, key range). False opens
                 the manifest alone, for a resume that repairs them; reading features still refuses a bad shard.
 
         Raises:
             StoreError: The file is missing, not an embedfit store, damaged, an interrupted extraction that never
-                committed (with how to resume), or a sharded store whose shards are missing or do not belong.
+                committed (with how to resume), or a sharded store whose shards are missing or do not belong; a
+                collection with a member missing, changed or swapped since it was collected.
         """
+        if is_collection(path):  # a store of stores (`embedfit.storage.collection`)
+            return open_collection(path, check_shards=check_shards)
         if isinstance(path, str) and "://" in path:  # object storage: a cached local copy
             from embedfit.url import local_or_url, redact
 
@@ -501,3 +512,327 @@ class ShardedFeatures:
         """Close the shard files held open."""
         while self._open:
             self._open.popitem()[1].close()
+
+
+# --------------------------------------------------------------------------------------------------
+# collections: a store of stores (`embedfit.storage.collection` makes them; this reads them)
+
+FORMAT, VERSION = "embedfit-collection", 1
+SUFFIX = ".json"
+MAX_HELD = 8
+"""Members that keep their file open (each a sharded store may hold up to 64 shard files more); the others open
+their file per read and check that it is still the store collected (`FeatureStore.features` on a closed store)."""
+
+
+
+def is_collection(path: str | os.PathLike) -> bool:
+    """True when `path` names a collection: a ``.json`` file (stores are HDF5 files, any other name)."""
+    return os.fspath(path).lower().endswith(SUFFIX)
+
+
+class StoreCollection(FeatureStore):
+    """Several stores read as one: a `FeatureStore` whose rows are its members' rows, member after member.
+
+    Everything a store offers works the same (`paths`, `labels`, `class_names`, `status`, `features(rows)`,
+    `iter_batches`, `load`, `summary`, `verify`, `fingerprint`), so `fit` (in memory and out of core), `predict`,
+    `audit`, `report`, `info` and the notebook take a collection where they take a store. Open one with
+    `FeatureStore.open("feats.collection.json")`; make one with `collect`.
+
+    Attributes:
+        members: The member stores, open, in the collection's order.
+        member_paths: Each member's path as the collection records it (relative to its folder, or absolute).
+        offsets: First row of each member, plus the total: member `i` holds rows `offsets[i]:offsets[i + 1]`.
+    """
+
+    def __init__(self, path: Path, members: Sequence[FeatureStore], member_paths: Sequence[str], *,
+                 url: str = "") -> None:
+        self.members = list(members)
+        self.member_paths = list(member_paths)
+        self.offsets = np.cumsum([0, *(len(m) for m in self.members)])
+        arrays, root = _merged_rows(self.members, self.member_paths)
+        attrs = _merged_attrs(self.members, self.member_paths, root, arrays)
+        super().__init__(path, attrs, arrays)
+        self.url = url
+
+    def __repr__(self) -> str:
+        return (f"StoreCollection('{self.url or self.path}', {len(self.members)} members, {self.spec.short()}, "
+                f"{self.n_ok} ok / {len(self)} images, {len(self.class_names)} classes"
+                f"{'' if self.complete else ', INCOMPLETE'})")
+
+    def close(self) -> None:
+        """Release every member's file (metadata stays usable; reads then reopen each member, checked)."""
+        for member in self.members:
+            member.close()
+
+    def features(self, rows: Sequence[int] | np.ndarray | slice | None = None, *,
+                 dtype: Any = np.float32, chunk_rows: int = 16384) -> np.ndarray:
+        """Read features of global rows (all, a slice or an index array), each from the member that holds it.
+
+        Raises:
+            StoreError: A member's features are damaged or gone (naming the member's file).
+        """
+        if rows is None or isinstance(rows, slice):
+            start, stop, step = (rows or slice(None)).indices(len(self))
+            if step != 1:
+                return self.features(np.arange(start, stop, step), dtype=dtype, chunk_rows=chunk_rows)
+            out = np.empty((max(0, stop - start), self.dim), dtype=dtype)
+            for i, member in enumerate(self.members):
+                a, b = max(start, self.offsets[i]), min(stop, self.offsets[i + 1])
+                if a < b:
+                    out[a - start:b - start] = member.features(slice(a - self.offsets[i], b - self.offsets[i]),
+                                                               dtype=dtype, chunk_rows=chunk_rows)
+            return out
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows out of range for {len(self)} rows")
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows), self.dim), dtype=dtype)
+        for i in np.unique(which):
+            at = which == i
+            out[at] = self.members[i].features(rows[at] - self.offsets[i], dtype=dtype, chunk_rows=chunk_rows)
+        return out
+
+    def verify(self) -> int:
+        """The full check of every member (`FeatureStore.verify`): every checksum, every shard's keys."""
+        return sum(member.verify() for member in self.members)
+
+    def summary(self) -> dict[str, Any]:
+        """A store's summary (`FeatureStore.summary`) plus `members`: path, images, ok and completeness of each."""
+        return {**super().summary(), "layout": "collection",
+                "members": [{"path": p, "images": len(m), "ok": m.n_ok, "complete": m.complete}
+                            for p, m in zip(self.member_paths, self.members, strict=True)]}
+
+
+
+def open_collection(path: str | os.PathLike, *, check_shards: bool = True) -> StoreCollection:
+    """Open the collection at `path` (a local file or a URL): every member opened and checked against the record.
+
+    Args:
+        path: The collection file (``.json``).
+        check_shards: Passed to each member's `FeatureStore.open`.
+
+    Raises:
+        StoreError: The file is missing or not a collection; a member is missing, cannot be opened, or is not the
+            store recorded (changed or swapped since `collect`).
+        StoreMismatchError: Members with different settings (an edited collection file).
+    """
+    from embedfit.url import is_url, local_or_url, redact
+
+    where = local_or_url(path)
+    if is_url(where):
+        doc = _parse(_read_remote(where), redact(where))
+        base = where.rsplit("/", 1)[0] + "/"
+        local = _resolved_copy(where, doc, base)  # reopening `.path` (report, notebook) finds the same members
+        return _open(local, doc, redact(where), base, check_shards, url=redact(where))
+    local = Path(where)
+    try:
+        text = local.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StoreError(f"collection {local} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StoreError(f"cannot read collection {local}: {exc}") from None
+    return _open(local, _parse(text, str(local)), str(local), local.parent, check_shards)
+
+
+
+def _parse(text: str, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise StoreError(f"{where} is not a store collection (not JSON: {exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise StoreError(f"{where} is not a store collection (no \"format\": \"{FORMAT}\"); make one with "
+                         "`embedfit collect OUT.json STORE...`")
+    if int(doc.get("version", 0)) > VERSION:
+        raise StoreError(f"{where} is a collection of version {doc['version']}; this embedfit reads up to "
+                         f"{VERSION}: upgrade embedfit")
+    members = doc.get("members")
+    keys = ("path", "rows", "fingerprint", "metadata_sha256", "root")
+    if not isinstance(members, list) or not all(isinstance(m, dict) and all(k in m for k in keys) for m in members):
+        raise StoreError(f"collection {where} is damaged: each member needs {', '.join(keys)}; make it again with "
+                         "`embedfit collect`")
+    if not members:
+        raise StoreError(f"collection {where} has no members")
+    return doc
+
+
+def _read_remote(url: str) -> str:
+    from embedfit.url import read_text
+
+    try:
+        return read_text(url)
+    except EmbedfitError as exc:  # InputError: missing or unreadable; a store is what is missing here
+        raise StoreError(str(exc)) from None
+
+
+def _resolved_copy(url: str, doc: dict[str, Any], base: str) -> Path:
+    """A local copy of the remote collection at `url` whose members are absolute URLs (in the read cache)."""
+    from embedfit.storage.objects import cache_dir
+
+    resolved = {**doc, "members": [{**m, "path": _resolve(m["path"], base)} for m in doc["members"]]}
+    local = cache_dir() / "collections" / hashlib.sha256(url.encode()).hexdigest()[:20] / posixpath.basename(url)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(resolved, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, local)  # whole: another process may be reading the previous copy
+    return local
+
+
+def _resolve(member: str, base: str | Path) -> str:
+    """A member's recorded path as a path or URL to open: relative ones are relative to the collection's folder."""
+    from embedfit.url import is_url, join
+
+    if is_url(member) or os.path.isabs(member):
+        return member
+    if isinstance(base, str):  # a folder URL
+        return join(base, member)
+    return str(base / member)
+
+
+def _open(local: Path, doc: dict[str, Any], where: str, base: str | Path, check_shards: bool, *,
+          url: str = "") -> StoreCollection:
+    opened: list[FeatureStore] = []
+    try:
+        for i, entry in enumerate(doc["members"]):
+            target = _resolve(entry["path"], base)
+            try:
+                store = FeatureStore.open(target, check_shards=check_shards)
+            except StoreError as exc:
+                if "does not exist" in str(exc):
+                    raise StoreError(f"collection {where}: member {entry['path']} is missing (looked for {target}); "
+                                     "members are found relative to the collection file, so move or copy them "
+                                     "with it, or make the collection again with `embedfit collect`") from None
+                raise StoreError(f"collection {where}: member {entry['path']}: {exc}") from None
+            opened.append(store)
+            problem = _changed(store, entry)
+            if problem:
+                raise StoreError(f"collection {where}: member {entry['path']} {problem} than when it was collected "
+                                 "(re-extracted, resumed or replaced since); run `embedfit collect` again to take "
+                                 "the members as they are now")
+            if i >= MAX_HELD:  # bounded open files: read per call, checked (see MAX_HELD)
+                store.close()
+        try:
+            return StoreCollection(local, opened, [e["path"] for e in doc["members"]], url=url)
+        except StoreError as exc:
+            raise type(exc)(f"collection {where}: {exc}") from None
+    except BaseException:
+        for store in opened:
+            store.close()
+        raise
+
+
+def _changed(store: FeatureStore, entry: dict[str, Any]) -> str:
+    """How `store` differs from the record `entry` ("" when it is the store collected)."""
+    if len(store) != entry["rows"]:
+        return f"has {len(store)} rows, {entry['rows']} recorded; it has other rows"
+    if store.fingerprint != entry["fingerprint"]:
+        return "has another fingerprint (other images, labels or backbone)"
+    if store.attrs.get("metadata_sha256") != entry["metadata_sha256"]:
+        return "has another metadata digest"
+    if str(store.attrs.get("root", ".")) != entry["root"]:
+        return f"has another image root ({store.attrs.get('root', '.')}, recorded {entry['root']})"
+    return ""
+
+
+
+def _merged_rows(members: Sequence[FeatureStore], names: Sequence[str]) -> tuple[dict[str, Any], str]:
+    """The collection's per-row arrays (keys under the common root, labels re-indexed by class name) and that root.
+
+    Raises:
+        StoreMismatchError: Members with different settings.
+        StoreError: Members whose images have no folder in common.
+    """
+    first = members[0]
+    for name, m in zip(names[1:], members[1:], strict=True):
+        check_mixable(m.settings, first.settings, f"member {name}", f"member {names[0]}", same_store=True)
+    roots = [str(m.attrs.get("root", ".")) for m in members]
+    root = _common_root(roots)
+    if root is None:
+        raise StoreError(f"members {names[0]} and {names[roots.index(next(r for r in roots if r != roots[0]))]} "
+                         f"have images in places with no folder in common ({roots[0]} ...); collect them apart")
+    class_names = sorted(set().union(*(m.class_names for m in members)))
+    index = {c: i for i, c in enumerate(class_names)}
+    paths, labels = [], []
+    for m, member_root in zip(members, roots, strict=True):
+        prefix = _prefix(member_root, root)
+        # Absolute keys (a CSV's absolute paths, URLs) already name one file each; the test is inlined: per row.
+        paths.append(m.paths if not prefix else np.array(
+            [k if k[:1] == "/" or "://" in k else prefix + k for k in m.paths.tolist()], dtype=object))
+        mapping = np.array([index[c] for c in m.class_names] + [-1], dtype=np.int64)  # label -1 stays -1
+        labels.append(mapping[m.labels])
+    arrays: dict[str, Any] = {"paths": _concat(paths, object), "labels": _concat(labels, np.int64),
+                              "class_names": np.array(class_names, dtype=object), "dim": first.dim}
+    for name in first.row_arrays:
+        if name not in arrays:
+            arrays[name] = _concat([m.row_arrays[name] for m in members], first.row_arrays[name].dtype)
+    return arrays, root
+
+
+def _concat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.array([], dtype=dtype)
+
+
+def _common_root(roots: Sequence[str]) -> str | None:
+    """The deepest folder (or folder URL) holding every root; None when there is none (local and remote, other
+    buckets, relative and absolute)."""
+    from embedfit.url import is_url
+
+    if all(is_url(r) for r in roots):
+        parts = [urllib.parse.urlsplit(r) for r in roots]
+        if len({(p.scheme, p.netloc) for p in parts}) > 1:
+            return None
+        common = posixpath.commonpath([p.path or "/" for p in parts])
+        return urllib.parse.urlunsplit((parts[0].scheme, parts[0].netloc, common, "", ""))
+    if any(is_url(r) for r in roots):
+        return None
+    try:
+        return os.path.commonpath(roots) or "."
+    except ValueError:
+        return None
+
+
+def _prefix(member_root: str, root: str) -> str:
+    """What a member's keys get in front of them: its root relative to the common root, with a slash ("" if same)."""
+    from embedfit.url import is_url
+
+    if is_url(root):
+        rel = posixpath.relpath(urllib.parse.urlsplit(member_root).path or "/", urllib.parse.urlsplit(root).path or "/")
+    else:
+        rel = Path(os.path.relpath(member_root, root)).as_posix()
+    return "" if rel == "." else rel + "/"
+
+
+def _merged_attrs(members: Sequence[FeatureStore], names: Sequence[str], root: str,
+                  arrays: dict[str, Any]) -> dict[str, Any]:
+    """A store's attributes for the collection: settings of its members, provenance joined, counts summed."""
+    first = members[0]
+
+    def joined(key: str, default: str) -> str:
+        values = {v for m in members for v in str(m.attrs.get(key, default)).split("+")}
+        return "+".join(sorted(values))
+
+    versions: dict[str, list[str]] = {}
+    for m in members:
+        for lib, v in json.loads(m.attrs.get("versions", "{}")).items():
+            versions.setdefault(lib, [])
+            if v not in versions[lib]:
+                versions[lib].append(v)
+    digest = hashlib.sha256(FORMAT.encode())
+    for name, m in zip(names, members, strict=True):
+        digest.update(json.dumps([name, m.fingerprint, m.attrs.get("metadata_sha256"),
+                                  _prefix(str(m.attrs.get("root", ".")), root)]).encode())
+    status = arrays["status"]
+    return {
+        **first.settings.attrs(), "layout": "collection", "root": root,
+        "schema_version": max(int(m.attrs.get("schema_version", SCHEMA_VERSION)) for m in members),
+        "complete": all(m.complete for m in members), "fingerprint": digest.hexdigest(),
+        "n_ok": int((status == OK).sum()), "n_failed": int((status == FAILED).sum()),
+        "n_missing": int((status == MISSING).sum()),
+        **{key: joined(key, default) for key, default in (("device", "cpu"), ("runtime", "torch"),
+                                                           ("decode", "pil"), ("engine", "local"),
+                                                           ("source_kind", "folder"))},
+        "created": min(str(m.attrs.get("created", "")) for m in members),
+        "updated": max(str(m.attrs.get("updated", "")) for m in members),
+        "extract_seconds": sum(float(m.attrs.get("extract_seconds", 0.0)) for m in members),
+        "versions": json.dumps({lib: ", ".join(v) for lib, v in versions.items()}),
+    }

@@ -38,7 +38,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,24 +47,29 @@ import numpy as np
 
 from embedfit._version import __version__
 from embedfit.errors import StoreError
+from embedfit.storage.manifest import (
+    Listing,
+    ListingBlock,
+    ManifestResult,
+    PlanCounts,
+    ShardInfo,
+    plan_blocks,
+    write_manifest,
+)
 from embedfit.storage.reader import FeatureStore, shard_problem
 from embedfit.storage.schema import (
     CHUNK_ROWS,
-    FAILED,
     LAYOUT,
-    MISSING,
-    OK,
     SCHEMA_VERSION,
     StoreSettings,
     attr,
     ensure_space,
-    fingerprint,
     library_versions,
-    read_row_arrays,
+    quiet_hdf5,
     shards_dir,
     write_row_datasets,
 )
-from embedfit.storage.writer import Row, StoreWriter, arrays_of, part_arrays, run_provenance
+from embedfit.storage.writer import ResumePlan, StoreWriter, part_arrays, run_provenance
 
 SHARD_TMP_ENV = "EMBEDFIT_SHARD_TMP"  # local scratch for shards being written (default: the system temp dir)
 log = logging.getLogger("embedfit")
@@ -183,6 +188,8 @@ class ShardedStoreWriter(StoreWriter):
         self.provenance: dict[str, Any] = {}  # written into each shard this writer writes
         self._lock: Any = None
         self._previous: FeatureStore | None = None
+        self._committed: dict[str, Any] = {}  # the attributes of this writer's last manifest
+        self._planned: dict[str, ShardInfo] = {}  # key ranges of the shards `plan_shards` handed out
         self._seq = 0
         self._run_id = f"{time.time_ns():020d}-{os.getpid()}"
         self._overwrite = overwrite
@@ -246,15 +253,6 @@ class ShardedStoreWriter(StoreWriter):
             shards = [s for s in shards if s.name.startswith(f"shard-{self._run_id}-")]
         return shards
 
-    def _source_arrays(self, s: int, source: Path) -> dict[str, Any]:
-        """The per-row arrays of shard `s` (every source is a shard; the manifest only says which rows count)."""
-        try:
-            with h5py.File(source, "r") as f:
-                return read_row_arrays(f)
-        except Exception as exc:
-            raise StoreError(f"cannot read shard {source} ({exc}); re-run the same command: a damaged or "
-                             "missing shard is left out and its images are embedded again") from None
-
     def write_part(self, keys: Sequence[str], labels: Sequence[str], sizes: Sequence[int],
                    mtimes: Sequence[int], status: Sequence[int], errors: Sequence[str],
                    features: np.ndarray, extra: dict[str, Sequence[Any]] | None = None) -> Path:
@@ -264,6 +262,42 @@ class ShardedStoreWriter(StoreWriter):
         return write_shard(self.parts, name, self.settings, keys, labels, sizes, mtimes, status, errors, features,
                            {**self.provenance, "shard_size": self.shard_size}, extra)
 
+    def plan(self, records: Sequence[Any] | Listing, *, retry_failed: bool = False) -> ResumePlan:
+        """Split the scanned records into those to embed and those the store already answers, streamed over the
+        shards (`embedfit.storage.manifest.plan_blocks`): no table of every stored row."""
+        listing = records if isinstance(records, Listing) else Listing.of(records)
+        counts = PlanCounts()
+        todo = [r for block in plan_blocks(listing, self._sources(), self._index_infos(), counts,
+                                           retry_failed=retry_failed) for r in block.items]
+        return ResumePlan(todo, counts.reused, counts.retried, counts.changed)
+
+    def plan_shards(self, listing: Listing, counts: PlanCounts, *, retry_failed: bool = False
+                    ) -> Iterator[tuple[str, ListingBlock]]:
+        """The images still to embed, cut into this run's named shards of `shard_size` (consecutive keys each), as
+        the listing streams by: a driver hands them out without ever holding the plan. `counts` is complete once
+        the shards are exhausted."""
+        seq, pending = 0, []
+
+        def shard(name: str, block: ListingBlock) -> tuple[str, ListingBlock]:
+            # Its key range is known here: the commit orders the shards by it without opening them first.
+            self._planned[name] = ShardInfo(len(block), str(block.keys[0]), str(block.keys[-1]), "")
+            return name, block
+
+        for block in plan_blocks(listing, self._sources(), self._index_infos(), counts, retry_failed=retry_failed):
+            pending.append(block)
+            while sum(map(len, pending)) >= self.shard_size:
+                whole = _concat(pending)
+                yield shard(self.shard_name(seq), whole.take(slice(0, self.shard_size)))
+                seq += 1
+                pending = [whole.take(slice(self.shard_size, None))]
+        if sum(map(len, pending)):
+            yield shard(self.shard_name(seq), _concat(pending))
+
+    def _index_infos(self) -> dict[str, ShardInfo]:
+        """First and last keys (and more) of the shards the previous manifest recorded."""
+        index = json.loads(self._previous.attrs.get("shard_index") or "{}") if self._previous is not None else {}
+        return {**self._planned, **{name: ShardInfo(**entry) for name, entry in index.items()}}
+
     def commit(self, records: Sequence[Any], class_names: Sequence[str], *, complete: bool,
                attrs: dict[str, Any] | None = None) -> FeatureStore:
         """Write the manifest over every shard (newest row per key), replacing the old one atomically.
@@ -272,13 +306,21 @@ class ShardedStoreWriter(StoreWriter):
         size and mtime; rows of files no longer scanned stay with status "missing"; `complete` is only honoured
         when every scanned record has a row. Shards no row points to any more are deleted afterwards.
         """
+        self.commit_listing(Listing.of(records, class_names), complete=complete, attrs=attrs)
+        self._previous = FeatureStore.open(self.path)
+        return self._previous
+
+    def commit_listing(self, listing: Listing, *, complete: bool, attrs: dict[str, Any] | None = None
+                       ) -> ManifestResult:
+        """`commit` for a driver: the listing streamed (`Listing`), the manifest written as a streamed merge of
+        the shards' rows (`embedfit.storage.manifest`), and only counts returned (the store is not read back)."""
+        quiet_hdf5()
         sources = self._sources()
-        rows, keys, names, complete = self._rows_to_commit(records, class_names, complete)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        ensure_space(self.path.parent, len(keys), 0, 0, sum(len(k) + len(rows[k].error) for k in keys) * 2)
+        ensure_space(self.path.parent, sum(i.rows for i in self._index_infos().values()) + 1, 0, 0, 1 << 20)
         produced = any(s.name.startswith(f"shard-{self._run_id}-") for s in sources)
         try:
-            used = self._write_manifest(tmp, keys, rows, names, complete, attrs or {}, sources, produced)
+            result = self._write_manifest(tmp, listing, complete, attrs or {}, sources, produced)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
@@ -287,68 +329,68 @@ class ShardedStoreWriter(StoreWriter):
                 tmp.unlink()
             raise StoreError(f"cannot write {self.path}: {getattr(exc, 'strerror', None) or exc}; nothing "
                              "already stored was changed") from None
-        keep = {sources[i].name for i in used}
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        keep = {sources[i].name for i in result.used}
         for shard in (sorted(self.parts.glob("shard-*.h5")) if self.parts.is_dir() else []):
             if shard.name not in keep:  # superseded, or from before --overwrite: the manifest no longer needs it
                 with contextlib.suppress(OSError):
                     shard.unlink()
         self._overwrite = False  # the committed manifest is now the store every later commit builds on
-        self._previous = FeatureStore.open(self.path)
-        return self._previous
+        if self._previous is not None:
+            self._previous.close()
+        self._previous = None
+        self._committed = result.attrs
+        return result
 
-    def _write_manifest(self, tmp: Path, keys: list[str], rows: dict[str, Row], names: list[str], complete: bool,
-                        extra: dict[str, Any], sources: list[Path], produced: bool) -> list[int]:
-        """Write the manifest file; return the indices (into `sources`) of the shards it references."""
-        n, dim = len(keys), self.settings.spec.embedding_dim
-        ordered = [rows[k] for k in keys]
-        arrays = arrays_of(keys, ordered, names)
-        status = arrays["status"]
-        prev = self._previous.attrs if self._previous is not None else {}
+    def _write_manifest(self, tmp: Path, listing: Listing, complete: bool, extra: dict[str, Any],
+                        sources: list[Path], produced: bool) -> ManifestResult:
+        """Write the manifest file, streamed; the result says which `sources` it references."""
+        dim = self.settings.spec.embedding_dim
+        prev = self._previous.attrs if self._previous is not None else self._committed
         now = _now()
-        used = sorted({r.source for r in ordered})
-        # Rows are sorted by key; consecutive rows of one shard in shard order become one VDS mapping (a fresh
-        # run's shards hold contiguous key ranges, so that is one mapping per shard).
-        runs: list[tuple[int, int, int, int]] = []  # (source, first shard row, first output row, length)
-        for i, r in enumerate(ordered):
-            last = runs[-1] if runs else None
-            if last and last[0] == r.source and last[1] + last[3] == r.row:  # rows are consecutive in the output
-                runs[-1] = (*last[:3], last[3] + 1)
-            else:
-                runs.append((r.source, r.row, i, 1))
-        shapes, index = {}, {}
-        for s in used:  # what each shard is, recorded so that a reader can tell it is still the same file
-            with h5py.File(sources[s], "r") as shard:
-                paths = shard["paths"].asstr()
-                shapes[s] = shard["features"].shape
-                first, last = (paths[0], paths[-1]) if len(paths) else ("", "")
-                index[sources[s].name] = {
-                    "rows": len(paths), "first": first, "last": last,
-                    "sha256": attr(shard.attrs, "metadata_sha256")}  # every shard is written with one
-        shard_index = json.dumps(index)
+        infos = self._index_infos()
         with h5py.File(tmp, "w") as f:
+            result, hashes, runs = write_manifest(f, listing, sources, infos, self.settings.spec.to_json(), complete)
+            shard_index = json.dumps({sources[s].name: infos[sources[s].name].entry() for s in result.used})
+            digest = hashes["digest"]
+            digest.update(shard_index.encode())
             f.attrs.update(self.settings.attrs())
-            f.attrs.update({
+            result.attrs = {
                 "schema_version": SCHEMA_VERSION, "embedfit_version": __version__,
                 "versions": _versions(), "created": prev.get("created", now), "updated": now,
-                "complete": complete, "n_ok": int((status == OK).sum()), "n_failed": int((status == FAILED).sum()),
-                "n_missing": int((status == MISSING).sum()), "fingerprint": fingerprint(self.settings, arrays),
+                "complete": result.complete, "n_ok": result.n_ok, "n_failed": result.n_failed,
+                "n_missing": result.n_missing, "fingerprint": hashes["fingerprint"],
                 "merged_parts": "[]", "extract_seconds": float(prev.get("extract_seconds", 0.0)),
                 "layout": LAYOUT, "shard_size": int(self.shard_size),
-                "shards": json.dumps([sources[i].name for i in used]), "shard_index": shard_index,
-            })
-            f.attrs.update({k: v for k, v in run_provenance(prev, extra, produced).items() if v is not None})
-            write_row_datasets(f, arrays, shard_index)
-            if not n:  # HDF5 has no empty virtual dataset
+                "shards": json.dumps([sources[i].name for i in result.used]), "shard_index": shard_index,
+                "metadata_sha256": digest.hexdigest(),
+                **{k: v for k, v in run_provenance(prev, extra, produced).items() if v is not None},
+            }
+            f.attrs.update(result.attrs)
+            if not result.rows:  # HDF5 has no empty virtual dataset
                 f.create_dataset("features", shape=(0, dim), dtype=self.settings.dtype, maxshape=(None, dim))
-                return used
-            layout = h5py.VirtualLayout(shape=(n, dim), dtype=self.settings.dtype)
+                return result
+            # Rows are sorted by key; consecutive rows of one shard become one mapping (a fresh run's shards hold
+            # consecutive key ranges, so that is one mapping per shard).
+            layout = h5py.VirtualLayout(shape=(result.rows, dim), dtype=self.settings.dtype)
             vsources: dict[int, h5py.VirtualSource] = {}
             for s, first, out, length in runs:
                 if s not in vsources:
                     # Relative to the manifest's folder, for plain h5py readers of the pair moved together
                     # (embedfit itself resolves shards beside the manifest under its current name).
                     vsources[s] = h5py.VirtualSource(f"{self.parts.name}/{sources[s].name}", "features",
-                                                     shape=shapes[s])
+                                                     shape=result.shapes[s])
                 layout[out:out + length] = vsources[s][first:first + length]
             f.create_virtual_dataset("features", layout, fillvalue=np.nan)
-        return used
+        return result
+
+
+def _concat(blocks: list[ListingBlock]) -> ListingBlock:
+    if len(blocks) == 1:
+        return blocks[0]
+    return ListingBlock(*(np.concatenate([getattr(b, c) for b in blocks]) for c in ("keys", "labels", "sizes",
+                                                                                     "mtimes")),
+                        None if blocks[0].items is None else np.concatenate([b.items for b in blocks]))

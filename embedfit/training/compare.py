@@ -309,6 +309,21 @@ class _Cost:
                           "seconds are its fitting plus the embedding pass it is the first to need"}
 
 
+def _duplicate_clusters(data: LabeledImages, X: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """A group id per image of `data` (exact copies by their files' SHA-256, near-duplicates by the cosine of the
+    frozen embeddings `X`: `embedfit.auditing.cluster_duplicates`), and what compare.json records of them: the
+    clusters of more than one image, by key."""
+    from embedfit.auditing import cluster_duplicates
+    from embedfit.auditing.search import normalize
+    from embedfit.extraction.reader import file_hashes
+
+    groups = cluster_duplicates(file_hashes(data.records), normalize(X))
+    sizes = np.bincount(groups)
+    clusters = [[data.keys[i] for i in np.flatnonzero(groups == g)] for g in np.flatnonzero(sizes > 1)]
+    return groups, {"by": "content hash (SHA-256 of the file) and near-duplicate embeddings",
+                    "clusters": len(clusters), "images": sum(map(len, clusters)), "members": clusters}
+
+
 def _probe_fit(X: np.ndarray, y: np.ndarray, train: np.ndarray, seed: int) -> Any:
     model = "logreg" if np.bincount(y[train]).min(initial=0) >= 3 else "ridge"  # logreg's inner CV needs 3/class
     pipe = make_pipeline(model, n_samples=len(train), n_features=X.shape[1], seed=seed)
@@ -393,20 +408,11 @@ class _Arm:
     test_covered: np.ndarray | None = None
 
 
-def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
-            epochs: int = 3, scratch_epochs: int | None = None, sizes: Sequence[int | None] = (5, 10, 25, 50, None),
-            repeats: int = 3, val_size: float = 0.25, device: str = "auto", seed: int = 0,
-            finetune: TrainConfig | None = None, arms: Sequence[str] | str = ARM_CHOICES,
-            freeze: Sequence[str] | None = None, augment: Sequence[bool] = (True,),
-            test: str | Path | None = None, imagenet_map: str | Path | None = None,
-            on_progress: OnProgress | None = None, probe_backbones: Sequence[str] = (),
-            stores: Sequence[str | Path] = (), max_minutes: float | None = None) -> dict[str, Any]:
-    """Run the chosen arms on the same seeded stratified splits; write compare.json, compare.md, the learning
-    curve and run directories, and end with a recommendation.
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """What to compare and how (the `embedfit compare` options, one field each).
 
-    Args:
-        data: Labeled image folder (class per sub-folder) or CSV: the training images.
-        output: Folder for the results (each trained arm's final model goes in a sub-folder).
+    Attributes:
         backbone: Backbone for the probe, fine-tuning and as-is; the same architecture is trained from scratch.
         weights: State-dict file instead of the backbone's default pretrained weights (not used by scratch).
         epochs: Training epochs for fine-tuning (all of them run: no early stopping on the scored images).
@@ -427,8 +433,6 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
             config's augmentations, False none.
         test: A labeled folder or CSV of held-out images with the same classes: every arm is scored on it.
         imagenet_map: A ``class,imagenet_class`` CSV for the as-is arm instead of reading the class names.
-        on_progress: Called with the comparison's progress (`embedfit.progress`): a note as each arm starts on
-            each split, and the images of each embedding pass and the batches of each epoch as they go.
         probe_backbones: More backbones for the linear probe, one arm each ("linear probe (NAME)") on the same
             splits, so that the comparison also answers which backbone to probe (`embedfit sweep` does that at
             scale).
@@ -438,10 +442,62 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
         max_minutes: A budget: the run time of every arm is estimated from a first measured batch before the long
             part starts; the arms that fit (in the order as-is, probe, fine-tune, scratch) run and the others are
             named as skipped. None runs every arm.
+        group_duplicates: Keep each cluster of duplicates on one side of every split (training or validation), the
+            same splits for every arm: exact copies by the SHA-256 of their files (a store's `content_hash`),
+            near-duplicates by the cosine similarity of `backbone`'s frozen embeddings (the one embedding pass
+            as-is and the probe use, run for this when neither does; `embedfit.auditing.cluster_duplicates`). The
+            validation images are then one fold of a `StratifiedGroupKFold` of round(1 / `val_size`) folds.
+        exclude: A CSV with `path,action` columns (an audit.csv, or the fixes CSV of an audit's report): the
+            training images marked "exclude" (keys as a store of the folder keys them) are left out of every arm.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    epochs: int = 3
+    scratch_epochs: int | None = None
+    sizes: Sequence[int | None] = (5, 10, 25, 50, None)
+    repeats: int = 3
+    val_size: float = 0.25
+    device: str = "auto"
+    seed: int = 0
+    finetune: TrainConfig | None = None
+    arms: Sequence[str] | str = ARM_CHOICES
+    freeze: Sequence[str] | None = None
+    augment: Sequence[bool] = (True,)
+    test: str | Path | None = None
+    imagenet_map: str | Path | None = None
+    probe_backbones: Sequence[str] = ()
+    stores: Sequence[str | Path] = ()
+    max_minutes: float | None = None
+    group_duplicates: bool = False
+    exclude: str | Path | None = None
+
+
+def compare(data: str | Path, output: str | Path, config: CompareConfig | None = None, *,
+            on_progress: OnProgress | None = None, **options: Any) -> dict[str, Any]:
+    """Run the chosen arms on the same seeded stratified splits; write compare.json, compare.md, the learning
+    curve and run directories, and end with a recommendation.
+
+    Args:
+        data: Labeled image folder (class per sub-folder) or CSV: the training images.
+        output: Folder for the results (each trained arm's final model goes in a sub-folder).
+        config: What to compare and how (`CompareConfig`); keyword `options` override its fields (e.g.
+            `epochs=1`).
+        on_progress: Called with the comparison's progress (`embedfit.progress`): a note as each arm starts on
+            each split, and the images of each embedding pass and the batches of each epoch as they go.
 
     Returns:
         The comparison as written to compare.json.
     """
+    try:
+        config = dataclasses.replace(config or CompareConfig(), **options)
+    except TypeError as exc:
+        raise UsageError(f"unknown compare option: {exc}") from None
+    backbone, weights, epochs, scratch_epochs = config.backbone, config.weights, config.epochs, config.scratch_epochs
+    sizes, repeats, val_size, device, seed = config.sizes, config.repeats, config.val_size, config.device, config.seed
+    finetune, arms, freeze, augment, test = config.finetune, config.arms, config.freeze, config.augment, config.test
+    imagenet_map, probe_backbones, stores = config.imagenet_map, config.probe_backbones, config.stores
+    max_minutes, group_duplicates, exclude = config.max_minutes, config.group_duplicates, config.exclude
 
     def say(message: str) -> None:
         note(on_progress, message)
@@ -456,9 +512,14 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
         raise UsageError(f"`scratch_epochs` must be at least 1, got {scratch_epochs}")
     if max_minutes is not None and not max_minutes > 0:
         raise UsageError(f"`max_minutes` must be a positive number of minutes, got {max_minutes}")
+    marked: set[str] = set()
+    if exclude is not None:
+        from embedfit.auditing import read_exclusions
+
+        marked = read_exclusions(exclude)  # a missing or malformed file is refused before any work
     check_output_dir(output, "results folder")  # before minutes of training, not after
     check_output_not_input(output, [data, *([test] if test else []), *([weights] if weights else []),
-                                    *(str(s) for s in stores)])
+                                    *(str(s) for s in stores), *([exclude] if exclude else [])])
     started = time.perf_counter()
     base = finetune or TrainConfig()
     freezes = list(dict.fromkeys(TrainConfig(freeze=f).freeze for f in (freeze or [base.freeze])))
@@ -472,7 +533,7 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
     # Only the trained arms need the images decoded in memory; frozen embeddings read the files through
     # extraction's loop, which reports broken files itself.
     decode = FINETUNE in chosen or SCRATCH in chosen
-    data_set = decode_labeled(data, model.spec, decode=decode, on_progress=on_progress)
+    data_set = decode_labeled(data, model.spec, decode=decode, exclude=marked, on_progress=on_progress)
     test_set = decode_labeled(test, model.spec, class_names=data_set.class_names, decode=decode,
                               on_progress=on_progress) if test is not None else None
     n_classes, names = len(data_set.class_names), data_set.class_names
@@ -484,7 +545,10 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
                   "finetune": dataclasses.asdict(base), "imagenet_map": str(imagenet_map) if imagenet_map else None,
                   "probe_backbones": list(probe_backbones), "max_minutes": max_minutes},
         evaluation={"repeats": repeats, "val_size": val_size, "seed": seed,
-                    "test": test_set.fingerprint if test_set is not None else None})
+                    "test": test_set.fingerprint if test_set is not None else None,
+                    # only when asked: a comparison made before the option keeps its identity (an exclusion
+                    # changes the data's fingerprint)
+                    **({"group_duplicates": True} if group_duplicates else {})})
     check_replace(final, identity, marker="compare.json", what="comparison")
     # Built in a staging folder renamed into place at the end: a kill leaves the previous comparison whole.
     with staged_dir(final) as output:
@@ -519,7 +583,8 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
             cost.plan(per_image, left, time.perf_counter() - started)
             for line in cost.lines():
                 say(line)
-            return any(a in cost.chosen for a in (AS_IS, PROBE))
+            # duplicate clusters need the whole pass, whichever arms the budget keeps
+            return group_duplicates or any(a in cost.chosen for a in (AS_IS, PROBE))
 
         # Frozen embeddings do not depend on the split: embed every image once; the as-is arm is the pretrained
         # head on these same embeddings.
@@ -527,7 +592,7 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
         mapping = None
         embed_seconds = 0.0
         embedding_seconds: dict[str, float] = {}  # per backbone: its one frozen-embedding pass of the training images
-        if AS_IS in chosen or PROBE in chosen:
+        if AS_IS in chosen or PROBE in chosen or group_duplicates:  # the clusters' near-duplicates need them too
             n_todo = len(data_set.keys) + (len(test_set.keys) if test_set else 0)
             say(f"embedding {n_todo} images" + (" (the stores hold those they already have)" if opened else ""))
             t0 = time.perf_counter()
@@ -590,7 +655,12 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
                     if not mapping.applicable:
                         results[AS_IS].covered, results[AS_IS].test_covered = covered, test_covered
 
-        splits = [split_indices(labels, n_classes, val_size=val_size, seed=seed + r) for r in range(repeats)]
+        groups = duplicates = None
+        if group_duplicates:
+            say(f"finding duplicate clusters among {len(labels)} images")
+            groups, duplicates = _duplicate_clusters(data_set, X)
+        splits = [split_indices(labels, n_classes, val_size=val_size, seed=seed + r, groups=groups)
+                  for r in range(repeats)]
         per_class = int(min(np.bincount(labels[tr], minlength=n_classes).min() for tr, _ in splits))
         wanted = [None if s is None else int(s) for s in sizes]
         steps = sorted({k for k in wanted if k is not None and 0 < k < per_class})
@@ -675,6 +745,16 @@ def compare(data: str | Path, output: str | Path, *, backbone: str = DEFAULT_BAC
                 results[arm_name].test_pred = _probe_fit(X_other, labels, all_train, seed).predict(X_other_test)
 
         result = _summarize(results, splits, labels, names, test_set, mapping, seed)
+        if data_set.excluded or marked:
+            from embedfit.auditing import exclusion_note
+
+            result["notes"].insert(0, exclusion_note(exclude, len(data_set.excluded),
+                                                     len(marked) - len(data_set.excluded), where=str(data)))
+        if duplicates is not None:
+            result["notes"].insert(0, f"{duplicates['clusters']} duplicate cluster(s) ({duplicates['images']} "
+                                   "images) kept on one side of every split")
+        result.update(duplicates=duplicates, exclude={"file": str(exclude), "excluded": data_set.excluded}
+                      if exclude is not None else None)
         result.update(estimate=cost.to_dict(time.perf_counter() - started), max_minutes=max_minutes,
                       skipped=cost.skipped, stores={"paths": [str(s) for s in stores], "images_reused": cost.reused},
                       unmapped=list(mapping.unmapped) if mapping is not None else [])

@@ -16,7 +16,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,7 @@ class LabeledImages:
     paths: list[Any] = field(default_factory=list)  # the files, in order: scored again through `predict`'s path
     fingerprint: str = ""  # of the files (key, label, size, mtime) the images came from
     records: list[ImageRecord] = field(default_factory=list)  # the scanned records behind `keys`, in order
+    excluded: list[str] = field(default_factory=list)  # keys left out as marked in an exclusions file
 
 
 @dataclass
@@ -266,7 +268,8 @@ class Split:
 
 
 def decode_labeled(data: str | Path, spec: Any, *, class_names: Sequence[str] | None = None,
-                   decode: bool = True, on_progress: OnProgress | None = None) -> LabeledImages:
+                   decode: bool = True, exclude: Collection[str] = (),
+                   on_progress: OnProgress | None = None) -> LabeledImages:
     """Scan and decode a labeled image folder (or CSV); broken files are skipped and listed in `failed`.
 
     Args:
@@ -276,12 +279,17 @@ def decode_labeled(data: str | Path, spec: Any, *, class_names: Sequence[str] | 
             checks (two classes with two images each) apply only when this is None.
         decode: False scans only (no `images`, nothing in `failed`): for callers that read the files through
             extraction's loop (`iter_embeddings`), which reports broken files itself.
+        exclude: Keys (as a store of the folder keys them) to leave out before anything is read: the images an
+            exclusions file marks (`embedfit.auditing.read_exclusions`); listed in `excluded`.
         on_progress: Hears "decoding DATA" once the folder was found to hold labeled images (a refusal is the
             only line a bad folder gives).
     """
     source = scan_images(data, class_names=class_names)
     if not source.class_names:
         raise InputError(f"{data} has no class sub-folders (or label column): training needs labels")
+    excluded = [r.key for r in source.records if r.key in exclude]
+    if excluded:
+        source = dataclasses.replace(source, records=[r for r in source.records if r.key not in exclude])
     if decode:
         note(on_progress, f"decoding {data}")
         images, ok, failed = _decode_resized(source.records, spec.resize_size)
@@ -295,7 +303,7 @@ def decode_labeled(data: str | Path, spec: Any, *, class_names: Sequence[str] | 
     files = [(r.key, int(r.label), r.size, r.mtime_ns) for r in kept]
     found = LabeledImages(images, labels, [r.key for r in kept], source.class_names, source.root, failed,
                           [r.path for r in kept], hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16],
-                          kept)
+                          kept, excluded)
     return check_labeled(found, data, training=class_names is None)
 
 
@@ -315,11 +323,26 @@ def check_labeled(found: LabeledImages, data: str | Path, *, training: bool) -> 
 
 
 def split_indices(labels: np.ndarray, n_classes: int, *, val_size: float = 0.2, seed: int = 0,
-                  per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified train/validation indices; `per_class` caps training images per class."""
-    from sklearn.model_selection import train_test_split
+                  per_class: int | None = None, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified train/validation indices; `per_class` caps training images per class.
+
+    With `groups` (a key per image, e.g. `embedfit.auditing.cluster_duplicates`), the images of a group stay on
+    one side: the validation images are one fold of a shuffled `StratifiedGroupKFold` of round(1 / val_size)
+    folds, so the validation share is about `val_size`.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
     idx = np.arange(len(labels))
+    if groups is not None:
+        n_folds = max(2, round(1 / val_size))
+        if len(np.unique(groups)) < n_folds:
+            raise InputError(f"only {len(np.unique(groups))} groups of duplicates for a validation share of "
+                             f"{val_size}: add images or use a larger `val_size`")
+        with warnings.catch_warnings():  # a class with fewer groups than folds: still split, as stratified as it can
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            train, val = next(StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
+                              .split(idx, labels, groups))
+        return (subsample(labels, train, per_class, seed) if per_class is not None else train), val
     n_val = max(n_classes, round(val_size * len(idx)))
     train, val = train_test_split(idx, test_size=n_val, stratify=labels, random_state=seed)
     if per_class is not None:
