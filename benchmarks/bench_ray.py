@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/bench_ray.py --images 1000 --memory-images 1000,10000 --shard-size 50  # Ray vs local, RSS
+    python benchmarks/bench_ray.py --part startup --counts 600,2000  # whole commands: start-up phases, warm actors
     python benchmarks/bench_ray.py --part ooc --rows 200000  # out-of-core fit on a synthetic store
 """
 
@@ -98,6 +99,97 @@ def bench_ray(images: int, shard_size: int, memory_images: list[int]) -> dict:
         print(f"driver peak RSS at {m['images']} images: {m['driver_peak_rss_mb']:.0f} MB ({m['img_s']:.1f} img/s)")
     return {"images": images, "shard_size": shard_size, "cluster_startup_seconds": cluster_startup, "rows": rows,
             "memory": memory}
+
+
+# One extraction in a fresh process, timed from its first line: the JSON of what it did, the time to its first
+# result (the first batch, or on Ray the first shard back), and its start-up phases (absent before they existed).
+_WHOLE = """import time; t0 = time.perf_counter()
+import json
+from embedfit.extraction.local import extract
+first = []
+def seen(e):
+    if e.kind == "step" and e.done and not first:
+        first.append(time.perf_counter() - t0)
+{engine}
+s = extract({folder!r}, {out!r}, engine=engine, on_progress=seen)
+print(json.dumps({{"seconds": s.seconds, "startup": s.startup_seconds, "phases": getattr(s, "startup_phases", {{}}),
+                  "first_result": first[0] if first else None, "in_process": time.perf_counter() - t0,
+                  "embedded": s.embedded, "notes": s.notes}}))
+"""
+
+
+def _whole(folder: Path, out: Path, engine: str, env: dict[str, str]) -> dict:
+    """A user's command: a fresh process; `wall` is from its start to its exit (Ray's shutdown included)."""
+    code = _WHOLE.format(engine=engine, folder=str(folder), out=str(out))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    return {"wall": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def bench_startup(counts: list[int], workers: int, cpus: int, repeats: int, cold_only: bool,
+                  before: str | None = None) -> dict:
+    """Whole commands, as a user runs them, against the local engine: Ray on a cluster the run starts itself (the
+    default without `--ray-address`), then on a long-lived cluster its first run (new actors) and a second run
+    with the same settings (the first run's warm actors), each on a fresh store. Every Ray run's start-up is
+    broken down by phase (`ExtractSummary.startup_phases`). `cold_only` skips the long-lived cluster; `before`
+    (a folder holding another build's `embedfit` package) adds that build's run on its own cluster, right after
+    this build's, so that a busy machine moves both alike."""
+    import ray
+
+    engine = (f"from embedfit.extraction.ray import RayEngine; engine = RayEngine(address={{address!r}}, "
+              f"num_workers={workers}, cpus_per_worker={cpus})")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-ray-", dir="/tmp") as tmp:
+        tmp = Path(tmp)
+        own = {"RAY_TMPDIR": str(tmp / "rt"), "RAY_ADDRESS": ""}  # a local cluster of the run's own, not another's
+        (tmp / "rt").mkdir()
+        address = None
+        if not cold_only:  # the long-lived cluster, held by this process: its drivers come and go
+            ctx = ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                           _temp_dir=str(tmp / "rl"))
+            address = ctx.address_info["gcs_address"]
+        for n in counts:
+            folder = jpeg_folder(n, 500, 375)
+            for rep in range(repeats):
+                row: dict = {"images": n, "repeat": rep}
+                row["local"] = _whole(folder, tmp / f"l{n}-{rep}.h5", "engine = 'local'", {})
+                row["ray_own_cluster"] = _whole(folder, tmp / f"r{n}-{rep}.h5", engine.format(address=None), own)
+                if before:
+                    row["ray_own_cluster_before"] = _whole(folder, tmp / f"b{n}-{rep}.h5", engine.format(address=None),
+                                                           {**own, "PYTHONPATH": before})
+                if address:
+                    row["ray_cold_actors"] = _whole(folder, tmp / f"c{n}-{rep}.h5", engine.format(address=address), {})
+                    row["ray_warm_actors"] = _whole(folder, tmp / f"w{n}-{rep}.h5", engine.format(address=address), {})
+                    from embedfit.extraction.ray import stop_workers
+
+                    row["stopped_workers"] = stop_workers(address)  # the next count starts cold again
+                results.append(row)
+                _print_startup_row(row)
+        if address:
+            ray.shutdown()
+    summary = {}
+    for n in counts:
+        rows = [r for r in results if r["images"] == n]
+        med = {k: float(np.median([r[k]["wall"] for r in rows])) for k in rows[0] if isinstance(rows[0][k], dict)}
+        summary[str(n)] = {"wall_s": med, "x_local_whole_run": {k: med["local"] / v for k, v in med.items()}}
+        print(f"{n} images, whole commands (medians of {len(rows)}): "
+              + ", ".join(f"{k} {v:.1f} s ({med['local'] / v:.2f} x local)" for k, v in med.items()), flush=True)
+    return {"counts": counts, "workers": workers, "cpus_per_worker": cpus, "repeats": repeats, "runs": results,
+            "summary": summary}
+
+
+def _print_startup_row(row: dict) -> None:
+    local = row["local"]["wall"]
+    for kind, r in row.items():
+        if not isinstance(r, dict):
+            continue
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in r.get("phases", {}).items())
+        first = f", first result at {r['first_result']:.1f} s" if r.get("first_result") else ""
+        print(f"{row['images']} images, {kind}: {r['wall']:.1f} s whole command ({local / r['wall']:.2f} x local), "
+              f"extract {r['seconds']:.1f} s, start-up {r['startup']:.1f} s ({phases}){first}", flush=True)
 
 
 def bench_shards(shards: int, shard_size: int, dim: int = 1280) -> dict:
@@ -231,7 +323,16 @@ def _calibration(result, store, test: np.ndarray) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("ray", "shards", "ooc", "all"), default="ray")
+    parser.add_argument("--part", choices=("ray", "startup", "shards", "ooc", "all"), default="ray")
+    parser.add_argument("--counts", default="600,2000", help="image counts for --part startup")
+    parser.add_argument("--workers", type=int, default=2, help="actors for --part startup (the CLI's default)")
+    parser.add_argument("--cpus", type=int, default=1, help="CPUs per actor for --part startup (the CLI's default)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each command for --part startup")
+    parser.add_argument("--cold-only", action="store_true",
+                        help="--part startup without the long-lived cluster (a build without warm actors)")
+    parser.add_argument("--before", help="--part startup: a folder with another build's embedfit package (e.g. "
+                        "`git archive REV embedfit | tar -x -C DIR`), run on its own cluster beside this one")
+    parser.add_argument("--name", default="ray_startup", help="results file of --part startup")
     parser.add_argument("--shards", type=int, default=100, help="shards for --part shards")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--shard-size", type=int, default=50,
@@ -245,6 +346,10 @@ def main() -> None:
     if args.part in ("ray", "all"):
         counts = [int(n) for n in args.memory_images.split(",") if n]
         print(f"wrote {save('ray', bench_ray(args.images, args.shard_size, counts))}")
+    if args.part in ("startup", "all"):
+        counts = [int(n) for n in args.counts.split(",") if n]
+        result = bench_startup(counts, args.workers, args.cpus, args.repeats, args.cold_only, args.before)
+        print(f"wrote {save(args.name, result)}")
     if args.part in ("shards", "all"):
         print(f"wrote {save('shards', bench_shards(args.shards, args.shard_size))}")
     if args.part in ("ooc", "all"):

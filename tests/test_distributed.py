@@ -3,6 +3,7 @@ out-of-core SGD fitting (no Ray needed)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -93,6 +94,64 @@ def test_the_driver_never_imports_torch_and_a_finished_folder_starts_no_actors(r
     _same(tmp_path / "r.h5", shared_store)
 
 
+def _warm(ray) -> dict[str, int]:
+    """The warm actors on the fixture's cluster: name -> process id."""
+    from embedfit.extraction.ray import WARM_NAMESPACE
+
+    pids = {}
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["namespace"] == WARM_NAMESPACE:
+            with contextlib.suppress(ValueError, ray.exceptions.RayActorError):  # stopped since listed
+                pids[a["name"]] = ray.get(ray.get_actor(a["name"], namespace=WARM_NAMESPACE).info.remote())["pid"]
+    return pids
+
+
+@pytest.mark.ray
+def test_a_second_run_on_a_long_lived_cluster_takes_the_warm_actors(ray, shared_tree: Path, shared_store: Path,
+                                                                   tmp_path: Path) -> None:
+    # Each run is a user's command: a fresh driver process on the fixture's cluster (a long-lived one).
+    address = ray.get_runtime_context().gcs_address
+
+    def run(out: str, workers: int, keep_warm: float, batch_size: int) -> dict:
+        code = ("import json; from embedfit.extraction.ray import extract_ray; "
+                f"s = extract_ray({str(shared_tree)!r}, {str(tmp_path / out)!r}, address={address!r}, "
+                f"num_workers={workers}, keep_warm={keep_warm}, batch_size={batch_size}, shard_size=10); "
+                "print(json.dumps({'phases': s.startup_phases, 'notes': s.notes, 'embedded': s.embedded}))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "EMBEDFIT_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run("a.h5", 1, 60, 8)
+    assert {"cluster", "actor start", "actor imports", "model load"} <= set(first["phases"])
+    assert first["embedded"] == 24 and "0 of 1 Ray actors were warm" in first["notes"][0]
+    warm = _warm(ray)
+    assert len(warm) == 1  # the actor outlived its driver
+
+    second = run("b.h5", 1, 60, 8)  # same settings: the same actor, its model already loaded
+    assert "model load" not in second["phases"] and "actor imports" not in second["phases"]
+    assert "1 of 1 Ray actors were warm" in second["notes"][0] and _warm(ray) == warm
+    _same(tmp_path / "b.h5", shared_store)
+
+    # Other settings never take those actors; the cluster's 2 CPUs hold one idle warm actor, so the run stops it
+    # rather than wait for its idle timeout. Its own actors exit by themselves after 3 idle seconds.
+    other = run("c.h5", 2, 3, 4)
+    assert "0 of 2 Ray actors were warm" in other["notes"][0] and "model load" in other["phases"]
+    after = _warm(ray)
+    assert len(after) == 2 and not set(after) & set(warm) and not set(after.values()) & set(warm.values())
+    deadline = time.monotonic() + 60
+    while _warm(ray) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _warm(ray)
+    _same(tmp_path / "c.h5", shared_store)
+
+    run("d.h5", 1, 600, 8)
+    assert len(_warm(ray)) == 1
+    stop = _embedfit("ray", "stop-workers", "--ray-address", address, env={})
+    assert stop.returncode == 0 and "stopped 1 warm embedfit actor" in stop.stdout, stop.stderr
+    assert not _warm(ray)
+
+
 @pytest.mark.ray
 def test_a_node_that_cannot_load_the_model_is_named_in_one_line(shared_tree: Path, tmp_path: Path) -> None:
     pytest.importorskip("ray")
@@ -145,6 +204,19 @@ def test_a_stale_ray_cluster_file_fails_in_seconds(shared_tree: Path, tmp_path: 
     run = _embedfit("extract", str(shared_tree), "-o", str(tmp_path / "f.h5"), "--engine", "ray", "--ray-address",
                     dead, env={"RAY_TMPDIR": str(ray_tmp)})
     assert run.returncode == 2 and "no Ray cluster answers" in run.stderr, run.stderr
+
+
+@pytest.mark.ray
+def test_warm_actors_need_a_long_lived_cluster(shared_tree: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    env = {"RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp"), "RAY_ADDRESS": ""}  # no cluster runs here
+    run = _embedfit("ray", "stop-workers", env=env)
+    assert run.returncode == 2 and "no Ray cluster runs on this machine" in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    run = _embedfit("extract", str(shared_tree), "-o", str(tmp_path / "f.h5"), "--engine", "ray", "--ray-keep-warm",
+                    "60", env=env)
+    assert run.returncode == 2 and "--ray-keep-warm needs a long-lived Ray cluster" in run.stderr, run.stderr
+    assert not (tmp_path / "f.h5").exists()
 
 
 @pytest.mark.ray

@@ -60,6 +60,9 @@ def extract(
                                                "(--engine ray; default 1)."),
     shard_size: int | None = typer.Option(None, min=1, help="Write a sharded store: a manifest plus one HDF5 file "
                                           "per N images (default: one file; 1024 with --engine ray)."),
+    keep_warm: float | None = typer.Option(None, "--ray-keep-warm", min=0.0, help="Seconds the actors stay idle after "
+                                           "the run for the next one with the same settings (--engine ray with "
+                                           "--ray-address; default 600; 0 stops them with the run)."),
 ) -> None:
     """Embed every image under SOURCE into a feature store; re-running resumes."""
     from embedfit.errors import check_output_not_input
@@ -78,7 +81,8 @@ def extract(
         shard_size=shard_size,
     )
     engine_options = {k: v for k, v in dict(address=address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
-                                            num_gpus_per_worker=num_gpus_per_worker).items() if v is not None}
+                                            num_gpus_per_worker=num_gpus_per_worker, keep_warm=keep_warm).items()
+                      if v is not None}
     summary = run_extract(source, output, config, engine=create_engine(engine.value, **engine_options))
     from embedfit.cli.presentation import print_extract_summary
 

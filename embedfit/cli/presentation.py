@@ -25,6 +25,9 @@ def print_extract_summary(console: Console, s: ExtractSummary) -> None:
         + (" with ONNX Runtime)" if s.runtime == "onnx" else ")"),
         soft_wrap=True, markup=False,
     )
+    if "cluster" in s.startup_phases:  # Ray: where the start-up went (a local run's is its model load)
+        console.print(f"  start-up {s.startup_seconds:.1f} s: "
+                      + ", ".join(f"{k} {v:.1f} s" for k, v in s.startup_phases.items()), markup=False, soft_wrap=True)
     for note in s.notes:
         console.print(f"  note: {note}", markup=False, soft_wrap=True)
     for path, reason in s.failures[:10]:

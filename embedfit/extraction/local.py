@@ -89,6 +89,7 @@ class LocalEngine:
 
     def run(self, job: ExtractJob) -> ExtractSummary:
         """Load the model (only now: torch and timm take seconds to import) and embed `job`'s images."""
+        scanned = time.perf_counter() - job.started  # the store checks, the scan and the resume plan
         from embedfit.backbones.factory import create_backbone
         from embedfit.extraction.encoder import BatchResult, Encoder, iter_embeddings
 
@@ -106,6 +107,7 @@ class LocalEngine:
             summary = writer.summary
             summary.device, summary.runtime = str(device), encoder.runtime
             summary.startup_seconds = time.perf_counter() - started
+            summary.startup_phases = {"scan": scanned, "model load": summary.startup_seconds - scanned}
             summary.notes = [encoder.note] if encoder.note else []
             provenance = {"device": str(device), "decode": config.decode, "runtime": encoder.runtime,
                           "engine": self.name}

@@ -10,6 +10,16 @@ sees a feature; at the end it writes the manifest (`FeatureWriter.commit`). So t
 the schema, provenance, resume behaviour and row order of a local run. A re-run whose images are all stored
 plans from the store alone and starts no cluster.
 
+Start-up (`ExtractSummary.startup_phases`): importing Ray, starting (or joining) the cluster, the actors' processes,
+their imports (torch, timm) and model loads. A local cluster the run starts itself gets no `runtime_env` when its
+workers (this interpreter, this environment) import this embedfit anyway, so Ray's pre-started workers take the
+actors instead of new ones behind a packaging step. On a long-lived cluster (`address` given) the actors stay
+after a successful run as named, detached "warm actors" in the `embedfit` namespace, named by everything that
+makes them embed differently (the model settings, resources, embedfit's code and `EMBEDFIT_*` settings): the next
+run with the same settings takes them as they are and starts at once; another run's settings never match their
+name. Each exits by itself after `keep_warm` idle seconds, a run that needs their resources stops idle ones of
+other settings, and `stop_workers` (`embedfit ray stop-workers`) stops them all.
+
 Failures: Ray restarts an actor that dies and retries its shard (`max_restarts=-1`, `max_task_retries=-1`); a
 shard written twice replaces itself (same name), and the manifest keeps one row per image key. A killed driver
 leaves finished shards, which the next run reuses (shard granularity; a shard being written is absent).
@@ -19,10 +29,14 @@ Ray is optional: `pip install 'embedfit[ray]'`; it is imported only inside the f
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
+import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +52,14 @@ from embedfit.url import get_file, is_url, put_file
 
 _TEST_KILL_ONCE = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # tests: path of a marker; the first shard's actor exits hard
 DEFAULT_SHARD_SIZE = 1024
+MIN_SHARD = 64  # images: below this a shard's fixed costs (its file, the decode thread's first batch) show
+SHARDS_PER_ACTOR = 4  # a small run is cut finer than `shard_size`, so that every actor has work to the end
+WARM_NAMESPACE = "embedfit"  # Ray namespace of the warm actors a run leaves on a long-lived cluster
+DEFAULT_KEEP_WARM = 600.0  # seconds a warm actor waits idle for the next run before it exits
+# The settings only the driver uses (each call brings the store's settings); every other field of `ExtractConfig`,
+# a new one included, names a warm actor: two runs share actors only when those agree.
+_DRIVER_FIELDS = ("workers", "dtype", "overwrite", "retry_failed", "max_failures", "flush_every", "shard_size",
+                  "progress")
 
 
 def _ray() -> Any:
@@ -57,13 +79,17 @@ def _answers(address: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def connect(address: str | None = None, *, runtime_env: dict[str, Any] | None = None) -> None:
+def connect(address: str | None = None, *, ship_code: bool = False) -> bool:
     """Connect to a Ray cluster, or start a local one, failing within seconds with what to do instead of retrying.
 
     Args:
         address: None or "auto" (the cluster this machine runs, else a new local one), "HOST:PORT" (its GCS port,
             6379 by default), or "ray://HOST:10001" (Ray Client, needs `ray[client]`).
-        runtime_env: Ray runtime environment for the job (env vars, py_modules).
+        ship_code: Ship this embedfit's code and `EMBEDFIT_*` settings to the job's workers (`_runtime_env`).
+
+    Returns:
+        True when this call started a local cluster (it stops with this process), False when it joined one
+        (or this process was connected already).
 
     Raises:
         UsageError: Ray or Ray Client is not installed, or the cluster named (or recorded in Ray's
@@ -71,7 +97,7 @@ def connect(address: str | None = None, *, runtime_env: dict[str, Any] | None = 
     """
     ray = _ray()
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address.startswith("ray://"):
         if importlib.util.find_spec("grpc") is None:
@@ -95,23 +121,61 @@ def connect(address: str | None = None, *, runtime_env: dict[str, Any] | None = 
         address = recorded or None
     # Ray's own INFO lines (packaging the code, starting a local instance) would bury embedfit's output.
     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
-             runtime_env=runtime_env, logging_level="WARNING")
+             runtime_env=_runtime_env(local=address is None) if ship_code else None, logging_level="WARNING")
+    return address is None
 
 
-def _runtime_env() -> dict[str, Any]:
-    """Ship this embedfit (its code, not its dependencies) and its settings to every node of the job."""
+def _runtime_env(local: bool = False) -> dict[str, Any] | None:
+    """Ship this embedfit (its code, not its dependencies) and its settings to every node of the job.
+
+    A local cluster's workers run this interpreter in this process's environment (`EMBEDFIT_*` included): when
+    they import this same embedfit anyway, nothing is shipped (None), and Ray's pre-started workers can take the
+    actors, where a `runtime_env` would start new ones after packaging the code (~1.5 s on 2 cores)."""
     import embedfit
 
+    if local and _workers_import_this_embedfit():
+        return None
     return {"py_modules": [str(Path(embedfit.__file__).parent)], "excludes": ["__pycache__"],
             "env_vars": {k: v for k, v in os.environ.items() if k.startswith("EMBEDFIT_")}}
 
 
+def _workers_import_this_embedfit() -> bool:
+    """Whether a fresh process of this interpreter and environment imports the embedfit this process runs: from
+    PYTHONPATH, the working directory, or an installed (or editable) distribution at this path; not when it was
+    added to `sys.path` at run time (a notebook)."""
+    import importlib.metadata
+    import site
+
+    import embedfit
+
+    init = Path(embedfit.__file__).resolve()
+    root = init.parent.parent
+    paths = [*os.environ.get("PYTHONPATH", "").split(os.pathsep), os.getcwd(), *site.getsitepackages()]
+    if any(p and Path(p).resolve() == root for p in paths):
+        return True
+    try:
+        dist = importlib.metadata.distribution("embedfit")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    if Path(str(dist.locate_file("embedfit/__init__.py"))).resolve() == init:
+        return True
+    url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")  # an editable install's source
+    return url.rstrip("/") == root.as_uri()
+
+
 class _ShardWorker:
-    """Ray actor: one model, loaded once; each call embeds one shard of images and writes it (no features returned)."""
+    """Ray actor: one model, loaded once; each call embeds one shard of images and writes it (no features returned).
+
+    A warm actor (`ready(keep_warm)` with seconds) outlives its run and exits by itself once idle that long.
+    """
 
     def __init__(self, config: ExtractConfig, device: str, threads: int, cpu: int | None) -> None:
+        began = time.perf_counter()
         self.host = socket.gethostname()
         self.failure: BaseException | None = None
+        self.phases: dict[str, float] = {}  # this process's share of the start-up, reported once by `ready`
+        self.busy, self.last_used, self.keep_warm = False, time.monotonic(), 0.0
+        self._reaper: threading.Thread | None = None
         try:  # a failure is reported by `ready`, in one line naming this node, not as a dead actor
             import torch
 
@@ -119,6 +183,8 @@ class _ShardWorker:
             from embedfit.extraction.encoder import Encoder
             from embedfit.extraction.settings import resolve_device
 
+            imported = time.perf_counter()
+            self.phases["actor imports"] = imported - began
             if cpu is not None and hasattr(os, "sched_setaffinity"):  # strong-scaling runs: one actor per core
                 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[cpu % len(os.sched_getaffinity(0))]})
             # Ray sets OMP_NUM_THREADS=1 in actors; give the model the CPUs this actor was granted (ONNX Runtime's
@@ -130,14 +196,40 @@ class _ShardWorker:
             self.encoder = Encoder(backbone, resolve_device(device), precision=config.precision, tta=config.tta,
                                    channels_last=config.channels_last, compile=config.compile,
                                    runtime=config.runtime)
+            self.phases["model load"] = time.perf_counter() - imported
         except Exception as exc:
             self.failure = exc
 
-    def ready(self) -> tuple[str, BackboneSpec | None, str, BaseException | None]:
-        """(host, the backbone's spec, runtime, None) once the model is loaded, or (host, None, "", the failure)."""
+    def ready(self, keep_warm: float = 0.0) -> tuple[str, BackboneSpec | None, str, BaseException | None,
+                                                     dict[str, float]]:
+        """(host, the backbone's spec, runtime, None, start-up phases) once the model is loaded, or (host, None, "",
+        the failure, {}). The phases come with the first call only: a warm actor's next run loads nothing.
+
+        Args:
+            keep_warm: Seconds idle after which this actor exits by itself; 0: never (the run stops it).
+        """
+        self.last_used, phases, self.phases = time.monotonic(), self.phases, {}
         if self.failure is not None:
-            return self.host, None, "", self.failure
-        return self.host, self.encoder.spec, self.encoder.runtime, None
+            return self.host, None, "", self.failure, {}
+        self.keep_warm = keep_warm
+        if keep_warm and self._reaper is None:
+            self._reaper = threading.Thread(target=self._exit_when_idle, name="embedfit-keep-warm", daemon=True)
+            self._reaper.start()
+        return self.host, self.encoder.spec, self.encoder.runtime, None, phases
+
+    def info(self) -> dict[str, Any]:
+        """This actor's process id and the seconds since its last call ended (0 while it embeds)."""
+        return {"pid": os.getpid(), "idle": 0.0 if self.busy else time.monotonic() - self.last_used}
+
+    def _exit_when_idle(self) -> None:
+        import ray
+
+        while True:
+            time.sleep(min(5.0, max(0.2, self.keep_warm / 10)))
+            if self.keep_warm and not self.busy and time.monotonic() - self.last_used > self.keep_warm:
+                # no_restart: an actor that times out is gone for good (a crash is restarted, this is not)
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return
 
     def run(self, name: str, items: list[tuple[str, str, int, int, int]],
             target: tuple[StoreSettings, str, list[str], dict[str, Any]]) -> dict[str, Any]:
@@ -147,6 +239,14 @@ class _ShardWorker:
         actor Ray restarts (which runs only `__init__` again) writes the same shards. The folder is a path every
         worker can write (a shared filesystem) or a URL on object storage, where the shard is uploaded whole.
         """
+        self.busy = True
+        try:
+            return self._run(name, items, target)
+        finally:
+            self.busy, self.last_used = False, time.monotonic()
+
+    def _run(self, name: str, items: list[tuple[str, str, int, int, int]],
+             target: tuple[StoreSettings, str, list[str], dict[str, Any]]) -> dict[str, Any]:
         settings, folder, class_names, provenance = target
         import numpy as np
 
@@ -201,52 +301,91 @@ class RayEngine:
         num_gpus_per_worker: GPUs per actor (0 for CPU actors).
         cpus_per_worker: CPUs Ray reserves per actor; the actor's model runs that many threads.
         pin_cpus: Pin actor i to this machine's i-th allowed CPU (benchmarks of scaling on one machine).
+        keep_warm: Seconds the actors stay after a successful run, idle, for the next run with the same settings
+            (warm actors; `stop_workers` stops them sooner); 0 stops them with the run. None: `DEFAULT_KEEP_WARM`
+            on a cluster named by `address` (or RAY_ADDRESS), 0 otherwise. A cluster the run starts itself stops
+            with it, so it takes no `keep_warm`.
 
     Raises:
-        UsageError: Ray missing, or fewer than one worker or CPU.
+        UsageError: Ray missing, fewer than one worker or CPU, or a negative `keep_warm`.
     """
 
     name = "ray"
     shard_size: int | None = DEFAULT_SHARD_SIZE
 
     def __init__(self, address: str | None = None, num_workers: int = 2, num_gpus_per_worker: float = 0.0,
-                 cpus_per_worker: int = 1, pin_cpus: bool = False) -> None:
-        _ray()
+                 cpus_per_worker: int = 1, pin_cpus: bool = False, keep_warm: float | None = None) -> None:
+        if importlib.util.find_spec("ray") is None:  # found, not imported: importing is start-up, timed by `run`
+            _ray()
         if num_workers < 1 or cpus_per_worker < 1:
             raise UsageError(f"`num_workers` and `cpus_per_worker` must be at least 1, got {num_workers} and "
                              f"{cpus_per_worker}")
+        if keep_warm is not None and keep_warm < 0:
+            raise UsageError(f"`keep_warm` must be 0 or more seconds, got {keep_warm}")
         self.address, self.num_workers, self.num_gpus_per_worker = address, num_workers, num_gpus_per_worker
-        self.cpus_per_worker, self.pin_cpus = cpus_per_worker, pin_cpus
+        self.cpus_per_worker, self.pin_cpus, self.keep_warm = cpus_per_worker, pin_cpus, keep_warm
 
     def run(self, job: ExtractJob) -> ExtractSummary:
-        """Start the actors, take the spec from them, plan, hand out the shards, commit the manifest. On object
-        storage (`job.url`) the actors upload their shards next to it."""
+        """Start the actors (or take the warm ones), take the spec from them, plan, hand out the shards, commit the
+        manifest. On object storage (`job.url`) the actors upload their shards next to it."""
+        phases = {"scan": time.perf_counter() - job.started}  # the store checks, the scan, the resume plan
+        lap = time.perf_counter()
         ray = _ray()
         config = job.config
         _check_options(config, self.num_gpus_per_worker)
         device = "cuda" if self.num_gpus_per_worker > 0 else "cpu"
-        connect(self.address, runtime_env=_runtime_env())
-        actor = ray.remote(_ShardWorker).options(num_cpus=self.cpus_per_worker,
-                                                 num_gpus=self.num_gpus_per_worker or None,
-                                                 max_restarts=-1, max_task_retries=-1)
-        # The actors load their models while the driver waits: the spec comes from them (the driver needs no torch).
-        actors = [actor.remote(config, device, self.cpus_per_worker, i if self.pin_cpus else None)
-                  for i in range(self.num_workers)]
+        phases["import ray"], lap = time.perf_counter() - lap, time.perf_counter()
+        started_cluster = connect(self.address, ship_code=True)
+        phases["cluster"], lap = time.perf_counter() - lap, time.perf_counter()
+        keep_warm = self._keep_warm(started_cluster)
+        actors, reused = _start_actors(ray, config, device, self.num_workers, self.cpus_per_worker,
+                                       self.num_gpus_per_worker, self.pin_cpus, keep_warm)
+        finished = False
         try:
-            spec, runtime = _spec_of(ray, actors)
+            try:
+                spec, runtime, inside = _spec_of(ray, actors, keep_warm)
+            except ray.exceptions.RayActorError:
+                if not keep_warm:
+                    raise
+                # A warm actor reached its idle timeout just as this run took it: start the missing ones.
+                actors, reused = _start_actors(ray, config, device, self.num_workers, self.cpus_per_worker,
+                                               self.num_gpus_per_worker, self.pin_cpus, keep_warm)
+                spec, runtime, inside = _spec_of(ray, actors, keep_warm)
+            # The slowest actor's own imports and model load; the rest of the wait is its process starting.
+            phases["actor start"] = time.perf_counter() - lap - sum(inside.values())
+            phases.update(inside)
             ready = time.perf_counter() - job.started
             summary = _extract_shards(ray, actors, job, spec, runtime,
-                                      f"ray ({self.num_workers} x {device}, {self.cpus_per_worker} CPU each)")
-            summary.startup_seconds = ready
+                                      f"ray ({self.num_workers} x {device}, {self.cpus_per_worker} CPU each)",
+                                      keep_warm)
+            summary.startup_seconds, summary.startup_phases = ready, phases
+            if keep_warm:
+                summary.notes.append(f"{reused} of {len(actors)} Ray actors were warm (same settings); all stay "
+                                     f"{keep_warm:.0f} s idle for the next run (`embedfit ray stop-workers` stops "
+                                     "them)")
+            finished = True
             return summary
         finally:
-            _kill(ray, actors)
+            if not (finished and keep_warm):
+                _kill(ray, actors)
+
+    def _keep_warm(self, started_cluster: bool) -> float:
+        """The idle seconds this run's actors stay after it (0: they stop with it)."""
+        if started_cluster:
+            if self.keep_warm:
+                raise UsageError("`keep_warm` needs a long-lived Ray cluster (`address`, e.g. one started with "
+                                 "`ray start --head`): the cluster this run started stops with it")
+            return 0.0
+        if self.keep_warm is not None:
+            return float(self.keep_warm)
+        named = self.address or os.environ.get("RAY_ADDRESS")
+        return DEFAULT_KEEP_WARM if named and named != "local" else 0.0
 
 
 def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: ExtractConfig | None = None, *,
                 address: str | None = None, num_workers: int = 2, num_gpus_per_worker: float = 0.0,
-                cpus_per_worker: int = 1, pin_cpus: bool = False, class_names: list[str] | None = None,
-                **options: Any) -> ExtractSummary:
+                cpus_per_worker: int = 1, pin_cpus: bool = False, keep_warm: float | None = None,
+                class_names: list[str] | None = None, **options: Any) -> ExtractSummary:
     """`embedfit.extract` on a Ray cluster (`engine=RayEngine(...)`): a sharded store written by the workers,
     same resume, same rows.
 
@@ -256,7 +395,8 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
         output: The store's manifest; its shards go to ``<output>.shards/``: on a shared filesystem every node
             can write, or on object storage (``s3://...``), where each worker uploads the shards it writes.
         config: Extraction settings (keyword `options` override fields); `config.shard_size` defaults to 1024.
-        address, num_workers, num_gpus_per_worker, cpus_per_worker, pin_cpus: The cluster (see `RayEngine`).
+        address, num_workers, num_gpus_per_worker, cpus_per_worker, pin_cpus, keep_warm: The cluster and its
+            actors (see `RayEngine`).
         class_names: Class list to use instead of the folder names.
 
     Raises:
@@ -267,21 +407,125 @@ def extract_ray(source: str | os.PathLike, output: str | os.PathLike, config: Ex
     from embedfit.extraction.local import extract
 
     engine = RayEngine(address=address, num_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker,
-                       cpus_per_worker=cpus_per_worker, pin_cpus=pin_cpus)
+                       cpus_per_worker=cpus_per_worker, pin_cpus=pin_cpus, keep_warm=keep_warm)
     return extract(source, output, config, class_names=class_names, engine=engine, **options)
 
 
 def _kill(ray: Any, actors: list[Any]) -> None:
-    """On a long-lived cluster, our actors must not outlive the run."""
+    """On a long-lived cluster, our actors must not outlive the run (warm actors: only a successful one)."""
     for a in actors:
-        ray.kill(a)
+        ray.kill(a, no_restart=True)
 
 
-def _spec_of(ray: Any, actors: list[Any]) -> tuple[BackboneSpec, str]:
-    """The backbone spec every actor loaded; the first failure (a node without torch, missing weights...) is raised
-    in one line naming its node, and actors that disagree (nodes with other weights files) are refused."""
-    specs, runtimes = [], set()
-    for host, spec, runtime, failure in ray.get([a.ready.remote() for a in actors]):
+def _start_actors(ray: Any, config: ExtractConfig, device: str, n: int, cpus: int, gpus: float, pin: bool,
+                  keep_warm: float) -> tuple[list[Any], int]:
+    """The run's `n` actors and how many of them were warm already. Without `keep_warm`, new actors that stop with
+    the run; with it, the warm actors named for these settings (`_warm_name`), started where missing, after
+    stopping idle warm actors of other settings when the cluster lacks the CPUs or GPUs for the new ones.
+
+    The actors load their models while the driver goes on: `_spec_of` waits for them.
+    """
+    actor = ray.remote(_ShardWorker)
+    options = {"num_cpus": cpus, "num_gpus": gpus or None, "max_restarts": -1, "max_task_retries": -1}
+    if not keep_warm:
+        return [actor.options(**options).remote(config, device, cpus, i if pin else None) for i in range(n)], 0
+    prefix = _warm_name(config, device, cpus, gpus, pin)
+    names = _warm_names(ray)
+    missing = [i for i in range(n) if f"{prefix}-{i}" not in names]
+    if missing:
+        _stop_idle(ray, [m for m in names if not m.startswith(f"{prefix}-")], len(missing) * cpus,
+                   len(missing) * gpus)
+    # get_if_exists: two runs starting at once share one actor per name instead of failing on the name
+    return [actor.options(**options, name=f"{prefix}-{i}", namespace=WARM_NAMESPACE, lifetime="detached",
+                          get_if_exists=True).remote(config, device, cpus, i if pin else None)
+            for i in range(n)], n - len(missing)
+
+
+def _warm_name(config: ExtractConfig, device: str, cpus: int, gpus: float, pin: bool) -> str:
+    """The name prefix of the warm actors for these settings: a digest of everything that makes an actor embed
+    differently (the model settings, its weights file, resources, embedfit's code, the `EMBEDFIT_*` settings)."""
+    identity: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                                if f.name not in _DRIVER_FIELDS}
+    if config.weights and not is_url(config.weights) and os.path.exists(config.weights):
+        st = os.stat(config.weights)  # the same path with other weights in it is another model
+        identity["weights_file"] = [st.st_size, st.st_mtime_ns]
+    identity.update(engine_device=device, cpus=cpus, gpus=gpus, pin=pin, code=_code_digest(),
+                    env=sorted((k, v) for k, v in os.environ.items() if k.startswith("EMBEDFIT_")))
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"shard-worker-{digest}"
+
+
+def _code_digest() -> str:
+    """This embedfit's code, as names, sizes and times of its modules (a few ms): a warm actor runs its own."""
+    import embedfit
+
+    root = Path(embedfit.__file__).parent
+    h = hashlib.sha256(embedfit.__version__.encode())
+    for path in sorted(root.rglob("*.py")):
+        st = path.stat()
+        h.update(f"{path.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def _warm_names(ray: Any) -> set[str]:
+    """The names of the warm actors on the cluster (every run's, every setting's)."""
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == WARM_NAMESPACE}
+
+
+def _stop_idle(ray: Any, names: list[str], cpus: float, gpus: float) -> None:
+    """Stop warm actors of other settings that are idle (a second or more), when the cluster has fewer free CPUs or
+    GPUs than `cpus` and `gpus`: a run that needs their resources should not wait for their idle timeout. A warm
+    actor busy with another run does not answer within the timeout and is left alone."""
+    free = ray.available_resources()
+    if free.get("CPU", 0.0) >= cpus and free.get("GPU", 0.0) >= gpus:
+        return
+    for name in names:
+        try:
+            handle = ray.get_actor(name, namespace=WARM_NAMESPACE)
+            idle = ray.get(handle.info.remote(), timeout=2.0)["idle"]
+        except (ValueError, ray.exceptions.RayError):  # gone since listed, busy, or dying
+            continue
+        if idle >= 1.0:
+            ray.kill(handle, no_restart=True)
+
+
+def stop_workers(address: str | None = None) -> int:
+    """Stop every warm actor (`RayEngine(keep_warm=...)`) on a running cluster, idle or not.
+
+    Args:
+        address: The cluster (see `connect`); None: the one this machine runs (`ray start`), or RAY_ADDRESS.
+
+    Returns:
+        How many actors were stopped.
+
+    Raises:
+        UsageError: Ray missing, or no cluster answers (a local one is never started for this).
+    """
+    ray = _ray()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None and not ray.is_initialized():
+        from ray._private.utils import read_ray_address
+
+        if not read_ray_address():
+            raise UsageError("no Ray cluster runs on this machine, so no warm actors to stop; name another cluster "
+                             "with `address`")
+    connect(address or "auto")
+    stopped = 0
+    for name in sorted(_warm_names(ray)):
+        try:
+            ray.kill(ray.get_actor(name, namespace=WARM_NAMESPACE), no_restart=True)
+            stopped += 1
+        except ValueError:  # exited by itself since listed
+            pass
+    return stopped
+
+
+def _spec_of(ray: Any, actors: list[Any], keep_warm: float = 0.0) -> tuple[BackboneSpec, str, dict[str, float]]:
+    """The backbone spec every actor loaded, their runtimes, and the start-up phases of the slowest new one
+    ({} when all were warm); the first failure (a node without torch, missing weights...) is raised in one line
+    naming its node, and actors that disagree (nodes with other weights files) are refused."""
+    specs, runtimes, inside = [], set(), {}
+    for host, spec, runtime, failure, phases in ray.get([a.ready.remote(keep_warm) for a in actors]):
         if isinstance(failure, EmbedfitError):
             raise failure
         if failure is not None:
@@ -290,16 +534,18 @@ def _spec_of(ray: Any, actors: list[Any]) -> tuple[BackboneSpec, str]:
                              "'embedfit[ray]' (torch, timm) on every node, e.g. in the cluster's image")
         specs.append((host, spec))
         runtimes.add(runtime)
+        if sum(phases.values()) > sum(inside.values()):
+            inside = phases
     for host, spec in specs[1:]:
         if spec != specs[0][1]:
             raise UsageError(f"Ray nodes {specs[0][0]} and {host} load different models for "
                              f"{specs[0][1].short()} ({specs[0][1].differences(spec)[0]}); give every node the "
                              "same weights files and library versions")
-    return specs[0][1], "+".join(sorted(runtimes))
+    return specs[0][1], "+".join(sorted(runtimes)), inside
 
 
 def _extract_shards(ray: Any, actors: list[Any], job: ExtractJob, spec: BackboneSpec, runtime: str,
-                    device: str) -> ExtractSummary:
+                    device: str, keep_warm: float = 0.0) -> ExtractSummary:
     """Plan the resume for `spec`, hand the shards to the actors, count what they wrote, commit the manifest.
 
     On object storage (`job.url`) the actors upload their shards to ``<url>.shards``, and each is downloaded into
@@ -318,18 +564,32 @@ def _extract_shards(ray: Any, actors: list[Any], job: ExtractJob, spec: Backbone
         store = writer.store
         target = ray.put((settings, shards_url or str(store.parts), list(images.class_names), provenance))
         todo = sorted(writer.todo, key=lambda r: r.key)  # shards hold contiguous key ranges: one VDS map each
-        shards = [(store.shard_name(i // shard_size),
-                   [(str(r.path), r.key, r.label, r.size, r.mtime_ns) for r in todo[i:i + shard_size]])
-                  for i in range(0, len(todo), shard_size)]
+        step = _shard_step(shard_size, len(todo), len(actors))
+        shards = [(store.shard_name(i // step),
+                   [(str(r.path), r.key, r.label, r.size, r.mtime_ns) for r in todo[i:i + step]])
+                  for i in range(0, len(todo), step)]
+        received = []
 
         def add(result: dict[str, Any]) -> tuple[int, str]:
+            received.append(result["name"])
             if shards_url:
                 get_file(f"{shards_url}/{result['name']}", store.parts / result["name"])
             writer.add_written(result["rows"], result["failures"])
             return result["rows"], ""
 
-        # The actors are stopped before the manifest is committed: no shard is written after it.
+        def stop() -> None:
+            # The actors are stopped before the manifest is committed: no shard is written after it. Warm actors
+            # that returned every shard have none in flight, and stay.
+            if not keep_warm or len(received) < len(shards):
+                _kill(ray, actors)
+
         writer.run(ActorPool(actors).map_unordered(lambda a, shard: a.run.remote(*shard, target), shards), add,
                    config=config, source=job.source, output=job.output, provenance=provenance,
-                   stop=lambda: _kill(ray, actors), on_progress=job.on_progress)
+                   stop=stop, on_progress=job.on_progress)
     return summary
+
+
+def _shard_step(shard_size: int, todo: int, actors: int) -> int:
+    """Images per shard: `shard_size` at most, and few enough that every actor takes about `SHARDS_PER_ACTOR`
+    shards of a small run (600 images in shards of 1024 kept one of two actors idle), but not below `MIN_SHARD`."""
+    return max(1, min(shard_size, max(MIN_SHARD, -(-todo // (actors * SHARDS_PER_ACTOR)))))

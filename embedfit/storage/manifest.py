@@ -29,8 +29,8 @@ from h5py import h5a, h5d, h5f, h5p, h5s
 
 from embedfit.errors import StoreError
 from embedfit.storage.schema import (
-    _DIGEST_NUM,
-    _DIGEST_STR,
+    DIGEST_NUM,
+    DIGEST_STR,
     FAILED,
     MISSING,
     OK,
@@ -458,7 +458,7 @@ def write_manifest(f: h5py.File, listing: Listing, sources: Sequence[Path], info
     fp = hashlib.sha256()
     fp.update(spec_json.encode())
     spills = {name: _Spill(Path(f.filename).parent) for name in ("errors", *[n for n, d in ROW_DATASETS.items()
-                                                                             if d is STR and n not in _DIGEST_STR
+                                                                             if d is STR and n not in DIGEST_STR
                                                                              and n != "paths"])}
     runs: list[tuple[int, int, int, int]] = []
     used: set[int] = set()
@@ -546,7 +546,7 @@ def write_manifest(f: h5py.File, listing: Listing, sources: Sequence[Path], info
         h = paths_hash
         h.update(json.dumps(names).encode())
         spills["errors"].hash_into(h)
-        for name in (*_DIGEST_NUM, *[n for n in ROW_DATASETS if n not in _DIGEST_STR + _DIGEST_NUM]):
+        for name in (*DIGEST_NUM, *[n for n in ROW_DATASETS if n not in DIGEST_STR + DIGEST_NUM]):
             if ROW_DATASETS[name] is STR:
                 spills[name].hash_into(h)
                 continue

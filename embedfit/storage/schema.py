@@ -70,7 +70,7 @@ ROW_DATASETS: dict[str, Any] = {"paths": STR, "labels": np.int64, "status": np.u
 ROW_DEFAULTS: dict[str, Any] = {CONTENT_HASH: ""}
 """The value of a per-row dataset added after stores existed, for the rows of files that lack it."""
 # The digest's order for the original datasets, fixed so that stores written before stay verifiable.
-_DIGEST_STR, _DIGEST_NUM = ("paths", "class_names", "errors"), ("labels", "status", "file_size", "file_mtime_ns")
+DIGEST_STR, DIGEST_NUM = ("paths", "class_names", "errors"), ("labels", "status", "file_size", "file_mtime_ns")
 
 _VERSION_ORDER = ("embedfit", "torch", "torchvision", "timm", "numpy", "h5py", "scikit-learn", "python", "onnxruntime")
 
@@ -179,12 +179,12 @@ def metadata_digest(arrays: dict[str, Any], shard_index: str = "", present: Cont
             some `ROW_DATASETS` entries: those it lacks were not in the digest it was written with. None: all.
     """
     h = hashlib.sha256()
-    for name in _DIGEST_STR:
+    for name in DIGEST_STR:
         h.update(json.dumps([str(s) for s in arrays[name]]).encode())
-    for name in _DIGEST_NUM:
+    for name in DIGEST_NUM:
         h.update(np.ascontiguousarray(arrays[name], dtype=ROW_DATASETS[name]).tobytes())
     for name, dtype in ROW_DATASETS.items():  # datasets added later, after the original ones
-        if name not in _DIGEST_STR + _DIGEST_NUM and (present is None or name in present):
+        if name not in DIGEST_STR + DIGEST_NUM and (present is None or name in present):
             h.update(json.dumps([str(s) for s in arrays[name]]).encode() if dtype is STR
                      else np.ascontiguousarray(arrays[name], dtype=dtype).tobytes())
     if shard_index:
