@@ -270,3 +270,40 @@ def test_a_new_per_row_dataset_is_one_schema_entry(settings: StoreSettings, tmp_
             f["content_sha256"][2] = "forged"
         with pytest.raises(StoreError, match="metadata checksum mismatch"):
             FeatureStore.open(path)
+
+
+def test_unusual_strings_survive_the_manifest_merge(settings: StoreSettings, tmp_path: Path) -> None:
+    """The commit copies errors and content hashes as raw bytes and hashes them without `json` when they are plain
+    ASCII: keys, errors and hashes with non-ASCII, quotes, backslashes and newlines must come out as written, under
+    a digest that the reader verifies, and a changed file's row is replaced by its new one."""
+    from embedfit.storage import FAILED
+    from embedfit.storage.schema import CONTENT_HASH
+
+    keys = sorted(["c0/caf\u00e9 \"quoted\".png", "c0/back\\slash.png", "c1/\u65e5\u672c.png", "c1/plain.png"])
+    recs = [Rec(k, int(k.startswith("c1")), 1000 + i, 10**18 + i) for i, k in enumerate(keys)]
+    errors = ["", "line one\nline two \"q\" \\ caf\u00e9", "", "\u00e9chec"]
+    status = [OK if not e else FAILED for e in errors]
+    hashes = ["", "h\u00e9\"\\", "0" * 64, "a\nb"]
+    feats = np.random.default_rng(1).standard_normal((4, settings.spec.embedding_dim)).astype(np.float32)
+    out = tmp_path / "odd.h5"
+    with ShardedStoreWriter(out, settings, shard_size=2) as writer:
+        for i in (0, 2):
+            writer.write_part(keys[i:i + 2], [CLASSES[r.label] for r in recs[i:i + 2]], [r.size for r in recs[i:i + 2]],
+                              [r.mtime_ns for r in recs[i:i + 2]], status[i:i + 2], errors[i:i + 2], feats[i:i + 2],
+                              {CONTENT_HASH: hashes[i:i + 2]})
+        writer.commit(recs, CLASSES, complete=True)
+    store = FeatureStore.open(out)  # verifies the metadata digest
+    assert list(store.paths) == keys and list(store.errors) == errors and list(store.status) == status
+    with h5py.File(out, "r") as f:
+        assert list(f[CONTENT_HASH].asstr()[:]) == hashes
+    store.close()
+    # One file changed: its old row is dropped, the new one (written by a resumed run) is committed.
+    recs[1] = recs[1]._replace(size=5)
+    with ShardedStoreWriter(out, settings, shard_size=2) as writer:
+        assert [r.key for r in writer.plan(recs).todo] == [keys[1]]
+        writer.write_part([keys[1]], [CLASSES[recs[1].label]], [5], [recs[1].mtime_ns], [OK], [""], feats[1:2],
+                          {CONTENT_HASH: ["new"]})
+        store = writer.commit(recs, CLASSES, complete=True)
+    assert list(store.errors) == ["", "", "", errors[3]] and list(store.status) == [OK, OK, OK, FAILED]
+    with h5py.File(out, "r") as f:
+        assert f[CONTENT_HASH].asstr()[1] == "new"
