@@ -115,10 +115,10 @@ def _read_shard(path: Path) -> dict[str, Any]:
     """A shard's per-row metadata as arrays (labels as class names), its features' shape and its `ShardInfo`.
 
     h5py's low-level calls (the high-level objects cost more per shard than a shard's reads): one HDF5 read per
-    dataset, opened by name, no group listing. Paths and class names are decoded to str in one
-    go; errors and content hashes stay UTF-8 bytes, as read: the merge only copies them (h5py writes bytes as they
-    are, `_json_items` hashes them as their str would be). Errors are read only where a row failed: the other
-    rows' are empty."""
+    dataset, opened by name, no group listing. Paths and class names are decoded to str in one go; errors and
+    content hashes stay UTF-8 bytes, as read: the merge only copies them (h5py writes bytes as they are,
+    `_json_items` hashes them as their str would be). Errors are read only where a row failed: the other rows'
+    are empty."""
     try:
         fid = h5f.open(os.fsencode(path), h5f.ACC_RDONLY, fapl=_fapl())
         try:
