@@ -177,13 +177,12 @@ def _check_output(path: Path) -> None:
 
 
 def _write_local(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (a temporary file beside it, then renamed)."""
+    """Write `text` to `path` atomically (`runs.files.atomic_write`: a temporary file beside it, then renamed)."""
+    from embedfit.runs.files import atomic_write
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write(path, text)
     except OSError as exc:
         raise StoreError(f"cannot write collection {path}: {exc.strerror or exc}") from None
 

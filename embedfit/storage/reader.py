@@ -667,15 +667,13 @@ def _read_remote(url: str) -> str:
 
 def _resolved_copy(url: str, doc: dict[str, Any], base: str) -> Path:
     """A local copy of the remote collection at `url` whose members are absolute URLs (in the read cache)."""
+    from embedfit.runs.files import atomic_write
     from embedfit.storage.objects import cache_dir
 
     resolved = {**doc, "members": [{**m, "path": _resolve(m["path"], base)} for m in doc["members"]]}
     local = cache_dir() / "collections" / hashlib.sha256(url.encode()).hexdigest()[:20] / posixpath.basename(url)
     local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(resolved, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, local)  # whole: another process may be reading the previous copy
-    return local
+    return atomic_write(local, json.dumps(resolved, indent=1) + "\n")  # whole: another process may read the old copy
 
 
 def _resolve(member: str, base: str | Path) -> str:
@@ -732,7 +730,6 @@ def _changed(store: FeatureStore, entry: dict[str, Any]) -> str:
     if str(store.attrs.get("root", ".")) != entry["root"]:
         return f"has another image root ({store.attrs.get('root', '.')}, recorded {entry['root']})"
     return ""
-
 
 
 def _merged_rows(members: Sequence[FeatureStore], names: Sequence[str]) -> tuple[dict[str, Any], str]:
