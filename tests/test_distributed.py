@@ -94,6 +94,44 @@ def test_the_driver_never_imports_torch_and_a_finished_folder_starts_no_actors(r
     _same(tmp_path / "r.h5", shared_store)
 
 
+@pytest.mark.ray
+def test_ray_resume_sees_vanished_changed_and_new_images_and_a_csv_is_listed_by_parts(ray, tmp_path: Path) -> None:
+    from conftest import write_tree
+
+    from embedfit.extraction.local import extract
+    from embedfit.extraction.ray import extract_ray, stop_workers
+    from embedfit.storage import MISSING
+
+    stop_workers(ray.get_runtime_context().gcs_address)  # an earlier test's warm actors hold the cluster's CPUs
+    tree = write_tree(tmp_path / "images", per_class=4)
+    out = tmp_path / "r.h5"
+    assert extract_ray(tree, out, num_workers=2, shard_size=4).embedded == 12
+    (tree / "brick" / "brick_000.jpg").unlink()
+    changed = tree / "grass" / "grass_001.png"
+    st = changed.stat()
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    (tree / "new").mkdir()  # a new class folder, between the others in key order
+    (tree / "new" / "n.jpg").write_bytes((tree / "gravel" / "gravel_000.jpg").read_bytes())
+    again = extract_ray(tree, out, num_workers=2, shard_size=4)
+    assert (again.embedded, again.reused, again.missing, again.total) == (2, 10, 1, 12)
+    extract(tree, tmp_path / "local.h5", workers=0)
+    store, local = FeatureStore.open(out), FeatureStore.open(tmp_path / "local.h5")
+    assert store.class_names == local.class_names == ["brick", "grass", "gravel", "new"]
+    ok = store.status != MISSING
+    assert list(np.asarray(store.paths)[~ok]) == ["brick/brick_000.jpg"]
+    assert list(np.asarray(store.paths)[ok]) == list(local.paths) and list(store.labels[ok]) == list(local.labels)
+    np.testing.assert_allclose(store.features()[ok], local.features(), rtol=1e-5, atol=1e-5)
+
+    listed = tmp_path / "list.csv"  # a CSV, unsorted, with a repeated row: the same rows as one scan gives
+    rows = [(f"images/{p}", p.split("/")[0]) for p in reversed(list(local.paths))]
+    with open(listed, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label"), *rows, rows[0]])
+    extract_ray(listed, tmp_path / "csv.h5", num_workers=2, shard_size=4)
+    extract(listed, tmp_path / "csv_local.h5", workers=0)
+    _same(tmp_path / "csv.h5", tmp_path / "csv_local.h5")
+    assert not list((tmp_path / "csv.h5.shards").glob("listing-*"))  # the listings go once committed
+
+
 def _warm(ray) -> dict[str, int]:
     """The warm actors on the fixture's cluster: name -> process id."""
     from embedfit.extraction.ray import WARM_NAMESPACE

@@ -12,7 +12,7 @@ import pytest
 from conftest import write_tree
 
 from embedfit.errors import InputError
-from embedfit.extraction.parts import PartSummary, merged_listing, plan_part, read_todo
+from embedfit.extraction.parts import PartSummary, cut_shards, merged_listing, plan_input, plan_part, read_todo
 from embedfit.images import combine_parts, scan_images, split_input
 from embedfit.storage.manifest import Listing, PlanCounts, plan_blocks
 
@@ -24,11 +24,9 @@ def _by_parts(source: Path, folder: Path, class_names=None, sources=(), csv_part
     folder.mkdir(exist_ok=True)
     summaries = [plan_part(split, part, str(folder / f"listing-{i:03d}.h5"), list(sources))
                  for i, part in enumerate(split.parts)]
-    kind, names, used, _, n_skipped = combine_parts(
-        split, [(s.part, s.rows, s.labels, s.keys) for s in summaries], class_names)
-    used_summaries = [s for s in summaries if s.part in used]
-    return split, summaries, kind, names, used_summaries, n_skipped + len(split.skipped) + sum(
-        s.n_skipped for s in summaries)
+    planned, used = plan_input(split, summaries, class_names)  # the driver's part: summaries in, plan out
+    assert planned.todo == sum(s.todo for s in used) and planned.total == sum(s.rows for s in used)
+    return split, summaries, planned.kind, planned.class_names, used, planned.n_skipped
 
 
 def _rows(listing: Listing) -> list[tuple]:
@@ -59,6 +57,12 @@ def test_a_class_tree_listed_by_parts_is_the_whole_scan(tmp_path: Path) -> None:
     got = read_todo(first.listing, 1, 3)
     assert [g[1] for g in got] == [r.key for r in whole.records[1:3]]
     assert got[0][0] == str(whole.records[1].path) and got[0][2] == "brick"
+    # Shards of 4 images run across the parts in key order: every image to embed once.
+    shards = cut_shards(used, 4, lambda i: f"s{i}")
+    assert [len(p) for _, p in shards] == [1, 2, 2, 1]  # 5 brick + 6 grass + 5 gravel: two shards span parts
+    assert [sum(b - a for _, a, b in p) for _, p in shards] == [4, 4, 4, 4]
+    assert [row[1] for _, p in shards for loc, a, b in p for row in read_todo(loc, a, b)] == \
+        [r.key for r in whole.records]
 
     # Given class names: their order, and a folder outside them is refused before anything is embedded.
     assert combine_parts(split, [(s.part, s.rows, s.labels, s.keys) for s in summaries],

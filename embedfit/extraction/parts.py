@@ -14,18 +14,23 @@ key, so one at a time for a folder tree). No process holds a table of every imag
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedfit.errors import InputError, StoreError
-from embedfit.images import InputPart, InputSplit, scan_part
+from embedfit.images import InputPart, InputSplit, combine_parts, scan_part
 from embedfit.storage.manifest import Listing, ListingBlock, PlanCounts, ShardInfo, plan_blocks
 from embedfit.url import get_file, is_url, put_file
+
+if TYPE_CHECKING:
+    from embedfit.extraction.writer import PlannedInput
 
 LISTING_PREFIX = "listing-"
 _SAMPLE = 10  # keys and skipped entries a part reports
@@ -119,11 +124,18 @@ def write_listing(location: str, keys: np.ndarray, labels: Sequence[str], paths:
     fd, local = tempfile.mkstemp(prefix=".listing-", suffix=".tmp",
                                  dir=None if is_url(location) else os.path.dirname(location) or None)
     os.close(fd)
+    # Keys as one UTF-8 blob, each followed by a newline, and their end offsets; labels as indices into the few
+    # label names: the commit reads 2M keys in ~1 s this way, twice as fast as variable-length strings.
+    encoded = [k.encode() + b"\n" for k in np.asarray(keys, dtype=object).tolist()]
+    names, index = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True) if len(encoded) \
+        else (np.array([], dtype=str), np.array([], dtype=np.int64))
     try:
         with h5py.File(local, "w") as f:
-            for name, data in (("keys", np.asarray(keys, dtype=object)), ("labels", np.asarray(labels, dtype=object)),
-                               ("paths", np.asarray(paths, dtype=object))):
-                f.create_dataset(name, data=data, dtype=STR)
+            f.create_dataset("key_bytes", data=np.frombuffer(b"".join(encoded), dtype=np.uint8))
+            f.create_dataset("key_ends", data=np.cumsum([len(k) for k in encoded], dtype=np.int64))
+            f.create_dataset("label_names", data=np.asarray(names.tolist(), dtype=object), dtype=STR)
+            f.create_dataset("labels", data=np.asarray(index, dtype=np.int32))
+            f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=STR)
             f.create_dataset("sizes", data=np.asarray(sizes, dtype=np.int64))
             f.create_dataset("mtimes", data=np.asarray(mtimes, dtype=np.int64))
             f.create_dataset("todo", data=np.asarray(todo, dtype=bool))
@@ -148,9 +160,26 @@ def read_todo(location: str, start: int, stop: int) -> list[tuple[str, str, str,
             return []
         span = slice(int(rows[0]), int(rows[-1]) + 1)  # one read of the span, then the rows picked from it
         pick = rows - rows[0]
-        cols = [f[c].asstr()[span][pick] for c in ("paths", "keys", "labels")]
+        names = np.array([*f["label_names"].asstr()[()].tolist(), ""], dtype=object)
+        cols = [f["paths"].asstr()[span][pick], _keys(f, span.start, span.stop)[pick],
+                names[f["labels"][span][pick]]]
         sizes, mtimes = f["sizes"][span][pick], f["mtimes"][span][pick]
     return list(zip(*[c.tolist() for c in cols], sizes.tolist(), mtimes.tolist(), strict=True))
+
+
+def _keys(f: Any, start: int, stop: int) -> np.ndarray:
+    """Keys `start`..`stop` of an open listing file, as an object array of str (`write_listing`'s layout)."""
+    ends = f["key_ends"][max(0, start - 1):stop]
+    first = int(ends[0]) if start else 0
+    ends = ends[1:] if start else ends
+    blob = f["key_bytes"][first:int(ends[-1]) if len(ends) else first].tobytes()
+    out = np.empty(len(ends), dtype=object)
+    if blob.count(b"\n") == len(ends):  # no key holds a newline: one decode, one split
+        out[:] = blob[:-1].decode().split("\n") if len(ends) else []
+    else:
+        bounds = np.concatenate([[0], ends - first]).tolist()
+        out[:] = [blob[a:b - 1].decode() for a, b in itertools.pairwise(bounds)]
+    return out
 
 
 class _Cursor:
@@ -160,8 +189,13 @@ class _Cursor:
         import h5py
 
         self.location = location
-        self.file = stack.enter_context(h5py.File(stack.enter_context(local_copy(location)), "r"))
-        self.n = len(self.file["keys"])
+        self._stack = contextlib.ExitStack()  # closed as soon as the file is read: one open listing per active part
+        stack.callback(self._stack.close)
+        # No chunk cache: each block is read once (the default 1 MiB per dataset, per open file, adds up).
+        self.file = self._stack.enter_context(h5py.File(self._stack.enter_context(local_copy(location)), "r",
+                                                        rdcc_nbytes=0))
+        self.n = len(self.file["key_ends"])
+        self.names = np.array(self.file["label_names"].asstr()[()].tolist(), dtype=object)
         self.pos = 0
         self.block: dict[str, np.ndarray] = {}
         self.load()
@@ -169,7 +203,7 @@ class _Cursor:
     def load(self) -> None:
         end = min(self.n, self.pos + _BLOCK)
         span = slice(self.pos, end)
-        self.block = {"keys": self.file["keys"].asstr()[span], "labels": self.file["labels"].asstr()[span],
+        self.block = {"keys": _keys(self.file, self.pos, end), "labels": self.names[self.file["labels"][span]],
                       "sizes": self.file["sizes"][span], "mtimes": self.file["mtimes"][span]}
         self.pos = end
 
@@ -179,8 +213,11 @@ class _Cursor:
         cut = len(keys) if bound is None else int(np.searchsorted(keys, bound, side="right"))
         piece = {c: v[:cut] for c, v in self.block.items()}
         self.block = {c: v[cut:] for c, v in self.block.items()}
-        if not len(self.block["keys"]) and self.pos < self.n:
-            self.load()
+        if not len(self.block["keys"]):
+            if self.pos < self.n:
+                self.load()
+            else:
+                self._stack.close()
         return piece
 
     @property
@@ -238,6 +275,46 @@ def merged_listing(parts: Sequence[PartSummary], class_names: Sequence[str]) -> 
                                    block["mtimes"].astype(np.int64))
 
     return Listing(blocks, list(class_names))
+
+
+def plan_input(split: InputSplit, summaries: Sequence[PartSummary], class_names: Sequence[str] | None
+               ) -> tuple[PlannedInput, list[PartSummary]]:
+    """The driver's plan from the parts' summaries alone: `combine_parts`' rules (class tree or flat, the class
+    list, what is skipped), the totals, and the input as one streamed listing.
+
+    Returns:
+        The input as `FeatureWriter.use_plan` takes it, and the parts whose rows are the input, in key order.
+    """
+    from embedfit.extraction.writer import PlannedInput
+
+    kind, names, used_parts, skipped, n_skipped = combine_parts(
+        split, [(s.part, s.rows, s.labels, s.keys) for s in summaries], class_names)
+    used = sorted((s for s in summaries if s.part in used_parts), key=lambda s: s.first)
+    skipped = sorted({*skipped, *split.skipped, *(k for s in summaries for k in s.skipped)})
+    n_skipped += len(split.skipped) + sum(s.n_skipped for s in summaries)
+    return PlannedInput(split.root, kind, names, sum(s.rows for s in used), sum(s.todo for s in used),
+                        sum(s.reused for s in used), skipped[:_SAMPLE], n_skipped, merged_listing(used, names)), used
+
+
+def cut_shards(used: Sequence[PartSummary], step: int, shard_name: Callable[[int], str]
+               ) -> list[tuple[str, list[tuple[str, int, int]]]]:
+    """The images to embed of `used` parts (in key order) cut into shards of `step` images, each named by
+    `shard_name(seq)` and given as (listing file, first, stop) runs of its parts' images to embed (`read_todo`)."""
+    shards: list[tuple[str, list[tuple[str, int, int]]]] = []
+    pieces: list[tuple[str, int, int]] = []
+    filled = 0
+    for s in used:
+        start = 0
+        while start < s.todo:
+            take = min(step - filled, s.todo - start)
+            pieces.append((s.listing, start, start + take))
+            start, filled = start + take, filled + take
+            if filled == step:
+                shards.append((shard_name(len(shards)), pieces))
+                pieces, filled = [], 0
+    if pieces:
+        shards.append((shard_name(len(shards)), pieces))
+    return shards
 
 
 def remove_listings(folder: str | Path, keep_prefix: str = "") -> None:

@@ -1,14 +1,19 @@
 """The Ray engine (`embedfit extract --engine ray`): the same extraction fanned out over a Ray cluster.
 
-The driver never loads a model, nor torch: it scans the input, starts the actors (one model each, on the CPUs or
-GPU Ray granted it, with as many intra-op threads as CPUs), takes the backbone's spec from them (they must all
-agree), plans the resume with the same `FeatureWriter` as a local run and cuts the images still to embed into
-shards of `shard_size` images with fixed names. Each actor takes shard after shard: it decodes on a background
-thread while it embeds (the local engine's `iter_embeddings` loop), writes the shard itself (`embedfit.storage.shards`:
+The driver never loads a model, nor torch, and holds no table of the images: it reads the input's root only
+(`embedfit.images.split_input`: its first-level folders, the root's own files, or byte ranges of a CSV) and has
+each part listed and planned on the cluster (Ray tasks, `embedfit.extraction.parts.plan_part`): a task lists its
+part where the data is, plans it against the store's shards that overlap its keys (the same `plan_blocks` as a local
+run), writes a *listing file* beside the shards and returns a `PartSummary` (counts, key range, labels). From the
+summaries alone the driver decides the source kind and class list (`parts.plan_input`) and cuts the images still
+to embed into shards of `shard_size` images with fixed names, each a few (listing file, first, stop) runs
+(`parts.cut_shards`). The actors (one model each, on the CPUs or GPU Ray granted it, with as many intra-op threads
+as CPUs) take shard after shard: an actor reads its images from the listing files, decodes on a background thread
+while it embeds (the local engine's `iter_embeddings` loop), writes the shard itself (`embedfit.storage.shards`:
 locally, then moved whole into ``<store>.shards/``) and returns only counts and failure reasons. The driver never
-sees a feature; at the end it writes the manifest (`FeatureWriter.commit`). So the store is a sharded store with
-the schema, provenance, resume behaviour and row order of a local run. A re-run whose images are all stored
-plans from the store alone and starts no cluster.
+sees a feature; at the end it writes the manifest (`FeatureWriter.commit`) as a streamed merge of the shards' rows
+and the parts' listings (`parts.merged_listing`). So the store is a sharded store with the schema, provenance,
+resume behaviour and row order of a local run. A re-run whose images are all stored starts no actor.
 
 Start-up (`ExtractSummary.startup_phases`): importing Ray, starting (or joining) the cluster, the actors' processes,
 their imports (torch, timm) and model loads. A local cluster the run starts itself gets no `runtime_env` when its
@@ -20,9 +25,10 @@ run with the same settings takes them as they are and starts at once; another ru
 name. Each exits by itself after `keep_warm` idle seconds, a run that needs their resources stops idle ones of
 other settings, and `stop_workers` (`embedfit ray stop-workers`) stops them all.
 
-Failures: Ray restarts an actor that dies and retries its shard (`max_restarts=-1`, `max_task_retries=-1`); a
-shard written twice replaces itself (same name), and the manifest keeps one row per image key. A killed driver
-leaves finished shards, which the next run reuses (shard granularity; a shard being written is absent).
+Failures: Ray restarts an actor that dies and retries its shard (`max_restarts=-1`, `max_task_retries=-1`), and
+retries a listing task whose worker dies (`max_retries=3`); a shard or listing written twice replaces itself (same
+name), and the manifest keeps one row per image key. A killed driver leaves finished shards, which the next run
+reuses (shard granularity; a shard being written is absent), and its listing files, which the next run deletes.
 
 Ray is optional: `pip install 'embedfit[ray]'`; it is imported only inside the functions here.
 """
@@ -45,10 +51,10 @@ from typing import Any
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import EmbedfitError, UsageError
 from embedfit.extraction.engines import ExtractJob
-from embedfit.extraction.parts import LISTING_PREFIX, PartSummary, remove_listings
+from embedfit.extraction.parts import LISTING_PREFIX, PartSummary, cut_shards, plan_input, remove_listings
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary
 from embedfit.extraction.writer import FeatureWriter, PlannedInput
-from embedfit.images import ImageRecord, InputPart, InputSplit, combine_parts, split_input
+from embedfit.images import ImageRecord, InputPart, InputSplit, split_input
 from embedfit.storage import StoreSettings
 from embedfit.storage.schema import shards_dir
 from embedfit.url import get_file, is_url, put_file
@@ -284,7 +290,7 @@ class _ShardWorker:
                 put_file(write_shard(local, *args), f"{folder}/{name}")
         else:
             write_shard(folder, *args)
-        return {"name": name, "rows": len(records),
+        return {"name": name, "rows": len(records), "first": keys[0] if keys else "", "last": keys[-1] if keys else "",
                 "failures": [(r.key, e) for r, e in zip(records, errors, strict=True) if e]}
 
 
@@ -608,6 +614,8 @@ def _extract_shards(ray: Any, pool: _Pool, writer: FeatureWriter, job: ExtractJo
         received.append(result["name"])
         if shards_url:
             get_file(f"{shards_url}/{result['name']}", store.parts / result["name"])
+        if result["rows"]:
+            store.written(result["name"], result["rows"], result["first"], result["last"])
         writer.add_written(result["rows"], result["failures"])
         return result["rows"], ""
 
@@ -681,7 +689,6 @@ class _Lister:
         self._next = 0
         self._running: dict[Any, int] = {}
         self._fill()
-        self.summaries: list[PartSummary] = []
         self.used: list[PartSummary] = []
 
     def _fill(self) -> None:
@@ -690,9 +697,7 @@ class _Lister:
             self._next += 1
 
     def planned(self) -> PlannedInput:
-        """Wait for every part; the input as `FeatureWriter` takes it (`combine_parts`' rules over the parts)."""
-        from embedfit.extraction.parts import merged_listing
-
+        """Wait for every part; the input as `FeatureWriter` takes it (`parts.plan_input`)."""
         done: dict[int, PartSummary] = {}
         while self._running:
             ready, _ = self.ray.wait(list(self._running), num_returns=1)
@@ -705,35 +710,15 @@ class _Lister:
                     raise cause from None
                 raise
             self._fill()
-        self.summaries = [done[i] for i in range(len(self.split.parts))]
-        kind, names, used, skipped, n_skipped = combine_parts(
-            self.split, [(s.part, s.rows, s.labels, s.keys) for s in self.summaries], self.job.class_names)
-        self.used = sorted((s for s in self.summaries if s.part in used), key=lambda s: s.first)
-        skipped = sorted({*skipped, *self.split.skipped, *(k for s in self.summaries for k in s.skipped)})
-        n_skipped += len(self.split.skipped) + sum(s.n_skipped for s in self.summaries)
-        return PlannedInput(self.split.root, kind, names, sum(s.rows for s in self.used),
-                            sum(s.todo for s in self.used), sum(s.reused for s in self.used), skipped[:10],
-                            n_skipped, merged_listing(self.used, names))
+        planned, self.used = plan_input(self.split, [done[i] for i in range(len(self.split.parts))],
+                                        self.job.class_names)
+        return planned
 
     def shards(self, store: Any, actors: int, shard_size: int) -> list[tuple[str, list[tuple[str, int, int]]]]:
-        """The images to embed cut into named shards, each a list of (listing file, first, stop) runs, in key
-        order: about `SHARDS_PER_ACTOR` per actor for a small run, `shard_size` images at most."""
-        step = _shard_step(shard_size, sum(s.todo for s in self.used), actors)
-        shards: list[tuple[str, list[tuple[str, int, int]]]] = []
-        pieces: list[tuple[str, int, int]] = []
-        filled = 0
-        for s in self.used:
-            start = 0
-            while start < s.todo:
-                take = min(step - filled, s.todo - start)
-                pieces.append((s.listing, start, start + take))
-                start, filled = start + take, filled + take
-                if filled == step:
-                    shards.append((store.shard_name(len(shards)), pieces))
-                    pieces, filled = [], 0
-        if pieces:
-            shards.append((store.shard_name(len(shards)), pieces))
-        return shards
+        """The images to embed cut into named shards (`parts.cut_shards`), in key order: about
+        `SHARDS_PER_ACTOR` per actor for a small run, `shard_size` images at most."""
+        return cut_shards(self.used, _shard_step(shard_size, sum(s.todo for s in self.used), actors),
+                          store.shard_name)
 
     def remove(self) -> None:
         """Delete this run's listing files (once committed, or after a failure: a resume lists again)."""

@@ -184,7 +184,7 @@ class ExtractSummary:
     missing: int = 0  # rows of files no longer present
     seconds: float = 0.0
     startup_seconds: float = 0.0  # of `seconds`, until the model (every Ray actor's) was ready to embed
-    # `startup_seconds` by phase, in order ("scan", "model load"; on Ray also "import ray", "cluster",
+    # `startup_seconds` by phase, in order ("scan", "model load"; on Ray "store checks", "import ray", "cluster",
     # "actor start", "actor imports"), so that a slow start says where its seconds went
     startup_phases: dict[str, float] = field(default_factory=dict)
     complete: bool = False

@@ -191,7 +191,7 @@ class ShardedStoreWriter(StoreWriter):
         self._lock: Any = None
         self._previous: FeatureStore | None = None
         self._committed: dict[str, Any] = {}  # the attributes of this writer's last manifest
-        self._planned: dict[str, ShardInfo] = {}  # key ranges of the shards `plan_shards` handed out
+        self._planned: dict[str, ShardInfo] = {}  # key ranges of this run's shards (`plan_shards`, `written`)
         self._seq = 0
         self._run_id = f"{time.time_ns():020d}-{os.getpid()}"
         self._overwrite = overwrite
@@ -300,6 +300,11 @@ class ShardedStoreWriter(StoreWriter):
         from the shard: a killed run's): what a worker needs to plan a part of the input against the store."""
         infos = self._index_infos()
         return [(s, infos.get(s.name) or shard_info(s)) for s in self._sources()]
+
+    def written(self, name: str, rows: int, first: str, last: str) -> None:
+        """Record the key range of a shard a worker wrote (its report), so that the commit orders the shards
+        without opening each first; the commit checks it against the shard when it reads it."""
+        self._planned[name] = ShardInfo(rows, first, last, "")
 
     def check_settings(self, settings: StoreSettings, where: str) -> None:
         """Refuse `settings` (e.g. the model the workers loaded) unless they are this store's.
