@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import itertools
 import os
 import re
 import stat
@@ -526,12 +527,18 @@ def _utf8_ok(key: str) -> bool:
     return True
 
 
-def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[tuple[str, os.DirEntry[str]]], list[str]]:
+def _walk(root: Path, skipped: list[tuple[str, str]], start: str = "",
+          recurse: bool = True) -> tuple[list[tuple[str, os.DirEntry[str]]], list[str]]:
     """Find image files under `root`.
+
+    Args:
+        root: The scanned folder (keys are relative to it).
+        skipped: Appended to with what is deliberately left out.
+        start: Walk only this first-level subfolder of `root` (one part of the input, `scan_part`).
+        recurse: False: only the files in `root` itself (its first-level subfolders are named, not walked).
 
     Returns:
         ``(key, entry)`` for each image file, and the names of all first-level subfolders walked.
-        Appends to `skipped` what it deliberately leaves out.
     """
     found: list[tuple[str, os.DirEntry[str]]] = []
     first_level: list[str] = []
@@ -541,6 +548,9 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[tuple[str, o
     stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
         (str(root), "", frozenset({(root_stat.st_dev, root_stat.st_ino)}))
     ]
+    if start:
+        top = (root / start).stat()
+        stack = [(str(root / start), start + "/", stack[0][2] | {(top.st_dev, top.st_ino)})]
     while stack:
         folder, prefix, ancestors = stack.pop()
         try:
@@ -574,7 +584,8 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[tuple[str, o
                     continue
                 if not prefix:
                     first_level.append(name)
-                stack.append((entry.path, key + "/", ancestors | {ident}))
+                if recurse:
+                    stack.append((entry.path, key + "/", ancestors | {ident}))
             elif has_image_extension(name):
                 if _utf8_ok(key):
                     found.append((key, entry))
@@ -611,14 +622,25 @@ def _scan_remote(url: str, given: list[str] | None, labeled: bool) -> ImageSourc
                          "list")
     if not entries:
         raise InputError(f"{remote.redact(url)} does not exist (no objects under this prefix)")
+    skipped: list[tuple[str, str]] = []
+    found, first_level = _remote_found(root, entries, skipped)
+    return _label_tree(remote.redact(root), found, sorted(first_level), skipped, given, labeled)
+
+
+def _remote_found(root: str, entries: list[tuple[str, dict[str, typing.Any]]], skipped: list[tuple[str, str]],
+                  prefix: str = "") -> tuple[list[tuple[str, typing.Callable[[int], ImageRecord]]], set[str]]:
+    """The image objects of a listing under `root` (keys relative to ``root/prefix``), by `_walk`'s rules, and the
+    first-level folders met; what is left out goes to `skipped`."""
+    from embedfit import url as remote
+
     found: list[tuple[str, typing.Callable[[int], ImageRecord]]] = []
     first_level: set[str] = set()
-    skipped: list[tuple[str, str]] = []
 
     def make(key: str, size: int, mtime_ns: int, label: int) -> ImageRecord:
         return ImageRecord(path=remote.join(root + "/", key), key=key, label=label, size=size, mtime_ns=mtime_ns)
 
     for key, info in entries:
+        key = prefix + key
         parts = key.split("/")
         if "/" in key and not parts[0].startswith(".") and parts[0] != "__MACOSX":
             first_level.add(parts[0])
@@ -634,7 +656,7 @@ def _scan_remote(url: str, given: list[str] | None, labeled: bool) -> ImageSourc
             continue
         if has_image_extension(parts[-1]):
             found.append((key, functools.partial(make, key, int(info.get("size") or 0), remote.mtime_ns(info))))
-    return _label_tree(remote.redact(root), found, sorted(first_level), skipped, given, labeled)
+    return found, first_level
 
 
 def _label_tree(root: Path | str, found: list[tuple[str, typing.Callable[[int], ImageRecord]]],
@@ -690,19 +712,26 @@ def _check_distinct_classes(root: Path, classes: list[str]) -> None:
                                  "would get two labels; remove the link or copy the images")
 
 
-def _scan_csv(csv_path: Path | str, given: list[str] | None) -> ImageSource:
-    """Read a CSV list of images (``path`` column, optional ``label`` column), local or a URL."""
+def _scan_csv(csv_path: Path | str, given: list[str] | None, byte_range: tuple[int, int] | None = None) -> ImageSource:
+    """Read a CSV list of images (``path`` column, optional ``label`` column), local or a URL.
+
+    With `byte_range` (start, stop: line boundaries, `split_input`), only the rows in those bytes (the header is read
+    from the file's start); such a part may be empty, and its line numbers count from `start`.
+    """
     from embedfit import url as remote
 
     on_remote = remote.is_url(csv_path)
     base: Path | str = remote.join(str(csv_path), "..") if on_remote else Path(csv_path).parent
     try:
-        # utf-8-sig: spreadsheet programs put a byte-order mark before the header.
-        with (io.StringIO(remote.read_text(str(csv_path)), newline="") if on_remote else
-              open(csv_path, newline="", encoding="utf-8-sig")) as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            rows = [(reader.line_num, row) for row in reader]
+        if byte_range is not None:
+            header, rows = _read_csv_range(csv_path, *byte_range)
+        else:
+            # utf-8-sig: spreadsheet programs put a byte-order mark before the header.
+            with (io.StringIO(remote.read_text(str(csv_path)), newline="") if on_remote else
+                  open(csv_path, newline="", encoding="utf-8-sig")) as f:
+                reader = csv.reader(f)
+                header = next(reader, None)
+                rows = [(reader.line_num, row) for row in reader]
         csv_name = csv_path.rsplit("/", 1)[-1] if isinstance(csv_path, str) else csv_path.name
         csv_path = remote.redact(csv_path) if isinstance(csv_path, str) else csv_path
     except UnicodeDecodeError as exc:
@@ -748,7 +777,7 @@ def _scan_csv(csv_path: Path | str, given: list[str] | None) -> ImageSource:
             continue
         entries[key] = (path, label, line)
 
-    if not entries:
+    if not entries and byte_range is None:
         raise InputError(f"no images listed in {csv_path}")
     present = sorted({label for _, label, _ in entries.values() if label})
     names = _resolve_classes(present, given, f"{csv_path}: label(s) {{}}")
@@ -762,6 +791,233 @@ def _scan_csv(csv_path: Path | str, given: list[str] | None) -> ImageSource:
     skipped.sort()
     return ImageSource(root=remote.redact(base) if on_remote else base, kind="csv", records=records,
                        class_names=list(names), skipped=skipped)
+
+
+def _read_csv_range(csv_path: Path | str, start: int, stop: int) -> tuple[list[str] | None,
+                                                                         list[tuple[int | str, list[str]]]]:
+    """The header and the rows in bytes [start, stop) of a CSV (line numbers "N after byte start" past the first
+    part, whose lines are not counted)."""
+    from embedfit import url as remote
+
+    if remote.is_url(csv_path):
+        fs, path = remote.filesystem(str(csv_path))
+        opened = fs.open(path, "rb")
+    else:
+        opened = open(csv_path, "rb")  # noqa: SIM115 (closed by the `with` below, like the remote one)
+    with opened as f:
+        head = f.readline()
+        f.seek(start)
+        data = f.read(stop - start)
+    header = next(csv.reader([head.decode("utf-8-sig")]), None)
+    reader = csv.reader(io.StringIO(data.decode("utf-8-sig" if start == 0 else "utf-8"), newline=""))
+    if start == 0:
+        next(reader, None)  # the header
+    return header, [(reader.line_num if start == 0 else f"{reader.line_num} after byte {start}", row)
+                    for row in reader]
+
+
+# --------------------------------------------------------------------------------------------------
+# parts: an input listed piece by piece (the Ray engine's workers list one part each)
+
+CSV_PART_BYTES = 8 << 20  # bytes of a CSV per part (~100k rows)
+
+
+@dataclass(frozen=True)
+class InputPart:
+    """A piece of an input that is listed on its own (`scan_part`), wherever the data is.
+
+    Attributes:
+        kind: "folder" (a first-level folder or prefix, walked in full), "loose" (the files in the root itself)
+            or "csv" (the rows in a byte range of a CSV list).
+        name: The folder's name ("folder").
+        start: First byte ("csv").
+        stop: Byte after the last ("csv").
+    """
+
+    kind: str
+    name: str = ""
+    start: int = 0
+    stop: int = 0
+
+
+@dataclass
+class InputSplit:
+    """An input cut into parts by `split_input`, from its root alone.
+
+    Attributes:
+        source: The folder, CSV or URL to list the parts of (as `scan_part` takes it).
+        root: What keys are relative to, as `ImageSource.root`.
+        csv: Whether the input is a CSV list.
+        parts: The parts, each listed by `scan_part`.
+        skipped: What the root's own listing leaves out (e.g. a ``__MACOSX`` folder).
+    """
+
+    source: str
+    root: Path | str
+    csv: bool
+    parts: list[InputPart]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def split_input(source: str | os.PathLike[str], *, csv_part_bytes: int = CSV_PART_BYTES) -> InputSplit:
+    """Cut an input into parts, reading only its root: one part per first-level folder (or prefix), one for the
+    files in the root itself, or byte ranges of `csv_part_bytes` (cut at line ends) of a CSV list.
+
+    `scan_part` lists each part as `scan_images` lists the whole; `combine_parts` applies the rules that need every
+    part (class tree or flat, the class list). A CSV's parts are cut at line ends, so a quoted cell that spans lines
+    must not straddle a cut.
+
+    Raises:
+        InputError: As `scan_images`: the source does not exist, or is not a folder or a ``.csv`` file.
+    """
+    from embedfit import url as remote
+
+    shown = remote.local_or_url(source)
+    if remote.is_url(shown):
+        fs, path = remote.filesystem(shown)
+        stripped = fs._strip_protocol(path).rstrip("/")
+        try:
+            fs.invalidate_cache()
+            is_file = fs.isfile(stripped)
+            listed = [] if is_file else fs.ls(stripped, detail=True)
+        except Exception as exc:
+            raise InputError(f"cannot list {remote.redact(shown)}: {remote.read_reason('it')(exc)}") from None
+        root = fs.unstrip_protocol(stripped)
+        if is_file:
+            if not stripped.lower().endswith(".csv"):
+                raise InputError(f"{remote.redact(shown)} is not a folder or a .csv file; expected a folder of images "
+                                 "or a CSV list")
+            return InputSplit(root, remote.redact(remote.join(root, "..")), True,
+                              _csv_parts(fs.open(stripped, "rb"), int(fs.size(stripped)), csv_part_bytes))
+        if not listed:
+            raise InputError(f"{remote.redact(shown)} does not exist (no objects under this prefix)")
+        folders, loose, skipped = [], False, []
+        for info in listed:
+            name = fs._strip_protocol(info["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if info.get("type") == "directory":
+                if name == "__MACOSX":
+                    skipped.append((name + "/", "macOS archive metadata folder"))
+                elif not name.startswith("."):
+                    folders.append(name)
+            elif has_image_extension(name):
+                loose = True
+        parts = [InputPart("folder", n) for n in sorted(folders)] + ([InputPart("loose")] if loose else [])
+        return InputSplit(root, remote.redact(root), False, parts, skipped)
+    path = Path(os.path.abspath(shown))
+    if not path.exists():
+        raise InputError(f"{shown} does not exist" + (" (broken symlink)" if path.is_symlink() else ""))
+    if path.is_dir():
+        skipped: list[tuple[str, str]] = []
+        loose, folders = _walk(path, skipped, recurse=False)
+        parts = [InputPart("folder", n) for n in sorted(folders)] + ([InputPart("loose")] if loose else [])
+        return InputSplit(str(path), path, False, parts, skipped)
+    if path.suffix.lower() == ".csv":
+        with open(path, "rb") as f:
+            return InputSplit(str(path), path.parent, True, _csv_parts(f, path.stat().st_size, csv_part_bytes))
+    raise InputError(f"{shown} is not a folder or a .csv file; expected a folder of images or a CSV list")
+
+
+def _csv_parts(f: typing.BinaryIO, size: int, part_bytes: int) -> list[InputPart]:
+    """Byte ranges of about `part_bytes` of an open CSV, each ending after a newline (the file is closed)."""
+    cuts = [0]
+    with f:
+        while cuts[-1] + part_bytes < size:
+            f.seek(cuts[-1] + part_bytes)
+            f.readline()  # to the end of the line the cut falls in
+            if f.tell() >= size:
+                break
+            cuts.append(f.tell())
+    cuts.append(size)
+    return [InputPart("csv", start=a, stop=b) for a, b in itertools.pairwise(cuts) if b > a]
+
+
+def scan_part(split: InputSplit, part: InputPart) -> ImageSource:
+    """The images of one part of an input (`split_input`), as `scan_images` would list them, unresolved.
+
+    Returns:
+        The part's records sorted by key, labelled by the part's own `class_names`: a "folder" part is the one
+        class of its name (kind "folder", also when it holds no image), "loose" files are flat, and a "csv" part has
+        the labels its rows name (sorted). Empty when the part has no images (no error).
+
+    Raises:
+        InputError: The part cannot be read, or a CSV part repeats a key with another label.
+    """
+    from embedfit import url as remote
+
+    skipped: list[tuple[str, str]] = []
+    if part.kind == "csv":
+        source = _scan_csv(split.source, None, (part.start, part.stop))
+        return source
+    if part.kind not in ("folder", "loose"):
+        raise UsageError(f"unknown input part kind {part.kind!r}")
+    if remote.is_url(split.source):
+        if part.kind == "folder":
+            _, _, entries = remote.list_prefix(remote.join(split.source + "/", part.name))
+            found, _ = _remote_found(split.source, entries, skipped, part.name + "/")
+        else:
+            fs, path = remote.filesystem(split.source)
+            listed = [(fs._strip_protocol(i["name"]).rsplit("/", 1)[-1], i) for i in fs.ls(path, detail=True)
+                      if i.get("type") != "directory"]
+            found, _ = _remote_found(split.source, sorted(listed, key=lambda e: e[0]), skipped)
+    else:
+        root = Path(split.source)
+        entries, _ = _walk(root, skipped, start=part.name if part.kind == "folder" else "",
+                           recurse=part.kind == "folder")
+        found = [(key, functools.partial(_record, root, key, entry)) for key, entry in entries]
+    label = 0 if part.kind == "folder" else -1
+    records = sorted((make(label) for _, make in found), key=lambda r: r.key)
+    skipped.sort()
+    return ImageSource(root=split.root, kind="folder" if part.kind == "folder" else "flat", records=records,
+                       class_names=[part.name] if part.kind == "folder" else [], skipped=skipped)
+
+
+def combine_parts(split: InputSplit, parts: Sequence[tuple[InputPart, int, Sequence[str], Sequence[str]]],
+                  given: Sequence[str] | None) -> tuple[str, list[str], list[InputPart], list[tuple[str, str]], int]:
+    """`scan_images`' rules over the listed parts: which parts count and the class list.
+
+    Args:
+        split: The input.
+        parts: Per part: the part, its image count, the labels its rows carry, its first keys (a few).
+        given: The class list asked for (`scan_images`' `class_names`), or None.
+
+    Returns:
+        The source kind ("folder", "flat" or "csv"), the class names, the parts whose rows are the input (a class
+        tree's loose files are not), what the rules skip (loose files, folders without images: the first ones) and
+        how many entries that is.
+
+    Raises:
+        InputError: No images at all, a class not in `given`, or two class folders that are one.
+    """
+    given = _check_class_names(given)
+    skipped: list[tuple[str, str]] = []
+    n_skipped = 0
+    listed = [(p, n, labels) for p, n, labels, _ in parts if n]
+    if split.csv:
+        present = sorted({c for _, _, labels in listed for c in labels if c})
+        names = _resolve_classes(present, given, f"{split.source}: label(s) {{}}")
+        kind, used = "csv", [p for p, _, _ in listed]
+    else:
+        classes = sorted(p.name for p, _, _ in listed if p.kind == "folder")
+        if classes:
+            if isinstance(split.root, Path):
+                _check_distinct_classes(split.root, classes)
+            names = _resolve_classes(classes, given, f"class folder(s) {{}} in {split.root}")
+            kind, used = "folder", [p for p, _, _ in listed if p.kind == "folder"]
+            for p, n, _, keys in parts:
+                if p.kind == "loose" and n:
+                    skipped += [(k, "loose file in the root of a class-folder tree (not in any class folder)")
+                                for k in keys]
+                    n_skipped += n
+                elif p.kind == "folder" and not n:
+                    skipped.append((_printable(p.name + "/"), "folder has no images, so it is not a class"))
+                    n_skipped += 1
+        else:
+            kind, names, used = "flat", [], [p for p, _, _ in listed]
+    if not used:
+        looked_for = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise InputError(f"no images found in {split.root if not split.csv else split.source} (looked for "
+                         f"{looked_for})")
+    return kind, list(names), used, sorted(skipped), n_skipped
 
 
 def _csv_row_path(base: Path | str, raw_path: str) -> tuple[Path | str, str]:

@@ -3,7 +3,9 @@
 An engine is one object with one method, `run(job)`, that `embedfit.extract` calls after it has done what every
 engine shares: staged a store on object storage to a local copy, checked the backbone name, scanned the images,
 and planned the resume (a re-run with nothing to embed stops there, without an engine). The engine embeds
-`job.todo` into `job.output` with `FeatureWriter` and returns its summary.
+the images still to embed into `job.output` with `FeatureWriter` and returns its summary. An engine with
+`lists_input` True lists and plans the input itself, part by part (`embedfit.extraction.parts`): `extract()`
+scans nothing and hands it `job.images` None.
 
 `ENGINES` names the shipped engines by import string, in the manner of fsspec's `known_implementations`, so that
 the command line lists them without importing one. Adding an engine: one file with a class that has `name`,
@@ -23,9 +25,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from embedfit.errors import UsageError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from embedfit.extraction.settings import ExtractConfig, ExtractSummary
     from embedfit.images import ImageSource
     from embedfit.progress import OnProgress
+    from embedfit.storage import StoreSettings
 
 
 @dataclass(frozen=True)
@@ -37,18 +42,22 @@ class ExtractJob:
         output: The store's local path (the staging copy when the store is on object storage).
         url: The store's URL on object storage (uploaded by `extract()` after `run` returns), else None.
         config: The extraction settings (`shard_size` already defaulted to the engine's).
-        images: The scanned images.
+        images: The scanned images (None for an engine that `lists_input`).
         started: `time.perf_counter()` when `extract()` began (for start-up and total times).
         on_progress: Where the engine's `FeatureWriter.run` reports the images (`embedfit.progress`).
+        class_names: The class list asked for, or None (the folders' or the CSV's).
+        stored: The existing store's settings when this run asks for exactly what made it (a re-run), else None.
     """
 
     source: str | os.PathLike
     output: str | os.PathLike
     url: str | None
     config: ExtractConfig
-    images: ImageSource
+    images: ImageSource | None
     started: float
     on_progress: OnProgress | None = None
+    class_names: Sequence[str] | None = None
+    stored: StoreSettings | None = None
 
 
 class Engine(Protocol):
@@ -57,6 +66,7 @@ class Engine(Protocol):
     Attributes:
         name: The registry name, recorded in the store's provenance.
         shard_size: The store layout when `config.shard_size` is not set: None for one file, or images per shard.
+        lists_input: Optional (False when absent): the engine lists and plans the input itself.
     """
 
     name: str

@@ -70,6 +70,8 @@ def _plan_and_run(source: str | os.PathLike, output: str | os.PathLike, url: str
     stored = settings_if_same_request(output, config)
     if stored is None:  # cheap checks first, without torch: a typo should not wait for a big folder scan
         check_request(config.backbone, weights=config.weights, pool=config.pool, resolution=config.resolution)
+    if getattr(engine, "lists_input", False):  # listed and planned part by part, by the engine's workers
+        return engine.run(ExtractJob(source, output, url, config, None, started, on_progress, class_names, stored))
     images = scan_images(source, class_names=class_names)
     if stored is not None:  # a re-run: when every image is stored already, no model is needed (nor torch)
         with FeatureWriter(output, stored, images, retry_failed=config.retry_failed,

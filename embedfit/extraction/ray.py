@@ -29,6 +29,7 @@ Ray is optional: `pip install 'embedfit[ray]'`; it is imported only inside the f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -44,10 +45,12 @@ from typing import Any
 from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import EmbedfitError, UsageError
 from embedfit.extraction.engines import ExtractJob
+from embedfit.extraction.parts import LISTING_PREFIX, PartSummary, remove_listings
 from embedfit.extraction.settings import ExtractConfig, ExtractSummary
-from embedfit.extraction.writer import FeatureWriter
-from embedfit.images import ImageRecord
+from embedfit.extraction.writer import FeatureWriter, PlannedInput
+from embedfit.images import ImageRecord, InputPart, InputSplit, combine_parts, split_input
 from embedfit.storage import StoreSettings
+from embedfit.storage.schema import shards_dir
 from embedfit.url import get_file, is_url, put_file
 
 _TEST_KILL_ONCE = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # tests: path of a marker; the first shard's actor exits hard
@@ -231,26 +234,28 @@ class _ShardWorker:
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
                 return
 
-    def run(self, name: str, items: list[tuple[str, str, int, int, int]],
-            target: tuple[StoreSettings, str, list[str], dict[str, Any]]) -> dict[str, Any]:
-        """Embed the images of shard `name` (path, key, label, size, mtime each) and write the shard.
+    def run(self, name: str, pieces: list[tuple[str, int, int]],
+            target: tuple[StoreSettings, str, dict[str, Any]]) -> dict[str, Any]:
+        """Embed the images of shard `name` and write the shard: `pieces` (listing file, first, stop) name them as
+        runs of the images to embed of the input's parts (`embedfit.extraction.parts.read_todo`).
 
-        `target` (settings, shards folder, class names, provenance) comes with every call, not once, so that an
-        actor Ray restarts (which runs only `__init__` again) writes the same shards. The folder is a path every
-        worker can write (a shared filesystem) or a URL on object storage, where the shard is uploaded whole.
+        `target` (settings, shards folder, provenance) comes with every call, not once, so that an actor Ray
+        restarts (which runs only `__init__` again) writes the same shards. The folder is a path every worker can
+        write (a shared filesystem) or a URL on object storage, where the shard is uploaded whole.
         """
         self.busy = True
         try:
-            return self._run(name, items, target)
+            return self._run(name, pieces, target)
         finally:
             self.busy, self.last_used = False, time.monotonic()
 
-    def _run(self, name: str, items: list[tuple[str, str, int, int, int]],
-             target: tuple[StoreSettings, str, list[str], dict[str, Any]]) -> dict[str, Any]:
-        settings, folder, class_names, provenance = target
+    def _run(self, name: str, pieces: list[tuple[str, int, int]],
+             target: tuple[StoreSettings, str, dict[str, Any]]) -> dict[str, Any]:
+        settings, folder, provenance = target
         import numpy as np
 
         from embedfit.extraction.encoder import iter_embeddings
+        from embedfit.extraction.parts import read_todo
         from embedfit.storage import CONTENT_HASH, FAILED, OK
         from embedfit.storage.shards import write_shard
 
@@ -258,14 +263,19 @@ class _ShardWorker:
         if marker and not Path(marker).exists():  # test hook: die mid-run once, as a preempted worker would
             Path(marker).write_text("killed")
             os._exit(1)
-        records = [ImageRecord(p if is_url(p) else Path(p), k, lb, s, m) for p, k, lb, s, m in items]  # URLs stay
+        items = {}  # by key: a shard is sorted, one row per key (a CSV's parts may list a key twice)
+        for location, start, stop in pieces:
+            for path, key, label, size, mtime in read_todo(location, start, stop):
+                items.setdefault(key, (path, label, size, mtime))
+        keys = sorted(items)
+        records = [ImageRecord(p if is_url(p) else Path(p), k, -1, s, m)  # URLs stay strings
+                   for k in keys for p, _, s, m in [items[k]]]
         c = self.config
         batches = list(iter_embeddings(records, self.encoder, batch_size=c.batch_size, workers=0,
                                        jpeg_draft=c.jpeg_draft, max_pixels=c.max_pixels, decode=c.decode,
                                        decode_thread=True))
         errors = [e for b in batches for e in b.errors]
-        args = (name, settings, [r.key for r in records],
-                [class_names[r.label] if r.label >= 0 else "" for r in records], [r.size for r in records],
+        args = (name, settings, keys, [items[k][1] for k in keys], [r.size for r in records],
                 [r.mtime_ns for r in records], [FAILED if e else OK for e in errors], errors,
                 np.concatenate([b.features for b in batches]), {**provenance, "runtime": self.encoder.runtime},
                 {CONTENT_HASH: [h for b in batches for h in b.hashes]})
@@ -276,6 +286,14 @@ class _ShardWorker:
             write_shard(folder, *args)
         return {"name": name, "rows": len(records),
                 "failures": [(r.key, e) for r, e in zip(records, errors, strict=True) if e]}
+
+
+def _plan_part(split: InputSplit, part: InputPart, listing: str, sources: list[tuple[str, Any]],
+               retry_failed: bool) -> Any:
+    """Ray task: list and plan one part of the input where the data is (`embedfit.extraction.parts.plan_part`)."""
+    from embedfit.extraction.parts import plan_part
+
+    return plan_part(split, part, listing, sources, retry_failed=retry_failed)
 
 
 def _check_options(config: ExtractConfig, num_gpus_per_worker: float) -> None:
@@ -326,9 +344,11 @@ class RayEngine:
         self.cpus_per_worker, self.pin_cpus, self.keep_warm = cpus_per_worker, pin_cpus, keep_warm
 
     def run(self, job: ExtractJob) -> ExtractSummary:
-        """Start the actors (or take the warm ones), take the spec from them, plan, hand out the shards, commit the
-        manifest. On object storage (`job.url`) the actors upload their shards next to it."""
-        phases = {"scan": time.perf_counter() - job.started}  # the store checks, the scan, the resume plan
+        """Split the input at its root, have it listed and planned part by part on the cluster, start the actors
+        (or take the warm ones) and take the spec from them, hand out the shards, commit the manifest. A re-run
+        whose images are all stored starts no actor. On object storage (`job.url`) the actors upload their shards
+        next to it."""
+        phases = {"store checks": time.perf_counter() - job.started}
         lap = time.perf_counter()
         ray = _ray()
         config = job.config
@@ -338,36 +358,57 @@ class RayEngine:
         started_cluster = connect(self.address, ship_code=True)
         phases["cluster"], lap = time.perf_counter() - lap, time.perf_counter()
         keep_warm = self._keep_warm(started_cluster)
-        actors, reused = _start_actors(ray, config, device, self.num_workers, self.cpus_per_worker,
-                                       self.num_gpus_per_worker, self.pin_cpus, keep_warm)
+        split = split_input(job.source)
+        pool = _Pool(self, ray, config, device, keep_warm)
+        shards_url = f"{job.url}.shards" if job.url else None
+        lister: _Lister | None = None
         finished = False
         try:
-            try:
-                spec, runtime, inside = _spec_of(ray, actors, keep_warm)
-            except ray.exceptions.RayActorError:
-                if not keep_warm:
-                    raise
-                # A warm actor reached its idle timeout just as this run took it: start the missing ones.
-                actors, reused = _start_actors(ray, config, device, self.num_workers, self.cpus_per_worker,
-                                               self.num_gpus_per_worker, self.pin_cpus, keep_warm)
-                spec, runtime, inside = _spec_of(ray, actors, keep_warm)
-            # The slowest actor's own imports and model load; the rest of the wait is its process starting.
-            phases["actor start"] = time.perf_counter() - lap - sum(inside.values())
-            phases.update(inside)
-            ready = time.perf_counter() - job.started
-            summary = _extract_shards(ray, actors, job, spec, runtime,
-                                      f"ray ({self.num_workers} x {device}, {self.cpus_per_worker} CPU each)",
-                                      keep_warm)
-            summary.startup_seconds, summary.startup_phases = ready, phases
-            if keep_warm:
-                summary.notes.append(f"{reused} of {len(actors)} Ray actors were warm (same settings); all stay "
-                                     f"{keep_warm:.0f} s idle for the next run (`embedfit ray stop-workers` stops "
-                                     "them)")
-            finished = True
-            return summary
+            if job.stored is None:  # the model decides what the store is: the actors load it first
+                pool.start()
+                if _fresh(job):  # nothing stored to plan against: the parts are listed while the models load
+                    lister = _Lister(ray, split, job, shards_url or str(shards_dir(job.output)), [], self.num_workers)
+                phases.update(pool.wait())
+            settings = job.stored or StoreSettings(pool.spec, config.dtype, config.tta, config.precision)
+            with FeatureWriter(job.output, settings, None, overwrite=config.overwrite,
+                               retry_failed=config.retry_failed, shard_size=config.shard_size,
+                               started=job.started) as writer:
+                store = writer.store
+                lap = time.perf_counter()
+                # A killed run's listings go (we hold the lock now), not those this run's tasks are writing.
+                remove_listings(store.parts, keep_prefix=lister.prefix if lister else "")
+                if lister is None:
+                    sources = [(f"{shards_url}/{p.name}" if shards_url else str(p), info)
+                               for p, info in store.source_infos()]
+                    lister = _Lister(ray, split, job, shards_url or str(store.parts), sources, self.num_workers)
+                planned = lister.planned()
+                writer.use_plan(planned)
+                phases["listing"] = time.perf_counter() - lap
+                if not planned.todo:  # every image is stored: no model needed
+                    writer.commit()
+                    writer.summary.device = "no device: nothing to embed"
+                    finished = True
+                    return writer.summary
+                if pool.actors is None:
+                    pool.start()
+                    phases.update(pool.wait())
+                    store.check_settings(StoreSettings(pool.spec, config.dtype, config.tta, config.precision),
+                                         "the model the Ray actors loaded")
+                ready = time.perf_counter() - job.started
+                summary = _extract_shards(ray, pool, writer, job, lister,
+                                          f"ray ({self.num_workers} x {device}, {self.cpus_per_worker} CPU each)")
+                summary.startup_seconds, summary.startup_phases = ready, phases
+                if keep_warm:
+                    summary.notes.append(f"{pool.reused} of {len(pool.actors)} Ray actors were warm (same settings); "
+                                         f"all stay {keep_warm:.0f} s idle for the next run (`embedfit ray "
+                                         "stop-workers` stops them)")
+                finished = True
+                return summary
         finally:
-            if not (finished and keep_warm):
-                _kill(ray, actors)
+            if lister is not None:
+                lister.remove()
+            if pool.actors and not (finished and keep_warm):
+                _kill(ray, pool.actors)
 
     def _keep_warm(self, started_cluster: bool) -> float:
         """The idle seconds this run's actors stay after it (0: they stop with it)."""
@@ -544,49 +585,166 @@ def _spec_of(ray: Any, actors: list[Any], keep_warm: float = 0.0) -> tuple[Backb
     return specs[0][1], "+".join(sorted(runtimes)), inside
 
 
-def _extract_shards(ray: Any, actors: list[Any], job: ExtractJob, spec: BackboneSpec, runtime: str,
-                    device: str, keep_warm: float = 0.0) -> ExtractSummary:
-    """Plan the resume for `spec`, hand the shards to the actors, count what they wrote, commit the manifest.
+def _extract_shards(ray: Any, pool: _Pool, writer: FeatureWriter, job: ExtractJob, lister: _Lister,
+                    device: str) -> ExtractSummary:
+    """Cut the images still to embed into shards, hand them to the actors, count what they wrote, commit.
 
+    A shard is a run of the parts' images to embed in key order (`_Lister.shards`), named before the work starts.
     On object storage (`job.url`) the actors upload their shards to ``<url>.shards``, and each is downloaded into
     the local shards folder as it is reported, for the manifest (the commit reads the shards' per-row metadata).
     """
     from ray.util import ActorPool
 
-    config, images, shard_size = job.config, job.images, job.config.shard_size or DEFAULT_SHARD_SIZE
+    config, actors = job.config, pool.actors
     shards_url = f"{job.url}.shards" if job.url else None
-    settings = StoreSettings(spec, config.dtype, config.tta, config.precision)
-    with FeatureWriter(job.output, settings, images, overwrite=config.overwrite, retry_failed=config.retry_failed,
-                       shard_size=shard_size, started=job.started) as writer:
-        summary = writer.summary
-        summary.device, summary.runtime = device, runtime
-        provenance = {"device": device, "engine": "ray", "decode": config.decode, "runtime": runtime}
-        store = writer.store
-        target = ray.put((settings, shards_url or str(store.parts), list(images.class_names), provenance))
-        todo = sorted(writer.todo, key=lambda r: r.key)  # shards hold contiguous key ranges: one VDS map each
-        step = _shard_step(shard_size, len(todo), len(actors))
-        shards = [(store.shard_name(i // step),
-                   [(str(r.path), r.key, r.label, r.size, r.mtime_ns) for r in todo[i:i + step]])
-                  for i in range(0, len(todo), step)]
-        received = []
+    summary, store = writer.summary, writer.store
+    summary.device, summary.runtime = device, pool.runtime
+    provenance = {"device": device, "engine": "ray", "decode": config.decode, "runtime": pool.runtime}
+    target = ray.put((writer.store.settings, shards_url or str(store.parts), provenance))
+    shards = lister.shards(store, len(actors), config.shard_size or DEFAULT_SHARD_SIZE)
+    received = []
 
-        def add(result: dict[str, Any]) -> tuple[int, str]:
-            received.append(result["name"])
-            if shards_url:
-                get_file(f"{shards_url}/{result['name']}", store.parts / result["name"])
-            writer.add_written(result["rows"], result["failures"])
-            return result["rows"], ""
+    def add(result: dict[str, Any]) -> tuple[int, str]:
+        received.append(result["name"])
+        if shards_url:
+            get_file(f"{shards_url}/{result['name']}", store.parts / result["name"])
+        writer.add_written(result["rows"], result["failures"])
+        return result["rows"], ""
 
-        def stop() -> None:
-            # The actors are stopped before the manifest is committed: no shard is written after it. Warm actors
-            # that returned every shard have none in flight, and stay.
-            if not keep_warm or len(received) < len(shards):
-                _kill(ray, actors)
+    def stop() -> None:
+        # The actors are stopped before the manifest is committed: no shard is written after it. Warm actors
+        # that returned every shard have none in flight, and stay.
+        if not pool.keep_warm or len(received) < len(shards):
+            _kill(ray, actors)
 
-        writer.run(ActorPool(actors).map_unordered(lambda a, shard: a.run.remote(*shard, target), shards), add,
-                   config=config, source=job.source, output=job.output, provenance=provenance,
-                   stop=stop, on_progress=job.on_progress)
+    writer.run(ActorPool(actors).map_unordered(lambda a, shard: a.run.remote(*shard, target), shards), add,
+               config=config, source=job.source, output=job.output, provenance=provenance,
+               stop=stop, on_progress=job.on_progress)
     return summary
+
+
+def _fresh(job: ExtractJob) -> bool:
+    """Whether the store has nothing to plan against: started afresh, or neither a manifest nor shards exist."""
+    folder = shards_dir(job.output)
+    return job.config.overwrite or (not Path(job.output).exists()
+                                    and not (folder.is_dir() and any(folder.glob("shard-*.h5"))))
+
+
+class _Pool:
+    """The run's actors: started (`start`: new ones, or the warm ones for these settings) and waited for (`wait`:
+    the spec they all loaded, their runtime and the start-up phases)."""
+
+    def __init__(self, engine: RayEngine, ray: Any, config: ExtractConfig, device: str, keep_warm: float) -> None:
+        self.engine, self.ray, self.config, self.device, self.keep_warm = engine, ray, config, device, keep_warm
+        self.actors: list[Any] | None = None
+        self.reused = 0
+        self.spec: BackboneSpec | None = None
+        self.runtime = ""
+        self._started = 0.0
+
+    def start(self) -> None:
+        e = self.engine
+        self._started = time.perf_counter()
+        self.actors, self.reused = _start_actors(self.ray, self.config, self.device, e.num_workers,
+                                                 e.cpus_per_worker, e.num_gpus_per_worker, e.pin_cpus, self.keep_warm)
+
+    def wait(self) -> dict[str, float]:
+        """Wait for every actor's model; the start-up phases: the slowest actor's own imports and model load, and
+        the rest of the wait as its process starting ("actor start")."""
+        try:
+            self.spec, self.runtime, inside = _spec_of(self.ray, self.actors, self.keep_warm)
+        except self.ray.exceptions.RayActorError:
+            if not self.keep_warm:
+                raise
+            # A warm actor reached its idle timeout just as this run took it: start the missing ones.
+            self.start()
+            self.spec, self.runtime, inside = _spec_of(self.ray, self.actors, self.keep_warm)
+        return {"actor start": time.perf_counter() - self._started - sum(inside.values()), **inside}
+
+
+class _Lister:
+    """The input's parts listed and planned on the cluster (Ray tasks, a few at a time), each into its listing file
+    in `folder` (the shards folder, or its URL on object storage)."""
+
+    def __init__(self, ray: Any, split: InputSplit, job: ExtractJob, folder: str, sources: list[tuple[str, Any]],
+                 workers: int) -> None:
+        self.ray, self.split, self.job, self.folder = ray, split, job, folder
+        if not is_url(folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        self.prefix = f"{LISTING_PREFIX}{time.time_ns():020d}-{os.getpid()}-"
+        self.locations = [f"{folder}/{self.prefix}{i:06d}.h5" for i in range(len(split.parts))]
+        task = ray.remote(num_cpus=0, max_retries=3)(_plan_part)  # I/O bound: beside the actors, not for CPUs
+        sources_ref = ray.put(sources)
+        self._submit = lambda i: task.remote(split, split.parts[i], self.locations[i], sources_ref,
+                                             job.config.retry_failed)
+        self._limit = max(2, 2 * workers)  # tasks in flight: listing is I/O, but each task is a process
+        self._next = 0
+        self._running: dict[Any, int] = {}
+        self._fill()
+        self.summaries: list[PartSummary] = []
+        self.used: list[PartSummary] = []
+
+    def _fill(self) -> None:
+        while self._next < len(self.split.parts) and len(self._running) < self._limit:
+            self._running[self._submit(self._next)] = self._next
+            self._next += 1
+
+    def planned(self) -> PlannedInput:
+        """Wait for every part; the input as `FeatureWriter` takes it (`combine_parts`' rules over the parts)."""
+        from embedfit.extraction.parts import merged_listing
+
+        done: dict[int, PartSummary] = {}
+        while self._running:
+            ready, _ = self.ray.wait(list(self._running), num_returns=1)
+            i = self._running.pop(ready[0])
+            try:
+                done[i] = self.ray.get(ready[0])
+            except self.ray.exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, EmbedfitError):  # the input's own error, in its one line
+                    raise cause from None
+                raise
+            self._fill()
+        self.summaries = [done[i] for i in range(len(self.split.parts))]
+        kind, names, used, skipped, n_skipped = combine_parts(
+            self.split, [(s.part, s.rows, s.labels, s.keys) for s in self.summaries], self.job.class_names)
+        self.used = sorted((s for s in self.summaries if s.part in used), key=lambda s: s.first)
+        skipped = sorted({*skipped, *self.split.skipped, *(k for s in self.summaries for k in s.skipped)})
+        n_skipped += len(self.split.skipped) + sum(s.n_skipped for s in self.summaries)
+        return PlannedInput(self.split.root, kind, names, sum(s.rows for s in self.used),
+                            sum(s.todo for s in self.used), sum(s.reused for s in self.used), skipped[:10],
+                            n_skipped, merged_listing(self.used, names))
+
+    def shards(self, store: Any, actors: int, shard_size: int) -> list[tuple[str, list[tuple[str, int, int]]]]:
+        """The images to embed cut into named shards, each a list of (listing file, first, stop) runs, in key
+        order: about `SHARDS_PER_ACTOR` per actor for a small run, `shard_size` images at most."""
+        step = _shard_step(shard_size, sum(s.todo for s in self.used), actors)
+        shards: list[tuple[str, list[tuple[str, int, int]]]] = []
+        pieces: list[tuple[str, int, int]] = []
+        filled = 0
+        for s in self.used:
+            start = 0
+            while start < s.todo:
+                take = min(step - filled, s.todo - start)
+                pieces.append((s.listing, start, start + take))
+                start, filled = start + take, filled + take
+                if filled == step:
+                    shards.append((store.shard_name(len(shards)), pieces))
+                    pieces, filled = [], 0
+        if pieces:
+            shards.append((store.shard_name(len(shards)), pieces))
+        return shards
+
+    def remove(self) -> None:
+        """Delete this run's listing files (once committed, or after a failure: a resume lists again)."""
+        from embedfit.extraction.parts import remove_remote
+
+        if is_url(self.folder):
+            remove_remote(self.locations)
+            return
+        for location in self.locations:
+            with contextlib.suppress(OSError):
+                os.unlink(location)
 
 
 def _shard_step(shard_size: int, todo: int, actors: int) -> int:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -26,7 +27,7 @@ from embedfit.progress import OnProgress, Progress, progress_sink
 from embedfit.storage import CONTENT_HASH, FAILED, MISSING, OK, FeatureStore, StoreSettings, StoreWriter
 
 if TYPE_CHECKING:
-    from embedfit.storage.manifest import ManifestResult
+    from embedfit.storage.manifest import Listing, ManifestResult
 
 _MAX_FAILURES_LISTED = 20
 T = TypeVar("T")
@@ -54,13 +55,37 @@ class _StopOnSigint:
             signal.signal(signal.SIGINT, self._previous)
 
 
+@dataclass
+class PlannedInput:
+    """An input listed and planned elsewhere, part by part (`embedfit.extraction.parts`), for `FeatureWriter`.
+
+    Attributes:
+        root, kind, class_names: As `ImageSource`'s.
+        total: Images in the input.
+        todo: Of those, images to embed.
+        reused: Of those, images the store already answers.
+        skipped: What the listing left out (the first ones), and how many (`n_skipped`).
+        listing: The input, streamed in key order (for the commit).
+    """
+
+    root: Path | str
+    kind: str
+    class_names: list[str]
+    total: int
+    todo: int
+    reused: int
+    skipped: list[tuple[str, str]]
+    n_skipped: int
+    listing: Listing
+
+
 class FeatureWriter:
     """Results in, a committed feature store and a summary out; use as a context manager.
 
     Args:
         output: The store file.
         settings: What the features are (spec, dtype, TTA, precision); a store made otherwise is refused.
-        images: The scanned input.
+        images: The scanned input; None when it is listed and planned elsewhere (`use_plan`).
         overwrite: Start the store afresh instead of resuming.
         retry_failed: Embed again the images an earlier run recorded as failed.
         flush_every: Images per part file (the most work a killed run loses).
@@ -69,11 +94,12 @@ class FeatureWriter:
         started: `time.perf_counter()` when the run began, if before the writer (the run's `seconds` count from it).
 
     Attributes:
-        todo: The records this run must embed (the rest are already in the store).
+        todo: The records this run must embed (the rest are already in the store); empty with `use_plan`.
+        todo_count: How many images this run must embed.
         summary: The run's tally so far.
     """
 
-    def __init__(self, output: str | os.PathLike, settings: StoreSettings, images: ImageSource, *,
+    def __init__(self, output: str | os.PathLike, settings: StoreSettings, images: ImageSource | None, *,
                  overwrite: bool = False, retry_failed: bool = False, flush_every: int = 512,
                  shard_size: int | None = None, started: float | None = None) -> None:
         from embedfit.storage.shards import ShardedStoreWriter, shard_size_of
@@ -86,18 +112,29 @@ class FeatureWriter:
         self.flush_every = shard_size or flush_every
         self._store: StoreWriter = (ShardedStoreWriter(output, settings, overwrite=overwrite, shard_size=shard_size)
                                     if shard_size is not None else StoreWriter(output, settings, overwrite=overwrite))
-        try:
-            plan = self._store.plan(images.records, retry_failed=retry_failed)
-        except BaseException:
-            self._store.close()
-            raise
-        self.todo: list[ImageRecord] = plan.todo
-        self.summary = ExtractSummary(Path(output), total=len(images.records), skipped=len(images.skipped),
-                                      skips=images.skipped[:10], reused=plan.reused)
+        self.planned: PlannedInput | None = None
+        self.todo: list[ImageRecord] = []
+        self.summary = ExtractSummary(Path(output))
+        if images is not None:
+            try:
+                plan = self._store.plan(images.records, retry_failed=retry_failed)
+            except BaseException:
+                self._store.close()
+                raise
+            self.todo = plan.todo
+            self.summary = ExtractSummary(Path(output), total=len(images.records), skipped=len(images.skipped),
+                                          skips=images.skipped[:10], reused=plan.reused)
+        self.todo_count = len(self.todo)
         self._pending: list[tuple[Sequence[ImageRecord], np.ndarray, Sequence[str], Sequence[str]]] = []
         self._buffered = 0
         self._futures: list[Future] = []
         self._pool: ThreadPoolExecutor | None = None
+
+    def use_plan(self, planned: PlannedInput) -> None:
+        """Take the plan of an input listed and planned elsewhere (the writer was made with `images` None)."""
+        self.planned, self.todo_count = planned, planned.todo
+        s = self.summary
+        s.total, s.skipped, s.skips, s.reused = planned.total, planned.n_skipped, planned.skipped[:10], planned.reused
 
     def __enter__(self) -> FeatureWriter:
         return self
@@ -143,10 +180,10 @@ class FeatureWriter:
 
     def over_failure_limit(self, limit: MaxFailures | None, source: object) -> str:
         """Why the run must stop when more images failed than `limit` allows among those to embed, else ""."""
-        if limit is None or not limit.exceeded(self.summary.failed, len(self.todo)):
+        if limit is None or not limit.exceeded(self.summary.failed, self.todo_count):
             return ""
         return (f"aborted: {self.summary.failed} of {self.done} images failed (limit "
-                f"{limit.describe(len(self.todo))}); is {source} an image folder?")
+                f"{limit.describe(self.todo_count)}); is {source} an image folder?")
 
     def stop_reason(self, limit: MaxFailures | None, source: object, sigint: Any) -> str:
         """Why an engine's loop must stop after this batch: the failure limit, or a Ctrl-C (`sigint.requested`);
@@ -178,7 +215,7 @@ class FeatureWriter:
         try:
             try:
                 with _StopOnSigint() as sigint, progress_sink(on_progress, config.progress) as sink:
-                    progress = Progress("embedding", len(self.todo), unit="images", on_progress=sink)
+                    progress = Progress("embedding", self.todo_count, unit="images", on_progress=sink)
                     for result in results:
                         progress.advance(*add(result))
                         stop_reason = self.stop_reason(config.max_failures, source, sigint)
@@ -253,13 +290,15 @@ class FeatureWriter:
         self.summary.seconds = time.perf_counter() - self._start
         previous = self._store.previous
         prior = float(previous.attrs.get("extract_seconds", 0.0)) if previous is not None else 0.0
-        attrs = {**attrs, "root": str(self.images.root), "source_kind": self.images.kind,
+        source = self.planned or self.images
+        attrs = {**attrs, "root": str(source.root), "source_kind": source.kind,
                  "extract_seconds": prior + self.summary.seconds}
         if self.sharded:  # streamed over the shards; the manifest is not read back (`ManifestResult`)
             from embedfit.storage.manifest import Listing
 
-            result = self._store.commit_listing(Listing.of(self.images.records, self.images.class_names),
-                                                complete=complete, attrs=attrs)
+            listing = self.planned.listing if self.planned is not None else \
+                Listing.of(self.images.records, self.images.class_names)
+            result = self._store.commit_listing(listing, complete=complete, attrs=attrs)
             self.summary.complete, self.summary.missing = result.complete, result.n_missing
             return result
         store = self._store.commit(self.images.records, self.images.class_names, complete=complete, attrs=attrs)

@@ -55,6 +55,7 @@ from embedfit.storage.manifest import (
     PlanCounts,
     ShardInfo,
     plan_blocks,
+    shard_info,
     write_manifest,
 )
 from embedfit.storage.reader import FeatureStore, shard_problem
@@ -242,8 +243,8 @@ class ShardedStoreWriter(StoreWriter):
 
     def _remove_stale_temp_files(self) -> None:
         super()._remove_stale_temp_files()
-        if self.parts.is_dir():  # half-copied shards of killed runs (we hold the lock, so no writer is alive)
-            for tmp in self.parts.glob(".shard-*.tmp"):
+        if self.parts.is_dir():  # half-copied shards and listings of killed runs (we hold the lock: no writer lives)
+            for tmp in [*self.parts.glob(".shard-*.tmp"), *self.parts.glob(".listing-*.tmp")]:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
 
@@ -293,6 +294,20 @@ class ShardedStoreWriter(StoreWriter):
                 pending = [whole.take(slice(self.shard_size, None))]
         if sum(map(len, pending)):
             yield shard(self.shard_name(seq), _concat(pending))
+
+    def source_infos(self) -> list[tuple[Path, ShardInfo]]:
+        """Every shard that may hold rows, oldest first, with its `ShardInfo` (from the manifest's index, else read
+        from the shard: a killed run's): what a worker needs to plan a part of the input against the store."""
+        infos = self._index_infos()
+        return [(s, infos.get(s.name) or shard_info(s)) for s in self._sources()]
+
+    def check_settings(self, settings: StoreSettings, where: str) -> None:
+        """Refuse `settings` (e.g. the model the workers loaded) unless they are this store's.
+
+        Raises:
+            StoreMismatchError: Naming `where` and the differences.
+        """
+        self._check(settings, where)
 
     def _index_infos(self) -> dict[str, ShardInfo]:
         """First and last keys (and more) of the shards the previous manifest recorded."""

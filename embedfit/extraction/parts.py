@@ -1,0 +1,260 @@
+"""An input listed and planned part by part where the data is, and read back streamed: the driver handles parts.
+
+The Ray engine's driver reads only the input's root (`embedfit.images.split_input`: its first-level folders, or
+byte ranges of a CSV). Each part is listed and planned by a worker (`plan_part`): `scan_part` lists it as
+`scan_images` would, `plan_blocks` joins it with the store's shards that overlap its keys (the resume: stored,
+changed, failed), and the result is one *listing file* per part (``listing-<run>-<seq>.h5`` beside the shards:
+every listed image's key, label, size, mtime and location, and whether it still needs embedding), sorted by key.
+The worker returns a `PartSummary` (counts, key range, labels, a few keys). Embedding actors read the rows they
+embed from the listing files (`read_todo`), and the manifest's commit reads them back as one sorted listing
+(`merged_listing`: a k-way merge over the parts by blocks, which holds one block per part that overlaps the current
+key, so one at a time for a folder tree). No process holds a table of every image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from embedfit.errors import InputError, StoreError
+from embedfit.images import InputPart, InputSplit, scan_part
+from embedfit.storage.manifest import Listing, ListingBlock, PlanCounts, ShardInfo, plan_blocks
+from embedfit.url import get_file, is_url, put_file
+
+LISTING_PREFIX = "listing-"
+_SAMPLE = 10  # keys and skipped entries a part reports
+_BLOCK = 1 << 16  # rows per read of a listing file
+
+
+@dataclass
+class PartSummary:
+    """What a worker reports of the part it listed and planned (its rows stay in its listing file).
+
+    Attributes:
+        part: The part.
+        listing: Where its listing file is (a path, or a URL on object storage).
+        rows: Images listed.
+        todo: Of those, images to embed.
+        reused, retried, changed: The plan's counts (`PlanCounts`).
+        first, last: Its first and last key ("" when empty).
+        labels: The labels its rows carry.
+        keys: Its first keys.
+        skipped: What its listing left out (the first ones), and how many (`n_skipped`).
+    """
+
+    part: InputPart
+    listing: str
+    rows: int = 0
+    todo: int = 0
+    reused: int = 0
+    retried: int = 0
+    changed: int = 0
+    first: str = ""
+    last: str = ""
+    labels: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    n_skipped: int = 0
+
+
+@contextlib.contextmanager
+def local_copy(location: str) -> Iterator[Path]:
+    """A local path for a file that may be on object storage (downloaded to a temporary folder)."""
+    if not is_url(location):
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="embedfit-part-") as tmp:
+        local = Path(tmp) / location.rsplit("/", 1)[-1]
+        get_file(location, local)
+        yield local
+
+
+def plan_part(split: InputSplit, part: InputPart, listing: str, sources: Sequence[tuple[str, ShardInfo]], *,
+              retry_failed: bool = False) -> PartSummary:
+    """List one part, plan it against the store, and write its listing file (runs on a worker).
+
+    Args:
+        split: The input.
+        part: The part to list.
+        listing: Where its listing file goes (a path in the shards folder, or a URL beside the shards).
+        sources: The store's shards (location, `ShardInfo`), oldest first; those overlapping the part's keys are
+            read (downloaded when on object storage).
+        retry_failed: Embed again images the store records as failed.
+    """
+    scanned = scan_part(split, part)
+    records = scanned.records
+    keys = np.array([r.key for r in records], dtype=object)
+    todo = np.ones(len(records), dtype=bool)
+    counts = PlanCounts()
+    if records:
+        first, last = keys[0], keys[-1]
+        overlapping = [(loc, info) for loc, info in sources if info.rows and info.first <= last and info.last >= first]
+        with contextlib.ExitStack() as stack:
+            paths = [stack.enter_context(local_copy(loc)) for loc, _ in overlapping]
+            infos = {p.name: info for p, (_, info) in zip(paths, overlapping, strict=True)}
+            todo[:] = False
+            for block in plan_blocks(Listing.of(records), paths, infos, counts, retry_failed=retry_failed):
+                todo[np.searchsorted(keys, block.keys)] = True
+    labels = [scanned.class_names[r.label] if r.label >= 0 else "" for r in records]
+    write_listing(listing, keys, labels, [str(r.path) for r in records], [r.size for r in records],
+                  [r.mtime_ns for r in records], todo)
+    return PartSummary(part, listing, len(records), int(todo.sum()), counts.reused, counts.retried, counts.changed,
+                       keys[0] if len(keys) else "", keys[-1] if len(keys) else "", sorted(set(labels)),
+                       keys[:_SAMPLE].tolist(), scanned.skipped[:_SAMPLE], len(scanned.skipped))
+
+
+def write_listing(location: str, keys: np.ndarray, labels: Sequence[str], paths: Sequence[str],
+                  sizes: Sequence[int], mtimes: Sequence[int], todo: np.ndarray) -> None:
+    """Write a listing file whole (a temporary file, then renamed or uploaded: absent or complete)."""
+    import h5py
+
+    from embedfit.storage.schema import STR
+
+    fd, local = tempfile.mkstemp(prefix=".listing-", suffix=".tmp",
+                                 dir=None if is_url(location) else os.path.dirname(location) or None)
+    os.close(fd)
+    try:
+        with h5py.File(local, "w") as f:
+            for name, data in (("keys", np.asarray(keys, dtype=object)), ("labels", np.asarray(labels, dtype=object)),
+                               ("paths", np.asarray(paths, dtype=object))):
+                f.create_dataset(name, data=data, dtype=STR)
+            f.create_dataset("sizes", data=np.asarray(sizes, dtype=np.int64))
+            f.create_dataset("mtimes", data=np.asarray(mtimes, dtype=np.int64))
+            f.create_dataset("todo", data=np.asarray(todo, dtype=bool))
+        if is_url(location):
+            put_file(local, location)
+        else:
+            os.replace(local, location)
+    except (OSError, RuntimeError) as exc:
+        raise StoreError(f"cannot write listing {location}: {getattr(exc, 'strerror', None) or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(local)
+
+
+def read_todo(location: str, start: int, stop: int) -> list[tuple[str, str, str, int, int]]:
+    """Images `start`..`stop` of a listing file's images to embed: (path, key, label, size, mtime) each."""
+    import h5py
+
+    with local_copy(location) as local, h5py.File(local, "r") as f:
+        rows = np.flatnonzero(f["todo"][()])[start:stop]
+        if not len(rows):
+            return []
+        span = slice(int(rows[0]), int(rows[-1]) + 1)  # one read of the span, then the rows picked from it
+        pick = rows - rows[0]
+        cols = [f[c].asstr()[span][pick] for c in ("paths", "keys", "labels")]
+        sizes, mtimes = f["sizes"][span][pick], f["mtimes"][span][pick]
+    return list(zip(*[c.tolist() for c in cols], sizes.tolist(), mtimes.tolist(), strict=True))
+
+
+class _Cursor:
+    """One listing file read block by block."""
+
+    def __init__(self, location: str, stack: contextlib.ExitStack) -> None:
+        import h5py
+
+        self.location = location
+        self.file = stack.enter_context(h5py.File(stack.enter_context(local_copy(location)), "r"))
+        self.n = len(self.file["keys"])
+        self.pos = 0
+        self.block: dict[str, np.ndarray] = {}
+        self.load()
+
+    def load(self) -> None:
+        end = min(self.n, self.pos + _BLOCK)
+        span = slice(self.pos, end)
+        self.block = {"keys": self.file["keys"].asstr()[span], "labels": self.file["labels"].asstr()[span],
+                      "sizes": self.file["sizes"][span], "mtimes": self.file["mtimes"][span]}
+        self.pos = end
+
+    def take(self, bound: str | None) -> dict[str, np.ndarray]:
+        """Its buffered rows with keys <= `bound` (all when None); loads the next block when the buffer empties."""
+        keys = self.block["keys"]
+        cut = len(keys) if bound is None else int(np.searchsorted(keys, bound, side="right"))
+        piece = {c: v[:cut] for c, v in self.block.items()}
+        self.block = {c: v[cut:] for c, v in self.block.items()}
+        if not len(self.block["keys"]) and self.pos < self.n:
+            self.load()
+        return piece
+
+    @property
+    def done(self) -> bool:
+        return not len(self.block["keys"])
+
+
+def merged_listing(parts: Sequence[PartSummary], class_names: Sequence[str]) -> Listing:
+    """The images of `parts` as one `Listing` in key order, streamed from their listing files.
+
+    Parts whose key ranges overlap (a CSV's parts) are merged; a key listed by two parts is kept once, from the
+    first part, when both give it the same label (else `InputError`, as `scan_images` says of one CSV).
+    """
+    index = {c: i for i, c in enumerate(class_names)}
+    ordered = sorted((p for p in parts if p.rows), key=lambda p: p.first)
+
+    def labels_of(names: np.ndarray) -> np.ndarray:
+        if len(names) and (names == names[0]).all():  # a folder part: one class
+            return np.full(len(names), index.get(names[0], -1), dtype=np.int64)
+        return np.fromiter((index.get(n, -1) for n in names.tolist()), np.int64, len(names))
+
+    def blocks() -> Iterator[ListingBlock]:
+        with contextlib.ExitStack() as stack:
+            pending, active, last = list(ordered), [], None
+            while pending or active:
+                if not active:
+                    active.append(_Cursor(pending.pop(0).listing, stack))
+                bound = min(c.block["keys"][-1] for c in active)
+                while pending and pending[0].first <= bound:
+                    active.append(_Cursor(pending.pop(0).listing, stack))
+                    bound = min(c.block["keys"][-1] for c in active)
+                pieces = [c.take(bound if len(active) > 1 else None) for c in active]
+                active = [c for c in active if not c.done]
+                block = {c: np.concatenate([p[c] for p in pieces]) for c in pieces[0]} if len(pieces) > 1 \
+                    else pieces[0]
+                if len(pieces) > 1:
+                    order = np.argsort(block["keys"], kind="stable")  # parts in order: the first part's row first
+                    block = {c: v[order] for c, v in block.items()}
+                keys = block["keys"]
+                if not len(keys):
+                    continue
+                dup = np.zeros(len(keys), dtype=bool)
+                dup[1:] = keys[1:] == keys[:-1]
+                if last is not None and keys[0] == last[0]:
+                    dup[0] = True
+                for i in np.flatnonzero(dup):
+                    before = block["labels"][i - 1] if i else last[1]
+                    if block["labels"][i] != before:
+                        raise InputError(f"{keys[i]!r} is listed with label {before!r} and {block['labels'][i]!r}; "
+                                         "fix the list, then re-run the same command to resume")
+                last = (keys[-1], block["labels"][-1])
+                if dup.any():
+                    block = {c: v[~dup] for c, v in block.items()}
+                yield ListingBlock(block["keys"], labels_of(block["labels"]), block["sizes"].astype(np.int64),
+                                   block["mtimes"].astype(np.int64))
+
+    return Listing(blocks, list(class_names))
+
+
+def remove_listings(folder: str | Path, keep_prefix: str = "") -> None:
+    """Delete the listing files in a local shards folder (a killed run's, or this run's once committed), except
+    those whose name starts with `keep_prefix` when given."""
+    folder = Path(folder)
+    for path in folder.glob(f"{LISTING_PREFIX}*.h5") if folder.is_dir() else []:
+        if not keep_prefix or not path.name.startswith(keep_prefix):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def remove_remote(locations: Sequence[str]) -> None:
+    """Delete listing files on object storage (best effort: a leftover is only a small stray file)."""
+    from embedfit.url import filesystem
+
+    for location in locations:
+        with contextlib.suppress(Exception):
+            fs, path = filesystem(location)
+            fs.rm(path)

@@ -1,0 +1,135 @@
+"""An input listed part by part (`split_input`, `scan_part`, `plan_part`, `merged_listing`: what the Ray engine's
+workers and driver do, here in one process) says exactly what one `scan_images` says, and plans the same resume."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_tree
+
+from embedfit.errors import InputError
+from embedfit.extraction.parts import PartSummary, merged_listing, plan_part, read_todo
+from embedfit.images import combine_parts, scan_images, split_input
+from embedfit.storage.manifest import Listing, PlanCounts, plan_blocks
+
+pytestmark = pytest.mark.fast
+
+
+def _by_parts(source: Path, folder: Path, class_names=None, sources=(), csv_part_bytes: int = 1 << 20):
+    split = split_input(source, csv_part_bytes=csv_part_bytes)
+    folder.mkdir(exist_ok=True)
+    summaries = [plan_part(split, part, str(folder / f"listing-{i:03d}.h5"), list(sources))
+                 for i, part in enumerate(split.parts)]
+    kind, names, used, _, n_skipped = combine_parts(
+        split, [(s.part, s.rows, s.labels, s.keys) for s in summaries], class_names)
+    used_summaries = [s for s in summaries if s.part in used]
+    return split, summaries, kind, names, used_summaries, n_skipped + len(split.skipped) + sum(
+        s.n_skipped for s in summaries)
+
+
+def _rows(listing: Listing) -> list[tuple]:
+    return [(k, int(lb), int(s), int(m)) for b in listing.blocks()
+            for k, lb, s, m in zip(b.keys.tolist(), b.labels, b.sizes, b.mtimes, strict=True)]
+
+
+def _expected(source) -> list[tuple]:
+    return [(r.key, r.label, r.size, r.mtime_ns) for r in source.records]
+
+
+def test_a_class_tree_listed_by_parts_is_the_whole_scan(tmp_path: Path) -> None:
+    tree = write_tree(tmp_path / "images", per_class=5)
+    (tree / "loose.jpg").write_bytes((tree / "brick" / "brick_000.jpg").read_bytes())  # skipped: not in a class
+    (tree / "empty").mkdir()  # not a class
+    (tree / "grass" / ".hidden.jpg").write_bytes(b"x")
+    (tree / "grass" / "deep" / "er").mkdir(parents=True)
+    (tree / "grass" / "deep" / "er" / "x.png").write_bytes((tree / "grass" / "grass_001.png").read_bytes())
+    whole = scan_images(tree)
+    split, summaries, kind, names, used, n_skipped = _by_parts(tree, tmp_path / "listings")
+    assert {p.kind for p in split.parts} == {"folder", "loose"} and len(split.parts) == 5
+    assert (kind, names) == (whole.kind, whole.class_names) == ("folder", ["brick", "grass", "gravel"])
+    assert n_skipped == len(whole.skipped)
+    assert _rows(merged_listing(used, names)) == _expected(whole)
+    assert sum(s.todo for s in used) == len(whole.records)  # nothing stored yet: everything to embed
+    # A worker reads the images of a shard back from the listing files, by runs of the images to embed.
+    first = used[0]
+    got = read_todo(first.listing, 1, 3)
+    assert [g[1] for g in got] == [r.key for r in whole.records[1:3]]
+    assert got[0][0] == str(whole.records[1].path) and got[0][2] == "brick"
+
+    # Given class names: their order, and a folder outside them is refused before anything is embedded.
+    assert combine_parts(split, [(s.part, s.rows, s.labels, s.keys) for s in summaries],
+                         ["gravel", "grass", "brick"])[1] == ["gravel", "grass", "brick"]
+    with pytest.raises(InputError, match="not in the given class names"):
+        combine_parts(split, [(s.part, s.rows, s.labels, s.keys) for s in summaries], ["brick", "grass"])
+
+
+def test_a_flat_folder_and_an_empty_one(tmp_path: Path) -> None:
+    tree = write_tree(tmp_path / "t", per_class=2)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, p in enumerate(sorted(tree.rglob("*.*"))):
+        (flat / f"{i:02d}{p.suffix}").write_bytes(p.read_bytes())
+    (flat / "no_images").mkdir()
+    whole = scan_images(flat)
+    _, _, kind, names, used, _ = _by_parts(flat, tmp_path / "l1")
+    assert (kind, names) == ("flat", [])
+    assert _rows(merged_listing(used, names)) == _expected(whole)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(InputError, match="no images found"):
+        _by_parts(tmp_path / "none", tmp_path / "l2")
+
+
+def test_a_csv_in_byte_ranges_is_the_whole_csv_even_unsorted_with_repeats(tmp_path: Path) -> None:
+    tree = write_tree(tmp_path / "images", per_class=6)
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tree.rglob("*.*"))
+    order = np.random.default_rng(0).permutation(len(files))
+    rows = [(files[i], files[i].split("/")[1]) for i in order]
+    rows += [rows[3], rows[11]]  # listed again, same label: kept once
+    lst = tmp_path / "list.csv"
+    with open(lst, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows(rows)
+    whole = scan_images(lst)
+    split, _, kind, names, used, _ = _by_parts(lst, tmp_path / "l", csv_part_bytes=100)
+    assert len(split.parts) >= 5 and all(p.kind == "csv" for p in split.parts)
+    assert (kind, names) == ("csv", whole.class_names)
+    assert _rows(merged_listing(used, names)) == _expected(whole)  # overlapping parts merged, repeats once
+
+    with open(lst, "a", newline="") as f:  # the same image with another label, far from its first line
+        csv.writer(f).writerow([rows[0][0], "other"])
+    _, _, _, names, used, _ = _by_parts(lst, tmp_path / "l2", csv_part_bytes=100)
+    with pytest.raises(InputError, match="is listed with label"):
+        _rows(merged_listing(used, names))
+
+
+def test_a_part_plans_its_resume_against_the_shards_that_overlap_it(tmp_path: Path, settings) -> None:
+    from embedfit.storage.shards import ShardedStoreWriter
+
+    tree = write_tree(tmp_path / "images", per_class=4)
+    whole = scan_images(tree)
+    out = tmp_path / "s.h5"
+    with ShardedStoreWriter(out, settings, shard_size=4) as w:
+        stored = whole.records[:7]
+        feats = np.zeros((7, settings.spec.embedding_dim), np.float32)
+        w.write_part([r.key for r in stored], [whole.class_names[r.label] for r in stored],
+                     [r.size for r in stored], [r.mtime_ns for r in stored], [0] * 6 + [1], [""] * 6 + ["bad"],
+                     feats)
+        sources = [(str(p), i) for p, i in w.source_infos()]
+    victim = whole.records[2]
+    os.utime(victim.path, ns=(victim.mtime_ns + 10**9, victim.mtime_ns + 10**9))  # changed since it was stored
+    whole = scan_images(tree)
+    counts = PlanCounts()
+    expected = [k for b in plan_blocks(Listing.of(whole.records), [Path(s) for s, _ in sources],
+                                       {Path(s).name: i for s, i in sources}, counts) for k in b.keys.tolist()]
+    *_, used, _ = _by_parts(tree, tmp_path / "l", sources=sources)
+    planned: list[PartSummary] = used
+    assert sum(s.todo for s in planned) == counts.todo == len(expected) == 12 - 7 + 1  # 1 of 7 stored rows changed
+    assert (sum(s.reused for s in planned), sum(s.changed for s in planned)) == (counts.reused, counts.changed)
+    assert (counts.reused, counts.changed) == (6, 1)
+    todo = [row[1] for s in planned for row in read_todo(s.listing, 0, s.todo)]
+    assert todo == expected
