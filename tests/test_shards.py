@@ -11,11 +11,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from test_store_integrity import CLASSES, _records, _write_part
 
 from embedfit.cli import main
 from embedfit.errors import StoreError
 from embedfit.extraction.local import extract
-from embedfit.storage import FeatureStore
+from embedfit.storage import FeatureStore, ShardedStoreWriter, StoreSettings
 from embedfit.storage.shards import shards_dir
 
 pytestmark = pytest.mark.fast
@@ -124,3 +125,63 @@ def test_overwriting_a_sharded_store_with_one_file_removes_its_shards(image_tree
     # The old reader reads through the path, checked to hold the same rows (same images, same settings): it gets
     # them from the new file rather than NaN from deleted shards.
     np.testing.assert_array_equal(held.features(), store.features())
+
+
+def _mapping(path: Path) -> list[tuple[int, int, str, int | None]]:
+    """The manifest's features mapping: (first row, rows, shard, first shard row, None where it selects "all")."""
+    with h5py.File(path, "r") as f:
+        maps = []
+        for m in f["features"].virtual_sources():
+            (o0, _), (o1, _) = m.vspace.get_select_bounds()
+            whole = m.src_space.get_select_type() == h5py.h5s.SEL_ALL
+            maps.append((o0, o1 - o0 + 1, os.path.basename(m.file_name),
+                         None if whole else m.src_space.get_select_bounds()[0][0]))
+    return sorted(maps)
+
+
+def _reads(out: Path, feats: np.ndarray) -> None:
+    with FeatureStore.open(out) as store:
+        np.testing.assert_array_equal(store.features(), feats)
+        np.testing.assert_array_equal(store.features(np.array([24, 13, 0])), feats[[24, 13, 0]])
+        assert store.verify() == len(feats)  # every row's key against the shard row it is read from
+    with h5py.File(out, "r") as f:  # plain h5py, through HDF5's own reading of the mapping
+        np.testing.assert_array_equal(f["features"][()], feats)
+
+
+def test_whole_shards_are_mapped_as_all_and_hyperslab_manifests_still_read(settings: StoreSettings,
+                                                                            tmp_path: Path) -> None:
+    """A mapping over a whole shard selects "all" of it (HDF5 then holds no hyperslab for it: the manifest's peak
+    memory at 2M rows) and is read as the shard's rows 0..n-1; part of a shard keeps a hyperslab, as every mapping
+    of a manifest written before did, and those still read."""
+    out = tmp_path / "feats.h5"
+    recs = _records(25, "img")
+    feats = np.random.default_rng(0).standard_normal((25, settings.spec.embedding_dim)).astype(np.float32)
+    with ShardedStoreWriter(out, settings, shard_size=10) as writer:
+        for i in range(0, 25, 10):
+            _write_part(writer, recs[i:i + 10], feats[i:i + 10])
+        writer.commit(recs, CLASSES, complete=True)
+    a, b, c = (p.name for p in _shards(out))
+    assert _mapping(out) == [(0, 10, a, None), (10, 10, b, None), (20, 5, c, None)]
+    _reads(out, feats)
+    # A resumed run re-embeds one changed file: its new one-row shard is whole, the two parts of b around it not.
+    recs[13] = recs[13]._replace(size=7)
+    feats[13] = 42.0
+    with ShardedStoreWriter(out, settings, shard_size=10) as writer:
+        assert [r.key for r in writer.plan(recs).todo] == [recs[13].key]
+        _write_part(writer, recs[13:14], feats[13:14])
+        writer.commit(recs, CLASSES, complete=True)
+    new = next(p.name for p in _shards(out) if p.name not in (a, b, c))
+    assert _mapping(out) == [(0, 10, a, None), (10, 3, b, 0), (13, 1, new, None), (14, 6, b, 4), (20, 5, c, None)]
+    _reads(out, feats)
+    # The manifest as embedfit wrote it before: a hyperslab source for every mapping (its digest does not cover
+    # the mapping, which `verify` checks row by row against the shards' keys).
+    with h5py.File(out, "r+") as f:
+        rows = {name: e["rows"] for name, e in json.loads(f.attrs["shard_index"]).items()}
+        layout = h5py.VirtualLayout(f["features"].shape, f["features"].dtype)
+        for o0, n, name, src0 in _mapping(out):
+            source = h5py.VirtualSource(f"{shards_dir(out).name}/{name}", "features", (rows[name], feats.shape[1]))
+            layout[o0:o0 + n] = source[src0 or 0:(src0 or 0) + n]
+        del f["features"]
+        f.create_virtual_dataset("features", layout, fillvalue=np.nan)
+    assert [m[3] for m in _mapping(out)] == [0, 0, 0, 4, 0]
+    _reads(out, feats)

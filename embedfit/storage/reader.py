@@ -430,7 +430,13 @@ class ShardedFeatures:
         maps = []  # (first output row, rows, shard name, first shard row)
         for m in vds.virtual_sources():
             (out0, _), (out1, _) = m.vspace.get_select_bounds()
-            (src0, _), _ = m.src_space.get_select_bounds()
+            # A whole shard is mapped with an "all" selection, which HDF5 stores without the shard's extent (read
+            # back, a scalar space until the shard is opened): its rows are 0.. as many as the virtual side maps.
+            # Other mappings, and every mapping of a manifest written before that, are hyperslabs.
+            if m.src_space.get_select_type() == h5py.h5s.SEL_ALL:
+                src0 = 0
+            else:
+                (src0, _), _ = m.src_space.get_select_bounds()
             maps.append((out0, out1 - out0 + 1, os.path.basename(m.file_name), src0))
         maps.sort()
         self.maps = maps

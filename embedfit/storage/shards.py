@@ -403,16 +403,22 @@ class ShardedStoreWriter(StoreWriter):
             dcpl.set_layout(h5d.VIRTUAL)
             dcpl.set_fill_value(np.array([np.nan]))
             vspace = h5s.create_simple((result.rows, dim))
-            spaces: dict[int, Any] = {}
+            # HDF5 holds each mapping's two selections (~3 KB per hyperslab, sized for 32 dimensions) in this
+            # property list and in three more copies while it creates the dataset: no source dataspace is kept per
+            # shard besides (1,954 more hyperslabs at 2M rows in shards of 1024), and a mapping over a whole shard
+            # (every mapping of a fresh run) selects "all" of it, which holds no hyperslab (~24 MB less at 2M rows).
+            # HDF5 stores "all" without the source's extent; readers take its rows from the virtual selection
+            # (`ShardedFeatures`).
             for s, first, out, length in runs:
-                if s not in spaces:
-                    spaces[s] = h5s.create_simple(result.shapes[s])
                 vspace.select_hyperslab((out, 0), (length, dim))
-                spaces[s].select_hyperslab((first, 0), (length, dim))
+                src = h5s.create_simple(result.shapes[s])
+                if first == 0 and length == result.shapes[s][0]:
+                    src.select_all()
+                else:  # part of a shard: a resumed run's newer shard replaced some of its rows
+                    src.select_hyperslab((first, 0), (length, dim))
                 # Relative to the manifest's folder, for plain h5py readers of the pair moved together
                 # (embedfit itself resolves shards beside the manifest under its current name).
-                dcpl.set_virtual(vspace, os.fsencode(f"{self.parts.name}/{sources[s].name}"), b"features",
-                                 spaces[s])
+                dcpl.set_virtual(vspace, os.fsencode(f"{self.parts.name}/{sources[s].name}"), b"features", src)
             h5d.create(f.id, b"features", h5t.py_create(np.dtype(self.settings.dtype), logical=1),
                        h5s.create_simple((result.rows, dim)), dcpl=dcpl)
         return result
