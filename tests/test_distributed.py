@@ -26,6 +26,7 @@ from embedfit.storage import FeatureStore
 pytestmark = pytest.mark.slow
 
 KILL_HOOK = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # the first embedding call on the cluster exits hard, once
+KILL_LISTING = "EMBEDFIT_TEST_KILL_LISTING_ONCE"  # the same for the first listing task
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def ray(tmp_path_factory: pytest.TempPathFactory):
     # what ray.init started in this process, never another engineer's cluster.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
              _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-             runtime_env={"env_vars": {"EMBEDFIT_OFFLINE": "1", KILL_HOOK: str(marker)}})
+             runtime_env={"env_vars": {"EMBEDFIT_OFFLINE": "1", KILL_HOOK: str(marker),
+                                       KILL_LISTING: str(marker.with_name("listing-killed"))}})
     ray.kill_marker = marker
     yield ray
     ray.shutdown()
@@ -55,6 +57,7 @@ def test_sharded_extraction_equals_local_despite_a_killed_actor(ray, shared_tree
 
     summary = extract_ray(shared_tree, tmp_path / "ray.h5", num_workers=2, shard_size=5)
     assert ray.kill_marker.exists()  # an actor really died mid-shard and Ray restarted it
+    assert ray.kill_marker.with_name("listing-killed").exists()  # and a listing task's worker, retried
     assert (summary.embedded, summary.failed, summary.complete) == (24, 0, True)
     _same(tmp_path / "ray.h5", shared_store)  # no duplicates, no losses, same order, same features
     store = FeatureStore.open(tmp_path / "ray.h5")
@@ -130,6 +133,35 @@ def test_ray_resume_sees_vanished_changed_and_new_images_and_a_csv_is_listed_by_
     extract(listed, tmp_path / "csv_local.h5", workers=0)
     _same(tmp_path / "csv.h5", tmp_path / "csv_local.h5")
     assert not list((tmp_path / "csv.h5.shards").glob("listing-*"))  # the listings go once committed
+
+
+@pytest.mark.ray
+def test_a_killed_ray_driver_loses_only_its_unfinished_shards(ray, tmp_path: Path) -> None:
+    from conftest import write_tree
+
+    from embedfit.extraction.ray import extract_ray, stop_workers
+
+    stop_workers(ray.get_runtime_context().gcs_address)  # an earlier test's warm actors hold the cluster's CPUs
+    tree = write_tree(tmp_path / "images", per_class=16, seed=5)
+    out = tmp_path / "r.h5"
+    code = ("from embedfit.extraction.ray import extract_ray; "
+            f"extract_ray({str(tree)!r}, {str(out)!r}, address={ray.get_runtime_context().gcs_address!r}, "
+            "num_workers=2, shard_size=4, batch_size=2, keep_warm=0)")
+    driver = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "EMBEDFIT_OFFLINE": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = Path(f"{out}.shards")
+    deadline = time.monotonic() + 240
+    while not (shards.is_dir() and list(shards.glob("shard-*.h5"))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    driver.kill()  # SIGKILL: no commit, no clean-up
+    driver.wait()
+    left = sorted(p.name for p in shards.glob("shard-*.h5"))
+    assert left and not out.exists() and list(shards.glob("listing-*.h5"))  # shards and listings, no manifest
+    again = extract_ray(tree, out, num_workers=2, shard_size=4)
+    assert again.complete and again.reused + again.embedded == 48 and again.reused >= 4 * len(left) - 4
+    store = FeatureStore.open(out)
+    assert len(store) == 48 and len(set(store.paths)) == 48 and store.n_ok == 48
+    assert not list(shards.glob("listing-*"))  # the killed run's listings went with the next run's commit
 
 
 def _warm(ray) -> dict[str, int]:

@@ -60,6 +60,7 @@ from embedfit.storage.schema import shards_dir
 from embedfit.url import get_file, is_url, put_file
 
 _TEST_KILL_ONCE = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # tests: path of a marker; the first shard's actor exits hard
+_TEST_KILL_LISTING_ONCE = "EMBEDFIT_TEST_KILL_LISTING_ONCE"  # tests: the same for the first listing task
 DEFAULT_SHARD_SIZE = 1024
 MIN_SHARD = 64  # images: below this a shard's fixed costs (its file, the decode thread's first batch) show
 SHARDS_PER_ACTOR = 4  # a small run is cut finer than `shard_size`, so that every actor has work to the end
@@ -299,6 +300,10 @@ def _plan_part(split: InputSplit, part: InputPart, listing: str, sources: list[t
     """Ray task: list and plan one part of the input where the data is (`embedfit.extraction.parts.plan_part`)."""
     from embedfit.extraction.parts import plan_part
 
+    marker = os.environ.get(_TEST_KILL_LISTING_ONCE)
+    if marker and not Path(marker).exists():  # test hook: the task's worker dies once, as a lost node's would
+        Path(marker).write_text("killed")
+        os._exit(1)
     return plan_part(split, part, listing, sources, retry_failed=retry_failed)
 
 
