@@ -295,12 +295,14 @@ def test_staged_metadata_copies_are_never_uploaded_nor_resumed_from(bucket: tupl
 @pytest.mark.ray
 def test_ray_engine_reads_images_from_and_writes_its_store_to_s3(bucket: tuple[object, str], shared_tree: Path,
                                                                  shared_store: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 request: pytest.FixtureRequest) -> None:
     """`--engine ray` with the images and the store in a bucket: the actors read objects and upload their shards,
     and the driver commits over their metadata copies: no shard is downloaded (moto's request log says so). The
     cluster is the driver's own (its own temp dir), started with the environment that holds the credentials, as a
     real cluster's nodes have theirs: embedfit never ships credentials to workers."""
     import os
+    import shutil
     import subprocess
     import sys
     import tempfile
@@ -315,7 +317,9 @@ def test_ray_engine_reads_images_from_and_writes_its_store_to_s3(bucket: tuple[o
     fs, name = bucket
     _upload_tree(fs, shared_tree, f"{name}/images")
     url = f"s3://{name}/feats.h5"
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp"), "RAY_ADDRESS": ""}
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
     command = [sys.executable, "-m", "embedfit", "extract", f"s3://{name}/images", "-o", url, "--engine", "ray",
                "--ray-workers", "2", "--shard-size", "10"]
     log = tmp_path / "requests.jsonl"
