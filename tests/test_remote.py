@@ -231,33 +231,139 @@ def test_a_sharded_store_travels_with_its_shards(bucket: tuple[object, str], ima
     assert len(again) == 13 and again.complete and again.n_ok == 13
 
 
+def test_staged_metadata_copies_are_never_uploaded_nor_resumed_from(bucket: tuple[object, str], settings: object,
+                                                                    tmp_path: Path) -> None:
+    """What a Ray driver keeps of the shards its actors uploaded (metadata copies, committed over) stays on its
+    machine: readers get the shards, a staged run replaces the copies by the shards before its writer resumes (or
+    deletes those the remote lacks: their images are embedded again), and an upload refuses to put one in a
+    shard's place. Written here as the Ray engine does: shard written, uploaded, its copy placed in staging."""
+    from test_store_integrity import CLASSES, _records, _write_part
+
+    from embedfit.storage import FeatureStore, ShardedStoreWriter
+    from embedfit.storage.manifest import Listing
+    from embedfit.storage.objects import cache_dir, staged_store
+    from embedfit.storage.schema import features_elided
+    from embedfit.storage.shards import metadata_copy, place_metadata_copy
+    from embedfit.url import put_file
+
+    fs, name = bucket
+    url = f"s3://{name}/feats.h5"
+    recs = _records(40, "img")
+    feats = np.random.default_rng(0).standard_normal((40, settings.spec.embedding_dim)).astype(np.float32)
+
+    def write(writer: ShardedStoreWriter, rows: slice, upload: bool = True) -> str:
+        shard = _write_part(writer, recs[rows], feats[rows])
+        if upload:
+            put_file(shard, f"{url}.shards/{shard.name}")
+        place_metadata_copy(writer.parts, shard.name, metadata_copy(shard))
+        return shard.name
+
+    with staged_store(url) as local, ShardedStoreWriter(local, settings, shard_size=10) as writer:
+        for a in (0, 10, 20):
+            write(writer, slice(a, a + 10))
+        writer.commit_listing(Listing.of(recs[:30], CLASSES), complete=True)
+    staged = sorted(writer.parts.glob("shard-*.h5"))
+    assert len(staged) == 3 and all(features_elided(s) for s in staged)
+    first = sorted(fs.ls(f"{name}/feats.h5.shards", detail=False))
+    assert len(first) == 3 and fs.exists(url)
+    store = FeatureStore.open(url)  # (d) the reader's cache is another folder, of downloaded shards
+    np.testing.assert_array_equal(store.features(), feats[:30])
+    assert (cache_dir() / "staging") not in store.path.parents
+    assert not any(features_elided(s) for s in (store.path.parent / "feats.h5.shards").glob("*.h5"))
+
+    # A run killed before its manifest: one shard uploaded, one not; both copies stay in staging.
+    with pytest.raises(RuntimeError, match="killed"):  # noqa: SIM117
+        with staged_store(url) as local, ShardedStoreWriter(local, settings, shard_size=10) as writer:
+            uploaded, lost = write(writer, slice(30, 35)), write(writer, slice(35, 40), upload=False)
+            raise RuntimeError("killed")
+    assert features_elided(writer.parts / uploaded) and features_elided(writer.parts / lost)
+    manifest = fs.info(url)["ETag"]
+    with pytest.raises(StoreError, match="only its metadata copy"):  # noqa: SIM117
+        with staged_store(url) as local, ShardedStoreWriter(local, settings, shard_size=10) as writer:
+            # (b) the writer resumes from shards with features: the uploaded one downloaded, the lost one embedded
+            # again
+            assert not any(features_elided(s) for s in writer.parts.glob("shard-*.h5"))
+            assert (writer.parts / uploaded).is_file() and not (writer.parts / lost).exists()
+            assert [r.key for r in writer.plan(recs).todo] == [r.key for r in recs[35:40]]
+            # (a) a copy whose shard the remote lacks is refused at the upload, before anything is put
+            refused = write(writer, slice(35, 40), upload=False)
+            writer.commit_listing(Listing.of(recs, CLASSES), complete=True)
+    fs.invalidate_cache()
+    assert fs.info(url)["ETag"] == manifest and not fs.exists(f"{name}/feats.h5.shards/{refused}")
+
+
 @pytest.mark.ray
 def test_ray_engine_reads_images_from_and_writes_its_store_to_s3(bucket: tuple[object, str], shared_tree: Path,
-                                                                 shared_store: Path, tmp_path: Path) -> None:
-    """`--engine ray` with the images and the store in a bucket: the actors read objects and upload their shards.
-    The cluster is the driver's own (its own temp dir), started with the environment that holds the credentials,
-    as a real cluster's nodes have theirs: embedfit never ships credentials to workers."""
+                                                                 shared_store: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 request: pytest.FixtureRequest) -> None:
+    """`--engine ray` with the images and the store in a bucket: the actors read objects and upload their shards,
+    and the driver commits over their metadata copies: no shard is downloaded (moto's request log says so). The
+    cluster is the driver's own (its own temp dir), started with the environment that holds the credentials, as a
+    real cluster's nodes have theirs: embedfit never ships credentials to workers."""
     import os
+    import shutil
     import subprocess
     import sys
     import tempfile
 
+    from moto.moto_api import recorder
+
     from embedfit.storage import FeatureStore
+    from embedfit.storage.objects import _slot
+    from embedfit.storage.schema import features_elided, shards_dir
 
     pytest.importorskip("ray")
     fs, name = bucket
     _upload_tree(fs, shared_tree, f"{name}/images")
     url = f"s3://{name}/feats.h5"
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp"), "RAY_ADDRESS": ""}
-    run = subprocess.run([sys.executable, "-m", "embedfit", "extract", f"s3://{name}/images", "-o", url,
-                          "--engine", "ray", "--ray-workers", "2", "--shard-size", "10"],
-                         capture_output=True, text=True, timeout=400, env=env)
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
+    command = [sys.executable, "-m", "embedfit", "extract", f"s3://{name}/images", "-o", url, "--engine", "ray",
+               "--ray-workers", "2", "--shard-size", "10"]
+    log = tmp_path / "requests.jsonl"
+    monkeypatch.setattr(recorder, "_location", str(log))  # the server runs in this process
+
+    def shard_requests(method: str) -> set[str]:
+        """The shard objects requested with `method` since the log was reset."""
+        entries = [json.loads(line) for line in log.read_text().splitlines()]
+        return {e["url"].rpartition("/")[2].partition("?")[0] for e in entries
+                if e["method"] == method and "/feats.h5.shards/shard-" in e["url"]}
+
+    recorder.reset_recording()
+    recorder.start_recording()
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
+    finally:
+        recorder.stop_recording()
     assert run.returncode == 0, run.stderr[-3000:]
-    assert len(fs.ls(f"{name}/feats.h5.shards", detail=False)) == 3  # 10 + 10 + 4 images
+    names = sorted(p.rpartition("/")[2] for p in fs.ls(f"{name}/feats.h5.shards", detail=False))
+    assert len(names) == 3  # 10 + 10 + 4 images
+    assert shard_requests("PUT") == set(names) and shard_requests("GET") == set()  # uploaded, never downloaded
+    staged = shards_dir(_slot("staging", url) / "feats.h5")
+    assert sorted(p.name for p in staged.glob("shard-*.h5")) == names
+    assert all(features_elided(p) for p in staged.glob("shard-*.h5"))  # the driver's copies: no features
     store, here = FeatureStore.open(url), FeatureStore.open(shared_store)
     assert store.attrs["engine"] == "ray" and store.attrs["root"] == f"s3://{name}/images"
     assert list(store.paths) == list(here.paths) and store.complete
     np.testing.assert_allclose(store.features(), here.features(), atol=1e-5)
+
+    # Resumed on the same URL: the staging copies are replaced by the shards, nothing is embedded or uploaded.
+    recorder.reset_recording()
+    recorder.start_recording()
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
+    finally:
+        recorder.stop_recording()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert shard_requests("PUT") == set() and shard_requests("GET") == set(names)
+    assert not any(features_elided(p) for p in staged.glob("shard-*.h5"))
+    fs.invalidate_cache()
+    assert sorted(p.rpartition("/")[2] for p in fs.ls(f"{name}/feats.h5.shards", detail=False)) == names
+    again = FeatureStore.open(url)
+    assert list(again.paths) == list(here.paths) and again.complete and again.n_ok == 24
+    np.testing.assert_allclose(again.features(), here.features(), atol=1e-5)
 
 
 def test_workers_reading_object_storage_start_from_a_fork_server(image_tree: Path) -> None:

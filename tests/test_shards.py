@@ -17,6 +17,7 @@ from embedfit.cli import main
 from embedfit.errors import StoreError
 from embedfit.extraction.local import extract
 from embedfit.storage import FeatureStore, ShardedStoreWriter, StoreSettings
+from embedfit.storage.manifest import Listing
 from embedfit.storage.shards import shards_dir
 
 pytestmark = pytest.mark.fast
@@ -185,3 +186,41 @@ def test_whole_shards_are_mapped_as_all_and_hyperslab_manifests_still_read(setti
         f.create_virtual_dataset("features", layout, fillvalue=np.nan)
     assert [m[3] for m in _mapping(out)] == [0, 0, 0, 4, 0]
     _reads(out, feats)
+
+
+def test_a_shards_metadata_copy_commits_like_it_and_refuses_its_features(settings: StoreSettings,
+                                                                         tmp_path: Path) -> None:
+    """What a Ray actor reports for a shard it uploaded (`metadata_copy`): every attribute and per-row dataset as
+    in the shard (the same digest: the manifest committed over the copy records the real shard), a features dataset
+    of the same shape that holds no chunk, and a mark that makes readers refuse its features."""
+    from embedfit.storage.manifest import shard_info
+    from embedfit.storage.schema import FEATURES_ELIDED, features_elided
+    from embedfit.storage.shards import metadata_copy, place_metadata_copy
+
+    out = tmp_path / "feats.h5"
+    recs = _records(600, "img")
+    feats = np.random.default_rng(0).standard_normal((600, settings.spec.embedding_dim)).astype(np.float32)
+    real = tmp_path / "real.h5"
+    with ShardedStoreWriter(out, settings, shard_size=1024) as writer:
+        shard = _write_part(writer, recs, feats)
+        data = metadata_copy(shard)
+        shutil.move(shard, real)  # the shard is elsewhere (uploaded); the commit reads the copy in its place
+        assert place_metadata_copy(writer.parts, shard.name, data) == shard
+        writer.commit_listing(Listing.of(recs, CLASSES), complete=True)
+    assert len(data) < real.stat().st_size / 20  # ~metadata size: 600 rows of 1280 floats are 3 MB
+    assert features_elided(shard) and not features_elided(real) and shard_info(shard) == shard_info(real)
+    with h5py.File(real, "r") as a, h5py.File(shard, "r") as b:
+        assert set(b.attrs) == {*a.attrs, FEATURES_ELIDED} and set(a) == set(b)
+        for key in a.attrs:
+            assert a.attrs[key] == b.attrs[key] and a.attrs.get_id(key).dtype == b.attrs.get_id(key).dtype
+        for name in set(a) - {"features"}:
+            np.testing.assert_array_equal(a[name][()], b[name][()])
+        x, y = a["features"], b["features"]
+        assert (x.shape, x.dtype, x.chunks, x.fletcher32) == (y.shape, y.dtype, y.chunks, y.fletcher32)
+        assert y.id.get_storage_size() == 0  # no chunk written
+    with pytest.raises(StoreError, match="metadata copy without features"):
+        FeatureStore.open(out)
+    with pytest.raises(StoreError, match="not a metadata copy"):  # a driver takes copies only
+        place_metadata_copy(tmp_path, shard.name, real.read_bytes())
+    shutil.copyfile(real, shard)  # the real shard in its place: the manifest reads it
+    np.testing.assert_array_equal(FeatureStore.open(out).features(), feats)

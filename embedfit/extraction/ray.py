@@ -10,9 +10,10 @@ to embed into shards of `shard_size` images with fixed names, each a few (listin
 (`parts.cut_shards`). The actors (one model each, on the CPUs or GPU Ray granted it, with as many intra-op threads
 as CPUs) take shard after shard: an actor reads its images from the listing files, decodes on a background thread
 while it embeds (the local engine's `iter_embeddings` loop), writes the shard itself (`embedfit.storage.shards`:
-locally, then moved whole into ``<store>.shards/``) and returns only counts and failure reasons. The driver never
-sees a feature; at the end it writes the manifest (`FeatureWriter.commit`) as a streamed merge of the shards' rows
-and the parts' listings (`parts.merged_listing`). So the store is a sharded store with the schema, provenance,
+locally, then moved whole into ``<store>.shards/``, or uploaded there on object storage) and returns only counts and
+failure reasons (on object storage also the shard's metadata copy, for the commit). The driver never sees a
+feature; at the end it writes the manifest (`FeatureWriter.commit`) as a streamed merge of the shards' rows and the
+parts' listings (`parts.merged_listing`). So the store is a sharded store with the schema, provenance,
 resume behaviour and row order of a local run. A re-run whose images are all stored starts no actor.
 
 Start-up (`ExtractSummary.startup_phases`): importing Ray, starting (or joining) the cluster, the actors' processes,
@@ -57,7 +58,8 @@ from embedfit.extraction.writer import FeatureWriter, PlannedInput
 from embedfit.images import ImageRecord, InputPart, InputSplit, split_input
 from embedfit.storage import StoreSettings
 from embedfit.storage.schema import shards_dir
-from embedfit.url import get_file, is_url, put_file
+from embedfit.storage.shards import place_metadata_copy
+from embedfit.url import is_url, put_file
 
 _TEST_KILL_ONCE = "EMBEDFIT_TEST_KILL_ACTOR_ONCE"  # tests: path of a marker; the first shard's actor exits hard
 _TEST_KILL_LISTING_ONCE = "EMBEDFIT_TEST_KILL_LISTING_ONCE"  # tests: the same for the first listing task
@@ -264,7 +266,7 @@ class _ShardWorker:
         from embedfit.extraction.encoder import iter_embeddings
         from embedfit.extraction.parts import read_todo
         from embedfit.storage import CONTENT_HASH, FAILED, OK
-        from embedfit.storage.shards import write_shard
+        from embedfit.storage.shards import metadata_copy, write_shard
 
         marker = os.environ.get(_TEST_KILL_ONCE)
         if marker and not Path(marker).exists():  # test hook: die mid-run once, as a preempted worker would
@@ -286,13 +288,18 @@ class _ShardWorker:
                 [r.mtime_ns for r in records], [FAILED if e else OK for e in errors], errors,
                 np.concatenate([b.features for b in batches]), {**provenance, "runtime": self.encoder.runtime},
                 {CONTENT_HASH: [h for b in batches for h in b.hashes]})
+        report = {"name": name, "rows": len(records), "first": keys[0] if keys else "",
+                  "last": keys[-1] if keys else "",
+                  "failures": [(r.key, e) for r, e in zip(records, errors, strict=True) if e]}
         if is_url(folder):  # the store is on object storage: written here, uploaded whole (one PUT)
             with tempfile.TemporaryDirectory(prefix="embedfit-shard-") as local:
-                put_file(write_shard(local, *args), f"{folder}/{name}")
+                shard = write_shard(local, *args)
+                put_file(shard, f"{folder}/{name}")
+                # After the upload: the driver commits over this copy, which stands for a shard that is there.
+                report["copy"] = metadata_copy(shard)
         else:
             write_shard(folder, *args)
-        return {"name": name, "rows": len(records), "first": keys[0] if keys else "", "last": keys[-1] if keys else "",
-                "failures": [(r.key, e) for r, e in zip(records, errors, strict=True) if e]}
+        return report
 
 
 def _plan_part(split: InputSplit, part: InputPart, listing: str, sources: list[tuple[str, Any]],
@@ -601,8 +608,10 @@ def _extract_shards(ray: Any, pool: _Pool, writer: FeatureWriter, job: ExtractJo
     """Cut the images still to embed into shards, hand them to the actors, count what they wrote, commit.
 
     A shard is a run of the parts' images to embed in key order (`_Lister.shards`), named before the work starts.
-    On object storage (`job.url`) the actors upload their shards to ``<url>.shards``, and each is downloaded into
-    the local shards folder as it is reported, for the manifest (the commit reads the shards' per-row metadata).
+    On object storage (`job.url`) the actors upload their shards to ``<url>.shards`` and report each with its
+    metadata copy (`embedfit.storage.shards.metadata_copy`: no features, ~250 kB per 1024 rows), which goes into
+    the local shards folder under the shard's name for the commit (which reads the shards' per-row metadata and
+    their features' shape only): the driver downloads no shard.
     """
     from ray.util import ActorPool
 
@@ -618,7 +627,7 @@ def _extract_shards(ray: Any, pool: _Pool, writer: FeatureWriter, job: ExtractJo
     def add(result: dict[str, Any]) -> tuple[int, str]:
         received.append(result["name"])
         if shards_url:
-            get_file(f"{shards_url}/{result['name']}", store.parts / result["name"])
+            place_metadata_copy(store.parts, result["name"], result["copy"])
         if result["rows"]:
             store.written(result["name"], result["rows"], result["first"], result["last"])
         writer.add_written(result["rows"], result["failures"])

@@ -16,8 +16,10 @@
   URL the store is read from (a copied key reads its own copied shards): reading downloads the shards the manifest
   names (once each: a shard never changes after it is written); writing uploads the new shards first and the
   manifest last, then deletes the shards it no longer names, so a reader never meets a manifest whose shards are
-  not there. On Ray, each worker uploads the shards it writes (`embedfit.url.put_file`); the driver downloads each
-  one (`embedfit.url.get_file`) into its staging folder to build the manifest.
+  not there. On Ray, each worker uploads the shards it writes (`embedfit.url.put_file`) and returns a metadata copy
+  of each (`embedfit.storage.shards.metadata_copy`: no features), which the driver puts in its staging folder under
+  the shard's name to build the manifest; it downloads no shard. Such a copy never stands for its shard elsewhere:
+  the upload refuses it (`_put_shards`), and the next staged run replaces it by the shard (`_replace_copies`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any, TypeVar
 import h5py
 
 from embedfit.errors import StoreError, StoreLockedError
-from embedfit.storage.schema import shard_names, shards_dir
+from embedfit.storage.schema import features_elided, shard_names, shards_dir
 from embedfit.url import filesystem, get_file, object_identity, read_reason, redact
 
 T = TypeVar("T")
@@ -127,6 +129,27 @@ def _get_shards(url: str, local: Path, refresh: bool = False, *, missing_ok: boo
             _write_source(shard, shard_url, {"size": shard.stat().st_size})
 
 
+def _replace_copies(url: str, local: Path) -> None:
+    """Replace the metadata copies in the staging folder of `local` (what a Ray driver keeps of the shards its
+    actors uploaded: `embedfit.storage.shards.metadata_copy`) by the shards themselves, or delete those the remote
+    lacks (their images are embedded again), so that the writer resumes from shards with features only.
+
+    A copy never has a download record (`_get_shards` writes one only for a shard it downloaded), so after
+    `_get_shards` the only files to open are the copies of a run killed before it uploaded its manifest."""
+    folder = shards_dir(local)
+    for shard in sorted(folder.glob("shard-*.h5")) if folder.is_dir() else []:
+        if _current(shard) is not None or not features_elided(shard):
+            continue
+        shard_url = f"{url}.shards/{shard.name}"
+        try:
+            get_file(shard_url, shard)
+        except StoreError:
+            with contextlib.suppress(OSError):
+                shard.unlink()
+            continue
+        _write_source(shard, shard_url, {"size": shard.stat().st_size})
+
+
 def cached_copy(url: str, *, refresh: bool = False) -> Path:
     """A local copy of the store at `url` (and of its shards), downloaded unless the cached copy is current.
 
@@ -162,13 +185,18 @@ def _put_shards(fs: Any, path: str, local: Path) -> list[str]:
     names, for deletion after the manifest is in place."""
     names = _shard_names(local)
     remote = f"{path}.shards"
+    fs.invalidate_cache(remote)  # the folder as it is now: the actors of a Ray run uploaded to it meanwhile
     try:
         there = {posixpath.basename(p) for p in fs.ls(remote, detail=False)} if fs.exists(remote) else set()
     except FileNotFoundError:
         there = set()
-    for name in names:
-        if name not in there:
-            fs.put_file(str(shards_dir(local) / name), f"{remote}/{name}")
+    missing = [n for n in names if n not in there]
+    copies = [n for n in missing if features_elided(shards_dir(local) / n)]
+    if copies:  # only its metadata is here: uploading it would put a shard without features in its place
+        raise StoreError(f"shard {copies[0]} is missing from the remote store (its worker uploaded it: deleted "
+                         "since?) and this machine holds only its metadata copy; re-run to embed its images again")
+    for name in missing:
+        fs.put_file(str(shards_dir(local) / name), f"{remote}/{name}")
     return sorted(n for n in there if n.startswith("shard-") and n not in set(names))
 
 
@@ -213,6 +241,8 @@ def staged_store(url: str, *, overwrite: bool = False) -> Iterator[Path]:
             _download(url, local, before)
         if before is not None and not overwrite:
             _get_shards(url, local, missing_ok=True)  # the writer repairs what is missing
+        if not overwrite:  # a killed Ray run's staging copies, also of a store it never committed
+            _replace_copies(url, local)
         state = _state(local)
         try:
             yield local
@@ -250,6 +280,8 @@ def _upload(fs: Any, path: str, url: str, local: Path, before: dict[str, Any] | 
     except FileExistsError:
         raise StoreError(f"{shown} was created by another writer while this run worked, so it was not "
                          f"overwritten; {keep}") from None
+    except StoreError as exc:  # refused before anything was uploaded (`_put_shards`)
+        raise StoreError(f"{shown} was not uploaded: {exc}; {keep}") from None
     except Exception as exc:
         raise StoreError(f"cannot upload the store to {shown}: {read_reason('it')(exc)}; {keep}; re-run to "
                          "upload it") from None

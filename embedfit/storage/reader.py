@@ -33,6 +33,7 @@ from embedfit.backbones.spec import BackboneSpec
 from embedfit.errors import EmbedfitError, StoreError, StoreMismatchError
 from embedfit.storage.schema import (
     FAILED,
+    FEATURES_ELIDED,
     LAYOUT,
     MISSING,
     OK,
@@ -383,12 +384,16 @@ def _repair_hint(folder: Path) -> str:
 
 def shard_problem(shard: Path, entry: dict[str, Any] | None) -> str:
     """Why the shard file at `shard` is not the one a manifest recorded as `entry` ("" when it is): absent,
-    unreadable, or another metadata digest, row count or key range. Reads two keys and one attribute, whatever its
-    size; `entry` None (a manifest written before shard digests) checks only that it opens."""
+    unreadable, a metadata copy without features, or another metadata digest, row count or key range. Reads two
+    keys and two attributes, whatever its size; `entry` None (a manifest written before shard digests) checks only
+    that it opens and holds features."""
     if not shard.is_file():
         return "is missing"
     try:
         with h5py.File(shard, "r") as f:
+            if attr(f.attrs, FEATURES_ELIDED, 0):  # its features read as fill values: refused, like a missing shard
+                return ("is a metadata copy without features (a Ray driver's staging copy of a shard on object "
+                        "storage), not the shard")
             if entry is None:
                 return ""
             paths = f["paths"]

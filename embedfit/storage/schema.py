@@ -62,6 +62,8 @@ DTYPES = ("float32", "float16")
 STR = h5py.string_dtype("utf-8")
 CHUNK_ROWS = 256  # ~1.3 MB chunks at D=1280 float32: fast sequential reads, small partial reads
 LAYOUT = "sharded"  # the `layout` attribute of a sharded store's manifest
+# Attribute of a shard's metadata copy (`embedfit.storage.shards.metadata_copy`): its features were never written.
+FEATURES_ELIDED = "features_elided"
 
 CONTENT_HASH = "content_hash"
 ROW_DATASETS: dict[str, Any] = {"paths": STR, "labels": np.int64, "status": np.uint8, "errors": STR,
@@ -252,6 +254,16 @@ def shards_dir(path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     return path.with_name(path.name + ".shards")
+
+
+def features_elided(path: str | os.PathLike) -> bool:
+    """Whether the shard file at `path` is a metadata copy, whose features were never written
+    (`embedfit.storage.shards.metadata_copy`); False when it does not open."""
+    try:
+        with h5py.File(path, "r") as f:
+            return bool(attr(f.attrs, FEATURES_ELIDED, 0))
+    except (OSError, ValueError):
+        return False
 
 
 def shard_names(attrs: Any) -> list[str]:

@@ -21,7 +21,9 @@ Writing: a shard is written to a local temporary file (``$EMBEDFIT_SHARD_TMP`` o
 next to its final name and renamed, so a shard is either absent or complete, also on NFS/Lustre. Names are fixed
 before the work starts (run id + sequence), so a shard written twice (a retried Ray task) replaces itself. The
 driver (or the local writer thread) never touches features: `commit` reads the shards' per-row metadata only,
-keeps the newest row per image key (shards in name order = time order), and writes the manifest atomically.
+keeps the newest row per image key (shards in name order = time order), and writes the manifest atomically. So a
+Ray driver writing to object storage commits over *metadata copies* its actors return (`metadata_copy`: the shard
+without features, marked `features_elided`, which a reader refuses), not over downloaded shards.
 Shards no longer referenced by the committed manifest are deleted afterwards. A resume checks the shards the
 manifest names like a reader does; a missing or damaged one is left out (a damaged one deleted) and its images
 are embedded again.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import functools
+import io
 import json
 import logging
 import os
@@ -61,6 +64,7 @@ from embedfit.storage.manifest import (
 from embedfit.storage.reader import FeatureStore, shard_problem
 from embedfit.storage.schema import (
     CHUNK_ROWS,
+    FEATURES_ELIDED,
     LAYOUT,
     SCHEMA_VERSION,
     StoreSettings,
@@ -157,6 +161,48 @@ def write_shard(directory: str | os.PathLike, name: str, settings: StoreSettings
         with contextlib.suppress(OSError):
             os.unlink(local)
     return final
+
+
+def metadata_copy(shard: str | os.PathLike) -> bytes:
+    """The bytes of a copy of the shard at `shard` without its features: what a driver needs to commit it.
+
+    Every attribute and every per-row dataset is copied as it is (so the metadata digest, and the manifest's record
+    of the shard, are the same), and `features` is created with the same shape, type, chunking and filters but no
+    chunk written: HDF5 allocates nothing for it, so the copy is the size of the metadata (~250 kB for 1024 rows
+    with content hashes, where their features are 5.2 MB at 1280 float32 dimensions).
+    The copy is marked (`FEATURES_ELIDED`): a reader refuses its features (`reader.shard_problem`) and the upload
+    of a staged store refuses to put it in the shard's place (`objects._put_shards`).
+    """
+    buffer = io.BytesIO()
+    with h5py.File(shard, "r") as f, h5py.File(buffer, "w") as out:
+        for key in f.attrs:  # in their stored types (`attrs[k] = v` would pick its own)
+            out.attrs.create(key, f.attrs[key], dtype=f.attrs.get_id(key).dtype)
+        out.attrs[FEATURES_ELIDED] = 1
+        for name in f:
+            if name != "features":
+                f.copy(f[name], out, name=name)
+        feats = f["features"].id
+        # Its creation property list carries the chunking, filters and fill value; nothing is written to it.
+        h5d.create(out.id, b"features", feats.get_type(), feats.get_space(), dcpl=feats.get_create_plist())
+    return buffer.getvalue()
+
+
+def place_metadata_copy(directory: str | os.PathLike, name: str, data: bytes) -> Path:
+    """Write a shard's metadata copy (`metadata_copy`, from the worker that wrote and uploaded the shard) into a
+    driver's local shards folder as shard `name`, whole or not at all, for the commit to read.
+
+    Raises:
+        StoreError: `data` is not a marked metadata copy (a complete shard must come from the remote store).
+    """
+    with h5py.File(io.BytesIO(data), "r") as f:
+        if not attr(f.attrs, FEATURES_ELIDED, 0):
+            raise StoreError(f"the report of shard {name} holds a file that is not a metadata copy")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{name}.{os.getpid()}.tmp"  # a killed driver's is removed by the next writer
+    tmp.write_bytes(data)
+    os.replace(tmp, directory / name)
+    return directory / name
 
 
 def _now() -> str:
