@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 LISTING_PREFIX = "listing-"
 _SAMPLE = 10  # keys and skipped entries a part reports
-_BLOCK = 1 << 16  # rows per read of a listing file
+_BLOCK = 1 << 13  # rows per read of a listing file: the commit holds one block per overlapping part
 
 
 @dataclass
