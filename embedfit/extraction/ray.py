@@ -2,8 +2,8 @@
 
 The driver never loads a model, nor torch, and holds no table of the images: it reads the input's root only
 (`embedfit.images.split_input`: its first-level folders, the root's own files, or byte ranges of a CSV) and has
-each part listed and planned on the cluster (Ray tasks, `embedfit.extraction.parts.plan_part`): a task lists its
-part where the data is, plans it against the store's shards that overlap its keys (the same `plan_blocks` as a local
+each part listed and planned on the cluster (`embedfit.extraction.parts.plan_part`, by the actors, or by Ray tasks
+on a re-run before any actor starts): each lists its part where the data is, plans it against the store's shards that overlap its keys (the same `plan_blocks` as a local
 run), writes a *listing file* beside the shards and returns a `PartSummary` (counts, key range, labels). From the
 summaries alone the driver decides the source kind and class list (`parts.plan_input`) and cuts the images still
 to embed into shards of `shard_size` images with fixed names, each a few (listing file, first, stop) runs
@@ -24,7 +24,9 @@ after a successful run as named, detached "warm actors" in the `embedfit` namesp
 makes them embed differently (the model settings, resources, embedfit's code and `EMBEDFIT_*` settings): the next
 run with the same settings takes them as they are and starts at once; another run's settings never match their
 name. Each exits by itself after `keep_warm` idle seconds, a run that needs their resources stops idle ones of
-other settings, and `stop_workers` (`embedfit ray stop-workers`) stops them all.
+other settings, and `stop_workers` (`embedfit ray stop-workers`) stops them all. The actors also list and plan the
+parts when a run has them (a new store, or warm actors); a re-run of a store with these settings lists with Ray
+tasks first, and starts actors only when something is left to embed.
 
 Failures: Ray restarts an actor that dies and retries its shard (`max_restarts=-1`, `max_task_retries=-1`), and
 retries a listing task whose worker dies (`max_retries=3`); a shard or listing written twice replaces itself (same
@@ -229,6 +231,15 @@ class _ShardWorker:
             self._reaper.start()
         return self.host, self.encoder.spec, self.encoder.runtime, None, phases
 
+    def plan_part(self, split: InputSplit, part: InputPart, listing: str, sources: list[tuple[str, Any]],
+                  retry_failed: bool) -> Any:
+        """List and plan one part of the input (what a listing task does, in this process: no new one)."""
+        self.busy = True
+        try:
+            return _plan_part(split, part, listing, sources, retry_failed)
+        finally:
+            self.busy, self.last_used = False, time.monotonic()
+
     def info(self) -> dict[str, Any]:
         """This actor's process id and the seconds since its last call ended (0 while it embeds)."""
         return {"pid": os.getpid(), "idle": 0.0 if self.busy else time.monotonic() - self.last_used}
@@ -382,23 +393,28 @@ class RayEngine:
         lister: _Lister | None = None
         finished = False
         try:
-            if job.stored is None:  # the model decides what the store is: the actors load it first
+            if job.stored is None or (keep_warm and pool.all_warm()):  # the actors' model decides the store
                 pool.start()
-                if _fresh(job):  # nothing stored to plan against: the parts are listed while the models load
-                    lister = _Lister(ray, split, job, shards_url or str(shards_dir(job.output)), [], self.num_workers)
+                if _fresh(job):  # nothing stored to plan against: the actors list the parts once they are up
+                    lister = _Lister(ray, split, job, shards_url or str(shards_dir(job.output)), [], self.num_workers,
+                                     pool.actors)
                 phases.update(pool.wait())
             settings = job.stored or StoreSettings(pool.spec, config.dtype, config.tta, config.precision)
             with FeatureWriter(job.output, settings, None, overwrite=config.overwrite,
                                retry_failed=config.retry_failed, shard_size=config.shard_size,
                                started=job.started) as writer:
                 store = writer.store
+                if job.stored is not None and pool.spec is not None:  # warm actors taken for the listing
+                    store.check_settings(StoreSettings(pool.spec, config.dtype, config.tta, config.precision),
+                                         "the model the Ray actors loaded")
                 lap = time.perf_counter()
                 # A killed run's listings go (we hold the lock now), not those this run's tasks are writing.
                 remove_listings(store.parts, keep_prefix=lister.prefix if lister else "")
                 if lister is None:
                     sources = [(f"{shards_url}/{p.name}" if shards_url else str(p), info)
                                for p, info in store.source_infos()]
-                    lister = _Lister(ray, split, job, shards_url or str(store.parts), sources, self.num_workers)
+                    lister = _Lister(ray, split, job, shards_url or str(store.parts), sources, self.num_workers,
+                                     pool.actors)
                 planned = lister.planned()
                 writer.use_plan(planned)
                 phases["listing"] = time.perf_counter() - lap
@@ -664,6 +680,12 @@ class _Pool:
         self.runtime = ""
         self._started = 0.0
 
+    def all_warm(self) -> bool:
+        """Whether warm actors for these settings are on the cluster, all of them (taking them loads nothing)."""
+        e = self.engine
+        prefix = _warm_name(self.config, self.device, e.cpus_per_worker, e.num_gpus_per_worker, e.pin_cpus)
+        return {f"{prefix}-{i}" for i in range(e.num_workers)} <= _warm_names(self.ray)
+
     def start(self) -> None:
         e = self.engine
         self._started = time.perf_counter()
@@ -685,11 +707,14 @@ class _Pool:
 
 
 class _Lister:
-    """The input's parts listed and planned on the cluster (Ray tasks, a few at a time), each into its listing file
-    in `folder` (the shards folder, or its URL on object storage)."""
+    """The input's parts listed and planned on the cluster, a few at a time, each into its listing file in `folder`
+    (the shards folder, or its URL on object storage): by the run's `actors` when it has them (their processes are
+    there; a task of a new run waits seconds for a worker process of its own job, which on a small machine also
+    slows the models loading beside it), else by Ray tasks (a re-run that may have nothing to embed starts no
+    actor)."""
 
     def __init__(self, ray: Any, split: InputSplit, job: ExtractJob, folder: str, sources: list[tuple[str, Any]],
-                 workers: int) -> None:
+                 workers: int, actors: list[Any] | None = None) -> None:
         self.ray, self.split, self.job, self.folder = ray, split, job, folder
         if not is_url(folder):
             Path(folder).mkdir(parents=True, exist_ok=True)
@@ -697,8 +722,10 @@ class _Lister:
         self.locations = [f"{folder}/{self.prefix}{i:06d}.h5" for i in range(len(split.parts))]
         task = ray.remote(num_cpus=0, max_retries=3)(_plan_part)  # I/O bound: beside the actors, not for CPUs
         sources_ref = ray.put(sources)
-        self._submit = lambda i: task.remote(split, split.parts[i], self.locations[i], sources_ref,
-                                             job.config.retry_failed)
+        self._task = lambda i: task.remote(split, split.parts[i], self.locations[i], sources_ref,
+                                           job.config.retry_failed)
+        self._submit = self._task if not actors else lambda i: actors[i % len(actors)].plan_part.remote(
+            split, split.parts[i], self.locations[i], sources_ref, job.config.retry_failed)
         self._limit = max(2, 2 * workers)  # tasks in flight: listing is I/O, but each task is a process
         self._next = 0
         self._running: dict[Any, int] = {}
@@ -718,6 +745,9 @@ class _Lister:
             i = self._running.pop(ready[0])
             try:
                 done[i] = self.ray.get(ready[0])
+            except self.ray.exceptions.RayActorError:  # a warm actor that timed out as this run took it
+                self._running[self._task(i)] = i
+                continue
             except self.ray.exceptions.RayTaskError as exc:
                 cause = getattr(exc, "cause", None)
                 if isinstance(cause, EmbedfitError):  # the input's own error, in its one line
