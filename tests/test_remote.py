@@ -331,13 +331,17 @@ def test_ray_engine_reads_images_from_and_writes_its_store_to_s3(bucket: tuple[o
         return {e["url"].rpartition("/")[2].partition("?")[0] for e in entries
                 if e["method"] == method and "/feats.h5.shards/shard-" in e["url"]}
 
-    recorder.reset_recording()
-    recorder.start_recording()
-    try:
-        run = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
-    finally:
-        recorder.stop_recording()
-    assert run.returncode == 0, run.stderr[-3000:]
+    def recorded_run() -> None:
+        """The command, with the server's requests recorded afresh."""
+        recorder.reset_recording()
+        recorder.start_recording()
+        try:
+            run = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
+        finally:
+            recorder.stop_recording()
+        assert run.returncode == 0, run.stderr[-3000:]
+
+    recorded_run()
     names = sorted(p.rpartition("/")[2] for p in fs.ls(f"{name}/feats.h5.shards", detail=False))
     assert len(names) == 3  # 10 + 10 + 4 images
     assert shard_requests("PUT") == set(names) and shard_requests("GET") == set()  # uploaded, never downloaded
@@ -350,13 +354,7 @@ def test_ray_engine_reads_images_from_and_writes_its_store_to_s3(bucket: tuple[o
     np.testing.assert_allclose(store.features(), here.features(), atol=1e-5)
 
     # Resumed on the same URL: the staging copies are replaced by the shards, nothing is embedded or uploaded.
-    recorder.reset_recording()
-    recorder.start_recording()
-    try:
-        run = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
-    finally:
-        recorder.stop_recording()
-    assert run.returncode == 0, run.stderr[-3000:]
+    recorded_run()
     assert shard_requests("PUT") == set() and shard_requests("GET") == set(names)
     assert not any(features_elided(p) for p in staged.glob("shard-*.h5"))
     fs.invalidate_cache()
