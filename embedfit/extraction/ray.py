@@ -3,8 +3,9 @@
 The driver never loads a model, nor torch, and holds no table of the images: it reads the input's root only
 (`embedfit.images.split_input`: its first-level folders, the root's own files, or byte ranges of a CSV) and has
 each part listed and planned on the cluster (`embedfit.extraction.parts.plan_part`, by the actors, or by Ray tasks
-on a re-run before any actor starts): each lists its part where the data is, plans it against the store's shards that overlap its keys (the same `plan_blocks` as a local
-run), writes a *listing file* beside the shards and returns a `PartSummary` (counts, key range, labels). From the
+on a re-run before any actor starts): each lists its part where the data is, plans it against the store's shards
+that overlap its keys (the same `plan_blocks` as a local run), writes a *listing file* beside the shards and returns
+a `PartSummary` (counts, key range, labels). From the
 summaries alone the driver decides the source kind and class list (`parts.plan_input`) and cuts the images still
 to embed into shards of `shard_size` images with fixed names, each a few (listing file, first, stop) runs
 (`parts.cut_shards`). The actors (one model each, on the CPUs or GPU Ray granted it, with as many intra-op threads
