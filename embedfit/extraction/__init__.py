@@ -10,6 +10,7 @@ Stages, each usable alone:
     engines   the engine registry (`register_engine`, `create_engine`) and `ExtractJob`, what an engine gets
     local     `extract()`, every engine's entry point; `LocalEngine`: this machine
     ray       `RayEngine`: the same on a Ray cluster (`extract_ray()` for short)
+    parts     the input listed and planned part by part where the data is (the Ray engine's listing files)
     onnx      ONNX Runtime as a faster CPU engine for a backbone
 
 Loaded lazily: `import embedfit.extraction` does not import torch.
