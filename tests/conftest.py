@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +152,12 @@ def bucket(s3_endpoint: str) -> tuple[object, str]:
     name = f"embedfit-test-{next(_BUCKETS)}"
     fs.mkdir(name)
     return fs, name
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A folder with a short path in /tmp (Ray's socket paths have a length limit, which pytest's `tmp_path` can
+    exceed), removed after the test: Ray's session folders would otherwise fill /tmp run after run."""
+    path = Path(tempfile.mkdtemp(prefix="ef", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

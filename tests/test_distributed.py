@@ -7,6 +7,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,13 +36,14 @@ def ray(tmp_path_factory: pytest.TempPathFactory):
     marker = tmp_path_factory.mktemp("ray") / "killed"
     # Our own cluster in our own temp dir (short: Ray's socket paths have a length limit); ray.shutdown() stops
     # what ray.init started in this process, never another engineer's cluster.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True, _temp_dir=temp,
              runtime_env={"env_vars": {"EMBEDFIT_OFFLINE": "1", KILL_HOOK: str(marker),
                                        KILL_LISTING: str(marker.with_name("listing-killed"))}})
     ray.kill_marker = marker
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _same(a: Path, b: Path) -> None:
@@ -223,12 +225,13 @@ def test_a_second_run_on_a_long_lived_cluster_takes_the_warm_actors(ray, shared_
 
 
 @pytest.mark.ray
-def test_a_node_that_cannot_load_the_model_is_named_in_one_line(shared_tree: Path, tmp_path: Path) -> None:
+def test_a_node_that_cannot_load_the_model_is_named_in_one_line(shared_tree: Path, tmp_path: Path,
+                                                                short_tmp: Path) -> None:
     pytest.importorskip("ray")
     broken = tmp_path / "site"  # a node whose timm is broken: the actors' import fails, not the driver's
     (broken / "timm").mkdir(parents=True)
     (broken / "timm" / "__init__.py").write_text("raise ImportError('timm is broken on this node')\n")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # our own local cluster, stopped with its driver
+    ray_tmp = short_tmp  # our own local cluster, stopped with its driver
     run = _embedfit("extract", str(shared_tree), "-o", str(tmp_path / "f.h5"), "--engine", "ray",
                     env={"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "", "PYTHONPATH": str(broken),
                          "EMBEDFIT_OFFLINE": "1"}, timeout=300)
@@ -257,9 +260,9 @@ def _embedfit(*args: str, env: dict[str, str], timeout: float = 120) -> subproce
 
 
 @pytest.mark.ray
-def test_a_stale_ray_cluster_file_fails_in_seconds(shared_tree: Path, tmp_path: Path) -> None:
+def test_a_stale_ray_cluster_file_fails_in_seconds(shared_tree: Path, tmp_path: Path, short_tmp: Path) -> None:
     pytest.importorskip("ray")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    ray_tmp = short_tmp
     (ray_tmp / "ray").mkdir()
     with socket.socket() as s:  # a port nothing listens on: the cluster that wrote the file is gone
         s.bind(("127.0.0.1", 0))
@@ -277,9 +280,9 @@ def test_a_stale_ray_cluster_file_fails_in_seconds(shared_tree: Path, tmp_path: 
 
 
 @pytest.mark.ray
-def test_warm_actors_need_a_long_lived_cluster(shared_tree: Path, tmp_path: Path) -> None:
+def test_warm_actors_need_a_long_lived_cluster(shared_tree: Path, tmp_path: Path, short_tmp: Path) -> None:
     pytest.importorskip("ray")
-    env = {"RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp"), "RAY_ADDRESS": ""}  # no cluster runs here
+    env = {"RAY_TMPDIR": str(short_tmp), "RAY_ADDRESS": ""}  # no cluster runs here
     run = _embedfit("ray", "stop-workers", env=env)
     assert run.returncode == 2 and "no Ray cluster runs on this machine" in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -69,12 +68,12 @@ _DRIVER = textwrap.dedent("""
 """)
 
 
-def test_a_node_that_dies_mid_run_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
+def test_a_node_that_dies_mid_run_loses_nothing_and_duplicates_nothing(tmp_path: Path, short_tmp: Path) -> None:
     pytest.importorskip("ray")
     from embedfit.extraction.local import extract
 
     tree = write_tree(tmp_path / "images", per_class=80, seed=3)  # 240 images: the run outlasts the kill
-    temp = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: Ray's socket paths have a length limit
+    temp = str(short_tmp)  # short: Ray's socket paths have a length limit
     (Path(temp) / "ray").mkdir()
     out = tmp_path / "ray.h5"
     # RAY_TMPDIR: Ray's address file goes to $RAY_TMPDIR/ray, beside the sessions, never the user's.
