@@ -137,3 +137,17 @@ def test_a_part_plans_its_resume_against_the_shards_that_overlap_it(tmp_path: Pa
     assert (counts.reused, counts.changed) == (6, 1)
     todo = [row[1] for s in planned for row in read_todo(s.listing, 0, s.todo)]
     assert todo == expected
+
+
+def test_a_shard_reads_only_its_rows_of_a_listing_dense_or_sparse(tmp_path: Path) -> None:
+    from embedfit.extraction.parts import write_listing
+
+    keys = np.array([f"c/{i:04d}.jpg" for i in range(100)], dtype=object)
+    todo = np.zeros(100, dtype=bool)
+    todo[[3, 4, 5, 6, 50, 97]] = True  # a dense run, then rows far apart (a resume's few changed images)
+    location = str(tmp_path / "listing-x.h5")
+    write_listing(location, keys, ["c"] * 100, [f"/data/{k}" for k in keys], range(100), range(1000, 1100), todo)
+    expected = [(f"/data/{keys[i]}", keys[i], "c", i, 1000 + i) for i in np.flatnonzero(todo)]
+    assert read_todo(location, 0, 4) == expected[:4]  # dense: one span
+    assert read_todo(location, 3, 6) == expected[3:]  # sparse: the rows alone
+    assert read_todo(location, 0, 6) == expected and read_todo(location, 6, 9) == []

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +140,8 @@ def write_listing(location: str, keys: np.ndarray, labels: Sequence[str], paths:
             f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=STR)
             f.create_dataset("sizes", data=np.asarray(sizes, dtype=np.int64))
             f.create_dataset("mtimes", data=np.asarray(mtimes, dtype=np.int64))
-            f.create_dataset("todo", data=np.asarray(todo, dtype=bool))
+            # The rows to embed, by index: a shard's images are a slice of it (`read_todo`), whatever the part's size.
+            f.create_dataset("todo_rows", data=np.flatnonzero(np.asarray(todo, dtype=bool)).astype(np.int64))
         if is_url(location):
             put_file(local, location)
         else:
@@ -151,20 +154,49 @@ def write_listing(location: str, keys: np.ndarray, labels: Sequence[str], paths:
 
 
 def read_todo(location: str, start: int, stop: int) -> list[tuple[str, str, str, int, int]]:
-    """Images `start`..`stop` of a listing file's images to embed: (path, key, label, size, mtime) each."""
+    """Images `start`..`stop` of a listing file's images to embed: (path, key, label, size, mtime) each.
+
+    Reads those rows only, whatever the part's size: a slice of `todo_rows`, then the span they cover when they are
+    dense (a fresh run), or each row when they are sparse (a resume that embeds a few images of a large part). A
+    listing on object storage is downloaded once per process (`_fetched`), not once per shard."""
     import h5py
 
-    with local_copy(location) as local, h5py.File(local, "r") as f:
-        rows = np.flatnonzero(f["todo"][()])[start:stop]
+    with h5py.File(_fetched(location), "r") as f:
+        rows = f["todo_rows"][start:stop]
         if not len(rows):
             return []
-        span = slice(int(rows[0]), int(rows[-1]) + 1)  # one read of the span, then the rows picked from it
-        pick = rows - rows[0]
         names = np.array([*f["label_names"].asstr()[()].tolist(), ""], dtype=object)
-        cols = [f["paths"].asstr()[span][pick], _keys(f, span.start, span.stop)[pick],
-                names[f["labels"][span][pick]]]
-        sizes, mtimes = f["sizes"][span][pick], f["mtimes"][span][pick]
-    return list(zip(*[c.tolist() for c in cols], sizes.tolist(), mtimes.tolist(), strict=True))
+        if rows[-1] - rows[0] < 4 * len(rows):  # dense: one read of the span, then the rows picked from it
+            span = slice(int(rows[0]), int(rows[-1]) + 1)
+            pick = rows - rows[0]
+            keys = _keys(f, span.start, span.stop)[pick]
+            paths, labels = f["paths"].asstr()[span][pick], f["labels"][span][pick]
+            sizes, mtimes = f["sizes"][span][pick], f["mtimes"][span][pick]
+        else:
+            keys = np.array([_keys(f, r, r + 1)[0] for r in rows.tolist()], dtype=object)
+            paths, labels = f["paths"].asstr()[rows], f["labels"][rows]
+            sizes, mtimes = f["sizes"][rows], f["mtimes"][rows]
+    return list(zip(paths.tolist(), keys.tolist(), names[labels].tolist(), sizes.tolist(), mtimes.tolist(),
+                    strict=True))
+
+
+_FETCHED: OrderedDict[str, Path] = OrderedDict()  # listings on object storage this process downloaded, newest last
+
+
+def _fetched(location: str) -> Path:
+    """A local path for a listing file: itself, or for one on object storage a download kept for this process's
+    next shards of the same part (the two latest; a listing never changes once written)."""
+    if not is_url(location):
+        return Path(location)
+    if location not in _FETCHED:
+        folder = Path(tempfile.mkdtemp(prefix="embedfit-listing-"))
+        local = folder / location.rsplit("/", 1)[-1]
+        get_file(location, local)
+        _FETCHED[location] = local
+        while len(_FETCHED) > 2:
+            shutil.rmtree(_FETCHED.popitem(last=False)[1].parent, ignore_errors=True)
+    _FETCHED.move_to_end(location)
+    return _FETCHED[location]
 
 
 def _keys(f: Any, start: int, stop: int) -> np.ndarray:
