@@ -946,8 +946,7 @@ def scan_part(split: InputSplit, part: InputPart) -> ImageSource:
 
     skipped: list[tuple[str, str]] = []
     if part.kind == "csv":
-        source = _scan_csv(split.source, None, (part.start, part.stop))
-        return source
+        return _scan_csv(split.source, None, (part.start, part.stop))
     if part.kind not in ("folder", "loose"):
         raise UsageError(f"unknown input part kind {part.kind!r}")
     if remote.is_url(split.source):

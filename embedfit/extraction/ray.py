@@ -400,14 +400,13 @@ class RayEngine:
                     lister = _Lister(ray, split, job, shards_url or str(shards_dir(job.output)), [], self.num_workers,
                                      pool.actors)
                 phases.update(pool.wait())
-            settings = job.stored or StoreSettings(pool.spec, config.dtype, config.tta, config.precision)
+            settings = job.stored or pool.settings()
             with FeatureWriter(job.output, settings, None, overwrite=config.overwrite,
                                retry_failed=config.retry_failed, shard_size=config.shard_size,
                                started=job.started) as writer:
                 store = writer.store
                 if job.stored is not None and pool.spec is not None:  # warm actors taken for the listing
-                    store.check_settings(StoreSettings(pool.spec, config.dtype, config.tta, config.precision),
-                                         "the model the Ray actors loaded")
+                    store.check_settings(pool.settings(), "the model the Ray actors loaded")
                 lap = time.perf_counter()
                 # A killed run's listings go (we hold the lock now), not those this run's tasks are writing.
                 remove_listings(store.parts, keep_prefix=lister.prefix if lister else "")
@@ -427,8 +426,7 @@ class RayEngine:
                 if pool.actors is None:
                     pool.start()
                     phases.update(pool.wait())
-                    store.check_settings(StoreSettings(pool.spec, config.dtype, config.tta, config.precision),
-                                         "the model the Ray actors loaded")
+                    store.check_settings(pool.settings(), "the model the Ray actors loaded")
                 ready = time.perf_counter() - job.started
                 summary = _extract_shards(ray, pool, writer, job, lister,
                                           f"ray ({self.num_workers} x {device}, {self.cpus_per_worker} CPU each)")
@@ -680,6 +678,10 @@ class _Pool:
         self.spec: BackboneSpec | None = None
         self.runtime = ""
         self._started = 0.0
+
+    def settings(self) -> StoreSettings:
+        """What the actors' model makes, with this run's dtype, TTA and precision (once `wait` has the spec)."""
+        return StoreSettings(self.spec, self.config.dtype, self.config.tta, self.config.precision)
 
     def all_warm(self) -> bool:
         """Whether warm actors for these settings are on the cluster, all of them (taking them loads nothing)."""

@@ -95,7 +95,6 @@ class FeatureWriter:
 
     Attributes:
         todo: The records this run must embed (the rest are already in the store); empty with `use_plan`.
-        todo_count: How many images this run must embed.
         summary: The run's tally so far.
     """
 
@@ -124,7 +123,6 @@ class FeatureWriter:
             self.todo = plan.todo
             self.summary = ExtractSummary(Path(output), total=len(images.records), skipped=len(images.skipped),
                                           skips=images.skipped[:10], reused=plan.reused)
-        self.todo_count = len(self.todo)
         self._pending: list[tuple[Sequence[ImageRecord], np.ndarray, Sequence[str], Sequence[str]]] = []
         self._buffered = 0
         self._futures: list[Future] = []
@@ -132,9 +130,14 @@ class FeatureWriter:
 
     def use_plan(self, planned: PlannedInput) -> None:
         """Take the plan of an input listed and planned elsewhere (the writer was made with `images` None)."""
-        self.planned, self.todo_count = planned, planned.todo
+        self.planned = planned
         s = self.summary
         s.total, s.skipped, s.skips, s.reused = planned.total, planned.n_skipped, planned.skipped[:10], planned.reused
+
+    @property
+    def todo_count(self) -> int:
+        """How many images this run must embed."""
+        return self.planned.todo if self.planned is not None else len(self.todo)
 
     def __enter__(self) -> FeatureWriter:
         return self

@@ -41,7 +41,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,6 @@ from embedfit._version import __version__
 from embedfit.errors import StoreError
 from embedfit.storage.manifest import (
     Listing,
-    ListingBlock,
     ManifestResult,
     PlanCounts,
     ShardInfo,
@@ -237,7 +236,7 @@ class ShardedStoreWriter(StoreWriter):
         self._lock: Any = None
         self._previous: FeatureStore | None = None
         self._committed: dict[str, Any] = {}  # the attributes of this writer's last manifest
-        self._planned: dict[str, ShardInfo] = {}  # key ranges of this run's shards (`plan_shards`, `written`)
+        self._planned: dict[str, ShardInfo] = {}  # key ranges of this run's shards (`written`)
         self._seq = 0
         self._run_id = f"{time.time_ns():020d}-{os.getpid()}"
         self._overwrite = overwrite
@@ -318,28 +317,6 @@ class ShardedStoreWriter(StoreWriter):
         todo = [r for block in plan_blocks(listing, self._sources(), self._index_infos(), counts,
                                            retry_failed=retry_failed) for r in block.items]
         return ResumePlan(todo, counts.reused, counts.retried, counts.changed)
-
-    def plan_shards(self, listing: Listing, counts: PlanCounts, *, retry_failed: bool = False
-                    ) -> Iterator[tuple[str, ListingBlock]]:
-        """The images still to embed, cut into this run's named shards of `shard_size` (consecutive keys each), as
-        the listing streams by: a driver hands them out without ever holding the plan. `counts` is complete once
-        the shards are exhausted."""
-        seq, pending = 0, []
-
-        def shard(name: str, block: ListingBlock) -> tuple[str, ListingBlock]:
-            # Its key range is known here: the commit orders the shards by it without opening them first.
-            self._planned[name] = ShardInfo(len(block), str(block.keys[0]), str(block.keys[-1]), "")
-            return name, block
-
-        for block in plan_blocks(listing, self._sources(), self._index_infos(), counts, retry_failed=retry_failed):
-            pending.append(block)
-            while sum(map(len, pending)) >= self.shard_size:
-                whole = _concat(pending)
-                yield shard(self.shard_name(seq), whole.take(slice(0, self.shard_size)))
-                seq += 1
-                pending = [whole.take(slice(self.shard_size, None))]
-        if sum(map(len, pending)):
-            yield shard(self.shard_name(seq), _concat(pending))
 
     def source_infos(self) -> list[tuple[Path, ShardInfo]]:
         """Every shard that may hold rows, oldest first, with its `ShardInfo` (from the manifest's index, else read
@@ -468,11 +445,3 @@ class ShardedStoreWriter(StoreWriter):
             h5d.create(f.id, b"features", h5t.py_create(np.dtype(self.settings.dtype), logical=1),
                        h5s.create_simple((result.rows, dim)), dcpl=dcpl)
         return result
-
-
-def _concat(blocks: list[ListingBlock]) -> ListingBlock:
-    if len(blocks) == 1:
-        return blocks[0]
-    return ListingBlock(*(np.concatenate([getattr(b, c) for b in blocks]) for c in ("keys", "labels", "sizes",
-                                                                                     "mtimes")),
-                        None if blocks[0].items is None else np.concatenate([b.items for b in blocks]))
