@@ -151,3 +151,16 @@ def test_a_shard_reads_only_its_rows_of_a_listing_dense_or_sparse(tmp_path: Path
     assert read_todo(location, 0, 4) == expected[:4]  # dense: one span
     assert read_todo(location, 3, 6) == expected[3:]  # sparse: the rows alone
     assert read_todo(location, 0, 6) == expected and read_todo(location, 6, 9) == []
+
+
+def test_a_killed_runs_listings_go_and_this_runs_stay_even_half_written(tmp_path: Path) -> None:
+    from embedfit.extraction.parts import remove_listings
+
+    names = ["listing-1-9-000000.h5", ".listing-1-9-000001.h5.ab12.tmp",  # a killed run's, whole and half-written
+             "listing-2-9-000000.h5", ".listing-2-9-000001.h5.cd34.tmp", "shard-2-9-000000.h5"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    remove_listings(tmp_path, keep_prefix="listing-2-9-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+    remove_listings(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["shard-2-9-000000.h5"]

@@ -123,7 +123,8 @@ def write_listing(location: str, keys: np.ndarray, labels: Sequence[str], paths:
 
     from embedfit.storage.schema import STR
 
-    fd, local = tempfile.mkstemp(prefix=".listing-", suffix=".tmp",
+    # Beside its final name, under it: the driver's clean-up of a killed run's listings spares this run's by name.
+    fd, local = tempfile.mkstemp(prefix=f".{location.rsplit('/', 1)[-1]}.", suffix=".tmp",
                                  dir=None if is_url(location) else os.path.dirname(location) or None)
     os.close(fd)
     # Keys as one UTF-8 blob, each followed by a newline, and their end offsets; labels as indices into the few
@@ -350,11 +351,12 @@ def cut_shards(used: Sequence[PartSummary], step: int, shard_name: Callable[[int
 
 
 def remove_listings(folder: str | Path, keep_prefix: str = "") -> None:
-    """Delete the listing files in a local shards folder (a killed run's, or this run's once committed), except
-    those whose name starts with `keep_prefix` when given."""
+    """Delete the listing files in a local shards folder, and those half-written (a killed run's), except those
+    whose name starts with `keep_prefix` when given (this run's, which its workers may be writing now)."""
     folder = Path(folder)
-    for path in folder.glob(f"{LISTING_PREFIX}*.h5") if folder.is_dir() else []:
-        if not keep_prefix or not path.name.startswith(keep_prefix):
+    found = [*folder.glob(f"{LISTING_PREFIX}*.h5"), *folder.glob(f".{LISTING_PREFIX}*.tmp")] if folder.is_dir() else []
+    for path in found:
+        if not keep_prefix or not path.name.lstrip(".").startswith(keep_prefix):
             with contextlib.suppress(OSError):
                 path.unlink()
 

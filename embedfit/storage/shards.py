@@ -288,8 +288,10 @@ class ShardedStoreWriter(StoreWriter):
 
     def _remove_stale_temp_files(self) -> None:
         super()._remove_stale_temp_files()
-        if self.parts.is_dir():  # half-copied shards and listings of killed runs (we hold the lock: no writer lives)
-            for tmp in [*self.parts.glob(".shard-*.tmp"), *self.parts.glob(".listing-*.tmp")]:
+        # Half-copied shards of killed runs (we hold the lock: no writer lives). Half-written listings are the Ray
+        # engine's to remove (`parts.remove_listings`): a run's workers may be writing its own before this lock.
+        if self.parts.is_dir():
+            for tmp in self.parts.glob(".shard-*.tmp"):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
 
