@@ -164,3 +164,20 @@ def test_a_killed_runs_listings_go_and_this_runs_stay_even_half_written(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
     remove_listings(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["shard-2-9-000000.h5"]
+
+
+def test_listings_downloaded_by_a_process_that_is_gone_are_removed(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    from embedfit.extraction.parts import _remove_orphaned_copies
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # an actor killed after it downloaded a listing
+    (tmp_path / f"embedfit-listing-{gone}-ab12").mkdir()
+    (tmp_path / f"embedfit-listing-{os.getpid()}-cd34").mkdir()  # this process's own
+    _remove_orphaned_copies()
+    assert [p.name for p in tmp_path.iterdir()] == [f"embedfit-listing-{os.getpid()}-cd34"]

@@ -181,6 +181,25 @@ def read_todo(location: str, start: int, stop: int) -> list[tuple[str, str, str,
                     strict=True))
 
 
+def _remove_orphaned_copies() -> None:
+    """Delete the downloaded listings of processes on this machine that no longer run (an actor is stopped by a
+    kill, which runs no clean-up): their folders are named after their process id."""
+    for folder in Path(tempfile.gettempdir()).glob("embedfit-listing-*-*"):
+        pid = folder.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 _FETCHED: OrderedDict[str, Path] = OrderedDict()  # listings on object storage this process downloaded, newest last
 
 
@@ -189,8 +208,10 @@ def _fetched(location: str) -> Path:
     next shards of the same part (the two latest; a listing never changes once written)."""
     if not is_url(location):
         return Path(location)
+    if not _FETCHED:  # this process's first: the copies of processes that are gone (killed actors) go first
+        _remove_orphaned_copies()
     if location not in _FETCHED:
-        folder = Path(tempfile.mkdtemp(prefix="embedfit-listing-"))
+        folder = Path(tempfile.mkdtemp(prefix=f"embedfit-listing-{os.getpid()}-"))
         local = folder / location.rsplit("/", 1)[-1]
         get_file(location, local)
         _FETCHED[location] = local
